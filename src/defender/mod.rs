@@ -1,0 +1,3 @@
+//! The Microsoft Defender for Endpoint API: wire types and the client.
+
+pub mod models;

@@ -1,0 +1,1 @@
+//! Simulated Defender tenant (being written).
