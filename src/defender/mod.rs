@@ -1,3 +1,8 @@
-//! The Microsoft Defender for Endpoint API: wire types and the client.
+//! The Microsoft Defender for Endpoint API: wire types, the client, its errors.
 
+pub mod client;
+pub mod error;
 pub mod models;
+
+pub use client::{CreatedAction, DefenderClient};
+pub use error::{DefenderError, Operation};

@@ -137,10 +137,18 @@ impl MachineAction {
 /// An OData collection page: `{"@odata.context": ..., "value": [...], "@odata.nextLink": ...}`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ODataPage<T> {
-    #[serde(rename = "@odata.context", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "@odata.context",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub context: Option<String>,
     pub value: Vec<T>,
-    #[serde(rename = "@odata.nextLink", default, skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "@odata.nextLink",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
     pub next_link: Option<String>,
 }
 

@@ -1,1 +1,16 @@
+//! Integration tests: the real `handler` binary, started as the Functions host
+//! starts it, against the simulated Defender tenant over real HTTP, with the
+//! simulator's managed identity endpoint reached through `azure_identity`.
+//!
+//! One test binary (faster to link); one module per area.
 
+// Test helpers, not only #[test] functions, may unwrap: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod helpers;
+mod host_emulator;
+
+mod cli;
+mod host_protocol;
+mod restrict;
+mod validation;

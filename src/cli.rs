@@ -1,0 +1,217 @@
+//! The command line: serve (what the Functions host runs), the standalone
+//! simulator, and one-shot invocations.
+
+use std::{net::SocketAddr, process::ExitCode};
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::json;
+
+use crate::{
+    config::Settings,
+    invocation,
+    routes::FUNCTION_NAME,
+    simulator::{SimConfig, SimHandle, Simulator},
+    startup::{self, StartupError, Tokens},
+};
+
+/// Restrict or release app execution on devices through Microsoft Defender for Endpoint.
+///
+/// Without a command, serves the Azure Functions custom handler (what the
+/// Functions host runs). Settings come from the environment; see the README.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: ServeArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve the custom handler (the default).
+    Serve(ServeArgs),
+    /// Run the simulated Defender tenant alone, for testing a Logic App or webhook.
+    Simulator(SimulatorArgs),
+    /// Run one invocation from the command line and print the JSON answer.
+    Invoke(InvokeArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// Use an embedded simulated Defender tenant instead of the real API.
+    #[arg(long)]
+    simulate: bool,
+    /// Port to listen on (default: FUNCTIONS_CUSTOMHANDLER_PORT, else 3000).
+    #[arg(long)]
+    port: Option<u16>,
+}
+
+#[derive(Debug, Args)]
+struct SimulatorArgs {
+    /// Port to listen on (0 picks a free one).
+    #[arg(long, default_value_t = 8081)]
+    port: u16,
+    /// Simulated clock speed: 10 makes actions finish ten times faster.
+    #[arg(long, default_value_t = 1.0)]
+    speed: f64,
+    /// Turn Defender's per-endpoint rate limits (100/min, 1500/h) off.
+    #[arg(long)]
+    no_rate_limits: bool,
+}
+
+#[derive(Debug, Args)]
+struct InvokeArgs {
+    /// Entra device id (GUID) or 40-hex Defender machine id.
+    #[arg(long)]
+    device_id: String,
+    /// Lift the restriction instead of applying it.
+    #[arg(long)]
+    release: bool,
+    /// Reason recorded in Defender.
+    #[arg(long)]
+    comment: Option<String>,
+    /// Who asked, for the audit trail.
+    #[arg(long)]
+    caller: Option<String>,
+    /// Run against an embedded simulated Defender tenant.
+    #[arg(long)]
+    simulate: bool,
+}
+
+/// Run the command line. Exit codes: 0 success; 1 a failure (startup, or an
+/// invocation answered 5xx); 2 an invocation answered 4xx.
+pub async fn run(cli: Cli) -> ExitCode {
+    let result = match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Simulator(args)) => simulator(args).await,
+        Some(Command::Invoke(args)) => return invoke(args).await,
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // stderr: the host logs it at Error level and shows it on restart.
+            eprintln!("error: {e}");
+            tracing::error!(error = %e, "handler stopped");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<(), StartupError> {
+    let settings = Settings::from_env()?;
+    let port = args.port.unwrap_or(settings.port);
+    let (state, sim) = if args.simulate {
+        let (settings, sim) = simulated(settings).await?;
+        (
+            startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
+            Some(sim),
+        )
+    } else {
+        (startup::app_state(&settings, Tokens::FromSettings)?, None)
+    };
+    let listener = startup::bind(port).await?;
+    let addr = listener.local_addr().map_err(|source| StartupError::Bind {
+        addr: SocketAddr::from(([127, 0, 0, 1], port)),
+        source,
+    })?;
+    tracing::info!(address = %addr, simulate = args.simulate, "listening");
+    if let Some(sim) = &sim {
+        println!("{}", simulate_banner(sim, addr));
+    }
+    startup::serve(listener, state).await
+}
+
+async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {
+    let config = SimConfig {
+        speed: args.speed,
+        rate_limits: if args.no_rate_limits {
+            None
+        } else {
+            SimConfig::default().rate_limits
+        },
+        ..SimConfig::default()
+    };
+    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], args.port)), config)
+        .await
+        .map_err(StartupError::Simulator)?;
+    println!("Simulated Defender tenant at {}", sim.url());
+    println!("{}", sim.banner());
+    println!(
+        "Point the handler at it with DEFENDER_API_URL={} IDENTITY_ENDPOINT={} IDENTITY_HEADER={}",
+        sim.url(),
+        sim.identity_endpoint(),
+        SimConfig::default().identity_header
+    );
+    let _ = tokio::signal::ctrl_c().await;
+    sim.shutdown();
+    Ok(())
+}
+
+async fn invoke(args: InvokeArgs) -> ExitCode {
+    let prepared = async {
+        let settings = Settings::from_env()?;
+        if args.simulate {
+            let (settings, sim) = simulated(settings).await?;
+            Ok::<_, StartupError>((
+                startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
+                Some(sim),
+            ))
+        } else {
+            Ok((startup::app_state(&settings, Tokens::FromSettings)?, None))
+        }
+    };
+    let (state, _sim) = match prepared.await {
+        Ok(prepared) => prepared,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let payload = json!({
+        "deviceId": args.device_id,
+        "release": args.release,
+        "comment": args.comment,
+        "callerName": args.caller,
+    });
+    let invocation_id = uuid::Uuid::new_v4().to_string();
+    let reply = invocation::invoke(&state, &invocation_id, payload.to_string().as_bytes()).await;
+    println!("{}", reply.body);
+    match reply.status.as_u16() {
+        200..=299 => ExitCode::SUCCESS,
+        400..=499 => ExitCode::from(2),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+/// Start the embedded simulator and point the settings at it.
+async fn simulated(mut settings: Settings) -> Result<(Settings, SimHandle), StartupError> {
+    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::default())
+        .await
+        .map_err(StartupError::Simulator)?;
+    settings.api_url = url::Url::parse(&sim.url()).map_err(|e| {
+        StartupError::Simulator(std::io::Error::other(format!("simulator URL: {e}")))
+    })?;
+    Ok((settings, sim))
+}
+
+fn simulate_banner(sim: &SimHandle, addr: SocketAddr) -> String {
+    let device = crate::simulator::seed::ALPHA_AAD_DEVICE_ID;
+    let url = format!("http://{addr}/api/{FUNCTION_NAME}");
+    let body = |release: bool| json!({"deviceId": device, "release": release, "callerName": "you@example.com"});
+    let envelope = json!({"Data": {"req": {"Body": body(false).to_string()}}, "Metadata": {}});
+    format!(
+        "Simulated Defender tenant at {sim_url} (a fresh, in-memory tenant; nothing leaves this machine)\n\
+         {banner}\n\
+         Service listening on http://{addr}\n\n\
+         Restrict DESKTOP-ALPHA:\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{restrict}'\n\
+         Release it again:\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{release}'\n\
+         The same in payload mode (the host's envelope):\n  curl -s -X POST http://{addr}/{FUNCTION_NAME} -H 'Content-Type: application/json' -d '{envelope}'\n\
+         Watch the action in the simulator:\n  curl -s {sim_url}/_sim/actions\n",
+        sim_url = sim.url(),
+        banner = sim.banner(),
+        restrict = body(false),
+        release = body(true),
+    )
+}

@@ -1,0 +1,399 @@
+//! Typed settings, read once at startup from the environment (app settings).
+//!
+//! Every setting is listed in the README's configuration table. Reading goes
+//! through a lookup function rather than `std::env` directly, so tests can
+//! build settings from a map without touching the process environment.
+
+use std::{collections::HashMap, fmt, time::Duration};
+
+use thiserror::Error;
+use url::Url;
+
+/// The port the host gives us; the Functions sample convention when unset.
+pub const DEFAULT_PORT: u16 = 3000;
+
+/// A setting that could not be used. The message names the variable.
+#[derive(Debug, Error)]
+#[error("invalid setting {name}={value:?}: {reason}")]
+pub struct ConfigError {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+/// The Defender for Endpoint cloud. It selects the API base URL, the token
+/// scope and the sign-in authority (see defender-api.md, "Base URLs, clouds").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefenderCloud {
+    Public,
+    Gcc,
+    GccHigh,
+    Dod,
+}
+
+impl DefenderCloud {
+    fn parse(value: &str) -> Option<Self> {
+        match value.trim().to_ascii_lowercase().as_str() {
+            "public" | "commercial" => Some(Self::Public),
+            "gcc" => Some(Self::Gcc),
+            "gcc-high" | "gcchigh" => Some(Self::GccHigh),
+            "dod" => Some(Self::Dod),
+            _ => None,
+        }
+    }
+
+    pub fn api_url(self) -> &'static str {
+        match self {
+            Self::Public => "https://api.security.microsoft.com",
+            Self::Gcc => "https://api-gcc.securitycenter.microsoft.us",
+            Self::GccHigh | Self::Dod => "https://api-gov.securitycenter.microsoft.us",
+        }
+    }
+
+    pub fn token_scope(self) -> &'static str {
+        match self {
+            // The securitycenter identifier URI is the documented v2 scope even
+            // when calling api.security.microsoft.com.
+            Self::Public => "https://api.securitycenter.microsoft.com/.default",
+            Self::Gcc => "https://api-gcc.securitycenter.microsoft.us/.default",
+            Self::GccHigh | Self::Dod => "https://api-gov.securitycenter.microsoft.us/.default",
+        }
+    }
+
+    /// Sign-in authority; GCC signs in through the commercial authority.
+    pub fn authority_host(self) -> &'static str {
+        match self {
+            Self::Public | Self::Gcc => "https://login.microsoftonline.com",
+            Self::GccHigh | Self::Dod => "https://login.microsoftonline.us",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Public => "public",
+            Self::Gcc => "gcc",
+            Self::GccHigh => "gcc-high",
+            Self::Dod => "dod",
+        }
+    }
+}
+
+/// How the service gets its Defender token.
+#[derive(Clone, PartialEq, Eq)]
+pub enum CredentialSettings {
+    /// Managed identity: system-assigned, or user-assigned by client id.
+    ManagedIdentity { client_id: Option<String> },
+    /// A client secret, for local development only.
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret: String,
+    },
+}
+
+// Written by hand so that the secret can never reach a log line.
+impl fmt::Debug for CredentialSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ManagedIdentity { client_id } => f
+                .debug_struct("ManagedIdentity")
+                .field("client_id", client_id)
+                .finish(),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                ..
+            } => f
+                .debug_struct("ClientSecret")
+                .field("tenant_id", tenant_id)
+                .field("client_id", client_id)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl CredentialSettings {
+    /// A short description for error details and logs: which credential was tried.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::ManagedIdentity { client_id: None } => {
+                "system-assigned managed identity".to_owned()
+            }
+            Self::ManagedIdentity {
+                client_id: Some(id),
+            } => format!("user-assigned managed identity (client id {id})"),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                ..
+            } => format!("client secret of app {client_id} in tenant {tenant_id}"),
+        }
+    }
+}
+
+/// Everything the service needs, parsed and validated.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub port: u16,
+    pub cloud: DefenderCloud,
+    pub api_url: Url,
+    pub token_scope: String,
+    pub authority_host: Url,
+    pub credential: CredentialSettings,
+    /// Timeout of one call to Defender.
+    pub defender_timeout: Duration,
+    /// Upper bound on getting a token (the crate's own retry can block ~80 s).
+    pub token_timeout: Duration,
+    /// Append `(requested by <callerName>)` to the comment sent to Defender.
+    pub comment_include_caller: bool,
+    /// Whole-invocation bound, kept below the host's functionTimeout.
+    pub request_timeout: Duration,
+}
+
+impl Settings {
+    /// Read the settings from the process environment.
+    pub fn from_env() -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| std::env::var(name).ok())
+    }
+
+    /// Read the settings from a map (tests).
+    pub fn from_map(map: &HashMap<String, String>) -> Result<Self, ConfigError> {
+        Self::from_lookup(|name| map.get(name).cloned())
+    }
+
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+        // An empty app setting is the same as an absent one: the portal and
+        // Bicep both make it easy to leave a value blank.
+        let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
+
+        let port = match get("FUNCTIONS_CUSTOMHANDLER_PORT") {
+            None => DEFAULT_PORT,
+            Some(v) => v.trim().parse::<u16>().map_err(|_| ConfigError {
+                name: "FUNCTIONS_CUSTOMHANDLER_PORT",
+                value: v.clone(),
+                reason: "expected a TCP port number between 0 and 65535".into(),
+            })?,
+        };
+
+        let cloud = match get("DEFENDER_CLOUD") {
+            None => DefenderCloud::Public,
+            Some(v) => DefenderCloud::parse(&v).ok_or_else(|| ConfigError {
+                name: "DEFENDER_CLOUD",
+                value: v.clone(),
+                reason: "expected one of public, gcc, gcc-high, dod".into(),
+            })?,
+        };
+
+        let api_url = parse_url(
+            "DEFENDER_API_URL",
+            get("DEFENDER_API_URL").unwrap_or_else(|| cloud.api_url().to_owned()),
+        )?;
+        let token_scope = get("DEFENDER_TOKEN_SCOPE")
+            .map(|s| s.trim().to_owned())
+            .unwrap_or_else(|| cloud.token_scope().to_owned());
+        let authority_host = parse_url(
+            "AZURE_AUTHORITY_HOST",
+            get("AZURE_AUTHORITY_HOST").unwrap_or_else(|| cloud.authority_host().to_owned()),
+        )?;
+
+        let client_id = get("AZURE_CLIENT_ID").map(|s| s.trim().to_owned());
+        let credential = match (
+            get("AZURE_TENANT_ID"),
+            client_id.clone(),
+            get("AZURE_CLIENT_SECRET"),
+        ) {
+            (Some(tenant_id), Some(client_id), Some(secret)) => CredentialSettings::ClientSecret {
+                tenant_id: tenant_id.trim().to_owned(),
+                client_id,
+                secret,
+            },
+            _ => CredentialSettings::ManagedIdentity { client_id },
+        };
+
+        Ok(Self {
+            port,
+            cloud,
+            api_url,
+            token_scope,
+            authority_host,
+            credential,
+            defender_timeout: seconds(&get, "DEFENDER_TIMEOUT_SECONDS", 30)?,
+            token_timeout: seconds(&get, "TOKEN_TIMEOUT_SECONDS", 20)?,
+            comment_include_caller: boolean(&get, "COMMENT_INCLUDE_CALLER", true)?,
+            request_timeout: seconds(&get, "REQUEST_TIMEOUT_SECONDS", 230)?,
+        })
+    }
+}
+
+fn parse_url(name: &'static str, value: String) -> Result<Url, ConfigError> {
+    let url = Url::parse(value.trim()).map_err(|e| ConfigError {
+        name,
+        value: value.clone(),
+        reason: format!("not an absolute URL ({e})"),
+    })?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ConfigError {
+            name,
+            value,
+            reason: "expected an http(s) URL with a host".into(),
+        });
+    }
+    Ok(url)
+}
+
+fn seconds(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u64,
+) -> Result<Duration, ConfigError> {
+    let Some(v) = get(name) else {
+        return Ok(Duration::from_secs(default));
+    };
+    match v.trim().parse::<u64>() {
+        Ok(n) if (1..=3600).contains(&n) => Ok(Duration::from_secs(n)),
+        _ => Err(ConfigError {
+            name,
+            value: v,
+            reason: "expected a whole number of seconds between 1 and 3600".into(),
+        }),
+    }
+}
+
+fn boolean(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: bool,
+) -> Result<bool, ConfigError> {
+    let Some(v) = get(name) else {
+        return Ok(default);
+    };
+    match v.trim().to_ascii_lowercase().as_str() {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        _ => Err(ConfigError {
+            name,
+            value: v,
+            reason: "expected true or false".into(),
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::from_map(&map)
+    }
+
+    #[test]
+    fn defaults_target_the_commercial_cloud_with_system_assigned_identity() {
+        let s = settings(&[]).unwrap();
+        assert_eq!(s.port, 3000);
+        assert_eq!(s.api_url.as_str(), "https://api.security.microsoft.com/");
+        assert_eq!(
+            s.token_scope,
+            "https://api.securitycenter.microsoft.com/.default"
+        );
+        assert_eq!(
+            s.credential,
+            CredentialSettings::ManagedIdentity { client_id: None }
+        );
+        assert!(s.comment_include_caller);
+    }
+
+    #[test]
+    fn a_bad_port_names_the_variable() {
+        let err = settings(&[("FUNCTIONS_CUSTOMHANDLER_PORT", "http")]).unwrap_err();
+        assert_eq!(err.name, "FUNCTIONS_CUSTOMHANDLER_PORT");
+        assert!(err.to_string().contains("FUNCTIONS_CUSTOMHANDLER_PORT"));
+    }
+
+    #[test]
+    fn gcc_high_selects_gov_url_scope_and_authority_and_explicit_settings_win() {
+        let s = settings(&[("DEFENDER_CLOUD", "GCC-High")]).unwrap();
+        assert_eq!(
+            s.api_url.as_str(),
+            "https://api-gov.securitycenter.microsoft.us/"
+        );
+        assert_eq!(
+            s.token_scope,
+            "https://api-gov.securitycenter.microsoft.us/.default"
+        );
+        assert_eq!(
+            s.authority_host.as_str(),
+            "https://login.microsoftonline.us/"
+        );
+
+        let s = settings(&[
+            ("DEFENDER_CLOUD", "gcc"),
+            ("DEFENDER_API_URL", "http://127.0.0.1:9000"),
+        ])
+        .unwrap();
+        assert_eq!(s.api_url.as_str(), "http://127.0.0.1:9000/");
+        assert_eq!(
+            s.token_scope,
+            "https://api-gcc.securitycenter.microsoft.us/.default"
+        );
+        assert_eq!(
+            s.authority_host.as_str(),
+            "https://login.microsoftonline.com/"
+        );
+    }
+
+    #[test]
+    fn client_secret_needs_all_three_values_and_never_prints_the_secret() {
+        let s = settings(&[
+            ("AZURE_CLIENT_ID", "abc"),
+            ("AZURE_CLIENT_SECRET", "s3cr3t"),
+        ])
+        .unwrap();
+        assert_eq!(
+            s.credential,
+            CredentialSettings::ManagedIdentity {
+                client_id: Some("abc".into())
+            }
+        );
+        let s = settings(&[
+            ("AZURE_TENANT_ID", "t"),
+            ("AZURE_CLIENT_ID", "abc"),
+            ("AZURE_CLIENT_SECRET", "s3cr3t"),
+        ])
+        .unwrap();
+        assert!(matches!(
+            s.credential,
+            CredentialSettings::ClientSecret { .. }
+        ));
+        assert!(!format!("{s:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn unknown_cloud_and_bad_numbers_are_rejected() {
+        assert_eq!(
+            settings(&[("DEFENDER_CLOUD", "mars")]).unwrap_err().name,
+            "DEFENDER_CLOUD"
+        );
+        assert_eq!(
+            settings(&[("DEFENDER_TIMEOUT_SECONDS", "0")])
+                .unwrap_err()
+                .name,
+            "DEFENDER_TIMEOUT_SECONDS"
+        );
+        assert_eq!(
+            settings(&[("COMMENT_INCLUDE_CALLER", "maybe")])
+                .unwrap_err()
+                .name,
+            "COMMENT_INCLUDE_CALLER"
+        );
+        assert_eq!(
+            settings(&[("DEFENDER_API_URL", "ftp://x")])
+                .unwrap_err()
+                .name,
+            "DEFENDER_API_URL"
+        );
+    }
+}

@@ -1,0 +1,264 @@
+//! Every way an invocation can fail, mapped once to an HTTP problem answer.
+//!
+//! Answers are RFC 9457 `application/problem+json` with a stable `code` that
+//! scripts and Logic Apps can branch on; the README's troubleshooting table
+//! lists every code. The `detail` says what happened and what to do; it never
+//! carries a token.
+
+use std::time::Duration;
+
+use http::StatusCode;
+use serde::Serialize;
+use thiserror::Error;
+
+use crate::{
+    auth::TokenError,
+    defender::{DefenderError, Operation},
+    runbook::RunbookError,
+};
+
+/// The two app roles the identity needs on WindowsDefenderATP.
+pub const REQUIRED_ROLES: &str = "Machine.Read.All and Machine.RestrictExecution";
+
+/// An invocation that did not succeed.
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error(transparent)]
+    InvalidRequest(#[from] RunbookError),
+    #[error("the host's invocation envelope is malformed: {0}")]
+    InvalidEnvelope(String),
+    #[error("{0}")]
+    DeviceNotFound(String),
+    #[error("Defender does not support this action on the device: {message}")]
+    UnsupportedDevice { code: String, message: String },
+    #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs())]
+    RateLimited {
+        retry_after: Duration,
+        detail: String,
+    },
+    #[error("Defender refused the call (403): {message}")]
+    DefenderForbidden { message: String },
+    #[error(transparent)]
+    AuthenticationFailed(TokenError),
+    #[error("Defender rejected the token (401): {message}")]
+    TokenRejected { message: String },
+    #[error("{0}")]
+    Defender(String),
+    #[error("{0}")]
+    Timeout(String),
+    #[error("no route {0}")]
+    RouteNotFound(String),
+    #[error("method {0} is not allowed here; use POST")]
+    MethodNotAllowed(String),
+}
+
+impl ApiError {
+    /// The stable, machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(RunbookError::TooLarge { .. }) => "payload_too_large",
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::InvalidEnvelope(_) => "invalid_envelope",
+            Self::DeviceNotFound(_) => "device_not_found",
+            Self::UnsupportedDevice { .. } => "unsupported_device",
+            Self::RateLimited { .. } => "rate_limited",
+            Self::DefenderForbidden { .. } => "defender_forbidden",
+            Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => "authentication_failed",
+            Self::Defender(_) => "defender_error",
+            Self::Timeout(_) => "defender_timeout",
+            Self::RouteNotFound(_) => "route_not_found",
+            Self::MethodNotAllowed(_) => "method_not_allowed",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::InvalidRequest(RunbookError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::InvalidRequest(_) | Self::InvalidEnvelope(_) => StatusCode::BAD_REQUEST,
+            Self::DeviceNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::UnsupportedDevice { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            // Upstream failures are a bad gateway: the caller's request was fine.
+            Self::DefenderForbidden { .. }
+            | Self::AuthenticationFailed(_)
+            | Self::TokenRejected { .. }
+            | Self::Defender(_) => StatusCode::BAD_GATEWAY,
+            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+        }
+    }
+
+    fn title(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(RunbookError::TooLarge { .. }) => "Payload too large",
+            Self::InvalidRequest(_) => "Invalid request",
+            Self::InvalidEnvelope(_) => "Invalid invocation envelope",
+            Self::DeviceNotFound(_) => "Device not found in Defender",
+            Self::UnsupportedDevice { .. } => "Device does not support restricting app execution",
+            Self::RateLimited { .. } => "Rate limited by Defender",
+            Self::DefenderForbidden { .. } => "Defender permission missing",
+            Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => "Authentication failed",
+            Self::Defender(_) => "Defender error",
+            Self::Timeout(_) => "Defender timeout",
+            Self::RouteNotFound(_) => "Not found",
+            Self::MethodNotAllowed(_) => "Method not allowed",
+        }
+    }
+
+    fn detail(&self) -> String {
+        match self {
+            Self::DefenderForbidden { message } => format!(
+                "Defender refused the call: {message}. Grant the function's managed identity the \
+                 WindowsDefenderATP application permissions {REQUIRED_ROLES} (admin consent), \
+                 then allow up to an hour for new roles to reach tokens."
+            ),
+            Self::AuthenticationFailed(e) => format!(
+                "{e}. Check that the function app has the identity enabled (IDENTITY_ENDPOINT is \
+                 set by the platform) and, for a user-assigned identity, that AZURE_CLIENT_ID is \
+                 its client id. Nothing was sent to Defender."
+            ),
+            Self::TokenRejected { message } => format!(
+                "Defender rejected the token (401): {message}. Check that DEFENDER_TOKEN_SCOPE \
+                 belongs to the same cloud as DEFENDER_API_URL (DEFENDER_CLOUD sets both). \
+                 No action was created."
+            ),
+            Self::RateLimited { detail, .. } => detail.clone(),
+            _ => self.to_string(),
+        }
+    }
+
+    /// Seconds for a `Retry-After` header, when the caller should wait.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Self::RateLimited { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            _ => None,
+        }
+    }
+
+    /// The problem document for this error.
+    pub fn problem(&self, invocation_id: &str) -> Problem {
+        let field = match self {
+            Self::InvalidRequest(e) => e.field(),
+            _ => None,
+        };
+        Problem {
+            problem_type: format!("urn:restrict-code-execution:problem:{}", self.code()),
+            title: self.title(),
+            status: self.status().as_u16(),
+            detail: self.detail(),
+            code: self.code(),
+            invocation_id: invocation_id.to_owned(),
+            field,
+            retry_after: self.retry_after(),
+        }
+    }
+}
+
+/// `application/problem+json` body.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub problem_type: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    pub code: &'static str,
+    pub invocation_id: String,
+    /// The payload field a 400 is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<u64>,
+}
+
+impl From<DefenderError> for ApiError {
+    fn from(e: DefenderError) -> Self {
+        match e {
+            DefenderError::Token(t) => Self::AuthenticationFailed(t),
+            DefenderError::Status {
+                status: 400,
+                code,
+                message,
+                ..
+            } if matches!(
+                code.as_str(),
+                "OsPlatformNotSupported" | "ClientVersionNotSupported"
+            ) =>
+            {
+                Self::UnsupportedDevice { code, message }
+            }
+            DefenderError::Status {
+                status: 403,
+                message,
+                ..
+            } => Self::DefenderForbidden { message },
+            DefenderError::Status {
+                status: 401,
+                message,
+                ..
+            } => Self::TokenRejected { message },
+            DefenderError::Status {
+                status: 429,
+                operation,
+                retry_after,
+                ..
+            } => {
+                let retry_after = retry_after.unwrap_or(Duration::from_secs(60));
+                Self::RateLimited {
+                    retry_after,
+                    detail: format!(
+                        "Defender answered 429 Too Many Requests while {}; its limits are 100 \
+                         calls per minute and 1500 per hour per endpoint for this app. Retry \
+                         after {} s. {}",
+                        operation.describe(),
+                        retry_after.as_secs(),
+                        if operation.may_have_acted() {
+                            "No action was created."
+                        } else {
+                            "Nothing was changed on the device."
+                        }
+                    ),
+                }
+            }
+            ref e @ (DefenderError::Timeout { operation, .. }
+            | DefenderError::Transport { operation, .. }) => {
+                let consequence = consequence(operation);
+                match e {
+                    DefenderError::Timeout { .. } => Self::Timeout(format!("{e}. {consequence}")),
+                    _ => Self::Defender(format!("{e}. {consequence}")),
+                }
+            }
+            ref e @ DefenderError::Status {
+                operation, status, ..
+            } => {
+                let target = match e {
+                    DefenderError::Status {
+                        target: Some(t), ..
+                    } => format!(" (Defender correlation id {t})"),
+                    _ => String::new(),
+                };
+                let consequence = if status >= 500 {
+                    consequence(operation)
+                } else {
+                    "No action was created."
+                };
+                Self::Defender(format!("{e}{target}. {consequence}"))
+            }
+            ref e @ (DefenderError::Decode { operation, .. }
+            | DefenderError::Protocol { operation, .. }) => {
+                Self::Defender(format!("{e}. {}", consequence(operation)))
+            }
+        }
+    }
+}
+
+/// What an ambiguous failure means for the device.
+fn consequence(operation: Operation) -> &'static str {
+    if operation.may_have_acted() {
+        "The action may or may not have been created: check the device's action history in \
+         Defender before retrying."
+    } else {
+        "No action was created."
+    }
+}

@@ -1,0 +1,111 @@
+//! The payload object as an ordered list of fields, matched case-insensitively.
+//!
+//! `serde_json::Map` keeps only the last of two equal keys, which would let
+//! `{"release":false,"release":true}` mean whatever the last one says. The
+//! payload is deserialized through a visitor that sees every key instead.
+
+use std::fmt;
+
+use serde::de::{Deserializer, MapAccess, Visitor};
+use serde_json::Value;
+
+use super::RunbookError;
+
+pub const DEVICE_ID: &str = "deviceId";
+pub const RELEASE: &str = "release";
+pub const COMMENT: &str = "comment";
+pub const CALLER_NAME: &str = "callerName";
+
+/// Every field the payload may carry, in their documented spelling.
+pub const ACCEPTED: &[&str] = &[DEVICE_ID, RELEASE, COMMENT, CALLER_NAME];
+
+/// Known fields, keyed by their canonical name.
+pub struct Fields(Vec<(&'static str, Value)>);
+
+impl Fields {
+    pub fn parse(body: &[u8]) -> Result<Self, RunbookError> {
+        let raw: RawObject = serde_json::from_slice(body).map_err(|e| {
+            if e.is_data() {
+                // The only data error our visitor raises is "not an object".
+                RunbookError::NotObject(first_value_kind(body))
+            } else {
+                RunbookError::NotJson(e.to_string())
+            }
+        })?;
+
+        let mut known: Vec<(&'static str, Value)> = Vec::with_capacity(raw.0.len());
+        for (key, value) in raw.0 {
+            let Some(canonical) = ACCEPTED.iter().find(|c| c.eq_ignore_ascii_case(&key)) else {
+                return Err(RunbookError::UnknownField {
+                    field: key,
+                    accepted: ACCEPTED.join(", "),
+                });
+            };
+            if known.iter().any(|(k, _)| k == canonical) {
+                return Err(RunbookError::DuplicateField { field: key });
+            }
+            known.push((canonical, value));
+        }
+        Ok(Self(known))
+    }
+
+    pub fn get(&self, canonical: &str) -> Option<&Value> {
+        self.0.iter().find(|(k, _)| *k == canonical).map(|(_, v)| v)
+    }
+}
+
+/// A JSON object with its keys in order, duplicates kept.
+struct RawObject(Vec<(String, Value)>);
+
+impl<'de> serde::Deserialize<'de> for RawObject {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectVisitor;
+
+        impl<'de> Visitor<'de> for ObjectVisitor {
+            type Value = RawObject;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawObject, A::Error> {
+                let mut entries = Vec::new();
+                while let Some((key, value)) = map.next_entry::<String, Value>()? {
+                    entries.push((key, value));
+                }
+                Ok(RawObject(entries))
+            }
+        }
+
+        deserializer.deserialize_map(ObjectVisitor)
+    }
+}
+
+/// What kind of JSON value the body holds, for the "not an object" message.
+fn first_value_kind(body: &[u8]) -> &'static str {
+    match serde_json::from_slice::<Value>(body) {
+        Ok(Value::Array(_)) => "an array",
+        Ok(Value::String(_)) => "a string",
+        Ok(Value::Number(_)) => "a number",
+        Ok(Value::Bool(_)) => "a boolean",
+        Ok(Value::Null) => "null",
+        Ok(Value::Object(_)) | Err(_) => "this value",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn invalid_json_inside_an_object_is_not_json_rather_than_not_object() {
+        let err = Fields::parse(br#"{"deviceId": tru}"#).err().unwrap();
+        assert!(matches!(err, RunbookError::NotJson(_)), "{err:?}");
+    }
+
+    #[test]
+    fn trailing_garbage_is_not_json() {
+        let err = Fields::parse(br#"{"deviceId":"x"} {}"#).err().unwrap();
+        assert!(matches!(err, RunbookError::NotJson(_)), "{err:?}");
+    }
+}

@@ -1,0 +1,226 @@
+//! The runbook payload: parsed once, at the edge, into domain types.
+//!
+//! Callers send `{deviceId, release, comment, callerName}`; RealmJoin sends the
+//! same names in PascalCase, so names match case-insensitively. Everything is
+//! strict on purpose: this tool acts on devices, and a typo such as `relase`
+//! must be a 400 that names it, never a silent restrict.
+
+mod device;
+mod fields;
+mod text;
+
+use serde_json::Value;
+use thiserror::Error;
+
+pub use device::DeviceRef;
+pub use text::{CallerName, Comment};
+
+/// Largest accepted payload. Real payloads are a few hundred bytes.
+pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+
+/// What the caller asked for, fully validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunbookRequest {
+    pub device: DeviceRef,
+    /// `true` lifts the restriction, `false` (the default) restricts.
+    pub release: bool,
+    pub comment: Comment,
+    pub caller: Option<CallerName>,
+}
+
+/// Why a payload was rejected. Each message names the field and what is accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum RunbookError {
+    #[error("the request body is larger than the limit of {limit} bytes")]
+    TooLarge { limit: usize },
+    #[error(
+        "the request body is empty; send a JSON object such as {{\"deviceId\": \"<Entra device id>\", \"release\": false}}"
+    )]
+    Empty,
+    #[error("the request body is not valid JSON: {0}")]
+    NotJson(String),
+    #[error("the request body must be a JSON object, not {0}")]
+    NotObject(&'static str),
+    #[error("unknown field `{field}`; accepted fields are {accepted}")]
+    UnknownField { field: String, accepted: String },
+    #[error("field `{field}` appears more than once (names match case-insensitively)")]
+    DuplicateField { field: String },
+    #[error("field `{field}` is required")]
+    Missing { field: &'static str },
+    #[error("field `{field}` {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl RunbookError {
+    /// The payload field the error is about, when there is one.
+    pub fn field(&self) -> Option<String> {
+        match self {
+            Self::UnknownField { field, .. } | Self::DuplicateField { field } => {
+                Some(field.clone())
+            }
+            Self::Missing { field } | Self::Invalid { field, .. } => Some((*field).to_owned()),
+            _ => None,
+        }
+    }
+}
+
+impl RunbookRequest {
+    /// Parse a raw request body.
+    pub fn parse(body: &[u8]) -> Result<Self, RunbookError> {
+        if body.len() > MAX_PAYLOAD_BYTES {
+            return Err(RunbookError::TooLarge {
+                limit: MAX_PAYLOAD_BYTES,
+            });
+        }
+        if body.iter().all(u8::is_ascii_whitespace) {
+            return Err(RunbookError::Empty);
+        }
+        let fields = fields::Fields::parse(body)?;
+
+        let device = match fields.get(fields::DEVICE_ID) {
+            None | Some(Value::Null) => {
+                return Err(RunbookError::Missing {
+                    field: fields::DEVICE_ID,
+                });
+            }
+            Some(Value::String(s)) => DeviceRef::parse(s)?,
+            Some(other) => return Err(wrong_type(fields::DEVICE_ID, "a string", other)),
+        };
+        let release = match fields.get(fields::RELEASE) {
+            None => false,
+            Some(v) => parse_bool(fields::RELEASE, v)?,
+        };
+        let comment = Comment::parse(fields.get(fields::COMMENT))?;
+        let caller = CallerName::parse(fields.get(fields::CALLER_NAME))?;
+
+        Ok(Self {
+            device,
+            release,
+            comment,
+            caller,
+        })
+    }
+}
+
+/// `true`/`false` as JSON booleans, or as strings in any case. Anything else,
+/// `null` included, is rejected: guessing would mean restricting by default.
+fn parse_bool(field: &'static str, value: &Value) -> Result<bool, RunbookError> {
+    match value {
+        Value::Bool(b) => Ok(*b),
+        Value::String(s) if s.eq_ignore_ascii_case("true") => Ok(true),
+        Value::String(s) if s.eq_ignore_ascii_case("false") => Ok(false),
+        other => Err(RunbookError::Invalid {
+            field,
+            reason: format!(
+                "must be true or false (a JSON boolean or the string \"true\"/\"false\"), got {}",
+                describe(other)
+            ),
+        }),
+    }
+}
+
+fn wrong_type(field: &'static str, expected: &str, got: &Value) -> RunbookError {
+    RunbookError::Invalid {
+        field,
+        reason: format!("must be {expected}, got {}", describe(got)),
+    }
+}
+
+/// A short, safe description of a JSON value for error messages.
+fn describe(value: &Value) -> String {
+    match value {
+        Value::Null => "null".into(),
+        Value::Bool(b) => b.to_string(),
+        Value::Number(n) => format!("the number {n}"),
+        Value::String(s) => format!("the string {}", text::quote_snippet(s)),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(json: &str) -> Result<RunbookRequest, RunbookError> {
+        RunbookRequest::parse(json.as_bytes())
+    }
+
+    const AAD: &str = "3f1c7a52-8d4e-4b6a-9c21-5e7f0a1b2c3d";
+
+    #[test]
+    fn minimal_payload_restricts_with_the_default_comment() {
+        let r = parse(&format!(r#"{{"deviceId":"{AAD}"}}"#)).unwrap();
+        assert!(!r.release);
+        assert_eq!(r.comment.as_str(), "Possible security risk.");
+        assert_eq!(r.caller, None);
+    }
+
+    #[test]
+    fn pascal_case_and_string_booleans_are_accepted() {
+        let r = parse(&format!(
+            r#"{{"DeviceId":"{AAD}","Release":"TRUE","Comment":"c","CallerName":"alice@contoso.com"}}"#
+        ))
+        .unwrap();
+        assert!(r.release);
+        assert_eq!(r.comment.as_str(), "c");
+        assert_eq!(r.caller.unwrap().as_str(), "alice@contoso.com");
+    }
+
+    #[test]
+    fn a_typo_is_rejected_by_name() {
+        let err = parse(&format!(r#"{{"deviceId":"{AAD}","relase":true}}"#)).unwrap_err();
+        assert_eq!(err.field().as_deref(), Some("relase"));
+        assert!(err.to_string().contains("relase"));
+    }
+
+    #[test]
+    fn the_same_field_twice_is_rejected_even_with_other_casing() {
+        let err = parse(&format!(
+            r#"{{"deviceId":"{AAD}","release":false,"Release":true}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, RunbookError::DuplicateField { .. }),
+            "{err:?}"
+        );
+        let err = parse(&format!(
+            r#"{{"deviceId":"{AAD}","release":false,"release":true}}"#
+        ))
+        .unwrap_err();
+        assert!(
+            matches!(err, RunbookError::DuplicateField { .. }),
+            "{err:?}"
+        );
+    }
+
+    #[test]
+    fn release_null_number_or_other_string_is_rejected() {
+        for bad in ["null", "1", "\"yes\"", "\"\"", "[]"] {
+            let err = parse(&format!(r#"{{"deviceId":"{AAD}","release":{bad}}}"#)).unwrap_err();
+            assert_eq!(err.field().as_deref(), Some("release"), "release={bad}");
+        }
+    }
+
+    #[test]
+    fn body_shape_errors() {
+        assert_eq!(parse("").unwrap_err(), RunbookError::Empty);
+        assert!(matches!(parse("{").unwrap_err(), RunbookError::NotJson(_)));
+        assert!(matches!(
+            parse("[1]").unwrap_err(),
+            RunbookError::NotObject(_)
+        ));
+        assert!(matches!(
+            parse("\"x\"").unwrap_err(),
+            RunbookError::NotObject(_)
+        ));
+        let big = format!(
+            r#"{{"deviceId":"{AAD}","comment":"{}"}}"#,
+            "a".repeat(70_000)
+        );
+        assert!(matches!(
+            parse(&big).unwrap_err(),
+            RunbookError::TooLarge { .. }
+        ));
+    }
+}

@@ -1,0 +1,265 @@
+//! Machine actions and their life on the simulated clock.
+//!
+//! An action's status is never stored; it is computed from simulated time on
+//! every read, so no background task is needed and a sped-up or jumped clock
+//! is seen immediately:
+//!
+//! ```text
+//! created ──pending_for──▶ InProgress ──in_progress_for──▶ Succeeded
+//!    │ (device offline: the countdown starts only when it comes back)
+//!    └──────────── 3 sim days without pick-up ────────────▶ TimeOut
+//! ```
+//!
+//! Defender documents a three-day retry window for isolation on offline
+//! devices; the simulator assumes the same for restrict.
+
+use serde_json::{Map, Value, json};
+use time::{Duration, OffsetDateTime};
+
+use super::clock::{END_OF_TIME, timestamp};
+use crate::defender::models::{ActionStatus, ActionType, MachineAction};
+
+/// How long an action waits for an offline device before `TimeOut`.
+pub(crate) const OFFLINE_TIMEOUT: Duration = Duration::days(3);
+
+/// The configured phase lengths.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Life {
+    pub(crate) pending_for: Duration,
+    pub(crate) in_progress_for: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Cancellation {
+    pub(crate) requestor: String,
+    pub(crate) comment: String,
+    pub(crate) at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct ActionRecord {
+    /// Creation order; breaks ties between equal creation times.
+    pub(crate) seq: u64,
+    pub(crate) id: String,
+    pub(crate) kind: ActionType,
+    pub(crate) machine_id: String,
+    /// The machine's name, reported once the device has picked the action up.
+    pub(crate) machine_name: Option<String>,
+    pub(crate) requestor: String,
+    pub(crate) comment: String,
+    pub(crate) created: OffsetDateTime,
+    /// When the `Pending` countdown started: at creation for an online device,
+    /// when it came back for an offline one; `None` while it is held.
+    pub(crate) countdown_from: Option<OffsetDateTime>,
+    pub(crate) cancellation: Option<Cancellation>,
+}
+
+/// Where an action is at some instant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Phase {
+    pub(crate) status: ActionStatus,
+    /// `lastUpdateDateTimeUtc`: the last transition, `None` while `Pending`.
+    pub(crate) updated: Option<OffsetDateTime>,
+    /// Whether the device has picked the action up (it then reports its name).
+    pub(crate) picked_up: bool,
+}
+
+impl ActionRecord {
+    /// The action's phase at `now`.
+    pub(crate) fn phase(&self, now: OffsetDateTime, life: Life) -> Phase {
+        if let Some(cancel) = &self.cancellation {
+            let before = self.natural_phase(cancel.at, life);
+            return Phase {
+                status: ActionStatus::Cancelled,
+                updated: Some(cancel.at),
+                picked_up: before.picked_up,
+            };
+        }
+        self.natural_phase(now, life)
+    }
+
+    /// The phase ignoring cancellation.
+    fn natural_phase(&self, now: OffsetDateTime, life: Life) -> Phase {
+        let timeout_at = add(self.created, OFFLINE_TIMEOUT);
+        let pickup = self
+            .countdown_from
+            .map(|start| add(start, life.pending_for))
+            .filter(|pickup| *pickup < timeout_at);
+        let Some(pickup) = pickup.filter(|p| now >= *p) else {
+            // Not picked up (yet): Pending until the timeout.
+            // A pick-up is only ever scheduled before the timeout, so reaching
+            // the timeout un-picked means it never happened.
+            return if now >= timeout_at {
+                Phase {
+                    status: ActionStatus::TimeOut,
+                    updated: Some(timeout_at),
+                    picked_up: false,
+                }
+            } else {
+                Phase {
+                    status: ActionStatus::Pending,
+                    updated: None,
+                    picked_up: false,
+                }
+            };
+        };
+        let done = add(pickup, life.in_progress_for);
+        if now < done {
+            Phase {
+                status: ActionStatus::InProgress,
+                updated: Some(pickup),
+                picked_up: true,
+            }
+        } else {
+            Phase {
+                status: ActionStatus::Succeeded,
+                updated: Some(done),
+                picked_up: true,
+            }
+        }
+    }
+
+    /// The wire form at `now`.
+    pub(crate) fn to_wire(&self, now: OffsetDateTime, life: Life) -> MachineAction {
+        let phase = self.phase(now, life);
+        let cancel = self.cancellation.as_ref();
+        let mut extra = Map::new();
+        let fields = json!({
+            "scope": null,
+            "requestSource": "PublicApi",
+            "cancellationRequestor": cancel.map(|c| c.requestor.clone()),
+            "cancellationComment": cancel.map(|c| c.comment.clone()),
+            "cancellationDateTimeUtc": cancel.map(|c| timestamp(c.at)),
+            "commands": [],
+            "externalId": null,
+            "errorHResult": 0,
+            "troubleshootInfo": null,
+            "relatedFileInfo": null,
+            "title": match self.kind {
+                ActionType::RestrictCodeExecution => "Restrict code execution",
+                ActionType::UnrestrictCodeExecution => "Unrestrict code execution",
+            },
+        });
+        if let Value::Object(fields) = fields {
+            extra.extend(fields);
+        }
+        MachineAction {
+            id: self.id.clone(),
+            action_type: self.kind.as_str().to_owned(),
+            status: phase.status.as_str().to_owned(),
+            machine_id: Some(self.machine_id.clone()),
+            computer_dns_name: if phase.picked_up {
+                self.machine_name.clone()
+            } else {
+                None
+            },
+            requestor: Some(self.requestor.clone()),
+            requestor_comment: Some(self.comment.clone()),
+            creation_date_time_utc: Some(timestamp(self.created)),
+            last_update_date_time_utc: phase.updated.map(timestamp),
+            extra,
+        }
+    }
+}
+
+/// `t + d`, saturating at the latest representable instant.
+fn add(t: OffsetDateTime, d: Duration) -> OffsetDateTime {
+    t.checked_add(d).map_or(END_OF_TIME, |t| t.min(END_OF_TIME))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use time::macros::datetime;
+
+    const T0: OffsetDateTime = datetime!(2024-01-01 00:00:00 UTC);
+    const LIFE: Life = Life {
+        pending_for: Duration::seconds(2),
+        in_progress_for: Duration::seconds(3),
+    };
+
+    fn record(countdown_from: Option<OffsetDateTime>) -> ActionRecord {
+        ActionRecord {
+            seq: 0,
+            id: "a".to_owned(),
+            kind: ActionType::RestrictCodeExecution,
+            machine_id: "m".to_owned(),
+            machine_name: Some("DESKTOP".to_owned()),
+            requestor: "app".to_owned(),
+            comment: "c".to_owned(),
+            created: T0,
+            countdown_from,
+            cancellation: None,
+        }
+    }
+
+    fn status_at(r: &ActionRecord, secs: i64) -> ActionStatus {
+        r.phase(T0 + Duration::seconds(secs), LIFE).status
+    }
+
+    #[test]
+    fn online_life_pending_in_progress_succeeded() {
+        let r = record(Some(T0));
+        assert_eq!(status_at(&r, 0), ActionStatus::Pending);
+        assert_eq!(status_at(&r, 1), ActionStatus::Pending);
+        assert_eq!(status_at(&r, 2), ActionStatus::InProgress);
+        assert_eq!(status_at(&r, 4), ActionStatus::InProgress);
+        assert_eq!(status_at(&r, 5), ActionStatus::Succeeded);
+        assert_eq!(status_at(&r, 500_000), ActionStatus::Succeeded);
+
+        let pending = r.to_wire(T0, LIFE);
+        assert_eq!(pending.computer_dns_name, None);
+        assert_eq!(pending.last_update_date_time_utc, None);
+        assert_eq!(pending.extra["title"], "Restrict code execution");
+        assert_eq!(pending.extra["scope"], Value::Null);
+        let done = r.to_wire(T0 + Duration::seconds(9), LIFE);
+        assert_eq!(done.status, "Succeeded");
+        assert_eq!(done.computer_dns_name.as_deref(), Some("DESKTOP"));
+        assert_eq!(
+            done.last_update_date_time_utc.as_deref(),
+            Some("2024-01-01T00:00:05.0000000Z")
+        );
+    }
+
+    #[test]
+    fn offline_action_times_out_after_three_days() {
+        let r = record(None);
+        assert_eq!(status_at(&r, 3 * 86_400 - 1), ActionStatus::Pending);
+        let timed_out = r.phase(T0 + OFFLINE_TIMEOUT, LIFE);
+        assert_eq!(timed_out.status, ActionStatus::TimeOut);
+        assert_eq!(timed_out.updated, Some(T0 + OFFLINE_TIMEOUT));
+    }
+
+    #[test]
+    fn device_back_online_starts_the_countdown() {
+        let r = record(Some(T0 + Duration::hours(1)));
+        assert_eq!(status_at(&r, 3600), ActionStatus::Pending);
+        assert_eq!(status_at(&r, 3602), ActionStatus::InProgress);
+        assert_eq!(status_at(&r, 3605), ActionStatus::Succeeded);
+        // Back too late to be picked up before the timeout.
+        let late = record(Some(T0 + OFFLINE_TIMEOUT - Duration::seconds(1)));
+        assert_eq!(
+            late.phase(T0 + OFFLINE_TIMEOUT, LIFE).status,
+            ActionStatus::TimeOut
+        );
+    }
+
+    #[test]
+    fn cancellation_freezes_the_phase() {
+        let mut r = record(Some(T0));
+        r.cancellation = Some(Cancellation {
+            requestor: "app".to_owned(),
+            comment: "stop".to_owned(),
+            at: T0 + Duration::seconds(3),
+        });
+        let phase = r.phase(T0 + Duration::days(9), LIFE);
+        assert_eq!(phase.status, ActionStatus::Cancelled);
+        assert!(phase.picked_up);
+        let wire = r.to_wire(T0 + Duration::days(9), LIFE);
+        assert_eq!(wire.extra["cancellationComment"], "stop");
+        assert_eq!(
+            wire.extra["cancellationDateTimeUtc"],
+            "2024-01-01T00:00:03.0000000Z"
+        );
+    }
+}

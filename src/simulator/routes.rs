@@ -1,0 +1,513 @@
+//! The router, and the Defender API surface under `/api`.
+//!
+//! `/api` is dispatched by hand rather than through axum routes so that every
+//! unmodelled method or path gets the same loud `501 NotImplementedInSimulator`
+//! envelope (axum's own 404/405 would look like real Defender answers), and so
+//! that path ids go through the same lookup rules as Defender's.
+//!
+//! Order of checks for every call: bearer token (401), endpoint (501), rate
+//! limit (429), query options (400/501), then the endpoint's own rules.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware;
+use axum::response::{IntoResponse, Response};
+use axum::routing::any;
+use serde::Serialize;
+use serde_json::Value;
+use time::OffsetDateTime;
+
+use super::control;
+use super::filter::{self, ACTION_FIELDS, FilterError, MACHINE_FIELDS};
+use super::identity;
+use super::intercept::{MAX_BODY, intercept};
+use super::odata::{self, QueryError, QueryOptions, Shape};
+use super::ratelimit::{EndpointKind, retry_after_secs};
+use super::respond::{ApiError, json, odata_json};
+use super::state::{CancelError, Created, Lookup, Sim};
+use crate::defender::models::{ActionType, ODataPage};
+
+/// OS platforms restrict/unrestrict accept: Windows 10 1709+, Windows 11 and
+/// (per `respond-machine-alerts`) Windows Server 2019+.
+const SUPPORTED_OS: &[&str] = &[
+    "Windows10",
+    "Windows11",
+    "WindowsServer2019",
+    "WindowsServer2022",
+    "WindowsServer2025",
+];
+
+/// The whole simulator: recorded and faultable surfaces, test controls, and a
+/// JSON 404 for anything else.
+pub(crate) fn app(sim: Arc<Sim>) -> Router {
+    let recorded = Router::new()
+        .route("/api", any(defender))
+        .route("/api/", any(defender))
+        .route("/api/{*rest}", any(defender))
+        .route("/_identity", any(identity::handle))
+        .route("/_identity/", any(identity::handle))
+        .route("/_identity/{*rest}", any(identity::handle))
+        .layer(middleware::from_fn_with_state(sim.clone(), intercept));
+    Router::new()
+        .merge(recorded)
+        .merge(control::router())
+        .fallback(unknown_path)
+        .with_state(sim)
+}
+
+async fn unknown_path() -> Response {
+    json(
+        StatusCode::NOT_FOUND,
+        &super::respond::envelope(
+            "NotASimulatorPath",
+            "The simulator serves the Defender API under /api, the identity endpoint at \
+             /_identity/token and test controls under /_sim",
+        ),
+    )
+}
+
+/// A Defender endpoint, with its path id percent-decoded.
+enum Endpoint {
+    ListMachines,
+    GetMachine(String),
+    CreateAction(String, ActionType),
+    ListActions,
+    GetAction(String),
+    Cancel(String),
+}
+
+impl Endpoint {
+    fn kind(&self) -> EndpointKind {
+        match self {
+            Self::ListMachines => EndpointKind::ListMachines,
+            Self::GetMachine(_) => EndpointKind::GetMachine,
+            Self::CreateAction(_, ActionType::RestrictCodeExecution) => EndpointKind::Restrict,
+            Self::CreateAction(_, ActionType::UnrestrictCodeExecution) => EndpointKind::Unrestrict,
+            Self::ListActions => EndpointKind::ListActions,
+            Self::GetAction(_) => EndpointKind::GetAction,
+            Self::Cancel(_) => EndpointKind::Cancel,
+        }
+    }
+
+    fn shape(&self) -> Shape {
+        match self {
+            Self::ListMachines => Shape::Machines,
+            Self::ListActions => Shape::Actions,
+            _ => Shape::Single,
+        }
+    }
+}
+
+async fn defender(State(sim): State<Arc<Sim>>, request: Request) -> Response {
+    handle(&sim, request)
+        .await
+        .unwrap_or_else(IntoResponse::into_response)
+}
+
+async fn handle(sim: &Sim, request: Request) -> Result<Response, ApiError> {
+    let (parts, body) = request.into_parts();
+    authorize(&parts.headers)?;
+    let endpoint = route(parts.method.as_str(), parts.uri.path())?;
+    let now = sim.clock.now();
+    sim.tenant()
+        .acquire(endpoint.kind(), now)
+        .map_err(|wait| ApiError::too_many_requests(retry_after_secs(wait, sim.clock.speed())))?;
+    let query = odata::parse_query(parts.uri.query(), endpoint.shape()).map_err(query_error)?;
+    let body = to_bytes(body, MAX_BODY).await.map_err(|err| {
+        ApiError::bad_request(
+            "InvalidRequestBody",
+            format!("Unreadable request body: {err}"),
+        )
+    })?;
+
+    let call = Call {
+        sim,
+        now,
+        query,
+        headers: &parts.headers,
+        body: &body,
+    };
+    match endpoint {
+        Endpoint::ListMachines => list_machines(&call),
+        Endpoint::GetMachine(id) => get_machine(&call, &id),
+        Endpoint::CreateAction(id, kind) => create_action(&call, &id, kind),
+        Endpoint::ListActions => list_actions(&call),
+        Endpoint::GetAction(id) => get_action(&call, &id),
+        Endpoint::Cancel(id) => cancel(&call, &id),
+    }
+}
+
+/// One accepted call, as the endpoint functions see it.
+struct Call<'a> {
+    sim: &'a Sim,
+    /// Sim time of the call; one instant for the whole call.
+    now: OffsetDateTime,
+    query: QueryOptions,
+    headers: &'a HeaderMap,
+    body: &'a [u8],
+}
+
+fn list_machines(call: &Call<'_>) -> Result<Response, ApiError> {
+    let conditions = conditions(&call.query, "machines", MACHINE_FIELDS)?;
+    let rows = call.sim.tenant().list_machines(&conditions);
+    Ok(collection(call, rows, "/api/machines", "Machines"))
+}
+
+fn get_machine(call: &Call<'_>, id: &str) -> Result<Response, ApiError> {
+    match call.sim.tenant().find_machine(id) {
+        Lookup::Found(machine) => Ok(entity(call, StatusCode::OK, "Machines", machine)),
+        Lookup::NotFound => Err(machine_not_found(id)),
+        Lookup::AmbiguousName(n) => Err(ambiguous(id, n)),
+    }
+}
+
+/// `restrictCodeExecution` / `unrestrictCodeExecution`: machine (404), body
+/// (400), OS platform (400), then the duplicate rule.
+fn create_action(call: &Call<'_>, id: &str, kind: ActionType) -> Result<Response, ApiError> {
+    let sim = call.sim;
+    let mut tenant = sim.tenant();
+    let machine = match tenant.find_machine(id) {
+        Lookup::Found(machine) => machine.clone(),
+        Lookup::NotFound => return Err(machine_not_found(id)),
+        Lookup::AmbiguousName(n) => return Err(ambiguous(id, n)),
+    };
+    let comment = comment(call.headers, call.body)?;
+    let os = machine.os_platform.as_deref().unwrap_or("");
+    if !SUPPORTED_OS.contains(&os) {
+        return Err(ApiError::bad_request(
+            "OsPlatformNotSupported",
+            format!("{} is not supported on OS platform '{os}'", kind.as_str()),
+        ));
+    }
+    let created = tenant.create_action(
+        &machine,
+        kind,
+        comment,
+        call.now,
+        sim.life,
+        sim.config.duplicate,
+    );
+    match created {
+        Created::New(action) | Created::Existing(action) => {
+            Ok(entity(call, StatusCode::CREATED, "MachineActions", &action))
+        }
+        Created::AlreadyInProgress => Err(ApiError::bad_request(
+            "ActiveRequestAlreadyExists",
+            "Action is already in progress",
+        )),
+    }
+}
+
+fn list_actions(call: &Call<'_>) -> Result<Response, ApiError> {
+    let conditions = conditions(&call.query, "machine actions", ACTION_FIELDS)?;
+    let rows = call
+        .sim
+        .tenant()
+        .list_actions(&conditions, call.now, call.sim.life);
+    Ok(collection(
+        call,
+        rows,
+        "/api/machineactions",
+        "MachineActions",
+    ))
+}
+
+fn get_action(call: &Call<'_>, id: &str) -> Result<Response, ApiError> {
+    match call.sim.tenant().action(id, call.now, call.sim.life) {
+        Some(action) => Ok(entity(call, StatusCode::OK, "MachineActions", &action)),
+        None => Err(action_not_found(id)),
+    }
+}
+
+/// `cancel`: action (404), body (400), then only a non-final action (400).
+fn cancel(call: &Call<'_>, id: &str) -> Result<Response, ApiError> {
+    let (now, life) = (call.now, call.sim.life);
+    let mut tenant = call.sim.tenant();
+    if tenant.action(id, now, life).is_none() {
+        return Err(action_not_found(id));
+    }
+    let comment = comment(call.headers, call.body)?;
+    match tenant.cancel(id, comment, now, life) {
+        Ok(action) => Ok(entity(call, StatusCode::OK, "MachineActions", &action)),
+        Err(CancelError::NotFound) => Err(action_not_found(id)),
+        Err(CancelError::Terminal(status)) => Err(ApiError::bad_request(
+            "BadRequest",
+            format!(
+                "Machine action {id} cannot be cancelled: its status is {} (a final state)",
+                status.as_str()
+            ),
+        )),
+    }
+}
+
+/// Any non-empty bearer token is accepted; tests check which one was sent
+/// through the request log.
+fn authorize(headers: &HeaderMap) -> Result<(), ApiError> {
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().split_once(' '))
+        .is_some_and(|(scheme, token)| {
+            scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()
+        });
+    if bearer {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Authorization header is missing or does not carry a bearer token",
+        ))
+    }
+}
+
+fn route(method: &str, path: &str) -> Result<Endpoint, ApiError> {
+    let segments: Vec<String> = path
+        .strip_prefix("/api")
+        .unwrap_or(path)
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(percent_decode)
+        .collect();
+    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
+    let id = |s: &str| s.to_owned();
+    Ok(match (method, segments.as_slice()) {
+        ("GET", ["machines"]) => Endpoint::ListMachines,
+        ("GET", ["machines", m]) => Endpoint::GetMachine(id(m)),
+        ("POST", ["machines", m, "restrictCodeExecution"]) => {
+            Endpoint::CreateAction(id(m), ActionType::RestrictCodeExecution)
+        }
+        ("POST", ["machines", m, "unrestrictCodeExecution"]) => {
+            Endpoint::CreateAction(id(m), ActionType::UnrestrictCodeExecution)
+        }
+        ("GET", ["machineactions"]) => Endpoint::ListActions,
+        ("GET", ["machineactions", a]) => Endpoint::GetAction(id(a)),
+        ("POST", ["machineactions", a, "cancel"]) => Endpoint::Cancel(id(a)),
+        _ => {
+            return Err(ApiError::not_implemented(format!(
+                "{method} {path} is not modelled by the simulator"
+            )));
+        }
+    })
+}
+
+/// Decodes `%XX` escapes in a path segment (`+` stays a plus in paths).
+fn percent_decode(segment: &str) -> String {
+    let bytes = segment.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
+        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
+            (b'%', Some(hi), Some(lo)) => {
+                // Two hex digits always fit a byte.
+                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
+                i += 3;
+            }
+            (b, _, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The `Comment` of a restrict, unrestrict or cancel body. Defender's body
+/// parameter names are case-sensitive: `comment` does not count.
+fn comment(headers: &HeaderMap, body: &[u8]) -> Result<String, ApiError> {
+    let json_content = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"))
+        });
+    if !json_content {
+        return Err(ApiError::bad_request(
+            "InvalidRequestBody",
+            "The request body must be JSON sent with Content-Type: application/json",
+        ));
+    }
+    let value: Value = serde_json::from_slice(body).map_err(|err| {
+        ApiError::bad_request(
+            "InvalidRequestBody",
+            format!("The request body is not valid JSON: {err}"),
+        )
+    })?;
+    let Value::Object(fields) = value else {
+        return Err(ApiError::bad_request(
+            "InvalidRequestBody",
+            "The request body must be a JSON object",
+        ));
+    };
+    match fields.get("Comment") {
+        Some(Value::String(comment)) => Ok(comment.clone()),
+        Some(_) => Err(ApiError::bad_request(
+            "MissingRequiredParameter",
+            "The required parameter 'Comment' must be a string",
+        )),
+        None => Err(ApiError::bad_request(
+            "MissingRequiredParameter",
+            "The required parameter 'Comment' is missing (parameter names are case-sensitive)",
+        )),
+    }
+}
+
+fn conditions(
+    query: &QueryOptions,
+    entity: &str,
+    fields: &[filter::Field],
+) -> Result<Vec<filter::Condition>, ApiError> {
+    match &query.filter {
+        None => Ok(Vec::new()),
+        Some(f) => filter::parse(f, entity, fields).map_err(|err| match err {
+            FilterError::Malformed(m) => ApiError::odata(format!("Invalid filter clause: {m}")),
+            FilterError::NotImplemented(m) => ApiError::not_implemented(m),
+        }),
+    }
+}
+
+fn query_error(err: QueryError) -> ApiError {
+    match err {
+        QueryError::Malformed(m) => ApiError::odata(m),
+        QueryError::NotImplemented(m) => ApiError::not_implemented(m),
+    }
+}
+
+fn machine_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("Machine {id} was not found"))
+}
+
+fn action_not_found(id: &str) -> ApiError {
+    ApiError::not_found(format!("MachineAction {id} was not found"))
+}
+
+fn ambiguous(name: &str, count: usize) -> ApiError {
+    ApiError::not_implemented(format!(
+        "{count} machines are named {name}; which one Defender returns for a name is not modelled \
+         by the simulator (use the machine id)"
+    ))
+}
+
+/// A collection page with its `@odata.context` and, if more rows remain,
+/// `@odata.nextLink`.
+fn collection<T: Serialize>(call: &Call<'_>, rows: Vec<T>, path: &str, set: &str) -> Response {
+    let sim = call.sim;
+    let (value, next_link) =
+        odata::page(rows, &call.query, sim.config.page_size, &sim.base_url, path);
+    let page = ODataPage {
+        context: Some(format!("{}/api/$metadata#{set}", sim.base_url)),
+        value,
+        next_link,
+    };
+    odata_json(StatusCode::OK, &page)
+}
+
+/// A single entity with its `@odata.context`, as Defender sends it.
+fn entity<T: Serialize>(call: &Call<'_>, status: StatusCode, set: &str, value: &T) -> Response {
+    #[derive(Serialize)]
+    struct Entity<'a, T> {
+        #[serde(rename = "@odata.context")]
+        context: String,
+        #[serde(flatten)]
+        value: &'a T,
+    }
+    odata_json(
+        status,
+        &Entity {
+            context: format!("{}/api/$metadata#{set}/$entity", call.sim.base_url),
+            value,
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_and_fails_loudly() {
+        assert!(matches!(
+            route("GET", "/api/machines"),
+            Ok(Endpoint::ListMachines)
+        ));
+        assert!(matches!(
+            route("GET", "/api/machines/"),
+            Ok(Endpoint::ListMachines)
+        ));
+        assert!(matches!(
+            route("GET", "/api/machines/DESKTOP%2DALPHA"),
+            Ok(Endpoint::GetMachine(id)) if id == "DESKTOP-ALPHA"
+        ));
+        assert!(matches!(
+            route("POST", "/api/machines/abc/unrestrictCodeExecution"),
+            Ok(Endpoint::CreateAction(
+                _,
+                ActionType::UnrestrictCodeExecution
+            ))
+        ));
+        for (method, path) in [
+            ("DELETE", "/api/machines/abc"),
+            ("POST", "/api/machines/abc/isolate"),
+            ("GET", "/api/v1.0/machines"),
+            ("GET", "/api"),
+            ("PUT", "/api/machineactions/x/cancel"),
+        ] {
+            let err = route(method, path).err().expect("not modelled");
+            assert_eq!(err.status, StatusCode::NOT_IMPLEMENTED, "{method} {path}");
+            assert_eq!(err.code, "NotImplementedInSimulator");
+        }
+    }
+
+    #[test]
+    fn bearer_token_required() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::AUTHORIZATION, v.parse().expect("header"));
+            authorize(&h).is_ok()
+        };
+        assert!(with("Bearer abc"));
+        assert!(with("bearer abc"));
+        assert!(!with("Bearer "));
+        assert!(!with("Bearer"));
+        assert!(!with("Basic abc"));
+        assert!(authorize(&HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn comment_rules() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            "application/json; charset=utf-8".parse().expect("header"),
+        );
+        let code = |body: &str| comment(&h, body.as_bytes()).map_err(|e| e.code);
+        assert_eq!(code(r#"{"Comment":"x"}"#), Ok("x".to_owned()));
+        assert_eq!(
+            code(r#"{"comment":"x"}"#),
+            Err("MissingRequiredParameter".to_owned())
+        );
+        assert_eq!(
+            code(r#"{"Comment":1}"#),
+            Err("MissingRequiredParameter".to_owned())
+        );
+        assert_eq!(code(r#"["Comment"]"#), Err("InvalidRequestBody".to_owned()));
+        assert_eq!(code("Comment=x"), Err("InvalidRequestBody".to_owned()));
+        assert_eq!(code(""), Err("InvalidRequestBody".to_owned()));
+        let no_type = comment(&HeaderMap::new(), br#"{"Comment":"x"}"#).map_err(|e| e.code);
+        assert_eq!(no_type, Err("InvalidRequestBody".to_owned()));
+    }
+
+    #[test]
+    fn percent_decoding() {
+        assert_eq!(percent_decode("a%20b%zz%4"), "a b%zz%4");
+        assert_eq!(percent_decode("a+b"), "a+b");
+        assert_eq!(percent_decode("%C3%A9"), "é");
+    }
+}

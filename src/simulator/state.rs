@@ -1,0 +1,392 @@
+//! The simulator's in-memory state: the tenant (machines, actions, offline
+//! devices, rate-limit windows), the injected faults and the request log.
+//!
+//! Each part sits behind its own `std::sync::Mutex`, held only for short,
+//! synchronous sections (never across an `.await`). A poisoned lock is
+//! recovered rather than propagated: the data is plain values, and a test
+//! simulator that panics on every later request would hide the first failure.
+
+use std::collections::HashSet;
+use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use time::{Duration, OffsetDateTime};
+
+use super::actions::{ActionRecord, Cancellation, Life};
+use super::clock::{SimClock, sim_duration};
+use super::faults::{Fault, FaultKind, FaultList};
+use super::filter::Condition;
+use super::ratelimit::{EndpointKind, RateLimiter};
+use super::requests::{RecordedRequest, RequestLog};
+use super::{DuplicateBehaviour, SimConfig, seed};
+use crate::defender::models::{ActionStatus, ActionType, Machine, MachineAction};
+
+/// Locks a mutex, recovering the data if a previous holder panicked.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Everything a running simulator shares between its handlers and handles.
+pub(crate) struct Sim {
+    pub(crate) config: SimConfig,
+    /// `http://127.0.0.1:PORT`, no trailing slash.
+    pub(crate) base_url: String,
+    pub(crate) clock: SimClock,
+    pub(crate) life: Life,
+    tenant: Mutex<Tenant>,
+    faults: Mutex<FaultList>,
+    log: Mutex<RequestLog>,
+}
+
+impl Sim {
+    pub(crate) fn new(config: SimConfig, base_url: String) -> Self {
+        let clock = SimClock::new(config.speed);
+        let machines = if config.seed {
+            seed::machines(clock.now())
+        } else {
+            Vec::new()
+        };
+        let life = Life {
+            pending_for: sim_duration(config.pending_for),
+            in_progress_for: sim_duration(config.in_progress_for),
+        };
+        let tenant = Tenant {
+            machines,
+            actions: Vec::new(),
+            offline: HashSet::new(),
+            limiter: config.rate_limits.map(RateLimiter::new),
+            next_seq: 0,
+        };
+        Self {
+            config,
+            base_url,
+            clock,
+            life,
+            tenant: Mutex::new(tenant),
+            faults: Mutex::new(FaultList::default()),
+            log: Mutex::new(RequestLog::default()),
+        }
+    }
+
+    pub(crate) fn tenant(&self) -> MutexGuard<'_, Tenant> {
+        lock(&self.tenant)
+    }
+
+    pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
+        lock(&self.log).completed()
+    }
+
+    pub(crate) fn clear_requests(&self) {
+        lock(&self.log).clear();
+    }
+
+    pub(crate) fn log_begin(&self, request: RecordedRequest) -> u64 {
+        lock(&self.log).begin(request)
+    }
+
+    pub(crate) fn log_finish(
+        &self,
+        seq: u64,
+        status: u16,
+        total: std::time::Duration,
+        handling: std::time::Duration,
+    ) {
+        let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        lock(&self.log).finish(seq, status, micros(total), micros(handling));
+    }
+
+    pub(crate) fn inject(&self, fault: Fault) {
+        lock(&self.faults).push(fault);
+    }
+
+    pub(crate) fn clear_faults(&self) {
+        lock(&self.faults).clear();
+    }
+
+    pub(crate) fn faults(&self) -> Vec<Fault> {
+        lock(&self.faults).list()
+    }
+
+    pub(crate) fn take_fault(&self, method: &str, path: &str) -> Option<FaultKind> {
+        lock(&self.faults).take_match(method, path)
+    }
+
+    pub(crate) fn add_machine(&self, machine: Machine) {
+        self.tenant().upsert_machine(machine);
+    }
+
+    pub(crate) fn machines(&self) -> Vec<Machine> {
+        self.tenant().machines.clone()
+    }
+
+    pub(crate) fn actions(&self) -> Vec<MachineAction> {
+        let now = self.clock.now();
+        self.tenant()
+            .actions_newest_first()
+            .into_iter()
+            .map(|a| a.to_wire(now, self.life))
+            .collect()
+    }
+
+    pub(crate) fn set_offline(&self, machine_id: &str, offline: bool) {
+        let now = self.clock.now();
+        self.tenant()
+            .set_offline(machine_id, offline, now, self.life);
+    }
+
+    pub(crate) fn banner(&self) -> String {
+        super::control::banner(self)
+    }
+}
+
+/// Result of looking a machine up by id or name.
+pub(crate) enum Lookup<'a> {
+    Found(&'a Machine),
+    NotFound,
+    /// Several records carry this computer name; which one Defender returns
+    /// is not known, so the simulator refuses to pick.
+    AmbiguousName(usize),
+}
+
+/// Result of a restrict/unrestrict request that passed validation.
+pub(crate) enum Created {
+    New(MachineAction),
+    /// `DuplicateBehaviour::ReturnPending`: the action already under way.
+    Existing(MachineAction),
+    /// `DuplicateBehaviour::Error`.
+    AlreadyInProgress,
+}
+
+pub(crate) enum CancelError {
+    NotFound,
+    Terminal(ActionStatus),
+}
+
+pub(crate) struct Tenant {
+    pub(crate) machines: Vec<Machine>,
+    actions: Vec<ActionRecord>,
+    /// Lowercase ids of offline machines.
+    offline: HashSet<String>,
+    limiter: Option<RateLimiter>,
+    next_seq: u64,
+}
+
+impl Tenant {
+    /// Counts a call against its endpoint's rate limit, or returns the
+    /// simulated wait until a slot frees.
+    pub(crate) fn acquire(
+        &mut self,
+        kind: EndpointKind,
+        now: OffsetDateTime,
+    ) -> Result<(), Duration> {
+        match &mut self.limiter {
+            Some(limiter) => limiter.try_acquire(kind, now),
+            None => Ok(()),
+        }
+    }
+
+    pub(crate) fn upsert_machine(&mut self, machine: Machine) {
+        match self
+            .machines
+            .iter_mut()
+            .find(|m| m.id.eq_ignore_ascii_case(&machine.id))
+        {
+            Some(existing) => *existing = machine,
+            None => self.machines.push(machine),
+        }
+    }
+
+    /// `GET /api/machines/{id}` accepts the machine id or the computer name.
+    pub(crate) fn find_machine(&self, key: &str) -> Lookup<'_> {
+        if let Some(m) = self
+            .machines
+            .iter()
+            .find(|m| m.id.eq_ignore_ascii_case(key))
+        {
+            return Lookup::Found(m);
+        }
+        let named: Vec<&Machine> = self
+            .machines
+            .iter()
+            .filter(|m| {
+                m.computer_dns_name
+                    .as_deref()
+                    .is_some_and(|n| n.eq_ignore_ascii_case(key))
+            })
+            .collect();
+        match named.as_slice() {
+            [] => Lookup::NotFound,
+            [one] => Lookup::Found(one),
+            many => Lookup::AmbiguousName(many.len()),
+        }
+    }
+
+    pub(crate) fn list_machines(&self, conditions: &[Condition]) -> Vec<Machine> {
+        self.machines
+            .iter()
+            .filter(|m| conditions.iter().all(|c| machine_matches(m, c)))
+            .cloned()
+            .collect()
+    }
+
+    /// Actions at `now`, newest first, filtered.
+    pub(crate) fn list_actions(
+        &self,
+        conditions: &[Condition],
+        now: OffsetDateTime,
+        life: Life,
+    ) -> Vec<MachineAction> {
+        self.actions_newest_first()
+            .into_iter()
+            .map(|a| a.to_wire(now, life))
+            .filter(|a| conditions.iter().all(|c| action_matches(a, c)))
+            .collect()
+    }
+
+    pub(crate) fn action(
+        &self,
+        id: &str,
+        now: OffsetDateTime,
+        life: Life,
+    ) -> Option<MachineAction> {
+        self.actions
+            .iter()
+            .find(|a| a.id.eq_ignore_ascii_case(id))
+            .map(|a| a.to_wire(now, life))
+    }
+
+    fn actions_newest_first(&self) -> Vec<&ActionRecord> {
+        let mut actions: Vec<&ActionRecord> = self.actions.iter().collect();
+        actions.sort_by(|a, b| b.created.cmp(&a.created).then(b.seq.cmp(&a.seq)));
+        actions
+    }
+
+    /// Creates a restrict/unrestrict action on `machine`, unless one of the
+    /// same type is still Pending or InProgress there.
+    pub(crate) fn create_action(
+        &mut self,
+        machine: &Machine,
+        kind: ActionType,
+        comment: String,
+        now: OffsetDateTime,
+        life: Life,
+        duplicate: DuplicateBehaviour,
+    ) -> Created {
+        let running = self
+            .actions_newest_first()
+            .into_iter()
+            .find(|a| {
+                a.kind == kind
+                    && a.machine_id.eq_ignore_ascii_case(&machine.id)
+                    && !a.phase(now, life).status.is_terminal()
+            })
+            .map(|a| a.to_wire(now, life));
+        if let Some(running) = running {
+            return match duplicate {
+                DuplicateBehaviour::Error => Created::AlreadyInProgress,
+                DuplicateBehaviour::ReturnPending => Created::Existing(running),
+            };
+        }
+        let offline = self.offline.contains(&machine.id.to_ascii_lowercase());
+        let record = ActionRecord {
+            seq: self.next_seq,
+            id: uuid::Uuid::new_v4().to_string(),
+            kind,
+            machine_id: machine.id.clone(),
+            machine_name: machine.computer_dns_name.clone(),
+            requestor: seed::REQUESTOR.to_owned(),
+            comment,
+            created: now,
+            countdown_from: (!offline).then_some(now),
+            cancellation: None,
+        };
+        self.next_seq += 1;
+        let wire = record.to_wire(now, life);
+        self.actions.push(record);
+        Created::New(wire)
+    }
+
+    pub(crate) fn cancel(
+        &mut self,
+        id: &str,
+        comment: String,
+        now: OffsetDateTime,
+        life: Life,
+    ) -> Result<MachineAction, CancelError> {
+        let action = self
+            .actions
+            .iter_mut()
+            .find(|a| a.id.eq_ignore_ascii_case(id))
+            .ok_or(CancelError::NotFound)?;
+        let status = action.phase(now, life).status;
+        if status.is_terminal() {
+            return Err(CancelError::Terminal(status));
+        }
+        action.cancellation = Some(Cancellation {
+            requestor: seed::REQUESTOR.to_owned(),
+            comment,
+            at: now,
+        });
+        Ok(action.to_wire(now, life))
+    }
+
+    /// Holds back (offline) or releases (online) the machine's actions that
+    /// the device has not picked up yet.
+    pub(crate) fn set_offline(
+        &mut self,
+        machine_id: &str,
+        offline: bool,
+        now: OffsetDateTime,
+        life: Life,
+    ) {
+        let key = machine_id.to_ascii_lowercase();
+        let changed = if offline {
+            self.offline.insert(key.clone())
+        } else {
+            self.offline.remove(&key)
+        };
+        if !changed {
+            return;
+        }
+        for action in self
+            .actions
+            .iter_mut()
+            .filter(|a| a.machine_id.eq_ignore_ascii_case(&key))
+        {
+            if action.phase(now, life).status == ActionStatus::Pending {
+                action.countdown_from = (!offline).then_some(now);
+            }
+        }
+    }
+
+    pub(crate) fn is_offline(&self, machine_id: &str) -> bool {
+        self.offline.contains(&machine_id.to_ascii_lowercase())
+    }
+}
+
+/// Ids, GUIDs and DNS names compare case-insensitively; enum-like values
+/// (`healthStatus`) exactly, as OData string comparison does.
+fn machine_matches(m: &Machine, c: &Condition) -> bool {
+    let ci = |v: Option<&str>| v.is_some_and(|v| v.eq_ignore_ascii_case(&c.value));
+    match c.field {
+        "aadDeviceId" => ci(m.aad_device_id.as_deref()),
+        "id" => m.id.eq_ignore_ascii_case(&c.value),
+        "computerDnsName" => ci(m.computer_dns_name.as_deref()),
+        "healthStatus" => m.health_status.as_deref() == Some(c.value.as_str()),
+        // The filter parser only lets modelled fields through.
+        _ => false,
+    }
+}
+
+fn action_matches(a: &MachineAction, c: &Condition) -> bool {
+    match c.field {
+        "machineId" => a
+            .machine_id
+            .as_deref()
+            .is_some_and(|v| v.eq_ignore_ascii_case(&c.value)),
+        "type" => a.action_type == c.value,
+        "status" => a.status == c.value,
+        "id" => a.id.eq_ignore_ascii_case(&c.value),
+        "requestor" => a.requestor.as_deref() == Some(c.value.as_str()),
+        _ => false,
+    }
+}

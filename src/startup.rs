@@ -1,0 +1,122 @@
+//! Building the service from settings and serving it.
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use thiserror::Error;
+use tokio::net::TcpListener;
+
+use crate::{
+    auth::{TokenError, TokenSource},
+    config::{ConfigError, Settings},
+    defender::DefenderClient,
+    invocation::AppState,
+    restrict::Restrictor,
+    routes,
+};
+
+/// Why the service could not start. The host restarts a handler that exits
+/// non-zero, and shows its last stderr lines.
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: io::Error },
+    #[error("cannot build the credential: {0}")]
+    Credential(#[from] TokenError),
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
+    #[error("cannot start the simulator: {0}")]
+    Simulator(io::Error),
+    #[error("server error: {0}")]
+    Serve(io::Error),
+}
+
+/// Where tokens come from: the configured credential, or a fixed token for
+/// the simulator.
+#[derive(Debug, Clone)]
+pub enum Tokens {
+    FromSettings,
+    Fixed(String),
+}
+
+/// The one pooled HTTP client for Defender and the identity endpoint.
+pub fn http_client(settings: &Settings) -> Result<reqwest::Client, reqwest::Error> {
+    reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(5))
+        // A ceiling for every request, the identity endpoint's included;
+        // Defender calls also set their own per-call timeout.
+        .timeout(settings.defender_timeout.max(settings.token_timeout))
+        .pool_idle_timeout(Duration::from_secs(60))
+        .user_agent(concat!(
+            "restrict-code-execution/",
+            env!("CARGO_PKG_VERSION")
+        ))
+        .build()
+}
+
+/// Everything an invocation needs.
+pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, StartupError> {
+    let http = http_client(settings)?;
+    let tokens = match tokens {
+        Tokens::FromSettings => TokenSource::from_settings(settings, http.clone())?,
+        Tokens::Fixed(token) => TokenSource::fixed(&token, settings.token_timeout),
+    };
+    tracing::info!(
+        credential = tokens.description(),
+        api_url = %settings.api_url,
+        cloud = settings.cloud.as_str(),
+        identity_endpoint_set = std::env::var_os("IDENTITY_ENDPOINT").is_some(),
+        "Defender client configured"
+    );
+    let client = DefenderClient::new(
+        settings.api_url.clone(),
+        http,
+        tokens,
+        settings.defender_timeout,
+    );
+    Ok(AppState::new(
+        Restrictor::new(client, settings.comment_include_caller),
+        settings.request_timeout,
+    ))
+}
+
+/// Bind the loopback address the host connects to (IPv4: the host always
+/// calls `http://127.0.0.1:<port>`).
+pub async fn bind(port: u16) -> Result<TcpListener, StartupError> {
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartupError::Bind { addr, source })
+}
+
+/// Serve until SIGTERM or Ctrl-C, then let in-flight invocations finish.
+pub async fn serve(listener: TcpListener, state: AppState) -> Result<(), StartupError> {
+    let app = routes::router(state);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown_signal())
+        .await
+        .map_err(StartupError::Serve)
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = terminate => {},
+    }
+    tracing::info!("shutdown signal received; finishing in-flight invocations");
+}

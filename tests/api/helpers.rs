@@ -1,0 +1,167 @@
+//! Test harness: a simulator in this process, the handler as a child process.
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use restrict_code_execution::simulator::{RecordedRequest, SimConfig, SimHandle, Simulator};
+use serde_json::Value;
+
+pub use crate::host_emulator::HostEmulator;
+
+pub const IDENTITY_HEADER: &str = "test-identity-header";
+pub const TOKEN: &str = "test-access-token-3b1f";
+
+/// A simulated tenant plus a running handler in front of it.
+pub struct TestApp {
+    pub sim: SimHandle,
+    pub host: HostEmulator,
+    handler: Child,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+/// Options for one test app.
+pub struct AppOptions {
+    pub sim: SimConfig,
+    /// Extra environment for the handler (applied last, so it can override).
+    pub env: Vec<(&'static str, String)>,
+}
+
+impl Default for AppOptions {
+    fn default() -> Self {
+        Self {
+            sim: SimConfig {
+                identity_header: IDENTITY_HEADER.to_owned(),
+                token: TOKEN.to_owned(),
+                ..SimConfig::default()
+            },
+            env: Vec::new(),
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(AppOptions::default()).await
+}
+
+pub async fn spawn_app_with(options: AppOptions) -> TestApp {
+    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), options.sim)
+        .await
+        .expect("simulator starts");
+    let port = free_port();
+    let mut env: Vec<(&'static str, String)> = vec![
+        ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
+        ("DEFENDER_API_URL", sim.url()),
+        ("IDENTITY_ENDPOINT", sim.identity_endpoint()),
+        ("IDENTITY_HEADER", IDENTITY_HEADER.to_owned()),
+        ("TOKEN_TIMEOUT_SECONDS", "10".to_owned()),
+        ("RUST_LOG", "info".to_owned()),
+    ];
+    env.extend(options.env);
+    let (handler, logs) = start_handler(&env, &[]);
+    let host = HostEmulator::new(port);
+    host.wait_until_ready().await;
+    TestApp {
+        sim,
+        host,
+        handler,
+        logs,
+    }
+}
+
+/// Start the handler binary the way the Functions host does: environment
+/// only, no arguments, stdout captured.
+pub fn start_handler(env: &[(&str, String)], args: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
+    command
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    let mut child = command.spawn().expect("handler starts");
+    let logs = Arc::new(Mutex::new(Vec::new()));
+    for stream in [
+        child
+            .stdout
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+        child
+            .stderr
+            .take()
+            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
+    ]
+    .into_iter()
+    .flatten()
+    {
+        let logs = logs.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                logs.lock().unwrap().push(line);
+            }
+        });
+    }
+    (child, logs)
+}
+
+/// A free loopback port, picked the way the host picks one (bind :0, release).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl TestApp {
+    /// Requests Defender received (the /api surface), in order.
+    pub fn defender_requests(&self) -> Vec<RecordedRequest> {
+        self.sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/api/"))
+            .collect()
+    }
+
+    /// Requests the identity endpoint received.
+    pub fn token_requests(&self) -> Vec<RecordedRequest> {
+        self.sim
+            .requests()
+            .into_iter()
+            .filter(|r| r.path.starts_with("/_identity/"))
+            .collect()
+    }
+
+    /// Every line the handler printed so far (stdout and stderr).
+    pub async fn logs(&self) -> Vec<String> {
+        // Give the reader threads a moment to catch up with the pipe.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        self.logs.lock().unwrap().clone()
+    }
+
+    /// The JSON log lines with a given message.
+    pub async fn log_events(&self, message: &str) -> Vec<Value> {
+        self.logs()
+            .await
+            .iter()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(|v| v["message"] == message)
+            .collect()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        let _ = self.handler.kill();
+        let _ = self.handler.wait();
+        self.sim.shutdown();
+    }
+}

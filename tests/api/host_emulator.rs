@@ -1,0 +1,317 @@
+//! A Functions host emulator: it calls the handler exactly as the host does
+//! (functions-host-protocol.md §3, §4, §6) and applies the host's rules to the
+//! handler's answers (§5), failing the test where a real host would fail the
+//! invocation.
+
+use std::time::Duration;
+
+use futures_util::stream;
+use serde_json::{Map, Value, json};
+
+pub const HOST_VERSION: &str = "4.1037.0.0";
+pub const FUNCTION_NAME: &str = "restrict-code-execution";
+
+/// What the caller (curl, a Logic App, a webhook) sent to the function URL.
+#[derive(Debug, Clone)]
+pub struct CallerRequest {
+    pub body: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub invocation_id: String,
+}
+
+impl CallerRequest {
+    pub fn json(body: impl Into<String>) -> Self {
+        Self {
+            body: Some(body.into()),
+            headers: vec![("Content-Type".into(), "application/json".into())],
+            invocation_id: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    pub fn empty() -> Self {
+        Self {
+            body: None,
+            headers: Vec::new(),
+            invocation_id: uuid::Uuid::new_v4().to_string(),
+        }
+    }
+
+    pub fn invocation_id(mut self, id: &str) -> Self {
+        id.clone_into(&mut self.invocation_id);
+        self
+    }
+}
+
+/// What the caller receives from the host.
+#[derive(Debug, Clone)]
+pub struct ClientResponse {
+    pub status: u16,
+    /// Lowercase names.
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+    /// Payload mode only: the `Logs` the handler returned.
+    pub logs: Vec<String>,
+}
+
+impl ClientResponse {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {}", self.body))
+    }
+}
+
+pub struct HostEmulator {
+    pub port: u16,
+    client: reqwest::Client,
+}
+
+impl HostEmulator {
+    pub fn new(port: u16) -> Self {
+        let client = reqwest::Client::builder()
+            .timeout(Duration::from_secs(60))
+            .build()
+            .unwrap();
+        Self { port, client }
+    }
+
+    pub fn base(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// §3.2: `GET /` every 25 ms until any HTTP response, for up to 30 s.
+    pub async fn wait_until_ready(&self) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.client.get(format!("{}/", self.base())).send().await {
+                Ok(_) => return,
+                Err(e) if e.is_connect() && tokio::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(25)).await;
+                }
+                Err(e) => panic!("handler never became ready: {e}"),
+            }
+        }
+    }
+
+    /// §6: forwarded mode. The original request goes to `/api/<route>` with the
+    /// host's headers added; the handler's answer reaches the caller as is.
+    /// The host forwards a body only when it had a Content-Length.
+    pub async fn forwarded(&self, request: &CallerRequest) -> ClientResponse {
+        let mut builder = self
+            .client
+            .post(format!("{}/api/{FUNCTION_NAME}", self.base()))
+            .header("Host", "localhost:7071")
+            .header("X-Azure-Functions-HostVersion", HOST_VERSION)
+            .header("X-Azure-Functions-InvocationId", &request.invocation_id)
+            .header(
+                "User-Agent",
+                format!("curl/8.5.0 Azure-Functions-Host/{HOST_VERSION}"),
+            );
+        for (k, v) in &request.headers {
+            builder = builder.header(k, v);
+        }
+        if let Some(body) = &request.body {
+            builder = builder.body(body.clone());
+        }
+        let response = builder.send().await.expect("forwarded call answered");
+        let status = response.status().as_u16();
+        let headers = lower_headers(response.headers());
+        let body = response.text().await.unwrap();
+        ClientResponse {
+            status,
+            headers,
+            body,
+            logs: Vec::new(),
+        }
+    }
+
+    /// §4: payload mode. The host POSTs the envelope (chunked) to
+    /// `/<FunctionName>` and renders the `res` output for the caller (§5).
+    pub async fn payload(&self, request: &CallerRequest) -> ClientResponse {
+        let envelope = envelope_for(request);
+        self.payload_raw(envelope.to_string(), &request.invocation_id)
+            .await
+    }
+
+    /// Payload mode with an arbitrary envelope text.
+    pub async fn payload_raw(&self, envelope: String, invocation_id: &str) -> ClientResponse {
+        // A stream body has no length, so reqwest sends it chunked, as the host does.
+        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = envelope
+            .into_bytes()
+            .chunks(512)
+            .map(|c| Ok(c.to_vec()))
+            .collect();
+        let response = self
+            .client
+            .post(format!("{}/{FUNCTION_NAME}", self.base()))
+            .header("X-Azure-Functions-HostVersion", HOST_VERSION)
+            .header("X-Azure-Functions-InvocationId", invocation_id)
+            .header("User-Agent", format!("Azure-Functions-Host/{HOST_VERSION}"))
+            .header("Content-Type", "application/json; charset=utf-8")
+            .header(
+                "traceparent",
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            )
+            .body(reqwest::Body::wrap_stream(stream::iter(chunks)))
+            .send()
+            .await
+            .expect("payload call answered");
+        let status = response.status();
+        let content_type = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = response.text().await.unwrap();
+        render_host_result(status.as_u16(), &content_type, &text)
+    }
+}
+
+/// The envelope the host builds for an http trigger named `req`.
+pub fn envelope_for(request: &CallerRequest) -> Value {
+    let mut headers = Map::new();
+    let mut meta_headers = Map::new();
+    for (k, v) in &request.headers {
+        headers.insert(k.clone(), json!([v]));
+        meta_headers.insert(k.clone(), json!(v));
+    }
+    headers.insert("Host".into(), json!(["localhost:7071"]));
+    headers.insert("User-Agent".into(), json!(["curl/8.5.0"]));
+
+    let mut req = Map::new();
+    req.insert(
+        "Url".into(),
+        json!(format!(
+            "http://localhost:7071/api/{FUNCTION_NAME}?code=abc"
+        )),
+    );
+    req.insert("Method".into(), json!("POST"));
+    req.insert("Query".into(), json!({"code": "abc"}));
+    req.insert("Params".into(), json!({}));
+    req.insert(
+        "Identities".into(),
+        json!([{
+            "AuthenticationType": "WebJobsAuthLevel", "IsAuthenticated": true, "Actor": null,
+            "BootstrapContext": null, "Label": null, "Name": null,
+            "Claims": [
+                {"Type": "http://schemas.microsoft.com/2017/07/functions/claims/authlevel", "Value": "Function"},
+                {"Type": "http://schemas.microsoft.com/2017/07/functions/claims/keyid", "Value": "default"}
+            ],
+            "NameClaimType": "http://schemas.xmlsoap.org/ws/2005/05/identity/claims/name",
+            "RoleClaimType": "http://schemas.microsoft.com/ws/2008/06/identity/claims/role"
+        }]),
+    );
+
+    let mut metadata = Map::new();
+    // §4.1: Body only when the request had a Content-Length > 0.
+    if let Some(body) = request.body.as_ref().filter(|b| !b.is_empty()) {
+        headers.insert("Content-Length".into(), json!([body.len().to_string()]));
+        meta_headers.insert("Content-Length".into(), json!(body.len().to_string()));
+        req.insert("Body".into(), json!(body));
+        // §4.2: top-level non-array properties of an object body, double-encoded.
+        if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(body) {
+            for (k, v) in fields {
+                let encoded = match v {
+                    Value::Array(_) | Value::Null => continue,
+                    Value::Object(_) => v,
+                    Value::String(s) => json!(json!(s).to_string()),
+                    other => json!(json!(other.to_string()).to_string()),
+                };
+                metadata.insert(k, encoded);
+            }
+        }
+    }
+    req.insert("Headers".into(), Value::Object(headers));
+    metadata.insert("Query".into(), json!({"code": "abc"}));
+    metadata.insert("Headers".into(), Value::Object(meta_headers));
+    metadata.insert(
+        "sys".into(),
+        json!({"MethodName": FUNCTION_NAME, "UtcNow": "2026-11-28T10:00:00.1234567Z", "RandGuid": uuid::Uuid::new_v4().to_string()}),
+    );
+    json!({"Data": {"req": Value::Object(req)}, "Metadata": Value::Object(metadata)})
+}
+
+/// §5: how the host treats the handler's answer, strictly. Anything a real
+/// host would turn into a failed invocation fails the test here.
+pub fn render_host_result(status: u16, content_type: &str, text: &str) -> ClientResponse {
+    assert!(
+        (200..300).contains(&status),
+        "handler answered HTTP {status}: the host would fail the invocation and the caller would get an empty 500"
+    );
+    let media = content_type.split(';').next().unwrap_or("").trim();
+    assert!(
+        media == "application/json" || media == "text/json",
+        "handler answered Content-Type {content_type:?}: UnsupportedMediaTypeException in the host"
+    );
+    let value: Value = serde_json::from_str(text)
+        .unwrap_or_else(|e| panic!("handler's envelope is not JSON ({e}): {text}"));
+    let object = value.as_object().unwrap_or_else(|| {
+        panic!("handler's envelope is not an object (null hangs the host): {text}")
+    });
+    for key in object.keys() {
+        assert!(
+            ["outputs", "logs", "returnvalue"].contains(&key.to_ascii_lowercase().as_str()),
+            "unexpected top-level key {key}"
+        );
+    }
+    let res = value["Outputs"]["res"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no Outputs.res object: {text}"));
+    assert!(
+        res.get("status").is_none(),
+        "`status` is ignored by the host; use statusCode"
+    );
+    let status_code = match &res["statusCode"] {
+        Value::Number(n) => n.as_u64().expect("integer statusCode"),
+        Value::String(s) => s.parse().expect("numeric statusCode"),
+        other => panic!("statusCode must be an int, got {other}"),
+    };
+    let mut headers = Vec::new();
+    for (k, v) in res["headers"].as_object().expect("headers object") {
+        let v = v
+            .as_str()
+            .unwrap_or_else(|| panic!("header {k} is not a string (array values break the host)"));
+        headers.push((k.to_ascii_lowercase(), v.to_owned()));
+    }
+    let body = res["body"]
+        .as_str()
+        .unwrap_or_else(|| {
+            panic!(
+                "body must be a string to be written verbatim: {}",
+                res["body"]
+            )
+        })
+        .to_owned();
+    assert!(
+        headers.iter().any(|(k, _)| k == "content-type"),
+        "no Content-Type: the host would send text/plain"
+    );
+    let logs = value["Logs"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|l| l.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    ClientResponse {
+        status: u16::try_from(status_code).expect("status fits"),
+        headers,
+        body,
+        logs,
+    }
+}
+
+fn lower_headers(headers: &reqwest::header::HeaderMap) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), v.to_str().unwrap_or("").to_owned()))
+        .collect()
+}
