@@ -54,6 +54,13 @@ impl TokenSource {
     /// Build the credential the settings ask for. Nothing is requested yet:
     /// the first token is fetched on the first invocation, so startup stays fast.
     pub fn from_settings(settings: &Settings, http: reqwest::Client) -> Result<Self, TokenError> {
+        Self::with_transport(settings, Transport::new(Arc::new(http)))
+    }
+
+    /// As [`Self::from_settings`], over any `azure_core` transport. The
+    /// client-secret credential only accepts https authorities, so its tests
+    /// inject a fake Entra here instead of a plain-http server.
+    fn with_transport(settings: &Settings, transport: Transport) -> Result<Self, TokenError> {
         let description = settings.credential.describe();
         let client_options = ClientOptions {
             // Bounded: a few quick retries, well inside our own timeout below.
@@ -65,8 +72,8 @@ impl TokenSource {
                 ),
                 max_delay: azure_core::time::Duration::seconds(2),
             }),
-            // Reuse the service's pooled client, with its timeouts.
-            transport: Some(Transport::new(Arc::new(http))),
+            // The service's pooled client, with its timeouts.
+            transport: Some(transport),
             ..Default::default()
         };
         let failed = |e: azure_core::Error| TokenError {
@@ -170,5 +177,112 @@ impl TokenCredential for FixedToken {
             Secret::new(self.0.clone()),
             time::OffsetDateTime::now_utc() + time::Duration::hours(1),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use azure_core::http::{AsyncRawResponse, HttpClient, Request, StatusCode, headers::Headers};
+
+    use super::*;
+
+    /// A fake Entra token endpoint that records what it was asked.
+    #[derive(Debug, Default)]
+    struct FakeEntra {
+        seen: Mutex<Vec<(String, String)>>,
+    }
+
+    #[async_trait::async_trait]
+    impl HttpClient for FakeEntra {
+        async fn execute_request(&self, request: &Request) -> azure_core::Result<AsyncRawResponse> {
+            let body = match request.body() {
+                azure_core::http::Body::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+                _ => String::new(),
+            };
+            self.seen
+                .lock()
+                .unwrap()
+                .push((request.url().to_string(), body));
+            Ok(AsyncRawResponse::from_bytes(
+                StatusCode::Ok,
+                Headers::default(),
+                br#"{"token_type":"Bearer","expires_in":3599,"access_token":"entra-token"}"#
+                    .to_vec(),
+            ))
+        }
+    }
+
+    fn settings(pairs: &[(&str, &str)]) -> Settings {
+        let map = pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Settings::from_map(&map).unwrap()
+    }
+
+    #[tokio::test]
+    async fn client_secret_in_gcc_high_signs_in_at_the_us_gov_authority_with_the_gov_scope() {
+        let fake = Arc::new(FakeEntra::default());
+        let settings = settings(&[
+            ("DEFENDER_CLOUD", "gcc-high"),
+            ("AZURE_TENANT_ID", "contoso.onmicrosoft.us"),
+            ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+            ("AZURE_CLIENT_SECRET", "s3cr3t-value"),
+        ]);
+        let source = TokenSource::with_transport(&settings, Transport::new(fake.clone())).unwrap();
+
+        let first = source.token().await.unwrap();
+        let second = source.token().await.unwrap();
+
+        assert_eq!(first.secret(), "entra-token");
+        assert_eq!(second.secret(), "entra-token");
+        let seen = fake.seen.lock().unwrap().clone();
+        assert_eq!(seen.len(), 1, "the token is cached: {seen:?}");
+        let (url, form) = &seen[0];
+        assert_eq!(
+            url,
+            "https://login.microsoftonline.us/contoso.onmicrosoft.us/oauth2/v2.0/token"
+        );
+        assert!(form.contains("grant_type=client_credentials"), "{form}");
+        assert!(
+            form.contains("scope=https%3A%2F%2Fapi-gov.securitycenter.microsoft.us%2F.default"),
+            "{form}"
+        );
+        assert!(source.description().contains("client secret"));
+        assert!(!format!("{source:?}").contains("s3cr3t-value"));
+    }
+
+    #[tokio::test]
+    async fn a_failing_credential_names_itself_in_the_error() {
+        #[derive(Debug)]
+        struct Refusing;
+        #[async_trait::async_trait]
+        impl HttpClient for Refusing {
+            async fn execute_request(&self, _: &Request) -> azure_core::Result<AsyncRawResponse> {
+                Ok(AsyncRawResponse::from_bytes(
+                    StatusCode::BadRequest,
+                    Headers::default(),
+                    br#"{"error":"invalid_client"}"#.to_vec(),
+                ))
+            }
+        }
+        let settings = settings(&[
+            ("AZURE_TENANT_ID", "contoso.onmicrosoft.com"),
+            ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
+            ("AZURE_CLIENT_SECRET", "wrong"),
+        ]);
+        let source =
+            TokenSource::with_transport(&settings, Transport::new(Arc::new(Refusing))).unwrap();
+
+        let err = source.token().await.unwrap_err();
+
+        assert!(
+            err.credential
+                .contains("11111111-2222-3333-4444-555555555555"),
+            "{err}"
+        );
+        assert!(!err.to_string().contains("wrong"), "{err}");
     }
 }

@@ -477,3 +477,30 @@ async fn no_token_or_identity_secret_appears_in_the_logs() {
         "identity header leaked into logs"
     );
 }
+
+#[tokio::test]
+async fn machine_lookups_follow_next_links_across_pages() {
+    let app = spawn_app_with(AppOptions {
+        sim: restrict_code_execution::simulator::SimConfig {
+            page_size: 1,
+            ..AppOptions::default().sim
+        },
+        ..AppOptions::default()
+    })
+    .await;
+
+    let response = post(&app, json!({"deviceId": BRAVO_AAD})).await;
+
+    assert_eq!(response.status, 201, "{}", response.body);
+    assert_eq!(
+        response.json()["candidates"],
+        3,
+        "all three pages were read"
+    );
+    let pages = app
+        .defender_requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/machines")
+        .count();
+    assert_eq!(pages, 3);
+}
