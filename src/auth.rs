@@ -8,7 +8,11 @@
 //! caller can wait for one, because the crate's default retry policy can block
 //! for about 80 s while holding the cache's write lock.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
 
 use azure_core::{
     cloud::{CloudConfiguration, CustomConfiguration},
@@ -35,7 +39,18 @@ pub struct TokenError {
 /// Hands out bearer tokens for the Defender scope.
 #[derive(Clone)]
 pub struct TokenSource {
-    credential: Arc<dyn TokenCredential>,
+    inner: Arc<Inner>,
+}
+
+type Factory = dyn Fn() -> Result<Arc<dyn TokenCredential>, TokenError> + Send + Sync;
+
+struct Inner {
+    /// The credential in use. Replaced (with an empty cache) when Defender
+    /// rejects its token: `azure_identity` has no way to skip its cache.
+    current: RwLock<Arc<dyn TokenCredential>>,
+    factory: Box<Factory>,
+    /// One replacement at a time, so a burst of 401s refreshes once.
+    refreshing: tokio::sync::Mutex<()>,
     scope: String,
     timeout: Duration,
     description: String,
@@ -44,8 +59,8 @@ pub struct TokenSource {
 impl fmt::Debug for TokenSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenSource")
-            .field("credential", &self.description)
-            .field("scope", &self.scope)
+            .field("credential", &self.inner.description)
+            .field("scope", &self.inner.scope)
             .finish_non_exhaustive()
     }
 }
@@ -76,81 +91,160 @@ impl TokenSource {
             transport: Some(transport),
             ..Default::default()
         };
-        let failed = |e: azure_core::Error| TokenError {
-            credential: description.clone(),
-            reason: e.to_string(),
-        };
-
-        let credential: Arc<dyn TokenCredential> = match &settings.credential {
-            CredentialSettings::ManagedIdentity { client_id } => {
-                ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
-                    user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
-                    client_options,
-                }))
-                .map_err(failed)?
-            }
-            CredentialSettings::ClientSecret {
-                tenant_id,
-                client_id,
-                secret,
-            } => {
-                let mut cloud = CustomConfiguration::default();
-                cloud.authority_host = settings
-                    .authority_host
-                    .as_str()
-                    .trim_end_matches('/')
-                    .to_owned();
-                ClientSecretCredential::new(
+        let credential_settings = settings.credential.clone();
+        let authority_host = settings
+            .authority_host
+            .as_str()
+            .trim_end_matches('/')
+            .to_owned();
+        let described = description.clone();
+        let factory = move || -> Result<Arc<dyn TokenCredential>, TokenError> {
+            let failed = |e: azure_core::Error| TokenError {
+                credential: described.clone(),
+                reason: e.to_string(),
+            };
+            let client_options = client_options.clone();
+            Ok(match &credential_settings {
+                CredentialSettings::ManagedIdentity { client_id } => {
+                    ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                        user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                        client_options,
+                    }))
+                    .map_err(failed)?
+                }
+                CredentialSettings::ClientSecret {
                     tenant_id,
-                    client_id.clone(),
-                    Secret::new(secret.clone()),
-                    Some(ClientSecretCredentialOptions {
-                        client_options: ClientOptions {
-                            cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
-                            ..client_options
-                        },
-                    }),
-                )
-                .map_err(failed)?
-            }
+                    client_id,
+                    secret,
+                } => {
+                    let mut cloud = CustomConfiguration::default();
+                    cloud.authority_host.clone_from(&authority_host);
+                    ClientSecretCredential::new(
+                        tenant_id,
+                        client_id.clone(),
+                        Secret::new(secret.clone()),
+                        Some(ClientSecretCredentialOptions {
+                            client_options: ClientOptions {
+                                cloud: Some(Arc::new(CloudConfiguration::Custom(cloud))),
+                                ..client_options
+                            },
+                        }),
+                    )
+                    .map_err(failed)?
+                }
+            })
         };
-        Ok(Self {
-            credential,
-            scope: settings.token_scope.clone(),
-            timeout: settings.token_timeout,
+        Self::new(
+            Box::new(factory),
+            settings.token_scope.clone(),
+            settings.token_timeout,
             description,
+        )
+    }
+
+    fn new(
+        factory: Box<Factory>,
+        scope: String,
+        timeout: Duration,
+        description: String,
+    ) -> Result<Self, TokenError> {
+        let current = factory()?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                current: RwLock::new(current),
+                factory,
+                refreshing: tokio::sync::Mutex::new(()),
+                scope,
+                timeout,
+                description,
+            }),
         })
     }
 
     /// A fixed token, for the embedded simulator (which accepts any bearer).
     pub fn fixed(token: &str, timeout: Duration) -> Self {
+        let token = token.to_owned();
+        let current: Arc<dyn TokenCredential> = Arc::new(FixedToken(token.clone()));
+        let factory = move || -> Result<Arc<dyn TokenCredential>, TokenError> {
+            Ok(Arc::new(FixedToken(token.clone())))
+        };
         Self {
-            credential: Arc::new(FixedToken(token.to_owned())),
-            scope: "simulator".to_owned(),
-            timeout,
-            description: "simulator's fixed token".to_owned(),
+            inner: Arc::new(Inner {
+                current: RwLock::new(current),
+                factory: Box::new(factory),
+                refreshing: tokio::sync::Mutex::new(()),
+                scope: "simulator".to_owned(),
+                timeout,
+                description: "simulator's fixed token".to_owned(),
+            }),
         }
     }
 
     /// Which credential this is, for logs and error details.
     pub fn description(&self) -> &str {
-        &self.description
+        &self.inner.description
     }
 
     /// A bearer token for the Defender scope, from the cache when still valid.
     pub async fn token(&self) -> Result<Secret, TokenError> {
-        let scopes = [self.scope.as_str()];
-        match tokio::time::timeout(self.timeout, self.credential.get_token(&scopes, None)).await {
+        let credential = self.credential();
+        self.fetch(&credential).await
+    }
+
+    /// Defender answered 401 to `rejected`: drop the cached token and get a
+    /// new one. Concurrent callers that were rejected with the same token
+    /// share one refresh.
+    pub async fn refresh(&self, rejected: &Secret) -> Result<Secret, TokenError> {
+        let _one_at_a_time = self.inner.refreshing.lock().await;
+        let credential = self.credential();
+        let cached = self.fetch(&credential).await?;
+        if cached.secret() != rejected.secret() {
+            // Someone else already replaced it.
+            return Ok(cached);
+        }
+        tracing::warn!(
+            credential = %self.inner.description,
+            "Defender rejected the token; getting a new one"
+        );
+        self.replace_credential_or_keep();
+        self.token().await
+    }
+
+    fn credential(&self) -> Arc<dyn TokenCredential> {
+        self.inner
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn replace_credential_or_keep(&self) {
+        match (self.inner.factory)() {
+            Ok(fresh) => {
+                *self
+                    .inner
+                    .current
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner()) = fresh;
+            }
+            Err(e) => tracing::warn!(error = %e, "could not rebuild the credential"),
+        }
+    }
+
+    async fn fetch(&self, credential: &Arc<dyn TokenCredential>) -> Result<Secret, TokenError> {
+        let inner = &self.inner;
+        let scopes = [inner.scope.as_str()];
+        match tokio::time::timeout(inner.timeout, credential.get_token(&scopes, None)).await {
             Ok(Ok(token)) => Ok(token.token),
             Ok(Err(e)) => Err(TokenError {
-                credential: self.description.clone(),
+                credential: inner.description.clone(),
                 reason: e.to_string(),
             }),
             Err(_) => Err(TokenError {
-                credential: self.description.clone(),
+                credential: inner.description.clone(),
                 reason: format!(
                     "no token within {} s (is the identity endpoint reachable?)",
-                    self.timeout.as_secs()
+                    inner.timeout.as_secs()
                 ),
             }),
         }

@@ -148,6 +148,9 @@ pub struct Settings {
     pub comment_include_caller: bool,
     /// Whole-invocation bound, kept below the host's functionTimeout.
     pub request_timeout: Duration,
+    /// Client-side budget per Defender endpoint (Defender's own limits).
+    pub rate_limit_per_minute: u32,
+    pub rate_limit_per_hour: u32,
 }
 
 impl Settings {
@@ -221,6 +224,8 @@ impl Settings {
             token_timeout: seconds(&get, "TOKEN_TIMEOUT_SECONDS", 20)?,
             comment_include_caller: boolean(&get, "COMMENT_INCLUDE_CALLER", true)?,
             request_timeout: seconds(&get, "REQUEST_TIMEOUT_SECONDS", 230)?,
+            rate_limit_per_minute: count(&get, "DEFENDER_RATE_LIMIT_PER_MINUTE", 100)?,
+            rate_limit_per_hour: count(&get, "DEFENDER_RATE_LIMIT_PER_HOUR", 1500)?,
         })
     }
 }
@@ -255,6 +260,24 @@ fn seconds(
             name,
             value: v,
             reason: "expected a whole number of seconds between 1 and 3600".into(),
+        }),
+    }
+}
+
+fn count(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: u32,
+) -> Result<u32, ConfigError> {
+    let Some(v) = get(name) else {
+        return Ok(default);
+    };
+    match v.trim().parse::<u32>() {
+        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
+        _ => Err(ConfigError {
+            name,
+            value: v,
+            reason: "expected a whole number between 1 and 1000000".into(),
         }),
     }
 }

@@ -29,6 +29,17 @@ pub enum ApiError {
     InvalidEnvelope(String),
     #[error("{0}")]
     DeviceNotFound(String),
+    #[error(
+        "a {action_type} action ({action_id}) is still {status} on machine {machine_id}; acting \
+         now could finish out of order. Wait until it is finished, or send \"cancelPending\": true \
+         to cancel it first. No action was created."
+    )]
+    ConflictingActionPending {
+        machine_id: String,
+        action_id: String,
+        action_type: String,
+        status: String,
+    },
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
     #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs())]
@@ -60,6 +71,7 @@ impl ApiError {
             Self::InvalidRequest(_) => "invalid_request",
             Self::InvalidEnvelope(_) => "invalid_envelope",
             Self::DeviceNotFound(_) => "device_not_found",
+            Self::ConflictingActionPending { .. } => "conflicting_action_pending",
             Self::UnsupportedDevice { .. } => "unsupported_device",
             Self::RateLimited { .. } => "rate_limited",
             Self::DefenderForbidden { .. } => "defender_forbidden",
@@ -76,6 +88,7 @@ impl ApiError {
             Self::InvalidRequest(RunbookError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest(_) | Self::InvalidEnvelope(_) => StatusCode::BAD_REQUEST,
             Self::DeviceNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
+            Self::ConflictingActionPending { .. } => StatusCode::CONFLICT,
             Self::UnsupportedDevice { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Upstream failures are a bad gateway: the caller's request was fine.
@@ -94,6 +107,7 @@ impl ApiError {
             Self::InvalidRequest(_) => "Invalid request",
             Self::InvalidEnvelope(_) => "Invalid invocation envelope",
             Self::DeviceNotFound(_) => "Device not found in Defender",
+            Self::ConflictingActionPending { .. } => "Opposite action pending",
             Self::UnsupportedDevice { .. } => "Device does not support restricting app execution",
             Self::RateLimited { .. } => "Rate limited by Defender",
             Self::DefenderForbidden { .. } => "Defender permission missing",
@@ -141,6 +155,10 @@ impl ApiError {
             Self::InvalidRequest(e) => e.field(),
             _ => None,
         };
+        let action_id = match self {
+            Self::ConflictingActionPending { action_id, .. } => Some(action_id.clone()),
+            _ => None,
+        };
         Problem {
             problem_type: format!("urn:restrict-code-execution:problem:{}", self.code()),
             title: self.title(),
@@ -149,6 +167,7 @@ impl ApiError {
             code: self.code(),
             invocation_id: invocation_id.to_owned(),
             field,
+            action_id,
             retry_after: self.retry_after(),
         }
     }
@@ -168,6 +187,9 @@ pub struct Problem {
     /// The payload field a 400 is about.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
+    /// The Defender action a 409 is about.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
 }
@@ -176,6 +198,24 @@ impl From<DefenderError> for ApiError {
     fn from(e: DefenderError) -> Self {
         match e {
             DefenderError::Token(t) => Self::AuthenticationFailed(t),
+            DefenderError::OverBudget { operation, wait } => Self::RateLimited {
+                retry_after: wait,
+                detail: format!(
+                    "this app's rate budget for Defender (100 calls per minute and 1500 per hour \
+                     per endpoint, or DEFENDER_RATE_LIMIT_PER_MINUTE / _PER_HOUR) has no free \
+                     slot for {} before this invocation's time runs out, so {} was not \
+                     attempted. {} Retry after {} s.",
+                    operation.describe(),
+                    operation.describe(),
+                    consequence_not_sent(operation),
+                    wait.as_secs().max(1)
+                ),
+            },
+            DefenderError::OutOfTime { operation } => Self::Timeout(format!(
+                "the invocation ran out of time (REQUEST_TIMEOUT_SECONDS) before {}. {}",
+                operation.describe(),
+                consequence_not_sent(operation)
+            )),
             DefenderError::Status {
                 status: 400,
                 code,
@@ -250,6 +290,15 @@ impl From<DefenderError> for ApiError {
                 Self::Defender(format!("{e}. {}", consequence(operation)))
             }
         }
+    }
+}
+
+/// What a call that was never sent means for the device.
+fn consequence_not_sent(operation: Operation) -> &'static str {
+    if operation.may_have_acted() {
+        "No action was created by this call."
+    } else {
+        "Nothing was changed on the device."
     }
 }
 

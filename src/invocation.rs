@@ -117,7 +117,15 @@ async fn run(state: &AppState, invocation_id: &str, payload: &[u8]) -> Reply {
     };
 
     let timeout = state.inner.request_timeout;
-    let result = match tokio::time::timeout(timeout, state.inner.restrictor.run(&request)).await {
+    let deadline = started + timeout;
+    // The deadline bounds every wait inside; this outer bound is a backstop.
+    let backstop = timeout + std::time::Duration::from_secs(1);
+    let result = match tokio::time::timeout(
+        backstop,
+        state.inner.restrictor.run(&request, deadline),
+    )
+    .await
+    {
         Ok(result) => result,
         Err(_) => Err(ApiError::Timeout(format!(
             "the invocation did not finish within {} s (REQUEST_TIMEOUT_SECONDS). A machine \
@@ -144,6 +152,8 @@ struct SuccessBody<'a> {
     machine: MachineSummary<'a>,
     candidates: usize,
     action: &'a Value,
+    #[serde(skip_serializing_if = "<[String]>::is_empty")]
+    cancelled_action_ids: &'a [String],
     invocation_id: &'a str,
 }
 
@@ -165,7 +175,7 @@ fn success_reply(request: &RunbookRequest, success: &Success, invocation_id: &st
     } else {
         "App execution restriction"
     };
-    let message = match success.outcome {
+    let mut message = match success.outcome {
         Outcome::Requested => format!(
             "{what} requested for device {name} (machine {}); Defender action {} is {}.",
             machine.id, success.action_id, success.action_status
@@ -175,7 +185,25 @@ fn success_reply(request: &RunbookRequest, success: &Success, invocation_id: &st
              is {}, so no new action was created.",
             machine.id, success.action_id, success.action_status
         ),
+        Outcome::AlreadyInState => format!(
+            "Device {name} (machine {}) is already {}: Defender action {} {}. Nothing was sent; \
+             send \"force\": true to act anyway.",
+            machine.id,
+            if request.release {
+                "without the app execution restriction"
+            } else {
+                "restricted to Microsoft-signed apps"
+            },
+            success.action_id,
+            success.action_status
+        ),
     };
+    if !success.cancelled.is_empty() {
+        message.push_str(&format!(
+            " Cancelled the pending opposite action(s) {} first.",
+            success.cancelled.join(", ")
+        ));
+    }
     let body = SuccessBody {
         outcome: success.outcome,
         message: &message,
@@ -190,11 +218,12 @@ fn success_reply(request: &RunbookRequest, success: &Success, invocation_id: &st
         },
         candidates: success.candidates,
         action: &success.action,
+        cancelled_action_ids: &success.cancelled,
         invocation_id,
     };
     let status = match success.outcome {
         Outcome::Requested => StatusCode::CREATED,
-        Outcome::AlreadyPending => StatusCode::OK,
+        Outcome::AlreadyPending | Outcome::AlreadyInState => StatusCode::OK,
     };
     Reply {
         status,

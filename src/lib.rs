@@ -6,7 +6,8 @@
 //!   invocation modes ([`envelope`] is payload mode);
 //! - [`invocation`]: one invocation, from payload bytes to the answer;
 //! - [`runbook`]: the payload, parsed once into domain types;
-//! - [`restrict`] and [`selection`]: finding the machine and acting on it;
+//! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
+//!   reading its state and acting on it safely;
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
@@ -14,10 +15,12 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod decision;
 pub mod defender;
 pub mod envelope;
 pub mod error;
 pub mod invocation;
+pub mod machine_locks;
 pub mod restrict;
 pub mod routes;
 pub mod runbook;

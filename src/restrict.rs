@@ -1,24 +1,42 @@
-//! Restrict or release one device: find its machine, then ask Defender to act.
+//! Restrict or release one device: find its machine, read its recent actions,
+//! decide (see [`crate::decision`]), and only then act.
+//!
+//! Safety rules, each with a test in `tests/api/safety.rs`:
+//! - read before write, under a per-machine lock, so duplicates coalesce and
+//!   opposite actions cannot finish out of order;
+//! - a POST is never blindly re-sent: after an ambiguous failure the machine's
+//!   actions are read again, and the POST is repeated only if no new action of
+//!   that type appeared.
+
+use std::collections::HashSet;
 
 use serde::Serialize;
 use serde_json::Value;
+use tokio::time::Instant;
 
 use crate::{
+    decision::{self, Decision, Wanted},
     defender::{
-        DefenderClient, DefenderError,
-        models::{ActionType, Machine},
+        DefenderClient, DefenderError, Operation,
+        models::{ActionType, Machine, MachineAction},
     },
     error::ApiError,
+    machine_locks::MachineLocks,
     runbook::{CallerName, Comment, DeviceRef, RunbookRequest},
     selection::{self, NoChoice},
 };
 
+/// POSTs of one action per invocation at most: the first, and re-sends after
+/// ambiguous failures that left no action behind.
+const MAX_POSTS: usize = 3;
+
 /// Restricts and releases devices through one Defender client.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Restrictor {
     client: DefenderClient,
     /// Append `(requested by <caller>)` to the comment (setting `COMMENT_INCLUDE_CALLER`).
     include_caller: bool,
+    locks: MachineLocks,
 }
 
 /// What happened, as the caller sees it.
@@ -27,9 +45,10 @@ pub struct Restrictor {
 pub enum Outcome {
     /// A new machine action was created.
     Requested,
-    /// Defender refused a duplicate ("Action is already in progress"); the
-    /// pending action of the same type is returned instead.
+    /// A same-type action is still pending; it is returned, nothing was sent.
     AlreadyPending,
+    /// The newest successful action already did what is asked; nothing was sent.
+    AlreadyInState,
 }
 
 /// A successful invocation.
@@ -43,6 +62,8 @@ pub struct Success {
     pub action: Value,
     pub action_id: String,
     pub action_status: String,
+    /// Pending opposite-type actions cancelled first (`cancelPending`).
+    pub cancelled: Vec<String>,
 }
 
 impl Restrictor {
@@ -50,79 +71,231 @@ impl Restrictor {
         Self {
             client,
             include_caller,
+            locks: MachineLocks::default(),
         }
     }
 
-    pub async fn run(&self, request: &RunbookRequest) -> Result<Success, ApiError> {
-        let (machine, candidates) = self.find_machine(&request.device).await?;
-        let action_type = action_type(request.release);
+    pub async fn run(
+        &self,
+        request: &RunbookRequest,
+        deadline: Instant,
+    ) -> Result<Success, ApiError> {
+        let (machine, candidates) = self.find_machine(&request.device, deadline).await?;
+        let wanted = Wanted {
+            action: action_type(request.release),
+            force: request.force,
+            cancel_pending: request.cancel_pending,
+        };
         let comment = comment_for_defender(
             &request.comment,
             request.caller.as_ref(),
             self.include_caller,
         );
-        match self
-            .client
-            .create_action(&machine.id, action_type, &comment)
-            .await
-        {
-            Ok(created) => Ok(Success {
-                outcome: Outcome::Requested,
-                machine,
-                candidates,
-                action_id: created.action.id.clone(),
-                action_status: created.action.status.clone(),
-                action: created.raw,
-            }),
-            Err(e) if e.is_already_in_progress() => {
-                self.pending_action(machine, candidates, action_type).await
+
+        let _one_decision_at_a_time = tokio::time::timeout_at(
+            deadline,
+            self.locks.lock(&machine.id),
+        )
+        .await
+        .map_err(|_| {
+            ApiError::Timeout(format!(
+                "another invocation for machine {} held it until the time budget ran out. No \
+                     action was created by this invocation.",
+                machine.id
+            ))
+        })?;
+
+        let mut cancelled = Vec::new();
+        let mut actions = self.client.machine_actions(&machine.id, deadline).await?;
+        loop {
+            let decision = decision::decide(
+                &machine.id,
+                &actions,
+                Wanted {
+                    // Cancel at most once; a second round that still sees a
+                    // pending opposite action reports the conflict.
+                    cancel_pending: wanted.cancel_pending && cancelled.is_empty(),
+                    ..wanted
+                },
+            );
+            let found = |outcome, action: MachineAction, cancelled| {
+                Ok(Success::from_listed(
+                    outcome,
+                    machine.clone(),
+                    candidates,
+                    action,
+                    cancelled,
+                ))
+            };
+            match decision {
+                Decision::Conflict(action) => {
+                    return Err(ApiError::ConflictingActionPending {
+                        machine_id: machine.id.clone(),
+                        action_id: action.id,
+                        action_type: action.action_type,
+                        status: action.status,
+                    });
+                }
+                Decision::AlreadyPending(action) => {
+                    return found(Outcome::AlreadyPending, action, cancelled);
+                }
+                Decision::AlreadyInState(action) => {
+                    return found(Outcome::AlreadyInState, action, cancelled);
+                }
+                Decision::Act => {
+                    let ids: HashSet<String> = actions.into_iter().map(|a| a.id).collect();
+                    return self
+                        .act(&machine, candidates, wanted.action, &comment, ids, deadline)
+                        .await
+                        .map(|mut success| {
+                            success.cancelled = cancelled;
+                            success
+                        });
+                }
+                Decision::Cancel(pending) => {
+                    let why = format!("Cancelled to apply {}: {comment}", wanted.action.as_str());
+                    for action in pending {
+                        self.cancel(&action, &why, deadline).await?;
+                        cancelled.push(action.id);
+                    }
+                    // The state may have moved while cancelling: read it again.
+                    actions = self.client.machine_actions(&machine.id, deadline).await?;
+                }
             }
-            Err(e) => Err(e.into()),
         }
     }
 
-    /// Find the same-type action Defender says is already in progress.
-    async fn pending_action(
+    /// Create the action. After an ambiguous failure, look for the action it
+    /// may have created; re-send only when there is none.
+    async fn act(
         &self,
-        machine: Machine,
+        machine: &Machine,
         candidates: usize,
         action_type: ActionType,
+        comment: &str,
+        mut known: HashSet<String>,
+        deadline: Instant,
     ) -> Result<Success, ApiError> {
-        let actions = self
-            .client
-            .machine_actions(&machine.id, action_type)
-            .await?;
-        let pending = actions.iter().find(|a| {
+        let mut posts = 0;
+        loop {
+            posts += 1;
+            let error = match self
+                .client
+                .create_action(&machine.id, action_type, comment, deadline)
+                .await
+            {
+                Ok(created) => {
+                    return Ok(Success {
+                        outcome: Outcome::Requested,
+                        machine: machine.clone(),
+                        candidates,
+                        action_id: created.action.id.clone(),
+                        action_status: created.action.status.clone(),
+                        action: created.raw,
+                        cancelled: Vec::new(),
+                    });
+                }
+                Err(e) => e,
+            };
+
+            if error.is_already_in_progress() {
+                return self
+                    .already_pending(machine, candidates, action_type, deadline)
+                    .await;
+            }
+            if !error.is_ambiguous() {
+                return Err(error.into());
+            }
+
+            // Did the POST land? Read the actions again (GETs are retried).
+            tracing::warn!(error = %error, "creating the action failed ambiguously; checking whether it exists");
+            let actions = match self.client.machine_actions(&machine.id, deadline).await {
+                Ok(actions) => actions,
+                Err(reread) => {
+                    tracing::warn!(error = %reread, "could not re-read the machine's actions");
+                    return Err(error.into());
+                }
+            };
+            if let Some(landed) = actions
+                .iter()
+                .find(|a| a.typed_type() == Some(action_type) && !known.contains(&a.id))
+            {
+                tracing::info!(action_id = %landed.id, "the action was created despite the failed answer");
+                return Ok(Success::from_listed(
+                    Outcome::Requested,
+                    machine.clone(),
+                    candidates,
+                    landed.clone(),
+                    Vec::new(),
+                ));
+            }
+            if posts >= MAX_POSTS || Instant::now() >= deadline {
+                return Err(not_created(&error));
+            }
+            known.extend(actions.into_iter().map(|a| a.id));
+        }
+    }
+
+    /// Defender refused a duplicate: find the same-type action it says is pending.
+    async fn already_pending(
+        &self,
+        machine: &Machine,
+        candidates: usize,
+        action_type: ActionType,
+        deadline: Instant,
+    ) -> Result<Success, ApiError> {
+        let actions = self.client.machine_actions(&machine.id, deadline).await?;
+        let pending = actions.into_iter().find(|a| {
             a.typed_type() == Some(action_type)
                 && a.typed_status().is_some_and(|s| !s.is_terminal())
-                && a.machine_id
-                    .as_deref()
-                    .is_none_or(|id| id.eq_ignore_ascii_case(&machine.id))
         });
-        let Some(pending) = pending else {
-            return Err(ApiError::Defender(format!(
+        match pending {
+            Some(action) => Ok(Success::from_listed(
+                Outcome::AlreadyPending,
+                machine.clone(),
+                candidates,
+                action,
+                Vec::new(),
+            )),
+            None => Err(ApiError::Defender(format!(
                 "Defender answered \"Action is already in progress\" for {} on machine {}, but \
                  lists no pending {} action for it. No action was created; retry in a minute.",
                 action_type.as_str(),
                 machine.id,
                 action_type.as_str()
-            )));
-        };
-        let raw = serde_json::to_value(pending).unwrap_or(Value::Null);
-        Ok(Success {
-            outcome: Outcome::AlreadyPending,
-            machine,
-            candidates,
-            action_id: pending.id.clone(),
-            action_status: pending.status.clone(),
-            action: raw,
-        })
+            ))),
+        }
     }
 
-    async fn find_machine(&self, device: &DeviceRef) -> Result<(Machine, usize), ApiError> {
+    async fn cancel(
+        &self,
+        action: &MachineAction,
+        comment: &str,
+        deadline: Instant,
+    ) -> Result<(), ApiError> {
+        match self
+            .client
+            .cancel_action(&action.id, comment, deadline)
+            .await
+        {
+            Ok(cancelled) => {
+                tracing::info!(action_id = %cancelled.id, status = %cancelled.status, "cancelled a pending opposite action");
+                Ok(())
+            }
+            // It reached a final state meanwhile; the re-read decides what now.
+            Err(DefenderError::Status { status: 400, .. }) => Ok(()),
+            Err(e) => Err(ApiError::from(e)),
+        }
+    }
+
+    async fn find_machine(
+        &self,
+        device: &DeviceRef,
+        deadline: Instant,
+    ) -> Result<(Machine, usize), ApiError> {
         match device {
             DeviceRef::AadDevice(id) => {
-                let records = self.client.machines_by_aad_device(*id).await?;
+                let records = self.client.machines_by_aad_device(*id, deadline).await?;
                 match selection::choose(*id, records) {
                     Ok(choice) => Ok((choice.machine, choice.candidates)),
                     Err(NoChoice::NoRecords) => Err(ApiError::DeviceNotFound(format!(
@@ -140,19 +313,53 @@ impl Restrictor {
                     }
                 }
             }
-            DeviceRef::Machine(id) => match self.client.machine(id).await? {
+            DeviceRef::Machine(id) => match self.client.machine(id, deadline).await? {
                 None => Err(ApiError::DeviceNotFound(format!(
                     "Defender has no machine with id {id}."
                 ))),
                 // GET /machines/{id} also matches computer names; insist on the id.
                 Some(m) if !m.id.eq_ignore_ascii_case(id) => Err(DefenderError::Protocol {
-                    operation: crate::defender::Operation::GetMachine,
+                    operation: Operation::GetMachine,
                     reason: format!("asked for machine {id}, got machine {}", m.id),
                 }
                 .into()),
                 Some(m) => Ok((m, 1)),
             },
         }
+    }
+}
+
+impl Success {
+    fn from_listed(
+        outcome: Outcome,
+        machine: Machine,
+        candidates: usize,
+        action: MachineAction,
+        cancelled: Vec<String>,
+    ) -> Self {
+        Self {
+            outcome,
+            machine,
+            candidates,
+            action_id: action.id.clone(),
+            action_status: action.status.clone(),
+            // The typed action keeps every field it was given (`extra`), so
+            // this is the record as Defender listed it.
+            action: serde_json::to_value(&action).unwrap_or(Value::Null),
+            cancelled,
+        }
+    }
+}
+
+/// The POST failed ambiguously, and re-reading showed it created nothing.
+fn not_created(error: &DefenderError) -> ApiError {
+    let detail = format!(
+        "{error}. Re-reading the machine's actions showed that no action was created; it is \
+         safe to retry."
+    );
+    match error {
+        DefenderError::Timeout { .. } => ApiError::Timeout(detail),
+        _ => ApiError::Defender(detail),
     }
 }
 

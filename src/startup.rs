@@ -8,7 +8,7 @@ use tokio::net::TcpListener;
 use crate::{
     auth::{TokenError, TokenSource},
     config::{ConfigError, Settings},
-    defender::DefenderClient,
+    defender::{DefenderClient, budget::RateBudget},
     invocation::AppState,
     restrict::Restrictor,
     routes,
@@ -69,11 +69,16 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
         identity_endpoint_set = std::env::var_os("IDENTITY_ENDPOINT").is_some(),
         "Defender client configured"
     );
+    let budget = std::sync::Arc::new(RateBudget::new(
+        settings.rate_limit_per_minute,
+        settings.rate_limit_per_hour,
+    ));
     let client = DefenderClient::new(
         settings.api_url.clone(),
         http,
         tokens,
         settings.defender_timeout,
+        budget,
     );
     Ok(AppState::new(
         Restrictor::new(client, settings.comment_include_caller),

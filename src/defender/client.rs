@@ -4,6 +4,15 @@
 //! comes from [`TokenSource`] on each call (cached by the credential). The base
 //! URL is a setting, which is how tests and `--simulate` point the very same
 //! code at the simulator.
+//!
+//! Every call draws from the shared [`RateBudget`] and runs inside the
+//! invocation's deadline. Retries follow what is safe:
+//! - a 401 refreshes the token once and resends (the request was not executed);
+//! - a 429 waits for `Retry-After` and resends (not executed either);
+//! - GETs are also resent after 5xx, timeouts, dropped connections and
+//!   unreadable bodies, with exponential backoff and jitter;
+//! - a POST is never resent after such an ambiguous failure: it may have been
+//!   executed. The caller decides, after re-reading the machine's actions.
 
 use std::time::Duration;
 
@@ -11,10 +20,12 @@ use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::{Method, StatusCode, header};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
+use tokio::time::Instant;
 use url::Url;
 use uuid::Uuid;
 
 use super::{
+    budget::{Endpoint, RateBudget},
     error::{DefenderError, Operation},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -23,6 +34,9 @@ use crate::auth::TokenSource;
 /// Most pages followed for one lookup. A device has a handful of records; the
 /// guard stops a server that keeps handing out nextLinks (a reported API bug).
 const MAX_PAGES: usize = 10;
+
+/// How many of a machine's newest actions are read to learn its state.
+pub const ACTIONS_TOP: usize = 100;
 
 /// Characters escaped inside an OData query value. Spaces become `%20`, as
 /// PowerShell and .NET clients send them.
@@ -36,6 +50,38 @@ const QUERY_VALUE: &AsciiSet = &CONTROLS
     .add(b'<')
     .add(b'>');
 
+/// Backoff between resends of a GET.
+#[derive(Debug, Clone, Copy)]
+pub struct RetryPolicy {
+    pub first_delay: Duration,
+    pub max_delay: Duration,
+    /// Attempts per call, the first included.
+    pub max_attempts: u32,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        Self {
+            first_delay: Duration::from_millis(250),
+            max_delay: Duration::from_secs(8),
+            max_attempts: 6,
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Full jitter: a random delay up to the exponential bound, so callers
+    /// that failed together do not come back together.
+    fn delay(&self, attempt: u32) -> Duration {
+        let bound = self
+            .first_delay
+            .saturating_mul(1u32 << attempt.min(16))
+            .min(self.max_delay);
+        let millis = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX);
+        Duration::from_millis(fastrand::u64(millis / 2..=millis.max(1)))
+    }
+}
+
 /// The Defender API client.
 #[derive(Debug, Clone)]
 pub struct DefenderClient {
@@ -43,6 +89,8 @@ pub struct DefenderClient {
     base: Url,
     tokens: TokenSource,
     timeout: Duration,
+    budget: std::sync::Arc<RateBudget>,
+    retry: RetryPolicy,
 }
 
 /// A created action: typed for our decisions, raw to hand back exactly as
@@ -53,9 +101,24 @@ pub struct CreatedAction {
     pub raw: Value,
 }
 
+/// One request to make.
+struct Call<'a> {
+    op: Operation,
+    endpoint: Endpoint,
+    method: Method,
+    url: Url,
+    body: Option<&'a CommentBody>,
+}
+
 impl DefenderClient {
     /// `base` is the API root, such as `https://api.security.microsoft.com`.
-    pub fn new(base: Url, http: reqwest::Client, tokens: TokenSource, timeout: Duration) -> Self {
+    pub fn new(
+        base: Url,
+        http: reqwest::Client,
+        tokens: TokenSource,
+        timeout: Duration,
+        budget: std::sync::Arc<RateBudget>,
+    ) -> Self {
         let mut base = base;
         // Url::join replaces the last segment unless the path ends with '/'.
         if !base.path().ends_with('/') {
@@ -67,19 +130,20 @@ impl DefenderClient {
             base,
             tokens,
             timeout,
+            budget,
+            retry: RetryPolicy::default(),
         }
-    }
-
-    /// Which credential the client uses, for error details.
-    pub fn credential(&self) -> &str {
-        self.tokens.description()
     }
 
     /// `GET /api/machines?$filter=aadDeviceId eq <guid>`, following nextLinks.
     ///
     /// The literal is unquoted, as RealmJoin's production runbooks send it; the
     /// GUID was validated, so nothing can be injected into the filter.
-    pub async fn machines_by_aad_device(&self, id: Uuid) -> Result<Vec<Machine>, DefenderError> {
+    pub async fn machines_by_aad_device(
+        &self,
+        id: Uuid,
+        deadline: Instant,
+    ) -> Result<Vec<Machine>, DefenderError> {
         let op = Operation::ListMachines;
         let filter = format!("aadDeviceId eq {}", id.hyphenated());
         let mut url = self.url(op, "api/machines")?;
@@ -90,7 +154,9 @@ impl DefenderClient {
 
         let mut machines = Vec::new();
         for _ in 0..MAX_PAGES {
-            let page: ODataPage<Machine> = self.send(op, Method::GET, url.clone(), None).await?;
+            let page: ODataPage<Machine> = self
+                .send(self.get(op, Endpoint::ListMachines, url.clone()), deadline)
+                .await?;
             machines.extend(page.value);
             match page.next_link {
                 None => return Ok(machines),
@@ -104,59 +170,118 @@ impl DefenderClient {
     }
 
     /// `GET /api/machines/{id}`; `None` when Defender does not know the id.
-    pub async fn machine(&self, machine_id: &str) -> Result<Option<Machine>, DefenderError> {
+    pub async fn machine(
+        &self,
+        machine_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<Machine>, DefenderError> {
         let op = Operation::GetMachine;
         let url = self.url(op, &format!("api/machines/{machine_id}"))?;
-        match self.send::<Machine>(op, Method::GET, url, None).await {
+        match self
+            .send::<Machine>(self.get(op, Endpoint::GetMachine, url), deadline)
+            .await
+        {
             Ok(machine) => Ok(Some(machine)),
             Err(DefenderError::Status { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
     }
 
+    /// The machine's newest actions of every type, newest first:
+    /// `GET /api/machineactions?$filter=machineId eq '<id>'&$top=100`.
+    ///
+    /// One call for both action types: whether the list accepts `or` is
+    /// undocumented, and two calls would halve the invocations the endpoint's
+    /// rate limit allows.
+    pub async fn machine_actions(
+        &self,
+        machine_id: &str,
+        deadline: Instant,
+    ) -> Result<Vec<MachineAction>, DefenderError> {
+        let op = Operation::ListActions;
+        let filter = format!("machineId eq '{machine_id}'");
+        let mut url = self.url(op, "api/machineactions")?;
+        url.set_query(Some(&format!(
+            "$filter={}&$top={ACTIONS_TOP}",
+            utf8_percent_encode(&filter, QUERY_VALUE)
+        )));
+        let page: ODataPage<MachineAction> = self
+            .send(self.get(op, Endpoint::ListActions, url), deadline)
+            .await?;
+        Ok(page.value)
+    }
+
     /// `POST /api/machines/{id}/restrictCodeExecution` (or unrestrict).
+    /// Never resent after an ambiguous failure.
     pub async fn create_action(
         &self,
         machine_id: &str,
         action: ActionType,
         comment: &str,
+        deadline: Instant,
     ) -> Result<CreatedAction, DefenderError> {
         let op = Operation::CreateAction;
         let url = self.url(
             op,
             &format!("api/machines/{machine_id}/{}", action.endpoint()),
         )?;
+        let endpoint = match action {
+            ActionType::RestrictCodeExecution => Endpoint::Restrict,
+            ActionType::UnrestrictCodeExecution => Endpoint::Unrestrict,
+        };
         let body = CommentBody {
             comment: comment.to_owned(),
         };
-        let raw: Value = self.send(op, Method::POST, url, Some(&body)).await?;
-        let typed: MachineAction =
-            serde_json::from_value(raw.clone()).map_err(|e| DefenderError::Decode {
-                operation: op,
-                reason: format!("not a MachineAction: {e}"),
-            })?;
-        Ok(CreatedAction { action: typed, raw })
+        let raw: Value = self
+            .send(self.post(op, endpoint, url, &body), deadline)
+            .await?;
+        let action = typed_action(op, &raw)?;
+        Ok(CreatedAction { action, raw })
     }
 
-    /// `GET /api/machineactions?$filter=machineId eq '<id>' and type eq '<type>'`,
-    /// newest first, one page (the newest actions are all this service needs).
-    pub async fn machine_actions(
+    /// `POST /api/machineactions/{id}/cancel`. Never resent after an
+    /// ambiguous failure.
+    pub async fn cancel_action(
         &self,
-        machine_id: &str,
-        action: ActionType,
-    ) -> Result<Vec<MachineAction>, DefenderError> {
-        let op = Operation::ListActions;
-        let filter = format!(
-            "machineId eq '{machine_id}' and type eq '{}'",
-            action.as_str()
-        );
-        let mut url = self.url(op, "api/machineactions")?;
-        url.set_query(Some(&format!(
-            "$filter={}&$top=50",
-            utf8_percent_encode(&filter, QUERY_VALUE)
-        )));
-        let page: ODataPage<MachineAction> = self.send(op, Method::GET, url, None).await?;
-        Ok(page.value)
+        action_id: &str,
+        comment: &str,
+        deadline: Instant,
+    ) -> Result<MachineAction, DefenderError> {
+        let op = Operation::CancelAction;
+        let url = self.url(op, &format!("api/machineactions/{action_id}/cancel"))?;
+        let body = CommentBody {
+            comment: comment.to_owned(),
+        };
+        let raw: Value = self
+            .send(self.post(op, Endpoint::Cancel, url, &body), deadline)
+            .await?;
+        typed_action(op, &raw)
+    }
+
+    fn get(&self, op: Operation, endpoint: Endpoint, url: Url) -> Call<'static> {
+        Call {
+            op,
+            endpoint,
+            method: Method::GET,
+            url,
+            body: None,
+        }
+    }
+
+    fn post<'a>(
+        &self,
+        op: Operation,
+        endpoint: Endpoint,
+        url: Url,
+        body: &'a CommentBody,
+    ) -> Call<'a> {
+        Call {
+            op,
+            endpoint,
+            method: Method::POST,
+            url,
+            body: Some(body),
+        }
     }
 
     fn url(&self, op: Operation, path: &str) -> Result<Url, DefenderError> {
@@ -186,28 +311,91 @@ impl DefenderClient {
         Ok(url)
     }
 
+    /// Make the call, resending where that is safe (see the module docs).
     async fn send<T: DeserializeOwned>(
         &self,
-        op: Operation,
-        method: Method,
-        url: Url,
-        body: Option<&CommentBody>,
+        call: Call<'_>,
+        deadline: Instant,
     ) -> Result<T, DefenderError> {
-        let token = self.tokens.token().await?;
+        let op = call.op;
+        let resend_on_ambiguous_failure = call.method == Method::GET;
+        let mut token = self.tokens.token().await?;
+        let mut refreshed = false;
+        let mut attempt: u32 = 0;
+        loop {
+            self.budget
+                .acquire(call.endpoint, deadline)
+                .await
+                .map_err(|over| DefenderError::OverBudget {
+                    operation: op,
+                    wait: over.wait,
+                })?;
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(DefenderError::OutOfTime { operation: op });
+            }
+            let timeout = self.timeout.min(remaining);
+            let error = match self.attempt(&call, token.secret(), timeout).await {
+                Ok(value) => return Ok(value),
+                Err(error) => error,
+            };
+            attempt += 1;
+
+            let wait = match &error {
+                DefenderError::Status { status: 401, .. } if !refreshed => {
+                    refreshed = true;
+                    token = self.tokens.refresh(&token).await?;
+                    continue;
+                }
+                DefenderError::Status {
+                    status: 429,
+                    retry_after,
+                    ..
+                } => retry_after.unwrap_or_else(|| self.retry.delay(attempt)),
+                e if resend_on_ambiguous_failure && e.is_transient() => self.retry.delay(attempt),
+                _ => return Err(error),
+            };
+            if attempt >= self.retry.max_attempts || Instant::now() + wait >= deadline {
+                return Err(error);
+            }
+            tracing::info!(
+                operation = op.describe(),
+                attempt,
+                wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX),
+                error = %error,
+                "retrying a Defender call"
+            );
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn attempt<T: DeserializeOwned>(
+        &self,
+        call: &Call<'_>,
+        token: &str,
+        timeout: Duration,
+    ) -> Result<T, DefenderError> {
+        let op = call.op;
         let mut request = self
             .http
-            .request(method, url)
-            .timeout(self.timeout)
-            .bearer_auth(token.secret())
+            .request(call.method.clone(), call.url.clone())
+            .timeout(timeout)
+            .bearer_auth(token)
             .header(header::ACCEPT, "application/json");
-        if let Some(body) = body {
+        if let Some(body) = call.body {
             request = request.json(body);
         }
 
-        let response = request.send().await.map_err(|e| self.transport(op, &e))?;
+        let response = request
+            .send()
+            .await
+            .map_err(|e| transport(op, timeout, &e))?;
         let status = response.status();
         let retry_after = retry_after(response.headers());
-        let bytes = response.bytes().await.map_err(|e| self.transport(op, &e))?;
+        let bytes = response
+            .bytes()
+            .await
+            .map_err(|e| transport(op, timeout, &e))?;
 
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| DefenderError::Decode {
@@ -232,20 +420,27 @@ impl DefenderClient {
             retry_after,
         })
     }
+}
 
-    fn transport(&self, op: Operation, e: &reqwest::Error) -> DefenderError {
-        if e.is_timeout() {
-            DefenderError::Timeout {
-                operation: op,
-                timeout: self.timeout,
-            }
-        } else {
-            // The Display of a reqwest error carries the URL but never headers,
-            // so the token cannot leak through it.
-            DefenderError::Transport {
-                operation: op,
-                reason: error_chain(e),
-            }
+fn typed_action(op: Operation, raw: &Value) -> Result<MachineAction, DefenderError> {
+    serde_json::from_value(raw.clone()).map_err(|e| DefenderError::Decode {
+        operation: op,
+        reason: format!("not a MachineAction: {e}"),
+    })
+}
+
+fn transport(op: Operation, timeout: Duration, e: &reqwest::Error) -> DefenderError {
+    if e.is_timeout() {
+        DefenderError::Timeout {
+            operation: op,
+            timeout,
+        }
+    } else {
+        // The Display of a reqwest error carries the URL but never headers,
+        // so the token cannot leak through it.
+        DefenderError::Transport {
+            operation: op,
+            reason: error_chain(e),
         }
     }
 }
@@ -278,4 +473,19 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         source = cause.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_with_jitter_and_is_capped() {
+        let policy = RetryPolicy::default();
+        for _ in 0..100 {
+            let first = policy.delay(1);
+            assert!(first >= Duration::from_millis(250) && first <= Duration::from_millis(500));
+            assert!(policy.delay(30) <= Duration::from_secs(8));
+        }
+    }
 }

@@ -14,6 +14,7 @@ pub enum Operation {
     GetMachine,
     CreateAction,
     ListActions,
+    CancelAction,
 }
 
 impl Operation {
@@ -23,12 +24,13 @@ impl Operation {
             Self::GetMachine => "reading the machine",
             Self::CreateAction => "creating the machine action",
             Self::ListActions => "listing the machine's actions",
+            Self::CancelAction => "cancelling the pending action",
         }
     }
 
     /// A POST that failed without a clear answer may still have created an action.
     pub fn may_have_acted(self) -> bool {
-        matches!(self, Self::CreateAction)
+        matches!(self, Self::CreateAction | Self::CancelAction)
     }
 }
 
@@ -39,6 +41,21 @@ impl DefenderError {
         matches!(self, Self::Status { status: 400, code, message, .. }
             if code == "ActiveRequestAlreadyExists"
                 || message.to_ascii_lowercase().contains("already in progress"))
+    }
+
+    /// Failures after which the same request may well succeed: 5xx, a timeout,
+    /// a dropped connection, an unreadable body.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Self::Status { status, .. } => *status >= 500,
+            Self::Timeout { .. } | Self::Transport { .. } | Self::Decode { .. } => true,
+            _ => false,
+        }
+    }
+
+    /// A failure after which a POST may or may not have been executed.
+    pub fn is_ambiguous(&self) -> bool {
+        self.is_transient()
     }
 }
 
@@ -84,4 +101,13 @@ pub enum DefenderError {
     /// No token, so nothing was sent.
     #[error(transparent)]
     Token(#[from] TokenError),
+    /// The client-side rate budget has no slot before the invocation's deadline.
+    #[error("the rate budget for {} has no free slot for {} s", operation.describe(), wait.as_secs())]
+    OverBudget {
+        operation: Operation,
+        wait: Duration,
+    },
+    /// The invocation's deadline passed before the call could be made.
+    #[error("the invocation ran out of time before {}", operation.describe())]
+    OutOfTime { operation: Operation },
 }

@@ -1,5 +1,6 @@
 //! The Microsoft Defender for Endpoint API: wire types, the client, its errors.
 
+pub mod budget;
 pub mod client;
 pub mod error;
 pub mod models;

@@ -15,9 +15,18 @@ pub const DEVICE_ID: &str = "deviceId";
 pub const RELEASE: &str = "release";
 pub const COMMENT: &str = "comment";
 pub const CALLER_NAME: &str = "callerName";
+pub const FORCE: &str = "force";
+pub const CANCEL_PENDING: &str = "cancelPending";
 
 /// Every field the payload may carry, in their documented spelling.
-pub const ACCEPTED: &[&str] = &[DEVICE_ID, RELEASE, COMMENT, CALLER_NAME];
+pub const ACCEPTED: &[&str] = &[
+    DEVICE_ID,
+    RELEASE,
+    COMMENT,
+    CALLER_NAME,
+    FORCE,
+    CANCEL_PENDING,
+];
 
 /// Known fields, keyed by their canonical name.
 pub struct Fields(Vec<(&'static str, Value)>);

@@ -26,6 +26,10 @@ pub struct RunbookRequest {
     pub release: bool,
     pub comment: Comment,
     pub caller: Option<CallerName>,
+    /// Act even when the device is already in the wanted state.
+    pub force: bool,
+    /// Cancel a pending action of the opposite type instead of refusing.
+    pub cancel_pending: bool,
 }
 
 /// Why a payload was rejected. Each message names the field and what is accepted.
@@ -86,10 +90,13 @@ impl RunbookRequest {
             Some(Value::String(s)) => DeviceRef::parse(s)?,
             Some(other) => return Err(wrong_type(fields::DEVICE_ID, "a string", other)),
         };
-        let release = match fields.get(fields::RELEASE) {
-            None => false,
-            Some(v) => parse_bool(fields::RELEASE, v)?,
+        let flag = |name: &'static str| match fields.get(name) {
+            None => Ok(false),
+            Some(v) => parse_bool(name, v),
         };
+        let release = flag(fields::RELEASE)?;
+        let force = flag(fields::FORCE)?;
+        let cancel_pending = flag(fields::CANCEL_PENDING)?;
         let comment = Comment::parse(fields.get(fields::COMMENT))?;
         let caller = CallerName::parse(fields.get(fields::CALLER_NAME))?;
 
@@ -98,6 +105,8 @@ impl RunbookRequest {
             release,
             comment,
             caller,
+            force,
+            cancel_pending,
         })
     }
 }
@@ -200,6 +209,19 @@ mod tests {
             let err = parse(&format!(r#"{{"deviceId":"{AAD}","release":{bad}}}"#)).unwrap_err();
             assert_eq!(err.field().as_deref(), Some("release"), "release={bad}");
         }
+    }
+
+    #[test]
+    fn force_and_cancel_pending_parse_like_release() {
+        let r = parse(&format!(
+            r#"{{"deviceId":"{AAD}","Force":"TRUE","cancelpending":true}}"#
+        ))
+        .unwrap();
+        assert!(r.force && r.cancel_pending && !r.release);
+        let err = parse(&format!(r#"{{"deviceId":"{AAD}","force":"1"}}"#)).unwrap_err();
+        assert_eq!(err.field().as_deref(), Some("force"));
+        let err = parse(&format!(r#"{{"deviceId":"{AAD}","cancelPending":null}}"#)).unwrap_err();
+        assert_eq!(err.field().as_deref(), Some("cancelPending"));
     }
 
     #[test]

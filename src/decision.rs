@@ -1,0 +1,218 @@
+//! Deciding what to do from a machine's recent actions, before acting.
+//!
+//! Defender has no "is this device restricted" property; the state follows
+//! from the machine's restrict/unrestrict actions (defender-api.md, A5). And
+//! Defender itself is unsafe with duplicates: a pending action can finish
+//! *after* a later opposite one and leave the device in the wrong state. So,
+//! before any POST:
+//! 1. an opposite-type action still Pending/InProgress is a conflict: refuse,
+//!    or cancel it first when the caller asked for that (`cancelPending`);
+//! 2. a same-type action still Pending/InProgress is returned as is;
+//! 3. when the newest Succeeded action is of the wanted type, the device is
+//!    already in the wanted state (unless `force`);
+//! 4. otherwise act.
+//!
+//! Failed, TimeOut and Cancelled actions do not change the state. With no
+//! Succeeded action at all the state is unknown (history is not kept forever),
+//! so the service acts rather than assume.
+
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+
+use crate::defender::models::{ActionStatus, ActionType, MachineAction};
+
+/// What the caller's request comes to, given the machine's actions.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Decision {
+    /// An opposite-type action is still pending; acting now could end out of order.
+    Conflict(MachineAction),
+    /// Cancel these opposite-type actions, then decide again.
+    Cancel(Vec<MachineAction>),
+    /// The same action is already on its way.
+    AlreadyPending(MachineAction),
+    /// The newest successful action already did what is asked.
+    AlreadyInState(MachineAction),
+    /// Create the action.
+    Act,
+}
+
+/// What the caller asked for.
+#[derive(Debug, Clone, Copy)]
+pub struct Wanted {
+    pub action: ActionType,
+    pub force: bool,
+    pub cancel_pending: bool,
+}
+
+pub fn decide(machine_id: &str, actions: &[MachineAction], wanted: Wanted) -> Decision {
+    // Only this machine's restrict/unrestrict actions, newest first. The
+    // server's order and filter are not trusted with the decision.
+    let mut relevant: Vec<(&MachineAction, ActionType, ActionStatus)> = actions
+        .iter()
+        .filter(|a| {
+            a.machine_id
+                .as_deref()
+                .is_none_or(|id| id.eq_ignore_ascii_case(machine_id))
+        })
+        .filter_map(|a| Some((a, a.typed_type()?, a.typed_status()?)))
+        .collect();
+    relevant.sort_by_key(|(a, _, _)| std::cmp::Reverse(created(a)));
+
+    let pending = |kind: ActionType| {
+        relevant
+            .iter()
+            .filter(move |(_, t, s)| *t == kind && !s.is_terminal())
+            .map(|(a, _, _)| (*a).clone())
+    };
+
+    let opposite: Vec<MachineAction> = pending(wanted.action.opposite()).collect();
+    if let Some(newest) = opposite.first() {
+        return if wanted.cancel_pending {
+            Decision::Cancel(opposite)
+        } else {
+            Decision::Conflict(newest.clone())
+        };
+    }
+    if let Some(same) = pending(wanted.action).next() {
+        return Decision::AlreadyPending(same);
+    }
+    let newest_succeeded = relevant
+        .iter()
+        .find(|(_, _, s)| *s == ActionStatus::Succeeded);
+    match newest_succeeded {
+        Some((a, t, _)) if *t == wanted.action && !wanted.force => {
+            Decision::AlreadyInState((*a).clone())
+        }
+        _ => Decision::Act,
+    }
+}
+
+/// Unknown or unparseable creation times sort as the oldest.
+fn created(action: &MachineAction) -> Option<OffsetDateTime> {
+    action
+        .creation_date_time_utc
+        .as_deref()
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ActionType::{RestrictCodeExecution as R, UnrestrictCodeExecution as U};
+
+    const M: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
+
+    fn action(id: &str, kind: ActionType, status: &str, minute: u32) -> MachineAction {
+        serde_json::from_value(serde_json::json!({
+            "id": id,
+            "type": kind.as_str(),
+            "status": status,
+            "machineId": M,
+            "creationDateTimeUtc": format!("2026-11-28T10:{minute:02}:00.0000000Z"),
+        }))
+        .unwrap()
+    }
+
+    fn wanted(action: ActionType) -> Wanted {
+        Wanted {
+            action,
+            force: false,
+            cancel_pending: false,
+        }
+    }
+
+    #[test]
+    fn no_history_acts() {
+        assert_eq!(decide(M, &[], wanted(R)), Decision::Act);
+        assert_eq!(decide(M, &[], wanted(U)), Decision::Act);
+    }
+
+    #[test]
+    fn a_pending_same_type_action_is_returned() {
+        for status in ["Pending", "InProgress"] {
+            let actions = [action("a", R, status, 1)];
+            assert_eq!(
+                decide(M, &actions, wanted(R)),
+                Decision::AlreadyPending(actions[0].clone())
+            );
+        }
+    }
+
+    #[test]
+    fn a_pending_opposite_action_conflicts_unless_cancel_is_asked() {
+        let actions = [action("r", R, "InProgress", 1)];
+        assert_eq!(
+            decide(M, &actions, wanted(U)),
+            Decision::Conflict(actions[0].clone())
+        );
+        let cancel = Wanted {
+            cancel_pending: true,
+            ..wanted(U)
+        };
+        assert_eq!(
+            decide(M, &actions, cancel),
+            Decision::Cancel(actions.to_vec())
+        );
+    }
+
+    #[test]
+    fn an_opposite_pending_action_wins_over_a_same_type_one() {
+        // The out-of-order hazard: an older restrict still pending behind a
+        // pending release could finish last.
+        let actions = [action("u", U, "Pending", 2), action("r", R, "Pending", 1)];
+        assert_eq!(
+            decide(M, &actions, wanted(U)),
+            Decision::Conflict(actions[1].clone())
+        );
+    }
+
+    #[test]
+    fn the_newest_succeeded_action_decides_the_state() {
+        let restricted = [
+            action("r2", R, "Succeeded", 3),
+            action("u1", U, "Succeeded", 2),
+        ];
+        assert_eq!(
+            decide(M, &restricted, wanted(R)),
+            Decision::AlreadyInState(restricted[0].clone())
+        );
+        assert_eq!(decide(M, &restricted, wanted(U)), Decision::Act);
+        let forced = Wanted {
+            force: true,
+            ..wanted(R)
+        };
+        assert_eq!(decide(M, &restricted, forced), Decision::Act);
+    }
+
+    #[test]
+    fn failed_timed_out_and_cancelled_actions_do_not_change_the_state() {
+        let actions = [
+            action("u3", U, "Failed", 5),
+            action("u2", U, "TimeOut", 4),
+            action("u1", U, "Cancelled", 3),
+            action("r", R, "Succeeded", 1),
+        ];
+        assert_eq!(
+            decide(M, &actions, wanted(R)),
+            Decision::AlreadyInState(actions[3].clone())
+        );
+    }
+
+    #[test]
+    fn order_comes_from_creation_time_not_from_the_list_and_other_types_are_ignored() {
+        let mut isolate = action("i", R, "Pending", 9);
+        isolate.action_type = "Isolate".into();
+        let mut other_machine = action("x", R, "Pending", 8);
+        other_machine.machine_id = Some("ffff".into());
+        let actions = [
+            isolate,
+            other_machine,
+            action("r1", R, "Succeeded", 1),
+            action("u2", U, "Succeeded", 2),
+        ];
+        assert_eq!(
+            decide(M, &actions, wanted(U)),
+            Decision::AlreadyInState(actions[3].clone())
+        );
+        assert_eq!(decide(M, &actions, wanted(R)), Decision::Act);
+    }
+}

@@ -1,0 +1,208 @@
+//! A client-side rate budget per Defender endpoint.
+//!
+//! Defender allows 100 calls per minute and 1500 per hour on each endpoint, per
+//! application and tenant, and answers 429 beyond that. Every invocation of
+//! the process draws from one shared budget, so a burst queues for a free slot
+//! instead of drawing 429s. Slots are handed out first come, first served:
+//! a call never overtakes one that is already waiting.
+//!
+//! The budget is per process. Several instances of the function app each have
+//! their own; lower the settings if the app scales out.
+
+use std::{
+    collections::{HashMap, VecDeque},
+    sync::Mutex,
+    time::Duration,
+};
+
+use tokio::time::Instant;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// The Defender endpoints this service calls; each has its own limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    ListMachines,
+    GetMachine,
+    ListActions,
+    GetAction,
+    Restrict,
+    Unrestrict,
+    Cancel,
+}
+
+/// The next free slot is later than the caller can wait.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OverBudget {
+    /// How long until a slot would be free.
+    pub wait: Duration,
+}
+
+/// The shared budget.
+#[derive(Debug)]
+pub struct RateBudget {
+    per_minute: usize,
+    per_hour: usize,
+    /// Times of calls made or reserved, oldest first, per endpoint.
+    calls: Mutex<HashMap<Endpoint, VecDeque<Instant>>>,
+}
+
+impl RateBudget {
+    pub fn new(per_minute: u32, per_hour: u32) -> Self {
+        Self {
+            per_minute: usize::try_from(per_minute.max(1)).unwrap_or(usize::MAX),
+            per_hour: usize::try_from(per_hour.max(1)).unwrap_or(usize::MAX),
+            calls: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Wait for a slot on `endpoint`, or fail at once if the slot would come
+    /// after `deadline`.
+    pub async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), OverBudget> {
+        let now = Instant::now();
+        let slot = self.reserve(endpoint, now, deadline)?;
+        if slot > now {
+            tracing::debug!(
+                ?endpoint,
+                wait_ms = (slot - now).as_millis(),
+                "waiting for the rate budget"
+            );
+            tokio::time::sleep_until(slot).await;
+        }
+        Ok(())
+    }
+
+    /// Reserve the earliest slot at or after `now` (and after every earlier
+    /// reservation) that keeps both windows within their limits.
+    pub fn reserve(
+        &self,
+        endpoint: Endpoint,
+        now: Instant,
+        deadline: Instant,
+    ) -> Result<Instant, OverBudget> {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let queue = calls.entry(endpoint).or_default();
+        while queue.front().is_some_and(|&t| t + HOUR <= now) {
+            queue.pop_front();
+        }
+
+        let mut slot = queue.back().map_or(now, |&last| last.max(now));
+        loop {
+            let mut moved = false;
+            for (limit, window) in [(self.per_minute, MINUTE), (self.per_hour, HOUR)] {
+                // All reservations are at or before `slot`; the window holds
+                // those after `slot - window`.
+                let in_window = queue
+                    .iter()
+                    .rev()
+                    .take_while(|&&t| t + window > slot)
+                    .count();
+                if in_window >= limit {
+                    // The limit-th most recent call leaves the window then.
+                    let leaving = queue[queue.len() - limit];
+                    slot = leaving + window;
+                    moved = true;
+                }
+            }
+            if !moved {
+                break;
+            }
+        }
+
+        if slot > deadline {
+            return Err(OverBudget { wait: slot - now });
+        }
+        queue.push_back(slot);
+        Ok(slot)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_hundred_and_first_call_in_a_minute_waits_for_the_first_to_leave() {
+        let budget = RateBudget::new(100, 1500);
+        let start = Instant::now();
+        let far = start + HOUR * 2;
+        for _ in 0..100 {
+            assert_eq!(budget.reserve(Endpoint::Restrict, start, far), Ok(start));
+        }
+        assert_eq!(
+            budget.reserve(Endpoint::Restrict, start, far),
+            Ok(start + MINUTE)
+        );
+        // Other endpoints have their own budget.
+        assert_eq!(
+            budget.reserve(Endpoint::ListMachines, start, far),
+            Ok(start)
+        );
+    }
+
+    #[test]
+    fn a_slot_past_the_deadline_is_refused_with_an_honest_wait_and_not_reserved() {
+        let budget = RateBudget::new(2, 1500);
+        let start = Instant::now();
+        budget.reserve(Endpoint::Cancel, start, start).unwrap();
+        budget.reserve(Endpoint::Cancel, start, start).unwrap();
+        let err = budget
+            .reserve(
+                Endpoint::Cancel,
+                start + Duration::from_secs(10),
+                start + Duration::from_secs(20),
+            )
+            .unwrap_err();
+        assert_eq!(err.wait, Duration::from_secs(50));
+        // Nothing was reserved: a caller with time gets the same slot.
+        assert_eq!(
+            budget.reserve(
+                Endpoint::Cancel,
+                start + Duration::from_secs(10),
+                start + HOUR
+            ),
+            Ok(start + MINUTE)
+        );
+    }
+
+    #[test]
+    fn the_hourly_limit_holds_across_minutes() {
+        let budget = RateBudget::new(100, 150);
+        let start = Instant::now();
+        let far = start + HOUR * 3;
+        let slots: Vec<Instant> = (0..301)
+            .map(|_| budget.reserve(Endpoint::ListActions, start, far).unwrap())
+            .collect();
+        // 100 now, 50 a minute later (hour cap), then nothing until the first leave the hour.
+        assert_eq!(slots[99], start);
+        assert_eq!(slots[100], start + MINUTE);
+        assert_eq!(slots[149], start + MINUTE);
+        assert_eq!(slots[150], start + HOUR);
+        assert_eq!(slots[250], start + HOUR + MINUTE);
+        assert_eq!(slots[300], start + HOUR * 2);
+        // Invariant: no window of a minute holds more than 100, of an hour more than 150.
+        for (i, &t) in slots.iter().enumerate() {
+            let minute = slots[..=i].iter().filter(|&&s| s + MINUTE > t).count();
+            let hour = slots[..=i].iter().filter(|&&s| s + HOUR > t).count();
+            assert!(
+                minute <= 100 && hour <= 150,
+                "slot {i}: {minute}/min {hour}/h"
+            );
+        }
+    }
+
+    #[test]
+    fn slots_are_first_come_first_served() {
+        let budget = RateBudget::new(1, 1500);
+        let start = Instant::now();
+        let far = start + HOUR;
+        let a = budget.reserve(Endpoint::GetAction, start, far).unwrap();
+        let b = budget.reserve(Endpoint::GetAction, start, far).unwrap();
+        // A later caller never lands before b, even though time has passed.
+        let c = budget
+            .reserve(Endpoint::GetAction, start + Duration::from_secs(30), far)
+            .unwrap();
+        assert!(a < b && b < c, "{a:?} {b:?} {c:?}");
+    }
+}
