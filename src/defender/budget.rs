@@ -192,6 +192,33 @@ mod tests {
         }
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_queues_for_free_slots_instead_of_failing() {
+        let budget = std::sync::Arc::new(RateBudget::new(2, 1500));
+        let start = Instant::now();
+        let deadline = start + Duration::from_secs(230);
+        let calls = (0..5).map(|_| {
+            let budget = budget.clone();
+            tokio::spawn(async move {
+                budget
+                    .acquire(Endpoint::ListMachines, deadline)
+                    .await
+                    .unwrap();
+                Instant::now() - start
+            })
+        });
+        let mut waited = Vec::new();
+        for call in calls {
+            waited.push(call.await.unwrap());
+        }
+        waited.sort();
+        assert_eq!(
+            waited,
+            [0, 0, 60, 60, 120].map(Duration::from_secs),
+            "two a minute, the rest queued"
+        );
+    }
+
     #[test]
     fn slots_are_first_come_first_served() {
         let budget = RateBudget::new(1, 1500);

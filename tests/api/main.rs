@@ -13,4 +13,5 @@ mod host_emulator;
 mod cli;
 mod host_protocol;
 mod restrict;
+mod safety;
 mod validation;
