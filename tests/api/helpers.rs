@@ -158,6 +158,28 @@ impl TestApp {
     }
 }
 
+impl TestApp {
+    /// Send SIGTERM, as the platform does when it stops an instance.
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.handler.id().to_string()])
+            .status()
+            .expect("kill runs");
+        assert!(status.success());
+    }
+
+    /// Wait for the handler to exit.
+    pub async fn exit_status(&mut self) -> std::process::ExitStatus {
+        for _ in 0..200 {
+            if let Some(status) = self.handler.try_wait().unwrap() {
+                return status;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("the handler did not exit within 5 s");
+    }
+}
+
 impl Drop for TestApp {
     fn drop(&mut self) {
         let _ = self.handler.kill();

@@ -186,3 +186,34 @@ async fn wrong_method_and_unknown_route_are_problem_answers() {
     let problem: serde_json::Value = unknown.json().await.unwrap();
     assert_eq!(problem["code"], "route_not_found");
 }
+
+#[tokio::test]
+async fn sigterm_lets_an_in_flight_invocation_finish_then_exits_cleanly() {
+    let mut app = spawn_app().await;
+    // Defender takes a while to answer the POST.
+    app.sim.inject(restrict_code_execution::simulator::Fault {
+        method: Some("POST".into()),
+        path_contains: "restrictCodeExecution".into(),
+        kind: restrict_code_execution::simulator::FaultKind::Delay { millis: 1500 },
+        times: 1,
+    });
+    let body = json!({"deviceId": crate::restrict::ALPHA_AAD}).to_string();
+    let request = CallerRequest::json(body);
+    let in_flight = app.host.forwarded(&request);
+    let terminate = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        app.terminate();
+    };
+
+    let (response, ()) = tokio::join!(in_flight, terminate);
+
+    assert_eq!(response.status, 201, "{}", response.body);
+    let status = app.exit_status().await;
+    assert!(status.success(), "{status:?}");
+    assert_eq!(app.sim.actions().len(), 1);
+    assert!(
+        !app.log_events("shutdown signal received; finishing in-flight invocations")
+            .await
+            .is_empty()
+    );
+}

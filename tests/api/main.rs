@@ -12,6 +12,7 @@ mod host_emulator;
 
 mod cli;
 mod host_protocol;
+mod parsers;
 mod restrict;
 mod safety;
 mod validation;

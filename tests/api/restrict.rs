@@ -457,21 +457,40 @@ async fn a_hanging_identity_endpoint_is_cut_off_by_the_token_timeout() {
 }
 
 #[tokio::test]
-async fn no_token_or_identity_secret_appears_in_the_logs() {
-    let app = spawn_app().await;
+async fn no_token_or_identity_secret_appears_in_the_logs_even_at_trace_level() {
+    // Arrange: the most verbose logging there is, and a run that fetches the
+    // token twice (a 401 forces a refresh), fails once and succeeds once.
+    let app = spawn_app_with(AppOptions {
+        env: vec![("RUST_LOG", "trace".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    app.sim.inject(Fault {
+        method: Some("GET".into()),
+        path_contains: "/api/machines".into(),
+        kind: FaultKind::Status {
+            status: 401,
+            retry_after: None,
+            body: None,
+        },
+        times: 1,
+    });
+
+    // Act
     post(&app, json!({"deviceId": ALPHA_AAD, "callerName": "alice"})).await;
     post(&app, json!({"deviceId": "bad"})).await;
-
     let logs = app.logs().await.join("\n");
 
+    // Assert
+    assert_eq!(app.token_requests().len(), 2);
     assert!(logs.contains("invocation succeeded"), "{logs}");
+    assert!(logs.contains(r#""level":"TRACE""#), "trace logging was on");
     assert!(!logs.contains(TOKEN), "token leaked into logs");
     assert!(
         !logs.contains(crate::helpers::IDENTITY_HEADER),
         "identity header leaked into logs"
     );
 }
-
 #[tokio::test]
 async fn machine_lookups_follow_next_links_across_pages() {
     let app = spawn_app_with(AppOptions {
