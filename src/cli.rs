@@ -175,8 +175,17 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
         "comment": args.comment,
         "callerName": args.caller,
     });
-    let invocation_id = uuid::Uuid::new_v4().to_string();
-    let reply = invocation::invoke(&state, &invocation_id, payload.to_string().as_bytes()).await;
+    let invocation = invocation::Invocation {
+        id: uuid::Uuid::new_v4().to_string(),
+        function: invocation::Function::Restrict,
+        method: "POST".to_owned(),
+        headers: Default::default(),
+        query: Vec::new(),
+        params: Default::default(),
+        body: payload.to_string().into_bytes(),
+        url: None,
+    };
+    let reply = invocation::invoke(&state, invocation).await;
     println!("{}", reply.body);
     match reply.status.as_u16() {
         200..=299 => ExitCode::SUCCESS,

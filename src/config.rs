@@ -151,6 +151,9 @@ pub struct Settings {
     /// Client-side budget per Defender endpoint (Defender's own limits).
     pub rate_limit_per_minute: u32,
     pub rate_limit_per_hour: u32,
+    /// App roles a caller must hold one of (App Service Authentication);
+    /// empty means no check.
+    pub allowed_caller_roles: Vec<String>,
 }
 
 impl Settings {
@@ -226,6 +229,15 @@ impl Settings {
             request_timeout: seconds(&get, "REQUEST_TIMEOUT_SECONDS", 230)?,
             rate_limit_per_minute: count(&get, "DEFENDER_RATE_LIMIT_PER_MINUTE", 100)?,
             rate_limit_per_hour: count(&get, "DEFENDER_RATE_LIMIT_PER_HOUR", 1500)?,
+            allowed_caller_roles: get("ALLOWED_CALLER_ROLES")
+                .map(|v| {
+                    v.split([',', ';'])
+                        .map(str::trim)
+                        .filter(|r| !r.is_empty())
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default(),
         })
     }
 }

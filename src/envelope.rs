@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{error::ApiError, invocation::Reply};
+use crate::{error::ApiError, reply::Reply};
 
 /// The name of the http output binding in `function.json`. The host matches
 /// keys inside `Outputs` case-sensitively.
@@ -27,10 +27,18 @@ pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 /// The parts of the http trigger this service uses.
 #[derive(Debug, Clone, Default)]
 pub struct TriggerRequest {
+    /// The caller's method (`Data.req.Method`); empty when absent.
+    pub method: String,
+    /// The URL the caller used (`Data.req.Url`).
+    pub url: Option<url::Url>,
+    /// `Data.req.Query`: the host comma-joins repeated keys.
+    pub query: Vec<(String, String)>,
+    /// `Data.req.Params`: route parameters (an absent optional one is null).
+    pub params: BTreeMap<String, String>,
     /// The caller's body; empty when the host sent no `Body` key (it omits it
     /// when the request had no Content-Length).
     pub body: Vec<u8>,
-    /// The caller's headers. The host sends each value as an array.
+    /// The caller's headers, lowercase names. The host sends each value as an array.
     pub headers: BTreeMap<String, Vec<String>>,
 }
 
@@ -74,7 +82,41 @@ pub fn parse(envelope: &[u8]) -> Result<TriggerRequest, ApiError> {
         }
         Some(_) => return Err(bad("Data.req.Headers is not an object")),
     }
-    Ok(TriggerRequest { body, headers })
+    let method = match req.get("Method") {
+        Some(Value::String(m)) => m.to_ascii_uppercase(),
+        None | Some(Value::Null) => String::new(),
+        Some(_) => return Err(bad("Data.req.Method is not a string")),
+    };
+    let url = match req.get("Url") {
+        Some(Value::String(u)) => url::Url::parse(u).ok(),
+        _ => None,
+    };
+    let strings = |key: &str| -> Result<Vec<(String, String)>, ApiError> {
+        match req.get(key) {
+            None | Some(Value::Null) => Ok(Vec::new()),
+            Some(Value::Object(map)) => Ok(map
+                .iter()
+                .filter_map(|(k, v)| match v {
+                    Value::String(s) => Some((k.clone(), s.clone())),
+                    Value::Null => None,
+                    other => Some((k.clone(), other.to_string())),
+                })
+                .collect()),
+            Some(_) => Err(ApiError::InvalidEnvelope(format!(
+                "Data.req.{key} is not an object"
+            ))),
+        }
+    };
+    let query = strings("Query")?;
+    let params = strings("Params")?.into_iter().collect();
+    Ok(TriggerRequest {
+        method,
+        url,
+        query,
+        params,
+        body,
+        headers,
+    })
 }
 
 #[derive(Serialize)]

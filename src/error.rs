@@ -57,6 +57,20 @@ pub enum ApiError {
     Defender(String),
     #[error("{0}")]
     Timeout(String),
+    #[error("Defender has no machine action with id {0}")]
+    ActionNotFound(String),
+    #[error("action {action_id} is {status}, which is final; there is nothing to cancel")]
+    ActionNotPending { action_id: String, status: String },
+    #[error(
+        "action {action_id} is of type {action_type}; only RestrictCodeExecution and \
+         UnrestrictCodeExecution actions can be cancelled here"
+    )]
+    UnsupportedActionType {
+        action_id: String,
+        action_type: String,
+    },
+    #[error("{0}")]
+    CallerForbidden(String),
     #[error("no route {0}")]
     RouteNotFound(String),
     #[error("method {0} is not allowed here; use POST")]
@@ -78,6 +92,10 @@ impl ApiError {
             Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => "authentication_failed",
             Self::Defender(_) => "defender_error",
             Self::Timeout(_) => "defender_timeout",
+            Self::ActionNotFound(_) => "action_not_found",
+            Self::ActionNotPending { .. } => "action_not_pending",
+            Self::UnsupportedActionType { .. } => "unsupported_action_type",
+            Self::CallerForbidden(_) => "caller_forbidden",
             Self::RouteNotFound(_) => "route_not_found",
             Self::MethodNotAllowed(_) => "method_not_allowed",
         }
@@ -87,8 +105,14 @@ impl ApiError {
         match self {
             Self::InvalidRequest(RunbookError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
             Self::InvalidRequest(_) | Self::InvalidEnvelope(_) => StatusCode::BAD_REQUEST,
-            Self::DeviceNotFound(_) | Self::RouteNotFound(_) => StatusCode::NOT_FOUND,
-            Self::ConflictingActionPending { .. } => StatusCode::CONFLICT,
+            Self::DeviceNotFound(_) | Self::RouteNotFound(_) | Self::ActionNotFound(_) => {
+                StatusCode::NOT_FOUND
+            }
+            Self::ConflictingActionPending { .. } | Self::ActionNotPending { .. } => {
+                StatusCode::CONFLICT
+            }
+            Self::UnsupportedActionType { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            Self::CallerForbidden(_) => StatusCode::FORBIDDEN,
             Self::UnsupportedDevice { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             // Upstream failures are a bad gateway: the caller's request was fine.
@@ -114,6 +138,10 @@ impl ApiError {
             Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => "Authentication failed",
             Self::Defender(_) => "Defender error",
             Self::Timeout(_) => "Defender timeout",
+            Self::ActionNotFound(_) => "Machine action not found",
+            Self::ActionNotPending { .. } => "Machine action already finished",
+            Self::UnsupportedActionType { .. } => "Machine action type not supported",
+            Self::CallerForbidden(_) => "Caller not allowed",
             Self::RouteNotFound(_) => "Not found",
             Self::MethodNotAllowed(_) => "Method not allowed",
         }
@@ -156,7 +184,15 @@ impl ApiError {
             _ => None,
         };
         let action_id = match self {
-            Self::ConflictingActionPending { action_id, .. } => Some(action_id.clone()),
+            Self::ConflictingActionPending { action_id, .. }
+            | Self::ActionNotPending { action_id, .. }
+            | Self::UnsupportedActionType { action_id, .. } => Some(action_id.clone()),
+            Self::ActionNotFound(id) => Some(id.clone()),
+            _ => None,
+        };
+        let action_status = match self {
+            Self::ConflictingActionPending { status, .. }
+            | Self::ActionNotPending { status, .. } => Some(status.clone()),
             _ => None,
         };
         Problem {
@@ -168,6 +204,7 @@ impl ApiError {
             invocation_id: invocation_id.to_owned(),
             field,
             action_id,
+            action_status,
             retry_after: self.retry_after(),
         }
     }
@@ -187,9 +224,12 @@ pub struct Problem {
     /// The payload field a 400 is about.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub field: Option<String>,
-    /// The Defender action a 409 is about.
+    /// The Defender action a 404, 409 or 422 is about.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub action_id: Option<String>,
+    /// That action's status, for a 409.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action_status: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
 }

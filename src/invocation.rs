@@ -1,25 +1,57 @@
 //! One invocation, independent of how the host delivered it.
 //!
-//! Forwarded mode and payload mode both come here with the raw payload bytes
-//! and the invocation id, and both get the same [`Reply`]: same status, same
-//! headers, same body. Only the wrapping differs (see `routes` and `envelope`).
+//! Forwarded mode and payload mode both build an [`Invocation`] (the caller's
+//! method, headers, query, route parameters and body) and get the same
+//! [`Reply`]: same status, same headers, same body. Only the wrapping differs
+//! (see `routes` and `envelope`).
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
-use http::{HeaderMap, StatusCode};
-use serde::Serialize;
-use serde_json::Value;
-use tokio::time::Instant;
+use http::HeaderMap;
 use tracing::{Instrument, info_span};
+use url::Url;
 
 use crate::{
-    error::ApiError,
-    restrict::{Outcome, Restrictor, Success},
-    runbook::RunbookRequest,
+    functions,
+    principal::{self, PRINCIPAL_HEADER, PRINCIPAL_NAME_HEADER, Principal},
+    reply::{Format, Reply},
+    restrict::Restrictor,
 };
 
 /// The header the host puts on every call to the handler.
 pub const INVOCATION_ID_HEADER: &str = "x-azure-functions-invocationid";
+
+/// The functions this handler serves; each has a folder with a `function.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Function {
+    /// `restrict-code-execution`: restrict or release devices.
+    Restrict,
+    /// `action-status`: read a machine action.
+    ActionStatus,
+    /// `cancel-action`: cancel a pending machine action.
+    CancelAction,
+    /// `openapi`: the Swagger 2.0 document.
+    OpenApi,
+}
+
+impl Function {
+    /// The function's name: its folder and its payload-mode path.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Restrict => "restrict-code-execution",
+            Self::ActionStatus => "action-status",
+            Self::CancelAction => "cancel-action",
+            Self::OpenApi => "openapi",
+        }
+    }
+
+    pub const ALL: [Self; 4] = [
+        Self::Restrict,
+        Self::ActionStatus,
+        Self::CancelAction,
+        Self::OpenApi,
+    ];
+}
 
 /// Shared by every invocation of the process.
 #[derive(Debug, Clone)]
@@ -32,52 +64,107 @@ struct Inner {
     restrictor: Restrictor,
     /// Bound on one invocation, below the host's functionTimeout.
     request_timeout: Duration,
+    /// `ALLOWED_CALLER_ROLES`; empty means no role check.
+    allowed_roles: Vec<String>,
 }
 
 impl AppState {
-    pub fn new(restrictor: Restrictor, request_timeout: Duration) -> Self {
+    pub fn new(
+        restrictor: Restrictor,
+        request_timeout: Duration,
+        allowed_roles: Vec<String>,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 restrictor,
                 request_timeout,
+                allowed_roles,
             }),
         }
     }
-}
 
-/// The answer to the caller, before it is wrapped for the host.
-#[derive(Debug, Clone)]
-pub struct Reply {
-    pub status: StatusCode,
-    pub content_type: &'static str,
-    pub retry_after: Option<u64>,
-    /// JSON text.
-    pub body: String,
-    /// One human line for the host's invocation log (payload mode `Logs`).
-    pub summary: String,
-}
-
-impl Reply {
-    /// Response headers, as the caller must receive them.
-    pub fn headers(&self) -> Vec<(&'static str, String)> {
-        let mut headers = vec![("Content-Type", self.content_type.to_owned())];
-        if let Some(seconds) = self.retry_after {
-            headers.push(("Retry-After", seconds.to_string()));
-        }
-        headers
+    pub fn restrictor(&self) -> &Restrictor {
+        &self.inner.restrictor
     }
 
-    pub fn error(error: &ApiError, invocation_id: &str) -> Self {
-        let problem = error.problem(invocation_id);
-        let body = serde_json::to_string(&problem)
-            .unwrap_or_else(|_| format!(r#"{{"code":"{}"}}"#, problem.code));
-        Self {
-            status: error.status(),
-            content_type: "application/problem+json",
-            retry_after: error.retry_after(),
-            summary: format!("{} ({}): {}", problem.title, problem.code, problem.detail),
-            body,
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+}
+
+/// The caller's request, as either invocation mode delivered it.
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub id: String,
+    pub function: Function,
+    pub method: String,
+    /// Lowercase names; the host sends every value as a list.
+    pub headers: BTreeMap<String, Vec<String>>,
+    pub query: Vec<(String, String)>,
+    /// Route parameters, such as `actionId`.
+    pub params: BTreeMap<String, String>,
+    pub body: Vec<u8>,
+    /// The URL the caller used, when known (to build `Location` headers).
+    pub url: Option<Url>,
+}
+
+impl Invocation {
+    /// The first value of a header.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .and_then(|values| values.first())
+            .map(String::as_str)
+    }
+
+    /// All values of a header, joined as HTTP does.
+    fn header_joined(&self, name: &str) -> Option<String> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(|values| values.join(", "))
+    }
+
+    pub fn format(&self) -> Format {
+        Format::from_accept(self.header_joined("accept").as_deref())
+    }
+
+    /// The App Service Authentication principal, when there is one.
+    pub fn principal(&self) -> Option<Principal> {
+        Principal::from_headers(
+            self.header(PRINCIPAL_HEADER),
+            self.header(PRINCIPAL_NAME_HEADER),
+        )
+    }
+
+    /// `Prefer: respond-async` (RFC 7240), as Logic Apps understands it.
+    pub fn prefers_async(&self) -> bool {
+        self.header_joined("prefer").is_some_and(|p| {
+            p.split(',').any(|pref| {
+                pref.split(';')
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .eq_ignore_ascii_case("respond-async")
+            })
+        })
+    }
+
+    /// The absolute URL of the action-status function for `action_id`,
+    /// keeping the caller's `code` query key so a Logic App can poll it.
+    pub fn status_url(&self, action_id: &str) -> Option<String> {
+        let mut url = self.url.clone()?;
+        url.set_path(&format!("/api/restrict-code-execution/actions/{action_id}"));
+        let code = self
+            .query
+            .iter()
+            .find(|(k, _)| k == "code")
+            .map(|(_, v)| v.clone());
+        url.set_query(None);
+        url.set_fragment(None);
+        if let Some(code) = code {
+            url.query_pairs_mut().append_pair("code", &code);
         }
+        Some(url.to_string())
     }
 }
 
@@ -98,173 +185,34 @@ pub fn invocation_id(headers: &HeaderMap) -> String {
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }
 
-/// Run one invocation from its raw payload.
-pub async fn invoke(state: &AppState, invocation_id: &str, payload: &[u8]) -> Reply {
-    let span = info_span!("invocation", invocation_id = %invocation_id);
-    run(state, invocation_id, payload).instrument(span).await
+/// Run one invocation.
+pub async fn invoke(state: &AppState, invocation: Invocation) -> Reply {
+    let span = info_span!(
+        "invocation",
+        invocation_id = %invocation.id,
+        function = invocation.function.name()
+    );
+    run(state, invocation).instrument(span).await
 }
 
-async fn run(state: &AppState, invocation_id: &str, payload: &[u8]) -> Reply {
-    let started = Instant::now();
-    let request = match RunbookRequest::parse(payload) {
-        Ok(request) => request,
-        Err(e) => {
-            let error = ApiError::from(e);
-            let reply = Reply::error(&error, invocation_id);
-            log_invocation(None, &Err(&error), started, reply.status);
-            return reply;
-        }
-    };
-
-    let timeout = state.inner.request_timeout;
-    let deadline = started + timeout;
-    // The deadline bounds every wait inside; this outer bound is a backstop.
-    let backstop = timeout + std::time::Duration::from_secs(1);
-    let result = match tokio::time::timeout(
-        backstop,
-        state.inner.restrictor.run(&request, deadline),
-    )
-    .await
-    {
-        Ok(result) => result,
-        Err(_) => Err(ApiError::Timeout(format!(
-            "the invocation did not finish within {} s (REQUEST_TIMEOUT_SECONDS). A machine \
-             action may or may not have been created: check the device's action history in \
-             Defender before retrying.",
-            timeout.as_secs()
-        ))),
-    };
-    let reply = match &result {
-        Ok(success) => success_reply(&request, success, invocation_id),
-        Err(error) => Reply::error(error, invocation_id),
-    };
-    log_invocation(Some(&request), &result.as_ref(), started, reply.status);
-    reply
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct SuccessBody<'a> {
-    outcome: Outcome,
-    message: &'a str,
-    device_id: String,
-    release: bool,
-    machine: MachineSummary<'a>,
-    candidates: usize,
-    action: &'a Value,
-    #[serde(skip_serializing_if = "<[String]>::is_empty")]
-    cancelled_action_ids: &'a [String],
-    invocation_id: &'a str,
-}
-
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct MachineSummary<'a> {
-    id: &'a str,
-    computer_dns_name: Option<&'a str>,
-    aad_device_id: Option<&'a str>,
-    health_status: Option<&'a str>,
-    last_seen: Option<&'a str>,
-}
-
-fn success_reply(request: &RunbookRequest, success: &Success, invocation_id: &str) -> Reply {
-    let machine = &success.machine;
-    let name = machine.computer_dns_name.as_deref().unwrap_or("(unnamed)");
-    let what = if request.release {
-        "Removal of the app execution restriction"
-    } else {
-        "App execution restriction"
-    };
-    let mut message = match success.outcome {
-        Outcome::Requested => format!(
-            "{what} requested for device {name} (machine {}); Defender action {} is {}.",
-            machine.id, success.action_id, success.action_status
-        ),
-        Outcome::AlreadyPending => format!(
-            "{what} was already requested for device {name} (machine {}); Defender action {} \
-             is {}, so no new action was created.",
-            machine.id, success.action_id, success.action_status
-        ),
-        Outcome::AlreadyInState => format!(
-            "Device {name} (machine {}) is already {}: Defender action {} {}. Nothing was sent; \
-             send \"force\": true to act anyway.",
-            machine.id,
-            if request.release {
-                "without the app execution restriction"
-            } else {
-                "restricted to Microsoft-signed apps"
-            },
-            success.action_id,
-            success.action_status
-        ),
-    };
-    if !success.cancelled.is_empty() {
-        message.push_str(&format!(
-            " Cancelled the pending opposite action(s) {} first.",
-            success.cancelled.join(", ")
-        ));
+async fn run(state: &AppState, invocation: Invocation) -> Reply {
+    if invocation.function == Function::OpenApi {
+        return functions::openapi::run(&invocation);
     }
-    let body = SuccessBody {
-        outcome: success.outcome,
-        message: &message,
-        device_id: request.device.to_string(),
-        release: request.release,
-        machine: MachineSummary {
-            id: &machine.id,
-            computer_dns_name: machine.computer_dns_name.as_deref(),
-            aad_device_id: machine.aad_device_id.as_deref(),
-            health_status: machine.health_status.as_deref(),
-            last_seen: machine.last_seen.as_deref(),
-        },
-        candidates: success.candidates,
-        action: &success.action,
-        cancelled_action_ids: &success.cancelled,
-        invocation_id,
-    };
-    let status = match success.outcome {
-        Outcome::Requested => StatusCode::CREATED,
-        Outcome::AlreadyPending | Outcome::AlreadyInState => StatusCode::OK,
-    };
-    Reply {
-        status,
-        content_type: "application/json",
-        retry_after: None,
-        body: serde_json::to_string(&body).unwrap_or_default(),
-        summary: message,
+    let principal = invocation.principal();
+    if let Err(error) = principal::authorize(&state.inner.allowed_roles, principal.as_ref()) {
+        tracing::warn!(
+            caller = principal.as_ref().and_then(|p| p.name.as_deref()),
+            status = error.status().as_u16(),
+            outcome = error.code(),
+            "invocation refused"
+        );
+        return Reply::error(&error, &invocation.id, invocation.format());
     }
-}
-
-/// The one structured line per invocation. Never a token: nothing here can hold one.
-fn log_invocation(
-    request: Option<&RunbookRequest>,
-    result: &Result<&Success, &ApiError>,
-    started: Instant,
-    status: StatusCode,
-) {
-    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
-    let device_id = request.map(|r| r.device.to_string());
-    let release = request.map(|r| r.release);
-    let caller_name = request.and_then(|r| r.caller.as_ref()).map(|c| c.as_str());
-    match result {
-        Ok(success) => tracing::info!(
-            device_id,
-            machine_id = %success.machine.id,
-            release,
-            outcome = ?success.outcome,
-            action_id = %success.action_id,
-            caller_name,
-            status = status.as_u16(),
-            duration_ms,
-            "invocation succeeded"
-        ),
-        Err(error) => {
-            let code = error.code();
-            let detail = error.to_string();
-            if status.is_server_error() {
-                tracing::error!(device_id, release, outcome = code, caller_name, status = status.as_u16(), duration_ms, error = %detail, "invocation failed");
-            } else {
-                tracing::warn!(device_id, release, outcome = code, caller_name, status = status.as_u16(), duration_ms, error = %detail, "invocation rejected");
-            }
-        }
+    match invocation.function {
+        Function::Restrict => functions::restrict::run(state, &invocation, principal).await,
+        Function::ActionStatus => functions::status::run(state, &invocation).await,
+        Function::CancelAction => functions::cancel::run(state, &invocation, principal).await,
+        Function::OpenApi => functions::openapi::run(&invocation),
     }
 }

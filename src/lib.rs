@@ -4,7 +4,8 @@
 //! Where to start reading:
 //! - [`routes`]: the HTTP surface the Functions host calls, in both of its
 //!   invocation modes ([`envelope`] is payload mode);
-//! - [`invocation`]: one invocation, from payload bytes to the answer;
+//! - [`invocation`]: one invocation, whichever mode delivered it, and
+//!   [`functions`]: what each function does with it; [`reply`]: the answer;
 //! - [`runbook`]: the payload, parsed once into domain types;
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
 //!   reading its state and acting on it safely;
@@ -19,8 +20,11 @@ pub mod decision;
 pub mod defender;
 pub mod envelope;
 pub mod error;
+pub mod functions;
 pub mod invocation;
 pub mod machine_locks;
+pub mod principal;
+pub mod reply;
 pub mod restrict;
 pub mod routes;
 pub mod runbook;

@@ -66,6 +66,40 @@ pub struct Success {
     pub cancelled: Vec<String>,
 }
 
+impl Success {
+    /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
+    pub fn terminal(&self) -> bool {
+        crate::defender::models::ActionStatus::parse(&self.action_status)
+            .is_some_and(|s| s.is_terminal())
+    }
+
+    /// Poll the action until it is finished or `until` passes; keep the last state.
+    pub async fn wait_until_terminal(
+        &mut self,
+        client: &DefenderClient,
+        until: Instant,
+    ) -> Result<(), ApiError> {
+        while !self.terminal() {
+            let next = Instant::now() + POLL_EVERY;
+            if next >= until {
+                break;
+            }
+            tokio::time::sleep_until(next).await;
+            match client.action(&self.action_id, until).await? {
+                Some(latest) => {
+                    self.action_status = latest.action.status.clone();
+                    self.action = latest.raw;
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How often `wait` polls the action (Defender allows 100 reads a minute).
+const POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+
 impl Restrictor {
     pub fn new(client: DefenderClient, include_caller: bool) -> Self {
         Self {
@@ -75,12 +109,24 @@ impl Restrictor {
         }
     }
 
+    /// The Defender client, for the status and cancel functions.
+    pub fn client(&self) -> &DefenderClient {
+        &self.client
+    }
+
+    /// Whether the caller's name is appended to comments sent to Defender.
+    pub fn include_caller(&self) -> bool {
+        self.include_caller
+    }
+
+    /// Restrict or release `device` as `request` asks.
     pub async fn run(
         &self,
+        device: &DeviceRef,
         request: &RunbookRequest,
         deadline: Instant,
     ) -> Result<Success, ApiError> {
-        let (machine, candidates) = self.find_machine(&request.device, deadline).await?;
+        let (machine, candidates) = self.find_machine(device, deadline).await?;
         let wanted = Wanted {
             action: action_type(request.release),
             force: request.force,
@@ -279,7 +325,7 @@ impl Restrictor {
             .await
         {
             Ok(cancelled) => {
-                tracing::info!(action_id = %cancelled.id, status = %cancelled.status, "cancelled a pending opposite action");
+                tracing::info!(action_id = %cancelled.action.id, status = %cancelled.action.status, "cancelled a pending opposite action");
                 Ok(())
             }
             // It reached a final state meanwhile; the re-read decides what now.

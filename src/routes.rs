@@ -1,28 +1,37 @@
 //! The HTTP surface the Functions host talks to.
 //!
 //! - `GET /`: the host's readiness probe (polled every 25 ms at start) and ping.
-//! - `POST /api/restrict-code-execution`: forwarded mode
-//!   (`enableForwardingHttpRequest`), the caller's request as is.
-//! - `POST /restrict-code-execution`: payload mode, the host's envelope.
+//! - Forwarded mode (`enableForwardingHttpRequest`), the caller's request as is:
+//!   `POST /api/restrict-code-execution`,
+//!   `GET /api/restrict-code-execution/actions/{actionId}`,
+//!   `POST /api/restrict-code-execution/actions/{actionId}/cancel`,
+//!   `GET /api/openapi.json`.
+//! - Payload mode, the host's envelope: `POST /{FunctionName}` for each
+//!   function folder (`restrict-code-execution`, `action-status`,
+//!   `cancel-action`, `openapi`).
 //!
-//! Both POST routes run the same [`invocation::invoke`].
+//! Both modes build the same [`Invocation`] and run [`invocation::invoke`].
+
+use std::collections::BTreeMap;
 
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{Request, State},
-    http::{HeaderMap, HeaderValue, header},
+    extract::{RawPathParams, Request, State},
+    http::{HeaderMap, HeaderValue, header, request::Parts},
     response::{IntoResponse, Response},
-    routing::{get, post},
+    routing::{MethodRouter, get, post},
 };
 use http_body_util::{BodyExt, Limited};
 use tower_http::trace::TraceLayer;
+use url::Url;
 
 use crate::{
     envelope,
     error::ApiError,
-    invocation::{self, AppState, Reply},
-    runbook::MAX_PAYLOAD_BYTES,
+    invocation::{self, AppState, Function, Invocation},
+    reply::{Format, Reply},
+    runbook::{MAX_PAYLOAD_BYTES, RunbookError},
 };
 
 /// The function's name: its folder, its route and its payload-mode path.
@@ -30,19 +39,46 @@ pub const FUNCTION_NAME: &str = "restrict-code-execution";
 
 /// The router, without a socket, so tests can drive it in-process.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let mut router = Router::new()
         .route("/", get(ready))
         .route(
-            &format!("/api/{FUNCTION_NAME}"),
-            post(forwarded).fallback(method_not_allowed),
+            "/api/restrict-code-execution",
+            forwarded_route(Function::Restrict),
         )
         .route(
-            &format!("/{FUNCTION_NAME}"),
-            post(payload_mode).fallback(method_not_allowed),
+            "/api/restrict-code-execution/actions/{actionId}",
+            forwarded_route(Function::ActionStatus),
         )
+        .route(
+            "/api/restrict-code-execution/actions/{actionId}/cancel",
+            forwarded_route(Function::CancelAction),
+        )
+        .route("/api/openapi.json", forwarded_route(Function::OpenApi));
+    for function in Function::ALL {
+        router = router.route(
+            &format!("/{}", function.name()),
+            post(move |state: State<AppState>, request: Request| {
+                payload_mode(state, function, request)
+            })
+            .fallback(method_not_allowed),
+        );
+    }
+    router
         .fallback(route_not_found)
         .layer(TraceLayer::new_for_http())
         .with_state(state)
+}
+
+/// A forwarded-mode route for `function`, answering other methods with 405.
+fn forwarded_route(function: Function) -> MethodRouter<AppState> {
+    let handler = move |state: State<AppState>, params: RawPathParams, request: Request| {
+        forwarded(state, function, params, request)
+    };
+    match function {
+        Function::ActionStatus | Function::OpenApi => get(handler),
+        Function::Restrict | Function::CancelAction => post(handler),
+    }
+    .fallback(method_not_allowed)
 }
 
 /// Answers at once: the host only needs a response to count us as ready.
@@ -50,41 +86,61 @@ async fn ready() -> &'static str {
     "ready"
 }
 
-async fn forwarded(State(state): State<AppState>, request: Request) -> Response {
-    let invocation_id = invocation::invocation_id(request.headers());
-    let reply = match read_limited(request.into_body(), MAX_PAYLOAD_BYTES).await {
-        Ok(body) => invocation::invoke(&state, &invocation_id, &body).await,
-        Err(BodyError::TooLarge) => Reply::error(
-            &ApiError::InvalidRequest(crate::runbook::RunbookError::TooLarge {
-                limit: MAX_PAYLOAD_BYTES,
-            }),
-            &invocation_id,
-        ),
-        Err(BodyError::Read(e)) => Reply::error(
-            &ApiError::InvalidEnvelope(format!("the request body could not be read: {e}")),
-            &invocation_id,
-        ),
+async fn forwarded(
+    State(state): State<AppState>,
+    function: Function,
+    params: RawPathParams,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let id = invocation::invocation_id(&parts.headers);
+    let format = Format::from_accept(header_str(&parts.headers, header::ACCEPT));
+    let body = match read_limited(body, MAX_PAYLOAD_BYTES).await {
+        Ok(body) => body,
+        Err(error) => return reply_response(&Reply::error(&error, &id, format), &id),
     };
-    reply_response(&reply, &invocation_id)
+    let invocation = Invocation {
+        id: id.clone(),
+        function,
+        method: parts.method.as_str().to_owned(),
+        headers: headers(&parts.headers),
+        query: query(&parts),
+        params: params
+            .iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect(),
+        body: body.to_vec(),
+        url: caller_url(&parts),
+    };
+    let reply = invocation::invoke(&state, invocation).await;
+    reply_response(&reply, &id)
 }
 
-async fn payload_mode(State(state): State<AppState>, request: Request) -> Response {
-    let invocation_id = invocation::invocation_id(request.headers());
-    let reply = match read_limited(request.into_body(), envelope::MAX_ENVELOPE_BYTES).await {
+async fn payload_mode(
+    State(state): State<AppState>,
+    function: Function,
+    request: Request,
+) -> Response {
+    let (parts, body) = request.into_parts();
+    let id = invocation::invocation_id(&parts.headers);
+    let reply = match read_limited(body, envelope::MAX_ENVELOPE_BYTES).await {
         Ok(bytes) => match envelope::parse(&bytes) {
-            Ok(trigger) => invocation::invoke(&state, &invocation_id, &trigger.body).await,
-            Err(e) => Reply::error(&e, &invocation_id),
+            Ok(trigger) => {
+                let invocation = Invocation {
+                    id: id.clone(),
+                    function,
+                    method: trigger.method,
+                    headers: trigger.headers,
+                    query: trigger.query,
+                    params: trigger.params,
+                    body: trigger.body,
+                    url: trigger.url,
+                };
+                invocation::invoke(&state, invocation).await
+            }
+            Err(e) => Reply::error(&e, &id, Format::Json),
         },
-        Err(BodyError::TooLarge) => Reply::error(
-            &ApiError::InvalidRequest(crate::runbook::RunbookError::TooLarge {
-                limit: MAX_PAYLOAD_BYTES,
-            }),
-            &invocation_id,
-        ),
-        Err(BodyError::Read(e)) => Reply::error(
-            &ApiError::InvalidEnvelope(format!("the envelope could not be read: {e}")),
-            &invocation_id,
-        ),
+        Err(error) => Reply::error(&error, &id, Format::Json),
     };
     // Always 200 application/json: the host fails the invocation with an empty
     // 500 on anything else and the caller would never see our answer.
@@ -97,19 +153,27 @@ async fn payload_mode(State(state): State<AppState>, request: Request) -> Respon
 }
 
 async fn method_not_allowed(headers: HeaderMap, request: Request) -> Response {
-    let invocation_id = invocation::invocation_id(&headers);
+    let id = invocation::invocation_id(&headers);
     let error = ApiError::MethodNotAllowed(request.method().to_string());
-    let mut response = reply_response(&Reply::error(&error, &invocation_id), &invocation_id);
+    let allow = if request.uri().path().ends_with("/cancel")
+        || request.uri().path() == "/api/restrict-code-execution"
+        || !request.uri().path().starts_with("/api/")
+    {
+        "POST"
+    } else {
+        "GET"
+    };
+    let mut response = reply_response(&Reply::error(&error, &id, Format::Json), &id);
     response
         .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static("POST"));
+        .insert(header::ALLOW, HeaderValue::from_static(allow));
     response
 }
 
 async fn route_not_found(headers: HeaderMap, request: Request) -> Response {
-    let invocation_id = invocation::invocation_id(&headers);
+    let id = invocation::invocation_id(&headers);
     let error = ApiError::RouteNotFound(request.uri().path().to_owned());
-    reply_response(&Reply::error(&error, &invocation_id), &invocation_id)
+    reply_response(&Reply::error(&error, &id, Format::Json), &id)
 }
 
 fn reply_response(reply: &Reply, invocation_id: &str) -> Response {
@@ -126,16 +190,68 @@ fn reply_response(reply: &Reply, invocation_id: &str) -> Response {
     response
 }
 
-enum BodyError {
-    TooLarge,
-    Read(String),
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    headers.get(name).and_then(|v| v.to_str().ok())
+}
+
+/// Lowercase names, every value, as the payload-mode envelope has them.
+fn headers(headers: &HeaderMap) -> BTreeMap<String, Vec<String>> {
+    let mut map: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for (name, value) in headers {
+        if let Ok(value) = value.to_str() {
+            map.entry(name.as_str().to_owned())
+                .or_default()
+                .push(value.to_owned());
+        }
+    }
+    map
+}
+
+fn query(parts: &Parts) -> Vec<(String, String)> {
+    parts
+        .uri
+        .query()
+        .map(|q| {
+            url::form_urlencoded::parse(q.as_bytes())
+                .into_owned()
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The URL the caller used. The host forwards the original `Host`; TLS ends
+/// at the platform's front end, which sets `X-Forwarded-Proto`.
+fn caller_url(parts: &Parts) -> Option<Url> {
+    let host = header_str(&parts.headers, header::HOST)?;
+    let scheme = match header_str(
+        &parts.headers,
+        header::HeaderName::from_static("x-forwarded-proto"),
+    ) {
+        Some(proto) if proto.eq_ignore_ascii_case("http") => "http",
+        Some(_) => "https",
+        None if host.starts_with("localhost")
+            || host.starts_with("127.0.0.1")
+            || host.starts_with("[::1]") =>
+        {
+            "http"
+        }
+        None => "https",
+    };
+    let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
+    Url::parse(&format!("{scheme}://{host}{path_and_query}")).ok()
 }
 
 /// Read a body, refusing more than `limit` bytes without buffering them.
-async fn read_limited(body: Body, limit: usize) -> Result<Bytes, BodyError> {
+async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(BodyError::TooLarge),
-        Err(e) => Err(BodyError::Read(e.to_string())),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::InvalidRequest(RunbookError::TooLarge {
+                limit: MAX_PAYLOAD_BYTES,
+            }))
+        }
+        Err(e) => Err(ApiError::InvalidEnvelope(format!(
+            "the request body could not be read: {e}"
+        ))),
     }
 }

@@ -83,6 +83,7 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
     Ok(AppState::new(
         Restrictor::new(client, settings.comment_include_caller),
         settings.request_timeout,
+        settings.allowed_caller_roles.clone(),
     ))
 }
 

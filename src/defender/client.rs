@@ -93,7 +93,7 @@ pub struct DefenderClient {
     retry: RetryPolicy,
 }
 
-/// A created action: typed for our decisions, raw to hand back exactly as
+/// A machine action: typed for our decisions, raw to hand back exactly as
 /// Defender sent it.
 #[derive(Debug, Clone)]
 pub struct CreatedAction {
@@ -211,6 +211,27 @@ impl DefenderClient {
         Ok(page.value)
     }
 
+    /// `GET /api/machineactions/{id}`; `None` when Defender does not know the id.
+    pub async fn action(
+        &self,
+        action_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<CreatedAction>, DefenderError> {
+        let op = Operation::GetAction;
+        let url = self.url(op, &format!("api/machineactions/{action_id}"))?;
+        match self
+            .send::<Value>(self.get(op, Endpoint::GetAction, url), deadline)
+            .await
+        {
+            Ok(raw) => Ok(Some(CreatedAction {
+                action: typed_action(op, &raw)?,
+                raw,
+            })),
+            Err(DefenderError::Status { status: 404, .. }) => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
     /// `POST /api/machines/{id}/restrictCodeExecution` (or unrestrict).
     /// Never resent after an ambiguous failure.
     pub async fn create_action(
@@ -246,7 +267,7 @@ impl DefenderClient {
         action_id: &str,
         comment: &str,
         deadline: Instant,
-    ) -> Result<MachineAction, DefenderError> {
+    ) -> Result<CreatedAction, DefenderError> {
         let op = Operation::CancelAction;
         let url = self.url(op, &format!("api/machineactions/{action_id}/cancel"))?;
         let body = CommentBody {
@@ -255,7 +276,8 @@ impl DefenderClient {
         let raw: Value = self
             .send(self.post(op, Endpoint::Cancel, url, &body), deadline)
             .await?;
-        typed_action(op, &raw)
+        let action = typed_action(op, &raw)?;
+        Ok(CreatedAction { action, raw })
     }
 
     fn get(&self, op: Operation, endpoint: Endpoint, url: Url) -> Call<'static> {

@@ -14,6 +14,7 @@ pub enum Operation {
     GetMachine,
     CreateAction,
     ListActions,
+    GetAction,
     CancelAction,
 }
 
@@ -25,6 +26,7 @@ impl Operation {
             Self::CreateAction => "creating the machine action",
             Self::ListActions => "listing the machine's actions",
             Self::CancelAction => "cancelling the pending action",
+            Self::GetAction => "reading the machine action",
         }
     }
 

@@ -79,6 +79,11 @@ pub enum ActionStatus {
 }
 
 impl ActionStatus {
+    /// The status named by Defender's string, if it is one we know.
+    pub fn parse(value: &str) -> Option<Self> {
+        serde_json::from_value(Value::String(value.to_owned())).ok()
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "Pending",

@@ -17,22 +17,27 @@ pub const COMMENT: &str = "comment";
 pub const CALLER_NAME: &str = "callerName";
 pub const FORCE: &str = "force";
 pub const CANCEL_PENDING: &str = "cancelPending";
+pub const DEVICE_IDS: &str = "deviceIds";
+pub const WAIT: &str = "wait";
 
-/// Every field the payload may carry, in their documented spelling.
+/// Every field the runbook payload may carry, in their documented spelling.
 pub const ACCEPTED: &[&str] = &[
     DEVICE_ID,
+    DEVICE_IDS,
     RELEASE,
     COMMENT,
     CALLER_NAME,
     FORCE,
     CANCEL_PENDING,
+    WAIT,
 ];
 
 /// Known fields, keyed by their canonical name.
 pub struct Fields(Vec<(&'static str, Value)>);
 
 impl Fields {
-    pub fn parse(body: &[u8]) -> Result<Self, RunbookError> {
+    /// Parse an object whose fields must all be among `accepted`.
+    pub fn parse(body: &[u8], accepted: &[&'static str]) -> Result<Self, RunbookError> {
         let raw: RawObject = serde_json::from_slice(body).map_err(|e| {
             if e.is_data() {
                 // The only data error our visitor raises is "not an object".
@@ -44,10 +49,10 @@ impl Fields {
 
         let mut known: Vec<(&'static str, Value)> = Vec::with_capacity(raw.0.len());
         for (key, value) in raw.0 {
-            let Some(canonical) = ACCEPTED.iter().find(|c| c.eq_ignore_ascii_case(&key)) else {
+            let Some(canonical) = accepted.iter().find(|c| c.eq_ignore_ascii_case(&key)) else {
                 return Err(RunbookError::UnknownField {
                     field: key,
-                    accepted: ACCEPTED.join(", "),
+                    accepted: accepted.join(", "),
                 });
             };
             if known.iter().any(|(k, _)| k == canonical) {
@@ -108,13 +113,17 @@ mod tests {
 
     #[test]
     fn invalid_json_inside_an_object_is_not_json_rather_than_not_object() {
-        let err = Fields::parse(br#"{"deviceId": tru}"#).err().unwrap();
+        let err = Fields::parse(br#"{"deviceId": tru}"#, ACCEPTED)
+            .err()
+            .unwrap();
         assert!(matches!(err, RunbookError::NotJson(_)), "{err:?}");
     }
 
     #[test]
     fn trailing_garbage_is_not_json() {
-        let err = Fields::parse(br#"{"deviceId":"x"} {}"#).err().unwrap();
+        let err = Fields::parse(br#"{"deviceId":"x"} {}"#, ACCEPTED)
+            .err()
+            .unwrap();
         assert!(matches!(err, RunbookError::NotJson(_)), "{err:?}");
     }
 }

@@ -9,6 +9,8 @@ mod device;
 mod fields;
 mod text;
 
+use std::time::Duration;
+
 use serde_json::Value;
 use thiserror::Error;
 
@@ -17,11 +19,24 @@ pub use text::{CallerName, Comment};
 
 /// Largest accepted payload. Real payloads are a few hundred bytes.
 pub const MAX_PAYLOAD_BYTES: usize = 64 * 1024;
+/// Most devices in one `deviceIds` call.
+pub const MAX_DEVICES: usize = 50;
+/// Longest `wait`: well inside the 230 s an HTTP-triggered function may take.
+pub const MAX_WAIT_SECONDS: u64 = 180;
+
+/// Which devices to act on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// `deviceId`.
+    One(DeviceRef),
+    /// `deviceIds`: distinct devices in input order (a repeated id is acted on once).
+    Many(Vec<DeviceRef>),
+}
 
 /// What the caller asked for, fully validated.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunbookRequest {
-    pub device: DeviceRef,
+    pub target: Target,
     /// `true` lifts the restriction, `false` (the default) restricts.
     pub release: bool,
     pub comment: Comment,
@@ -30,6 +45,8 @@ pub struct RunbookRequest {
     pub force: bool,
     /// Cancel a pending action of the opposite type instead of refusing.
     pub cancel_pending: bool,
+    /// Poll the action until it is finished, for at most this long.
+    pub wait: Option<Duration>,
 }
 
 /// Why a payload was rejected. Each message names the field and what is accepted.
@@ -79,17 +96,13 @@ impl RunbookRequest {
         if body.iter().all(u8::is_ascii_whitespace) {
             return Err(RunbookError::Empty);
         }
-        let fields = fields::Fields::parse(body)?;
+        let fields = fields::Fields::parse(body, fields::ACCEPTED)?;
 
-        let device = match fields.get(fields::DEVICE_ID) {
-            None | Some(Value::Null) => {
-                return Err(RunbookError::Missing {
-                    field: fields::DEVICE_ID,
-                });
-            }
-            Some(Value::String(s)) => DeviceRef::parse(s)?,
-            Some(other) => return Err(wrong_type(fields::DEVICE_ID, "a string", other)),
-        };
+        let target = parse_target(
+            fields.get(fields::DEVICE_ID),
+            fields.get(fields::DEVICE_IDS),
+        )?;
+        let wait = parse_wait(fields.get(fields::WAIT))?;
         let flag = |name: &'static str| match fields.get(name) {
             None => Ok(false),
             Some(v) => parse_bool(name, v),
@@ -101,13 +114,108 @@ impl RunbookRequest {
         let caller = CallerName::parse(fields.get(fields::CALLER_NAME))?;
 
         Ok(Self {
-            device,
+            target,
             release,
             comment,
             caller,
             force,
             cancel_pending,
+            wait,
         })
+    }
+
+    /// The single device, when the request names one (`deviceId`).
+    pub fn single_device(&self) -> Option<&DeviceRef> {
+        match &self.target {
+            Target::One(device) => Some(device),
+            Target::Many(_) => None,
+        }
+    }
+}
+
+/// The comment-only body of the cancel function: `{"comment": "..."}`.
+pub fn parse_cancel_comment(body: &[u8]) -> Result<Option<Comment>, RunbookError> {
+    if body.len() > MAX_PAYLOAD_BYTES {
+        return Err(RunbookError::TooLarge {
+            limit: MAX_PAYLOAD_BYTES,
+        });
+    }
+    // An empty body is fine here: the comment is optional.
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Ok(None);
+    }
+    let fields = fields::Fields::parse(body, &[fields::COMMENT])?;
+    match fields.get(fields::COMMENT) {
+        None | Some(Value::Null) => Ok(None),
+        value => Comment::parse(value).map(Some),
+    }
+}
+
+fn parse_target(one: Option<&Value>, many: Option<&Value>) -> Result<Target, RunbookError> {
+    match (one, many) {
+        (Some(v), Some(_)) if !v.is_null() => Err(RunbookError::Invalid {
+            field: fields::DEVICE_IDS,
+            reason: "cannot be combined with deviceId; send one or the other".into(),
+        }),
+        (_, Some(Value::Array(items))) => {
+            if items.is_empty() || items.len() > MAX_DEVICES {
+                return Err(RunbookError::Invalid {
+                    field: fields::DEVICE_IDS,
+                    reason: format!("must list 1 to {MAX_DEVICES} devices, got {}", items.len()),
+                });
+            }
+            let mut devices: Vec<DeviceRef> = Vec::with_capacity(items.len());
+            for (index, item) in items.iter().enumerate() {
+                let device = match item {
+                    Value::String(s) => DeviceRef::parse(s).map_err(|e| RunbookError::Invalid {
+                        field: fields::DEVICE_IDS,
+                        reason: format!("item {index}: {e}"),
+                    })?,
+                    other => {
+                        return Err(RunbookError::Invalid {
+                            field: fields::DEVICE_IDS,
+                            reason: format!(
+                                "item {index} must be a string, got {}",
+                                describe(other)
+                            ),
+                        });
+                    }
+                };
+                if !devices.contains(&device) {
+                    devices.push(device);
+                }
+            }
+            Ok(Target::Many(devices))
+        }
+        (_, Some(Value::Null)) | (None, None) | (Some(Value::Null), None) => {
+            Err(RunbookError::Missing {
+                field: fields::DEVICE_ID,
+            })
+        }
+        (_, Some(other)) => Err(wrong_type(fields::DEVICE_IDS, "an array of strings", other)),
+        (Some(Value::String(s)), None) => Ok(Target::One(DeviceRef::parse(s)?)),
+        (Some(other), None) => Err(wrong_type(fields::DEVICE_ID, "a string", other)),
+    }
+}
+
+/// Whole seconds, 0 to [`MAX_WAIT_SECONDS`], as a JSON number or a string of digits.
+fn parse_wait(value: Option<&Value>) -> Result<Option<Duration>, RunbookError> {
+    let seconds = match value {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Number(n)) => n.as_u64(),
+        Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+        Some(_) => None,
+    };
+    match seconds {
+        Some(0) => Ok(None),
+        Some(s) if s <= MAX_WAIT_SECONDS => Ok(Some(Duration::from_secs(s))),
+        _ => Err(RunbookError::Invalid {
+            field: fields::WAIT,
+            reason: format!(
+                "must be a whole number of seconds from 0 to {MAX_WAIT_SECONDS}, got {}",
+                value.map_or_else(|| "nothing".to_owned(), describe)
+            ),
+        }),
     }
 }
 
@@ -222,6 +330,49 @@ mod tests {
         assert_eq!(err.field().as_deref(), Some("force"));
         let err = parse(&format!(r#"{{"deviceId":"{AAD}","cancelPending":null}}"#)).unwrap_err();
         assert_eq!(err.field().as_deref(), Some("cancelPending"));
+    }
+
+    #[test]
+    fn device_ids_are_deduplicated_in_order_and_exclusive_with_device_id() {
+        let m = "c5cb89852ce0d21636c0491709a4571b5f190e75";
+        let r = parse(&format!(
+            r#"{{"deviceIds":["{AAD}","{m}","{}"]}}"#,
+            AAD.to_uppercase()
+        ))
+        .unwrap();
+        let Target::Many(devices) = r.target else {
+            panic!("bulk")
+        };
+        assert_eq!(devices.len(), 2);
+        assert_eq!(devices[0].to_string(), AAD);
+        let err = parse(&format!(r#"{{"deviceId":"{AAD}","deviceIds":["{AAD}"]}}"#)).unwrap_err();
+        assert_eq!(err.field().as_deref(), Some("deviceIds"));
+        let err = parse(r#"{"deviceIds":[]}"#).unwrap_err();
+        assert_eq!(err.field().as_deref(), Some("deviceIds"));
+        let many = vec![format!("\"{AAD}\""); 51].join(",");
+        assert!(parse(&format!(r#"{{"deviceIds":[{many}]}}"#)).is_err());
+        let err = parse(&format!(r#"{{"deviceIds":["{AAD}", "nope"]}}"#)).unwrap_err();
+        assert!(err.to_string().contains("item 1"), "{err}");
+    }
+
+    #[test]
+    fn wait_is_bounded_whole_seconds() {
+        let r = parse(&format!(r#"{{"deviceId":"{AAD}","wait":"30"}}"#)).unwrap();
+        assert_eq!(r.wait, Some(Duration::from_secs(30)));
+        for bad in ["-1", "181", "1.5", "\"soon\"", "true"] {
+            let err = parse(&format!(r#"{{"deviceId":"{AAD}","wait":{bad}}}"#)).unwrap_err();
+            assert_eq!(err.field().as_deref(), Some("wait"), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_cancel_body_takes_only_a_comment() {
+        assert_eq!(parse_cancel_comment(b"").unwrap(), None);
+        let c = parse_cancel_comment(br#"{"Comment":"stop"}"#)
+            .unwrap()
+            .unwrap();
+        assert_eq!(c.as_str(), "stop");
+        assert!(parse_cancel_comment(br#"{"deviceId":"x"}"#).is_err());
     }
 
     #[test]

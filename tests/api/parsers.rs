@@ -4,7 +4,11 @@
 //! amount of work every time.
 
 use proptest::prelude::*;
-use restrict_code_execution::{envelope, error::ApiError, runbook::RunbookRequest};
+use restrict_code_execution::{
+    envelope,
+    error::ApiError,
+    runbook::{RunbookRequest, Target},
+};
 use serde_json::{Map, Value, json};
 
 const CASES: u32 = 3000;
@@ -44,6 +48,8 @@ fn field_name() -> impl Strategy<Value = String> {
         "callerName",
         "force",
         "cancelPending",
+        "deviceIds",
+        "wait",
         "relase",
         "device_id",
     ]);
@@ -116,7 +122,9 @@ proptest! {
                 .join(",")
         );
         let result = RunbookRequest::parse(body.as_bytes());
-        let known = ["deviceid", "release", "comment", "callername", "force", "cancelpending"];
+        let known = [
+            "deviceid", "deviceids", "release", "comment", "callername", "force", "cancelpending", "wait",
+        ];
         let lower: Vec<String> = fields.iter().map(|(k, _)| k.to_ascii_lowercase()).collect();
         if let Ok(request) = &result {
             // Accepted means: only known names, each once, and clean values.
@@ -129,8 +137,13 @@ proptest! {
             prop_assert_eq!(unique.len(), lower.len(), "accepted a repeated field");
             prop_assert!(request.comment.as_str().chars().count() <= 1000);
             prop_assert!(!request.comment.as_str().chars().any(char::is_control));
-            let device = request.device.to_string();
-            prop_assert!(device.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'), "{device}");
+            let devices = match &request.target {
+                Target::One(device) => vec![device.to_string()],
+                Target::Many(devices) => devices.iter().map(ToString::to_string).collect(),
+            };
+            for device in devices {
+                prop_assert!(device.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-'), "{device}");
+            }
             // `release` is true only when the caller said so.
             if request.release {
                 let said_true = fields.iter().any(|(k, v)| {

@@ -1,0 +1,112 @@
+//! `cancel-action`: `POST /api/restrict-code-execution/actions/{actionId}/cancel`
+//! with an optional `{"comment": "..."}`.
+//!
+//! Only restrict and unrestrict actions are cancelled here (the permission
+//! would allow cancelling any type; this tool does not). A finished action
+//! gives 409 with its status.
+
+use http::StatusCode;
+use tokio::time::Instant;
+
+use crate::{
+    defender::{CreatedAction, DefenderError, models::ActionStatus},
+    error::ApiError,
+    functions::{action_id, status::StatusBody},
+    invocation::{AppState, Invocation},
+    principal::Principal,
+    reply::Reply,
+    restrict::comment_for_defender,
+    runbook::{CallerName, Comment, parse_cancel_comment},
+};
+
+const DEFAULT_COMMENT: &str = "Cancelled through restrict-code-execution.";
+
+pub async fn run(state: &AppState, invocation: &Invocation, principal: Option<Principal>) -> Reply {
+    let format = invocation.format();
+    match cancel(state, invocation, principal).await {
+        Ok(cancelled) => {
+            let body = StatusBody::new(&cancelled, &invocation.id);
+            tracing::info!(action_id = %body.action_id, action_status = %body.status, "action cancelled");
+            Reply::new(
+                StatusCode::OK,
+                format,
+                &body,
+                || format!("Cancelled. {}\n", body.message),
+                format!("Cancelled. {}", body.message),
+            )
+        }
+        Err(error) => {
+            tracing::warn!(status = error.status().as_u16(), outcome = error.code(), error = %error, "cancel failed");
+            Reply::error(&error, &invocation.id, format)
+        }
+    }
+}
+
+async fn cancel(
+    state: &AppState,
+    invocation: &Invocation,
+    principal: Option<Principal>,
+) -> Result<CreatedAction, ApiError> {
+    let id = action_id(invocation.params.get("actionId"))?;
+    let comment = parse_cancel_comment(&invocation.body)?;
+    let caller = principal.and_then(|p| p.name).and_then(|n| {
+        CallerName::parse(Some(&serde_json::Value::String(n)))
+            .ok()
+            .flatten()
+    });
+    let comment = comment.map_or_else(
+        || Comment::parse(Some(&serde_json::json!(DEFAULT_COMMENT))),
+        Ok,
+    )?;
+    let restrictor = state.restrictor();
+    let comment = comment_for_defender(&comment, caller.as_ref(), restrictor.include_caller());
+    let client = restrictor.client();
+    let deadline = Instant::now() + state.request_timeout();
+
+    let current = client
+        .action(&id, deadline)
+        .await?
+        .ok_or_else(|| ApiError::ActionNotFound(id.clone()))?;
+    if current.action.typed_type().is_none() {
+        return Err(ApiError::UnsupportedActionType {
+            action_id: id,
+            action_type: current.action.action_type,
+        });
+    }
+    check_pending(&current)?;
+
+    match client.cancel_action(&id, &comment, deadline).await {
+        Ok(cancelled) => Ok(cancelled),
+        // Finished meanwhile, or the answer was lost: read the action again.
+        Err(
+            e @ (DefenderError::Status { status: 400, .. }
+            | DefenderError::Timeout { .. }
+            | DefenderError::Transport { .. }
+            | DefenderError::Decode { .. }
+            | DefenderError::Status {
+                status: 500..=599, ..
+            }),
+        ) => {
+            let latest = client
+                .action(&id, deadline)
+                .await?
+                .ok_or_else(|| ApiError::ActionNotFound(id.clone()))?;
+            if latest.action.status == ActionStatus::Cancelled.as_str() {
+                return Ok(latest);
+            }
+            check_pending(&latest)?;
+            Err(ApiError::from(e))
+        }
+        Err(e) => Err(ApiError::from(e)),
+    }
+}
+
+fn check_pending(found: &CreatedAction) -> Result<(), ApiError> {
+    match ActionStatus::parse(&found.action.status) {
+        Some(status) if status.is_terminal() => Err(ApiError::ActionNotPending {
+            action_id: found.action.id.clone(),
+            status: found.action.status.clone(),
+        }),
+        _ => Ok(()),
+    }
+}

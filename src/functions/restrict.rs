@@ -1,0 +1,487 @@
+//! `restrict-code-execution`: restrict or release one device (`deviceId`) or
+//! several (`deviceIds`), optionally waiting for the action to finish or
+//! answering asynchronously (`Prefer: respond-async`).
+
+use std::time::Duration;
+
+use futures_util::{StreamExt, stream};
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::{
+    error::{ApiError, Problem},
+    invocation::{AppState, Invocation},
+    principal::Principal,
+    reply::Reply,
+    restrict::{Outcome, Success},
+    runbook::{CallerName, DeviceRef, RunbookRequest, Target},
+};
+
+/// Devices acted on at the same time in a `deviceIds` call; the shared rate
+/// budget paces them further.
+const BULK_CONCURRENCY: usize = 8;
+/// What a Logic App is told to wait between polls of the status route.
+pub const POLL_AFTER_SECONDS: u64 = 5;
+/// Time kept back from the invocation's budget to answer after `wait`.
+const ANSWER_MARGIN: Duration = Duration::from_secs(2);
+
+pub async fn run(state: &AppState, invocation: &Invocation, principal: Option<Principal>) -> Reply {
+    let started = Instant::now();
+    let format = invocation.format();
+    let mut request = match RunbookRequest::parse(&invocation.body) {
+        Ok(request) => request,
+        Err(e) => {
+            let error = ApiError::from(e);
+            log_result(None, None, &Err(&error), started, error.status());
+            return Reply::error(&error, &invocation.id, format);
+        }
+    };
+    // An authenticated caller who did not name themselves is still recorded.
+    if request.caller.is_none() {
+        let name = principal.and_then(|p| p.name);
+        request.caller =
+            name.and_then(|n| CallerName::parse(Some(&Value::String(n))).ok().flatten());
+    }
+
+    let deadline = started + state.request_timeout();
+    match request.target.clone() {
+        Target::One(device) => {
+            single(state, invocation, &request, &device, deadline, started).await
+        }
+        Target::Many(devices) => {
+            bulk(state, invocation, &request, &devices, deadline, started).await
+        }
+    }
+}
+
+async fn single(
+    state: &AppState,
+    invocation: &Invocation,
+    request: &RunbookRequest,
+    device: &DeviceRef,
+    deadline: Instant,
+    started: Instant,
+) -> Reply {
+    let format = invocation.format();
+    let result = act(state, request, device, deadline).await;
+    let status = match &result {
+        Ok(success) => success_status(success.outcome),
+        Err(error) => error.status(),
+    };
+    log_result(
+        Some(request),
+        Some(device),
+        &result.as_ref(),
+        started,
+        status,
+    );
+    let success = match result {
+        Ok(success) => success,
+        Err(error) => {
+            let mut reply = Reply::error(&error, &invocation.id, format);
+            reply.summary = format!("{}: {}", headline(request, device), reply.summary);
+            return reply;
+        }
+    };
+
+    let body = SuccessBody::new(request, device, &success, &invocation.id);
+    let mut reply = Reply::new(
+        status,
+        format,
+        &body,
+        || render_text(request, device, &success),
+        body.message.clone(),
+    );
+    // Logic Apps' asynchronous pattern: 202 plus where to poll.
+    if invocation.prefers_async()
+        && !success.terminal()
+        && let Some(location) = invocation.status_url(&success.action_id)
+    {
+        reply.status = StatusCode::ACCEPTED;
+        reply = reply
+            .with_header("Location", location)
+            .with_header("Retry-After", POLL_AFTER_SECONDS.to_string())
+            .with_header("Preference-Applied", "respond-async".to_owned());
+    }
+    reply
+}
+
+/// Act on one device, then wait for the action when asked to.
+async fn act(
+    state: &AppState,
+    request: &RunbookRequest,
+    device: &DeviceRef,
+    deadline: Instant,
+) -> Result<Success, ApiError> {
+    let restrictor = state.restrictor();
+    // The deadline bounds every wait inside; this outer bound is a backstop.
+    let backstop = deadline + Duration::from_secs(1);
+    let mut success = tokio::time::timeout_at(backstop, restrictor.run(device, request, deadline))
+        .await
+        .map_err(|_| {
+            ApiError::Timeout(format!(
+                "the invocation did not finish within {} s (REQUEST_TIMEOUT_SECONDS). A machine \
+                 action may or may not have been created: check the device's action history \
+                 before retrying.",
+                state.request_timeout().as_secs()
+            ))
+        })??;
+    if let Some(wait) = request.wait {
+        let until =
+            (Instant::now() + wait).min(deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline));
+        // A failed poll leaves the answer as it was: the action exists either way.
+        if let Err(e) = success
+            .wait_until_terminal(restrictor.client(), until)
+            .await
+        {
+            tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
+        }
+    }
+    Ok(success)
+}
+
+async fn bulk(
+    state: &AppState,
+    invocation: &Invocation,
+    request: &RunbookRequest,
+    devices: &[DeviceRef],
+    deadline: Instant,
+    started: Instant,
+) -> Reply {
+    let format = invocation.format();
+    let mut results: Vec<(usize, DeviceResult)> = stream::iter(devices.iter().cloned().enumerate())
+        .map(|(index, device)| async move {
+            let device = &device;
+            let device_started = Instant::now();
+            let result = act(state, request, device, deadline).await;
+            let status = match &result {
+                Ok(s) => success_status(s.outcome),
+                Err(e) => e.status(),
+            };
+            log_result(
+                Some(request),
+                Some(device),
+                &result.as_ref(),
+                device_started,
+                status,
+            );
+            let item = match result {
+                Ok(success) => DeviceResult::Ok(Box::new(SuccessBody::new(
+                    request,
+                    device,
+                    &success,
+                    &invocation.id,
+                ))),
+                Err(error) => DeviceResult::Failed {
+                    device_id: device.to_string(),
+                    status: error.status().as_u16(),
+                    problem: Box::new(error.problem(&invocation.id)),
+                },
+            };
+            (index, item)
+        })
+        .buffer_unordered(BULK_CONCURRENCY)
+        .collect()
+        .await;
+    results.sort_by_key(|(index, _)| *index);
+    let results: Vec<DeviceResult> = results.into_iter().map(|(_, r)| r).collect();
+
+    let failed = results
+        .iter()
+        .filter(|r| matches!(r, DeviceResult::Failed { .. }))
+        .count();
+    let status = if failed == 0 {
+        StatusCode::OK
+    } else {
+        StatusCode::MULTI_STATUS
+    };
+    let summary = format!(
+        "{} {} device(s): {} succeeded, {failed} failed.",
+        if request.release {
+            "Released"
+        } else {
+            "Restricted"
+        },
+        results.len(),
+        results.len() - failed
+    );
+    tracing::info!(
+        devices = results.len(),
+        failed,
+        status = status.as_u16(),
+        duration_ms = millis(started),
+        "bulk invocation finished"
+    );
+    let body = BulkBody {
+        release: request.release,
+        succeeded: results.len() - failed,
+        failed,
+        results: &results,
+        invocation_id: &invocation.id,
+    };
+    Reply::new(
+        status,
+        format,
+        &body,
+        || render_bulk_text(request, &results, &summary),
+        summary.clone(),
+    )
+}
+
+fn success_status(outcome: Outcome) -> StatusCode {
+    match outcome {
+        Outcome::Requested => StatusCode::CREATED,
+        Outcome::AlreadyPending | Outcome::AlreadyInState => StatusCode::OK,
+    }
+}
+
+/// The JSON answer for one device.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SuccessBody {
+    outcome: Outcome,
+    status: u16,
+    message: String,
+    device_id: String,
+    release: bool,
+    machine: MachineSummary,
+    candidates: usize,
+    /// Whether the action is finished (Succeeded, Failed, TimeOut, Cancelled).
+    terminal: bool,
+    action: Value,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    cancelled_action_ids: Vec<String>,
+    invocation_id: String,
+}
+
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+struct MachineSummary {
+    id: String,
+    computer_dns_name: Option<String>,
+    aad_device_id: Option<String>,
+    health_status: Option<String>,
+    last_seen: Option<String>,
+}
+
+impl SuccessBody {
+    fn new(
+        request: &RunbookRequest,
+        device: &DeviceRef,
+        success: &Success,
+        invocation_id: &str,
+    ) -> Self {
+        let machine = &success.machine;
+        Self {
+            outcome: success.outcome,
+            status: success_status(success.outcome).as_u16(),
+            message: message(request, success),
+            device_id: device.to_string(),
+            release: request.release,
+            machine: MachineSummary {
+                id: machine.id.clone(),
+                computer_dns_name: machine.computer_dns_name.clone(),
+                aad_device_id: machine.aad_device_id.clone(),
+                health_status: machine.health_status.clone(),
+                last_seen: machine.last_seen.clone(),
+            },
+            candidates: success.candidates,
+            terminal: success.terminal(),
+            action: success.action.clone(),
+            cancelled_action_ids: success.cancelled.clone(),
+            invocation_id: invocation_id.to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum DeviceResult {
+    Ok(Box<SuccessBody>),
+    #[serde(rename_all = "camelCase")]
+    Failed {
+        device_id: String,
+        status: u16,
+        problem: Box<Problem>,
+    },
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct BulkBody<'a> {
+    release: bool,
+    succeeded: usize,
+    failed: usize,
+    results: &'a [DeviceResult],
+    invocation_id: &'a str,
+}
+
+fn what(request: &RunbookRequest) -> &'static str {
+    if request.release {
+        "Removal of the app execution restriction"
+    } else {
+        "App execution restriction"
+    }
+}
+
+fn message(request: &RunbookRequest, success: &Success) -> String {
+    let machine = &success.machine;
+    let name = machine.computer_dns_name.as_deref().unwrap_or("(unnamed)");
+    let what = what(request);
+    let mut message = match success.outcome {
+        Outcome::Requested => format!(
+            "{what} requested for device {name} (machine {}); Defender action {} is {}.",
+            machine.id, success.action_id, success.action_status
+        ),
+        Outcome::AlreadyPending => format!(
+            "{what} was already requested for device {name} (machine {}); Defender action {} \
+             is {}, so no new action was created.",
+            machine.id, success.action_id, success.action_status
+        ),
+        Outcome::AlreadyInState => format!(
+            "Device {name} (machine {}) is already {}: Defender action {} {}. Nothing was sent; \
+             send \"force\": true to act anyway.",
+            machine.id,
+            if request.release {
+                "without the app execution restriction"
+            } else {
+                "restricted to Microsoft-signed apps"
+            },
+            success.action_id,
+            success.action_status
+        ),
+    };
+    if !success.cancelled.is_empty() {
+        message.push_str(&format!(
+            " Cancelled the pending opposite action(s) {} first.",
+            success.cancelled.join(", ")
+        ));
+    }
+    message
+}
+
+/// The runbook's first line: what is being done to which device.
+fn headline(request: &RunbookRequest, device: &DeviceRef) -> String {
+    let verb = if request.release {
+        "Releasing"
+    } else {
+        "Restricting"
+    };
+    let kind = match device {
+        DeviceRef::AadDevice(_) => "DeviceId",
+        DeviceRef::Machine(_) => "MachineId",
+    };
+    format!("{verb} code execution on device ({kind} {device})")
+}
+
+/// Runbook-console lines, as RealmJoin's runbook printed them.
+fn render_text(request: &RunbookRequest, device: &DeviceRef, success: &Success) -> String {
+    let machine = &success.machine;
+    let name = machine.computer_dns_name.as_deref().unwrap_or("(unnamed)");
+    let verb = if request.release {
+        "Releasing"
+    } else {
+        "Restricting"
+    };
+    let mut lines = vec![
+        format!("{verb} code execution on device {name} (DeviceId {device})"),
+        format!(
+            "Defender machine {} ({} matching record{})",
+            machine.id,
+            success.candidates,
+            if success.candidates == 1 { "" } else { "s" }
+        ),
+    ];
+    for id in &success.cancelled {
+        lines.push(format!("Cancelled pending opposite action {id}"));
+    }
+    lines.push(match success.outcome {
+        Outcome::Requested => format!(
+            "Successfully requested: action {} is {}.",
+            success.action_id, success.action_status
+        ),
+        Outcome::AlreadyPending => format!(
+            "Already requested: action {} is {}; nothing new was sent.",
+            success.action_id, success.action_status
+        ),
+        Outcome::AlreadyInState => format!(
+            "Already done: action {} {}; nothing was sent (use force to act anyway).",
+            success.action_id, success.action_status
+        ),
+    });
+    lines.join("\n") + "\n"
+}
+
+fn render_bulk_text(request: &RunbookRequest, results: &[DeviceResult], summary: &str) -> String {
+    let verb = if request.release {
+        "Releasing"
+    } else {
+        "Restricting"
+    };
+    let mut out = String::new();
+    for result in results {
+        match result {
+            DeviceResult::Ok(body) => {
+                out.push_str(&format!(
+                    "{verb} code execution on device {}: {}\n",
+                    body.device_id, body.message
+                ));
+            }
+            DeviceResult::Failed {
+                device_id, problem, ..
+            } => {
+                out.push_str(&format!(
+                    "{verb} code execution on device {device_id}: Error ({}, HTTP {}): {}\n",
+                    problem.code, problem.status, problem.detail
+                ));
+            }
+        }
+    }
+    out.push_str(summary);
+    out.push('\n');
+    out
+}
+
+/// The one structured line per device and invocation. Never a token: nothing
+/// here can hold one.
+fn log_result(
+    request: Option<&RunbookRequest>,
+    device: Option<&DeviceRef>,
+    result: &Result<&Success, &ApiError>,
+    started: Instant,
+    status: StatusCode,
+) {
+    let duration_ms = millis(started);
+    let device_id = device.map(ToString::to_string);
+    let release = request.map(|r| r.release);
+    let caller_name = request.and_then(|r| r.caller.as_ref()).map(|c| c.as_str());
+    match result {
+        Ok(success) => tracing::info!(
+            device_id,
+            machine_id = %success.machine.id,
+            release,
+            outcome = ?success.outcome,
+            action_id = %success.action_id,
+            action_status = %success.action_status,
+            caller_name,
+            status = status.as_u16(),
+            duration_ms,
+            "invocation succeeded"
+        ),
+        Err(error) => {
+            let code = error.code();
+            let detail = error.to_string();
+            if status.is_server_error() {
+                tracing::error!(device_id, release, outcome = code, caller_name, status = status.as_u16(), duration_ms, error = %detail, "invocation failed");
+            } else {
+                tracing::warn!(device_id, release, outcome = code, caller_name, status = status.as_u16(), duration_ms, error = %detail, "invocation rejected");
+            }
+        }
+    }
+}
+
+fn millis(started: Instant) -> u64 {
+    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,121 @@
+//! `action-status`: `GET /api/restrict-code-execution/actions/{actionId}`.
+//!
+//! The machine action as Defender has it, with `terminal`. While the action
+//! is Pending or InProgress the answer is 202 with `Location` (this URL) and
+//! `Retry-After`, and 200 once it is finished: exactly what a Logic Apps HTTP
+//! action polls until it is done.
+
+use http::StatusCode;
+use serde::Serialize;
+use serde_json::Value;
+use tokio::time::Instant;
+
+use crate::{
+    defender::{CreatedAction, models::ActionStatus},
+    error::ApiError,
+    functions::{action_id, restrict::POLL_AFTER_SECONDS},
+    invocation::{AppState, Invocation},
+    reply::Reply,
+};
+
+pub async fn run(state: &AppState, invocation: &Invocation) -> Reply {
+    let format = invocation.format();
+    match read(state, invocation).await {
+        Ok((id, found)) => {
+            let body = StatusBody::new(&found, &invocation.id);
+            let terminal = body.terminal;
+            let mut reply = Reply::new(
+                if terminal {
+                    StatusCode::OK
+                } else {
+                    StatusCode::ACCEPTED
+                },
+                format,
+                &body,
+                || format!("{}\n", body.message),
+                body.message.clone(),
+            );
+            if !terminal {
+                if let Some(location) = invocation.status_url(&id) {
+                    reply = reply.with_header("Location", location);
+                }
+                reply = reply.with_header("Retry-After", POLL_AFTER_SECONDS.to_string());
+            }
+            tracing::info!(action_id = %id, action_status = %found.action.status, terminal, "action status read");
+            reply
+        }
+        Err(error) => {
+            tracing::warn!(status = error.status().as_u16(), outcome = error.code(), error = %error, "action status failed");
+            Reply::error(&error, &invocation.id, format)
+        }
+    }
+}
+
+async fn read(
+    state: &AppState,
+    invocation: &Invocation,
+) -> Result<(String, CreatedAction), ApiError> {
+    let id = action_id(invocation.params.get("actionId"))?;
+    let deadline = Instant::now() + state.request_timeout();
+    match state.restrictor().client().action(&id, deadline).await? {
+        Some(found) => Ok((id, found)),
+        None => Err(ApiError::ActionNotFound(id)),
+    }
+}
+
+/// The answer of the status and cancel functions.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusBody {
+    pub action_id: String,
+    #[serde(rename = "type")]
+    pub action_type: String,
+    pub status: String,
+    /// Succeeded, Failed, TimeOut and Cancelled are final.
+    pub terminal: bool,
+    pub machine_id: Option<String>,
+    pub computer_dns_name: Option<String>,
+    pub requestor_comment: Option<String>,
+    pub creation_date_time_utc: Option<String>,
+    pub last_update_date_time_utc: Option<String>,
+    pub message: String,
+    /// The machine action exactly as Defender returned it.
+    pub action: Value,
+    pub invocation_id: String,
+}
+
+impl StatusBody {
+    pub fn new(found: &CreatedAction, invocation_id: &str) -> Self {
+        let a = &found.action;
+        let terminal = ActionStatus::parse(&a.status).is_some_and(ActionStatus::is_terminal);
+        let message = format!(
+            "Action {} ({}) on machine {} is {}{}.",
+            a.id,
+            a.action_type,
+            a.computer_dns_name
+                .as_deref()
+                .or(a.machine_id.as_deref())
+                .unwrap_or("(unknown)"),
+            a.status,
+            if terminal {
+                ", which is final"
+            } else {
+                "; poll again later"
+            }
+        );
+        Self {
+            action_id: a.id.clone(),
+            action_type: a.action_type.clone(),
+            status: a.status.clone(),
+            terminal,
+            machine_id: a.machine_id.clone(),
+            computer_dns_name: a.computer_dns_name.clone(),
+            requestor_comment: a.requestor_comment.clone(),
+            creation_date_time_utc: a.creation_date_time_utc.clone(),
+            last_update_date_time_utc: a.last_update_date_time_utc.clone(),
+            message,
+            action: found.raw.clone(),
+            invocation_id: invocation_id.to_owned(),
+        }
+    }
+}

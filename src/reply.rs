@@ -1,0 +1,163 @@
+//! The answer to a caller, before it is wrapped for the host, and the choice
+//! between JSON (the default) and readable text (`Accept: text/plain`, for
+//! runbook consoles and chat).
+
+use http::StatusCode;
+use serde::Serialize;
+
+use crate::error::ApiError;
+
+/// How the caller wants the answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    Json,
+    Text,
+}
+
+impl Format {
+    /// Text only when the caller prefers `text/plain` over JSON; `*/*`,
+    /// no header, or a tie keeps JSON.
+    pub fn from_accept(accept: Option<&str>) -> Self {
+        let Some(accept) = accept else {
+            return Self::Json;
+        };
+        let (mut text, mut json) = (0.0_f32, 0.0_f32);
+        let (mut text_named, mut json_named) = (false, false);
+        for range in accept.split(',') {
+            let mut parts = range.split(';');
+            let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+            let q = parts
+                .filter_map(|p| p.trim().strip_prefix("q="))
+                .find_map(|q| q.trim().parse::<f32>().ok())
+                .unwrap_or(1.0);
+            match media.as_str() {
+                "text/plain" => {
+                    text = text.max(q);
+                    text_named = true;
+                }
+                "application/json" | "application/problem+json" => {
+                    json = json.max(q);
+                    json_named = true;
+                }
+                "text/*" => text = text.max(q.min(0.99)),
+                "application/*" => json = json.max(q.min(0.99)),
+                "*/*" => {
+                    text = text.max(q.min(0.98));
+                    json = json.max(q.min(0.98));
+                }
+                _ => {}
+            }
+        }
+        if text > json || (text == json && text > 0.0 && text_named && !json_named) {
+            Self::Text
+        } else {
+            Self::Json
+        }
+    }
+}
+
+/// A finished answer.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub content_type: &'static str,
+    /// Extra headers: Location, Retry-After, Preference-Applied.
+    pub extra_headers: Vec<(&'static str, String)>,
+    pub body: String,
+    /// One human line for the host's invocation log (payload mode `Logs`).
+    pub summary: String,
+}
+
+impl Reply {
+    /// A JSON answer, or its text rendering.
+    pub fn new(
+        status: StatusCode,
+        format: Format,
+        json: &impl Serialize,
+        text: impl FnOnce() -> String,
+        summary: String,
+    ) -> Self {
+        match format {
+            Format::Json => Self {
+                status,
+                content_type: "application/json",
+                extra_headers: Vec::new(),
+                body: serde_json::to_string(json).unwrap_or_else(|_| "{}".to_owned()),
+                summary,
+            },
+            Format::Text => Self {
+                status,
+                content_type: "text/plain; charset=utf-8",
+                extra_headers: Vec::new(),
+                body: text(),
+                summary,
+            },
+        }
+    }
+
+    /// The problem answer for an error.
+    pub fn error(error: &ApiError, invocation_id: &str, format: Format) -> Self {
+        let problem = error.problem(invocation_id);
+        let summary = format!("{} ({}): {}", problem.title, problem.code, problem.detail);
+        let mut reply = match format {
+            Format::Json => Self {
+                status: error.status(),
+                content_type: "application/problem+json",
+                extra_headers: Vec::new(),
+                body: serde_json::to_string(&problem)
+                    .unwrap_or_else(|_| format!(r#"{{"code":"{}"}}"#, problem.code)),
+                summary: summary.clone(),
+            },
+            Format::Text => Self {
+                status: error.status(),
+                content_type: "text/plain; charset=utf-8",
+                extra_headers: Vec::new(),
+                body: format!(
+                    "Error: {} ({}, HTTP {})\n{}\nInvocation {}\n",
+                    problem.title, problem.code, problem.status, problem.detail, invocation_id
+                ),
+                summary: summary.clone(),
+            },
+        };
+        if let Some(seconds) = error.retry_after() {
+            reply
+                .extra_headers
+                .push(("Retry-After", seconds.to_string()));
+        }
+        reply
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: String) -> Self {
+        self.extra_headers.push((name, value));
+        self
+    }
+
+    /// Response headers, as the caller must receive them.
+    pub fn headers(&self) -> Vec<(&'static str, String)> {
+        let mut headers = vec![("Content-Type", self.content_type.to_owned())];
+        headers.extend(self.extra_headers.iter().cloned());
+        headers
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn json_unless_text_is_preferred() {
+        for (accept, want) in [
+            (None, Format::Json),
+            (Some("*/*"), Format::Json),
+            (Some("application/json"), Format::Json),
+            (Some("text/plain"), Format::Text),
+            (Some("text/plain, */*"), Format::Text),
+            (Some("application/json, text/plain"), Format::Json),
+            (Some("application/json;q=0.5, text/plain"), Format::Text),
+            (Some("text/plain;q=0.1, application/json"), Format::Json),
+            (Some("text/html"), Format::Json),
+        ] {
+            assert_eq!(Format::from_accept(accept), want, "{accept:?}");
+        }
+    }
+}
