@@ -20,6 +20,28 @@ use crate::{
 /// The two app roles the identity needs on WindowsDefenderATP.
 pub const REQUIRED_ROLES: &str = "Machine.Read.All and Machine.RestrictExecution";
 
+/// Every `code` an answer can carry (the OpenAPI document and the README's
+/// troubleshooting table list the same; a test checks they agree).
+pub const CODES: &[&str] = &[
+    "invalid_request",
+    "payload_too_large",
+    "invalid_envelope",
+    "device_not_found",
+    "conflicting_action_pending",
+    "unsupported_device",
+    "rate_limited",
+    "defender_forbidden",
+    "authentication_failed",
+    "defender_error",
+    "defender_timeout",
+    "action_not_found",
+    "action_not_pending",
+    "unsupported_action_type",
+    "caller_forbidden",
+    "route_not_found",
+    "method_not_allowed",
+];
+
 /// An invocation that did not succeed.
 #[derive(Debug, Error)]
 pub enum ApiError {

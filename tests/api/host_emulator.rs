@@ -11,11 +11,62 @@ use serde_json::{Map, Value, json};
 pub const HOST_VERSION: &str = "4.1037.0.0";
 pub const FUNCTION_NAME: &str = "restrict-code-execution";
 
+/// Which function the caller calls, and how the host addresses it.
+#[derive(Debug, Clone)]
+pub struct Route {
+    /// The function folder's name (payload mode path).
+    pub function: &'static str,
+    pub method: &'static str,
+    /// The public path, as forwarded (`/api/...`).
+    pub path: String,
+    /// Route parameters (`Data.req.Params`).
+    pub params: Vec<(&'static str, String)>,
+}
+
+impl Route {
+    pub fn restrict() -> Self {
+        Self {
+            function: FUNCTION_NAME,
+            method: "POST",
+            path: format!("/api/{FUNCTION_NAME}"),
+            params: Vec::new(),
+        }
+    }
+
+    pub fn status(action_id: &str) -> Self {
+        Self {
+            function: "action-status",
+            method: "GET",
+            path: format!("/api/{FUNCTION_NAME}/actions/{action_id}"),
+            params: vec![("actionId", action_id.to_owned())],
+        }
+    }
+
+    pub fn cancel(action_id: &str) -> Self {
+        Self {
+            function: "cancel-action",
+            method: "POST",
+            path: format!("/api/{FUNCTION_NAME}/actions/{action_id}/cancel"),
+            params: vec![("actionId", action_id.to_owned())],
+        }
+    }
+
+    pub fn openapi() -> Self {
+        Self {
+            function: "openapi",
+            method: "GET",
+            path: "/api/openapi.json".to_owned(),
+            params: Vec::new(),
+        }
+    }
+}
+
 /// What the caller (curl, a Logic App, a webhook) sent to the function URL.
 #[derive(Debug, Clone)]
 pub struct CallerRequest {
     pub body: Option<String>,
     pub headers: Vec<(String, String)>,
+    pub query: Vec<(String, String)>,
     pub invocation_id: String,
 }
 
@@ -24,6 +75,7 @@ impl CallerRequest {
         Self {
             body: Some(body.into()),
             headers: vec![("Content-Type".into(), "application/json".into())],
+            query: Vec::new(),
             invocation_id: uuid::Uuid::new_v4().to_string(),
         }
     }
@@ -32,8 +84,19 @@ impl CallerRequest {
         Self {
             body: None,
             headers: Vec::new(),
+            query: Vec::new(),
             invocation_id: uuid::Uuid::new_v4().to_string(),
         }
+    }
+
+    pub fn header(mut self, name: &str, value: &str) -> Self {
+        self.headers.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    pub fn query(mut self, name: &str, value: &str) -> Self {
+        self.query.push((name.to_owned(), value.to_owned()));
+        self
     }
 
     pub fn invocation_id(mut self, id: &str) -> Self {
@@ -103,9 +166,19 @@ impl HostEmulator {
     /// host's headers added; the handler's answer reaches the caller as is.
     /// The host forwards a body only when it had a Content-Length.
     pub async fn forwarded(&self, request: &CallerRequest) -> ClientResponse {
+        self.forwarded_to(&Route::restrict(), request).await
+    }
+
+    /// Forwarded mode for any function.
+    pub async fn forwarded_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
+        let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
+        let mut url = reqwest::Url::parse(&format!("{}{}", self.base(), route.path)).unwrap();
+        if !request.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(request.query.iter());
+        }
         let mut builder = self
             .client
-            .post(format!("{}/api/{FUNCTION_NAME}", self.base()))
+            .request(method, url)
             .header("Host", "localhost:7071")
             .header("X-Azure-Functions-HostVersion", HOST_VERSION)
             .header("X-Azure-Functions-InvocationId", &request.invocation_id)
@@ -134,13 +207,28 @@ impl HostEmulator {
     /// §4: payload mode. The host POSTs the envelope (chunked) to
     /// `/<FunctionName>` and renders the `res` output for the caller (§5).
     pub async fn payload(&self, request: &CallerRequest) -> ClientResponse {
-        let envelope = envelope_for(request);
-        self.payload_raw(envelope.to_string(), &request.invocation_id)
+        self.payload_to(&Route::restrict(), request).await
+    }
+
+    /// Payload mode for any function.
+    pub async fn payload_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
+        let envelope = envelope_for_route(route, request);
+        self.payload_raw_to(route.function, envelope.to_string(), &request.invocation_id)
             .await
     }
 
     /// Payload mode with an arbitrary envelope text.
     pub async fn payload_raw(&self, envelope: String, invocation_id: &str) -> ClientResponse {
+        self.payload_raw_to(FUNCTION_NAME, envelope, invocation_id)
+            .await
+    }
+
+    async fn payload_raw_to(
+        &self,
+        function: &str,
+        envelope: String,
+        invocation_id: &str,
+    ) -> ClientResponse {
         // A stream body has no length, so reqwest sends it chunked, as the host does.
         let chunks: Vec<Result<Vec<u8>, std::io::Error>> = envelope
             .into_bytes()
@@ -149,7 +237,7 @@ impl HostEmulator {
             .collect();
         let response = self
             .client
-            .post(format!("{}/{FUNCTION_NAME}", self.base()))
+            .post(format!("{}/{function}", self.base()))
             .header("X-Azure-Functions-HostVersion", HOST_VERSION)
             .header("X-Azure-Functions-InvocationId", invocation_id)
             .header("User-Agent", format!("Azure-Functions-Host/{HOST_VERSION}"))
@@ -174,8 +262,13 @@ impl HostEmulator {
     }
 }
 
-/// The envelope the host builds for an http trigger named `req`.
+/// The envelope the host builds for the restrict function's trigger.
 pub fn envelope_for(request: &CallerRequest) -> Value {
+    envelope_for_route(&Route::restrict(), request)
+}
+
+/// The envelope the host builds for an http trigger named `req`.
+pub fn envelope_for_route(route: &Route, request: &CallerRequest) -> Value {
     let mut headers = Map::new();
     let mut meta_headers = Map::new();
     for (k, v) in &request.headers {
@@ -186,15 +279,23 @@ pub fn envelope_for(request: &CallerRequest) -> Value {
     headers.insert("User-Agent".into(), json!(["curl/8.5.0"]));
 
     let mut req = Map::new();
-    req.insert(
-        "Url".into(),
-        json!(format!(
-            "http://localhost:7071/api/{FUNCTION_NAME}?code=abc"
-        )),
-    );
-    req.insert("Method".into(), json!("POST"));
-    req.insert("Query".into(), json!({"code": "abc"}));
-    req.insert("Params".into(), json!({}));
+    let mut url = reqwest::Url::parse(&format!("http://localhost:7071{}", route.path)).unwrap();
+    let mut query = Map::new();
+    if !request.query.is_empty() {
+        url.query_pairs_mut().extend_pairs(request.query.iter());
+        for (k, v) in &request.query {
+            query.insert(k.clone(), json!(v));
+        }
+    }
+    req.insert("Url".into(), json!(url.to_string()));
+    req.insert("Method".into(), json!(route.method));
+    req.insert("Query".into(), Value::Object(query.clone()));
+    let params: Map<String, Value> = route
+        .params
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), json!(v)))
+        .collect();
+    req.insert("Params".into(), Value::Object(params.clone()));
     req.insert(
         "Identities".into(),
         json!([{
@@ -229,11 +330,15 @@ pub fn envelope_for(request: &CallerRequest) -> Value {
         }
     }
     req.insert("Headers".into(), Value::Object(headers));
-    metadata.insert("Query".into(), json!({"code": "abc"}));
+    // §4.2: route params and query keys (except code) also arrive double-encoded.
+    for (k, v) in &params {
+        metadata.insert(k.clone(), json!(v.to_string()));
+    }
+    metadata.insert("Query".into(), Value::Object(query));
     metadata.insert("Headers".into(), Value::Object(meta_headers));
     metadata.insert(
         "sys".into(),
-        json!({"MethodName": FUNCTION_NAME, "UtcNow": "2026-11-28T10:00:00.1234567Z", "RandGuid": uuid::Uuid::new_v4().to_string()}),
+        json!({"MethodName": route.function, "UtcNow": "2026-11-28T10:00:00.1234567Z", "RandGuid": uuid::Uuid::new_v4().to_string()}),
     );
     json!({"Data": {"req": Value::Object(req)}, "Metadata": Value::Object(metadata)})
 }

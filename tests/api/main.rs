@@ -10,6 +10,7 @@
 mod helpers;
 mod host_emulator;
 
+mod callers;
 mod cli;
 mod host_protocol;
 mod parsers;
