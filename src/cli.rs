@@ -45,6 +45,12 @@ struct ServeArgs {
     /// Port to listen on (default: FUNCTIONS_CUSTOMHANDLER_PORT, else 3000).
     #[arg(long)]
     port: Option<u16>,
+    /// With --simulate: the simulated clock's speed (10 makes actions finish ten times faster).
+    #[arg(long, default_value_t = 1.0, requires = "simulate")]
+    sim_speed: f64,
+    /// With --simulate: turn the simulated tenant's rate limits off.
+    #[arg(long, requires = "simulate")]
+    sim_no_rate_limits: bool,
 }
 
 #[derive(Debug, Args)]
@@ -103,7 +109,16 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let settings = Settings::from_env()?;
     let port = args.port.unwrap_or(settings.port);
     let (state, sim) = if args.simulate {
-        let (settings, sim) = simulated(settings).await?;
+        let config = SimConfig {
+            speed: args.sim_speed,
+            rate_limits: if args.sim_no_rate_limits {
+                None
+            } else {
+                SimConfig::default().rate_limits
+            },
+            ..SimConfig::default()
+        };
+        let (settings, sim) = simulated(settings, config).await?;
         (
             startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
             Some(sim),
@@ -153,7 +168,7 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
     let prepared = async {
         let settings = Settings::from_env()?;
         if args.simulate {
-            let (settings, sim) = simulated(settings).await?;
+            let (settings, sim) = simulated(settings, SimConfig::default()).await?;
             Ok::<_, StartupError>((
                 startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
                 Some(sim),
@@ -195,8 +210,11 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
 }
 
 /// Start the embedded simulator and point the settings at it.
-async fn simulated(mut settings: Settings) -> Result<(Settings, SimHandle), StartupError> {
-    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), SimConfig::default())
+async fn simulated(
+    mut settings: Settings,
+    config: SimConfig,
+) -> Result<(Settings, SimHandle), StartupError> {
+    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
         .await
         .map_err(StartupError::Simulator)?;
     settings.api_url = url::Url::parse(&sim.url()).map_err(|e| {

@@ -262,11 +262,6 @@ impl HostEmulator {
     }
 }
 
-/// The envelope the host builds for the restrict function's trigger.
-pub fn envelope_for(request: &CallerRequest) -> Value {
-    envelope_for_route(&Route::restrict(), request)
-}
-
 /// The envelope the host builds for an http trigger named `req`.
 pub fn envelope_for_route(route: &Route, request: &CallerRequest) -> Value {
     let mut headers = Map::new();
