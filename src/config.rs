@@ -151,6 +151,8 @@ pub struct Settings {
     /// Client-side budget per Defender endpoint (Defender's own limits).
     pub rate_limit_per_minute: u32,
     pub rate_limit_per_hour: u32,
+    /// Speed of the rate budget's clock (benchmarks against a sped-up simulator).
+    pub rate_clock_speed: f64,
     /// App roles a caller must hold one of (App Service Authentication);
     /// empty means no check.
     pub allowed_caller_roles: Vec<String>,
@@ -226,9 +228,10 @@ impl Settings {
             defender_timeout: seconds(&get, "DEFENDER_TIMEOUT_SECONDS", 30)?,
             token_timeout: seconds(&get, "TOKEN_TIMEOUT_SECONDS", 20)?,
             comment_include_caller: boolean(&get, "COMMENT_INCLUDE_CALLER", true)?,
-            request_timeout: seconds(&get, "REQUEST_TIMEOUT_SECONDS", 230)?,
+            request_timeout: request_timeout(&get)?,
             rate_limit_per_minute: count(&get, "DEFENDER_RATE_LIMIT_PER_MINUTE", 100)?,
             rate_limit_per_hour: count(&get, "DEFENDER_RATE_LIMIT_PER_HOUR", 1500)?,
+            rate_clock_speed: clock_speed(&get, "DEFENDER_RATE_CLOCK_SPEED")?,
             allowed_caller_roles: get("ALLOWED_CALLER_ROLES")
                 .map(|v| {
                     v.split([',', ';'])
@@ -276,6 +279,22 @@ fn seconds(
     }
 }
 
+/// The invocation's time budget: 220 s by default, at most 230 s, the time
+/// Azure's front end gives an HTTP-triggered function to answer (and well
+/// inside the 5-minute functionTimeout, which restarts the handler).
+fn request_timeout(get: &impl Fn(&str) -> Option<String>) -> Result<Duration, ConfigError> {
+    const NAME: &str = "REQUEST_TIMEOUT_SECONDS";
+    let timeout = seconds(get, NAME, 220)?;
+    if timeout > Duration::from_secs(230) {
+        return Err(ConfigError {
+            name: NAME,
+            value: timeout.as_secs().to_string(),
+            reason: "expected at most 230 seconds (the front end's limit for HTTP answers)".into(),
+        });
+    }
+    Ok(timeout)
+}
+
 fn count(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
@@ -290,6 +309,24 @@ fn count(
             name,
             value: v,
             reason: "expected a whole number between 1 and 1000000".into(),
+        }),
+    }
+}
+
+/// A clock speed factor: 1 (real time) unless set, at most a million.
+fn clock_speed(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+) -> Result<f64, ConfigError> {
+    let Some(v) = get(name) else {
+        return Ok(1.0);
+    };
+    match v.trim().parse::<f64>() {
+        Ok(n) if (1.0..=1_000_000.0).contains(&n) => Ok(n),
+        _ => Err(ConfigError {
+            name,
+            value: v,
+            reason: "expected a number between 1 and 1000000".into(),
         }),
     }
 }
@@ -404,6 +441,22 @@ mod tests {
             CredentialSettings::ClientSecret { .. }
         ));
         assert!(!format!("{s:?}").contains("s3cr3t"));
+    }
+
+    #[test]
+    fn the_rate_clock_runs_in_real_time_unless_sped_up() {
+        assert_eq!(settings(&[]).unwrap().rate_clock_speed, 1.0);
+        let s = settings(&[("DEFENDER_RATE_CLOCK_SPEED", "60")]).unwrap();
+        assert_eq!(s.rate_clock_speed, 60.0);
+        for bad in ["0.5", "0", "-1", "NaN", "inf", "fast"] {
+            assert_eq!(
+                settings(&[("DEFENDER_RATE_CLOCK_SPEED", bad)])
+                    .unwrap_err()
+                    .name,
+                "DEFENDER_RATE_CLOCK_SPEED",
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -8,8 +8,10 @@
 //! 1. an opposite-type action still Pending/InProgress is a conflict: refuse,
 //!    or cancel it first when the caller asked for that (`cancelPending`);
 //! 2. a same-type action still Pending/InProgress is returned as is;
-//! 3. when the newest Succeeded action is of the wanted type, the device is
-//!    already in the wanted state (unless `force`);
+//! 3. when the Succeeded action that *finished* last is of the wanted type,
+//!    the device is already in the wanted state (unless `force`). Finishing
+//!    order, not creation order: an action for an offline device can finish
+//!    long after a later one;
 //! 4. otherwise act.
 //!
 //! Failed, TimeOut and Cancelled actions do not change the state. With no
@@ -75,15 +77,26 @@ pub fn decide(machine_id: &str, actions: &[MachineAction], wanted: Wanted) -> De
     if let Some(same) = pending(wanted.action).next() {
         return Decision::AlreadyPending(same);
     }
+    // The state is what the last action to *finish* left behind.
     let newest_succeeded = relevant
         .iter()
-        .find(|(_, _, s)| *s == ActionStatus::Succeeded);
+        .filter(|(_, _, s)| *s == ActionStatus::Succeeded)
+        .max_by_key(|(a, _, _)| finished(a));
     match newest_succeeded {
         Some((a, t, _)) if *t == wanted.action && !wanted.force => {
             Decision::AlreadyInState((*a).clone())
         }
         _ => Decision::Act,
     }
+}
+
+/// When an action reached its state: its last update, else its creation.
+fn finished(action: &MachineAction) -> Option<OffsetDateTime> {
+    action
+        .last_update_date_time_utc
+        .as_deref()
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+        .or_else(|| created(action))
 }
 
 /// Unknown or unparseable creation times sort as the oldest.
@@ -181,6 +194,22 @@ mod tests {
             ..wanted(R)
         };
         assert_eq!(decide(M, &restricted, forced), Decision::Act);
+    }
+
+    #[test]
+    fn the_action_that_finished_last_decides_even_if_it_was_created_first() {
+        // A restrict for an offline device, created at :00, finished at :30;
+        // a release created at :05 finished at :06. The device is restricted.
+        let mut restrict = action("r", R, "Succeeded", 0);
+        restrict.last_update_date_time_utc = Some("2026-11-28T10:30:00Z".into());
+        let mut release = action("u", U, "Succeeded", 5);
+        release.last_update_date_time_utc = Some("2026-11-28T10:06:00Z".into());
+        let actions = [release, restrict];
+        assert_eq!(decide(M, &actions, wanted(U)), Decision::Act);
+        assert_eq!(
+            decide(M, &actions, wanted(R)),
+            Decision::AlreadyInState(actions[1].clone())
+        );
     }
 
     #[test]

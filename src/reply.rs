@@ -21,8 +21,8 @@ impl Format {
         let Some(accept) = accept else {
             return Self::Json;
         };
-        let (mut text, mut json) = (0.0_f32, 0.0_f32);
-        let (mut text_named, mut json_named) = (false, false);
+        // The q of the most specific range that matches each type.
+        let mut ranges: Vec<(String, f32)> = Vec::new();
         for range in accept.split(',') {
             let mut parts = range.split(';');
             let media = parts.next().unwrap_or("").trim().to_ascii_lowercase();
@@ -30,24 +30,20 @@ impl Format {
                 .filter_map(|p| p.trim().strip_prefix("q="))
                 .find_map(|q| q.trim().parse::<f32>().ok())
                 .unwrap_or(1.0);
-            match media.as_str() {
-                "text/plain" => {
-                    text = text.max(q);
-                    text_named = true;
-                }
-                "application/json" | "application/problem+json" => {
-                    json = json.max(q);
-                    json_named = true;
-                }
-                "text/*" => text = text.max(q.min(0.99)),
-                "application/*" => json = json.max(q.min(0.99)),
-                "*/*" => {
-                    text = text.max(q.min(0.98));
-                    json = json.max(q.min(0.98));
-                }
-                _ => {}
-            }
+            ranges.push((media, q));
         }
+        let q_of = |specific: &[&str], family: &str| -> (f32, bool) {
+            let find = |name: &str| ranges.iter().find(|(m, _)| m == name).map(|(_, q)| *q);
+            if let Some(q) = specific.iter().find_map(|name| find(name)) {
+                return (q, true);
+            }
+            (find(family).or_else(|| find("*/*")).unwrap_or(0.0), false)
+        };
+        let (text, text_named) = q_of(&["text/plain"], "text/*");
+        let (json, json_named) = q_of(
+            &["application/json", "application/problem+json"],
+            "application/*",
+        );
         if text > json || (text == json && text > 0.0 && text_named && !json_named) {
             Self::Text
         } else {
@@ -156,6 +152,8 @@ mod tests {
             (Some("application/json;q=0.5, text/plain"), Format::Text),
             (Some("text/plain;q=0.1, application/json"), Format::Json),
             (Some("text/html"), Format::Json),
+            (Some("text/plain;q=0, */*"), Format::Json),
+            (Some("text/*"), Format::Text),
         ] {
             assert_eq!(Format::from_accept(accept), want, "{accept:?}");
         }

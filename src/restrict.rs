@@ -29,6 +29,9 @@ use crate::{
 /// POSTs of one action per invocation at most: the first, and re-sends after
 /// ambiguous failures that left no action behind.
 const MAX_POSTS: usize = 3;
+/// Pause before re-reading after an ambiguous POST, so that an action
+/// Defender committed late is seen rather than duplicated.
+const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Restricts and releases devices through one Defender client.
 #[derive(Debug)]
@@ -49,6 +52,17 @@ pub enum Outcome {
     AlreadyPending,
     /// The newest successful action already did what is asked; nothing was sent.
     AlreadyInState,
+}
+
+impl Outcome {
+    /// The name used in answers and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::AlreadyPending => "already_pending",
+            Self::AlreadyInState => "already_in_state",
+        }
+    }
 }
 
 /// A successful invocation.
@@ -74,6 +88,7 @@ impl Success {
     }
 
     /// Poll the action until it is finished or `until` passes; keep the last state.
+    /// Polls every [`POLL_EVERY`]: reads draw from the same hourly budget.
     pub async fn wait_until_terminal(
         &mut self,
         client: &DefenderClient,
@@ -98,7 +113,7 @@ impl Success {
 }
 
 /// How often `wait` polls the action (Defender allows 100 reads a minute).
-const POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+pub const POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Restrictor {
     pub fn new(client: DefenderClient, include_caller: bool) -> Self {
@@ -152,6 +167,7 @@ impl Restrictor {
         })?;
 
         let mut cancelled = Vec::new();
+        let mut cancel_round_done = false;
         let mut actions = self.client.machine_actions(&machine.id, deadline).await?;
         loop {
             let decision = decision::decide(
@@ -160,7 +176,9 @@ impl Restrictor {
                 Wanted {
                     // Cancel at most once; a second round that still sees a
                     // pending opposite action reports the conflict.
-                    cancel_pending: wanted.cancel_pending && cancelled.is_empty(),
+                    cancel_pending: wanted.cancel_pending
+                        && cancelled.is_empty()
+                        && !cancel_round_done,
                     ..wanted
                 },
             );
@@ -200,9 +218,16 @@ impl Restrictor {
                 }
                 Decision::Cancel(pending) => {
                     let why = format!("Cancelled to apply {}: {comment}", wanted.action.as_str());
+                    let mut attempted = false;
                     for action in pending {
-                        self.cancel(&action, &why, deadline).await?;
-                        cancelled.push(action.id);
+                        attempted = true;
+                        if self.cancel(&action, &why, deadline).await? {
+                            cancelled.push(action.id);
+                        }
+                    }
+                    if cancelled.is_empty() && attempted {
+                        // Each had finished meanwhile; decide again without cancelling.
+                        cancel_round_done = true;
                     }
                     // The state may have moved while cancelling: read it again.
                     actions = self.client.machine_actions(&machine.id, deadline).await?;
@@ -253,9 +278,18 @@ impl Restrictor {
                 return Err(error.into());
             }
 
-            // Did the POST land? Read the actions again (GETs are retried).
+            // Did the POST land? Give Defender a moment to record it, then
+            // read the actions again (GETs are retried).
             tracing::warn!(error = %error, "creating the action failed ambiguously; checking whether it exists");
-            let actions = match self.client.machine_actions(&machine.id, deadline).await {
+            let settle = Instant::now() + SETTLE;
+            if settle < deadline {
+                tokio::time::sleep_until(settle).await;
+            }
+            let actions = match self
+                .client
+                .machine_actions_of(&machine.id, action_type, deadline)
+                .await
+            {
                 Ok(actions) => actions,
                 Err(reread) => {
                     tracing::warn!(error = %reread, "could not re-read the machine's actions");
@@ -290,7 +324,10 @@ impl Restrictor {
         action_type: ActionType,
         deadline: Instant,
     ) -> Result<Success, ApiError> {
-        let actions = self.client.machine_actions(&machine.id, deadline).await?;
+        let actions = self
+            .client
+            .machine_actions_of(&machine.id, action_type, deadline)
+            .await?;
         let pending = actions.into_iter().find(|a| {
             a.typed_type() == Some(action_type)
                 && a.typed_status().is_some_and(|s| !s.is_terminal())
@@ -313,12 +350,14 @@ impl Restrictor {
         }
     }
 
+    /// Cancel one action; `false` when it had reached a final state meanwhile
+    /// (the re-read that follows decides what now).
     async fn cancel(
         &self,
         action: &MachineAction,
         comment: &str,
         deadline: Instant,
-    ) -> Result<(), ApiError> {
+    ) -> Result<bool, ApiError> {
         match self
             .client
             .cancel_action(&action.id, comment, deadline)
@@ -326,10 +365,9 @@ impl Restrictor {
         {
             Ok(cancelled) => {
                 tracing::info!(action_id = %cancelled.action.id, status = %cancelled.action.status, "cancelled a pending opposite action");
-                Ok(())
+                Ok(true)
             }
-            // It reached a final state meanwhile; the re-read decides what now.
-            Err(DefenderError::Status { status: 400, .. }) => Ok(()),
+            Err(DefenderError::Status { status: 400, .. }) => Ok(false),
             Err(e) => Err(ApiError::from(e)),
         }
     }
@@ -369,6 +407,18 @@ impl Restrictor {
                     reason: format!("asked for machine {id}, got machine {}", m.id),
                 }
                 .into()),
+                // A merged record is stale: acting on it would not reach the device.
+                Some(m)
+                    if m.merged_into_machine_id
+                        .as_deref()
+                        .is_some_and(|s| !s.trim().is_empty()) =>
+                {
+                    Err(ApiError::DeviceNotFound(format!(
+                        "Defender machine {id} was merged into machine {}; pass that id as \
+                         deviceId.",
+                        m.merged_into_machine_id.unwrap_or_default()
+                    )))
+                }
                 Some(m) => Ok((m, 1)),
             },
         }

@@ -65,8 +65,39 @@ pub fn router(state: AppState) -> Router {
     }
     router
         .fallback(route_not_found)
-        .layer(TraceLayer::new_for_http())
+        // The span records the path only: the query can hold the function key.
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            tracing::debug_span!("request", method = %request.method(), path = %request.uri().path())
+        }))
         .with_state(state)
+}
+
+/// Match routes as the Functions host does: case-insensitively and with or
+/// without a trailing slash. The host forwards the caller's path as it was
+/// sent, so `/api/Restrict-Code-Execution/` must reach the same function.
+/// Runs before routing (a layer on the router would run after it).
+pub fn normalize_path(mut request: Request) -> Request {
+    let path = request.uri().path();
+    let trimmed = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    let normalized = trimmed.to_ascii_lowercase();
+    if normalized != path {
+        let path_and_query = match request.uri().query() {
+            Some(query) => format!("{normalized}?{query}"),
+            None => normalized,
+        };
+        let mut parts = request.uri().clone().into_parts();
+        if let Ok(pq) = path_and_query.parse() {
+            parts.path_and_query = Some(pq);
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *request.uri_mut() = uri;
+            }
+        }
+    }
+    request
 }
 
 /// A forwarded-mode route for `function`, answering other methods with 405.

@@ -69,10 +69,10 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
         identity_endpoint_set = std::env::var_os("IDENTITY_ENDPOINT").is_some(),
         "Defender client configured"
     );
-    let budget = std::sync::Arc::new(RateBudget::new(
-        settings.rate_limit_per_minute,
-        settings.rate_limit_per_hour,
-    ));
+    let budget = std::sync::Arc::new(
+        RateBudget::new(settings.rate_limit_per_minute, settings.rate_limit_per_hour)
+            .with_clock_speed(settings.rate_clock_speed),
+    );
     let client = DefenderClient::new(
         settings.api_url.clone(),
         http,
@@ -98,11 +98,16 @@ pub async fn bind(port: u16) -> Result<TcpListener, StartupError> {
 
 /// Serve until SIGTERM or Ctrl-C, then let in-flight invocations finish.
 pub async fn serve(listener: TcpListener, state: AppState) -> Result<(), StartupError> {
-    let app = routes::router(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
-        .await
-        .map_err(StartupError::Serve)
+    let app = tower::ServiceBuilder::new()
+        .map_request(routes::normalize_path)
+        .service(routes::router(state));
+    axum::serve(
+        listener,
+        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await
+    .map_err(StartupError::Serve)
 }
 
 async fn shutdown_signal() {

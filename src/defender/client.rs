@@ -35,8 +35,8 @@ use crate::auth::TokenSource;
 /// guard stops a server that keeps handing out nextLinks (a reported API bug).
 const MAX_PAGES: usize = 10;
 
-/// How many of a machine's newest actions are read to learn its state.
-pub const ACTIONS_TOP: usize = 100;
+/// How many of a machine's newest actions of each type are read to learn its state.
+pub const ACTIONS_TOP: usize = 20;
 
 /// Characters escaped inside an OData query value. Spaces become `%20`, as
 /// PowerShell and .NET clients send them.
@@ -154,9 +154,15 @@ impl DefenderClient {
 
         let mut machines = Vec::new();
         for _ in 0..MAX_PAGES {
-            let page: ODataPage<Machine> = self
+            // The docs say the list answers 404 when there are "no recent
+            // machines": that is no match, not a failure.
+            let page: ODataPage<Machine> = match self
                 .send(self.get(op, Endpoint::ListMachines, url.clone()), deadline)
-                .await?;
+                .await
+            {
+                Err(DefenderError::Status { status: 404, .. }) => return Ok(machines),
+                other => other?,
+            };
             machines.extend(page.value);
             match page.next_link {
                 None => return Ok(machines),
@@ -187,23 +193,46 @@ impl DefenderClient {
         }
     }
 
-    /// The machine's newest actions of every type, newest first:
-    /// `GET /api/machineactions?$filter=machineId eq '<id>'&$top=100`.
+    /// The machine's newest restrict and unrestrict actions, newest first.
     ///
-    /// One call for both action types: whether the list accepts `or` is
-    /// undocumented, and two calls would halve the invocations the endpoint's
-    /// rate limit allows.
+    /// Two calls, one per type, made together:
+    /// `GET /api/machineactions?$filter=machineId eq '<id>' and type eq '<type>'&$orderby=creationDateTimeUtc desc&$top=20`.
+    /// Filtering by type keeps the answer about these actions however many
+    /// scans or investigations the machine has; `or` in `$filter` is
+    /// undocumented, so it is not relied on. Defender refuses a second action
+    /// of a type while one is pending, so a pending action is always among the
+    /// newest of its type.
     pub async fn machine_actions(
         &self,
         machine_id: &str,
         deadline: Instant,
     ) -> Result<Vec<MachineAction>, DefenderError> {
+        let (restricts, releases) = tokio::try_join!(
+            self.machine_actions_of(machine_id, ActionType::RestrictCodeExecution, deadline),
+            self.machine_actions_of(machine_id, ActionType::UnrestrictCodeExecution, deadline),
+        )?;
+        let mut actions = restricts;
+        actions.extend(releases);
+        Ok(actions)
+    }
+
+    /// The machine's newest actions of one type, newest first.
+    pub async fn machine_actions_of(
+        &self,
+        machine_id: &str,
+        action: ActionType,
+        deadline: Instant,
+    ) -> Result<Vec<MachineAction>, DefenderError> {
         let op = Operation::ListActions;
-        let filter = format!("machineId eq '{machine_id}'");
+        let filter = format!(
+            "machineId eq '{machine_id}' and type eq '{}'",
+            action.as_str()
+        );
         let mut url = self.url(op, "api/machineactions")?;
         url.set_query(Some(&format!(
-            "$filter={}&$top={ACTIONS_TOP}",
-            utf8_percent_encode(&filter, QUERY_VALUE)
+            "$filter={}&$orderby={}&$top={ACTIONS_TOP}",
+            utf8_percent_encode(&filter, QUERY_VALUE),
+            utf8_percent_encode("creationDateTimeUtc desc", QUERY_VALUE)
         )));
         let page: ODataPage<MachineAction> = self
             .send(self.get(op, Endpoint::ListActions, url), deadline)
@@ -341,7 +370,9 @@ impl DefenderClient {
     ) -> Result<T, DefenderError> {
         let op = call.op;
         let resend_on_ambiguous_failure = call.method == Method::GET;
-        let mut token = self.tokens.token().await?;
+        let mut token = tokio::time::timeout_at(deadline, self.tokens.token())
+            .await
+            .map_err(|_| DefenderError::OutOfTime { operation: op })??;
         let mut refreshed = false;
         let mut attempt: u32 = 0;
         loop {
@@ -377,7 +408,11 @@ impl DefenderClient {
                 e if resend_on_ambiguous_failure && e.is_transient() => self.retry.delay(attempt),
                 _ => return Err(error),
             };
-            if attempt >= self.retry.max_attempts || Instant::now() + wait >= deadline {
+            // A Retry-After beyond the deadline (or absurdly large) is not waited for.
+            let fits = Instant::now()
+                .checked_add(wait)
+                .is_some_and(|resume| resume < deadline);
+            if attempt >= self.retry.max_attempts || !fits {
                 return Err(error);
             }
             tracing::info!(
@@ -476,7 +511,8 @@ fn retry_after(headers: &header::HeaderMap) -> Option<Duration> {
         .trim()
         .parse::<u64>()
         .ok()
-        .map(Duration::from_secs)
+        // A day at most: a larger value is a broken header, not advice.
+        .map(|seconds| Duration::from_secs(seconds.min(86_400)))
 }
 
 fn reason_phrase(status: StatusCode) -> String {

@@ -22,8 +22,9 @@ use crate::{
 /// Devices acted on at the same time in a `deviceIds` call; the shared rate
 /// budget paces them further.
 const BULK_CONCURRENCY: usize = 8;
-/// What a Logic App is told to wait between polls of the status route.
-pub const POLL_AFTER_SECONDS: u64 = 5;
+/// What a Logic App is told to wait between polls of the status route: reads
+/// of actions share Defender's 1500-per-hour budget with every other caller.
+pub const POLL_AFTER_SECONDS: u64 = 10;
 /// Time kept back from the invocation's budget to answer after `wait`.
 const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
@@ -65,7 +66,10 @@ async fn single(
     started: Instant,
 ) -> Reply {
     let format = invocation.format();
-    let result = act(state, request, device, deadline).await;
+    let mut result = act(state, request, device, deadline).await;
+    if let Ok(success) = &mut result {
+        wait_for(state, request, success, deadline).await;
+    }
     let status = match &result {
         Ok(success) => success_status(success.outcome),
         Err(error) => error.status(),
@@ -118,7 +122,7 @@ async fn act(
     let restrictor = state.restrictor();
     // The deadline bounds every wait inside; this outer bound is a backstop.
     let backstop = deadline + Duration::from_secs(1);
-    let mut success = tokio::time::timeout_at(backstop, restrictor.run(device, request, deadline))
+    let success = tokio::time::timeout_at(backstop, restrictor.run(device, request, deadline))
         .await
         .map_err(|_| {
             ApiError::Timeout(format!(
@@ -128,18 +132,31 @@ async fn act(
                 state.request_timeout().as_secs()
             ))
         })??;
-    if let Some(wait) = request.wait {
-        let until =
-            (Instant::now() + wait).min(deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline));
-        // A failed poll leaves the answer as it was: the action exists either way.
-        if let Err(e) = success
-            .wait_until_terminal(restrictor.client(), until)
-            .await
-        {
-            tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
-        }
-    }
     Ok(success)
+}
+
+/// `wait`: poll the action until it is finished, within the time asked for
+/// and the invocation's budget. A failed poll leaves the answer as it was:
+/// the action exists either way.
+async fn wait_for(
+    state: &AppState,
+    request: &RunbookRequest,
+    success: &mut Success,
+    deadline: Instant,
+) {
+    let Some(wait) = request.wait else {
+        return;
+    };
+    let until = Instant::now()
+        .checked_add(wait)
+        .unwrap_or(deadline)
+        .min(deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline));
+    if let Err(e) = success
+        .wait_until_terminal(state.restrictor().client(), until)
+        .await
+    {
+        tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
+    }
 }
 
 async fn bulk(
@@ -151,18 +168,36 @@ async fn bulk(
     started: Instant,
 ) -> Reply {
     let format = invocation.format();
-    let mut results: Vec<(usize, DeviceResult)> = stream::iter(devices.iter().cloned().enumerate())
-        .map(|(index, device)| async move {
-            let device = &device;
-            let device_started = Instant::now();
-            let result = act(state, request, device, deadline).await;
+    // Act on every device first (eight at a time), then wait for all of
+    // them together: waiting inside each slot would hold back the devices
+    // still queued behind it.
+    let mut acted: Vec<(usize, DeviceRef, Instant, Result<Success, ApiError>)> =
+        stream::iter(devices.iter().cloned().enumerate())
+            .map(|(index, device)| async move {
+                let device_started = Instant::now();
+                let result = act(state, request, &device, deadline).await;
+                (index, device, device_started, result)
+            })
+            .buffer_unordered(BULK_CONCURRENCY)
+            .collect()
+            .await;
+    futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
+        result
+            .as_mut()
+            .ok()
+            .map(|success| wait_for(state, request, success, deadline))
+    }))
+    .await;
+    let mut results: Vec<(usize, DeviceResult)> = acted
+        .into_iter()
+        .map(|(index, device, device_started, result)| {
             let status = match &result {
                 Ok(s) => success_status(s.outcome),
                 Err(e) => e.status(),
             };
             log_result(
                 Some(request),
-                Some(device),
+                Some(&device),
                 &result.as_ref(),
                 device_started,
                 status,
@@ -170,7 +205,7 @@ async fn bulk(
             let item = match result {
                 Ok(success) => DeviceResult::Ok(Box::new(SuccessBody::new(
                     request,
-                    device,
+                    &device,
                     &success,
                     &invocation.id,
                 ))),
@@ -182,9 +217,7 @@ async fn bulk(
             };
             (index, item)
         })
-        .buffer_unordered(BULK_CONCURRENCY)
-        .collect()
-        .await;
+        .collect();
     results.sort_by_key(|(index, _)| *index);
     let results: Vec<DeviceResult> = results.into_iter().map(|(_, r)| r).collect();
 
@@ -462,7 +495,7 @@ fn log_result(
             device_id,
             machine_id = %success.machine.id,
             release,
-            outcome = ?success.outcome,
+            outcome = success.outcome.as_str(),
             action_id = %success.action_id,
             action_status = %success.action_status,
             caller_name,

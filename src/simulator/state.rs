@@ -6,7 +6,7 @@
 //! recovered rather than propagated: the data is plain values, and a test
 //! simulator that panics on every later request would hide the first failure.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use time::{Duration, OffsetDateTime};
@@ -49,13 +49,18 @@ impl Sim {
             pending_for: sim_duration(config.pending_for),
             in_progress_for: sim_duration(config.in_progress_for),
         };
-        let tenant = Tenant {
-            machines,
+        let mut tenant = Tenant {
+            machines: Vec::new(),
+            machine_index: MachineIndex::default(),
             actions: Vec::new(),
+            actions_by_machine: HashMap::new(),
             offline: HashSet::new(),
             limiter: config.rate_limits.map(RateLimiter::new),
             next_seq: 0,
         };
+        for machine in machines {
+            tenant.upsert_machine(machine);
+        }
         Self {
             config,
             base_url,
@@ -162,8 +167,15 @@ pub(crate) enum CancelError {
 }
 
 pub(crate) struct Tenant {
+    /// Read-only outside this module: [`Tenant::upsert_machine`] keeps the
+    /// index in step.
     pub(crate) machines: Vec<Machine>,
+    machine_index: MachineIndex,
     actions: Vec<ActionRecord>,
+    /// Positions in `actions` per lowercase machine id, oldest first, so a
+    /// machine's actions are found without scanning every action (benchmarks
+    /// create tens of thousands).
+    actions_by_machine: HashMap<String, Vec<usize>>,
     /// Lowercase ids of offline machines.
     offline: HashSet<String>,
     limiter: Option<RateLimiter>,
@@ -185,24 +197,26 @@ impl Tenant {
     }
 
     pub(crate) fn upsert_machine(&mut self, machine: Machine) {
-        match self
-            .machines
-            .iter_mut()
-            .find(|m| m.id.eq_ignore_ascii_case(&machine.id))
-        {
-            Some(existing) => *existing = machine,
-            None => self.machines.push(machine),
+        let index = &mut self.machine_index;
+        match index.by_id.get(&machine.id.to_ascii_lowercase()) {
+            Some(&at) => {
+                index.unlink_aad(self.machines[at].aad_device_id.as_deref(), at);
+                index.link_aad(machine.aad_device_id.as_deref(), at);
+                self.machines[at] = machine;
+            }
+            None => {
+                let at = self.machines.len();
+                index.by_id.insert(machine.id.to_ascii_lowercase(), at);
+                index.link_aad(machine.aad_device_id.as_deref(), at);
+                self.machines.push(machine);
+            }
         }
     }
 
     /// `GET /api/machines/{id}` accepts the machine id or the computer name.
     pub(crate) fn find_machine(&self, key: &str) -> Lookup<'_> {
-        if let Some(m) = self
-            .machines
-            .iter()
-            .find(|m| m.id.eq_ignore_ascii_case(key))
-        {
-            return Lookup::Found(m);
+        if let Some(&at) = self.machine_index.by_id.get(&key.to_ascii_lowercase()) {
+            return Lookup::Found(&self.machines[at]);
         }
         let named: Vec<&Machine> = self
             .machines
@@ -221,8 +235,25 @@ impl Tenant {
     }
 
     pub(crate) fn list_machines(&self, conditions: &[Condition]) -> Vec<Machine> {
-        self.machines
-            .iter()
+        // An `aadDeviceId` or `id` condition narrows the candidates through the
+        // index (insertion order kept); every condition is still checked.
+        let by_aad = conditions.iter().find(|c| c.field == "aadDeviceId");
+        let by_id = conditions.iter().find(|c| c.field == "id");
+        let candidates: Box<dyn Iterator<Item = &Machine>> = if let Some(c) = by_aad {
+            let positions = self.machine_index.by_aad.get(&c.value.to_ascii_lowercase());
+            Box::new(
+                positions
+                    .into_iter()
+                    .flatten()
+                    .map(|&at| &self.machines[at]),
+            )
+        } else if let Some(c) = by_id {
+            let at = self.machine_index.by_id.get(&c.value.to_ascii_lowercase());
+            Box::new(at.into_iter().map(|&at| &self.machines[at]))
+        } else {
+            Box::new(self.machines.iter())
+        };
+        candidates
             .filter(|m| conditions.iter().all(|c| machine_matches(m, c)))
             .cloned()
             .collect()
@@ -235,7 +266,11 @@ impl Tenant {
         now: OffsetDateTime,
         life: Life,
     ) -> Vec<MachineAction> {
-        self.actions_newest_first()
+        let candidates = match conditions.iter().find(|c| c.field == "machineId") {
+            Some(c) => self.machine_actions_newest_first(&c.value),
+            None => self.actions_newest_first(),
+        };
+        candidates
             .into_iter()
             .map(|a| a.to_wire(now, life))
             .filter(|a| conditions.iter().all(|c| action_matches(a, c)))
@@ -255,9 +290,21 @@ impl Tenant {
     }
 
     fn actions_newest_first(&self) -> Vec<&ActionRecord> {
-        let mut actions: Vec<&ActionRecord> = self.actions.iter().collect();
-        actions.sort_by(|a, b| b.created.cmp(&a.created).then(b.seq.cmp(&a.seq)));
-        actions
+        newest_first(self.actions.iter().collect())
+    }
+
+    /// One machine's actions (id compared case-insensitively), newest first.
+    fn machine_actions_newest_first(&self, machine_id: &str) -> Vec<&ActionRecord> {
+        let positions = self
+            .actions_by_machine
+            .get(&machine_id.to_ascii_lowercase());
+        newest_first(
+            positions
+                .into_iter()
+                .flatten()
+                .map(|&at| &self.actions[at])
+                .collect(),
+        )
     }
 
     /// Creates a restrict/unrestrict action on `machine`, unless one of the
@@ -272,13 +319,9 @@ impl Tenant {
         duplicate: DuplicateBehaviour,
     ) -> Created {
         let running = self
-            .actions_newest_first()
+            .machine_actions_newest_first(&machine.id)
             .into_iter()
-            .find(|a| {
-                a.kind == kind
-                    && a.machine_id.eq_ignore_ascii_case(&machine.id)
-                    && !a.phase(now, life).status.is_terminal()
-            })
+            .find(|a| a.kind == kind && !a.phase(now, life).status.is_terminal())
             .map(|a| a.to_wire(now, life));
         if let Some(running) = running {
             return match duplicate {
@@ -301,6 +344,10 @@ impl Tenant {
         };
         self.next_seq += 1;
         let wire = record.to_wire(now, life);
+        self.actions_by_machine
+            .entry(record.machine_id.to_ascii_lowercase())
+            .or_default()
+            .push(self.actions.len());
         self.actions.push(record);
         Created::New(wire)
     }
@@ -361,6 +408,36 @@ impl Tenant {
     pub(crate) fn is_offline(&self, machine_id: &str) -> bool {
         self.offline.contains(&machine_id.to_ascii_lowercase())
     }
+}
+
+/// Positions in `Tenant::machines` by lowercase machine id and by lowercase
+/// `aadDeviceId` (several records may share one; kept in insertion order).
+#[derive(Default)]
+struct MachineIndex {
+    by_id: HashMap<String, usize>,
+    by_aad: HashMap<String, Vec<usize>>,
+}
+
+impl MachineIndex {
+    fn link_aad(&mut self, aad: Option<&str>, at: usize) {
+        if let Some(aad) = aad {
+            let positions = self.by_aad.entry(aad.to_ascii_lowercase()).or_default();
+            let slot = positions.partition_point(|&p| p < at);
+            positions.insert(slot, at);
+        }
+    }
+
+    fn unlink_aad(&mut self, aad: Option<&str>, at: usize) {
+        if let Some(positions) = aad.and_then(|aad| self.by_aad.get_mut(&aad.to_ascii_lowercase()))
+        {
+            positions.retain(|&p| p != at);
+        }
+    }
+}
+
+fn newest_first(mut actions: Vec<&ActionRecord>) -> Vec<&ActionRecord> {
+    actions.sort_by(|a, b| b.created.cmp(&a.created).then(b.seq.cmp(&a.seq)));
+    actions
 }
 
 /// Ids, GUIDs and DNS names compare case-insensitively; enum-like values

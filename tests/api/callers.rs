@@ -60,7 +60,7 @@ async fn the_status_function_answers_202_while_pending_and_200_once_finished() {
         assert_eq!(pending.status, 202, "{mode:?}: {}", pending.body);
         assert_eq!(pending.json()["terminal"], false);
         assert_eq!(pending.json()["type"], "RestrictCodeExecution");
-        assert_eq!(pending.header("retry-after"), Some("5"));
+        assert_eq!(pending.header("retry-after"), Some("10"));
         assert_eq!(
             pending.header("location"),
             Some(
@@ -246,7 +246,7 @@ async fn respond_async_answers_202_with_a_location_that_keeps_the_code() {
                 .as_str()
             )
         );
-        assert_eq!(response.header("retry-after"), Some("5"));
+        assert_eq!(response.header("retry-after"), Some("10"));
         assert_eq!(response.header("preference-applied"), Some("respond-async"));
     }
 }

@@ -122,6 +122,28 @@ pub fn free_port() -> u16 {
 }
 
 impl TestApp {
+    /// Add `n` healthy Windows 11 machines; returns their Entra device ids.
+    pub fn add_fleet(&self, n: usize) -> Vec<String> {
+        (0..n)
+            .map(|i| {
+                let aad = format!("5a000000-0000-4000-8000-{i:012}");
+                let machine: restrict_code_execution::defender::models::Machine =
+                    serde_json::from_value(serde_json::json!({
+                        "id": format!("{i:040x}"),
+                        "computerDnsName": format!("FLEET-{i}"),
+                        "aadDeviceId": aad,
+                        "healthStatus": "Active",
+                        "osPlatform": "Windows11",
+                        "onboardingStatus": "Onboarded",
+                        "lastSeen": "2026-11-28T08:00:00Z",
+                    }))
+                    .unwrap();
+                self.sim.add_machine(machine);
+                aad
+            })
+            .collect()
+    }
+
     /// Requests Defender received (the /api surface), in order.
     pub fn defender_requests(&self) -> Vec<RecordedRequest> {
         self.sim

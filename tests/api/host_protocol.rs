@@ -71,17 +71,40 @@ async fn the_invocation_id_is_in_the_error_body_and_every_log_line_of_the_invoca
         .await;
 
     assert_eq!(response.json()["invocationId"], id);
+    // Every line after start-up (the "listening" line) belongs to this, the
+    // only invocation.
     let lines: Vec<serde_json::Value> = app
         .logs()
         .await
         .iter()
         .filter_map(|l| serde_json::from_str(l).ok())
-        .filter(|v: &serde_json::Value| v["span"]["name"] == "invocation")
+        .skip_while(|v: &serde_json::Value| v["message"] != "listening")
+        .skip(1)
         .collect();
     assert!(!lines.is_empty());
     for line in lines {
         assert_eq!(line["span"]["invocation_id"], id, "{line}");
     }
+}
+
+#[tokio::test]
+async fn routes_match_case_insensitively_and_with_a_trailing_slash_as_the_host_does() {
+    let app = spawn_app().await;
+    let client = reqwest::Client::new();
+
+    let response = client
+        .post(format!(
+            "{}/api/Restrict-Code-Execution/?code=k",
+            app.host.base()
+        ))
+        .header("Content-Type", "application/json")
+        .body(json!({"deviceId": crate::restrict::ALPHA_AAD}).to_string())
+        .send()
+        .await
+        .unwrap();
+
+    assert_eq!(response.status(), 201);
+    assert_eq!(app.sim.actions().len(), 1);
 }
 
 #[tokio::test]

@@ -57,20 +57,41 @@ async fn restrict_by_entra_device_id_looks_the_machine_up_and_posts_the_action()
 
     // Assert: what Defender received
     let requests = app.defender_requests();
-    assert_eq!(requests.len(), 3, "{requests:#?}");
-    let (lookup, state, act) = (&requests[0], &requests[1], &requests[2]);
+    assert_eq!(requests.len(), 4, "{requests:#?}");
+    let (lookup, act) = (&requests[0], &requests[3]);
     assert_eq!(lookup.method, "GET");
     assert_eq!(lookup.path, "/api/machines");
     assert_eq!(
         lookup.filter.as_deref(),
         Some(format!("aadDeviceId eq {ALPHA_AAD}").as_str())
     );
-    // The machine's actions are read before acting.
-    assert_eq!(state.method, "GET");
-    assert_eq!(state.path, "/api/machineactions");
+    // The machine's restrict and unrestrict actions are read before acting,
+    // newest first, one call per type.
+    let mut state: Vec<String> = requests[1..3]
+        .iter()
+        .map(|r| {
+            assert_eq!(
+                (r.method.as_str(), r.path.as_str()),
+                ("GET", "/api/machineactions")
+            );
+            assert!(
+                r.query
+                    .as_deref()
+                    .unwrap()
+                    .contains("$orderby=creationDateTimeUtc%20desc"),
+                "{:?}",
+                r.query
+            );
+            r.filter.clone().unwrap()
+        })
+        .collect();
+    state.sort();
     assert_eq!(
-        state.filter.as_deref(),
-        Some(format!("machineId eq '{alpha}'").as_str())
+        state,
+        [
+            format!("machineId eq '{alpha}' and type eq 'RestrictCodeExecution'"),
+            format!("machineId eq '{alpha}' and type eq 'UnrestrictCodeExecution'"),
+        ]
     );
     assert_eq!(act.method, "POST");
     assert_eq!(
@@ -254,8 +275,9 @@ async fn a_defender_machine_id_is_used_directly() {
     assert_eq!(requests[0].method, "GET");
     assert_eq!(requests[0].path, format!("/api/machines/{}", kiosk.id));
     assert_eq!(requests[1].path, "/api/machineactions");
+    assert_eq!(requests[2].path, "/api/machineactions");
     assert_eq!(
-        requests[2].path,
+        requests[3].path,
         format!("/api/machines/{}/restrictCodeExecution", kiosk.id)
     );
     let unknown = post(&app, json!({"deviceId": "ab".repeat(20)})).await;
@@ -476,8 +498,12 @@ async fn no_token_or_identity_secret_appears_in_the_logs_even_at_trace_level() {
         times: 1,
     });
 
-    // Act
-    post(&app, json!({"deviceId": ALPHA_AAD, "callerName": "alice"})).await;
+    // Act: the function key in the query and in a header, too.
+    let keyed =
+        CallerRequest::json(json!({"deviceId": ALPHA_AAD, "callerName": "alice"}).to_string())
+            .query("code", "fn-key-in-query-9f2")
+            .header("x-functions-key", "fn-key-in-header-7c1");
+    app.host.forwarded(&keyed).await;
     post(&app, json!({"deviceId": "bad"})).await;
     let logs = app.logs().await.join("\n");
 
@@ -486,6 +512,14 @@ async fn no_token_or_identity_secret_appears_in_the_logs_even_at_trace_level() {
     assert!(logs.contains("invocation succeeded"), "{logs}");
     assert!(logs.contains(r#""level":"TRACE""#), "trace logging was on");
     assert!(!logs.contains(TOKEN), "token leaked into logs");
+    assert!(
+        !logs.contains("fn-key-in-query-9f2"),
+        "function key leaked into logs"
+    );
+    assert!(
+        !logs.contains("fn-key-in-header-7c1"),
+        "function key leaked into logs"
+    );
     assert!(
         !logs.contains(crate::helpers::IDENTITY_HEADER),
         "identity header leaked into logs"

@@ -5,10 +5,7 @@
 
 use std::time::Duration;
 
-use restrict_code_execution::{
-    defender::models::Machine,
-    simulator::{Fault, FaultKind, RecordedRequest},
-};
+use restrict_code_execution::simulator::{Fault, FaultKind, RecordedRequest};
 use serde_json::{Value, json};
 
 use crate::helpers::{AppOptions, TestApp, spawn_app, spawn_app_with};
@@ -59,6 +56,14 @@ fn history(app: &TestApp, machine_id: &str) -> Vec<(String, String)> {
     actions
         .into_iter()
         .map(|a| (a.action_type, a.status))
+        .collect()
+}
+
+/// The types of the actions Defender holds for a machine, oldest first.
+fn types(app: &TestApp, machine_id: &str) -> Vec<String> {
+    history(app, machine_id)
+        .into_iter()
+        .map(|(t, _)| t)
         .collect()
 }
 
@@ -197,7 +202,7 @@ async fn defenders_already_in_progress_answer_becomes_already_pending() {
             retry_after: None,
             body: Some(json!({"value": []})),
         },
-        1,
+        2,
     ));
 
     let second = post(&app, json!({"deviceId": ALPHA_AAD})).await;
@@ -258,23 +263,7 @@ async fn restrict_and_release_racing_for_one_device_never_leave_two_pending_acti
 #[tokio::test]
 async fn fifty_concurrent_invocations_over_ten_devices_make_ten_actions() {
     let app = spawn_app().await;
-    let devices: Vec<String> = (0..10)
-        .map(|i| {
-            let aad = format!("5a000000-0000-4000-8000-00000000000{i}");
-            let machine: Machine = serde_json::from_value(json!({
-                "id": format!("{i:040x}"),
-                "computerDnsName": format!("FLEET-{i}"),
-                "aadDeviceId": aad,
-                "healthStatus": "Active",
-                "osPlatform": "Windows11",
-                "onboardingStatus": "Onboarded",
-                "lastSeen": "2026-11-28T08:00:00Z",
-            }))
-            .unwrap();
-            app.sim.add_machine(machine);
-            aad
-        })
-        .collect();
+    let devices = app.add_fleet(10);
 
     let calls = (0..50).map(|n| {
         let body = json!({"deviceId": devices[n % 10]}).to_string();
@@ -397,7 +386,7 @@ async fn a_connection_dropped_after_defender_accepted_the_post_finds_the_action_
     assert_eq!(response.status, 201, "{}", response.body);
     assert_eq!(response.json()["outcome"], "requested");
     assert_eq!(posts(&app).len(), 1, "the POST was not re-sent");
-    assert_eq!(history(&app, ALPHA), restrict_pending());
+    assert_eq!(types(&app, ALPHA), ["RestrictCodeExecution"]);
     assert_eq!(
         response.json()["action"]["id"],
         app.sim.actions()[0].id.as_str()
@@ -418,7 +407,7 @@ async fn a_malformed_answer_to_the_post_finds_the_action_instead_of_reposting() 
 
     assert_eq!(response.status, 201, "{}", response.body);
     assert_eq!(posts(&app).len(), 1);
-    assert_eq!(history(&app, ALPHA), restrict_pending());
+    assert_eq!(types(&app, ALPHA), ["RestrictCodeExecution"]);
 }
 
 #[tokio::test]
@@ -449,6 +438,7 @@ async fn a_post_that_failed_before_defender_acted_is_sent_again_after_checking()
         [
             "GET machines",
             "GET machineactions",
+            "GET machineactions",
             "POST restrictCodeExecution",
             "GET machineactions",
             "POST restrictCodeExecution",
@@ -456,7 +446,7 @@ async fn a_post_that_failed_before_defender_acted_is_sent_again_after_checking()
             "POST restrictCodeExecution"
         ]
     );
-    assert_eq!(history(&app, ALPHA), restrict_pending());
+    assert_eq!(types(&app, ALPHA), ["RestrictCodeExecution"]);
 }
 
 #[tokio::test]
@@ -503,7 +493,7 @@ async fn a_post_whose_fate_cannot_be_checked_says_an_action_may_exist() {
         method: Some("GET".into()),
         path_contains: "/api/machineactions".into(),
         kind: FaultKind::Delay { millis: 0 },
-        times: 1,
+        times: 2,
     });
     app.sim
         .inject(fault("GET", "/api/machineactions", status(503), 100));
@@ -570,7 +560,8 @@ async fn a_401_after_refreshing_is_an_authentication_failure() {
 async fn the_rate_budget_answers_an_honest_429_before_defender_would() {
     let app = spawn_app_with(AppOptions {
         env: vec![
-            ("DEFENDER_RATE_LIMIT_PER_MINUTE", "2".into()),
+            // Each invocation reads the machine's actions twice (one call per type).
+            ("DEFENDER_RATE_LIMIT_PER_MINUTE", "4".into()),
             ("REQUEST_TIMEOUT_SECONDS", "5".into()),
         ],
         ..AppOptions::default()
@@ -586,10 +577,102 @@ async fn the_rate_budget_answers_an_honest_429_before_defender_would() {
     assert_eq!(third.json()["code"], "rate_limited");
     let retry_after: u64 = third.header("retry-after").unwrap().parse().unwrap();
     assert!((50..=60).contains(&retry_after), "{retry_after}");
-    let lookups = app
+    let state_reads = app
         .defender_requests()
         .iter()
-        .filter(|r| r.path == "/api/machines")
+        .filter(|r| r.path == "/api/machineactions")
         .count();
-    assert_eq!(lookups, 2, "the third lookup was never sent");
+    assert_eq!(
+        state_reads, 4,
+        "the third invocation's state reads were never sent"
+    );
+}
+
+#[tokio::test]
+async fn a_huge_retry_after_is_passed_on_not_waited_for() {
+    let app = spawn_app().await;
+    app.sim.inject(fault(
+        "GET",
+        "/api/machines",
+        FaultKind::Status {
+            status: 429,
+            retry_after: Some(u64::MAX),
+            body: None,
+        },
+        1,
+    ));
+
+    let response = post(&app, json!({"deviceId": ALPHA_AAD})).await;
+
+    assert_eq!(response.status, 429, "{}", response.body);
+    assert_eq!(
+        response.header("retry-after"),
+        Some("86400"),
+        "capped at a day"
+    );
+    assert!(app.sim.actions().is_empty());
+}
+
+#[tokio::test]
+async fn a_404_listing_machines_means_the_device_is_not_found() {
+    // Defender's docs: the list answers 404 when there are "no recent machines".
+    let app = spawn_app().await;
+    app.sim
+        .inject(fault("GET", "/api/machines", status(404), 1));
+
+    let response = post(&app, json!({"deviceId": ALPHA_AAD})).await;
+
+    assert_eq!(response.status, 404, "{}", response.body);
+    assert_eq!(response.json()["code"], "device_not_found");
+}
+
+#[tokio::test]
+async fn a_merged_machine_id_is_not_acted_on() {
+    let app = spawn_app().await;
+    let merged = "afa46e97642135c484467090b4f32bc9a5e9b21e";
+
+    let response = post(&app, json!({"deviceId": merged})).await;
+
+    assert_eq!(response.status, 404, "{}", response.body);
+    let detail = response.json()["detail"].as_str().unwrap().to_owned();
+    assert!(
+        detail.contains("39a7550d43b78a7757871f5c146184282381ec3d"),
+        "names the surviving record: {detail}"
+    );
+    assert!(posts(&app).is_empty());
+}
+
+#[tokio::test]
+async fn device_ids_with_wait_act_on_every_device_before_waiting() {
+    // 24 devices, eight at a time, each POST slow: acting takes three rounds.
+    // Waiting inside each round would leave the last devices no time at all.
+    let app = spawn_app_with(AppOptions {
+        env: vec![("REQUEST_TIMEOUT_SECONDS", "6".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let devices = app.add_fleet(24);
+    for i in 0..24 {
+        app.sim.set_offline(&format!("{i:040x}"), true);
+    }
+    app.sim.inject(Fault {
+        method: Some("POST".into()),
+        path_contains: "restrictCodeExecution".into(),
+        kind: FaultKind::Delay { millis: 1200 },
+        times: 24,
+    });
+
+    let response = post(&app, json!({"deviceIds": devices, "wait": 60})).await;
+
+    assert_eq!(response.status, 200, "{}", response.body);
+    let answer = response.json();
+    assert_eq!(answer["succeeded"], 24);
+    assert_eq!(app.sim.actions().len(), 24);
+    assert!(
+        answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["terminal"] == false)
+    );
 }
