@@ -100,73 +100,88 @@ pub enum ApiError {
 }
 
 impl ApiError {
+    /// Code, status and title, decided in one place.
+    fn kind(&self) -> (&'static str, StatusCode, &'static str) {
+        use StatusCode as S;
+        match self {
+            Self::InvalidRequest(RunbookError::TooLarge { .. }) => (
+                "payload_too_large",
+                S::PAYLOAD_TOO_LARGE,
+                "Payload too large",
+            ),
+            Self::InvalidRequest(_) => ("invalid_request", S::BAD_REQUEST, "Invalid request"),
+            Self::InvalidEnvelope(_) => (
+                "invalid_envelope",
+                S::BAD_REQUEST,
+                "Invalid invocation envelope",
+            ),
+            Self::DeviceNotFound(_) => (
+                "device_not_found",
+                S::NOT_FOUND,
+                "Device not found in Defender",
+            ),
+            Self::ConflictingActionPending { .. } => (
+                "conflicting_action_pending",
+                S::CONFLICT,
+                "Opposite action pending",
+            ),
+            Self::UnsupportedDevice { .. } => (
+                "unsupported_device",
+                S::UNPROCESSABLE_ENTITY,
+                "Device does not support restricting app execution",
+            ),
+            Self::RateLimited { .. } => (
+                "rate_limited",
+                S::TOO_MANY_REQUESTS,
+                "Rate limited by Defender",
+            ),
+            // Upstream failures are a bad gateway: the caller's request was fine.
+            Self::DefenderForbidden { .. } => (
+                "defender_forbidden",
+                S::BAD_GATEWAY,
+                "Defender permission missing",
+            ),
+            Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => (
+                "authentication_failed",
+                S::BAD_GATEWAY,
+                "Authentication failed",
+            ),
+            Self::Defender(_) => ("defender_error", S::BAD_GATEWAY, "Defender error"),
+            Self::Timeout(_) => ("defender_timeout", S::GATEWAY_TIMEOUT, "Defender timeout"),
+            Self::ActionNotFound(_) => {
+                ("action_not_found", S::NOT_FOUND, "Machine action not found")
+            }
+            Self::ActionNotPending { .. } => (
+                "action_not_pending",
+                S::CONFLICT,
+                "Machine action already finished",
+            ),
+            Self::UnsupportedActionType { .. } => (
+                "unsupported_action_type",
+                S::UNPROCESSABLE_ENTITY,
+                "Machine action type not supported",
+            ),
+            Self::CallerForbidden(_) => ("caller_forbidden", S::FORBIDDEN, "Caller not allowed"),
+            Self::RouteNotFound(_) => ("route_not_found", S::NOT_FOUND, "Not found"),
+            Self::MethodNotAllowed(_) => (
+                "method_not_allowed",
+                S::METHOD_NOT_ALLOWED,
+                "Method not allowed",
+            ),
+        }
+    }
+
     /// The stable, machine-readable code.
     pub fn code(&self) -> &'static str {
-        match self {
-            Self::InvalidRequest(RunbookError::TooLarge { .. }) => "payload_too_large",
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::InvalidEnvelope(_) => "invalid_envelope",
-            Self::DeviceNotFound(_) => "device_not_found",
-            Self::ConflictingActionPending { .. } => "conflicting_action_pending",
-            Self::UnsupportedDevice { .. } => "unsupported_device",
-            Self::RateLimited { .. } => "rate_limited",
-            Self::DefenderForbidden { .. } => "defender_forbidden",
-            Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => "authentication_failed",
-            Self::Defender(_) => "defender_error",
-            Self::Timeout(_) => "defender_timeout",
-            Self::ActionNotFound(_) => "action_not_found",
-            Self::ActionNotPending { .. } => "action_not_pending",
-            Self::UnsupportedActionType { .. } => "unsupported_action_type",
-            Self::CallerForbidden(_) => "caller_forbidden",
-            Self::RouteNotFound(_) => "route_not_found",
-            Self::MethodNotAllowed(_) => "method_not_allowed",
-        }
+        self.kind().0
     }
 
     pub fn status(&self) -> StatusCode {
-        match self {
-            Self::InvalidRequest(RunbookError::TooLarge { .. }) => StatusCode::PAYLOAD_TOO_LARGE,
-            Self::InvalidRequest(_) | Self::InvalidEnvelope(_) => StatusCode::BAD_REQUEST,
-            Self::DeviceNotFound(_) | Self::RouteNotFound(_) | Self::ActionNotFound(_) => {
-                StatusCode::NOT_FOUND
-            }
-            Self::ConflictingActionPending { .. } | Self::ActionNotPending { .. } => {
-                StatusCode::CONFLICT
-            }
-            Self::UnsupportedActionType { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::CallerForbidden(_) => StatusCode::FORBIDDEN,
-            Self::UnsupportedDevice { .. } => StatusCode::UNPROCESSABLE_ENTITY,
-            Self::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
-            // Upstream failures are a bad gateway: the caller's request was fine.
-            Self::DefenderForbidden { .. }
-            | Self::AuthenticationFailed(_)
-            | Self::TokenRejected { .. }
-            | Self::Defender(_) => StatusCode::BAD_GATEWAY,
-            Self::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
-            Self::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
-        }
+        self.kind().1
     }
 
     fn title(&self) -> &'static str {
-        match self {
-            Self::InvalidRequest(RunbookError::TooLarge { .. }) => "Payload too large",
-            Self::InvalidRequest(_) => "Invalid request",
-            Self::InvalidEnvelope(_) => "Invalid invocation envelope",
-            Self::DeviceNotFound(_) => "Device not found in Defender",
-            Self::ConflictingActionPending { .. } => "Opposite action pending",
-            Self::UnsupportedDevice { .. } => "Device does not support restricting app execution",
-            Self::RateLimited { .. } => "Rate limited by Defender",
-            Self::DefenderForbidden { .. } => "Defender permission missing",
-            Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => "Authentication failed",
-            Self::Defender(_) => "Defender error",
-            Self::Timeout(_) => "Defender timeout",
-            Self::ActionNotFound(_) => "Machine action not found",
-            Self::ActionNotPending { .. } => "Machine action already finished",
-            Self::UnsupportedActionType { .. } => "Machine action type not supported",
-            Self::CallerForbidden(_) => "Caller not allowed",
-            Self::RouteNotFound(_) => "Not found",
-            Self::MethodNotAllowed(_) => "Method not allowed",
-        }
+        self.kind().2
     }
 
     fn detail(&self) -> String {
