@@ -233,7 +233,7 @@ fn simulate_banner(sim: &SimHandle, addr: SocketAddr) -> String {
          {banner}\n\
          Service listening on http://{addr}\n\n\
          Restrict DESKTOP-ALPHA:\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{restrict}'\n\
-         Release it again:\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{release}'\n\
+         Release it again once the restriction has finished (about 5 s; until then the answer is 409\n  conflicting_action_pending, unless you add \"cancelPending\": true):\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{release}'\n\
          The same in payload mode (the host's envelope):\n  curl -s -X POST http://{addr}/{FUNCTION_NAME} -H 'Content-Type: application/json' -d '{envelope}'\n\
          Watch the action in the simulator:\n  curl -s {sim_url}/_sim/actions\n",
         sim_url = sim.url(),
