@@ -1,0 +1,254 @@
+// restrict-code-execution on Azure Functions Flex Consumption (FC1, Linux), Azure Developer CLI layout.
+//
+// Creates, in rg-<environmentName>: a user-assigned managed identity (the app's identity for
+// Defender, storage and Application Insights), a storage account reached only with that identity
+// (AzureWebJobsStorage and the deployment container), Log Analytics + Application Insights, and
+// the function app with runtime custom 1.0.
+//
+// It does NOT grant the Defender app roles: that needs Entra privileges an Azure deployment should
+// not have. Run the separate, privileged step afterwards (README "Deploy"): infra/app/mde-roles.bicep
+// or scripts/grant-defender-roles.sh, with the AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID output.
+targetScope = 'subscription'
+
+@minLength(1)
+@maxLength(64)
+@description('Name of the azd environment; names the resource group and seeds the resource names.')
+param environmentName string
+
+@minLength(1)
+@description('Region for every resource. Flex Consumption regions only; check with `az functionapp list-flexconsumption-locations`.')
+@allowed([
+  'australiaeast'
+  'australiasoutheast'
+  'brazilsouth'
+  'canadacentral'
+  'centralindia'
+  'centralus'
+  'eastasia'
+  'eastus'
+  'eastus2'
+  'francecentral'
+  'germanywestcentral'
+  'italynorth'
+  'japaneast'
+  'koreacentral'
+  'northcentralus'
+  'northeurope'
+  'norwayeast'
+  'southafricanorth'
+  'southcentralus'
+  'southeastasia'
+  'southindia'
+  'spaincentral'
+  'swedencentral'
+  'uaenorth'
+  'uksouth'
+  'ukwest'
+  'westcentralus'
+  'westeurope'
+  'westus'
+  'westus2'
+  'westus3'
+])
+@metadata({
+  azd: {
+    type: 'location'
+  }
+})
+param location string
+
+@description('Resource group name; empty means rg-<environmentName>.')
+param resourceGroupName string = ''
+
+@description('Function app name (global DNS name); empty means func-restrict-<token>.')
+param functionAppName string = ''
+
+@description('Flex Consumption instance memory in MB. The handler needs little; 512 is the smallest size.')
+@allowed([
+  512
+  2048
+  4096
+])
+param instanceMemoryMB int = 512
+
+@description('Upper bound on instances. Defender allows this app 100 calls per minute per endpoint, so many instances buy nothing.')
+@minValue(1)
+@maxValue(1000)
+param maximumInstanceCount int = 40
+
+// ---- The handler's settings: the README "Configuration" table, same names, same defaults. ----
+// An empty string means "unset" (the README: an empty value counts as unset), so the handler
+// derives the value from DEFENDER_CLOUD. Not parameters, on purpose:
+//   FUNCTIONS_CUSTOMHANDLER_PORT          set by the Functions host
+//   IDENTITY_ENDPOINT, IDENTITY_HEADER    set by the platform (managed identity)
+//   AZURE_CLIENT_ID                       always the user-assigned identity's client id (below)
+//   AZURE_TENANT_ID, AZURE_CLIENT_SECRET  local development only; the deployed app uses its identity
+//   DEFENDER_RATE_CLOCK_SPEED             benchmarks only; must stay unset in production
+
+@description('DEFENDER_CLOUD: public, gcc, gcc-high or dod. Selects API URL, token scope and authority.')
+@allowed([
+  'public'
+  'gcc'
+  'gcc-high'
+  'dod'
+])
+param defenderCloud string = 'public'
+
+@description('DEFENDER_API_URL: Defender API root. Empty: by cloud (public: https://api.security.microsoft.com). Geo hosts work too.')
+param defenderApiUrl string = ''
+
+@description('DEFENDER_TOKEN_SCOPE: token scope. Empty: by cloud (public: https://api.securitycenter.microsoft.com/.default).')
+param defenderTokenScope string = ''
+
+@description('AZURE_AUTHORITY_HOST: sign-in authority, used only by the client-secret credential. Empty: by cloud.')
+param azureAuthorityHost string = ''
+
+@description('DEFENDER_TIMEOUT_SECONDS: timeout of each call to Defender.')
+@minValue(1)
+@maxValue(3600)
+param defenderTimeoutSeconds int = 30
+
+@description('TOKEN_TIMEOUT_SECONDS: upper bound on getting a token, retries included.')
+@minValue(1)
+@maxValue(3600)
+param tokenTimeoutSeconds int = 20
+
+@description('REQUEST_TIMEOUT_SECONDS: upper bound on one invocation, within the 230 s an HTTP-triggered function has to answer.')
+@minValue(1)
+@maxValue(230)
+param requestTimeoutSeconds int = 220
+
+@description('COMMENT_INCLUDE_CALLER: append "(requested by <callerName>)" to the comment sent to Defender.')
+param commentIncludeCaller bool = true
+
+@description('DEFENDER_RATE_LIMIT_PER_MINUTE: client-side budget of calls per minute to each Defender endpoint, per instance. Lower it when the app runs on several instances.')
+@minValue(1)
+@maxValue(1000000)
+param defenderRateLimitPerMinute int = 100
+
+@description('DEFENDER_RATE_LIMIT_PER_HOUR: the same per hour.')
+@minValue(1)
+@maxValue(1000000)
+param defenderRateLimitPerHour int = 1500
+
+@description('ALLOWED_CALLER_ROLES: comma-separated app roles a caller must hold (as App Service Authentication reports it). Empty: unset. Only meaningful with App Service Authentication enabled, which this template does not set up.')
+param allowedCallerRoles string = ''
+
+@description('RUST_LOG: log filter (tracing EnvFilter syntax).')
+param rustLog string = 'info'
+
+var abbrs = loadJsonContent('abbreviations.json')
+var resourceToken = toLower(uniqueString(subscription().id, environmentName, location))
+var tags = {
+  'azd-env-name': environmentName
+}
+var appName = !empty(functionAppName) ? functionAppName : '${abbrs.webSitesFunctions}restrict-${resourceToken}'
+var deploymentContainerName = 'app-package-${take(appName, 32)}-${take(resourceToken, 7)}'
+
+// The handler's app settings. Empty strings are left out rather than set empty.
+var requiredSettings = {
+  DEFENDER_CLOUD: defenderCloud
+  DEFENDER_TIMEOUT_SECONDS: string(defenderTimeoutSeconds)
+  TOKEN_TIMEOUT_SECONDS: string(tokenTimeoutSeconds)
+  REQUEST_TIMEOUT_SECONDS: string(requestTimeoutSeconds)
+  COMMENT_INCLUDE_CALLER: commentIncludeCaller ? 'true' : 'false'
+  DEFENDER_RATE_LIMIT_PER_MINUTE: string(defenderRateLimitPerMinute)
+  DEFENDER_RATE_LIMIT_PER_HOUR: string(defenderRateLimitPerHour)
+  RUST_LOG: rustLog
+}
+var apiUrlSetting = empty(defenderApiUrl) ? {} : {
+  DEFENDER_API_URL: defenderApiUrl
+}
+var tokenScopeSetting = empty(defenderTokenScope) ? {} : {
+  DEFENDER_TOKEN_SCOPE: defenderTokenScope
+}
+var authorityHostSetting = empty(azureAuthorityHost) ? {} : {
+  AZURE_AUTHORITY_HOST: azureAuthorityHost
+}
+var allowedCallerRolesSetting = empty(allowedCallerRoles) ? {} : {
+  ALLOWED_CALLER_ROLES: allowedCallerRoles
+}
+var handlerSettings = union(requiredSettings, apiUrlSetting, tokenScopeSetting, authorityHostSetting, allowedCallerRolesSetting)
+
+resource rg 'Microsoft.Resources/resourceGroups@2021-04-01' = {
+  name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'
+  location: location
+  tags: tags
+}
+
+module identity 'app/identity.bicep' = {
+  name: 'identity'
+  scope: rg
+  params: {
+    name: '${abbrs.managedIdentityUserAssignedIdentities}restrict-${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module monitoring 'app/monitoring.bicep' = {
+  name: 'monitoring'
+  scope: rg
+  params: {
+    logAnalyticsName: '${abbrs.operationalInsightsWorkspaces}${resourceToken}'
+    applicationInsightsName: '${abbrs.insightsComponents}${resourceToken}'
+    location: location
+    tags: tags
+  }
+}
+
+module storage 'app/storage.bicep' = {
+  name: 'storage'
+  scope: rg
+  params: {
+    name: '${abbrs.storageStorageAccounts}${resourceToken}'
+    location: location
+    tags: tags
+    deploymentContainerName: deploymentContainerName
+  }
+}
+
+module rbac 'app/rbac.bicep' = {
+  name: 'rbac'
+  scope: rg
+  params: {
+    storageAccountName: storage.outputs.name
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    identityPrincipalId: identity.outputs.principalId
+  }
+}
+
+module api 'app/api.bicep' = {
+  name: 'api'
+  scope: rg
+  params: {
+    name: appName
+    planName: '${abbrs.webServerFarms}${resourceToken}'
+    location: location
+    tags: tags
+    serviceName: 'api'
+    identityId: identity.outputs.id
+    identityClientId: identity.outputs.clientId
+    storageAccountName: storage.outputs.name
+    deploymentContainerName: deploymentContainerName
+    applicationInsightsName: monitoring.outputs.applicationInsightsName
+    instanceMemoryMB: instanceMemoryMB
+    maximumInstanceCount: maximumInstanceCount
+    handlerSettings: handlerSettings
+  }
+  // The host reads AzureWebJobsStorage and the package with the identity: roles first.
+  dependsOn: [
+    rbac
+  ]
+}
+
+// azd stores these in the environment (.azure/<env>/.env); hooks and scripts read them.
+output AZURE_LOCATION string = location
+output AZURE_TENANT_ID string = tenant().tenantId
+output AZURE_RESOURCE_GROUP string = rg.name
+output AZURE_FUNCTION_NAME string = api.outputs.name
+output AZURE_FUNCTION_URL string = 'https://${api.outputs.defaultHostName}/api/restrict-code-execution'
+output SERVICE_API_NAME string = api.outputs.name
+output AZURE_FUNCTION_IDENTITY_NAME string = identity.outputs.name
+output AZURE_FUNCTION_IDENTITY_CLIENT_ID string = identity.outputs.clientId
+output AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
