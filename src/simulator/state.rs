@@ -467,3 +467,120 @@ fn action_matches(a: &MachineAction, c: &Condition) -> bool {
         _ => false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::simulator::SimConfig;
+
+    fn machine(id: &str, aad: &str) -> Machine {
+        serde_json::from_value(serde_json::json!({
+            "id": id, "aadDeviceId": aad, "osPlatform": "Windows11", "healthStatus": "Active"
+        }))
+        .unwrap()
+    }
+
+    fn by(field: &'static str, value: &str) -> Vec<Condition> {
+        vec![Condition {
+            field,
+            value: value.to_owned(),
+        }]
+    }
+
+    fn ids(machines: &[Machine]) -> Vec<&str> {
+        machines.iter().map(|m| m.id.as_str()).collect()
+    }
+
+    #[test]
+    fn the_indexes_follow_upserts_and_keep_insertion_order() {
+        let sim = Sim::new(
+            SimConfig {
+                seed: false,
+                ..SimConfig::default()
+            },
+            "http://sim".to_owned(),
+        );
+        let mut tenant = sim.tenant();
+        tenant.upsert_machine(machine("AAA", "11111111-1111-4111-8111-111111111111"));
+        tenant.upsert_machine(machine("bbb", "22222222-2222-4222-8222-222222222222"));
+        tenant.upsert_machine(machine("ccc", "11111111-1111-4111-8111-111111111111"));
+        let one = by("aadDeviceId", "11111111-1111-4111-8111-111111111111");
+        assert_eq!(ids(&tenant.list_machines(&one)), ["AAA", "ccc"]);
+        // Case-insensitive ids and GUIDs, as before the index.
+        let upper = by(
+            "aadDeviceId",
+            "11111111-1111-4111-8111-111111111111"
+                .to_uppercase()
+                .as_str(),
+        );
+        assert_eq!(ids(&tenant.list_machines(&upper)), ["AAA", "ccc"]);
+        assert!(matches!(tenant.find_machine("aaa"), Lookup::Found(m) if m.id == "AAA"));
+        assert_eq!(ids(&tenant.list_machines(&by("id", "BBB"))), ["bbb"]);
+
+        // Replacing a record (any case) moves it to its new device id, in place.
+        tenant.upsert_machine(machine("aaa", "22222222-2222-4222-8222-222222222222"));
+        assert_eq!(ids(&tenant.list_machines(&one)), ["ccc"]);
+        let two = by("aadDeviceId", "22222222-2222-4222-8222-222222222222");
+        assert_eq!(ids(&tenant.list_machines(&two)), ["aaa", "bbb"]);
+        assert_eq!(tenant.machines.len(), 3);
+    }
+
+    #[test]
+    fn a_machines_actions_are_found_through_the_index() {
+        let sim = Sim::new(
+            SimConfig {
+                seed: false,
+                ..SimConfig::default()
+            },
+            "http://sim".to_owned(),
+        );
+        let now = sim.clock.now();
+        let mut tenant = sim.tenant();
+        let (a, b) = (
+            machine("AAA", "11111111-1111-4111-8111-111111111111"),
+            machine("bbb", "22222222-2222-4222-8222-222222222222"),
+        );
+        for m in [&a, &b, &a] {
+            tenant.upsert_machine(m.clone());
+        }
+        let kinds = [
+            ActionType::RestrictCodeExecution,
+            ActionType::RestrictCodeExecution,
+            ActionType::UnrestrictCodeExecution,
+        ];
+        for (m, kind) in [&a, &b, &a].into_iter().zip(kinds) {
+            let created = tenant.create_action(
+                m,
+                kind,
+                "c".to_owned(),
+                now,
+                sim.life,
+                DuplicateBehaviour::Error,
+            );
+            assert!(matches!(created, Created::New(_)));
+        }
+        // A second restrict on AAA while the first is pending: refused.
+        let again = tenant.create_action(
+            &a,
+            ActionType::RestrictCodeExecution,
+            "c".to_owned(),
+            now,
+            sim.life,
+            DuplicateBehaviour::Error,
+        );
+        assert!(matches!(again, Created::AlreadyInProgress));
+        let listed = tenant.list_actions(&by("machineId", "aaa"), now, sim.life);
+        let types: Vec<&str> = listed.iter().map(|a| a.action_type.as_str()).collect();
+        assert_eq!(
+            types,
+            ["UnrestrictCodeExecution", "RestrictCodeExecution"],
+            "newest first"
+        );
+        assert_eq!(tenant.list_actions(&[], now, sim.life).len(), 3);
+        assert!(
+            tenant
+                .list_actions(&by("machineId", "zzz"), now, sim.life)
+                .is_empty()
+        );
+    }
+}

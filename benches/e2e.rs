@@ -1,0 +1,1375 @@
+//! End-to-end benchmark of the release `handler` against the simulator, both
+//! as separate processes on loopback. `cargo bench --bench e2e` runs it in
+//! full; `BENCH_SMOKE=1 cargo bench --bench e2e` runs a short version that only
+//! checks the harness works (CI). What each figure means: `docs/benchmarks.md`.
+//!
+//! The harness builds nothing at run time: it starts the `handler` binary cargo
+//! built for this very run (`CARGO_BIN_EXE_handler`, bench profile = release
+//! settings), once as `handler simulator` and once as the custom handler.
+//!
+//! It exits non-zero when the harness itself does not work (a process does not
+//! start, an answer is not the expected one, an action is duplicated); it never
+//! fails on a timing.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    io::{BufRead, BufReader, Read, Write},
+    net::{SocketAddr, TcpListener},
+    process::{Child, Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+use serde_json::{Value, json};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpStream,
+};
+
+const HANDLER: &str = env!("CARGO_BIN_EXE_handler");
+/// Defender calls the state rules need (README, "Before acting: the device's
+/// state"): find the machine, read its restrict and its unrestrict actions
+/// (one call per type), create the action; the answers that need no POST
+/// skip the last.
+const CALLS_TO_ACT: usize = 4;
+const CALLS_TO_ACT_WHAT: &str = "find the machine, read actions (one call per type), POST";
+const CALLS_NO_POST: usize = 3;
+const CALLS_NO_POST_WHAT: &str = "find the machine, read actions (one call per type)";
+const IDENTITY_HEADER: &str = "sim-identity-header";
+const FUNCTION_PATH: &str = "/api/restrict-code-execution";
+/// Defender's per-endpoint limits, which are also the budget's defaults.
+const PER_MINUTE: u64 = 100;
+const PER_HOUR: u64 = 1500;
+
+type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
+
+/// How much of each measurement to do.
+struct Plan {
+    smoke: bool,
+    /// Which of [`SECTIONS`] to run.
+    sections: Vec<String>,
+    cold_starts: usize,
+    /// Sequential restricts whose overhead is measured.
+    overhead: usize,
+    /// (concurrency, invocations) for the throughput runs.
+    throughput: Vec<(usize, usize)>,
+    /// Invocations of the two-call path (device already pending/restricted).
+    repeat: (usize, usize),
+    burst_invocations: usize,
+    burst_devices: usize,
+    /// Clock speed of the simulator and of the handler's rate budget.
+    burst_speed: f64,
+}
+
+/// The parts of the run, in order.
+const SECTIONS: [&str; 3] = ["cold", "steady", "burst"];
+
+impl Plan {
+    fn runs(&self, section: &str) -> bool {
+        self.sections.iter().any(|s| s == section)
+    }
+
+    fn new(smoke: bool) -> Self {
+        if smoke {
+            Self {
+                smoke,
+                sections: Vec::new(),
+                cold_starts: 5,
+                overhead: 200,
+                throughput: vec![(1, 200), (16, 1000), (64, 1000)],
+                repeat: (64, 1000),
+                burst_invocations: 300,
+                burst_devices: 60,
+                burst_speed: 30.0,
+            }
+        } else {
+            Self {
+                smoke,
+                sections: Vec::new(),
+                cold_starts: 20,
+                overhead: 3000,
+                throughput: vec![(1, 3000), (16, 15_000), (64, 20_000)],
+                repeat: (64, 20_000),
+                burst_invocations: 1000,
+                burst_devices: 200,
+                burst_speed: 30.0,
+            }
+        }
+    }
+}
+
+fn main() {
+    // `cargo bench` passes `--bench` (and any filter); this harness has no options.
+    let smoke = std::env::var("BENCH_SMOKE").is_ok_and(|v| !v.is_empty() && v != "0")
+        || std::env::args().any(|a| a == "--smoke");
+    let mut plan = Plan::new(smoke);
+    // Positional arguments pick sections: `cargo bench --bench e2e -- burst`.
+    let sections: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with("--"))
+        .collect();
+    for section in &sections {
+        if !SECTIONS.contains(&section.as_str()) {
+            eprintln!("unknown section {section:?}; expected some of {SECTIONS:?}");
+            std::process::exit(2);
+        }
+    }
+    plan.sections = if sections.is_empty() {
+        SECTIONS.iter().map(|s| (*s).to_owned()).collect()
+    } else {
+        sections
+    };
+    if let Some(speed) = std::env::var("BENCH_BURST_SPEED")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+    {
+        plan.burst_speed = speed;
+    }
+    let started = Instant::now();
+    match run(&plan) {
+        Ok(report) => {
+            println!("{report}");
+            println!(
+                "benchmark {} finished in {:.1} s",
+                if smoke { "smoke run" } else { "run" },
+                started.elapsed().as_secs_f64()
+            );
+        }
+        Err(e) => {
+            eprintln!("benchmark harness failed: {e}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn run(plan: &Plan) -> Result<String> {
+    let load_before = load_average();
+    let mut rows = Vec::new();
+    let mut notes = Vec::new();
+    eprintln!("handler binary: {HANDLER}");
+
+    // Binary size: the file cargo built for this run (bench profile = release).
+    let size = std::fs::metadata(HANDLER)?.len();
+    rows.push(Row::new(
+        "stripped release binary",
+        format!("{:.2} MiB ({size} bytes)", mib(size)),
+        "< 15 MiB",
+        Some(size < 15 * 1024 * 1024),
+    ));
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+
+    if plan.runs("cold") {
+        // Against an idle simulator (start-up makes no upstream call).
+        eprintln!("cold start: {} starts", plan.cold_starts);
+        let sim = Sim::start(&["--no-rate-limits"])?;
+        let cold = cold_starts(&sim, plan.cold_starts)?;
+        let (cold_median, cold_max) = (percentile(&cold, 50.0), max(&cold));
+        rows.push(Row::new(
+            &format!(
+                "cold start, spawn to first answered GET / ({} starts)",
+                cold.len()
+            ),
+            format!("median {} ms, max {} ms", ms(cold_median), ms(cold_max)),
+            "median < 20 ms",
+            Some(cold_median < Duration::from_millis(20)),
+        ));
+    }
+    if plan.runs("steady") {
+        runtime.block_on(steady_state(plan, &mut rows, &mut notes))?;
+    }
+    if plan.runs("burst") {
+        runtime.block_on(burst(plan, &mut rows, &mut notes))?;
+    }
+
+    let mut out = String::new();
+    out.push_str(&format!(
+        "\n## Results{}\n\n",
+        if plan.smoke {
+            " (SMOKE RUN: small samples, not comparable with the targets)"
+        } else {
+            ""
+        }
+    ));
+    out.push_str(&machine_line());
+    out.push_str(&format!(
+        "Load average (1 min) before the run {load_before}, after it {}\n",
+        load_average()
+    ));
+    out.push_str("\n| figure | result | target | met |\n|---|---|---|---|\n");
+    for row in rows {
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |\n",
+            row.figure,
+            row.result,
+            row.target,
+            match row.met {
+                Some(true) => "yes",
+                Some(false) => "**no**",
+                None => "",
+            }
+        ));
+    }
+    if !notes.is_empty() {
+        out.push('\n');
+        for note in notes {
+            out.push_str(&format!("- {note}\n"));
+        }
+    }
+    Ok(out)
+}
+
+/// Overhead, calls per invocation, throughput and memory: one simulator with
+/// rate limits off and one handler with an effectively unlimited budget.
+async fn steady_state(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
+    let sim = Sim::start(&["--no-rate-limits"])?;
+    let handler = Handler::start(
+        &sim,
+        &[
+            ("DEFENDER_RATE_LIMIT_PER_MINUTE", "1000000"),
+            ("DEFENDER_RATE_LIMIT_PER_HOUR", "1000000"),
+        ],
+    )?;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let idle = Memory::of(handler.pid())?;
+
+    // Fresh devices: every measured restrict is the first one for its device,
+    // so it takes the full path (find, read actions, POST) and answers 201.
+    let total_fresh = plan.overhead + plan.throughput.iter().map(|(_, n)| n).sum::<usize>();
+    eprintln!("adding {total_fresh} devices to the simulator");
+    let devices: Vec<Device> = (0..total_fresh).map(|k| Device::new(1, k)).collect();
+    add_machines(sim.port, &devices).await?;
+
+    // Overhead: sequential restricts, each set against the simulator's own
+    // time on the same upstream calls.
+    eprintln!("overhead: {} sequential restricts", plan.overhead);
+    let (overhead_devices, rest) = devices.split_at(plan.overhead);
+    sim.clear_log().await?;
+    let mut conn = Conn::connect(handler.port).await?;
+    let mut latencies = Vec::with_capacity(plan.overhead);
+    for device in overhead_devices {
+        let started = Instant::now();
+        let (status, body) = conn
+            .send("POST", FUNCTION_PATH, &restrict_body(device))
+            .await?;
+        latencies.push(started.elapsed());
+        expect_status(status, 201, &body)?;
+    }
+    let log = sim.log().await?;
+    let groups = group_by_invocation(&log, overhead_devices)?;
+
+    // The first invocation fetches the token and opens the connections.
+    let first = latencies[0];
+    let overheads: Vec<Duration> = latencies
+        .iter()
+        .zip(&groups)
+        .skip(1)
+        .map(|(latency, group)| latency.saturating_sub(group.sim_time))
+        .collect();
+    let e2e: Vec<Duration> = latencies[1..].to_vec();
+    let sim_time: Vec<Duration> = groups[1..].iter().map(|g| g.sim_time).collect();
+    let p99 = percentile(&overheads, 99.0);
+    rows.push(Row::new(
+        &format!(
+            "overhead per restrict: end-to-end minus simulator time ({} sequential, first excluded)",
+            overheads.len()
+        ),
+        format!(
+            "p50 {} ms, p99 {} ms",
+            ms(percentile(&overheads, 50.0)),
+            ms(p99)
+        ),
+        "p99 < 1 ms",
+        Some(p99 < Duration::from_millis(1)),
+    ));
+    rows.push(Row::new(
+        "  for reference: end-to-end latency / simulator time per restrict",
+        format!(
+            "e2e p50 {} ms, p99 {} ms; simulator p50 {} ms, p99 {} ms; first invocation {} ms",
+            ms(percentile(&e2e, 50.0)),
+            ms(percentile(&e2e, 99.0)),
+            ms(percentile(&sim_time, 50.0)),
+            ms(percentile(&sim_time, 99.0)),
+            ms(first)
+        ),
+        "",
+        None,
+    ));
+
+    // Upstream calls per invocation, from the same log.
+    let tokens_first = groups[0].count(Kind::Token);
+    let tokens_after: usize = groups[1..].iter().map(|g| g.count(Kind::Token)).sum();
+    rows.push(Row::new(
+        "token requests",
+        format!(
+            "{tokens_first} for the first invocation, {tokens_after} for the {} after it",
+            groups.len() - 1
+        ),
+        "0 after the first",
+        Some(tokens_after == 0),
+    ));
+    let per_kind = kinds_per_invocation(&groups);
+    let defender_max = groups.iter().map(Group::defender_calls).max().unwrap_or(0);
+    let defender_min = groups.iter().map(Group::defender_calls).min().unwrap_or(0);
+    rows.push(Row::new(
+        "Defender calls per restrict (201 requested)",
+        format!(
+            "{} (min {defender_min}, max {defender_max} per invocation)",
+            describe_kinds(&per_kind, groups.len())
+        ),
+        &format!("{CALLS_TO_ACT}: {CALLS_TO_ACT_WHAT}"),
+        Some(defender_min == CALLS_TO_ACT && defender_max == CALLS_TO_ACT),
+    ));
+
+    // Throughput on fresh devices at each concurrency: every invocation takes
+    // the full path and answers 201.
+    let processes = [handler.pid(), sim.pid(), std::process::id()];
+    let mut offset = 0;
+    for &(concurrency, invocations) in &plan.throughput {
+        eprintln!("throughput: {invocations} restricts at concurrency {concurrency}");
+        let batch = &rest[offset..offset + invocations];
+        offset += invocations;
+        // The log is not needed here; clearing it keeps the simulator lean.
+        sim.clear_log().await?;
+        let before = cpu_times(&processes)?;
+        let outcome = load(handler.port, concurrency, batch, 201).await?;
+        let cpu = cpu_per_invocation(&before, &cpu_times(&processes)?, outcome.invocations);
+        rows.push(Row::new(
+            &format!(
+                "throughput, concurrency {concurrency} ({} restricts on fresh devices: 201, full path)",
+                outcome.invocations
+            ),
+            outcome.describe(&cpu),
+            if concurrency == 64 { ">= 5000 inv/s" } else { "" },
+            (concurrency == 64).then_some(outcome.per_second() >= 5000.0),
+        ));
+        if concurrency == 64 {
+            notes.push(format!(
+                "CPU per invocation at concurrency 64: handler {:.0} µs, simulator {:.0} µs, load \
+                 generator {:.0} µs. The three processes share the machine's CPUs; the handler's \
+                 one worker thread, on a CPU of its own, would serve about {:.0} inv/s at this cost.",
+                cpu[0],
+                cpu[1],
+                cpu[2],
+                1.0e6 / cpu[0]
+            ));
+        }
+    }
+
+    // The path without a POST: the devices of the overhead run again; their
+    // restrict is still pending or has succeeded, so nothing is sent.
+    let (concurrency, invocations) = plan.repeat;
+    eprintln!("throughput: {invocations} repeated restricts at concurrency {concurrency}");
+    sim.clear_log().await?;
+    let repeats: Vec<Device> = (0..invocations)
+        .map(|i| overhead_devices[i % overhead_devices.len()].clone())
+        .collect();
+    let before = cpu_times(&processes)?;
+    let outcome = load(handler.port, concurrency, &repeats, 200).await?;
+    let cpu = cpu_per_invocation(&before, &cpu_times(&processes)?, outcome.invocations);
+    let repeat_log = sim.log().await?;
+    let repeat_calls = repeat_log
+        .iter()
+        .filter(|r| r.kind() != Kind::Token)
+        .count();
+    rows.push(Row::new(
+        &format!(
+            "throughput, concurrency {concurrency}, repeated restrict ({} invocations: 200 already_pending/already_in_state)",
+            outcome.invocations
+        ),
+        outcome.describe(&cpu),
+        "",
+        None,
+    ));
+    rows.push(Row::new(
+        "Defender calls per repeated restrict (200, nothing sent)",
+        format!(
+            "{:.2} per invocation ({repeat_calls} for {})",
+            repeat_calls as f64 / outcome.invocations as f64,
+            outcome.invocations
+        ),
+        &format!("{CALLS_NO_POST}: {CALLS_NO_POST_WHAT}"),
+        Some(repeat_calls == CALLS_NO_POST * outcome.invocations),
+    ));
+
+    let loaded = Memory::of(handler.pid())?;
+    rows.push(Row::new(
+        "handler memory (VmRSS idle after start; VmHWM peak over the whole run above)",
+        format!(
+            "idle {:.1} MiB, peak {:.1} MiB (VmRSS after the load {:.1} MiB)",
+            kib_to_mib(idle.rss_kib),
+            kib_to_mib(loaded.hwm_kib),
+            kib_to_mib(loaded.rss_kib)
+        ),
+        "peak < 30 MiB",
+        Some(loaded.hwm_kib < 30 * 1024),
+    ));
+    let sim_memory = Memory::of(sim.pid())?;
+    notes.push(format!(
+        "The simulator's own peak RSS was {:.1} MiB (it keeps every request in its log); it is not \
+         part of the handler's figures.",
+        kib_to_mib(sim_memory.hwm_kib)
+    ));
+    drop(handler);
+    drop(sim);
+    Ok(())
+}
+
+/// The burst: invocations over distinct devices, all at once, with the default
+/// rate budget and the simulator's limits on, both clocks sped up.
+async fn burst(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
+    let speed = plan.burst_speed.to_string();
+    let sim = Sim::start(&["--speed", &speed])?;
+    let handler = Handler::start(&sim, &[("DEFENDER_RATE_CLOCK_SPEED", speed.as_str())])?;
+    let devices: Vec<Device> = (0..plan.burst_devices).map(|k| Device::new(2, k)).collect();
+    add_machines(sim.port, &devices).await?;
+    sim.clear_log().await?;
+    eprintln!(
+        "burst: {} invocations over {} devices, clocks at {speed}x",
+        plan.burst_invocations, plan.burst_devices
+    );
+
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..plan.burst_invocations)
+        .map(|k| {
+            let device = devices[k % devices.len()].clone();
+            let port = handler.port;
+            tokio::spawn(async move {
+                // Each invocation on its own connection, as independent webhooks.
+                let mut conn = Conn::connect(port).await?;
+                let (status, body) = conn
+                    .send("POST", FUNCTION_PATH, &restrict_body(&device))
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body, started.elapsed()))
+            })
+        })
+        .collect();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut failures = 0;
+    let mut makespan = Duration::ZERO;
+    for task in tasks {
+        let (status, body, done) = task.await??;
+        makespan = makespan.max(done);
+        let outcome = serde_json::from_slice::<Value>(&body)
+            .ok()
+            .and_then(|v| {
+                v.get("outcome")
+                    .or_else(|| v.get("code"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned)
+            })
+            .unwrap_or_else(|| "unreadable".to_owned());
+        if !(200..300).contains(&status) {
+            failures += 1;
+        }
+        *outcomes.entry(format!("{status} {outcome}")).or_default() += 1;
+    }
+
+    let actions: Vec<Value> = serde_json::from_slice(&sim.get("/_sim/actions").await?)?;
+    let mut per_machine: HashMap<String, usize> = HashMap::new();
+    for action in &actions {
+        let machine = action
+            .get("machineId")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_ascii_lowercase();
+        *per_machine.entry(machine).or_default() += 1;
+    }
+    let duplicates: usize = per_machine.values().map(|n| n.saturating_sub(1)).sum();
+    let log = sim.log().await?;
+    let mut calls: BTreeMap<Kind, (usize, usize)> = BTreeMap::new();
+    for r in &log {
+        let entry = calls.entry(r.kind()).or_default();
+        if r.status == 429 {
+            entry.1 += 1;
+        } else {
+            entry.0 += 1;
+        }
+    }
+    let throttled: usize = calls.values().map(|(_, t)| t).sum();
+
+    // Defender's limits cannot let the last call on the busiest endpoint go
+    // earlier than this after the first, whatever the client does.
+    let (binding, binding_calls) = calls
+        .iter()
+        .filter(|(kind, _)| **kind != Kind::Token)
+        .map(|(kind, (accepted, _))| (*kind, *accepted as u64))
+        .max_by_key(|(_, n)| *n)
+        .ok_or("the burst made no Defender call")?;
+    let minimum_budget_secs = minimum_makespan_secs(binding_calls);
+    let minimum = Duration::from_secs_f64(minimum_budget_secs as f64 / plan.burst_speed);
+    let ratio = makespan.as_secs_f64() / minimum.as_secs_f64();
+    rows.push(Row::new(
+        &format!(
+            "burst: {} restricts over {} devices at once, default budget, clocks at {}x",
+            plan.burst_invocations, plan.burst_devices, plan.burst_speed
+        ),
+        format!(
+            "{} actions created, {duplicates} duplicates, {failures} failures; answers: {}",
+            actions.len(),
+            outcomes
+                .iter()
+                .map(|(k, n)| format!("{n} × {k}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        &format!("{} actions, 0 duplicates, 0 failures", plan.burst_devices),
+        Some(actions.len() == plan.burst_devices && duplicates == 0 && failures == 0),
+    ));
+    rows.push(Row::new(
+        "burst makespan vs the budget's minimum",
+        format!(
+            "{:.2} s real = {:.0} s budget time; minimum {:.2} s = {minimum_budget_secs} s; ratio {ratio:.3}",
+            makespan.as_secs_f64(),
+            makespan.as_secs_f64() * plan.burst_speed,
+            minimum.as_secs_f64(),
+        ),
+        "within 10% (ratio <= 1.10)",
+        Some(ratio <= 1.10),
+    ));
+    rows.push(Row::new(
+        "burst: Defender calls by endpoint (answered 429 by the simulator)",
+        calls
+            .iter()
+            .map(|(k, (ok, throttled))| format!("{} {ok} ({throttled})", k.name()))
+            .collect::<Vec<_>>()
+            .join(", "),
+        "0 answered 429",
+        Some(throttled == 0),
+    ));
+    notes.push(format!(
+        "Burst minimum: the busiest endpoint was {} with {binding_calls} calls ({:.2} per \
+         invocation); under Defender's {PER_MINUTE}/min and {PER_HOUR}/h the last of them can go no \
+         earlier than {minimum_budget_secs} s after the first, {:.2} s at {}x. The budget keeps \
+         each window 1 s longer than Defender's (latency allowance), {:.1}% of a minute.",
+        binding.name(),
+        binding_calls as f64 / plan.burst_invocations as f64,
+        minimum.as_secs_f64(),
+        plan.burst_speed,
+        100.0 / 60.0
+    ));
+    if duplicates > 0 {
+        return Err(format!("the burst created {duplicates} duplicate action(s)").into());
+    }
+    drop(handler);
+    drop(sim);
+    Ok(())
+}
+
+/// Earliest time (seconds after the first) of the `n`-th call on one endpoint
+/// under Defender's two sliding windows: a call can go no earlier than a
+/// minute after the call `PER_MINUTE` places before it, nor an hour after the
+/// call `PER_HOUR` places before it. Sending each call as early as that allows
+/// is the fastest schedule there is.
+fn minimum_makespan_secs(n: u64) -> u64 {
+    let mut slots: Vec<u64> = Vec::new();
+    for i in 0..usize::try_from(n).unwrap_or(usize::MAX) {
+        let mut slot = slots.last().copied().unwrap_or(0);
+        for (limit, window) in [(PER_MINUTE, 60), (PER_HOUR, 3600)] {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            if i >= limit {
+                slot = slot.max(slots[i - limit] + window);
+            }
+        }
+        slots.push(slot);
+    }
+    slots.last().copied().unwrap_or(0)
+}
+
+// ---------------------------------------------------------------------------
+// Processes
+
+/// A child process killed when dropped.
+struct Proc {
+    child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `handler simulator` on a free port.
+struct Sim {
+    proc: Proc,
+    port: u16,
+}
+
+impl Sim {
+    fn start(args: &[&str]) -> Result<Self> {
+        let mut child = Command::new(HANDLER)
+            .args(["simulator", "--port", "0"])
+            .args(args)
+            .env_clear()
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no simulator stdout")?;
+        let proc = Proc { child };
+        let mut lines = BufReader::new(stdout).lines();
+        let port = loop {
+            let line = lines
+                .next()
+                .ok_or("the simulator exited before printing its URL")??;
+            if let Some(url) = line.strip_prefix("Simulated Defender tenant at http://") {
+                let addr: SocketAddr = url.trim().parse()?;
+                break addr.port();
+            }
+        };
+        // Keep draining its stdout so it never blocks on a full pipe.
+        std::thread::spawn(move || lines.for_each(drop));
+        Ok(Self { proc, port })
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+
+    async fn get(&self, path: &str) -> Result<Vec<u8>> {
+        let mut conn = Conn::connect(self.port).await?;
+        let (status, body) = conn.send("GET", path, b"").await?;
+        expect_status(status, 200, &body)?;
+        Ok(body)
+    }
+
+    async fn log(&self) -> Result<Vec<Recorded>> {
+        Ok(serde_json::from_slice(&self.get("/_sim/requests").await?)?)
+    }
+
+    async fn clear_log(&self) -> Result<()> {
+        let mut conn = Conn::connect(self.port).await?;
+        let (status, body) = conn.send("DELETE", "/_sim/requests", b"").await?;
+        expect_status(status, 204, &body)
+    }
+}
+
+/// The custom handler, started the way the Functions host starts it.
+struct Handler {
+    proc: Proc,
+    port: u16,
+}
+
+impl Handler {
+    fn spawn(sim: &Sim, port: u16, extra: &[(&str, &str)]) -> Result<Proc> {
+        let sim_url = format!("http://127.0.0.1:{}", sim.port);
+        let mut command = Command::new(HANDLER);
+        command
+            .env_clear()
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("DEFENDER_API_URL", &sim_url)
+            .env("IDENTITY_ENDPOINT", format!("{sim_url}/_identity/token"))
+            .env("IDENTITY_HEADER", IDENTITY_HEADER)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            // The host reads these log lines; formatting them is part of the cost.
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        for (k, v) in extra {
+            command.env(k, v);
+        }
+        Ok(Proc {
+            child: command.spawn()?,
+        })
+    }
+
+    fn start(sim: &Sim, extra: &[(&str, &str)]) -> Result<Self> {
+        let port = free_port()?;
+        let mut proc = Self::spawn(sim, port, extra)?;
+        wait_ready(&mut proc, port)?;
+        Ok(Self { proc, port })
+    }
+
+    fn pid(&self) -> u32 {
+        self.proc.child.id()
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// Poll `GET /` the way the host does (but every 100 µs instead of 25 ms)
+/// until it answers 200; the time from the call.
+fn wait_ready(proc: &mut Proc, port: u16) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if ready_once(port) {
+            return Ok(());
+        }
+        if let Some(status) = proc.child.try_wait()? {
+            return Err(format!("the handler exited during start-up: {status}").into());
+        }
+        if Instant::now() > deadline {
+            return Err("the handler did not answer GET / within 10 s".into());
+        }
+        std::thread::sleep(Duration::from_micros(100));
+    }
+}
+
+fn ready_once(port: u16) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_nodelay(true);
+    if stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut answer = Vec::new();
+    let _ = stream.read_to_end(&mut answer);
+    answer.starts_with(b"HTTP/1.1 200")
+}
+
+fn cold_starts(sim: &Sim, n: usize) -> Result<Vec<Duration>> {
+    let mut times = Vec::with_capacity(n);
+    for _ in 0..n {
+        let port = free_port()?;
+        let started = Instant::now();
+        let mut proc = Handler::spawn(sim, port, &[])?;
+        wait_ready(&mut proc, port)?;
+        times.push(started.elapsed());
+        drop(proc);
+    }
+    Ok(times)
+}
+
+/// Resident memory of a process, from `/proc/<pid>/status`.
+struct Memory {
+    rss_kib: u64,
+    hwm_kib: u64,
+}
+
+impl Memory {
+    fn of(pid: u32) -> Result<Self> {
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let field = |name: &str| -> Result<u64> {
+            let line = status
+                .lines()
+                .find(|l| l.starts_with(name))
+                .ok_or_else(|| format!("{name} missing from /proc/{pid}/status"))?;
+            Ok(line
+                .trim_start_matches(name)
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()?)
+        };
+        Ok(Self {
+            rss_kib: field("VmRSS:")?,
+            hwm_kib: field("VmHWM:")?,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Load
+
+/// A test device: an Entra device id and a Defender machine.
+#[derive(Debug, Clone)]
+struct Device {
+    aad: String,
+    machine_id: String,
+    name: String,
+}
+
+impl Device {
+    /// Deterministic, distinct ids for device `k` of set `set`.
+    fn new(set: u64, k: usize) -> Self {
+        let mut state = (set << 40) ^ (k as u64);
+        let mut next = || {
+            // splitmix64
+            state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+            let mut z = state;
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        let (a, b, c) = (next(), next(), next());
+        let machine_id = format!("{a:016x}{b:016x}{:08x}", c >> 32);
+        let aad = format!(
+            "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+            (set << 28) as u32 ^ k as u32,
+            (c >> 16) & 0xffff,
+            c & 0xfff,
+            (b >> 52) & 0xfff,
+            a & 0xffff_ffff_ffff
+        );
+        Self {
+            aad,
+            machine_id,
+            name: format!("BENCH-{set}-{k:05}.contoso.local"),
+        }
+    }
+
+    fn machine_json(&self) -> Value {
+        // The shape and size of a real machine record.
+        json!({
+            "id": self.machine_id,
+            "computerDnsName": self.name,
+            "aadDeviceId": self.aad,
+            "healthStatus": "Active",
+            "osPlatform": "Windows11",
+            "onboardingStatus": "Onboarded",
+            "lastSeen": "2026-11-28T08:12:03.1234567Z",
+            "firstSeen": "2025-04-02T10:00:00.0000000Z",
+            "isPotentialDuplication": false,
+            "osProcessor": "x64",
+            "osArchitecture": "64-bit",
+            "osBuild": 22631,
+            "version": "23H2",
+            "lastIpAddress": "10.0.1.21",
+            "lastExternalIpAddress": "203.0.113.10",
+            "agentVersion": "10.8760.22631.1011",
+            "rbacGroupName": "Workstations",
+            "rbacGroupId": 101,
+            "riskScore": "Low",
+            "exposureLevel": "Medium",
+            "deviceValue": "Normal",
+            "isAadJoined": true,
+            "defenderAvStatus": "Updated",
+            "managedBy": "Intune",
+            "managedByStatus": "Success",
+            "machineTags": [],
+            "ipAddresses": [],
+        })
+    }
+}
+
+fn restrict_body(device: &Device) -> Vec<u8> {
+    json!({
+        "deviceId": device.aad,
+        "release": false,
+        "comment": "Benchmark: possible security risk.",
+        "callerName": "bench@example.com",
+    })
+    .to_string()
+    .into_bytes()
+}
+
+async fn add_machines(sim_port: u16, devices: &[Device]) -> Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let devices: Arc<Vec<Value>> = Arc::new(devices.iter().map(Device::machine_json).collect());
+    let workers: Vec<_> = (0..8)
+        .map(|_| {
+            let (next, devices) = (next.clone(), devices.clone());
+            tokio::spawn(async move {
+                let mut conn = Conn::connect(sim_port).await?;
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(machine) = devices.get(i) else {
+                        return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(());
+                    };
+                    let (status, body) = conn
+                        .send("POST", "/_sim/machines", machine.to_string().as_bytes())
+                        .await?;
+                    expect_status(status, 201, &body)?;
+                }
+            })
+        })
+        .collect();
+    for worker in workers {
+        worker.await??;
+    }
+    Ok(())
+}
+
+struct LoadOutcome {
+    invocations: usize,
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl LoadOutcome {
+    fn per_second(&self) -> f64 {
+        self.invocations as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// `cpu`: µs per invocation of the handler, the simulator, the load generator.
+    fn describe(&self, cpu: &[f64; 3]) -> String {
+        format!(
+            "{:.0} inv/s; latency p50 {} ms, p99 {} ms; CPU µs/inv: handler {:.0}, simulator {:.0}, load generator {:.0}",
+            self.per_second(),
+            ms(percentile(&self.latencies, 50.0)),
+            ms(percentile(&self.latencies, 99.0)),
+            cpu[0],
+            cpu[1],
+            cpu[2]
+        )
+    }
+}
+
+/// User plus system CPU time of each process so far (`/proc/<pid>/stat`).
+fn cpu_times(pids: &[u32; 3]) -> Result<[Duration; 3]> {
+    let tick = clock_tick();
+    let mut times = [Duration::ZERO; 3];
+    for (time, pid) in times.iter_mut().zip(pids) {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        // Fields after the command name, which is in parentheses: state is
+        // the first, utime the 12th and stime the 13th.
+        let after = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest)
+            .ok_or("unreadable /proc stat")?;
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields.get(11).ok_or("no utime")?.parse::<u64>()?
+            + fields.get(12).ok_or("no stime")?.parse::<u64>()?;
+        *time = tick * u32::try_from(ticks)?;
+    }
+    Ok(times)
+}
+
+fn cpu_per_invocation(
+    before: &[Duration; 3],
+    after: &[Duration; 3],
+    invocations: usize,
+) -> [f64; 3] {
+    let mut per = [0.0; 3];
+    for i in 0..3 {
+        per[i] = after[i].saturating_sub(before[i]).as_secs_f64() * 1e6 / invocations.max(1) as f64;
+    }
+    per
+}
+
+/// The length of a clock tick, from `getconf CLK_TCK` (100 Hz if unknown).
+fn clock_tick() -> Duration {
+    static TICK: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *TICK.get_or_init(|| {
+        let hz = Command::new("getconf")
+            .arg("CLK_TCK")
+            .output()
+            .ok()
+            .and_then(|o| String::from_utf8(o.stdout).ok())
+            .and_then(|s| s.trim().parse::<u32>().ok())
+            .filter(|hz| *hz > 0)
+            .unwrap_or(100);
+        Duration::from_secs(1) / hz
+    })
+}
+
+/// One restrict per device in `devices`, `concurrency` at a time, each worker
+/// on its own keep-alive connection; every answer must have `expected` status.
+async fn load(
+    port: u16,
+    concurrency: usize,
+    devices: &[Device],
+    expected: u16,
+) -> Result<LoadOutcome> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let devices = Arc::new(devices.to_vec());
+    let mut conns = Vec::with_capacity(concurrency);
+    for _ in 0..concurrency {
+        conns.push(Conn::connect(port).await?);
+    }
+    let started = Instant::now();
+    let workers: Vec<_> = conns
+        .into_iter()
+        .map(|mut conn| {
+            let (next, devices) = (next.clone(), devices.clone());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some(device) = devices.get(i) else {
+                        return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(latencies);
+                    };
+                    let body = restrict_body(device);
+                    let sent = Instant::now();
+                    let (status, answer) = conn.send("POST", FUNCTION_PATH, &body).await?;
+                    latencies.push(sent.elapsed());
+                    expect_status(status, expected, &answer)?;
+                }
+            })
+        })
+        .collect();
+    let mut latencies = Vec::with_capacity(devices.len());
+    for worker in workers {
+        latencies.extend(worker.await??);
+    }
+    Ok(LoadOutcome {
+        invocations: devices.len(),
+        elapsed: started.elapsed(),
+        latencies,
+    })
+}
+
+fn expect_status(status: u16, expected: u16, body: &[u8]) -> Result<()> {
+    if status == expected {
+        Ok(())
+    } else {
+        Err(format!(
+            "expected HTTP {expected}, got {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(600)])
+        )
+        .into())
+    }
+}
+
+/// A minimal HTTP/1.1 keep-alive client: the load generator shares the CPUs
+/// with what it measures, so it does as little as it can.
+struct Conn {
+    port: u16,
+    stream: Option<TcpStream>,
+    buf: Vec<u8>,
+}
+
+impl Conn {
+    async fn connect(port: u16) -> Result<Self> {
+        let mut conn = Self {
+            port,
+            stream: None,
+            buf: Vec::with_capacity(16 * 1024),
+        };
+        conn.reconnect().await?;
+        Ok(conn)
+    }
+
+    async fn reconnect(&mut self) -> Result<()> {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).await?;
+        stream.set_nodelay(true)?;
+        self.stream = Some(stream);
+        self.buf.clear();
+        Ok(())
+    }
+
+    async fn send(&mut self, method: &str, path: &str, body: &[u8]) -> Result<(u16, Vec<u8>)> {
+        if self.stream.is_none() {
+            self.reconnect().await?;
+        }
+        let mut request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n",
+            self.port,
+            body.len()
+        );
+        if path == FUNCTION_PATH {
+            request.push_str(&format!(
+                "X-Azure-Functions-InvocationId: {}\r\n",
+                invocation_id()
+            ));
+        }
+        request.push_str("\r\n");
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(body);
+        let stream = self.stream.as_mut().ok_or("not connected")?;
+        stream.write_all(&bytes).await?;
+
+        self.buf.clear();
+        let header_end = loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                break end + 4;
+            }
+            read_more(stream, &mut self.buf).await?;
+        };
+        let head = std::str::from_utf8(&self.buf[..header_end])?.to_owned();
+        let status: u16 = head.get(9..12).ok_or("short status line")?.parse()?;
+        let mut length = None;
+        let mut chunked = false;
+        let mut close = false;
+        for line in head.lines().skip(1) {
+            let Some((name, value)) = line.split_once(':') else {
+                continue;
+            };
+            let value = value.trim();
+            if name.eq_ignore_ascii_case("content-length") {
+                length = Some(value.parse::<usize>()?);
+            } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                chunked = value.eq_ignore_ascii_case("chunked");
+            } else if name.eq_ignore_ascii_case("connection") {
+                close = value.eq_ignore_ascii_case("close");
+            }
+        }
+        let body = if chunked {
+            let mut body = Vec::new();
+            let mut at = header_end;
+            loop {
+                let line_end = loop {
+                    if let Some(end) = find(&self.buf[at..], b"\r\n") {
+                        break at + end;
+                    }
+                    read_more(stream, &mut self.buf).await?;
+                };
+                let size_text = std::str::from_utf8(&self.buf[at..line_end])?;
+                let size =
+                    usize::from_str_radix(size_text.split(';').next().unwrap_or("").trim(), 16)?;
+                at = line_end + 2;
+                while self.buf.len() < at + size + 2 {
+                    read_more(stream, &mut self.buf).await?;
+                }
+                body.extend_from_slice(&self.buf[at..at + size]);
+                at += size + 2;
+                if size == 0 {
+                    break body;
+                }
+            }
+        } else {
+            let length = length.unwrap_or(0);
+            while self.buf.len() < header_end + length {
+                read_more(stream, &mut self.buf).await?;
+            }
+            self.buf[header_end..header_end + length].to_vec()
+        };
+        if close {
+            self.stream = None;
+        }
+        Ok((status, body))
+    }
+}
+
+async fn read_more(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 16 * 1024];
+    let n = stream.read(&mut chunk).await?;
+    if n == 0 {
+        return Err("connection closed before the answer was complete".into());
+    }
+    buf.extend_from_slice(&chunk[..n]);
+    Ok(())
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack.windows(needle.len()).position(|w| w == needle)
+}
+
+fn invocation_id() -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    format!("bench-{:08}", NEXT.fetch_add(1, Ordering::Relaxed))
+}
+
+// ---------------------------------------------------------------------------
+// The simulator's request log
+
+#[derive(Debug, Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct Recorded {
+    method: String,
+    path: String,
+    filter: Option<String>,
+    status: u16,
+    duration_micros: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+enum Kind {
+    Token,
+    ListMachines,
+    GetMachine,
+    ListActions,
+    GetAction,
+    Restrict,
+    Unrestrict,
+    Cancel,
+    Other,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Token => "token",
+            Self::ListMachines => "list machines",
+            Self::GetMachine => "get machine",
+            Self::ListActions => "list actions",
+            Self::GetAction => "get action",
+            Self::Restrict => "POST restrictCodeExecution",
+            Self::Unrestrict => "POST unrestrictCodeExecution",
+            Self::Cancel => "POST cancel",
+            Self::Other => "other",
+        }
+    }
+}
+
+impl Recorded {
+    fn kind(&self) -> Kind {
+        let path = self.path.as_str();
+        if path.starts_with("/_identity/") {
+            return Kind::Token;
+        }
+        let segments: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
+        match (self.method.as_str(), segments.as_slice()) {
+            ("GET", ["machines"]) => Kind::ListMachines,
+            ("GET", ["machines", _]) => Kind::GetMachine,
+            ("GET", ["machineactions"]) => Kind::ListActions,
+            ("GET", ["machineactions", _]) => Kind::GetAction,
+            ("POST", ["machines", _, "restrictCodeExecution"]) => Kind::Restrict,
+            ("POST", ["machines", _, "unrestrictCodeExecution"]) => Kind::Unrestrict,
+            ("POST", ["machineactions", _, "cancel"]) => Kind::Cancel,
+            _ => Kind::Other,
+        }
+    }
+}
+
+/// The upstream calls of one invocation.
+#[derive(Default)]
+struct Group {
+    kinds: Vec<Kind>,
+    sim_time: Duration,
+}
+
+impl Group {
+    fn count(&self, kind: Kind) -> usize {
+        self.kinds.iter().filter(|k| **k == kind).count()
+    }
+
+    fn defender_calls(&self) -> usize {
+        self.kinds.iter().filter(|k| **k != Kind::Token).count()
+    }
+}
+
+/// Splits the log of sequential invocations (one per device, in order) into
+/// one group per invocation. A token request belongs to the invocation whose
+/// first call follows it.
+fn group_by_invocation(log: &[Recorded], devices: &[Device]) -> Result<Vec<Group>> {
+    let mut groups: Vec<Group> = Vec::with_capacity(devices.len());
+    let mut pending = Group::default();
+    for r in log {
+        let kind = r.kind();
+        let time = Duration::from_micros(r.duration_micros);
+        if kind == Kind::ListMachines {
+            let expected = devices
+                .get(groups.len())
+                .ok_or("more list-machines calls than invocations")?;
+            let matches = r
+                .filter
+                .as_deref()
+                .is_some_and(|f| f.to_ascii_lowercase().contains(&expected.aad));
+            if !matches {
+                return Err(format!(
+                    "invocation {} does not start with the lookup of its device: {:?}",
+                    groups.len(),
+                    r.filter
+                )
+                .into());
+            }
+            let mut group = std::mem::take(&mut pending);
+            group.kinds.push(kind);
+            group.sim_time += time;
+            groups.push(group);
+        } else if kind == Kind::Token {
+            pending.kinds.push(kind);
+            pending.sim_time += time;
+        } else {
+            let group = groups
+                .last_mut()
+                .ok_or("a Defender call before any lookup")?;
+            group.kinds.push(kind);
+            group.sim_time += time;
+        }
+    }
+    if groups.len() != devices.len() {
+        return Err(format!(
+            "{} invocations but {} lookups in the simulator's log",
+            devices.len(),
+            groups.len()
+        )
+        .into());
+    }
+    Ok(groups)
+}
+
+fn kinds_per_invocation(groups: &[Group]) -> BTreeMap<Kind, usize> {
+    let mut counts = BTreeMap::new();
+    for kind in groups.iter().flat_map(|g| &g.kinds) {
+        if *kind != Kind::Token {
+            *counts.entry(*kind).or_default() += 1;
+        }
+    }
+    counts
+}
+
+fn describe_kinds(counts: &BTreeMap<Kind, usize>, invocations: usize) -> String {
+    let total: usize = counts.values().sum();
+    let parts: Vec<String> = counts
+        .iter()
+        .map(|(k, n)| format!("{} {:.2}", k.name(), *n as f64 / invocations as f64))
+        .collect();
+    format!(
+        "{:.2} per invocation: {}",
+        total as f64 / invocations as f64,
+        parts.join(", ")
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Reporting
+
+struct Row {
+    figure: String,
+    result: String,
+    target: String,
+    met: Option<bool>,
+}
+
+impl Row {
+    fn new(figure: &str, result: String, target: &str, met: Option<bool>) -> Self {
+        Self {
+            figure: figure.to_owned(),
+            result,
+            target: target.to_owned(),
+            met,
+        }
+    }
+}
+
+/// Nearest-rank percentile.
+fn percentile(samples: &[Duration], p: f64) -> Duration {
+    if samples.is_empty() {
+        return Duration::ZERO;
+    }
+    let mut sorted = samples.to_vec();
+    sorted.sort_unstable();
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn max(samples: &[Duration]) -> Duration {
+    samples.iter().copied().max().unwrap_or_default()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3}", d.as_secs_f64() * 1000.0)
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+fn kib_to_mib(kib: u64) -> f64 {
+    kib as f64 / 1024.0
+}
+
+fn machine_line() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned());
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let rustc = Command::new(std::env::var("RUSTC").unwrap_or_else(|_| "rustc".to_owned()))
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_default();
+    format!("Machine: {cpus} CPUs, {cpu}; {rustc}; handler {HANDLER}\n")
+}
+
+/// The 1-minute load average: other work on the machine skews every timing.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
