@@ -23,7 +23,6 @@ use std::{
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
@@ -376,7 +375,7 @@ async fn steady_state(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>)
     let repeat_log = sim.log().await?;
     let repeat_calls = repeat_log
         .iter()
-        .filter(|r| r.kind() != Kind::Token)
+        .filter(|r| Kind::of(r) != Kind::Token)
         .count();
     rows.push(Row::new(
         &format!(
@@ -485,7 +484,7 @@ async fn burst(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Res
     let log = sim.log().await?;
     let mut calls: BTreeMap<Kind, (usize, usize)> = BTreeMap::new();
     for r in &log {
-        let entry = calls.entry(r.kind()).or_default();
+        let entry = calls.entry(Kind::of(r)).or_default();
         if r.status == 429 {
             entry.1 += 1;
         } else {
@@ -1148,15 +1147,8 @@ fn invocation_id() -> String {
 // ---------------------------------------------------------------------------
 // The simulator's request log
 
-#[derive(Debug, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct Recorded {
-    method: String,
-    path: String,
-    filter: Option<String>,
-    status: u16,
-    duration_micros: u64,
-}
+/// An entry of the simulator's request log (`GET /_sim/requests`).
+use restrict_code_execution::simulator::RecordedRequest as Recorded;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
@@ -1187,14 +1179,15 @@ impl Kind {
     }
 }
 
-impl Recorded {
-    fn kind(&self) -> Kind {
-        let path = self.path.as_str();
+impl Kind {
+    /// Which upstream call a request-log entry is.
+    fn of(r: &Recorded) -> Self {
+        let path = r.path.as_str();
         if path.starts_with("/_identity/") {
             return Kind::Token;
         }
         let segments: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
-        match (self.method.as_str(), segments.as_slice()) {
+        match (r.method.as_str(), segments.as_slice()) {
             ("GET", ["machines"]) => Kind::ListMachines,
             ("GET", ["machines", _]) => Kind::GetMachine,
             ("GET", ["machineactions"]) => Kind::ListActions,
@@ -1231,7 +1224,7 @@ fn group_by_invocation(log: &[Recorded], devices: &[Device]) -> Result<Vec<Group
     let mut groups: Vec<Group> = Vec::with_capacity(devices.len());
     let mut pending = Group::default();
     for r in log {
-        let kind = r.kind();
+        let kind = Kind::of(r);
         let time = Duration::from_micros(r.duration_micros);
         if kind == Kind::ListMachines {
             let expected = devices

@@ -134,22 +134,25 @@ impl TokenSource {
                 }
             })
         };
-        Self::new(
+        let current = factory()?;
+        Ok(Self::from_parts(
+            current,
             Box::new(factory),
             settings.token_scope.clone(),
             settings.token_timeout,
             description,
-        )
+        ))
     }
 
-    fn new(
+    /// `current` is the credential in use; `factory` builds its replacements.
+    fn from_parts(
+        current: Arc<dyn TokenCredential>,
         factory: Box<Factory>,
         scope: String,
         timeout: Duration,
         description: String,
-    ) -> Result<Self, TokenError> {
-        let current = factory()?;
-        Ok(Self {
+    ) -> Self {
+        Self {
             inner: Arc::new(Inner {
                 current: RwLock::new(current),
                 factory,
@@ -158,7 +161,7 @@ impl TokenSource {
                 timeout,
                 description,
             }),
-        })
+        }
     }
 
     /// A fixed token, for the embedded simulator (which accepts any bearer).
@@ -168,16 +171,13 @@ impl TokenSource {
         let factory = move || -> Result<Arc<dyn TokenCredential>, TokenError> {
             Ok(Arc::new(FixedToken(token.clone())))
         };
-        Self {
-            inner: Arc::new(Inner {
-                current: RwLock::new(current),
-                factory: Box::new(factory),
-                refreshing: tokio::sync::Mutex::new(()),
-                scope: "simulator".to_owned(),
-                timeout,
-                description: "simulator's fixed token".to_owned(),
-            }),
-        }
+        Self::from_parts(
+            current,
+            Box::new(factory),
+            "simulator".to_owned(),
+            timeout,
+            "simulator's fixed token".to_owned(),
+        )
     }
 
     /// Which credential this is, for logs and error details.

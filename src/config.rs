@@ -261,22 +261,44 @@ fn parse_url(name: &'static str, value: String) -> Result<Url, ConfigError> {
     Ok(url)
 }
 
+/// A number within `range`, `default` when unset; the error names the variable.
+fn ranged<T>(
+    get: &impl Fn(&str) -> Option<String>,
+    name: &'static str,
+    default: T,
+    range: std::ops::RangeInclusive<T>,
+    expected: &str,
+) -> Result<T, ConfigError>
+where
+    T: std::str::FromStr + PartialOrd,
+{
+    let Some(v) = get(name) else {
+        return Ok(default);
+    };
+    match v.trim().parse::<T>() {
+        // NaN is outside every range: `contains` compares with PartialOrd.
+        Ok(n) if range.contains(&n) => Ok(n),
+        _ => Err(ConfigError {
+            name,
+            value: v,
+            reason: format!("expected {expected}"),
+        }),
+    }
+}
+
 fn seconds(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
     default: u64,
 ) -> Result<Duration, ConfigError> {
-    let Some(v) = get(name) else {
-        return Ok(Duration::from_secs(default));
-    };
-    match v.trim().parse::<u64>() {
-        Ok(n) if (1..=3600).contains(&n) => Ok(Duration::from_secs(n)),
-        _ => Err(ConfigError {
-            name,
-            value: v,
-            reason: "expected a whole number of seconds between 1 and 3600".into(),
-        }),
-    }
+    ranged(
+        get,
+        name,
+        default,
+        1..=3600,
+        "a whole number of seconds between 1 and 3600",
+    )
+    .map(Duration::from_secs)
 }
 
 /// The invocation's time budget: 220 s by default, at most 230 s, the time
@@ -300,17 +322,13 @@ fn count(
     name: &'static str,
     default: u32,
 ) -> Result<u32, ConfigError> {
-    let Some(v) = get(name) else {
-        return Ok(default);
-    };
-    match v.trim().parse::<u32>() {
-        Ok(n) if (1..=1_000_000).contains(&n) => Ok(n),
-        _ => Err(ConfigError {
-            name,
-            value: v,
-            reason: "expected a whole number between 1 and 1000000".into(),
-        }),
-    }
+    ranged(
+        get,
+        name,
+        default,
+        1..=1_000_000,
+        "a whole number between 1 and 1000000",
+    )
 }
 
 /// A clock speed factor: 1 (real time) unless set, at most a million.
@@ -318,17 +336,13 @@ fn clock_speed(
     get: &impl Fn(&str) -> Option<String>,
     name: &'static str,
 ) -> Result<f64, ConfigError> {
-    let Some(v) = get(name) else {
-        return Ok(1.0);
-    };
-    match v.trim().parse::<f64>() {
-        Ok(n) if (1.0..=1_000_000.0).contains(&n) => Ok(n),
-        _ => Err(ConfigError {
-            name,
-            value: v,
-            reason: "expected a number between 1 and 1000000".into(),
-        }),
-    }
+    ranged(
+        get,
+        name,
+        1.0,
+        1.0..=1_000_000.0,
+        "a number between 1 and 1000000",
+    )
 }
 
 fn boolean(

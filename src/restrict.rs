@@ -94,13 +94,14 @@ impl Success {
         client: &DefenderClient,
         until: Instant,
     ) -> Result<(), ApiError> {
-        while !self.terminal() {
-            let next = Instant::now() + POLL_EVERY;
-            if next >= until {
-                break;
-            }
+        // The last poll is at `until`, so a wait shorter than the interval
+        // still reads the action once more before answering.
+        while !self.terminal() && Instant::now() < until {
+            let next = (Instant::now() + POLL_EVERY).min(until);
             tokio::time::sleep_until(next).await;
-            match client.action(&self.action_id, until).await? {
+            // Give the read a second past `until` to come back.
+            let read_by = until + std::time::Duration::from_secs(1);
+            match client.action(&self.action_id, read_by).await? {
                 Some(latest) => {
                     self.action_status = latest.action.status.clone();
                     self.action = latest.raw;
@@ -167,6 +168,8 @@ impl Restrictor {
         })?;
 
         let mut cancelled = Vec::new();
+        // Cancel at most once: a second round that still sees a pending
+        // opposite action reports the conflict.
         let mut cancel_round_done = false;
         let mut actions = self.client.machine_actions(&machine.id, deadline).await?;
         loop {
@@ -174,11 +177,7 @@ impl Restrictor {
                 &machine.id,
                 &actions,
                 Wanted {
-                    // Cancel at most once; a second round that still sees a
-                    // pending opposite action reports the conflict.
-                    cancel_pending: wanted.cancel_pending
-                        && cancelled.is_empty()
-                        && !cancel_round_done,
+                    cancel_pending: wanted.cancel_pending && !cancel_round_done,
                     ..wanted
                 },
             );
@@ -218,17 +217,13 @@ impl Restrictor {
                 }
                 Decision::Cancel(pending) => {
                     let why = format!("Cancelled to apply {}: {comment}", wanted.action.as_str());
-                    let mut attempted = false;
                     for action in pending {
-                        attempted = true;
+                        // `false`: it finished meanwhile; the re-read decides.
                         if self.cancel(&action, &why, deadline).await? {
                             cancelled.push(action.id);
                         }
                     }
-                    if cancelled.is_empty() && attempted {
-                        // Each had finished meanwhile; decide again without cancelling.
-                        cancel_round_done = true;
-                    }
+                    cancel_round_done = true;
                     // The state may have moved while cancelling: read it again.
                     actions = self.client.machine_actions(&machine.id, deadline).await?;
                 }

@@ -96,7 +96,7 @@ pub struct DefenderClient {
 /// A machine action: typed for our decisions, raw to hand back exactly as
 /// Defender sent it.
 #[derive(Debug, Clone)]
-pub struct CreatedAction {
+pub struct ActionRecord {
     pub action: MachineAction,
     pub raw: Value,
 }
@@ -245,14 +245,14 @@ impl DefenderClient {
         &self,
         action_id: &str,
         deadline: Instant,
-    ) -> Result<Option<CreatedAction>, DefenderError> {
+    ) -> Result<Option<ActionRecord>, DefenderError> {
         let op = Operation::GetAction;
         let url = self.url(op, &format!("api/machineactions/{action_id}"))?;
         match self
             .send::<Value>(self.get(op, Endpoint::GetAction, url), deadline)
             .await
         {
-            Ok(raw) => Ok(Some(CreatedAction {
+            Ok(raw) => Ok(Some(ActionRecord {
                 action: typed_action(op, &raw)?,
                 raw,
             })),
@@ -269,7 +269,7 @@ impl DefenderClient {
         action: ActionType,
         comment: &str,
         deadline: Instant,
-    ) -> Result<CreatedAction, DefenderError> {
+    ) -> Result<ActionRecord, DefenderError> {
         let op = Operation::CreateAction;
         let url = self.url(
             op,
@@ -286,7 +286,7 @@ impl DefenderClient {
             .send(self.post(op, endpoint, url, &body), deadline)
             .await?;
         let action = typed_action(op, &raw)?;
-        Ok(CreatedAction { action, raw })
+        Ok(ActionRecord { action, raw })
     }
 
     /// `POST /api/machineactions/{id}/cancel`. Never resent after an
@@ -296,7 +296,7 @@ impl DefenderClient {
         action_id: &str,
         comment: &str,
         deadline: Instant,
-    ) -> Result<CreatedAction, DefenderError> {
+    ) -> Result<ActionRecord, DefenderError> {
         let op = Operation::CancelAction;
         let url = self.url(op, &format!("api/machineactions/{action_id}/cancel"))?;
         let body = CommentBody {
@@ -306,7 +306,7 @@ impl DefenderClient {
             .send(self.post(op, Endpoint::Cancel, url, &body), deadline)
             .await?;
         let action = typed_action(op, &raw)?;
-        Ok(CreatedAction { action, raw })
+        Ok(ActionRecord { action, raw })
     }
 
     fn get(&self, op: Operation, endpoint: Endpoint, url: Url) -> Call<'static> {

@@ -9,7 +9,7 @@ use http::StatusCode;
 use tokio::time::Instant;
 
 use crate::{
-    defender::{CreatedAction, DefenderError, models::ActionStatus},
+    defender::{ActionRecord, DefenderError, models::ActionStatus},
     error::ApiError,
     functions::{action_id, status::StatusBody},
     invocation::{AppState, Invocation},
@@ -46,7 +46,7 @@ async fn cancel(
     state: &AppState,
     invocation: &Invocation,
     principal: Option<Principal>,
-) -> Result<CreatedAction, ApiError> {
+) -> Result<ActionRecord, ApiError> {
     let id = action_id(invocation.params.get("actionId"))?;
     let comment = parse_cancel_comment(&invocation.body)?;
     let caller = principal.and_then(|p| p.name).and_then(|n| {
@@ -77,16 +77,8 @@ async fn cancel(
 
     match client.cancel_action(&id, &comment, deadline).await {
         Ok(cancelled) => Ok(cancelled),
-        // Finished meanwhile, or the answer was lost: read the action again.
-        Err(
-            e @ (DefenderError::Status { status: 400, .. }
-            | DefenderError::Timeout { .. }
-            | DefenderError::Transport { .. }
-            | DefenderError::Decode { .. }
-            | DefenderError::Status {
-                status: 500..=599, ..
-            }),
-        ) => {
+        // Finished meanwhile (400), or the answer was lost: read the action again.
+        Err(e) if e.is_ambiguous() || matches!(e, DefenderError::Status { status: 400, .. }) => {
             let latest = client
                 .action(&id, deadline)
                 .await?
@@ -101,7 +93,7 @@ async fn cancel(
     }
 }
 
-fn check_pending(found: &CreatedAction) -> Result<(), ApiError> {
+fn check_pending(found: &ActionRecord) -> Result<(), ApiError> {
     match ActionStatus::parse(&found.action.status) {
         Some(status) if status.is_terminal() => Err(ApiError::ActionNotPending {
             action_id: found.action.id.clone(),

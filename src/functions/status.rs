@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
-    defender::{CreatedAction, models::ActionStatus},
+    defender::{ActionRecord, models::ActionStatus},
     error::ApiError,
     functions::{action_id, restrict::POLL_AFTER_SECONDS},
     invocation::{AppState, Invocation},
@@ -54,7 +54,7 @@ pub async fn run(state: &AppState, invocation: &Invocation) -> Reply {
 async fn read(
     state: &AppState,
     invocation: &Invocation,
-) -> Result<(String, CreatedAction), ApiError> {
+) -> Result<(String, ActionRecord), ApiError> {
     let id = action_id(invocation.params.get("actionId"))?;
     let deadline = Instant::now() + state.request_timeout();
     match state.restrictor().client().action(&id, deadline).await? {
@@ -85,7 +85,7 @@ pub struct StatusBody {
 }
 
 impl StatusBody {
-    pub fn new(found: &CreatedAction, invocation_id: &str) -> Self {
+    pub fn new(found: &ActionRecord, invocation_id: &str) -> Self {
         let a = &found.action;
         let terminal = ActionStatus::parse(&a.status).is_some_and(ActionStatus::is_terminal);
         let message = format!(

@@ -168,6 +168,12 @@ async fn the_cancel_function_rejects_unknown_fields() {
     assert_eq!(response.status, 400);
     assert_eq!(response.json()["field"], "reason");
     assert_eq!(app.sim.actions()[0].status, "Pending");
+    assert!(
+        app.defender_requests()
+            .iter()
+            .all(|r| !r.path.ends_with("/cancel")),
+        "no cancel was sent"
+    );
 }
 
 // --- Waiting and the Logic Apps asynchronous pattern ----------------------
@@ -223,6 +229,14 @@ async fn wait_returns_the_last_state_when_time_runs_out() {
     assert_eq!(response.status, 201, "{}", response.body);
     assert_eq!(response.json()["terminal"], false);
     assert_eq!(response.json()["action"]["status"], "Pending");
+    let id = action_id(&response.json());
+    assert!(
+        app.defender_requests()
+            .iter()
+            .any(|r| r.method == "GET" && r.path == format!("/api/machineactions/{id}")),
+        "the action was polled"
+    );
+    assert_eq!(app.sim.actions()[0].status, "Pending");
 }
 
 #[tokio::test]
@@ -249,6 +263,13 @@ async fn respond_async_answers_202_with_a_location_that_keeps_the_code() {
         assert_eq!(response.header("retry-after"), Some("10"));
         assert_eq!(response.header("preference-applied"), Some("respond-async"));
     }
+    let actions = app.sim.actions();
+    assert_eq!(actions.len(), 2, "one action per device");
+    assert!(
+        actions
+            .iter()
+            .all(|a| a.action_type == "RestrictCodeExecution")
+    );
 }
 
 /// Evaluate the few workflow expressions the example uses.
@@ -410,6 +431,20 @@ async fn device_ids_that_all_succeed_answer_200() {
 
     assert_eq!(response.status, 200, "{}", response.body);
     assert_eq!(response.json()["results"][1]["outcome"], "requested");
+    let mut posted: Vec<String> = app
+        .defender_requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .map(|r| r.path)
+        .collect();
+    posted.sort();
+    assert_eq!(
+        posted,
+        [
+            "/api/machines/39a7550d43b78a7757871f5c146184282381ec3d/restrictCodeExecution",
+            "/api/machines/c5cb89852ce0d21636c0491709a4571b5f190e75/restrictCodeExecution",
+        ]
+    );
 }
 
 // --- Who called -------------------------------------------------------------
@@ -560,6 +595,15 @@ async fn accept_text_plain_gives_runbook_lines_with_the_same_status_codes() {
             missing.body
         );
     }
+    let posts = app
+        .defender_requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .count();
+    assert_eq!(
+        posts, 2,
+        "one restrict per device; nothing for the unknown one"
+    );
 }
 
 // --- OpenAPI ---------------------------------------------------------------
