@@ -51,16 +51,15 @@ pub enum ApiError {
     InvalidEnvelope(String),
     #[error("{0}")]
     DeviceNotFound(String),
-    #[error(
-        "a {action_type} action ({action_id}) is still {status} on machine {machine_id}; acting \
-         now could finish out of order. Wait until it is finished, or send \"cancelPending\": true \
-         to cancel it first. No action was created."
-    )]
+    #[error("{}", conflict_detail(machine_id, action_id, action_type, status, *created_meanwhile))]
     ConflictingActionPending {
         machine_id: String,
         action_id: String,
         action_type: String,
         status: String,
+        /// The action was created by another request after this one arrived,
+        /// which `cancelPending` does not cancel.
+        created_meanwhile: bool,
     },
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
@@ -97,6 +96,30 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("method {0} is not allowed here; use POST")]
     MethodNotAllowed(String),
+}
+
+fn conflict_detail(
+    machine_id: &str,
+    action_id: &str,
+    action_type: &str,
+    status: &str,
+    created_meanwhile: bool,
+) -> String {
+    if created_meanwhile {
+        format!(
+            "a {action_type} action ({action_id}) was created on machine {machine_id} by another \
+             request after this one arrived, and is still {status}. \"cancelPending\" cancels only \
+             actions that existed when the request arrived, so that concurrent opposite requests \
+             do not cancel each other's actions in turn. No action was created; send the request \
+             again if you still want it."
+        )
+    } else {
+        format!(
+            "a {action_type} action ({action_id}) is still {status} on machine {machine_id}; acting \
+             now could finish out of order. Wait until it is finished, or send \"cancelPending\": \
+             true to cancel it first. No action was created."
+        )
+    }
 }
 
 impl ApiError {

@@ -79,9 +79,14 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
         tokens,
         settings.defender_timeout,
         budget,
-    );
+    )
+    .with_page_top(settings.page_size);
     Ok(AppState::new(
-        Restrictor::new(client, settings.comment_include_caller),
+        Restrictor::new(
+            client,
+            settings.comment_include_caller,
+            settings.machine_cache,
+        ),
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
     ))

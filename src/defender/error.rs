@@ -61,8 +61,9 @@ impl DefenderError {
     }
 }
 
-/// A failed Defender call.
-#[derive(Debug, Error)]
+/// A failed Defender call. `Clone`, because one shared read can fail many
+/// invocations at once.
+#[derive(Debug, Clone, Error)]
 pub enum DefenderError {
     /// Defender answered with a non-success status.
     #[error("Defender answered {status} while {}: {code} {message}", operation.describe())]
