@@ -8,7 +8,10 @@
 //!   [`functions`]: what each function does with it; [`reply`]: the answer;
 //! - [`runbook`]: the payload, parsed once into domain types;
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
-//!   reading its state and acting on it safely;
+//!   reading its state and acting on it safely; [`machine_queue`] (one round
+//!   at a time per machine), [`state_reads`] (batched reads, never stale) and
+//!   [`machine_directory`] (shared, briefly remembered lookups) keep that
+//!   within Defender's rate budget in a burst;
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
