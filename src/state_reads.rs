@@ -8,9 +8,13 @@
 //! whole batch and hands each waiter its machine's actions:
 //! - a batch for one machine reads that machine's actions (one call:
 //!   `machineId eq '<id>'`, every page);
-//! - a batch for several machines reads the tenant's restrict and unrestrict
-//!   actions (two type-filtered calls, every page), unless reading each
-//!   machine would take fewer calls (the tenant read's size is remembered).
+//! - a batch for several machines reads each machine the same way while the
+//!   rate budget has a free slot for each of them right now: small answers,
+//!   no wait;
+//! - otherwise (the budget is tight, which is when it matters) one read of
+//!   the tenant's restrict and unrestrict actions answers them all (two
+//!   type-filtered calls, every page), unless reading each machine would
+//!   still take fewer calls (the tenant read's size is remembered).
 //!
 //! The safety rule: a waiter's state comes only from a read **sent after** it
 //! joined, and a waiter joins only once it holds its machine's lock. The open
@@ -34,7 +38,8 @@ use std::{
 use tokio::{sync::watch, time::Instant};
 
 use crate::defender::{
-    DefenderClient, DefenderError, Operation, client::ActionListing, models::MachineAction,
+    DefenderClient, DefenderError, Operation, budget::Endpoint, client::ActionListing,
+    models::MachineAction,
 };
 
 /// What a batch's read produced: each machine's actions (lower-cased ids).
@@ -170,7 +175,8 @@ impl StateReads {
             )
         };
         let tenant_calls = self.tenant_read_calls.load(Ordering::Relaxed);
-        if machines.len() < tenant_calls.max(2) {
+        let free = self.client.free_slots(Endpoint::ListActions);
+        if machines.len() < tenant_calls.max(2) || machines.len() <= free {
             // Reading each machine is cheaper. The machines are fixed now, so
             // the batch closes before anything is sent.
             self.close(batch);

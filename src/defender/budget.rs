@@ -139,6 +139,24 @@ impl RateBudget {
         queue.push_back(slot);
         Ok(slot)
     }
+
+    /// How many calls `endpoint` could make at once, now, without waiting:
+    /// what both windows have left. Zero while calls queue for later slots.
+    pub fn free_now(&self, endpoint: Endpoint) -> usize {
+        let now = Instant::now();
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(queue) = calls.get(&endpoint) else {
+            return self.per_minute.min(self.per_hour);
+        };
+        if queue.back().is_some_and(|&last| last > now) {
+            return 0;
+        }
+        let left = |limit: usize, window: Duration| {
+            let in_window = queue.len() - queue.partition_point(|&t| t + window <= now);
+            limit.saturating_sub(in_window)
+        };
+        left(self.per_minute, self.minute).min(left(self.per_hour, self.hour))
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +209,18 @@ mod tests {
             ),
             Ok(start + M)
         );
+    }
+
+    #[test]
+    fn free_now_counts_what_both_windows_have_left() {
+        let budget = RateBudget::new(5, 7);
+        assert_eq!(budget.free_now(Endpoint::ListActions), 5);
+        let now = Instant::now();
+        for _ in 0..3 {
+            budget.reserve(Endpoint::ListActions, now, now).unwrap();
+        }
+        assert_eq!(budget.free_now(Endpoint::ListActions), 2);
+        assert_eq!(budget.free_now(Endpoint::Restrict), 5, "per endpoint");
     }
 
     #[test]

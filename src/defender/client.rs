@@ -163,6 +163,11 @@ impl DefenderClient {
         }
     }
 
+    /// Calls to `endpoint` the rate budget allows at once, now.
+    pub fn free_slots(&self, endpoint: Endpoint) -> usize {
+        self.budget.free_now(endpoint)
+    }
+
     /// Lists machine actions `top` rows a page (1 to [`PAGE_TOP`]); tests lower
     /// it to exercise paging (setting `DEFENDER_PAGE_SIZE`).
     #[must_use]
