@@ -9,6 +9,8 @@ use std::{collections::HashMap, fmt, time::Duration};
 use thiserror::Error;
 use url::Url;
 
+use crate::coordination::CoordinationSettings;
+
 /// The port the host gives us; the Functions sample convention when unset.
 pub const DEFAULT_PORT: u16 = 3000;
 
@@ -156,6 +158,9 @@ pub struct Settings {
     /// App roles a caller must hold one of (App Service Authentication);
     /// empty means no check.
     pub allowed_caller_roles: Vec<String>,
+    /// `COORDINATION` and, with `storage`, the host's storage account
+    /// (parsed in [`crate::coordination::settings`]).
+    pub coordination: CoordinationSettings,
 }
 
 impl Settings {
@@ -241,6 +246,7 @@ impl Settings {
                         .collect()
                 })
                 .unwrap_or_default(),
+            coordination: CoordinationSettings::from_lookup(&lookup)?,
         })
     }
 }
@@ -471,6 +477,24 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn coordination_is_local_unless_storage_is_asked_for_with_its_settings() {
+        assert_eq!(
+            settings(&[]).unwrap().coordination,
+            CoordinationSettings::Local
+        );
+        // Storage without the host's storage settings stops the start, naming
+        // the missing setting.
+        let err = settings(&[("COORDINATION", "storage")]).unwrap_err();
+        assert_eq!(err.name, "AzureWebJobsStorage");
+        let s = settings(&[
+            ("COORDINATION", "storage"),
+            ("AzureWebJobsStorage", "UseDevelopmentStorage=true"),
+        ])
+        .unwrap();
+        assert!(matches!(s.coordination, CoordinationSettings::Storage(_)));
     }
 
     #[test]

@@ -45,8 +45,9 @@ pub struct MachineLease {
     state: Arc<LeaseState>,
     renewal: JoinHandle<()>,
     store: Arc<Store>,
-    /// Keeps this instance's other invocations for the machine queued.
-    _local: OwnedMutexGuard<()>,
+    /// Keeps this instance's other invocations for the machine queued until
+    /// the lease is released, so the next one's first acquire succeeds.
+    local: Option<OwnedMutexGuard<()>>,
     released: bool,
 }
 
@@ -125,12 +126,13 @@ impl Drop for MachineLease {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return; // No runtime left: the lease expires by itself.
         };
-        let (store, state) = (self.store.clone(), self.state.clone());
+        let (store, state, local) = (self.store.clone(), self.state.clone(), self.local.take());
         runtime.spawn(async move {
             if let Err(error) = store.release_lease(&state.blob, &state.lease_id).await {
                 tracing::warn!(machine_id = %state.machine_id, %error,
                     "could not release the machine lease; it expires by itself");
             }
+            drop(local);
         });
     }
 }
@@ -186,7 +188,7 @@ pub(crate) async fn lock_machine(
                     state,
                     renewal,
                     store: store.clone(),
-                    _local: local,
+                    local: Some(local),
                     released: false,
                 });
             }
