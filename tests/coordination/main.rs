@@ -370,3 +370,62 @@ async fn a_sas_connection_string_is_used_as_given() {
     assert!(err.to_string().contains("403"), "{err}");
     assert!(!err.to_string().contains("sig="), "{err}");
 }
+
+/// A `tracing` writer into memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+// Current-thread runtime: the capture (a thread-local default) sees every task.
+#[tokio::test]
+async fn no_key_or_sas_reaches_the_log_even_at_trace_level() {
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(log.clone())
+        .finish();
+    let _capture = tracing::subscriber::set_default(subscriber);
+
+    let mut azurite = Azurite::start();
+    let settings = azurite.settings("log-capture");
+    let c = instance(&settings, short_leases());
+    let far = Instant::now() + Duration::from_secs(20);
+    let lease = c.lock_machine("m1", far).await.unwrap();
+    c.reserve_slot("restrict", far).await.unwrap();
+    lease.release().await.unwrap();
+    azurite.stop();
+    c.lock_machine("m2", far).await.unwrap_err();
+    c.reserve_slot("restrict", far).await.unwrap_err();
+
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("/log-capture"),
+        "the capture saw the storage requests"
+    );
+    // The SDK logs request URLs, SAS included, with the values redacted.
+    assert!(text.contains("sig=REDACTED"), "the capture saw a SAS query");
+    assert!(!text.contains("Eby8vdM0"), "the account key was logged");
+    for (at, _) in text.match_indices("sig=") {
+        assert!(
+            text[at + 4..].starts_with("REDACTED"),
+            "a SAS signature was logged: {}",
+            &text[at..(at + 40).min(text.len())]
+        );
+    }
+}
