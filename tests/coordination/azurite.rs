@@ -43,16 +43,25 @@ pub struct Azurite {
 impl Azurite {
     /// Start on a free port.
     pub fn start() -> Self {
+        Self::start_with_options(&[])
+    }
+
+    /// Start on `port` (a restart after [`Self::stop`] reuses it).
+    pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// Start on a free port with extra options (`--cert`, `--oauth basic`, …).
+    pub fn start_with_options(extra: &[&std::ffi::OsStr]) -> Self {
         let port = TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .port();
-        Self::start_on(port)
+        Self::start_with(port, extra)
     }
 
-    /// Start on `port` (a restart after [`Self::stop`] reuses it).
-    pub fn start_on(port: u16) -> Self {
+    fn start_with(port: u16, extra: &[&std::ffi::OsStr]) -> Self {
         let workspace = std::env::temp_dir().join(format!("azurite-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&workspace).unwrap();
         let child = Command::new(launcher())
@@ -65,6 +74,7 @@ impl Azurite {
                 "--disableTelemetry",
                 "--silent",
             ])
+            .args(extra)
             // Anything Azurite writes despite in-memory persistence lands here.
             .current_dir(&workspace)
             .stdin(Stdio::null())

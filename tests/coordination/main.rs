@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod azurite;
+mod managed_identity;
 
 use std::{
     sync::Arc,
