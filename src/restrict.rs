@@ -691,6 +691,19 @@ impl Shared {
     }
 }
 
+/// At shutdown, the storage operations coordination took, for operators and
+/// the benchmark (`docs/benchmarks.md`).
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(coordinator) = &self.coordinator {
+            tracing::info!(
+                storage_operations = coordinator.storage_operations(),
+                "coordination totals"
+            );
+        }
+    }
+}
+
 /// Clears a machine's queue if its round ends without emptying it (a panic),
 /// so that later invocations start a new round instead of waiting forever.
 struct RoundGuard<'a> {
