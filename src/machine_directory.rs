@@ -9,8 +9,8 @@
 //! need no call at all.
 //!
 //! Lookups of different devices are batched ([`crate::batch`]): a device
-//! alone, or several while the budget has a slot for each, are looked up one
-//! by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
+//! alone, or several while that takes at most half of what the budget has
+//! left, are looked up one by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
 //! budget is tight (or shared by several instances), one list of the tenant's
 //! machines (`GET /api/machines?$top=10000`, every page) answers them all.
 //!
@@ -319,8 +319,10 @@ impl Source for MachineSource {
             .iter()
             .filter(|d| matches!(d, DeviceRef::AadDevice(_)))
             .count();
-        let fits = by_aad <= self.client.free_slots(Endpoint::ListMachines)
-            && devices.len() - by_aad <= self.client.free_slots(Endpoint::GetMachine);
+        // One by one while that takes at most half of what the budget has
+        // left now: the rest stays for the lists that serve everyone.
+        let fits = by_aad * 2 <= self.client.free_slots(Endpoint::ListMachines)
+            && (devices.len() - by_aad) * 2 <= self.client.free_slots(Endpoint::GetMachine);
         if devices.len() == 1 || fits {
             close();
             let lookups = devices

@@ -268,7 +268,7 @@ async fn a_waiter_whose_deadline_passes_gets_504_not_a_hang() {
     app.sim.inject(Fault {
         method: Some("GET".into()),
         path_contains: "/api/machineactions".into(),
-        kind: FaultKind::Delay { millis: 6000 },
+        kind: FaultKind::Delay { millis: 30_000 },
         times: 10,
     });
 
