@@ -35,6 +35,7 @@ NOT_PARAMETERS = {
     "AZURE_TENANT_ID": "client-secret credential: local development only",
     "AZURE_CLIENT_SECRET": "client-secret credential: local development only",
     "DEFENDER_RATE_CLOCK_SPEED": "benchmarks only; the README says to leave it unset in production",
+    "HTTP_READ_TIMEOUT_SECONDS": "the handler's connections from the local Functions host; tests and local runs only",
 }
 
 

@@ -108,6 +108,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let settings = Settings::from_env()?;
     let port = args.port.unwrap_or(settings.port);
+    let read_timeout = settings.http_read_timeout;
     let (state, sim) = if args.simulate {
         let config = SimConfig {
             speed: args.sim_speed,
@@ -135,7 +136,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     if let Some(sim) = &sim {
         println!("{}", simulate_banner(sim, addr));
     }
-    startup::serve(listener, state).await
+    startup::serve(listener, state, read_timeout).await
 }
 
 async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {

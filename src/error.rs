@@ -40,6 +40,7 @@ pub const CODES: &[&str] = &[
     "caller_forbidden",
     "route_not_found",
     "method_not_allowed",
+    "shutting_down",
 ];
 
 /// An invocation that did not succeed.
@@ -97,6 +98,12 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("method {0} is not allowed here; use POST")]
     MethodNotAllowed(String),
+    #[error(
+        "the handler is shutting down (the instance is being stopped or recycled) and takes no \
+         new invocations; nothing was sent to Defender. Retry: the platform sends the retry to a \
+         running instance."
+    )]
+    ShuttingDown,
 }
 
 impl ApiError {
@@ -168,6 +175,7 @@ impl ApiError {
                 S::METHOD_NOT_ALLOWED,
                 "Method not allowed",
             ),
+            Self::ShuttingDown => ("shutting_down", S::SERVICE_UNAVAILABLE, "Shutting down"),
         }
     }
 
@@ -210,6 +218,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            Self::ShuttingDown => Some(5),
             _ => None,
         }
     }

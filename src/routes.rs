@@ -126,7 +126,11 @@ async fn forwarded(
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let format = Format::from_accept(header_str(&parts.headers, header::ACCEPT));
-    let body = match read_limited(body, MAX_PAYLOAD_BYTES).await {
+    let body = match read_limited(body, MAX_PAYLOAD_BYTES, |reason| {
+        ApiError::InvalidRequest(RunbookError::Unreadable(reason))
+    })
+    .await
+    {
         Ok(body) => body,
         Err(error) => return reply_response(&Reply::error(&error, &id, format), &id),
     };
@@ -154,7 +158,13 @@ async fn payload_mode(
 ) -> Response {
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
-    let reply = match read_limited(body, envelope::MAX_ENVELOPE_BYTES).await {
+    let reply = match read_limited(
+        body,
+        envelope::MAX_ENVELOPE_BYTES,
+        ApiError::InvalidEnvelope,
+    )
+    .await
+    {
         Ok(bytes) => match envelope::parse(&bytes) {
             Ok(trigger) => {
                 let invocation = Invocation {
@@ -273,16 +283,33 @@ fn caller_url(parts: &Parts) -> Option<Url> {
 }
 
 /// Read a body, refusing more than `limit` bytes without buffering them.
-async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// A body that cannot be read (cut off, or slower than the read timeout) is
+/// `unreadable`: the caller's fault in forwarded mode, the envelope's in
+/// payload mode.
+async fn read_limited(
+    body: Body,
+    limit: usize,
+    unreadable: fn(String) -> ApiError,
+) -> Result<Bytes, ApiError> {
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::InvalidRequest(RunbookError::TooLarge {
-                limit: MAX_PAYLOAD_BYTES,
-            }))
+            Err(ApiError::InvalidRequest(RunbookError::TooLarge { limit }))
         }
-        Err(e) => Err(ApiError::InvalidEnvelope(format!(
-            "the request body could not be read: {e}"
+        Err(e) => Err(unreadable(format!(
+            "the request body could not be read: {}",
+            root_cause(e.as_ref())
         ))),
     }
+}
+
+/// The innermost error: axum wraps the body's own error.
+fn root_cause<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    let mut error = error;
+    while let Some(source) = error.source() {
+        error = source;
+    }
+    error
 }

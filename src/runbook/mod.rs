@@ -58,6 +58,8 @@ pub enum RunbookError {
         "the request body is empty; send a JSON object such as {{\"deviceId\": \"<Entra device id>\", \"release\": false}}"
     )]
     Empty,
+    #[error("{0}")]
+    Unreadable(String),
     #[error("the request body is not valid JSON: {0}")]
     NotJson(String),
     #[error("the request body must be a JSON object, not {0}")]

@@ -87,3 +87,159 @@ async fn callers_that_give_up_while_queued_for_the_rate_budget_give_their_slots_
         "the last POST restricts the valid caller's machine"
     );
 }
+
+/// A raw connection to the handler, for what an HTTP client will not send.
+async fn connect(app: &TestApp) -> tokio::net::TcpStream {
+    tokio::net::TcpStream::connect(("127.0.0.1", app.host.port))
+        .await
+        .unwrap()
+}
+
+async fn write(stream: &mut tokio::net::TcpStream, text: &str) {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(text.as_bytes()).await.unwrap();
+}
+
+/// Everything the handler sends until it closes the connection; `None` if
+/// it is still open after `within`.
+async fn read_until_closed(stream: &mut tokio::net::TcpStream, within: Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut received = Vec::new();
+    let read = tokio::time::timeout(within, stream.read_to_end(&mut received)).await;
+    match read {
+        Ok(Ok(_)) => Some(String::from_utf8_lossy(&received).into_owned()),
+        // A reset is a close too.
+        Ok(Err(_)) => Some(String::from_utf8_lossy(&received).into_owned()),
+        Err(_) => None,
+    }
+}
+
+fn restrict_request(device: &str) -> String {
+    let body = json!({"deviceId": device}).to_string();
+    format!(
+        "POST /api/restrict-code-execution HTTP/1.1\r\nHost: localhost:7071\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+const OPENAPI_REQUEST: &str = "GET /api/openapi.json HTTP/1.1\r\nHost: localhost:7071\r\n\r\n";
+const PARTIAL_HEAD: &str = "POST /api/restrict-code-execution HTTP/1.1\r\nHost: local";
+const PARTIAL_BODY: &str = "POST /api/restrict-code-execution HTTP/1.1\r\nHost: localhost:7071\r\n\
+     Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"deviceId\":";
+
+#[tokio::test]
+async fn partial_requests_and_idle_connections_are_closed_after_the_read_timeout() {
+    let app = spawn_app_with(AppOptions {
+        env: vec![("HTTP_READ_TIMEOUT_SECONDS", "1".into())],
+        ..AppOptions::default()
+    })
+    .await;
+    let mut partial_head = connect(&app).await;
+    write(&mut partial_head, PARTIAL_HEAD).await;
+    let mut partial_body = connect(&app).await;
+    write(&mut partial_body, PARTIAL_BODY).await;
+    let mut idle = connect(&app).await;
+    write(&mut idle, OPENAPI_REQUEST).await;
+    let mut never_sent = connect(&app).await;
+
+    let within = Duration::from_secs(10);
+    let (head, body, idle, never) = tokio::join!(
+        read_until_closed(&mut partial_head, within),
+        read_until_closed(&mut partial_body, within),
+        read_until_closed(&mut idle, within),
+        read_until_closed(&mut never_sent, within),
+    );
+
+    assert!(head.is_some(), "a partial head is not kept open");
+    assert!(
+        never.is_some(),
+        "a connection that never sends is not kept open"
+    );
+    let idle = idle.expect("an idle keep-alive connection is closed");
+    assert!(idle.starts_with("HTTP/1.1 200"), "{idle}");
+    let body = body.expect("a stalled body is answered and closed");
+    assert!(body.starts_with("HTTP/1.1 400"), "{body}");
+    assert!(body.contains("\"code\":\"invalid_request\""), "{body}");
+    assert!(
+        body.contains("did not arrive within 1 s (HTTP_READ_TIMEOUT_SECONDS)"),
+        "{body}"
+    );
+    assert!(app.defender_requests().is_empty(), "nothing was sent");
+}
+
+#[tokio::test]
+async fn sigterm_closes_idle_and_stalled_connections_at_once_and_answers_a_queued_request_503() {
+    let mut app = spawn_app_with(AppOptions::default()).await;
+    // Defender takes a while to answer the POST: the invocation is in flight
+    // when SIGTERM arrives.
+    app.sim.inject(restrict_code_execution::simulator::Fault {
+        method: Some("POST".into()),
+        path_contains: "restrictCodeExecution".into(),
+        kind: restrict_code_execution::simulator::FaultKind::Delay { millis: 1500 },
+        times: 1,
+    });
+    let mut partial_head = connect(&app).await;
+    write(&mut partial_head, PARTIAL_HEAD).await;
+    let mut partial_body = connect(&app).await;
+    write(&mut partial_body, PARTIAL_BODY).await;
+    let mut idle = connect(&app).await;
+    write(&mut idle, OPENAPI_REQUEST).await;
+    // Two requests pipelined on one kept-alive connection: the second is
+    // read only once the first is answered, during shutdown.
+    let mut busy = connect(&app).await;
+    let pipelined = format!(
+        "{}{}",
+        restrict_request(crate::restrict::ALPHA_AAD),
+        restrict_request(crate::restrict::CHARLIE_AAD)
+    );
+    write(&mut busy, &pipelined).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    app.terminate();
+    let within = Duration::from_secs(10);
+    let (head, body, idle, busy) = tokio::join!(
+        read_until_closed(&mut partial_head, within),
+        read_until_closed(&mut partial_body, within),
+        read_until_closed(&mut idle, within),
+        read_until_closed(&mut busy, within),
+    );
+
+    assert_eq!(head.as_deref(), Some(""), "closed without an answer");
+    assert_eq!(body.as_deref(), Some(""), "closed without an answer");
+    let idle = idle.unwrap();
+    assert!(
+        idle.starts_with("HTTP/1.1 200") && !idle.contains("HTTP/1.1 503"),
+        "{idle}"
+    );
+    let busy = busy.expect("the busy connection is answered and closed");
+    let first = busy
+        .find("HTTP/1.1 201")
+        .expect("the in-flight invocation finished");
+    let second = busy
+        .find("HTTP/1.1 503")
+        .expect("the queued request got an answer");
+    assert!(first < second, "{busy}");
+    assert!(busy.contains("\"code\":\"shutting_down\""), "{busy}");
+    assert!(
+        busy.to_ascii_lowercase().contains("connection: close"),
+        "{busy}"
+    );
+    let status = app.exit_status().await;
+    assert!(status.success(), "{status:?}");
+    // Defender: one action, for the in-flight invocation only.
+    let actions = app.sim.actions();
+    assert_eq!(actions.len(), 1);
+    assert_eq!(
+        actions[0].machine_id.as_deref(),
+        Some("c5cb89852ce0d21636c0491709a4571b5f190e75")
+    );
+    assert!(
+        app.defender_requests().iter().all(|r| !r
+            .filter
+            .as_deref()
+            .unwrap_or("")
+            .contains(crate::restrict::CHARLIE_AAD)),
+        "the queued request never reached Defender"
+    );
+}
