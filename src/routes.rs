@@ -126,7 +126,7 @@ async fn forwarded(
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let format = Format::from_accept(header_str(&parts.headers, header::ACCEPT));
-    let body = match read_limited(body, MAX_PAYLOAD_BYTES, |reason| {
+    let body = match read_limited(&parts, body, MAX_PAYLOAD_BYTES, |reason| {
         ApiError::InvalidRequest(RunbookError::Unreadable(reason))
     })
     .await
@@ -159,6 +159,7 @@ async fn payload_mode(
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let reply = match read_limited(
+        &parts,
         body,
         envelope::MAX_ENVELOPE_BYTES,
         ApiError::InvalidEnvelope,
@@ -286,11 +287,21 @@ fn caller_url(parts: &Parts) -> Option<Url> {
 /// A body that cannot be read (cut off, or slower than the read timeout) is
 /// `unreadable`: the caller's fault in forwarded mode, the envelope's in
 /// payload mode.
+///
+/// A `Content-Length` over the limit is refused before the body is touched:
+/// hyper sends `100 Continue` only once the body is read, so a client that
+/// asked for it (`Expect: 100-continue`) gets the 413 without sending the body.
 async fn read_limited(
+    parts: &Parts,
     body: Body,
     limit: usize,
     unreadable: fn(String) -> ApiError,
 ) -> Result<Bytes, ApiError> {
+    let declared = header_str(&parts.headers, header::CONTENT_LENGTH)
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|length| length > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        return Err(ApiError::InvalidRequest(RunbookError::TooLarge { limit }));
+    }
     match Limited::new(body, limit).collect().await {
         Ok(collected) => Ok(collected.to_bytes()),
         Err(e) if e.is::<http_body_util::LengthLimitError>() => {
