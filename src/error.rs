@@ -31,6 +31,7 @@ pub const CODES: &[&str] = &[
     "unsupported_device",
     "rate_limited",
     "defender_forbidden",
+    "defender_feature_disabled",
     "authentication_failed",
     "defender_error",
     "defender_timeout",
@@ -72,6 +73,10 @@ pub enum ApiError {
     },
     #[error("Defender refused the call (403): {message}")]
     DefenderForbidden { message: String },
+    /// A 403 that is not about permissions (`DisabledFeature`,
+    /// `DisallowedOperation`): roles would not help.
+    #[error("Defender refused the call with {code} (403): {message}")]
+    DefenderFeatureDisabled { code: String, message: String },
     #[error(transparent)]
     AuthenticationFailed(TokenError),
     #[error("Defender rejected the token (401): {message}")]
@@ -148,6 +153,11 @@ impl ApiError {
                 S::BAD_GATEWAY,
                 "Defender permission missing",
             ),
+            Self::DefenderFeatureDisabled { .. } => (
+                "defender_feature_disabled",
+                S::BAD_GATEWAY,
+                "Defender feature disabled or operation disallowed",
+            ),
             Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => (
                 "authentication_failed",
                 S::BAD_GATEWAY,
@@ -198,6 +208,20 @@ impl ApiError {
                 "Defender refused the call: {message}. Grant the function's managed identity the \
                  WindowsDefenderATP application permissions {REQUIRED_ROLES} (admin consent), \
                  then allow up to an hour for new roles to reach tokens."
+            ),
+            Self::DefenderFeatureDisabled { code, message } => format!(
+                "Defender refused the call with {code} (403): {message}. This is not a missing \
+                 permission, and granting roles will not help: {}. No action was created.",
+                if code == "DisabledFeature" {
+                    "a Defender for Endpoint feature this call needs is turned off or not licensed \
+                     for the tenant. Check the tenant's Defender for Endpoint Plan 2 license and \
+                     Settings > Endpoints > Advanced features in the Microsoft Defender portal"
+                } else {
+                    "Defender does not allow this operation here, for example on this device, \
+                     for its device group or under the tenant's settings. Check the device and \
+                     its device group in the Microsoft Defender portal, and try the action there \
+                     to see Defender's reason"
+                }
             ),
             Self::AuthenticationFailed(e) => format!(
                 "{e}. Check that the function app has the identity enabled (IDENTITY_ENDPOINT is \
@@ -313,6 +337,14 @@ impl From<DefenderError> for ApiError {
             ) =>
             {
                 Self::UnsupportedDevice { code, message }
+            }
+            DefenderError::Status {
+                status: 403,
+                code,
+                message,
+                ..
+            } if matches!(code.as_str(), "DisabledFeature" | "DisallowedOperation") => {
+                Self::DefenderFeatureDisabled { code, message }
             }
             DefenderError::Status {
                 status: 403,

@@ -13,6 +13,7 @@ mod host_emulator;
 mod callers;
 mod cli;
 mod connections;
+mod defender_answers;
 mod host_protocol;
 mod parsers;
 mod restrict;
