@@ -89,6 +89,18 @@ pub enum ApiError {
     ActionNotFound(String),
     #[error("action {action_id} is {status}, which is final; there is nothing to cancel")]
     ActionNotPending { action_id: String, status: String },
+    /// Defender answered 400 to the cancel of an action a read still shows
+    /// as pending.
+    #[error(
+        "Defender refused to cancel action {action_id} (400: {message}); it read as {status} just \
+         before, so it is most likely finishing. Read it again with the status function; to undo a \
+         finished action, send the opposite request."
+    )]
+    CancelRefused {
+        action_id: String,
+        status: String,
+        message: String,
+    },
     #[error(
         "action {action_id} is of type {action_type}; only RestrictCodeExecution and \
          UnrestrictCodeExecution actions can be cancelled here"
@@ -168,7 +180,7 @@ impl ApiError {
             Self::ActionNotFound(_) => {
                 ("action_not_found", S::NOT_FOUND, "Machine action not found")
             }
-            Self::ActionNotPending { .. } => (
+            Self::ActionNotPending { .. } | Self::CancelRefused { .. } => (
                 "action_not_pending",
                 S::CONFLICT,
                 "Machine action already finished",
@@ -256,13 +268,15 @@ impl ApiError {
         let action_id = match self {
             Self::ConflictingActionPending { action_id, .. }
             | Self::ActionNotPending { action_id, .. }
+            | Self::CancelRefused { action_id, .. }
             | Self::UnsupportedActionType { action_id, .. } => Some(action_id.clone()),
             Self::ActionNotFound(id) => Some(id.clone()),
             _ => None,
         };
         let action_status = match self {
             Self::ConflictingActionPending { status, .. }
-            | Self::ActionNotPending { status, .. } => Some(status.clone()),
+            | Self::ActionNotPending { status, .. }
+            | Self::CancelRefused { status, .. } => Some(status.clone()),
             _ => None,
         };
         Problem {

@@ -184,6 +184,8 @@ async fn payload_mode(
         },
         Err(error) => Reply::error(&error, &id, Format::Json),
     };
+    // The caller gets the invocation id as in forwarded mode.
+    let reply = reply.with_header("x-invocation-id", id);
     // Always 200 application/json: the host fails the invocation with an empty
     // 500 on anything else and the caller would never see our answer.
     let mut response = envelope::render(&reply).into_response();

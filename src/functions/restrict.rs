@@ -90,7 +90,20 @@ async fn single(
         }
     };
 
-    let body = SuccessBody::new(request, device, &success, &invocation.id);
+    // Logic Apps' asynchronous pattern: 202 plus where to poll.
+    let poll_at = if invocation.prefers_async() && !success.terminal() {
+        invocation.status_url(&success.action_id)
+    } else {
+        None
+    };
+    let status = if poll_at.is_some() {
+        StatusCode::ACCEPTED
+    } else {
+        status
+    };
+    let mut body = SuccessBody::new(request, device, &success, &invocation.id);
+    // The body's status is the answer's, 202 included.
+    body.status = status.as_u16();
     let mut reply = Reply::new(
         status,
         format,
@@ -98,12 +111,7 @@ async fn single(
         || render_text(request, device, &success),
         body.message.clone(),
     );
-    // Logic Apps' asynchronous pattern: 202 plus where to poll.
-    if invocation.prefers_async()
-        && !success.terminal()
-        && let Some(location) = invocation.status_url(&success.action_id)
-    {
-        reply.status = StatusCode::ACCEPTED;
+    if let Some(location) = poll_at {
         reply = reply
             .with_header("Location", location)
             .with_header("Retry-After", POLL_AFTER_SECONDS.to_string())

@@ -103,3 +103,53 @@ async fn a_403_for_missing_roles_keeps_the_permissions_advice() {
     assert_eq!(posts(&app).len(), 1);
     assert!(app.sim.actions().is_empty());
 }
+
+#[tokio::test]
+async fn defender_refusing_to_cancel_an_action_it_still_lists_as_pending_is_action_not_pending() {
+    let app = spawn_app().await;
+    let created = app
+        .host
+        .forwarded(&CallerRequest::json(
+            json!({"deviceId": ALPHA_AAD}).to_string(),
+        ))
+        .await;
+    let id = created.json()["action"]["id"].as_str().unwrap().to_owned();
+    // Defender has finished it, but its reads still show it pending.
+    app.sim.inject(Fault {
+        method: Some("POST".into()),
+        path_contains: "/cancel".into(),
+        kind: FaultKind::Status {
+            status: 400,
+            retry_after: None,
+            body: Some(json!({"error": {"code": "BadRequest", "message": "Action cannot be cancelled in its current state"}})),
+        },
+        times: 1,
+    });
+
+    let response = app
+        .host
+        .forwarded_to(
+            &crate::host_emulator::Route::cancel(&id),
+            &CallerRequest::empty(),
+        )
+        .await;
+
+    assert_eq!(response.status, 409, "{}", response.body);
+    let problem = response.json();
+    assert_eq!(problem["code"], "action_not_pending");
+    assert_eq!(problem["actionId"], id.as_str());
+    assert_eq!(problem["actionStatus"], "Pending");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Action cannot be cancelled in its current state"),
+        "{problem}"
+    );
+    let cancels: Vec<_> = posts(&app)
+        .into_iter()
+        .filter(|r| r.path.ends_with("/cancel"))
+        .collect();
+    assert_eq!(cancels.len(), 1, "the cancel was not re-sent");
+    assert_eq!(cancels[0].path, format!("/api/machineactions/{id}/cancel"));
+}
