@@ -236,7 +236,7 @@ impl ApiError {
                 }
             ),
             Self::AuthenticationFailed(e) => format!(
-                "{e}. Check that the function app has the identity enabled (IDENTITY_ENDPOINT is \
+                "{e} (the handler's log has the token endpoint's answer). Check that the function app has the identity enabled (IDENTITY_ENDPOINT is \
                  set by the platform) and, for a user-assigned identity, that AZURE_CLIENT_ID is \
                  its client id. Nothing was sent to Defender."
             ),

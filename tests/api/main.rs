@@ -10,6 +10,7 @@
 mod helpers;
 mod host_emulator;
 
+mod answers;
 mod callers;
 mod cli;
 mod connections;
