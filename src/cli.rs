@@ -12,6 +12,7 @@ use crate::{
     routes::FUNCTION_NAME,
     simulator::{SimConfig, SimHandle, Simulator},
     startup::{self, StartupError, Tokens},
+    telemetry,
 };
 
 /// Restrict or release app execution on devices through Microsoft Defender for Endpoint.
@@ -83,6 +84,17 @@ struct InvokeArgs {
     /// Run against an embedded simulated Defender tenant.
     #[arg(long)]
     simulate: bool,
+}
+
+impl Cli {
+    /// `handler invoke` prints only its answer on stdout (`handler invoke … |
+    /// jq` works); every other command logs there, for the Functions host.
+    pub fn log_target(&self) -> telemetry::LogTarget {
+        match self.command {
+            Some(Command::Invoke(_)) => telemetry::LogTarget::Stderr,
+            _ => telemetry::LogTarget::Stdout,
+        }
+    }
 }
 
 /// Run the command line. Exit codes: 0 success; 1 a failure (startup, or an

@@ -113,8 +113,11 @@ pub enum ApiError {
     CallerForbidden(String),
     #[error("no route {0}")]
     RouteNotFound(String),
-    #[error("method {0} is not allowed here; use POST")]
-    MethodNotAllowed(String),
+    #[error("method {method} is not allowed here; use {allowed}")]
+    MethodNotAllowed {
+        method: String,
+        allowed: &'static str,
+    },
     #[error(
         "the handler is shutting down (the instance is being stopped or recycled) and takes no \
          new invocations; nothing was sent to Defender. Retry: the platform sends the retry to a \
@@ -192,7 +195,7 @@ impl ApiError {
             ),
             Self::CallerForbidden(_) => ("caller_forbidden", S::FORBIDDEN, "Caller not allowed"),
             Self::RouteNotFound(_) => ("route_not_found", S::NOT_FOUND, "Not found"),
-            Self::MethodNotAllowed(_) => (
+            Self::MethodNotAllowed { .. } => (
                 "method_not_allowed",
                 S::METHOD_NOT_ALLOWED,
                 "Method not allowed",

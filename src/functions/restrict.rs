@@ -145,26 +145,27 @@ async fn act(
 
 /// `wait`: poll the action until it is finished, within the time asked for
 /// and the invocation's budget. A failed poll leaves the answer as it was:
-/// the action exists either way.
+/// the action exists either way. Returns whether the invocation's budget
+/// (not `wait`) ended the wait.
 async fn wait_for(
     state: &AppState,
     request: &RunbookRequest,
     success: &mut Success,
     deadline: Instant,
-) {
+) -> bool {
     let Some(wait) = request.wait else {
-        return;
+        return false;
     };
-    let until = Instant::now()
-        .checked_add(wait)
-        .unwrap_or(deadline)
-        .min(deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline));
+    let wanted = Instant::now().checked_add(wait);
+    let limit = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
+    let until = wanted.unwrap_or(deadline).min(limit);
     if let Err(e) = success
         .wait_until_terminal(state.restrictor().client(), until)
         .await
     {
         tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
     }
+    wanted.is_none_or(|wanted| wanted > limit)
 }
 
 async fn bulk(
@@ -189,13 +190,29 @@ async fn bulk(
             .buffer_unordered(BULK_CONCURRENCY)
             .collect()
             .await;
-    futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
-        result
-            .as_mut()
-            .ok()
-            .map(|success| wait_for(state, request, success, deadline))
-    }))
-    .await;
+    let cut_short =
+        futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
+            result
+                .as_mut()
+                .ok()
+                .map(|success| wait_for(state, request, success, deadline))
+        }))
+        .await
+        .into_iter()
+        .any(|cut| cut);
+    let unfinished = acted
+        .iter()
+        .filter(|(_, _, _, result)| result.as_ref().is_ok_and(|s| !s.terminal()))
+        .count();
+    let warning = (cut_short && unfinished > 0).then(|| {
+        format!(
+            "wait was cut short: acting on {} device(s) used most of this invocation's time \
+             (REQUEST_TIMEOUT_SECONDS, {} s), so {unfinished} action(s) were not waited for as \
+             long as asked and are not finished yet. Poll them with the action-status function.",
+            devices.len(),
+            state.request_timeout().as_secs()
+        )
+    });
     let mut results: Vec<(usize, DeviceResult)> = acted
         .into_iter()
         .map(|(index, device, device_started, result)| {
@@ -260,13 +277,20 @@ async fn bulk(
         succeeded: results.len() - failed,
         failed,
         results: &results,
+        warning: warning.as_deref(),
         invocation_id: &invocation.id,
     };
     Reply::new(
         status,
         format,
         &body,
-        || render_bulk_text(request, &results, &summary),
+        || {
+            let mut text = render_bulk_text(request, &results, &summary);
+            if let Some(warning) = &warning {
+                text.push_str(&format!("Warning: {warning}\n"));
+            }
+            text
+        },
         summary.clone(),
     )
 }
@@ -356,6 +380,9 @@ struct BulkBody<'a> {
     succeeded: usize,
     failed: usize,
     results: &'a [DeviceResult],
+    /// Set when the invocation's time budget ended `wait` early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<&'a str>,
     invocation_id: &'a str,
 }
 
