@@ -196,9 +196,31 @@ def main() -> int:
         for platform in ("posix", "windows"):
             run = (hook.get(platform) or {}).get("run") if isinstance(hook, dict) else None
             if run:
-                script = next((w for w in run.split() if w.startswith("scripts/")), None)
-                c.check(script is not None and os.access(os.path.join(ROOT, script), os.X_OK),
-                        f"azure.yaml hook runs an executable script: {run}")
+                scripts = [w for w in run.split() if w.startswith("scripts/")]
+                c.check(bool(scripts) and all(os.access(os.path.join(ROOT, s), os.X_OK) for s in scripts),
+                        f"azure.yaml hook runs executable scripts: {run}")
+
+    # The azd alpha feature `language.custom` (issue 13 point 6): the first hook checks it.
+    def hook_run(hooks: dict, name: str) -> str:
+        return str(((hooks.get(name) or {}).get("posix") or {}).get("run", ""))
+    preprovision = hook_run(azure.get("hooks", {}), "preprovision")
+    prepackage = hook_run(api.get("hooks", {}), "prepackage")
+    c.check(list(azure.get("hooks", {}))[:1] == ["preprovision"]
+            and preprovision.split()[-1:] == ["scripts/azd-preflight.sh"],
+            "azure.yaml: the first hook (preprovision) is scripts/azd-preflight.sh", preprovision)
+    c.check("scripts/azd-preflight.sh" in prepackage
+            and prepackage.index("scripts/azd-preflight.sh") < prepackage.index("scripts/package.sh"),
+            "azure.yaml: prepackage (azd deploy) runs the preflight before building", prepackage)
+    preflight = read("scripts/azd-preflight.sh")
+    docs_deploy = read("docs/deploy.md")
+    readme_azd = read("README.md").split("### With the Azure Developer CLI", 1)[-1].split("\n### ", 1)[0]
+    for needle in ["azd config set alpha.language.custom on", "AZD_ALPHA_ENABLE_LANGUAGE_CUSTOM",
+                   "1.20", "repository root"]:
+        c.check(needle in preflight and needle in docs_deploy and needle in readme_azd,
+                f"the preflight hook, docs/deploy.md and the README's azd steps say {needle!r}")
+    package_sh = read("scripts/package.sh")
+    c.check('rustup target add "$triple"' in package_sh and "readonly triple=x86_64-unknown-linux-gnu" in package_sh,
+            "scripts/package.sh adds the Rust target it builds for (rustup target add)")
 
     # Workflows.
     ci = yaml.safe_load(read(".github/workflows/ci.yml"))
