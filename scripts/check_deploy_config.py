@@ -182,6 +182,15 @@ def main() -> int:
     c.check("module" not in re.sub(r"//.*", "", main_bicep).split("mde-roles")[0] or "mde-roles.bicep'" not in main_bicep,
             "main.bicep does not deploy the grant (it is a separate, privileged step)")
 
+    # Which grant route needs what (issue 13 point 8).
+    readme_grant = read("README.md").split("### Grant the Defender permissions", 1)[-1].split("\n### ", 1)[0]
+    for needle in ["deployment\nrights on the resource group", "GCC High and DoD", "public cloud only"]:
+        flat = " ".join(needle.split())
+        c.check(flat in " ".join(readme_grant.split()) and flat in " ".join(read("docs/deploy.md").split()),
+                f"README's grant section and docs/deploy.md say {flat!r}")
+    c.check("public cloud only" in grant and "AzureCloud" in grant,
+            "grant-defender-roles.sh refuses --method bicep outside the public cloud")
+
     # azure.yaml.
     azure = yaml.safe_load(read("azure.yaml"))
     api = azure.get("services", {}).get("api", {})
