@@ -182,6 +182,25 @@ def main() -> int:
     c.check("module" not in re.sub(r"//.*", "", main_bicep).split("mde-roles")[0] or "mde-roles.bicep'" not in main_bicep,
             "main.bicep does not deploy the grant (it is a separate, privileged step)")
 
+    # Optional App Service Authentication (issue 13 point 9).
+    c.check(params.get("authClientId") == ("string", "") and params.get("authTokenAudience") == ("string", ""),
+            "main.bicep: authClientId and authTokenAudience, empty (authentication off) by default",
+            repr((params.get("authClientId"), params.get("authTokenAudience"))))
+    c.check("authClientId: authClientId" in main_bicep and "authTokenAudience: authTokenAudience" in main_bicep,
+            "main.bicep passes both to app/api.bicep")
+    auth = api_bicep.split("resource auth ", 1)[-1].split("\n}\n", 1)[0] if "resource auth " in api_bicep else ""
+    for needle in ["'Microsoft.Web/sites/config@", "= if (!empty(authClientId))", "parent: functionApp",
+                   "name: 'authsettingsV2'", "requireAuthentication: true",
+                   "unauthenticatedClientAction: 'Return401'", "azureActiveDirectory: {\n        enabled: true",
+                   "clientId: authClientId", "allowedAudiences: [\n            authAudience",
+                   "'/api/openapi.json'"]:
+        c.check(needle in auth, f"app/api.bicep authsettingsV2: {' '.join(needle.split())}")
+    c.check("'api://${authClientId}'" in api_bicep, "app/api.bicep: the audience defaults to api://<authClientId>")
+    readme = read("README.md")
+    c.check("azd env set AUTH_CLIENT_ID" in readme and "authClientId=" in readme
+            and "appRoleAssignedTo" in readme.split("### Who called", 1)[-1],
+            "README: enabling App Service Authentication (azd and az) and assigning the app role to callers")
+
     # Which grant route needs what (issue 13 point 8).
     readme_grant = read("README.md").split("### Grant the Defender permissions", 1)[-1].split("\n### ", 1)[0]
     for needle in ["deployment\nrights on the resource group", "GCC High and DoD", "public cloud only"]:

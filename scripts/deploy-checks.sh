@@ -23,7 +23,8 @@ cd "$(dirname "$0")/.."
 
 # Checks whose Azure counterpart needs a network (bicep build, what-if) are not here: see
 # infra/README.md.
-readonly required_checkov_passes=(CKV_AZURE_70 CKV_AZURE_145 CKV_AZURE_71 CKV_AZURE_3 CKV_AZURE_44 CKV_AZURE_34)
+# CKV_AZURE_56: the optional App Service Authentication (authsettingsV2) resource is read and enabled.
+readonly required_checkov_passes=(CKV_AZURE_70 CKV_AZURE_145 CKV_AZURE_71 CKV_AZURE_3 CKV_AZURE_44 CKV_AZURE_34 CKV_AZURE_56)
 
 passed=0
 failed=0
