@@ -23,12 +23,7 @@ async fn a_failing_identity_endpoint_is_logged_not_echoed_and_the_credential_is_
         times: 20,
     });
 
-    let response = app
-        .host
-        .forwarded(&CallerRequest::json(
-            json!({"deviceId": ALPHA_AAD}).to_string(),
-        ))
-        .await;
+    let response = app.restrict(&json!({"deviceId": ALPHA_AAD})).await;
 
     assert_eq!(response.status, 502, "{}", response.body);
     let problem: Value = response.json();
@@ -124,12 +119,7 @@ async fn payload_mode_checks_the_envelopes_method_against_the_function() {
 #[tokio::test]
 async fn the_status_function_refuses_an_answer_about_another_action() {
     let app = spawn_app().await;
-    let created = app
-        .host
-        .forwarded(&CallerRequest::json(
-            json!({"deviceId": ALPHA_AAD}).to_string(),
-        ))
-        .await;
+    let created = app.restrict(&json!({"deviceId": ALPHA_AAD})).await;
     let mut other = created.json()["action"].clone();
     let asked = "9c2f4f8e-3b1a-4c7d-8e6f-0a1b2c3d4e5f";
     other["status"] = json!("Succeeded");

@@ -123,6 +123,18 @@ fn restrict_request(device: &str) -> String {
     )
 }
 
+/// Three connections that run no invocation: half a request head, a head
+/// with half its body, and an idle keep-alive connection after one answer.
+async fn idle_and_stalled(app: &TestApp) -> [tokio::net::TcpStream; 3] {
+    let mut partial_head = connect(app).await;
+    write(&mut partial_head, PARTIAL_HEAD).await;
+    let mut partial_body = connect(app).await;
+    write(&mut partial_body, PARTIAL_BODY).await;
+    let mut idle = connect(app).await;
+    write(&mut idle, OPENAPI_REQUEST).await;
+    [partial_head, partial_body, idle]
+}
+
 const OPENAPI_REQUEST: &str = "GET /api/openapi.json HTTP/1.1\r\nHost: localhost:7071\r\n\r\n";
 const PARTIAL_HEAD: &str = "POST /api/restrict-code-execution HTTP/1.1\r\nHost: local";
 const PARTIAL_BODY: &str = "POST /api/restrict-code-execution HTTP/1.1\r\nHost: localhost:7071\r\n\
@@ -135,12 +147,7 @@ async fn partial_requests_and_idle_connections_are_closed_after_the_read_timeout
         ..AppOptions::default()
     })
     .await;
-    let mut partial_head = connect(&app).await;
-    write(&mut partial_head, PARTIAL_HEAD).await;
-    let mut partial_body = connect(&app).await;
-    write(&mut partial_body, PARTIAL_BODY).await;
-    let mut idle = connect(&app).await;
-    write(&mut idle, OPENAPI_REQUEST).await;
+    let [mut partial_head, mut partial_body, mut idle] = idle_and_stalled(&app).await;
     let mut never_sent = connect(&app).await;
 
     let within = Duration::from_secs(10);
@@ -179,12 +186,7 @@ async fn sigterm_closes_idle_and_stalled_connections_at_once_and_answers_a_queue
         kind: restrict_code_execution::simulator::FaultKind::Delay { millis: 1500 },
         times: 1,
     });
-    let mut partial_head = connect(&app).await;
-    write(&mut partial_head, PARTIAL_HEAD).await;
-    let mut partial_body = connect(&app).await;
-    write(&mut partial_body, PARTIAL_BODY).await;
-    let mut idle = connect(&app).await;
-    write(&mut idle, OPENAPI_REQUEST).await;
+    let [mut partial_head, mut partial_body, mut idle] = idle_and_stalled(&app).await;
     // Two requests pipelined on one kept-alive connection: the second is
     // read only once the first is answered, during shutdown.
     let mut busy = connect(&app).await;

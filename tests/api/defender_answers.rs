@@ -40,12 +40,7 @@ async fn a_403_for_a_disabled_feature_is_not_called_a_missing_permission() {
             times: 5,
         });
 
-        let response = app
-            .host
-            .forwarded(&CallerRequest::json(
-                json!({"deviceId": ALPHA_AAD}).to_string(),
-            ))
-            .await;
+        let response = app.restrict(&json!({"deviceId": ALPHA_AAD})).await;
 
         assert_eq!(response.status, 502, "{code}: {}", response.body);
         let problem: Value = response.json();
@@ -84,12 +79,7 @@ async fn a_403_for_missing_roles_keeps_the_permissions_advice() {
         times: 5,
     });
 
-    let response = app
-        .host
-        .forwarded(&CallerRequest::json(
-            json!({"deviceId": ALPHA_AAD}).to_string(),
-        ))
-        .await;
+    let response = app.restrict(&json!({"deviceId": ALPHA_AAD})).await;
 
     assert_eq!(response.status, 502);
     let problem = response.json();
@@ -107,12 +97,7 @@ async fn a_403_for_missing_roles_keeps_the_permissions_advice() {
 #[tokio::test]
 async fn defender_refusing_to_cancel_an_action_it_still_lists_as_pending_is_action_not_pending() {
     let app = spawn_app().await;
-    let created = app
-        .host
-        .forwarded(&CallerRequest::json(
-            json!({"deviceId": ALPHA_AAD}).to_string(),
-        ))
-        .await;
+    let created = app.restrict(&json!({"deviceId": ALPHA_AAD})).await;
     let id = created.json()["action"]["id"].as_str().unwrap().to_owned();
     // Defender has finished it, but its reads still show it pending.
     app.sim.inject(Fault {

@@ -181,6 +181,15 @@ impl TestApp {
 }
 
 impl TestApp {
+    /// A restrict or release in forwarded mode, as a caller sends it.
+    pub async fn restrict(&self, body: &Value) -> crate::host_emulator::ClientResponse {
+        self.host
+            .forwarded(&crate::host_emulator::CallerRequest::json(body.to_string()))
+            .await
+    }
+}
+
+impl TestApp {
     /// Send SIGTERM, as the platform does when it stops an instance.
     pub fn terminate(&self) {
         let status = Command::new("kill")
