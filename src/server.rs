@@ -12,13 +12,14 @@
 //!   answer: a partial head and an idle keep-alive connection alike;
 //! - a request body must arrive completely within `read_timeout` of its head
 //!   (a slower one is an error to the route reading it, answered as a 400);
-//! - after the shutdown signal the listener is closed; a connection that is
-//!   idle, or still receiving a request, is closed at once; one running an
-//!   invocation finishes it (bounded by `REQUEST_TIMEOUT_SECONDS`), answers,
-//!   and is closed; a request that arrives on a connection during shutdown
-//!   (one queued behind an in-flight invocation, or whose head completes as
-//!   shutdown begins) is answered 503 `shutting_down` with `Connection: close`,
-//!   and nothing is sent to Defender.
+//! - after the shutdown signal the listener is closed; an idle connection is
+//!   closed at once, one still receiving a request body is dropped at once
+//!   (its invocation has not started), one with half a request head within
+//!   [`SHUTDOWN_GRACE`]; one running an invocation finishes it (bounded by
+//!   `REQUEST_TIMEOUT_SECONDS`), answers, and is closed. A request that
+//!   arrives on a connection during shutdown (one queued behind an in-flight
+//!   invocation, or whose head completes as shutdown begins) is answered 503
+//!   `shutting_down` with `Connection: close`, and nothing is sent to Defender.
 
 use std::{
     convert::Infallible,
@@ -52,6 +53,11 @@ use crate::{
 /// .NET client (the Functions host) keeps an idle pooled connection, so the
 /// host, not the handler, closes idle connections in normal operation.
 pub const DEFAULT_READ_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long a connection with no request in service is given at shutdown to
+/// finish writing an answer, or to complete a request head (which is then
+/// answered 503), before it is dropped.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(1);
 
 /// What one connection is doing, for the shutdown decision.
 #[derive(Debug, Clone, Copy, Default)]
@@ -162,20 +168,24 @@ async fn connection<S>(
         }
         _ = draining.wait_for(|d| *d) => {}
     }
-    // Shutting down. Dropping the connection closes it.
-    if activity.borrow().closable() {
-        return;
+    // Shutting down. An invocation running on the connection finishes first.
+    if !activity.borrow().closable() {
+        tokio::select! {
+            _ = conn.as_mut() => return,
+            _ = activity.wait_for(|a| a.closable()) => {}
+        }
     }
-    tokio::select! {
-        _ = conn.as_mut() => return,
-        _ = activity.wait_for(|a| a.closable()) => {}
-    }
+    // A request still receiving its body has no invocation yet: dropping the
+    // connection closes it, and none can start.
     if activity.borrow().receiving > 0 {
         return;
     }
-    // The invocation has answered: let hyper write the answer, then close.
+    // No request in service. hyper closes an idle connection at once, and
+    // one it is writing an answer on once the answer is out; a request head
+    // that completes meanwhile is answered 503 (see `unavailable`). Whatever
+    // is left after the grace (half a request head) is dropped.
     conn.as_mut().graceful_shutdown();
-    let _ = conn.await;
+    let _ = tokio::time::timeout(SHUTDOWN_GRACE, conn).await;
 }
 
 /// The 503 for a request that arrived during shutdown, in the request's

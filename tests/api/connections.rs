@@ -196,17 +196,29 @@ async fn sigterm_closes_idle_and_stalled_connections_at_once_and_answers_a_queue
         restrict_request(crate::restrict::CHARLIE_AAD)
     );
     write(&mut busy, &pipelined).await;
+    // A request head still arriving when SIGTERM comes, completed just after.
+    let mut late = connect(&app).await;
+    write(&mut late, "GET /api/openapi.json HTTP/1.1\r\nHost: loc").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     app.terminate();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write(&mut late, "alhost:7071\r\n\r\n").await;
     let within = Duration::from_secs(10);
-    let (head, body, idle, busy) = tokio::join!(
+    let (head, body, idle, busy, late) = tokio::join!(
         read_until_closed(&mut partial_head, within),
         read_until_closed(&mut partial_body, within),
         read_until_closed(&mut idle, within),
         read_until_closed(&mut busy, within),
+        read_until_closed(&mut late, within),
     );
 
+    let late = late.unwrap();
+    assert!(
+        late.starts_with("HTTP/1.1 503"),
+        "a request completed during shutdown is answered: {late}"
+    );
+    assert!(late.contains("\"code\":\"shutting_down\""), "{late}");
     assert_eq!(head.as_deref(), Some(""), "closed without an answer");
     assert_eq!(body.as_deref(), Some(""), "closed without an answer");
     let idle = idle.unwrap();
