@@ -143,19 +143,26 @@ async fn act(
     Ok(success)
 }
 
+/// Why `wait` stopped before the action finished and before the time asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CutShort {
+    /// The invocation's time budget ran out first.
+    Time,
+    /// Polling failed (its problem code, such as `rate_limited` when the rate
+    /// budget had no free slot for the read).
+    Poll(&'static str),
+}
+
 /// `wait`: poll the action until it is finished, within the time asked for
 /// and the invocation's budget. A failed poll leaves the answer as it was:
-/// the action exists either way. Returns whether the invocation's budget
-/// (not `wait`) ended the wait.
+/// the action exists either way.
 async fn wait_for(
     state: &AppState,
     request: &RunbookRequest,
     success: &mut Success,
     deadline: Instant,
-) -> bool {
-    let Some(wait) = request.wait else {
-        return false;
-    };
+) -> Option<CutShort> {
+    let wait = request.wait?;
     let wanted = Instant::now().checked_add(wait);
     let limit = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
     let until = wanted.unwrap_or(deadline).min(limit);
@@ -164,8 +171,49 @@ async fn wait_for(
         .await
     {
         tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
+        return (!success.terminal()).then_some(CutShort::Poll(e.code()));
     }
-    wanted.is_none_or(|wanted| wanted > limit)
+    (!success.terminal() && wanted.is_none_or(|wanted| wanted > limit)).then_some(CutShort::Time)
+}
+
+/// The bulk answer's `warning` when `wait` was cut short for some actions.
+fn cut_short_warning(
+    cuts: &[CutShort],
+    devices: usize,
+    request_timeout: Duration,
+) -> Option<String> {
+    if cuts.is_empty() {
+        return None;
+    }
+    let mut reasons = Vec::new();
+    if cuts.contains(&CutShort::Time) {
+        reasons.push(format!(
+            "acting on {devices} device(s) used most of this invocation's time \
+             (REQUEST_TIMEOUT_SECONDS, {} s)",
+            request_timeout.as_secs()
+        ));
+    }
+    let mut codes: Vec<&str> = cuts
+        .iter()
+        .filter_map(|c| match c {
+            CutShort::Poll(code) => Some(*code),
+            CutShort::Time => None,
+        })
+        .collect();
+    codes.sort_unstable();
+    codes.dedup();
+    if !codes.is_empty() {
+        reasons.push(format!(
+            "polling Defender failed ({}; rate_limited means the rate budget had no free slot)",
+            codes.join(", ")
+        ));
+    }
+    Some(format!(
+        "wait was cut short for {} action(s), which are not finished yet: {}. Poll them with the \
+         action-status function.",
+        cuts.len(),
+        reasons.join("; ")
+    ))
 }
 
 async fn bulk(
@@ -190,7 +238,7 @@ async fn bulk(
             .buffer_unordered(BULK_CONCURRENCY)
             .collect()
             .await;
-    let cut_short =
+    let cuts: Vec<CutShort> =
         futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
             result
                 .as_mut()
@@ -199,20 +247,9 @@ async fn bulk(
         }))
         .await
         .into_iter()
-        .any(|cut| cut);
-    let unfinished = acted
-        .iter()
-        .filter(|(_, _, _, result)| result.as_ref().is_ok_and(|s| !s.terminal()))
-        .count();
-    let warning = (cut_short && unfinished > 0).then(|| {
-        format!(
-            "wait was cut short: acting on {} device(s) used most of this invocation's time \
-             (REQUEST_TIMEOUT_SECONDS, {} s), so {unfinished} action(s) were not waited for as \
-             long as asked and are not finished yet. Poll them with the action-status function.",
-            devices.len(),
-            state.request_timeout().as_secs()
-        )
-    });
+        .flatten()
+        .collect();
+    let warning = cut_short_warning(&cuts, devices.len(), state.request_timeout());
     let mut results: Vec<(usize, DeviceResult)> = acted
         .into_iter()
         .map(|(index, device, device_started, result)| {

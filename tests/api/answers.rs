@@ -271,3 +271,40 @@ async fn a_bulk_wait_cut_short_by_the_time_budget_says_so() {
         response.body
     );
 }
+
+#[tokio::test]
+async fn a_bulk_wait_cut_short_by_failing_polls_says_so() {
+    let app = spawn_app().await;
+    // Every read of one action (the polls) is refused with a Retry-After far
+    // beyond the invocation's time; the listing reads are not affected.
+    app.sim.inject(Fault {
+        method: Some("GET".into()),
+        path_contains: "/api/machineactions/".into(),
+        kind: FaultKind::Status {
+            status: 429,
+            retry_after: Some(3600),
+            body: None,
+        },
+        times: 100,
+    });
+
+    let response = app
+        .restrict(&json!({"deviceIds": [ALPHA_AAD], "wait": 3}))
+        .await;
+
+    assert_eq!(response.status, 200, "{}", response.body);
+    let answer = response.json();
+    let warning = answer["warning"].as_str().expect("a warning");
+    assert!(
+        warning.contains("wait was cut short for 1 action(s)"),
+        "{warning}"
+    );
+    assert!(warning.contains("rate_limited"), "{warning}");
+    assert_eq!(answer["results"][0]["terminal"], false);
+    let polls = app
+        .defender_requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with("/api/machineactions/"))
+        .count();
+    assert_eq!(polls, 1, "a poll refused for an hour is not repeated");
+}
