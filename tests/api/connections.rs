@@ -257,3 +257,33 @@ async fn sigterm_closes_idle_and_stalled_connections_at_once_and_answers_a_queue
         "the queued request never reached Defender"
     );
 }
+
+#[tokio::test]
+async fn short_of_file_descriptors_the_handler_recovers_once_idle_connections_time_out() {
+    let app = spawn_app_with(AppOptions {
+        env: vec![("HTTP_READ_TIMEOUT_SECONDS", "1".into())],
+        max_open_files: Some(64),
+        ..AppOptions::default()
+    })
+    .await;
+    // More idle connections than the handler has file descriptors: accept
+    // fails ("Too many open files") until the read timeout frees them.
+    let mut idle = Vec::new();
+    for _ in 0..90 {
+        idle.push(connect(&app).await);
+    }
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+
+    let response = app
+        .restrict(&json!({"deviceId": crate::restrict::ALPHA_AAD}))
+        .await;
+
+    assert_eq!(response.status, 201, "{}", response.body);
+    assert_eq!(app.sim.actions().len(), 1);
+    let logs = app.logs().await.join("\n");
+    assert!(
+        logs.contains("accepting a connection failed"),
+        "the handler did run short of descriptors"
+    );
+    drop(idle);
+}
