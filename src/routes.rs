@@ -22,7 +22,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{MethodRouter, get, post},
 };
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tower_http::trace::TraceLayer;
 use url::Url;
 
@@ -363,20 +363,55 @@ async fn read_limited(
 ) -> Result<Bytes, ApiError> {
     let declared = header_str(&parts.headers, header::CONTENT_LENGTH)
         .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut body = body;
     if declared.is_some_and(|length| length > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        // A client waiting for `100 Continue` has sent no body: answer at
+        // once. One that is sending it gets its 413 after the body is drained.
+        let expects_continue = header_str(&parts.headers, header::EXPECT)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+        if !expects_continue {
+            drain(&mut body, tokio::time::Instant::now() + DRAIN_TIME).await;
+        }
         return Err(ApiError::InvalidRequest(RunbookError::TooLarge { limit }));
     }
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::InvalidRequest(RunbookError::TooLarge { limit }))
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            unreadable(format!(
+                "the request body could not be read: {}",
+                root_cause(&e)
+            ))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if kept.len() + data.len() > limit {
+            drain(&mut body, tokio::time::Instant::now() + DRAIN_TIME).await;
+            return Err(ApiError::InvalidRequest(RunbookError::TooLarge { limit }));
         }
-        Err(e) => Err(unreadable(format!(
-            "the request body could not be read: {}",
-            root_cause(e.as_ref())
-        ))),
+        kept.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// Read and drop the rest of a body that is over the limit, for a moment and
+/// up to a bound: a client still sending when the connection closes would
+/// see a broken pipe instead of the 413.
+async fn drain(body: &mut Body, until: tokio::time::Instant) {
+    let mut drained = 0usize;
+    while drained <= DRAIN_MAX {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                drained = drained.saturating_add(frame.data_ref().map_or(0, |d| d.len()));
+            }
+            _ => return,
+        }
     }
 }
+
+/// How long, and how much, of a body past the limit is read and dropped.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const DRAIN_MAX: usize = 4 * 1024 * 1024;
 
 /// The innermost error: axum wraps the body's own error.
 fn root_cause<'a>(
