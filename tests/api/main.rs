@@ -12,6 +12,7 @@ mod host_emulator;
 
 mod callers;
 mod cli;
+mod corners;
 mod host_protocol;
 mod outbreak;
 mod parsers;
