@@ -563,7 +563,7 @@ mod tests {
         let cancel = Endpoint::Cancel("a".to_owned());
         let read_only = roles(&["Machine.Read.All"]);
         assert!(check_roles(&Endpoint::ListActions, &read_only).is_ok());
-        let err = check_roles(&restrict, &read_only).err().expect("403");
+        let err = check_roles(&restrict, &read_only).expect_err("403");
         assert_eq!(err.status, StatusCode::FORBIDDEN);
         assert_eq!(err.code, "Forbidden");
         assert_eq!(
