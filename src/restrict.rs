@@ -16,8 +16,8 @@
 //!   with 409. Concurrent opposite requests would otherwise cancel each
 //!   other's actions in turn;
 //! - after cancelling, the job decides again only on a read that shows the
-//!   cancelled actions final (a cancel is not known to be immediate), or
-//!   answers 409 when none does in time;
+//!   cancelled actions final (a cancel is not known to be immediate; reads
+//!   2 s apart, slowing to 5 s), or answers 409 when none does in time;
 //! - a 201 whose action Defender already had (its id was in the state read,
 //!   or it was created before the POST was sent) is a duplicate answered with
 //!   the pending action: `already_pending`, not a new action.
@@ -61,12 +61,15 @@ const SETTLE: Duration = Duration::from_secs(2);
 /// answered 201 with the existing pending action (defender-api.md A3); an
 /// action created before the POST was sent cannot be the POST's, but the two
 /// clocks are not the same clock: a second of skew must not make a new
-/// action look old.
+/// action look old. A clock off by more only relabels the answer
+/// (`already_pending` instead of `requested`): the action returned is the
+/// one Defender answered with either way.
 const CLOCK_SKEW: time::Duration = time::Duration::seconds(1);
 
-/// Pause between the reads that wait for a cancelled action to be final: the
-/// reads share the hourly budget with every other invocation.
-const CANCEL_POLL_EVERY: Duration = Duration::from_secs(2);
+/// First pause between the reads that wait for a cancelled action to be
+/// final; it grows by half each time up to [`POLL_EVERY`]. The reads share
+/// the hourly budget with every other invocation.
+const CANCEL_POLL_FIRST: Duration = Duration::from_secs(2);
 /// Time kept after waiting for a cancel, for the POST that follows.
 const ACT_RESERVE: Duration = Duration::from_secs(2);
 
@@ -708,8 +711,8 @@ impl Shared {
     }
 
     /// Read the machine's actions until none of `ids` (lower-cased) is
-    /// Pending or InProgress, at most every [`CANCEL_POLL_EVERY`], and answer
-    /// the read that shows it. Gives up with [`ApiError::CancelNotFinal`]
+    /// Pending or InProgress, first after [`CANCEL_POLL_FIRST`], then less
+    /// often, and answer the read that shows it. Gives up with [`ApiError::CancelNotFinal`]
     /// when the next read would leave too little time to act.
     async fn until_final(
         &self,
@@ -717,6 +720,7 @@ impl Shared {
         ids: &[String],
         deadline: Instant,
     ) -> Result<Vec<MachineAction>, ApiError> {
+        let mut pause = CANCEL_POLL_FIRST;
         loop {
             let actions = self.reads.read(machine_id, deadline).await?;
             let unfinished = actions.iter().find(|a| {
@@ -726,7 +730,8 @@ impl Shared {
             let Some(unfinished) = unfinished else {
                 return Ok(actions);
             };
-            let next = Instant::now() + CANCEL_POLL_EVERY;
+            let next = Instant::now() + pause;
+            pause = (pause * 3 / 2).min(POLL_EVERY);
             if next + ACT_RESERVE > deadline {
                 return Err(ApiError::CancelNotFinal {
                     machine_id: machine_id.to_owned(),
