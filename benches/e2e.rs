@@ -67,10 +67,12 @@ struct Plan {
     burst_speed: f64,
     /// Distinct devices offered, evenly spread over this many simulated seconds.
     sustained: (usize, u64),
+    /// (invocations, devices) of the burst over three instances.
+    scaled: (usize, usize),
 }
 
 /// The parts of the run, in order.
-const SECTIONS: [&str; 4] = ["cold", "steady", "burst", "sustained"];
+const SECTIONS: [&str; 5] = ["cold", "steady", "burst", "sustained", "scaled"];
 
 impl Plan {
     fn runs(&self, section: &str) -> bool {
@@ -89,6 +91,7 @@ impl Plan {
                 bursts: vec![(300, 60), (150, 50)],
                 burst_speed: 30.0,
                 sustained: (120, 600),
+                scaled: (150, 50),
             }
         } else {
             Self {
@@ -101,6 +104,7 @@ impl Plan {
                 bursts: vec![(1000, 200), (750, 250)],
                 burst_speed: 30.0,
                 sustained: (1600, 3600),
+                scaled: (750, 250),
             }
         }
     }
@@ -202,6 +206,9 @@ fn run(plan: &Plan) -> Result<String> {
     }
     if plan.runs("sustained") {
         runtime.block_on(sustained(plan, &mut rows, &mut notes))?;
+    }
+    if plan.runs("scaled") {
+        runtime.block_on(scaled(plan, &mut rows, &mut notes))?;
     }
 
     let mut out = String::new();
@@ -711,6 +718,249 @@ async fn sustained(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) ->
     drop(handler);
     drop(sim);
     Ok(())
+}
+
+/// The outbreak burst spread over three instances with `COORDINATION=storage`,
+/// one Azurite (npm, `scripts/azurite.sh`) and one simulator.
+async fn scaled(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Result<()> {
+    let (invocations, device_count) = plan.scaled;
+    let speed = plan.burst_speed.to_string();
+    let azurite = Azurite::start()?;
+    let sim = Sim::start(&["--speed", &speed])?;
+    let storage = azurite.connection_string();
+    let env = [
+        ("DEFENDER_RATE_CLOCK_SPEED", speed.as_str()),
+        ("COORDINATION", "storage"),
+        ("AzureWebJobsStorage", storage.as_str()),
+        ("COORDINATION_CONTAINER", "bench"),
+    ];
+    let mut instances = Vec::new();
+    for _ in 0..3 {
+        instances.push(LoggedHandler::start(&sim, &env)?);
+    }
+    let devices: Vec<Device> = (0..device_count).map(|k| Device::new(20, k)).collect();
+    add_machines(sim.port, &devices).await?;
+    let lone = Device::new(120, 0);
+    add_machines(sim.port, std::slice::from_ref(&lone)).await?;
+    let round_started = Instant::now();
+    let (status, body) = Conn::connect(instances[0].port)
+        .await?
+        .send("POST", FUNCTION_PATH, &restrict_body(&lone))
+        .await?;
+    expect_status(status, 201, &body)?;
+    let one_round = round_started.elapsed();
+    sim.clear_log().await?;
+    eprintln!(
+        "scaled: {invocations} invocations over {device_count} devices on 3 instances, clocks at {speed}x"
+    );
+
+    let started = Instant::now();
+    let ports: Vec<u16> = instances.iter().map(|i| i.port).collect();
+    let tasks: Vec<_> = (0..invocations)
+        .map(|k| {
+            // A device's duplicates (k, k + devices, ...) land on different instances.
+            let device = devices[k % devices.len()].clone();
+            let port = ports[k % ports.len()];
+            tokio::spawn(async move {
+                let mut conn = Conn::connect(port).await?;
+                let (status, body) = conn
+                    .send("POST", FUNCTION_PATH, &restrict_body(&device))
+                    .await?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body, started.elapsed()))
+            })
+        })
+        .collect();
+    let mut answers = Answers::default();
+    let mut makespan = Duration::ZERO;
+    for task in tasks {
+        let (status, body, done) = task.await??;
+        makespan = makespan.max(done);
+        answers.add(status, &body);
+    }
+    let actions = Actions::of(&sim, &lone).await?;
+    let calls = CallCounts::of(&sim.log().await?);
+    let posts = calls.accepted(Kind::Restrict);
+    let minimum_budget_secs = minimum_makespan_secs(posts as u64);
+    let minimum =
+        Duration::from_secs_f64(minimum_budget_secs as f64 / plan.burst_speed) + one_round;
+    let ratio = makespan.as_secs_f64() / minimum.as_secs_f64();
+    let mut storage_operations = 0;
+    for instance in &mut instances {
+        storage_operations += instance.stop_and_count_storage_operations()?;
+    }
+    let per_invocation = storage_operations as f64 / (invocations + 1) as f64;
+    rows.push(Row::new(
+        &format!(
+            "scaled out: {invocations} restricts over {device_count} devices on 3 instances \
+             (COORDINATION=storage, Azurite), each device's duplicates on different instances, \
+             clocks at {}x",
+            plan.burst_speed
+        ),
+        format!(
+            "{} actions created, {} duplicates, {} failures; answers: {}",
+            actions.created,
+            actions.duplicates,
+            answers.failures,
+            answers.describe()
+        ),
+        &format!("{device_count} actions, 0 duplicates, 0 failures"),
+        Some(actions.created == device_count && actions.duplicates == 0 && answers.failures == 0),
+    ));
+    rows.push(Row::new(
+        "  makespan vs the restrict API's minimum",
+        format!(
+            "{:.2} s real = {:.0} s budget time; minimum {:.2} s = {minimum_budget_secs} s for \
+             {posts} POSTs + {} ms; ratio {ratio:.3}",
+            makespan.as_secs_f64(),
+            makespan.as_secs_f64() * plan.burst_speed,
+            minimum.as_secs_f64(),
+            ms(one_round),
+        ),
+        "ratio <= 1.20",
+        Some(ratio <= 1.20),
+    ));
+    rows.push(Row::new(
+        "  Defender calls by endpoint (answered 429 by the simulator); storage operations",
+        format!(
+            "{}; {storage_operations} storage operations, {per_invocation:.1} per invocation",
+            calls.describe()
+        ),
+        "0 answered 429",
+        Some(calls.throttled() == 0),
+    ));
+    notes.push(
+        "Scaled out: the storage operations are every request the three instances sent to \
+         Azurite (leases, budget reads and conditional writes, retries after an ETag conflict), \
+         from each instance's `coordination totals` log line at shutdown, divided by the \
+         invocations (the lone one included)."
+            .to_owned(),
+    );
+    if actions.duplicates > 0 {
+        return Err(format!(
+            "the scaled burst created {} duplicate action(s)",
+            actions.duplicates
+        )
+        .into());
+    }
+    drop(instances);
+    drop(sim);
+    drop(azurite);
+    Ok(())
+}
+
+/// Azurite's blob service on a free port, in memory; killed when dropped.
+struct Azurite {
+    _proc: Proc,
+    port: u16,
+}
+
+impl Azurite {
+    fn start() -> Result<Self> {
+        let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/azurite.sh");
+        let out = Command::new("bash")
+            .arg(script)
+            .stderr(Stdio::inherit())
+            .output()?;
+        if !out.status.success() {
+            return Err("scripts/azurite.sh failed: is npm installed?".into());
+        }
+        let launcher = String::from_utf8(out.stdout)?.trim().to_owned();
+        let port = free_port()?;
+        let workspace = std::env::temp_dir().join(format!("bench-azurite-{port}"));
+        std::fs::create_dir_all(&workspace)?;
+        let child = Command::new(launcher)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args([
+                "--inMemoryPersistence",
+                "--skipApiVersionCheck",
+                "--disableTelemetry",
+                "--silent",
+            ])
+            .current_dir(&workspace)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let proc = Proc { child };
+        let until = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > until {
+                return Err("Azurite did not listen".into());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { _proc: proc, port })
+    }
+
+    fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={};\
+             BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
+            restrict_code_execution::coordination::settings::AZURITE_KEY,
+            self.port
+        )
+    }
+}
+
+/// A handler whose log lines are kept (for its shutdown totals).
+struct LoggedHandler {
+    proc: Proc,
+    port: u16,
+    lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl LoggedHandler {
+    fn start(sim: &Sim, extra: &[(&str, &str)]) -> Result<Self> {
+        let port = free_port()?;
+        let sim_url = format!("http://127.0.0.1:{}", sim.port);
+        let mut child = Command::new(HANDLER)
+            .env_clear()
+            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
+            .env("DEFENDER_API_URL", &sim_url)
+            .env("IDENTITY_ENDPOINT", format!("{sim_url}/_identity/token"))
+            .env("IDENTITY_HEADER", IDENTITY_HEADER)
+            .env("RUST_LOG", "info")
+            .envs(extra.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no handler stdout")?;
+        let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let keep = lines.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout)
+                .lines()
+                .map_while(std::result::Result::ok)
+            {
+                if line.contains("coordination totals") {
+                    keep.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                }
+            }
+        });
+        let mut proc = Proc { child };
+        wait_ready(&mut proc, port)?;
+        Ok(Self { proc, port, lines })
+    }
+
+    /// SIGTERM, wait for the exit, and read its `coordination totals` line.
+    fn stop_and_count_storage_operations(&mut self) -> Result<u64> {
+        let pid = self.proc.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status()?;
+        self.proc.child.wait()?;
+        // The reader thread sees the last lines just after the exit.
+        std::thread::sleep(Duration::from_millis(200));
+        let lines = self.lines.lock().unwrap_or_else(|e| e.into_inner());
+        let line = lines
+            .last()
+            .ok_or("the handler logged no coordination totals")?;
+        let value: Value = serde_json::from_str(line)?;
+        value
+            .pointer("/fields/storage_operations")
+            .or_else(|| value.get("storage_operations"))
+            .and_then(Value::as_u64)
+            .ok_or_else(|| format!("no storage_operations in {line}").into())
+    }
 }
 
 /// Answers by status and outcome.

@@ -9,6 +9,8 @@ use std::{collections::HashMap, fmt, time::Duration};
 use thiserror::Error;
 use url::Url;
 
+use crate::coordination::CoordinationSettings;
+
 /// The port the host gives us; the Functions sample convention when unset.
 pub const DEFAULT_PORT: u16 = 3000;
 
@@ -162,6 +164,9 @@ pub struct Settings {
     pub page_size: usize,
     /// An `already_pending` action older than this may be stuck; the answer says so.
     pub stale_pending: Duration,
+    /// `COORDINATION` and, with `storage`, the host's storage account
+    /// (parsed in [`crate::coordination::settings`]).
+    pub coordination: CoordinationSettings,
 }
 
 impl Settings {
@@ -270,6 +275,7 @@ impl Settings {
                     "a whole number of hours between 1 and 8760",
                 )?,
             ),
+            coordination: CoordinationSettings::from_lookup(&lookup)?,
         })
     }
 }
@@ -500,6 +506,24 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn coordination_is_local_unless_storage_is_asked_for_with_its_settings() {
+        assert_eq!(
+            settings(&[]).unwrap().coordination,
+            CoordinationSettings::Local
+        );
+        // Storage without the host's storage settings stops the start, naming
+        // the missing setting.
+        let err = settings(&[("COORDINATION", "storage")]).unwrap_err();
+        assert_eq!(err.name, "AzureWebJobsStorage");
+        let s = settings(&[
+            ("COORDINATION", "storage"),
+            ("AzureWebJobsStorage", "UseDevelopmentStorage=true"),
+        ])
+        .unwrap();
+        assert!(matches!(s.coordination, CoordinationSettings::Storage(_)));
     }
 
     #[test]

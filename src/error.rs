@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::{
     auth::TokenError,
+    coordination::CoordinationError,
     defender::{DefenderError, Operation},
     runbook::RunbookError,
 };
@@ -80,6 +81,18 @@ pub enum ApiError {
     RateLimited {
         retry_after: Duration,
         detail: String,
+    },
+    /// `COORDINATION=storage` and the storage account cannot be used: fail
+    /// closed, nothing is sent to Defender.
+    #[error(
+        "the storage account that coordinates this app's instances cannot be used ({reason}), so \
+         nothing was sent to Defender: a late restrict is better than a duplicate or out-of-order \
+         one. Retry after {} s.",
+        retry_after.as_secs().max(1)
+    )]
+    CoordinationUnavailable {
+        retry_after: Duration,
+        reason: String,
     },
     #[error("Defender refused the call (403): {message}")]
     DefenderForbidden { message: String },
@@ -171,6 +184,11 @@ impl ApiError {
                 S::TOO_MANY_REQUESTS,
                 "Rate limited by Defender",
             ),
+            Self::CoordinationUnavailable { .. } => (
+                "coordination_unavailable",
+                S::SERVICE_UNAVAILABLE,
+                "Coordination storage unavailable",
+            ),
             // Upstream failures are a bad gateway: the caller's request was fine.
             Self::DefenderForbidden { .. } => (
                 "defender_forbidden",
@@ -245,7 +263,10 @@ impl ApiError {
     /// Seconds for a `Retry-After` header, when the caller should wait.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            Self::RateLimited { retry_after, .. }
+            | Self::CoordinationUnavailable { retry_after, .. } => {
+                Some(retry_after.as_secs().max(1))
+            }
             _ => None,
         }
     }
@@ -309,9 +330,43 @@ pub struct Problem {
     pub retry_after: Option<u64>,
 }
 
+impl From<CoordinationError> for ApiError {
+    fn from(e: CoordinationError) -> Self {
+        match e {
+            CoordinationError::Unavailable {
+                retry_after,
+                reason,
+            } => Self::CoordinationUnavailable {
+                retry_after,
+                reason,
+            },
+            CoordinationError::LockTimeout { machine_id } => Self::Timeout(format!(
+                "another invocation, on this or another instance, held machine {machine_id} until \
+                 the time budget ran out. No action was created by this invocation."
+            )),
+            CoordinationError::OverBudget { bucket, wait } => Self::RateLimited {
+                retry_after: wait,
+                detail: format!(
+                    "the Defender budget this app's instances share has no free slot for {bucket} \
+                     before this invocation's time runs out; nothing was sent. Retry after {} s.",
+                    wait.as_secs().max(1)
+                ),
+            },
+        }
+    }
+}
+
 impl From<DefenderError> for ApiError {
     fn from(e: DefenderError) -> Self {
         match e {
+            DefenderError::CoordinationUnavailable {
+                retry_after,
+                reason,
+                ..
+            } => Self::CoordinationUnavailable {
+                retry_after,
+                reason,
+            },
             DefenderError::Token(t) => Self::AuthenticationFailed(t),
             DefenderError::OverBudget { operation, wait } => Self::RateLimited {
                 retry_after: wait,

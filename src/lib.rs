@@ -19,6 +19,7 @@
 pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod coordination;
 pub mod decision;
 pub mod defender;
 pub mod envelope;

@@ -37,6 +37,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
+    coordination::{Coordinator, MachineLease},
     decision::{self, Decision, Wanted},
     defender::{
         DefenderClient, DefenderError,
@@ -96,6 +97,8 @@ struct Shared {
     queues: MachineQueues<Job>,
     /// Actions created by this instance (lower-cased id) and when.
     created: Mutex<HashMap<String, Instant>>,
+    /// Leases across instances (`COORDINATION=storage`).
+    coordinator: Option<Arc<Coordinator>>,
 }
 
 /// What happened, as the caller sees it.
@@ -267,9 +270,17 @@ const STARTED: u8 = 1;
 const ABANDONED: u8 = 2;
 
 impl Restrictor {
-    pub fn new(client: DefenderClient, include_caller: bool, machine_cache: Duration) -> Self {
+    /// `coordinator`: with `COORDINATION=storage`, each machine round also
+    /// holds the machine's blob lease, so rounds on other instances wait.
+    pub fn new(
+        client: DefenderClient,
+        include_caller: bool,
+        machine_cache: Duration,
+        coordinator: Option<Arc<Coordinator>>,
+    ) -> Self {
         Self {
             inner: Arc::new(Shared {
+                coordinator,
                 directory: MachineDirectory::new(client.clone(), machine_cache),
                 reads: StateReads::new(client.clone()),
                 client,
@@ -439,6 +450,20 @@ impl Shared {
             let Some(read_by) = jobs.iter().map(|job| job.deadline).max() else {
                 continue;
             };
+            // Across instances, the round holds the machine's lease from
+            // before the read until its last POST is settled.
+            let lease = match &self.coordinator {
+                None => None,
+                Some(coordinator) => match coordinator.lock_machine(&machine_id, read_by).await {
+                    Ok(lease) => Some(lease),
+                    Err(e) => {
+                        for job in jobs {
+                            let _ = job.reply.send(Err(ApiError::from(e.clone()).into()));
+                        }
+                        continue;
+                    }
+                },
+            };
             let mut state = Some(self.reads.read(&machine_id, read_by).await);
             for job in jobs {
                 if job
@@ -462,7 +487,9 @@ impl Shared {
                 };
                 let result = match actions {
                     Ok(mut actions) => {
-                        let result = self.serve(&machine_id, &job, &mut actions).await;
+                        let result = self
+                            .serve(&machine_id, &job, lease.as_ref(), &mut actions)
+                            .await;
                         if result.is_ok() {
                             state = Some(Ok(actions));
                         }
@@ -471,6 +498,12 @@ impl Shared {
                     Err(e) => Err(JobError::from(e)),
                 };
                 let _ = job.reply.send(result);
+            }
+            // Released before the next round (here or elsewhere) asks for it.
+            if let Some(lease) = lease
+                && let Err(e) = lease.release().await
+            {
+                tracing::warn!(machine_id = %machine_id, error = %e, "could not release the machine lease; it expires by itself");
             }
         }
         guard.armed = false;
@@ -482,6 +515,7 @@ impl Shared {
         &self,
         machine_id: &str,
         job: &Job,
+        lease: Option<&MachineLease>,
         actions: &mut Vec<MachineAction>,
     ) -> JobResult {
         let wanted = job.wanted;
@@ -521,7 +555,14 @@ impl Shared {
                 }
                 Decision::Act => {
                     return self
-                        .act(machine_id, wanted.action, &job.comment, actions, deadline)
+                        .act(
+                            machine_id,
+                            wanted.action,
+                            &job.comment,
+                            lease,
+                            actions,
+                            deadline,
+                        )
                         .await
                         .map(|mut acted| {
                             acted.cancelled = cancelled;
@@ -547,6 +588,9 @@ impl Shared {
                         wanted.action.as_str(),
                         job.comment
                     );
+                    if let Some(lease) = lease {
+                        lease.check().map_err(ApiError::from)?;
+                    }
                     let mut asked = Vec::new();
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
@@ -571,6 +615,7 @@ impl Shared {
         machine_id: &str,
         action_type: ActionType,
         comment: &str,
+        lease: Option<&MachineLease>,
         actions: &mut Vec<MachineAction>,
         deadline: Instant,
     ) -> JobResult {
@@ -579,6 +624,11 @@ impl Shared {
         let mut posts = 0;
         loop {
             posts += 1;
+            // The lease must still be ours: a lost lease means another
+            // instance may be deciding for this machine now.
+            if let Some(lease) = lease {
+                lease.check().map_err(ApiError::from)?;
+            }
             let sent = OffsetDateTime::now_utc();
             let error = match self
                 .client
@@ -758,6 +808,19 @@ impl Shared {
         let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
         created.retain(|_, at: &mut Instant| at.elapsed() < CREATED_MEMORY);
         created.insert(action_id.to_ascii_lowercase(), Instant::now());
+    }
+}
+
+/// At shutdown, the storage operations coordination took, for operators and
+/// the benchmark (`docs/benchmarks.md`).
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(coordinator) = &self.coordinator {
+            tracing::info!(
+                storage_operations = coordinator.storage_operations(),
+                "coordination totals"
+            );
+        }
     }
 }
 

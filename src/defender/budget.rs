@@ -6,8 +6,10 @@
 //! instead of drawing 429s. Slots are handed out first come, first served:
 //! a call never overtakes one that is already waiting.
 //!
-//! The budget is per process. Several instances of the function app each have
-//! their own; lower the settings if the app scales out.
+//! [`RateBudget`] is per process: `COORDINATION=local`. With
+//! `COORDINATION=storage` the client draws from the budget every instance
+//! shares instead ([`crate::coordination::Coordinator`]); both are a
+//! [`CallBudget`].
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -38,6 +40,43 @@ pub enum Endpoint {
     Restrict,
     Unrestrict,
     Cancel,
+}
+
+/// Where the Defender client gets its slots: this process's [`RateBudget`],
+/// or the budget shared by every instance through storage.
+#[async_trait::async_trait]
+pub trait CallBudget: std::fmt::Debug + Send + Sync {
+    /// Wait for a slot on `endpoint`; fail at once if it would come after
+    /// `deadline`, or if the budget cannot be consulted (nothing is sent then).
+    async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError>;
+
+    /// Calls `endpoint` could make at once, now, as far as this instance
+    /// knows without asking anyone (0 when it cannot tell).
+    fn free_now(&self, endpoint: Endpoint) -> usize;
+}
+
+/// Why no slot was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetError {
+    OverBudget(OverBudget),
+    /// The shared budget could not be reached: fail closed.
+    Unavailable {
+        retry_after: Duration,
+        reason: String,
+    },
+}
+
+#[async_trait::async_trait]
+impl CallBudget for RateBudget {
+    async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError> {
+        RateBudget::acquire(self, endpoint, deadline)
+            .await
+            .map_err(BudgetError::OverBudget)
+    }
+
+    fn free_now(&self, endpoint: Endpoint) -> usize {
+        RateBudget::free_now(self, endpoint)
+    }
 }
 
 /// The next free slot is later than the caller can wait.

@@ -25,7 +25,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{
-    budget::{Endpoint, RateBudget},
+    budget::{BudgetError, CallBudget, Endpoint},
     error::{DefenderError, Operation},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -97,7 +97,7 @@ pub struct DefenderClient {
     base: Url,
     tokens: TokenSource,
     timeout: Duration,
-    budget: std::sync::Arc<RateBudget>,
+    budget: std::sync::Arc<dyn CallBudget>,
     retry: RetryPolicy,
     /// `$top` for lists of machine actions ([`PAGE_TOP`] unless a test lowers it).
     page_top: usize,
@@ -144,7 +144,7 @@ impl DefenderClient {
         http: reqwest::Client,
         tokens: TokenSource,
         timeout: Duration,
-        budget: std::sync::Arc<RateBudget>,
+        budget: std::sync::Arc<dyn CallBudget>,
     ) -> Self {
         let mut base = base;
         // Url::join replaces the last segment unless the path ends with '/'.
@@ -491,9 +491,19 @@ impl DefenderClient {
             self.budget
                 .acquire(call.endpoint, deadline)
                 .await
-                .map_err(|over| DefenderError::OverBudget {
-                    operation: op,
-                    wait: over.wait,
+                .map_err(|e| match e {
+                    BudgetError::OverBudget(over) => DefenderError::OverBudget {
+                        operation: op,
+                        wait: over.wait,
+                    },
+                    BudgetError::Unavailable {
+                        retry_after,
+                        reason,
+                    } => DefenderError::CoordinationUnavailable {
+                        operation: op,
+                        retry_after,
+                        reason,
+                    },
                 })?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {

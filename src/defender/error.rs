@@ -110,6 +110,14 @@ pub enum DefenderError {
         operation: Operation,
         wait: Duration,
     },
+    /// The budget shared by every instance (`COORDINATION=storage`) could not
+    /// be consulted, so the call was not sent.
+    #[error("the shared Defender budget could not be consulted before {}: {reason}", operation.describe())]
+    CoordinationUnavailable {
+        operation: Operation,
+        retry_after: Duration,
+        reason: String,
+    },
     /// The invocation's deadline passed before the call could be made.
     #[error("the invocation ran out of time before {}", operation.describe())]
     OutOfTime { operation: Operation },

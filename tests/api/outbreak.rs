@@ -321,13 +321,8 @@ async fn a_remembered_machine_is_looked_up_again_when_a_post_answers_404() {
         .map(|r| r.status)
         .collect();
     assert_eq!(releases, [404, 201]);
-    let kinds: Vec<String> = app
-        .defender_requests()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.path.rsplit('/').next().unwrap()))
-        .collect();
     assert_eq!(
-        kinds,
+        app.call_kinds(),
         [
             "GET machines",
             "GET machineactions",
