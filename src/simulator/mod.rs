@@ -141,7 +141,8 @@ pub struct SimConfig {
     /// token for. A token issued for any other resource is answered 401 by
     /// the API, as Defender answers a token for another API.
     pub audiences: Vec<String>,
-    /// The app's application roles, carried by every token. Reads need
+    /// The app's application roles, carried by every token
+    /// ([`SimHandle::set_roles`] changes them later). Reads need
     /// `Machine.Read.All` or `Machine.ReadWrite.All`; restrict and unrestrict
     /// need `Machine.RestrictExecution`; cancel any one response role. A
     /// missing role is a 403 with Defender's "Missing application roles" text.
@@ -388,6 +389,14 @@ impl SimHandle {
     /// (held actions start their `Pending` countdown now).
     pub fn set_offline(&self, machine_id: &str, offline: bool) {
         self.sim.set_offline(machine_id, offline);
+    }
+
+    /// Replaces the app's application roles, as if an admin granted or
+    /// revoked them (real tokens pick that up only when refreshed; here the
+    /// next call sees it).
+    pub fn set_roles(&self, roles: &[&str]) {
+        self.sim
+            .set_roles(roles.iter().map(|r| (*r).to_owned()).collect());
     }
 
     /// How the machine's actions created from now on end: `Failed` makes

@@ -38,6 +38,8 @@ pub(crate) struct Sim {
     /// Tokens the identity endpoint issued for a resource that is not
     /// Defender's, with that resource.
     foreign_tokens: Mutex<HashMap<String, String>>,
+    /// The app's application roles (from `SimConfig::roles`, changeable).
+    roles: Mutex<Vec<String>>,
 }
 
 impl Sim {
@@ -70,6 +72,7 @@ impl Sim {
         for machine in machines {
             tenant.upsert_machine(machine);
         }
+        let roles = Mutex::new(config.roles.clone());
         Self {
             config,
             base_url,
@@ -79,6 +82,7 @@ impl Sim {
             faults: Mutex::new(FaultList::default()),
             log: Mutex::new(RequestLog::default()),
             foreign_tokens: Mutex::new(HashMap::new()),
+            roles,
         }
     }
 
@@ -97,6 +101,14 @@ impl Sim {
         let token = format!("foreign-{}", uuid::Uuid::new_v4().simple());
         lock(&self.foreign_tokens).insert(token.clone(), resource.to_owned());
         token
+    }
+
+    pub(crate) fn roles(&self) -> Vec<String> {
+        lock(&self.roles).clone()
+    }
+
+    pub(crate) fn set_roles(&self, roles: Vec<String>) {
+        *lock(&self.roles) = roles;
     }
 
     /// The resource a token was issued for, when it is not Defender's.

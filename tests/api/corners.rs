@@ -136,6 +136,49 @@ async fn a_201_with_an_action_created_before_the_post_is_already_pending() {
 }
 
 #[tokio::test]
+async fn a_201_with_an_action_the_state_read_held_is_already_pending() {
+    let app = app_with(
+        sim_config(|s| {
+            s.duplicate = DuplicateBehaviour::ReturnPending;
+            s.pending_for = Duration::from_secs(600);
+        }),
+        Vec::new(),
+    )
+    .await;
+    let existing = restrict_directly(&app).await;
+    // The read lists that action as Succeeded (a stale or inconsistent
+    // listing), so with `force` the service POSTs; Defender answers 201 with
+    // the same, still pending, action, created well within the clock-skew
+    // allowance: only its id tells it is not new.
+    let mut listed = serde_json::to_value(&app.sim.actions()[0]).unwrap();
+    listed["status"] = json!("Succeeded");
+    app.sim.inject(
+        Fault::new(
+            "/api/machineactions",
+            FaultKind::Status {
+                status: 200,
+                retry_after: None,
+                body: Some(json!({"value": [listed]})),
+            },
+        )
+        .method("GET"),
+    );
+
+    let answer = post(&app, json!({"deviceId": ALPHA_AAD, "force": true})).await;
+
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let body = answer.json();
+    assert_eq!(body["outcome"], "already_pending");
+    assert_eq!(body["action"]["id"], existing.as_str());
+    assert_eq!(body["action"]["status"], "Pending");
+    assert_eq!(posts(&app).len(), 2, "the other caller's and ours");
+    assert_eq!(
+        history(&app),
+        vec![("RestrictCodeExecution".into(), "Pending".into())]
+    );
+}
+
+#[tokio::test]
 async fn a_201_with_a_new_action_is_still_requested_with_return_pending() {
     let app = app_with(
         sim_config(|s| s.duplicate = DuplicateBehaviour::ReturnPending),
@@ -477,6 +520,40 @@ async fn without_the_restrict_role_the_post_is_forbidden_with_defenders_message(
     );
     assert_eq!(posts[0].status, 403);
     assert!(app.sim.actions().is_empty());
+}
+
+#[tokio::test]
+async fn without_a_response_role_the_cancel_is_forbidden() {
+    let app = app_with(AppOptions::default().sim, Vec::new()).await;
+    let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
+    let id = restrict["action"]["id"].as_str().unwrap().to_owned();
+    app.sim.set_roles(&["Machine.Read.All"]);
+
+    let cancel = app
+        .host
+        .forwarded_to(&Route::cancel(&id), &CallerRequest::empty())
+        .await;
+
+    assert_eq!(cancel.status, 502, "{}", cancel.body);
+    let problem = cancel.json();
+    assert_eq!(problem["code"], "defender_forbidden");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("Missing application roles. API required roles: Machine.CollectForensic,"),
+        "{problem}"
+    );
+    let cancels: Vec<RecordedRequest> = posts(&app)
+        .into_iter()
+        .filter(|p| p.path.ends_with("/cancel"))
+        .collect();
+    assert_eq!(cancels.len(), 1, "{cancels:#?}");
+    assert_eq!(cancels[0].status, 403);
+    assert_eq!(
+        history(&app),
+        vec![("RestrictCodeExecution".into(), "Pending".into())]
+    );
 }
 
 #[tokio::test]
