@@ -621,6 +621,9 @@ impl Shared {
     ) -> JobResult {
         let mut known: HashSet<String> =
             actions.iter().map(|a| a.id.to_ascii_lowercase()).collect();
+        // When the first POST was sent: an action a re-sent POST is answered
+        // with that is younger than this may be the first POST's own.
+        let sent = OffsetDateTime::now_utc();
         let mut posts = 0;
         loop {
             posts += 1;
@@ -629,7 +632,6 @@ impl Shared {
             if let Some(lease) = lease {
                 lease.check().map_err(ApiError::from)?;
             }
-            let sent = OffsetDateTime::now_utc();
             let error = match self
                 .client
                 .create_action(machine_id, action_type, comment, deadline)
