@@ -124,7 +124,7 @@ async fn handle(sim: &Sim, request: Request) -> Result<Response, ApiError> {
         ));
     }
     let endpoint = route(parts.method.as_str(), parts.uri.path())?;
-    check_roles(&endpoint, &sim.roles())?;
+    sim.with_roles(|roles| check_roles(&endpoint, roles))?;
     let now = sim.clock.now();
     sim.tenant()
         .acquire(endpoint.kind(), now)

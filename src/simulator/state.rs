@@ -103,8 +103,9 @@ impl Sim {
         token
     }
 
-    pub(crate) fn roles(&self) -> Vec<String> {
-        lock(&self.roles).clone()
+    /// Runs `check` on the app's current roles.
+    pub(crate) fn with_roles<T>(&self, check: impl FnOnce(&[String]) -> T) -> T {
+        check(&lock(&self.roles))
     }
 
     pub(crate) fn set_roles(&self, roles: Vec<String>) {
