@@ -17,6 +17,7 @@
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
 
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod coordination;

@@ -8,6 +8,12 @@
 //! most `MACHINE_CACHE_SECONDS` (60 s at most) so that retries and duplicates
 //! need no call at all.
 //!
+//! Lookups of different devices are batched ([`crate::batch`]): a device
+//! alone, or several while that takes at most half of what the budget has
+//! left, are looked up one by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
+//! budget is tight (or shared by several instances), one list of the tenant's
+//! machines (`GET /api/machines?$top=10000`, every page) answers them all.
+//!
 //! The rule that keeps the cache from acting on a stale record:
 //! - only a record that is `Active` and not merged into another is
 //!   remembered: anything else is looked up again every time;
@@ -32,8 +38,11 @@ use futures_util::{
 use thiserror::Error;
 use tokio::time::Instant;
 
+use uuid::Uuid;
+
 use crate::{
-    defender::{DefenderClient, DefenderError, Operation, models::Machine},
+    batch::{Batcher, Close, Source},
+    defender::{DefenderClient, DefenderError, Operation, budget::Endpoint, models::Machine},
     runbook::DeviceRef,
     selection::{self, NoChoice},
 };
@@ -96,7 +105,7 @@ impl std::fmt::Debug for Slot {
 /// Shared, briefly cached machine lookups.
 #[derive(Debug)]
 pub struct MachineDirectory {
-    client: DefenderClient,
+    records: Arc<Batcher<MachineSource>>,
     ttl: Duration,
     slots: Mutex<HashMap<DeviceRef, Slot>>,
     next_flight: AtomicU64,
@@ -107,7 +116,7 @@ impl MachineDirectory {
     /// still shared while under way).
     pub fn new(client: DefenderClient, ttl: Duration) -> Arc<Self> {
         Arc::new(Self {
-            client,
+            records: Batcher::new(MachineSource { client }),
             ttl: ttl.min(MAX_CACHE),
             slots: Mutex::new(HashMap::new()),
             next_flight: AtomicU64::new(0),
@@ -241,28 +250,30 @@ impl MachineDirectory {
     }
 
     async fn look_up(&self, device: &DeviceRef, deadline: Instant) -> Result<Found, FindError> {
+        let records = self
+            .records
+            .get(device.clone(), deadline)
+            .await?
+            .unwrap_or_default();
         match device {
-            DeviceRef::AadDevice(id) => {
-                let records = self.client.machines_by_aad_device(*id, deadline).await?;
-                match selection::choose(*id, records) {
-                    Ok(choice) => Ok(Found {
-                        machine: choice.machine,
-                        candidates: choice.candidates,
-                    }),
-                    Err(NoChoice::NoRecords) => Err(FindError::NotFound(format!(
-                        "Defender has no machine whose aadDeviceId is {id}. The device may not be \
-                         onboarded to Defender for Endpoint, may be outside the data retention, or \
-                         may not report its Entra device id; pass its 40-character Defender \
-                         machine id as deviceId instead."
-                    ))),
-                    Err(NoChoice::AllMerged { merged_into }) => Err(FindError::NotFound(format!(
-                        "every Defender record for aadDeviceId {id} was merged into another \
-                         machine ({}); pass the surviving machine id as deviceId.",
-                        merged_into.join(", ")
-                    ))),
-                }
-            }
-            DeviceRef::Machine(id) => match self.client.machine(id, deadline).await? {
+            DeviceRef::AadDevice(id) => match selection::choose(*id, records) {
+                Ok(choice) => Ok(Found {
+                    machine: choice.machine,
+                    candidates: choice.candidates,
+                }),
+                Err(NoChoice::NoRecords) => Err(FindError::NotFound(format!(
+                    "Defender has no machine whose aadDeviceId is {id}. The device may not be \
+                     onboarded to Defender for Endpoint, may be outside the data retention, or \
+                     may not report its Entra device id; pass its 40-character Defender \
+                     machine id as deviceId instead."
+                ))),
+                Err(NoChoice::AllMerged { merged_into }) => Err(FindError::NotFound(format!(
+                    "every Defender record for aadDeviceId {id} was merged into another \
+                     machine ({}); pass the surviving machine id as deviceId.",
+                    merged_into.join(", ")
+                ))),
+            },
+            DeviceRef::Machine(id) => match records.into_iter().next() {
                 None => Err(FindError::NotFound(format!(
                     "Defender has no machine with id {id}."
                 ))),
@@ -283,6 +294,94 @@ impl MachineDirectory {
                     candidates: 1,
                 }),
             },
+        }
+    }
+}
+
+/// Machine records per device: one by one, or the tenant's whole list.
+struct MachineSource {
+    client: DefenderClient,
+}
+
+impl Source for MachineSource {
+    type Key = DeviceRef;
+    /// The records that match the device (several for a re-onboarded one).
+    type Value = Vec<Machine>;
+    type Error = DefenderError;
+
+    async fn read(
+        &self,
+        devices: Vec<DeviceRef>,
+        deadline: Instant,
+        close: Close<'_>,
+    ) -> Result<HashMap<DeviceRef, Vec<Machine>>, DefenderError> {
+        let by_aad = devices
+            .iter()
+            .filter(|d| matches!(d, DeviceRef::AadDevice(_)))
+            .count();
+        // One by one while that takes at most half of what the budget has
+        // left now: the rest stays for the lists that serve everyone.
+        let fits = by_aad * 2 <= self.client.free_slots(Endpoint::ListMachines)
+            && (devices.len() - by_aad) * 2 <= self.client.free_slots(Endpoint::GetMachine);
+        if devices.len() == 1 || fits {
+            close();
+            let lookups = devices
+                .iter()
+                .map(|device| self.records_of(device, deadline));
+            let records = futures_util::future::try_join_all(lookups).await?;
+            return Ok(devices.into_iter().zip(records).collect());
+        }
+        // The tenant's list answers every device, so lookups may keep joining
+        // until its first request is sent.
+        let machines = self.client.all_machines(deadline, Some(close)).await?;
+        let mut by_device: HashMap<DeviceRef, Vec<Machine>> = HashMap::new();
+        for machine in machines {
+            if let Some(aad) = machine
+                .aad_device_id
+                .as_deref()
+                .and_then(|id| Uuid::try_parse(id.trim()).ok())
+            {
+                by_device
+                    .entry(DeviceRef::AadDevice(aad))
+                    .or_default()
+                    .push(machine.clone());
+            }
+            by_device
+                .entry(DeviceRef::Machine(machine.id.to_ascii_lowercase()))
+                .or_default()
+                .push(machine);
+        }
+        Ok(by_device)
+    }
+
+    fn out_of_time() -> DefenderError {
+        DefenderError::OutOfTime {
+            operation: Operation::ListMachines,
+        }
+    }
+
+    fn abandoned() -> DefenderError {
+        DefenderError::Protocol {
+            operation: Operation::ListMachines,
+            reason: "the shared machine lookup was abandoned".to_owned(),
+        }
+    }
+}
+
+impl MachineSource {
+    async fn records_of(
+        &self,
+        device: &DeviceRef,
+        deadline: Instant,
+    ) -> Result<Vec<Machine>, DefenderError> {
+        match device {
+            DeviceRef::AadDevice(id) => self.client.machines_by_aad_device(*id, deadline).await,
+            DeviceRef::Machine(id) => Ok(self
+                .client
+                .machine(id, deadline)
+                .await?
+                .into_iter()
+                .collect()),
         }
     }
 }

@@ -92,7 +92,7 @@ struct Shared {
     /// Append `(requested by <caller>)` to the comment (setting `COMMENT_INCLUDE_CALLER`).
     include_caller: bool,
     directory: Arc<MachineDirectory>,
-    reads: Arc<StateReads>,
+    reads: StateReads,
     /// One round at a time per machine (lower-cased id).
     queues: MachineQueues<Job>,
     /// Actions created by this instance (lower-cased id) and when.

@@ -12,6 +12,8 @@ use restrict_code_execution::{
         budget::RateBudget,
         models::{ActionType, Machine},
     },
+    machine_directory::MachineDirectory,
+    runbook::DeviceRef,
     simulator::{
         Fault, FaultKind, ListOrder, OrderBy, RecordedRequest, SimConfig, SimHandle, Simulator,
     },
@@ -86,7 +88,7 @@ async fn a_read_already_in_flight_is_never_used() {
     );
 
     let first = tokio::spawn({
-        let reads = Arc::clone(&reads);
+        let reads = reads.clone();
         async move { reads.read(ALPHA, deadline).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -151,7 +153,7 @@ async fn waiters_queued_behind_a_read_share_one_tenant_read() {
     sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 800 }).method("GET"));
 
     let first = tokio::spawn({
-        let (reads, machine) = (Arc::clone(&reads), machines[0].clone());
+        let (reads, machine) = (reads.clone(), machines[0].clone());
         async move { reads.read(&machine, deadline).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -195,7 +197,7 @@ async fn with_slots_free_each_waiting_machine_is_read_by_itself() {
     sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 500 }).method("GET"));
 
     let first = tokio::spawn({
-        let (reads, machine) = (Arc::clone(&reads), machines[0].clone());
+        let (reads, machine) = (reads.clone(), machines[0].clone());
         async move { reads.read(&machine, deadline).await }
     });
     tokio::time::sleep(Duration::from_millis(150)).await;
@@ -266,7 +268,7 @@ async fn a_waiter_whose_deadline_passes_gets_504_not_a_hang() {
     app.sim.inject(Fault {
         method: Some("GET".into()),
         path_contains: "/api/machineactions".into(),
-        kind: FaultKind::Delay { millis: 6000 },
+        kind: FaultKind::Delay { millis: 30_000 },
         times: 10,
     });
 
@@ -472,4 +474,69 @@ async fn every_page_of_actions_is_read_with_next_links_or_skip() {
         assert_eq!(pages.len(), calls, "{pages:?}");
         assert!(pages[1..].iter().all(|q| q.contains("$skip=")), "{pages:?}");
     }
+}
+
+#[tokio::test]
+async fn when_the_budget_is_tight_one_list_of_machines_answers_every_waiting_lookup() {
+    let sim = simulator(SimConfig {
+        seed: false,
+        ..AppOptions::default().sim
+    })
+    .await;
+    let devices: Vec<(DeviceRef, String)> = (0..6)
+        .map(|i| {
+            let aad = format!("5c000000-0000-4000-8000-{i:012}");
+            let machine: Machine = serde_json::from_value(json!({
+                "id": format!("{:040x}", i + 100),
+                "aadDeviceId": aad,
+                "healthStatus": "Active",
+                "osPlatform": "Windows11",
+            }))
+            .unwrap();
+            sim.add_machine(machine.clone());
+            (DeviceRef::parse(&aad).unwrap(), machine.id)
+        })
+        .collect();
+    // Two calls a minute: after the first lookup, one is left for five devices.
+    let directory = MachineDirectory::new(client_with_budget(&sim, 2), Duration::ZERO);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    sim.inject(Fault::new("/api/machines", FaultKind::Delay { millis: 500 }).method("GET"));
+
+    let first = tokio::spawn({
+        let (directory, device) = (directory.clone(), devices[0].0.clone());
+        async move { directory.find(&device, deadline).await }
+    });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let rest = join_all(
+        devices[1..]
+            .iter()
+            .map(|(d, _)| directory.find(d, deadline)),
+    )
+    .await;
+
+    assert_eq!(first.await.unwrap().unwrap().found.machine.id, devices[0].1);
+    for ((_, machine_id), found) in devices[1..].iter().zip(rest) {
+        assert_eq!(&found.unwrap().found.machine.id, machine_id);
+    }
+    let lookups: Vec<RecordedRequest> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/machines")
+        .collect();
+    assert_eq!(lookups.len(), 2, "{lookups:#?}");
+    assert!(
+        lookups[0].filter.is_some(),
+        "the first device alone, by its id"
+    );
+    assert_eq!(
+        lookups[1].filter, None,
+        "then the tenant's list for the rest"
+    );
+    assert!(
+        lookups[1]
+            .query
+            .as_deref()
+            .unwrap_or_default()
+            .contains("$top=10000")
+    );
 }
