@@ -136,8 +136,14 @@ param defenderRateLimitPerHour int = 1500
 @maxValue(8760)
 param stalePendingHours int = 24
 
-@description('ALLOWED_CALLER_ROLES: comma-separated app roles a caller must hold (as App Service Authentication reports it). Empty: unset. Only meaningful with App Service Authentication enabled, which this template does not set up.')
+@description('ALLOWED_CALLER_ROLES: comma-separated app roles a caller must hold (as App Service Authentication reports it). Empty: unset. Only safe with App Service Authentication enabled (authClientId): without it a caller can forge X-MS-CLIENT-PRINCIPAL.')
 param allowedCallerRoles string = ''
+
+@description('App Service Authentication with Microsoft Entra: the client id of the app registration callers get tokens for (and whose app roles ALLOWED_CALLER_ROLES names). Empty (the default): authentication is not set up.')
+param authClientId string = ''
+
+@description('App Service Authentication: the token audience accepted (the app registration\'s Application ID URI). Empty: api://<authClientId>.')
+param authTokenAudience string = ''
 
 @description('RUST_LOG: log filter (tracing EnvFilter syntax).')
 param rustLog string = 'info'
@@ -245,6 +251,8 @@ module api 'app/api.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     handlerSettings: handlerSettings
+    authClientId: authClientId
+    authTokenAudience: authTokenAudience
   }
   // The host reads AzureWebJobsStorage and the package with the identity: roles first.
   dependsOn: [
@@ -262,3 +270,4 @@ output SERVICE_API_NAME string = api.outputs.name
 output AZURE_FUNCTION_IDENTITY_NAME string = identity.outputs.name
 output AZURE_FUNCTION_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
+output AZURE_FUNCTION_AUTH_AUDIENCE string = api.outputs.authAudience

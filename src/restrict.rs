@@ -261,6 +261,9 @@ struct Job {
     deadline: Instant,
     stage: Arc<AtomicU8>,
     reply: oneshot::Sender<JobResult>,
+    /// Resolves when the invocation went away (its caller hung up): the job
+    /// is then dropped, and a rate-budget slot it waited for is given back.
+    gone: Option<oneshot::Receiver<()>>,
 }
 
 /// Where a job is: the invocation and the round agree through it on whether
@@ -369,7 +372,10 @@ impl Restrictor {
         deadline: Instant,
     ) -> JobResult {
         let (reply, answer) = oneshot::channel();
+        // Dropped with this future: tells the round the caller is gone.
+        let (_alive, gone) = oneshot::channel::<()>();
         let stage = Arc::new(AtomicU8::new(QUEUED));
+        let _abandon_if_dropped = AbandonIfQueued(Arc::clone(&stage));
         let job = Job {
             wanted,
             comment: comment.to_owned(),
@@ -377,6 +383,7 @@ impl Restrictor {
             deadline,
             stage: Arc::clone(&stage),
             reply,
+            gone: Some(gone),
         };
         let key = machine_id.to_ascii_lowercase();
         if self.inner.queues.push(&key, job) {
@@ -465,7 +472,7 @@ impl Shared {
                 },
             };
             let mut state = Some(self.reads.read(&machine_id, read_by).await);
-            for job in jobs {
+            for mut job in jobs {
                 if job
                     .stage
                     .compare_exchange(
@@ -485,19 +492,32 @@ impl Shared {
                     Some(Err(e)) => Err(e),
                     None => self.reads.read(&machine_id, job.deadline).await,
                 };
+                let mut gone = job.gone.take();
+                let caller_gone = async {
+                    match gone.as_mut() {
+                        Some(gone) => {
+                            let _ = gone.await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
                 let result = match actions {
                     Ok(mut actions) => {
-                        let result = self
-                            .serve(&machine_id, &job, lease.as_ref(), &mut actions)
-                            .await;
-                        if result.is_ok() {
+                        let served = tokio::select! {
+                            result = self.serve(&machine_id, &job, lease.as_ref(), &mut actions) => Some(result),
+                            // Stopped where it stood: the next job reads again.
+                            () = caller_gone => None,
+                        };
+                        if matches!(served, Some(Ok(_))) {
                             state = Some(Ok(actions));
                         }
-                        result
+                        served
                     }
-                    Err(e) => Err(JobError::from(e)),
+                    Err(e) => Some(Err(JobError::from(e))),
                 };
-                let _ = job.reply.send(result);
+                if let Some(result) = result {
+                    let _ = job.reply.send(result);
+                }
             }
             // Released before the next round (here or elsewhere) asks for it.
             if let Some(lease) = lease
@@ -823,6 +843,21 @@ impl Drop for Shared {
                 "coordination totals"
             );
         }
+    }
+}
+
+/// Marks a job abandoned when its invocation goes away before the round
+/// started it, so that the round skips it and reads and sends nothing for it.
+struct AbandonIfQueued(Arc<AtomicU8>);
+
+impl Drop for AbandonIfQueued {
+    fn drop(&mut self) {
+        let _ = self.0.compare_exchange(
+            QUEUED,
+            ABANDONED,
+            AtomicOrdering::AcqRel,
+            AtomicOrdering::Acquire,
+        );
     }
 }
 

@@ -96,7 +96,20 @@ async fn cancel(
                 return Ok(latest);
             }
             check_pending(&latest)?;
-            Err(ApiError::from(e))
+            match e {
+                // Defender says it cannot be cancelled, while the read still
+                // shows it pending: it is being finished (reads lag behind).
+                DefenderError::Status {
+                    status: 400,
+                    message,
+                    ..
+                } => Err(ApiError::CancelRefused {
+                    action_id: id,
+                    status: latest.action.status,
+                    message,
+                }),
+                e => Err(ApiError::from(e)),
+            }
         }
         Err(e) => Err(ApiError::from(e)),
     }

@@ -38,7 +38,12 @@ fn sim_config(change: impl FnOnce(&mut SimConfig)) -> SimConfig {
 }
 
 async fn app_with(sim: SimConfig, env: Vec<(&'static str, String)>) -> TestApp {
-    spawn_app_with(AppOptions { sim, env }).await
+    spawn_app_with(AppOptions {
+        sim,
+        env,
+        ..AppOptions::default()
+    })
+    .await
 }
 
 /// The actions Defender holds for ALPHA, oldest first, as (type, status).
