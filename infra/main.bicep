@@ -131,6 +131,11 @@ param defenderRateLimitPerMinute int = 100
 @maxValue(1000000)
 param defenderRateLimitPerHour int = 1500
 
+@description('STALE_PENDING_HOURS: an already_pending answer whose action has been pending longer than this says it may be stuck and how to cancel it.')
+@minValue(1)
+@maxValue(8760)
+param stalePendingHours int = 24
+
 @description('ALLOWED_CALLER_ROLES: comma-separated app roles a caller must hold (as App Service Authentication reports it). Empty: unset. Only safe with App Service Authentication enabled (authClientId): without it a caller can forge X-MS-CLIENT-PRINCIPAL.')
 param allowedCallerRoles string = ''
 
@@ -164,6 +169,7 @@ var requiredSettings = {
   COMMENT_INCLUDE_CALLER: commentIncludeCaller ? 'true' : 'false'
   DEFENDER_RATE_LIMIT_PER_MINUTE: string(defenderRateLimitPerMinute)
   DEFENDER_RATE_LIMIT_PER_HOUR: string(defenderRateLimitPerHour)
+  STALE_PENDING_HOURS: string(stalePendingHours)
   RUST_LOG: rustLog
 }
 var apiUrlSetting = empty(defenderApiUrl) ? {} : {

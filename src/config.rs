@@ -165,6 +165,8 @@ pub struct Settings {
     pub machine_cache: Duration,
     /// `$top` for lists of machine actions (Defender's largest page unless lowered).
     pub page_size: usize,
+    /// An `already_pending` action older than this may be stuck; the answer says so.
+    pub stale_pending: Duration,
     /// `COORDINATION` and, with `storage`, the host's storage account
     /// (parsed in [`crate::coordination::settings`]).
     pub coordination: CoordinationSettings,
@@ -272,6 +274,15 @@ impl Settings {
                 1..=crate::defender::client::PAGE_TOP,
                 "a whole number between 1 and 10000",
             )?,
+            stale_pending: Duration::from_secs(
+                3600 * ranged(
+                    &get,
+                    "STALE_PENDING_HOURS",
+                    24,
+                    1..=8760,
+                    "a whole number of hours between 1 and 8760",
+                )?,
+            ),
             coordination: CoordinationSettings::from_lookup(&lookup)?,
         })
     }

@@ -64,6 +64,19 @@ pub enum ApiError {
         /// which `cancelPending` does not cancel.
         created_meanwhile: bool,
     },
+    /// `cancelPending` cancelled the opposite action, but no read showed it
+    /// final before the invocation's time ran out.
+    #[error(
+        "the {action_type} action {action_id} on machine {machine_id} was cancelled, but Defender \
+         still reports it {status}: a cancel is not final until Defender says so. No action was \
+         created; send the request again once the action is Cancelled (the status route shows it)."
+    )]
+    CancelNotFinal {
+        machine_id: String,
+        action_id: String,
+        action_type: String,
+        status: String,
+    },
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
     #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs())]
@@ -183,7 +196,7 @@ impl ApiError {
                 S::NOT_FOUND,
                 "Device not found in Defender",
             ),
-            Self::ConflictingActionPending { .. } => (
+            Self::ConflictingActionPending { .. } | Self::CancelNotFinal { .. } => (
                 "conflicting_action_pending",
                 S::CONFLICT,
                 "Opposite action pending",
@@ -314,6 +327,7 @@ impl ApiError {
         };
         let action_id = match self {
             Self::ConflictingActionPending { action_id, .. }
+            | Self::CancelNotFinal { action_id, .. }
             | Self::ActionNotPending { action_id, .. }
             | Self::CancelRefused { action_id, .. }
             | Self::UnsupportedActionType { action_id, .. } => Some(action_id.clone()),
@@ -322,6 +336,7 @@ impl ApiError {
         };
         let action_status = match self {
             Self::ConflictingActionPending { status, .. }
+            | Self::CancelNotFinal { status, .. }
             | Self::ActionNotPending { status, .. }
             | Self::CancelRefused { status, .. } => Some(status.clone()),
             _ => None,

@@ -113,7 +113,8 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
         ),
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
-    ))
+    )
+    .with_stale_pending(settings.stale_pending))
 }
 
 /// Bind the loopback address the host connects to (IPv4: the host always

@@ -101,14 +101,14 @@ async fn single(
     } else {
         status
     };
-    let mut body = SuccessBody::new(request, device, &success, &invocation.id);
+    let mut body = SuccessBody::new(state, request, device, &success, &invocation.id);
     // The body's status is the answer's, 202 included.
     body.status = status.as_u16();
     let mut reply = Reply::new(
         status,
         format,
         &body,
-        || render_text(request, device, &success),
+        || render_text(request, device, &success, body.warning.as_deref()),
         body.message.clone(),
     );
     if let Some(location) = poll_at {
@@ -266,6 +266,7 @@ async fn bulk(
             );
             let item = match result {
                 Ok(success) => DeviceResult::Ok(Box::new(SuccessBody::new(
+                    state,
                     request,
                     &device,
                     &success,
@@ -355,6 +356,9 @@ pub struct SuccessBody {
     action: Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     cancelled_action_ids: Vec<String>,
+    /// A hazard the caller should know about (see [`Success::warning`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
     invocation_id: String,
 }
 
@@ -370,6 +374,7 @@ struct MachineSummary {
 
 impl SuccessBody {
     fn new(
+        state: &AppState,
         request: &RunbookRequest,
         device: &DeviceRef,
         success: &Success,
@@ -393,6 +398,7 @@ impl SuccessBody {
             terminal: success.terminal(),
             action: success.action.clone(),
             cancelled_action_ids: success.cancelled.clone(),
+            warning: success.warning(request.force, state.stale_pending()),
             invocation_id: invocation_id.to_owned(),
         }
     }
@@ -482,7 +488,12 @@ fn headline(request: &RunbookRequest, device: &DeviceRef) -> String {
 }
 
 /// Runbook-console lines, as RealmJoin's runbook printed them.
-fn render_text(request: &RunbookRequest, device: &DeviceRef, success: &Success) -> String {
+fn render_text(
+    request: &RunbookRequest,
+    device: &DeviceRef,
+    success: &Success,
+    warning: Option<&str>,
+) -> String {
     let machine = &success.machine;
     let name = machine.computer_dns_name.as_deref().unwrap_or("(unnamed)");
     let verb = if request.release {
@@ -516,6 +527,9 @@ fn render_text(request: &RunbookRequest, device: &DeviceRef, success: &Success) 
             success.action_id, success.action_status
         ),
     });
+    if let Some(warning) = warning {
+        lines.push(format!("Warning: {warning}"));
+    }
     lines.join("\n") + "\n"
 }
 
@@ -533,6 +547,9 @@ fn render_bulk_text(request: &RunbookRequest, results: &[DeviceResult], summary:
                     "{verb} code execution on device {}: {}\n",
                     body.device_id, body.message
                 ));
+                if let Some(warning) = &body.warning {
+                    out.push_str(&format!("  Warning: {warning}\n"));
+                }
             }
             DeviceResult::Failed {
                 device_id, problem, ..

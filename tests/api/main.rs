@@ -14,6 +14,7 @@ mod answers;
 mod callers;
 mod cli;
 mod connections;
+mod corners;
 mod defender_answers;
 mod host_protocol;
 mod outbreak;
