@@ -158,6 +158,10 @@ pub struct Settings {
     /// App roles a caller must hold one of (App Service Authentication);
     /// empty means no check.
     pub allowed_caller_roles: Vec<String>,
+    /// How long a found machine is remembered (0 to 60 s; 0 turns it off).
+    pub machine_cache: Duration,
+    /// `$top` for lists of machine actions (Defender's largest page unless lowered).
+    pub page_size: usize,
     /// `COORDINATION` and, with `storage`, the host's storage account
     /// (parsed in [`crate::coordination::settings`]).
     pub coordination: CoordinationSettings,
@@ -246,6 +250,20 @@ impl Settings {
                         .collect()
                 })
                 .unwrap_or_default(),
+            machine_cache: Duration::from_secs(ranged(
+                &get,
+                "MACHINE_CACHE_SECONDS",
+                60,
+                0..=60,
+                "a whole number of seconds between 0 and 60",
+            )?),
+            page_size: ranged(
+                &get,
+                "DEFENDER_PAGE_SIZE",
+                crate::defender::client::PAGE_TOP,
+                1..=crate::defender::client::PAGE_TOP,
+                "a whole number between 1 and 10000",
+            )?,
             coordination: CoordinationSettings::from_lookup(&lookup)?,
         })
     }

@@ -8,12 +8,16 @@
 //!   [`functions`]: what each function does with it; [`reply`]: the answer;
 //! - [`runbook`]: the payload, parsed once into domain types;
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
-//!   reading its state and acting on it safely;
+//!   reading its state and acting on it safely; [`machine_queue`] (one round
+//!   at a time per machine), [`state_reads`] (batched reads, never stale) and
+//!   [`machine_directory`] (shared, briefly remembered lookups) keep that
+//!   within Defender's rate budget in a burst;
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
 
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod config;
 pub mod coordination;
@@ -23,7 +27,8 @@ pub mod envelope;
 pub mod error;
 pub mod functions;
 pub mod invocation;
-pub mod machine_locks;
+pub mod machine_directory;
+pub mod machine_queue;
 pub mod principal;
 pub mod reply;
 pub mod restrict;
@@ -32,4 +37,5 @@ pub mod runbook;
 pub mod selection;
 pub mod simulator;
 pub mod startup;
+pub mod state_reads;
 pub mod telemetry;

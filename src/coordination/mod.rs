@@ -41,7 +41,7 @@ use self::{
     shared_budget::{Limits, SharedBudget},
     store::Store,
 };
-use crate::{defender::budget::Endpoint, machine_locks::MachineLocks};
+use crate::defender::budget::{BudgetError, CallBudget, Endpoint, OverBudget};
 
 /// Tuning for a [`Coordinator`]; [`Default`] is what production uses.
 #[derive(Debug, Clone)]
@@ -78,9 +78,10 @@ impl Default for CoordinatorOptions {
 #[derive(Debug)]
 pub struct Coordinator {
     store: Arc<Store>,
-    local_locks: MachineLocks,
     budget: SharedBudget,
     lease_duration: Duration,
+    /// `DEFENDER_RATE_CLOCK_SPEED` (benchmarks): lease polls shorten with it.
+    clock_speed: f64,
 }
 
 impl Coordinator {
@@ -98,12 +99,12 @@ impl Coordinator {
         );
         Ok(Self {
             store: Arc::new(store),
-            local_locks: MachineLocks::default(),
             budget: SharedBudget::new(Limits::new(
                 options.per_minute,
                 options.per_hour,
                 options.clock_speed,
             )),
+            clock_speed: options.clock_speed,
             lease_duration: options
                 .lease_duration
                 .clamp(Duration::from_secs(15), Duration::from_secs(60)),
@@ -125,16 +126,11 @@ impl Coordinator {
         machine_id: &str,
         deadline: Instant,
     ) -> Result<MachineLease, CoordinationError> {
-        let local = tokio::time::timeout_at(deadline, self.local_locks.lock(machine_id))
-            .await
-            .map_err(|_| CoordinationError::LockTimeout {
-                machine_id: machine_id.to_owned(),
-            })?;
         lock::lock_machine(
             &self.store,
-            local,
             machine_id,
             self.lease_duration,
+            self.clock_speed,
             deadline,
         )
         .await
@@ -167,6 +163,28 @@ impl Coordinator {
     /// HTTP requests this coordinator has sent to storage (benchmarks, tests).
     pub fn storage_operations(&self) -> u64 {
         self.store.operations()
+    }
+}
+
+/// The client draws its slots here with `COORDINATION=storage`.
+#[async_trait::async_trait]
+impl CallBudget for Coordinator {
+    async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError> {
+        self.reserve(endpoint, deadline).await.map_err(|e| match e {
+            CoordinationError::OverBudget { wait, .. } => {
+                BudgetError::OverBudget(OverBudget { wait })
+            }
+            other => BudgetError::Unavailable {
+                retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
+                reason: other.to_string(),
+            },
+        })
+    }
+
+    /// The shared budget lives in storage; without asking it, this instance
+    /// cannot tell, so batched reads take the one tenant read.
+    fn free_now(&self, _endpoint: Endpoint) -> usize {
+        0
     }
 }
 

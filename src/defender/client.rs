@@ -25,7 +25,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{
-    budget::{Endpoint, RateBudget},
+    budget::{BudgetError, CallBudget, Endpoint},
     error::{DefenderError, Operation},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -35,8 +35,16 @@ use crate::auth::TokenSource;
 /// guard stops a server that keeps handing out nextLinks (a reported API bug).
 const MAX_PAGES: usize = 10;
 
-/// How many of a machine's newest actions of each type are read to learn its state.
-pub const ACTIONS_TOP: usize = 20;
+/// Most pages followed for one full list: a million rows at
+/// Defender's largest page. A tenant's restrict history is far smaller; the
+/// guard stops a server whose paging never ends.
+const MAX_LIST_PAGES: usize = 100;
+
+/// Rows asked for per page of machine actions (`$top`): Defender's largest
+/// page, so one call usually answers. Defender may omit `@odata.nextLink`
+/// when `$top` is set (microsoft-365-docs#8489), so a full page is followed
+/// with `$skip` instead.
+pub const PAGE_TOP: usize = 10_000;
 
 /// Characters escaped inside an OData query value. Spaces become `%20`, as
 /// PowerShell and .NET clients send them.
@@ -89,8 +97,10 @@ pub struct DefenderClient {
     base: Url,
     tokens: TokenSource,
     timeout: Duration,
-    budget: std::sync::Arc<RateBudget>,
+    budget: std::sync::Arc<dyn CallBudget>,
     retry: RetryPolicy,
+    /// `$top` for lists of machine actions ([`PAGE_TOP`] unless a test lowers it).
+    page_top: usize,
 }
 
 /// A machine action: typed for our decisions, raw to hand back exactly as
@@ -101,6 +111,70 @@ pub struct ActionRecord {
     pub raw: Value,
 }
 
+/// Machine actions read in one go, and when.
+#[derive(Debug, Clone)]
+pub struct ActionListing {
+    pub actions: Vec<MachineAction>,
+    /// When the first request of the read was sent (after any wait for the
+    /// rate budget): nothing older than this is missing from `actions`.
+    pub sent_at: time::OffsetDateTime,
+    /// Defender calls the read took (pages included).
+    pub calls: usize,
+}
+
+/// The lists read page by page.
+#[derive(Debug, Clone, Copy)]
+enum ListOf {
+    Machines,
+    Actions,
+}
+
+impl ListOf {
+    fn call(self) -> (Operation, Endpoint, &'static str) {
+        match self {
+            Self::Machines => (
+                Operation::ListMachines,
+                Endpoint::ListMachines,
+                "api/machines",
+            ),
+            Self::Actions => (
+                Operation::ListActions,
+                Endpoint::ListActions,
+                "api/machineactions",
+            ),
+        }
+    }
+}
+
+/// Rows of a list, with their id (to keep a row two pages both carry once).
+trait Listed: DeserializeOwned {
+    fn id(&self) -> &str;
+}
+
+impl Listed for Machine {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Listed for MachineAction {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A list read in full.
+struct Listing<T> {
+    rows: Vec<T>,
+    sent_at: time::OffsetDateTime,
+    calls: usize,
+}
+
+/// Called right before each attempt of a call is sent, after any wait for
+/// the rate budget: a batched read closes its batch there, so that every
+/// invocation it answers joined before the read went out.
+pub type OnSend<'a> = &'a (dyn Fn() + Sync);
+
 /// One request to make.
 struct Call<'a> {
     op: Operation,
@@ -108,6 +182,7 @@ struct Call<'a> {
     method: Method,
     url: Url,
     body: Option<&'a CommentBody>,
+    on_send: Option<OnSend<'a>>,
 }
 
 impl DefenderClient {
@@ -117,7 +192,7 @@ impl DefenderClient {
         http: reqwest::Client,
         tokens: TokenSource,
         timeout: Duration,
-        budget: std::sync::Arc<RateBudget>,
+        budget: std::sync::Arc<dyn CallBudget>,
     ) -> Self {
         let mut base = base;
         // Url::join replaces the last segment unless the path ends with '/'.
@@ -132,10 +207,24 @@ impl DefenderClient {
             timeout,
             budget,
             retry: RetryPolicy::default(),
+            page_top: PAGE_TOP,
         }
     }
 
-    /// `GET /api/machines?$filter=aadDeviceId eq <guid>`, following nextLinks.
+    /// Calls to `endpoint` the rate budget allows at once, now.
+    pub fn free_slots(&self, endpoint: Endpoint) -> usize {
+        self.budget.free_now(endpoint)
+    }
+
+    /// Lists machine actions `top` rows a page (1 to [`PAGE_TOP`]); tests lower
+    /// it to exercise paging (setting `DEFENDER_PAGE_SIZE`).
+    #[must_use]
+    pub fn with_page_top(mut self, top: usize) -> Self {
+        self.page_top = top.clamp(1, PAGE_TOP);
+        self
+    }
+
+    /// `GET /api/machines?$filter=aadDeviceId eq <guid>&$top=10000`, every page.
     ///
     /// The literal is unquoted, as RealmJoin's production runbooks send it; the
     /// GUID was validated, so nothing can be injected into the filter.
@@ -144,35 +233,11 @@ impl DefenderClient {
         id: Uuid,
         deadline: Instant,
     ) -> Result<Vec<Machine>, DefenderError> {
-        let op = Operation::ListMachines;
         let filter = format!("aadDeviceId eq {}", id.hyphenated());
-        let mut url = self.url(op, "api/machines")?;
-        url.set_query(Some(&format!(
-            "$filter={}",
-            utf8_percent_encode(&filter, QUERY_VALUE)
-        )));
-
-        let mut machines = Vec::new();
-        for _ in 0..MAX_PAGES {
-            // The docs say the list answers 404 when there are "no recent
-            // machines": that is no match, not a failure.
-            let page: ODataPage<Machine> = match self
-                .send(self.get(op, Endpoint::ListMachines, url.clone()), deadline)
-                .await
-            {
-                Err(DefenderError::Status { status: 404, .. }) => return Ok(machines),
-                other => other?,
-            };
-            machines.extend(page.value);
-            match page.next_link {
-                None => return Ok(machines),
-                Some(next) => url = self.same_origin(op, &next)?,
-            }
-        }
-        Err(DefenderError::Protocol {
-            operation: op,
-            reason: format!("more than {MAX_PAGES} pages of machines for one device"),
-        })
+        Ok(self
+            .list_all(ListOf::Machines, Some(&filter), MAX_PAGES, deadline, None)
+            .await?
+            .rows)
     }
 
     /// `GET /api/machines/{id}`; `None` when Defender does not know the id.
@@ -193,51 +258,165 @@ impl DefenderClient {
         }
     }
 
-    /// The machine's newest restrict and unrestrict actions, newest first.
+    /// Every action of one machine, of any type, every page:
+    /// `GET /api/machineactions?$filter=machineId eq '<id>'&$top=10000`.
     ///
-    /// Two calls, one per type, made together:
-    /// `GET /api/machineactions?$filter=machineId eq '<id>' and type eq '<type>'&$orderby=creationDateTimeUtc desc&$top=20`.
-    /// Filtering by type keeps the answer about these actions however many
-    /// scans or investigations the machine has; `or` in `$filter` is
-    /// undocumented, so it is not relied on. Defender refuses a second action
-    /// of a type while one is pending, so a pending action is always among the
-    /// newest of its type.
+    /// Only documented OData is sent: no `$orderby` (the client sorts) and no
+    /// `or` (the caller keeps the types it needs). Reading every page, rather
+    /// than the newest few, is what makes the filter by machine alone safe: a
+    /// machine's scans and investigations cannot crowd its restrict actions
+    /// out of the answer.
     pub async fn machine_actions(
         &self,
         machine_id: &str,
         deadline: Instant,
-    ) -> Result<Vec<MachineAction>, DefenderError> {
-        let (restricts, releases) = tokio::try_join!(
-            self.machine_actions_of(machine_id, ActionType::RestrictCodeExecution, deadline),
-            self.machine_actions_of(machine_id, ActionType::UnrestrictCodeExecution, deadline),
-        )?;
-        let mut actions = restricts;
-        actions.extend(releases);
-        Ok(actions)
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<ActionListing, DefenderError> {
+        self.list_actions(&format!("machineId eq '{machine_id}'"), deadline, on_send)
+            .await
     }
 
-    /// The machine's newest actions of one type, newest first.
-    pub async fn machine_actions_of(
+    /// The tenant's restrict and unrestrict actions: two type-filtered lists
+    /// (`$filter=type eq '<type>'`), every page, read together.
+    pub async fn restrict_history(
         &self,
-        machine_id: &str,
-        action: ActionType,
         deadline: Instant,
-    ) -> Result<Vec<MachineAction>, DefenderError> {
-        let op = Operation::ListActions;
-        let filter = format!(
-            "machineId eq '{machine_id}' and type eq '{}'",
-            action.as_str()
-        );
-        let mut url = self.url(op, "api/machineactions")?;
-        url.set_query(Some(&format!(
-            "$filter={}&$orderby={}&$top={ACTIONS_TOP}",
-            utf8_percent_encode(&filter, QUERY_VALUE),
-            utf8_percent_encode("creationDateTimeUtc desc", QUERY_VALUE)
-        )));
-        let page: ODataPage<MachineAction> = self
-            .send(self.get(op, Endpoint::ListActions, url), deadline)
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<ActionListing, DefenderError> {
+        let [restrict_filter, release_filter] = [
+            ActionType::RestrictCodeExecution,
+            ActionType::UnrestrictCodeExecution,
+        ]
+        .map(|action| format!("type eq '{}'", action.as_str()));
+        let (restricts, releases) = tokio::try_join!(
+            self.list_actions(&restrict_filter, deadline, on_send),
+            self.list_actions(&release_filter, deadline, on_send),
+        )?;
+        let mut listing = restricts;
+        listing.sent_at = listing.sent_at.min(releases.sent_at);
+        listing.calls += releases.calls;
+        listing.actions.extend(releases.actions);
+        Ok(listing)
+    }
+
+    /// `GET /api/machineactions?$filter=<filter>`, every page.
+    async fn list_actions(
+        &self,
+        filter: &str,
+        deadline: Instant,
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<ActionListing, DefenderError> {
+        let listing = self
+            .list_all(
+                ListOf::Actions,
+                Some(filter),
+                MAX_LIST_PAGES,
+                deadline,
+                on_send,
+            )
             .await?;
-        Ok(page.value)
+        Ok(ActionListing {
+            actions: listing.rows,
+            sent_at: listing.sent_at,
+            calls: listing.calls,
+        })
+    }
+
+    /// Every machine of the tenant (`GET /api/machines?$top=10000`, every
+    /// page): one call answers the lookups of many devices at once.
+    pub async fn all_machines(
+        &self,
+        deadline: Instant,
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<Vec<Machine>, DefenderError> {
+        Ok(self
+            .list_all(ListOf::Machines, None, MAX_LIST_PAGES, deadline, on_send)
+            .await?
+            .rows)
+    }
+
+    /// `GET <list>?$filter=<filter>&$top=<page>`, following `@odata.nextLink`
+    /// (same origin only) or, when a full page comes without one, `$skip`.
+    /// Rows seen twice (a page boundary moved) are kept once.
+    async fn list_all<T: Listed>(
+        &self,
+        list: ListOf,
+        filter: Option<&str>,
+        max_pages: usize,
+        deadline: Instant,
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<Listing<T>, DefenderError> {
+        let (op, endpoint, path) = list.call();
+        let base = self.url(op, path)?;
+        let query = |skip: usize| {
+            let mut q = format!("$top={}", self.page_top);
+            if let Some(filter) = filter {
+                q = format!("$filter={}&{q}", utf8_percent_encode(filter, QUERY_VALUE));
+            }
+            if skip > 0 {
+                q.push_str(&format!("&$skip={skip}"));
+            }
+            q
+        };
+        let mut url = base.clone();
+        url.set_query(Some(&query(0)));
+
+        let sent_at = std::sync::Mutex::new(None);
+        let mark_sent = || {
+            let mut first = sent_at.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(time::OffsetDateTime::now_utc);
+            if let Some(hook) = on_send {
+                hook();
+            }
+        };
+        let mut rows: Vec<T> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut skip = 0;
+        let finished =
+            |rows, calls, sent_at: std::sync::Mutex<Option<time::OffsetDateTime>>| Listing {
+                rows,
+                sent_at: sent_at
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unwrap_or_else(time::OffsetDateTime::now_utc),
+                calls,
+            };
+        for calls in 1..=max_pages {
+            let call = Call {
+                on_send: Some(&mark_sent),
+                ..self.get(op, endpoint, url.clone())
+            };
+            let page: ODataPage<T> = match self.send(call, deadline).await {
+                // The docs say the machine list answers 404 when there are
+                // "no recent machines": that is no (more) match, not a failure.
+                Err(DefenderError::Status { status: 404, .. })
+                    if matches!(list, ListOf::Machines) =>
+                {
+                    return Ok(finished(rows, calls, sent_at));
+                }
+                other => other?,
+            };
+            let count = page.value.len();
+            skip += count;
+            for row in page.value {
+                if seen.insert(row.id().to_ascii_lowercase()) {
+                    rows.push(row);
+                }
+            }
+            url = match page.next_link {
+                Some(next) => self.same_origin(op, &next)?,
+                None if count >= self.page_top => {
+                    let mut next = base.clone();
+                    next.set_query(Some(&query(skip)));
+                    next
+                }
+                None => return Ok(finished(rows, calls, sent_at)),
+            };
+        }
+        Err(DefenderError::Protocol {
+            operation: op,
+            reason: format!("more than {max_pages} pages of {path}"),
+        })
     }
 
     /// `GET /api/machineactions/{id}`; `None` when Defender does not know the id.
@@ -316,6 +495,7 @@ impl DefenderClient {
             method: Method::GET,
             url,
             body: None,
+            on_send: None,
         }
     }
 
@@ -332,6 +512,7 @@ impl DefenderClient {
             method: Method::POST,
             url,
             body: Some(body),
+            on_send: None,
         }
     }
 
@@ -379,15 +560,28 @@ impl DefenderClient {
             self.budget
                 .acquire(call.endpoint, deadline)
                 .await
-                .map_err(|over| DefenderError::OverBudget {
-                    operation: op,
-                    wait: over.wait,
+                .map_err(|e| match e {
+                    BudgetError::OverBudget(over) => DefenderError::OverBudget {
+                        operation: op,
+                        wait: over.wait,
+                    },
+                    BudgetError::Unavailable {
+                        retry_after,
+                        reason,
+                    } => DefenderError::CoordinationUnavailable {
+                        operation: op,
+                        retry_after,
+                        reason,
+                    },
                 })?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(DefenderError::OutOfTime { operation: op });
             }
             let timeout = self.timeout.min(remaining);
+            if let Some(on_send) = call.on_send {
+                on_send();
+            }
             let error = match self.attempt(&call, token.secret(), timeout).await {
                 Ok(value) => return Ok(value),
                 Err(error) => error,

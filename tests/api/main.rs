@@ -13,6 +13,7 @@ mod host_emulator;
 mod callers;
 mod cli;
 mod host_protocol;
+mod outbreak;
 mod parsers;
 mod restrict;
 mod safety;

@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod azurite;
+mod instances;
 mod managed_identity;
 
 use std::{
