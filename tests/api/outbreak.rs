@@ -450,6 +450,7 @@ async fn every_page_of_actions_is_read_with_next_links_or_skip() {
                 ..AppOptions::default().sim
             },
             env: vec![("DEFENDER_PAGE_SIZE", client_page.into())],
+            ..AppOptions::default()
         })
         .await;
         for release in [false, true, false] {
