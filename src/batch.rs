@@ -38,15 +38,14 @@ pub trait Source: Send + Sync + 'static {
     type Value: Clone + Send + Sync + 'static;
     type Error: Clone + Send + Sync + 'static;
 
-    /// Read `keys` by `deadline` (the latest of the waiters'); keys missing
-    /// from the answer are reported to their waiters as `None`. `close` must
+    /// Read `keys` by `deadline` (the latest of the waiters'). `close` must
     /// be called before anything is sent.
     fn read(
         &self,
         keys: Vec<Self::Key>,
         deadline: Instant,
         close: Close<'_>,
-    ) -> impl Future<Output = Result<HashMap<Self::Key, Self::Value>, Self::Error>> + Send;
+    ) -> impl Future<Output = Result<Answered<Self::Key, Self::Value>, Self::Error>> + Send;
 
     /// A waiter's deadline passed before its batch was read.
     fn out_of_time() -> Self::Error;
@@ -55,8 +54,19 @@ pub trait Source: Send + Sync + 'static {
     fn abandoned() -> Self::Error;
 }
 
+/// What one read found.
+#[derive(Debug)]
+pub struct Answered<K, V> {
+    pub values: HashMap<K, V>,
+    /// `true`: the read covered every key (a tenant-wide list), so a key
+    /// missing from `values` has no value. `false`: only the keys in
+    /// `values` were read; a waiter whose key is missing (it joined after
+    /// the keys were taken) waits for the next read.
+    pub complete: bool,
+}
+
 type Answer<S> =
-    Result<Arc<HashMap<<S as Source>::Key, <S as Source>::Value>>, <S as Source>::Error>;
+    Result<Arc<Answered<<S as Source>::Key, <S as Source>::Value>>, <S as Source>::Error>;
 
 /// Batches reads of one [`Source`].
 pub struct Batcher<S: Source> {
@@ -105,18 +115,26 @@ impl<S: Source> Batcher<S> {
         key: S::Key,
         deadline: Instant,
     ) -> Result<Option<S::Value>, S::Error> {
-        let mut done = self.join(&key, deadline);
-        let answer = match tokio::time::timeout_at(deadline, done.wait_for(Option::is_some)).await {
-            Err(_) => return Err(S::out_of_time()),
-            Ok(Ok(answer)) => answer.clone(),
-            // The reader never drops a batch unanswered; if it did (a panic),
-            // say so rather than hang.
-            Ok(Err(_)) => None,
-        };
-        match answer {
-            Some(Ok(values)) => Ok(values.get(&key).cloned()),
-            Some(Err(e)) => Err(e),
-            None => Err(S::abandoned()),
+        loop {
+            let mut done = self.join(&key, deadline);
+            let answer =
+                match tokio::time::timeout_at(deadline, done.wait_for(Option::is_some)).await {
+                    Err(_) => return Err(S::out_of_time()),
+                    Ok(Ok(answer)) => answer.clone(),
+                    // The reader never drops a batch unanswered; if it did
+                    // (a panic), say so rather than hang.
+                    Ok(Err(_)) => None,
+                };
+            match answer {
+                Some(Ok(answered)) => match answered.values.get(&key) {
+                    Some(value) => return Ok(Some(value.clone())),
+                    None if answered.complete => return Ok(None),
+                    // Joined after that read took its keys: the next one.
+                    None => {}
+                },
+                Some(Err(e)) => return Err(e),
+                None => return Err(S::abandoned()),
+            }
         }
     }
 
@@ -155,6 +173,9 @@ impl<S: Source> Batcher<S> {
 
     /// Serve batches one after another until none is open.
     async fn run_reader(self: Arc<Self>) {
+        // If a read panics, the next waiter starts a new reader, and the
+        // batch being read is answered `abandoned` (its sender is dropped).
+        let _reset = ReaderReset(&self);
         loop {
             let batch = {
                 let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
@@ -204,6 +225,21 @@ impl<S: Source> Batcher<S> {
     }
 }
 
+/// Marks the reader stopped and drops the batch it was reading when the
+/// reader's task ends abnormally (a panic), so that the next waiter starts a
+/// new one and the current waiters are answered at once.
+struct ReaderReset<'a, S: Source>(&'a Batcher<S>);
+
+impl<S: Source> Drop for ReaderReset<'_, S> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let mut inner = self.0.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.open = None;
+            inner.reader_running = false;
+        }
+    }
+}
+
 /// The batch's keys and the latest deadline among its waiters, as they are now.
 fn snapshot<S: Source>(batch: &Batch<S>) -> (Vec<S::Key>, Instant) {
     let members = batch.members.lock().unwrap_or_else(|e| e.into_inner());
@@ -211,4 +247,139 @@ fn snapshot<S: Source>(batch: &Batch<S>) -> (Vec<S::Key>, Instant) {
         members.keys.iter().cloned().collect(),
         members.deadline.unwrap_or_else(Instant::now),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::{
+            OnceLock,
+            atomic::{AtomicUsize, Ordering},
+        },
+        time::Duration,
+    };
+
+    use super::*;
+
+    type LateWaiter = tokio::task::JoinHandle<Result<Option<String>, String>>;
+
+    /// Reads key by key; on its first read, another waiter joins after the
+    /// keys were taken and before the batch closes (as a waiter on another
+    /// worker thread can).
+    struct KeyByKey {
+        batcher: OnceLock<std::sync::Weak<Batcher<KeyByKey>>>,
+        reads: AtomicUsize,
+        late: Mutex<Option<LateWaiter>>,
+    }
+
+    impl Source for KeyByKey {
+        type Key = String;
+        type Value = String;
+        type Error = String;
+
+        async fn read(
+            &self,
+            keys: Vec<String>,
+            _deadline: Instant,
+            close: Close<'_>,
+        ) -> Result<Answered<String, String>, String> {
+            if self.reads.fetch_add(1, Ordering::SeqCst) == 0 {
+                let batcher = self.batcher.get().and_then(std::sync::Weak::upgrade);
+                if let Some(batcher) = batcher {
+                    let late = tokio::spawn(async move {
+                        batcher
+                            .get("late".to_owned(), Instant::now() + Duration::from_secs(30))
+                            .await
+                    });
+                    tokio::task::yield_now().await;
+                    *self.late.lock().unwrap_or_else(|e| e.into_inner()) = Some(late);
+                }
+            }
+            close();
+            Ok(Answered {
+                values: keys.into_iter().map(|k| (k.clone(), k)).collect(),
+                complete: false,
+            })
+        }
+
+        fn out_of_time() -> String {
+            "out of time".into()
+        }
+
+        fn abandoned() -> String {
+            "abandoned".into()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_waiter_that_joins_after_the_keys_were_taken_waits_for_the_next_read() {
+        let batcher = Batcher::new(KeyByKey {
+            batcher: OnceLock::new(),
+            reads: AtomicUsize::new(0),
+            late: Mutex::new(None),
+        });
+        let _ = batcher.source.batcher.set(Arc::downgrade(&batcher));
+        let soon = || Instant::now() + Duration::from_secs(30);
+
+        let first = batcher.get("first".to_owned(), soon()).await;
+
+        assert_eq!(first, Ok(Some("first".to_owned())));
+        let late = batcher
+            .source
+            .late
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let late = late
+            .expect("the late waiter joined")
+            .await
+            .expect("no panic");
+        assert_eq!(late, Ok(Some("late".to_owned())), "never an unread None");
+        assert_eq!(batcher.source.reads.load(Ordering::SeqCst), 2);
+    }
+
+    struct PanicsOnce(AtomicUsize);
+
+    impl Source for PanicsOnce {
+        type Key = u32;
+        type Value = u32;
+        type Error = String;
+
+        async fn read(
+            &self,
+            keys: Vec<u32>,
+            _deadline: Instant,
+            close: Close<'_>,
+        ) -> Result<Answered<u32, u32>, String> {
+            close();
+            assert!(
+                self.0.fetch_add(1, Ordering::SeqCst) > 0,
+                "a bug in one read"
+            );
+            Ok(Answered {
+                values: keys.into_iter().map(|k| (k, k)).collect(),
+                complete: false,
+            })
+        }
+
+        fn out_of_time() -> String {
+            "out of time".into()
+        }
+
+        fn abandoned() -> String {
+            "abandoned".into()
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn one_panicking_read_does_not_wedge_the_reads_after_it() {
+        let batcher = Batcher::new(PanicsOnce(AtomicUsize::new(0)));
+        let soon = || Instant::now() + Duration::from_secs(30);
+
+        let first = batcher.get(1, soon()).await;
+        let second = batcher.get(2, soon()).await;
+
+        assert_eq!(first, Err("abandoned".to_owned()));
+        assert_eq!(second, Ok(Some(2)));
+    }
 }

@@ -26,7 +26,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -41,7 +41,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    batch::{Batcher, Close, Source},
+    batch::{Answered, Batcher, Close, Source},
     defender::{DefenderClient, DefenderError, Operation, budget::Endpoint, models::Machine},
     runbook::DeviceRef,
     selection::{self, NoChoice},
@@ -119,7 +119,10 @@ impl MachineDirectory {
     /// still shared while under way).
     pub fn new(client: DefenderClient, ttl: Duration) -> Arc<Self> {
         Arc::new(Self {
-            records: Batcher::new(MachineSource { client }),
+            records: Batcher::new(MachineSource {
+                client,
+                list_calls: AtomicUsize::new(1),
+            }),
             ttl: ttl.min(MAX_CACHE),
             slots: Mutex::new(HashMap::new()),
             next_flight: AtomicU64::new(0),
@@ -295,6 +298,8 @@ impl MachineDirectory {
 /// Machine records per device: one by one, or the tenant's whole list.
 struct MachineSource {
     client: DefenderClient,
+    /// Calls the last list of the tenant's machines took (pages).
+    list_calls: AtomicUsize,
 }
 
 impl Source for MachineSource {
@@ -308,7 +313,7 @@ impl Source for MachineSource {
         devices: Vec<DeviceRef>,
         deadline: Instant,
         close: Close<'_>,
-    ) -> Result<HashMap<DeviceRef, Vec<Machine>>, DefenderError> {
+    ) -> Result<Answered<DeviceRef, Vec<Machine>>, DefenderError> {
         let by_aad = devices
             .iter()
             .filter(|d| matches!(d, DeviceRef::AadDevice(_)))
@@ -317,17 +322,24 @@ impl Source for MachineSource {
         // left now: the rest stays for the lists that serve everyone.
         let fits = by_aad * 2 <= self.client.free_slots(Endpoint::ListMachines)
             && (devices.len() - by_aad) * 2 <= self.client.free_slots(Endpoint::GetMachine);
-        if devices.len() == 1 || fits {
+        // The tenant's list takes a call per 10,000 machines: on a large
+        // tenant, a few devices are cheaper one by one even when it is tight.
+        let list_calls = self.list_calls.load(Ordering::Relaxed);
+        if devices.len() <= list_calls || fits {
             close();
             let lookups = devices
                 .iter()
                 .map(|device| self.records_of(device, deadline));
             let records = futures_util::future::try_join_all(lookups).await?;
-            return Ok(devices.into_iter().zip(records).collect());
+            return Ok(Answered {
+                values: devices.into_iter().zip(records).collect(),
+                complete: false,
+            });
         }
         // The tenant's list answers every device, so lookups may keep joining
         // until its first request is sent.
-        let machines = self.client.all_machines(deadline, Some(close)).await?;
+        let (machines, calls) = self.client.all_machines(deadline, Some(close)).await?;
+        self.list_calls.store(calls.max(1), Ordering::Relaxed);
         let mut by_device: HashMap<DeviceRef, Vec<Machine>> = HashMap::new();
         for machine in machines {
             if let Some(aad) = machine
@@ -345,7 +357,10 @@ impl Source for MachineSource {
                 .or_default()
                 .push(machine);
         }
-        Ok(by_device)
+        Ok(Answered {
+            values: by_device,
+            complete: true,
+        })
     }
 
     fn out_of_time() -> DefenderError {

@@ -37,10 +37,11 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
-    coordination::{Coordinator, MachineLease},
+    coordination::{CoordinationError, Coordinator, MachineLease},
     decision::{self, Decision, Wanted},
     defender::{
-        DefenderClient, DefenderError,
+        DefenderClient, DefenderError, Operation,
+        client::Guard,
         models::{ActionType, Machine, MachineAction},
     },
     error::ApiError,
@@ -614,7 +615,7 @@ impl Shared {
                     let mut asked = Vec::new();
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
-                        if self.cancel(&action, &why, deadline).await? {
+                        if self.cancel(&action, &why, lease, deadline).await? {
                             asked.push(action.id.to_ascii_lowercase());
                             cancelled.push(action.id);
                         }
@@ -652,9 +653,16 @@ impl Shared {
             if let Some(lease) = lease {
                 lease.check().map_err(ApiError::from)?;
             }
+            let guard = lease_guard(lease, Operation::CreateAction);
             let error = match self
                 .client
-                .create_action(machine_id, action_type, comment, deadline)
+                .create_action_guarded(
+                    machine_id,
+                    action_type,
+                    comment,
+                    lease.map(|_| &guard as Guard<'_>),
+                    deadline,
+                )
                 .await
             {
                 Ok(created) if existed_before(&created.action, &known, sent) => {
@@ -766,11 +774,18 @@ impl Shared {
         &self,
         action: &MachineAction,
         comment: &str,
+        lease: Option<&MachineLease>,
         deadline: Instant,
     ) -> Result<bool, ApiError> {
+        let guard = lease_guard(lease, Operation::CancelAction);
         match self
             .client
-            .cancel_action(&action.id, comment, deadline)
+            .cancel_action_guarded(
+                &action.id,
+                comment,
+                lease.map(|_| &guard as Guard<'_>),
+                deadline,
+            )
             .await
         {
             Ok(cancelled) => {
@@ -843,6 +858,31 @@ impl Drop for Shared {
                 "coordination totals"
             );
         }
+    }
+}
+
+/// Checked right before a POST goes out, after any wait for the rate budget
+/// (which can be minutes): a lease lost meanwhile means another instance may
+/// be deciding for the machine now, so nothing is sent.
+fn lease_guard(
+    lease: Option<&MachineLease>,
+    operation: Operation,
+) -> impl Fn() -> Result<(), DefenderError> + Sync + '_ {
+    move || match lease.map(MachineLease::check) {
+        Some(Err(CoordinationError::Unavailable {
+            retry_after,
+            reason,
+        })) => Err(DefenderError::CoordinationUnavailable {
+            operation,
+            retry_after,
+            reason,
+        }),
+        Some(Err(other)) => Err(DefenderError::CoordinationUnavailable {
+            operation,
+            retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
+            reason: other.to_string(),
+        }),
+        _ => Ok(()),
     }
 }
 

@@ -37,7 +37,7 @@ use std::{
 use tokio::time::Instant;
 
 use crate::{
-    batch::{Batcher, Close, Source},
+    batch::{Answered, Batcher, Close, Source},
     defender::{
         DefenderClient, DefenderError, Operation, budget::Endpoint, client::ActionListing,
         models::MachineAction,
@@ -92,7 +92,7 @@ impl Source for ActionSource {
         machines: Vec<String>,
         deadline: Instant,
         close: Close<'_>,
-    ) -> Result<HashMap<String, Vec<MachineAction>>, DefenderError> {
+    ) -> Result<Answered<String, Vec<MachineAction>>, DefenderError> {
         let tenant_calls = self.tenant_read_calls.load(Ordering::Relaxed);
         let free = self.client.free_slots(Endpoint::ListActions);
         // Each machine by itself when that is cheaper, or while it takes at
@@ -104,18 +104,24 @@ impl Source for ActionSource {
                 .iter()
                 .map(|machine| self.client.machine_actions(machine, deadline, None));
             let listings = futures_util::future::try_join_all(reads).await?;
-            return Ok(machines
-                .into_iter()
-                .zip(listings)
-                .map(|(machine, listing)| (machine, listing.actions))
-                .collect());
+            return Ok(Answered {
+                values: machines
+                    .into_iter()
+                    .zip(listings)
+                    .map(|(machine, listing)| (machine, listing.actions))
+                    .collect(),
+                complete: false,
+            });
         }
         // The tenant read answers every machine, so waiters may keep joining
         // until its first request is sent.
         let listing = self.client.restrict_history(deadline, Some(close)).await?;
         self.tenant_read_calls
             .store(listing.calls.max(2), Ordering::Relaxed);
-        Ok(group_by_machine(listing))
+        Ok(Answered {
+            values: group_by_machine(listing),
+            complete: true,
+        })
     }
 
     fn out_of_time() -> DefenderError {

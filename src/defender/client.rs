@@ -175,6 +175,11 @@ struct Listing<T> {
 /// invocation it answers joined before the read went out.
 pub type OnSend<'a> = &'a (dyn Fn() + Sync);
 
+/// Checked right before each attempt of a write is sent, after any wait for
+/// the rate budget: a write that may no longer go out (the machine's lease
+/// across instances was lost meanwhile) is not sent.
+pub type Guard<'a> = &'a (dyn Fn() -> Result<(), DefenderError> + Sync);
+
 /// One request to make.
 struct Call<'a> {
     op: Operation,
@@ -183,6 +188,7 @@ struct Call<'a> {
     url: Url,
     body: Option<&'a CommentBody>,
     on_send: Option<OnSend<'a>>,
+    guard: Option<Guard<'a>>,
 }
 
 impl DefenderClient {
@@ -324,15 +330,16 @@ impl DefenderClient {
 
     /// Every machine of the tenant (`GET /api/machines?$top=10000`, every
     /// page): one call answers the lookups of many devices at once.
+    /// Also says how many calls (pages) it took.
     pub async fn all_machines(
         &self,
         deadline: Instant,
         on_send: Option<OnSend<'_>>,
-    ) -> Result<Vec<Machine>, DefenderError> {
-        Ok(self
+    ) -> Result<(Vec<Machine>, usize), DefenderError> {
+        let listing = self
             .list_all(ListOf::Machines, None, MAX_LIST_PAGES, deadline, on_send)
-            .await?
-            .rows)
+            .await?;
+        Ok((listing.rows, listing.calls))
     }
 
     /// `GET <list>?$filter=<filter>&$top=<page>`, following `@odata.nextLink`
@@ -449,6 +456,19 @@ impl DefenderClient {
         comment: &str,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
+        self.create_action_guarded(machine_id, action, comment, None, deadline)
+            .await
+    }
+
+    /// [`Self::create_action`], with `guard` checked right before it is sent.
+    pub async fn create_action_guarded(
+        &self,
+        machine_id: &str,
+        action: ActionType,
+        comment: &str,
+        guard: Option<Guard<'_>>,
+        deadline: Instant,
+    ) -> Result<ActionRecord, DefenderError> {
         let op = Operation::CreateAction;
         let url = self.url(
             op,
@@ -461,9 +481,11 @@ impl DefenderClient {
         let body = CommentBody {
             comment: comment.to_owned(),
         };
-        let raw: Value = self
-            .send(self.post(op, endpoint, url, &body), deadline)
-            .await?;
+        let call = Call {
+            guard,
+            ..self.post(op, endpoint, url, &body)
+        };
+        let raw: Value = self.send(call, deadline).await?;
         let action = typed_action(op, &raw)?;
         Ok(ActionRecord { action, raw })
     }
@@ -476,14 +498,28 @@ impl DefenderClient {
         comment: &str,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
+        self.cancel_action_guarded(action_id, comment, None, deadline)
+            .await
+    }
+
+    /// [`Self::cancel_action`], with `guard` checked right before it is sent.
+    pub async fn cancel_action_guarded(
+        &self,
+        action_id: &str,
+        comment: &str,
+        guard: Option<Guard<'_>>,
+        deadline: Instant,
+    ) -> Result<ActionRecord, DefenderError> {
         let op = Operation::CancelAction;
         let url = self.url(op, &format!("api/machineactions/{action_id}/cancel"))?;
         let body = CommentBody {
             comment: comment.to_owned(),
         };
-        let raw: Value = self
-            .send(self.post(op, Endpoint::Cancel, url, &body), deadline)
-            .await?;
+        let call = Call {
+            guard,
+            ..self.post(op, Endpoint::Cancel, url, &body)
+        };
+        let raw: Value = self.send(call, deadline).await?;
         let action = typed_action(op, &raw)?;
         Ok(ActionRecord { action, raw })
     }
@@ -496,6 +532,7 @@ impl DefenderClient {
             url,
             body: None,
             on_send: None,
+            guard: None,
         }
     }
 
@@ -513,6 +550,7 @@ impl DefenderClient {
             url,
             body: Some(body),
             on_send: None,
+            guard: None,
         }
     }
 
@@ -583,6 +621,9 @@ impl DefenderClient {
                 return Err(DefenderError::OutOfTime { operation: op });
             }
             let timeout = self.timeout.min(remaining);
+            if let Some(guard) = call.guard {
+                guard()?;
+            }
             if let Some(on_send) = call.on_send {
                 on_send();
             }
