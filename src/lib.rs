@@ -8,7 +8,8 @@
 //!   [`functions`]: what each function does with it; [`reply`]: the answer;
 //! - [`runbook`]: the payload, parsed once into domain types;
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
-//!   reading its state and acting on it safely;
+//!   reading its state and acting on it safely; [`fleet`]: every machine's
+//!   state at once (the fleet view);
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
@@ -20,6 +21,7 @@ pub mod decision;
 pub mod defender;
 pub mod envelope;
 pub mod error;
+pub mod fleet;
 pub mod functions;
 pub mod invocation;
 pub mod machine_locks;
