@@ -5,10 +5,11 @@
 //!   `POST /api/restrict-code-execution`,
 //!   `GET /api/restrict-code-execution/actions/{actionId}`,
 //!   `POST /api/restrict-code-execution/actions/{actionId}/cancel`,
+//!   `GET /api/restrict-code-execution/devices`,
 //!   `GET /api/openapi.json`.
 //! - Payload mode, the host's envelope: `POST /{FunctionName}` for each
 //!   function folder (`restrict-code-execution`, `action-status`,
-//!   `cancel-action`, `openapi`).
+//!   `cancel-action`, `openapi`, `list-devices`).
 //!
 //! Both modes build the same [`Invocation`] and run [`invocation::invoke`].
 
@@ -52,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/restrict-code-execution/actions/{actionId}/cancel",
             forwarded_route(Function::CancelAction),
+        )
+        .route(
+            "/api/restrict-code-execution/devices",
+            forwarded_route(Function::ListDevices),
         )
         .route("/api/openapi.json", forwarded_route(Function::OpenApi));
     for function in Function::ALL {
@@ -106,7 +111,7 @@ fn forwarded_route(function: Function) -> MethodRouter<AppState> {
         forwarded(state, function, params, request)
     };
     match function {
-        Function::ActionStatus | Function::OpenApi => get(handler),
+        Function::ActionStatus | Function::OpenApi | Function::ListDevices => get(handler),
         Function::Restrict | Function::CancelAction => post(handler),
     }
     .fallback(method_not_allowed)

@@ -12,6 +12,7 @@ mod host_emulator;
 
 mod callers;
 mod cli;
+mod devices;
 mod host_protocol;
 mod parsers;
 mod restrict;
