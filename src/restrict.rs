@@ -171,7 +171,11 @@ impl Restrictor {
         // Cancel at most once: a second round that still sees a pending
         // opposite action reports the conflict.
         let mut cancel_round_done = false;
-        let mut actions = self.client.machine_actions(&machine.id, deadline).await?;
+        let mut actions = self
+            .client
+            .machine_actions(&machine.id, deadline, None)
+            .await?
+            .actions;
         loop {
             let decision = decision::decide(
                 &machine.id,
@@ -225,7 +229,11 @@ impl Restrictor {
                     }
                     cancel_round_done = true;
                     // The state may have moved while cancelling: read it again.
-                    actions = self.client.machine_actions(&machine.id, deadline).await?;
+                    actions = self
+                        .client
+                        .machine_actions(&machine.id, deadline, None)
+                        .await?
+                        .actions;
                 }
             }
         }
@@ -282,10 +290,10 @@ impl Restrictor {
             }
             let actions = match self
                 .client
-                .machine_actions_of(&machine.id, action_type, deadline)
+                .machine_actions(&machine.id, deadline, None)
                 .await
             {
-                Ok(actions) => actions,
+                Ok(listing) => listing.actions,
                 Err(reread) => {
                     tracing::warn!(error = %reread, "could not re-read the machine's actions");
                     return Err(error.into());
@@ -321,8 +329,9 @@ impl Restrictor {
     ) -> Result<Success, ApiError> {
         let actions = self
             .client
-            .machine_actions_of(&machine.id, action_type, deadline)
-            .await?;
+            .machine_actions(&machine.id, deadline, None)
+            .await?
+            .actions;
         let pending = actions.into_iter().find(|a| {
             a.typed_type() == Some(action_type)
                 && a.typed_status().is_some_and(|s| !s.is_terminal())

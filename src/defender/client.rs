@@ -35,8 +35,16 @@ use crate::auth::TokenSource;
 /// guard stops a server that keeps handing out nextLinks (a reported API bug).
 const MAX_PAGES: usize = 10;
 
-/// How many of a machine's newest actions of each type are read to learn its state.
-pub const ACTIONS_TOP: usize = 20;
+/// Most pages followed for one list of machine actions: a million actions at
+/// Defender's largest page. A tenant's restrict history is far smaller; the
+/// guard stops a server whose paging never ends.
+const MAX_ACTION_PAGES: usize = 100;
+
+/// Rows asked for per page of machine actions (`$top`): Defender's largest
+/// page, so one call usually answers. Defender may omit `@odata.nextLink`
+/// when `$top` is set (microsoft-365-docs#8489), so a full page is followed
+/// with `$skip` instead.
+pub const PAGE_TOP: usize = 10_000;
 
 /// Characters escaped inside an OData query value. Spaces become `%20`, as
 /// PowerShell and .NET clients send them.
@@ -91,6 +99,8 @@ pub struct DefenderClient {
     timeout: Duration,
     budget: std::sync::Arc<RateBudget>,
     retry: RetryPolicy,
+    /// `$top` for lists of machine actions ([`PAGE_TOP`] unless a test lowers it).
+    page_top: usize,
 }
 
 /// A machine action: typed for our decisions, raw to hand back exactly as
@@ -101,6 +111,22 @@ pub struct ActionRecord {
     pub raw: Value,
 }
 
+/// Machine actions read in one go, and when.
+#[derive(Debug, Clone)]
+pub struct ActionListing {
+    pub actions: Vec<MachineAction>,
+    /// When the first request of the read was sent (after any wait for the
+    /// rate budget): nothing older than this is missing from `actions`.
+    pub sent_at: time::OffsetDateTime,
+    /// Defender calls the read took (pages included).
+    pub calls: usize,
+}
+
+/// Called right before each attempt of a call is sent, after any wait for
+/// the rate budget: a batched read closes its batch there, so that every
+/// invocation it answers joined before the read went out.
+pub type OnSend<'a> = &'a (dyn Fn() + Sync);
+
 /// One request to make.
 struct Call<'a> {
     op: Operation,
@@ -108,6 +134,7 @@ struct Call<'a> {
     method: Method,
     url: Url,
     body: Option<&'a CommentBody>,
+    on_send: Option<OnSend<'a>>,
 }
 
 impl DefenderClient {
@@ -132,7 +159,16 @@ impl DefenderClient {
             timeout,
             budget,
             retry: RetryPolicy::default(),
+            page_top: PAGE_TOP,
         }
+    }
+
+    /// Lists machine actions `top` rows a page (1 to [`PAGE_TOP`]); tests lower
+    /// it to exercise paging (setting `DEFENDER_PAGE_SIZE`).
+    #[must_use]
+    pub fn with_page_top(mut self, top: usize) -> Self {
+        self.page_top = top.clamp(1, PAGE_TOP);
+        self
     }
 
     /// `GET /api/machines?$filter=aadDeviceId eq <guid>`, following nextLinks.
@@ -193,51 +229,120 @@ impl DefenderClient {
         }
     }
 
-    /// The machine's newest restrict and unrestrict actions, newest first.
+    /// Every action of one machine, of any type, every page:
+    /// `GET /api/machineactions?$filter=machineId eq '<id>'&$top=10000`.
     ///
-    /// Two calls, one per type, made together:
-    /// `GET /api/machineactions?$filter=machineId eq '<id>' and type eq '<type>'&$orderby=creationDateTimeUtc desc&$top=20`.
-    /// Filtering by type keeps the answer about these actions however many
-    /// scans or investigations the machine has; `or` in `$filter` is
-    /// undocumented, so it is not relied on. Defender refuses a second action
-    /// of a type while one is pending, so a pending action is always among the
-    /// newest of its type.
+    /// Only documented OData is sent: no `$orderby` (the client sorts) and no
+    /// `or` (the caller keeps the types it needs). Reading every page, rather
+    /// than the newest few, is what makes the filter by machine alone safe: a
+    /// machine's scans and investigations cannot crowd its restrict actions
+    /// out of the answer.
     pub async fn machine_actions(
         &self,
         machine_id: &str,
         deadline: Instant,
-    ) -> Result<Vec<MachineAction>, DefenderError> {
-        let (restricts, releases) = tokio::try_join!(
-            self.machine_actions_of(machine_id, ActionType::RestrictCodeExecution, deadline),
-            self.machine_actions_of(machine_id, ActionType::UnrestrictCodeExecution, deadline),
-        )?;
-        let mut actions = restricts;
-        actions.extend(releases);
-        Ok(actions)
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<ActionListing, DefenderError> {
+        self.list_actions(&format!("machineId eq '{machine_id}'"), deadline, on_send)
+            .await
     }
 
-    /// The machine's newest actions of one type, newest first.
-    pub async fn machine_actions_of(
+    /// The tenant's restrict and unrestrict actions: two type-filtered lists
+    /// (`$filter=type eq '<type>'`), every page, read together.
+    pub async fn restrict_history(
         &self,
-        machine_id: &str,
-        action: ActionType,
         deadline: Instant,
-    ) -> Result<Vec<MachineAction>, DefenderError> {
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<ActionListing, DefenderError> {
+        let [restrict_filter, release_filter] = [
+            ActionType::RestrictCodeExecution,
+            ActionType::UnrestrictCodeExecution,
+        ]
+        .map(|action| format!("type eq '{}'", action.as_str()));
+        let (restricts, releases) = tokio::try_join!(
+            self.list_actions(&restrict_filter, deadline, on_send),
+            self.list_actions(&release_filter, deadline, on_send),
+        )?;
+        let mut listing = restricts;
+        listing.sent_at = listing.sent_at.min(releases.sent_at);
+        listing.calls += releases.calls;
+        listing.actions.extend(releases.actions);
+        Ok(listing)
+    }
+
+    /// `GET /api/machineactions?$filter=<filter>&$top=<page>`, following
+    /// `@odata.nextLink` (same origin only) or, when a full page comes without
+    /// one, `$skip`. Rows seen twice (a page boundary moved) are kept once.
+    async fn list_actions(
+        &self,
+        filter: &str,
+        deadline: Instant,
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<ActionListing, DefenderError> {
         let op = Operation::ListActions;
-        let filter = format!(
-            "machineId eq '{machine_id}' and type eq '{}'",
-            action.as_str()
-        );
-        let mut url = self.url(op, "api/machineactions")?;
-        url.set_query(Some(&format!(
-            "$filter={}&$orderby={}&$top={ACTIONS_TOP}",
-            utf8_percent_encode(&filter, QUERY_VALUE),
-            utf8_percent_encode("creationDateTimeUtc desc", QUERY_VALUE)
-        )));
-        let page: ODataPage<MachineAction> = self
-            .send(self.get(op, Endpoint::ListActions, url), deadline)
-            .await?;
-        Ok(page.value)
+        let base = self.url(op, "api/machineactions")?;
+        let query = |skip: usize| {
+            let mut q = format!(
+                "$filter={}&$top={}",
+                utf8_percent_encode(filter, QUERY_VALUE),
+                self.page_top
+            );
+            if skip > 0 {
+                q.push_str(&format!("&$skip={skip}"));
+            }
+            q
+        };
+        let mut url = base.clone();
+        url.set_query(Some(&query(0)));
+
+        let sent_at = std::sync::Mutex::new(None);
+        let mark_sent = || {
+            let mut first = sent_at.lock().unwrap_or_else(|e| e.into_inner());
+            first.get_or_insert_with(time::OffsetDateTime::now_utc);
+            if let Some(hook) = on_send {
+                hook();
+            }
+        };
+        let mut actions: Vec<MachineAction> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut skip = 0;
+        for calls in 1..=MAX_ACTION_PAGES {
+            let call = Call {
+                on_send: Some(&mark_sent),
+                ..self.get(op, Endpoint::ListActions, url.clone())
+            };
+            let page: ODataPage<MachineAction> = self.send(call, deadline).await?;
+            let rows = page.value.len();
+            skip += rows;
+            for action in page.value {
+                if seen.insert(action.id.to_ascii_lowercase()) {
+                    actions.push(action);
+                }
+            }
+            url = match page.next_link {
+                Some(next) => self.same_origin(op, &next)?,
+                None if rows >= self.page_top => {
+                    let mut next = base.clone();
+                    next.set_query(Some(&query(skip)));
+                    next
+                }
+                None => {
+                    let sent_at = sent_at
+                        .into_inner()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .unwrap_or_else(time::OffsetDateTime::now_utc);
+                    return Ok(ActionListing {
+                        actions,
+                        sent_at,
+                        calls,
+                    });
+                }
+            };
+        }
+        Err(DefenderError::Protocol {
+            operation: op,
+            reason: format!("more than {MAX_ACTION_PAGES} pages of machine actions"),
+        })
     }
 
     /// `GET /api/machineactions/{id}`; `None` when Defender does not know the id.
@@ -316,6 +421,7 @@ impl DefenderClient {
             method: Method::GET,
             url,
             body: None,
+            on_send: None,
         }
     }
 
@@ -332,6 +438,7 @@ impl DefenderClient {
             method: Method::POST,
             url,
             body: Some(body),
+            on_send: None,
         }
     }
 
@@ -388,6 +495,9 @@ impl DefenderClient {
                 return Err(DefenderError::OutOfTime { operation: op });
             }
             let timeout = self.timeout.min(remaining);
+            if let Some(on_send) = call.on_send {
+                on_send();
+            }
             let error = match self.attempt(&call, token.secret(), timeout).await {
                 Ok(value) => return Ok(value),
                 Err(error) => error,

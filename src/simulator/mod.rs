@@ -116,6 +116,33 @@ pub struct SimConfig {
     pub token: String,
     /// What a request for an action that is already pending on the machine gets.
     pub duplicate: DuplicateBehaviour,
+    /// Whether `$orderby` on machine actions is honoured. Defender documents
+    /// only `$filter`, `$top` and `$skip` for that list.
+    pub orderby: OrderBy,
+    /// The order of a list of machine actions without `$orderby`, which
+    /// Defender does not document.
+    pub list_order: ListOrder,
+    /// Whether a page cut short under `$top` carries `@odata.nextLink`. With
+    /// `false`, a `$top` request is answered with up to `$top` rows and no
+    /// nextLink (microsoft-365-docs#8489): the client pages with `$skip`.
+    pub next_link_with_top: bool,
+}
+
+/// How the simulator treats `$orderby=creationDateTimeUtc desc` on machine actions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OrderBy {
+    #[default]
+    Honour,
+    /// `400 ODataError`, as a tenant that does not support it would answer.
+    Refuse,
+}
+
+/// The default order of machine action lists.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ListOrder {
+    #[default]
+    NewestFirst,
+    OldestFirst,
 }
 
 impl Default for SimConfig {
@@ -130,6 +157,9 @@ impl Default for SimConfig {
             identity_header: "sim-identity-header".to_owned(),
             token: "sim-access-token".to_owned(),
             duplicate: DuplicateBehaviour::default(),
+            orderby: OrderBy::default(),
+            list_order: ListOrder::default(),
+            next_link_with_top: true,
         }
     }
 }

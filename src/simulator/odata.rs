@@ -55,6 +55,8 @@ pub(crate) struct QueryOptions {
     pub(crate) filter: Option<String>,
     pub(crate) top: Option<usize>,
     pub(crate) skip: usize,
+    /// `$orderby=creationDateTimeUtc desc` was given.
+    pub(crate) newest_first: bool,
     /// Every decoded parameter except `$top` and `$skip`, in order, for nextLink.
     carried: Vec<(String, String)>,
 }
@@ -94,6 +96,7 @@ pub(crate) fn parse_query(raw: Option<&str>, shape: Shape) -> Result<QueryOption
                 })?;
             }
             "$orderby" if shape == Shape::Actions && value.trim() == NEWEST_FIRST => {
+                options.newest_first = true;
                 options.carried.push((key, value));
             }
             "$orderby" => {
@@ -123,11 +126,14 @@ fn parse_top(value: &str) -> Result<usize, QueryError> {
 /// Applies `$skip`/`$top` and cuts the result into a page of at most
 /// `page_size` rows. If more rows remain, also returns the absolute nextLink
 /// (`base` + `path` + the same options, with `$skip` moved on and `$top`
-/// reduced by what this page delivered).
+/// reduced by what this page delivered). With `next_link_with_top` off, a
+/// request with `$top` gets its whole window (up to `$top` rows) and never a
+/// nextLink, as microsoft-365-docs#8489 reports of Defender.
 pub(crate) fn page<T>(
     rows: Vec<T>,
     options: &QueryOptions,
     page_size: usize,
+    next_link_with_top: bool,
     base: &str,
     path: &str,
 ) -> (Vec<T>, Option<String>) {
@@ -136,7 +142,7 @@ pub(crate) fn page<T>(
         .skip(options.skip)
         .take(options.top.unwrap_or(usize::MAX))
         .collect();
-    if window.len() <= page_size {
+    if window.len() <= page_size || (options.top.is_some() && !next_link_with_top) {
         return (window, None);
     }
     window.truncate(page_size);
@@ -224,7 +230,14 @@ mod tests {
             Shape::Machines,
         )
         .expect("valid");
-        let (rows, next) = page((0..5).collect(), &opts, 2, "http://sim", "/api/machines");
+        let (rows, next) = page(
+            (0..5).collect(),
+            &opts,
+            2,
+            true,
+            "http://sim",
+            "/api/machines",
+        );
         assert_eq!(rows, [0, 1]);
         let next = next.expect("more rows");
         assert_eq!(
@@ -234,7 +247,14 @@ mod tests {
         let query = next.split_once('?').map(|(_, q)| q);
         let opts = parse_query(query, Shape::Machines).expect("valid");
         assert_eq!(opts.filter.as_deref(), Some("healthStatus eq 'Active'"));
-        let (rows, next) = page((0..5).collect(), &opts, 2, "http://sim", "/api/machines");
+        let (rows, next) = page(
+            (0..5).collect(),
+            &opts,
+            2,
+            true,
+            "http://sim",
+            "/api/machines",
+        );
         assert_eq!(rows, [2, 3]);
         let opts = parse_query(
             next.as_deref()
@@ -243,7 +263,14 @@ mod tests {
             Shape::Machines,
         )
         .expect("valid");
-        let (rows, next) = page((0..5).collect(), &opts, 2, "http://sim", "/api/machines");
+        let (rows, next) = page(
+            (0..5).collect(),
+            &opts,
+            2,
+            true,
+            "http://sim",
+            "/api/machines",
+        );
         assert_eq!(rows, [4]);
         assert_eq!(next, None);
     }
@@ -255,6 +282,7 @@ mod tests {
             (0..10).collect(),
             &opts,
             2,
+            true,
             "http://sim",
             "/api/machineactions",
         );
@@ -267,6 +295,7 @@ mod tests {
             (0..10).collect(),
             &opts,
             5,
+            true,
             "http://sim",
             "/api/machineactions",
         );

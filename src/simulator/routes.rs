@@ -29,6 +29,7 @@ use super::odata::{self, QueryError, QueryOptions, Shape};
 use super::ratelimit::{EndpointKind, retry_after_secs};
 use super::respond::{ApiError, json, odata_json};
 use super::state::{CancelError, Created, Lookup, Sim};
+use super::{ListOrder, OrderBy};
 use crate::defender::models::{ActionType, ODataPage};
 
 /// OS platforms restrict/unrestrict accept: Windows 10 1709+, Windows 11 and
@@ -203,11 +204,23 @@ fn create_action(call: &Call<'_>, id: &str, kind: ActionType) -> Result<Response
 }
 
 fn list_actions(call: &Call<'_>) -> Result<Response, ApiError> {
+    let config = &call.sim.config;
+    if call.query.newest_first && config.orderby == OrderBy::Refuse {
+        return Err(ApiError::odata(
+            "The query specified in the URI is not valid. Query option 'OrderBy' is not allowed. \
+             To allow it, set the 'AllowedQueryOptions' property on EnableQueryAttribute or \
+             QueryValidationSettings."
+                .to_owned(),
+        ));
+    }
     let conditions = conditions(&call.query, "machine actions", ACTION_FIELDS)?;
-    let rows = call
+    let mut rows = call
         .sim
         .tenant()
         .list_actions(&conditions, call.now, call.sim.life);
+    if config.list_order == ListOrder::OldestFirst && !call.query.newest_first {
+        rows.reverse();
+    }
     Ok(collection(
         call,
         rows,
@@ -399,8 +412,14 @@ fn ambiguous(name: &str, count: usize) -> ApiError {
 /// `@odata.nextLink`.
 fn collection<T: Serialize>(call: &Call<'_>, rows: Vec<T>, path: &str, set: &str) -> Response {
     let sim = call.sim;
-    let (value, next_link) =
-        odata::page(rows, &call.query, sim.config.page_size, &sim.base_url, path);
+    let (value, next_link) = odata::page(
+        rows,
+        &call.query,
+        sim.config.page_size,
+        sim.config.next_link_with_top,
+        &sim.base_url,
+        path,
+    );
     let page = ODataPage {
         context: Some(format!("{}/api/$metadata#{set}", sim.base_url)),
         value,

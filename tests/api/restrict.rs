@@ -57,42 +57,27 @@ async fn restrict_by_entra_device_id_looks_the_machine_up_and_posts_the_action()
 
     // Assert: what Defender received
     let requests = app.defender_requests();
-    assert_eq!(requests.len(), 4, "{requests:#?}");
-    let (lookup, act) = (&requests[0], &requests[3]);
+    assert_eq!(requests.len(), 3, "{requests:#?}");
+    let (lookup, state, act) = (&requests[0], &requests[1], &requests[2]);
     assert_eq!(lookup.method, "GET");
     assert_eq!(lookup.path, "/api/machines");
     assert_eq!(
         lookup.filter.as_deref(),
         Some(format!("aadDeviceId eq {ALPHA_AAD}").as_str())
     );
-    // The machine's restrict and unrestrict actions are read before acting,
-    // newest first, one call per type.
-    let mut state: Vec<String> = requests[1..3]
-        .iter()
-        .map(|r| {
-            assert_eq!(
-                (r.method.as_str(), r.path.as_str()),
-                ("GET", "/api/machineactions")
-            );
-            assert!(
-                r.query
-                    .as_deref()
-                    .unwrap()
-                    .contains("$orderby=creationDateTimeUtc%20desc"),
-                "{:?}",
-                r.query
-            );
-            r.filter.clone().unwrap()
-        })
-        .collect();
-    state.sort();
+    // The machine's actions are read before acting: every page of them, with
+    // only documented OData (no `$orderby`, no `or`).
     assert_eq!(
-        state,
-        [
-            format!("machineId eq '{alpha}' and type eq 'RestrictCodeExecution'"),
-            format!("machineId eq '{alpha}' and type eq 'UnrestrictCodeExecution'"),
-        ]
+        (state.method.as_str(), state.path.as_str()),
+        ("GET", "/api/machineactions")
     );
+    assert_eq!(
+        state.filter.as_deref(),
+        Some(format!("machineId eq '{alpha}'").as_str())
+    );
+    let query = state.query.as_deref().unwrap();
+    assert!(query.contains("$top=10000"), "{query}");
+    assert!(!query.contains("$orderby"), "{query}");
     assert_eq!(act.method, "POST");
     assert_eq!(
         act.path,
@@ -275,9 +260,8 @@ async fn a_defender_machine_id_is_used_directly() {
     assert_eq!(requests[0].method, "GET");
     assert_eq!(requests[0].path, format!("/api/machines/{}", kiosk.id));
     assert_eq!(requests[1].path, "/api/machineactions");
-    assert_eq!(requests[2].path, "/api/machineactions");
     assert_eq!(
-        requests[3].path,
+        requests[2].path,
         format!("/api/machines/{}/restrictCodeExecution", kiosk.id)
     );
     let unknown = post(&app, json!({"deviceId": "ab".repeat(20)})).await;
