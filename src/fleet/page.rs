@@ -10,8 +10,14 @@
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
+use time::{
+    OffsetDateTime, UtcOffset,
+    format_description::{FormatItem, well_known::Rfc3339},
+    macros::format_description,
+};
+
 use super::{Counts, Device, DeviceState, StateFilter};
-use crate::defender::models::MachineAction;
+use crate::defender::models::{ActionType, MachineAction};
 
 /// The `Content-Security-Policy` the page is served with.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
@@ -30,6 +36,7 @@ table { border-collapse: collapse; width: 100%; }
 th, td { text-align: left; vertical-align: top; padding: .5rem; border-bottom: 1px solid var(--line); overflow-wrap: anywhere; }
 th { font-size: .85rem; color: var(--muted); }
 code { font-size: .8rem; color: var(--muted); }
+time { white-space: nowrap; }
 .state { font-weight: 600; padding: .05rem .45rem; border-radius: .3rem; white-space: nowrap; }
 .restricted { background: #c0392b22; color: #c0392b; }
 .released { background: #2e7d3222; color: #2e7d32; }
@@ -80,7 +87,7 @@ pub fn render(
                 h1 { (heading) }
                 p.meta {
                     span #count { (devices.len()) } " shown, as of "
-                    time #as-of datetime=(as_of) { (as_of) }
+                    time #as-of datetime=(as_of) { (readable(as_of)) }
                     " (when Defender's actions were read). "
                     (counts.unknown) " with no successful action (state unknown)."
                 }
@@ -129,7 +136,7 @@ fn row(d: &Device) -> Markup {
             }
             td data-label="Since" {
                 @match &d.since {
-                    Some(since) => time datetime=(since) { (since) },
+                    Some(since) => time datetime=(since) { (readable(since)) },
                     None => span.none { "—" },
                 }
             }
@@ -142,9 +149,9 @@ fn row(d: &Device) -> Markup {
             td data-label="Pending action" {
                 @match &d.pending_action {
                     Some(p) => {
-                        strong { (p.action_type) } " " (p.status)
+                        strong title=(p.action_type) { (kind_label(p)) } " " (p.status)
                         @if let Some(created) = &p.creation_date_time_utc {
-                            ", created " time datetime=(created) { (created) }
+                            ", created " time datetime=(created) { (readable(created)) }
                         }
                         br;
                         (who_and_why(p))
@@ -165,6 +172,26 @@ fn who_and_why(a: &MachineAction) -> Markup {
             div.comment { (comment) }
         }
     }
+}
+
+/// "Restrict" or "Release" for the two action types; any other as Defender names it.
+fn kind_label(action: &MachineAction) -> &str {
+    match action.typed_type() {
+        Some(ActionType::RestrictCodeExecution) => "Restrict",
+        Some(ActionType::UnrestrictCodeExecution) => "Release",
+        None => &action.action_type,
+    }
+}
+
+/// `2026-11-28 10:05:00 UTC` for an RFC 3339 time (the `datetime` attribute
+/// keeps Defender's own text); anything else as it is.
+fn readable(timestamp: &str) -> String {
+    const SHOWN: &[FormatItem<'_>] =
+        format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
+    OffsetDateTime::parse(timestamp, &Rfc3339)
+        .ok()
+        .and_then(|t| t.to_offset(UtcOffset::UTC).format(SHOWN).ok())
+        .unwrap_or_else(|| timestamp.to_owned())
 }
 
 fn state_label(state: DeviceState) -> &'static str {
