@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use restrict_code_execution::simulator::{
-    SimConfig,
+    ListOrder, OrderBy, SimConfig,
     seed::{
         ALPHA_AAD_DEVICE_ID, ALPHA_MACHINE_ID, BRAVO_AAD_DEVICE_ID, BRAVO_MACHINE_ID,
         CHARLIE_AAD_DEVICE_ID, CHARLIE_MACHINE_ID, KIOSK_MACHINE_ID,
@@ -21,12 +21,19 @@ const HOSTILE_COMMENT: &str = "<script>alert('x')</script> INC-7 & </td>";
 
 /// A tenant that pages every two rows, so the read must follow nextLinks.
 async fn small_pages() -> TestApp {
+    tenant(SimConfig {
+        page_size: 2,
+        ..SimConfig::default()
+    })
+    .await
+}
+
+async fn tenant(sim: SimConfig) -> TestApp {
     let mut options = AppOptions::default();
     options.sim = SimConfig {
-        page_size: 2,
         identity_header: IDENTITY_HEADER.to_owned(),
         token: TOKEN.to_owned(),
-        ..SimConfig::default()
+        ..sim
     };
     spawn_app_with(options).await
 }
@@ -329,4 +336,36 @@ async fn a_defender_failure_is_a_problem_answer() {
     let answer = devices(&app, None, None).await;
     assert_eq!(answer.status, 502, "{}", answer.body);
     assert_eq!(answer.json()["code"], "defender_forbidden");
+}
+
+#[tokio::test]
+async fn the_view_does_not_depend_on_the_list_order_or_on_next_links() {
+    // Oldest first, no nextLink under $top, $orderby refused: all undocumented
+    // behaviour a tenant may have.
+    let app = tenant(SimConfig {
+        page_size: 2,
+        list_order: ListOrder::OldestFirst,
+        next_link_with_top: false,
+        orderby: OrderBy::Refuse,
+        ..SimConfig::default()
+    })
+    .await;
+    outbreak(&app).await;
+    let all = devices(&app, Some("all"), None).await;
+    assert_eq!(all.status, 200, "{}", all.body);
+    let all = all.json();
+    assert_eq!(
+        machine_ids(&all),
+        [
+            CHARLIE_MACHINE_ID,
+            BRAVO_MACHINE_ID,
+            ALPHA_MACHINE_ID,
+            KIOSK_MACHINE_ID
+        ]
+    );
+    assert_eq!(
+        all["counts"],
+        json!({"restricted": 2, "released": 1, "unknown": 1, "pending": 2})
+    );
+    assert_eq!(all["devices"][2]["pendingAction"]["type"], "UnrestrictCodeExecution");
 }
