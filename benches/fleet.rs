@@ -12,9 +12,9 @@
 //! Like `e2e`, it exits non-zero when the harness breaks (a process does not
 //! start, an answer is not the expected one), never on a timing.
 
+mod support;
+
 use std::{
-    io::{BufRead, BufReader},
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -25,13 +25,13 @@ use std::{
 use restrict_code_execution::simulator::RecordedRequest;
 use serde_json::{Value, json};
 
-const HANDLER: &str = env!("CARGO_BIN_EXE_handler");
-const IDENTITY_HEADER: &str = "sim-identity-header";
+use support::{
+    Memory, Proc, Result, free_port, load_average, spawn_handler, spawn_simulator, wait_ready,
+};
+
 const DEVICES_PATH: &str = "/api/restrict-code-execution/devices";
 /// Reads of each kind; the median is reported.
 const REPEATS: usize = 5;
-
-type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
 /// The tenant: every machine restricted once, `released` of them released
 /// again, and `again` of those restricted again (still pending).
@@ -91,8 +91,8 @@ fn main() {
 }
 
 async fn run(tenant: &Tenant, smoke: bool) -> Result<String> {
-    let sim = Proc::simulator()?;
-    let handler = Proc::handler(&sim)?;
+    let sim = Running::simulator()?;
+    let handler = Running::handler(&sim)?;
     let http = reqwest::Client::builder()
         .timeout(Duration::from_secs(120))
         .build()?;
@@ -236,14 +236,16 @@ async fn run(tenant: &Tenant, smoke: bool) -> Result<String> {
         let handler_time = median.elapsed.saturating_sub(median.defender);
         max_calls = max_calls.max(samples.iter().map(|s| s.calls).max().unwrap_or(0));
         max_handler = max_handler.max(handler_time);
+        let hwm = Memory::of(handler.pid())?.hwm_kib;
         rows.push(format!(
-            "| `state={state}`, {format} | {} | {} | {} ms | {} ms | **{} ms** | {:.1} MiB |",
+            "| `state={state}`, {format} | {} | {} | {} ms | {} ms | **{} ms** | {:.1} MiB | {:.1} MiB |",
             expected(state),
             median.calls,
             ms(median.elapsed),
             ms(median.defender),
             ms(handler_time),
-            median.bytes as f64 / (1024.0 * 1024.0)
+            median.bytes as f64 / (1024.0 * 1024.0),
+            hwm as f64 / 1024.0
         ));
     }
     let peak = Memory::of(handler.pid())?;
@@ -269,8 +271,8 @@ async fn run(tenant: &Tenant, smoke: bool) -> Result<String> {
         load_average()
     ));
     out.push_str(
-        "| read | devices | Defender calls | end to end | Defender (simulator) time | handler time | answer |\n\
-         |---|---|---|---|---|---|---|\n",
+        "| read | devices | Defender calls | end to end | Defender (simulator) time | handler time | answer | handler VmHWM so far |\n\
+         |---|---|---|---|---|---|---|---|\n",
     );
     for row in rows {
         out.push_str(&row);
@@ -352,26 +354,21 @@ async fn post_all(
 }
 
 async fn advance(http: &reqwest::Client, port: u16, seconds: u64) -> Result<()> {
-    let status = http
-        .post(format!("http://127.0.0.1:{port}/_sim/clock"))
-        .json(&json!({"advanceSeconds": seconds}))
-        .send()
-        .await?
-        .status();
-    if status != 200 {
-        return Err(format!("advancing the simulated clock: HTTP {status}").into());
-    }
-    Ok(())
+    let body = json!({"advanceSeconds": seconds});
+    control(http.post(format!("http://127.0.0.1:{port}/_sim/clock")).json(&body), 200).await
 }
 
 async fn clear_log(http: &reqwest::Client, port: u16) -> Result<()> {
-    let status = http
-        .delete(format!("http://127.0.0.1:{port}/_sim/requests"))
-        .send()
-        .await?
-        .status();
-    if status != 204 {
-        return Err(format!("clearing the request log: HTTP {status}").into());
+    control(http.delete(format!("http://127.0.0.1:{port}/_sim/requests")), 204).await
+}
+
+/// A call to the simulator's test controls that must answer `expected`.
+async fn control(request: reqwest::RequestBuilder, expected: u16) -> Result<()> {
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    if status != expected {
+        let text = response.text().await.unwrap_or_default();
+        return Err(format!("simulator control: HTTP {status}: {text:.300}").into());
     }
     Ok(())
 }
@@ -399,111 +396,40 @@ fn machine_json(k: usize, id: &str) -> Value {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// A child process, killed when dropped.
-struct Proc {
-    child: Child,
+/// A started process and its port.
+struct Running {
+    proc: Proc,
     port: u16,
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Proc {
-    /// `handler simulator` on a free port, its rate limits off (the seeding
-    /// sends 20,000 POSTs straight to it).
+impl Running {
+    /// `handler simulator`, its rate limits off (the seeding sends tens of
+    /// thousands of POSTs straight to it).
+    /// Its clock runs at 1/10,000 of real time: the seeding moves it on past
+    /// each phase, and the last restricts stay Pending while the reads run.
     fn simulator() -> Result<Self> {
-        let mut child = Command::new(HANDLER)
-            .args(["simulator", "--port", "0", "--no-rate-limits"])
-            .env_clear()
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no simulator stdout")?;
-        let mut proc = Self { child, port: 0 };
-        let mut lines = BufReader::new(stdout).lines();
-        proc.port = loop {
-            let line = lines
-                .next()
-                .ok_or("the simulator exited before printing its URL")??;
-            if let Some(url) = line.strip_prefix("Simulated Defender tenant at http://") {
-                break url.trim().parse::<std::net::SocketAddr>()?.port();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        Ok(proc)
+        let (proc, port) = spawn_simulator(&["--no-rate-limits", "--speed", "0.0001"])?;
+        Ok(Self { proc, port })
     }
 
-    /// The custom handler as the Functions host starts it, its rate budget
-    /// lifted so that repeated reads measure the handler, not the budget.
+    /// The custom handler, its rate budget lifted so that repeated reads
+    /// measure the handler, not the budget.
     fn handler(sim: &Self) -> Result<Self> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let sim_url = format!("http://127.0.0.1:{}", sim.port);
-        let child = Command::new(HANDLER)
-            .env_clear()
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .env("DEFENDER_API_URL", &sim_url)
-            .env("IDENTITY_ENDPOINT", format!("{sim_url}/_identity/token"))
-            .env("IDENTITY_HEADER", IDENTITY_HEADER)
-            .env("DEFENDER_RATE_LIMIT_PER_MINUTE", "1000000")
-            .env("DEFENDER_RATE_LIMIT_PER_HOUR", "1000000")
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let mut proc = Self { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if let Some(status) = proc.child.try_wait()? {
-                return Err(format!("the handler exited during start-up: {status}").into());
-            }
-            if Instant::now() > deadline {
-                return Err("the handler did not listen within 10 s".into());
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        proc.port = port;
-        Ok(proc)
+        let port = free_port()?;
+        let mut proc = spawn_handler(
+            sim.port,
+            port,
+            &[
+                ("DEFENDER_RATE_LIMIT_PER_MINUTE", "1000000"),
+                ("DEFENDER_RATE_LIMIT_PER_HOUR", "1000000"),
+            ],
+        )?;
+        wait_ready(&mut proc, port)?;
+        Ok(Self { proc, port })
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-/// Resident memory of a process, from `/proc/<pid>/status`.
-struct Memory {
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-impl Memory {
-    fn of(pid: u32) -> Result<Self> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let field = |name: &str| -> Result<u64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .ok_or_else(|| format!("{name} missing from /proc/{pid}/status"))?;
-            Ok(line
-                .trim_start_matches(name)
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()?)
-        };
-        Ok(Self {
-            rss_kib: field("VmRSS:")?,
-            hwm_kib: field("VmHWM:")?,
-        })
+        self.proc.child.id()
     }
 }
 
@@ -513,11 +439,4 @@ fn ms(d: Duration) -> String {
 
 fn yes(met: bool) -> &'static str {
     if met { "yes" } else { "**no**" }
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned())
 }

@@ -274,6 +274,20 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
         .unwrap_or_else(|_| at.unix_timestamp().to_string())
 }
 
+/// One machine restricted by one action carrying these strings, restricted
+/// at 10:05: for the renderers' tests.
+#[cfg(test)]
+pub(crate) fn one_restricted(machine_id: &str, name: &str, requestor: &str, comment: &str) -> Fleet {
+    let action = serde_json::json!({
+        "id": "a1", "type": "RestrictCodeExecution", "status": "Succeeded",
+        "machineId": machine_id, "computerDnsName": name,
+        "requestor": requestor, "requestorComment": comment,
+        "creationDateTimeUtc": "2026-11-28T10:00:00Z",
+        "lastUpdateDateTimeUtc": "2026-11-28T10:05:00Z",
+    });
+    Fleet::from_actions(vec![serde_json::from_value(action).unwrap_or_else(|e| panic!("{e}"))])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -215,20 +215,16 @@ fn link(filter: StateFilter, code: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::Fleet;
+    use crate::fleet::one_restricted;
 
     #[test]
     fn defender_strings_are_escaped_and_links_keep_the_key() {
-        let action: MachineAction = serde_json::from_value(serde_json::json!({
-            "id": "a1", "type": "RestrictCodeExecution", "status": "Succeeded",
-            "machineId": "m1\"><script>x()</script>", "computerDnsName": "<b>PC</b>",
-            "requestor": "<img src=x onerror=alert(1)>",
-            "requestorComment": "</td><script>alert('x')</script>&amp;",
-            "creationDateTimeUtc": "2026-11-28T10:00:00Z",
-            "lastUpdateDateTimeUtc": "2026-11-28T10:05:00Z",
-        }))
-        .unwrap();
-        let fleet = Fleet::from_actions(vec![action]);
+        let fleet = one_restricted(
+            "m1\"><script>x()</script>",
+            "<b>PC</b>",
+            "<img src=x onerror=alert(1)>",
+            "</td><script>alert('x')</script>&amp;",
+        );
         let counts = fleet.counts;
         let (devices, _) = fleet.select(StateFilter::Restricted);
         let page = render(

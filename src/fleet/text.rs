@@ -68,19 +68,12 @@ fn clean(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::Fleet;
+    use crate::fleet::one_restricted;
 
     #[test]
     fn one_line_per_device_whatever_the_comments_hold() {
-        let action: MachineAction = serde_json::from_value(serde_json::json!({
-            "id": "a1", "type": "RestrictCodeExecution", "status": "Succeeded",
-            "machineId": "m1", "computerDnsName": "PC-1",
-            "requestor": "app (contoso)", "requestorComment": "line one\nline two\r\tend",
-            "creationDateTimeUtc": "2026-11-28T10:00:00Z",
-            "lastUpdateDateTimeUtc": "2026-11-28T10:05:00Z",
-        }))
-        .unwrap();
-        let (devices, _) = Fleet::from_actions(vec![action]).select(StateFilter::All);
+        let (devices, _) = one_restricted("m1", "PC-1", "app (contoso)", "line one\nline two\r\tend")
+            .select(StateFilter::All);
         let text = render(&devices, StateFilter::All, "now");
         assert_eq!(
             text,

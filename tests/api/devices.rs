@@ -64,6 +64,18 @@ async fn outbreak(app: &TestApp) {
     app.sim.clear_requests();
 }
 
+/// Every device of the outbreak, newest `since` first, the unknown one last.
+const ALL: [&str; 4] = [
+    CHARLIE_MACHINE_ID,
+    BRAVO_MACHINE_ID,
+    ALPHA_MACHINE_ID,
+    KIOSK_MACHINE_ID,
+];
+
+fn outbreak_counts() -> Value {
+    json!({"restricted": 2, "released": 1, "unknown": 1, "pending": 2})
+}
+
 async fn devices(app: &TestApp, state: Option<&str>, accept: Option<&str>) -> ClientResponse {
     let mut request = CallerRequest::empty().query("code", "the-function-key");
     if let Some(state) = state {
@@ -96,10 +108,7 @@ async fn each_state_lists_its_devices_from_one_paged_tenant_wide_read() {
     assert_eq!(machine_ids(&answer), [BRAVO_MACHINE_ID, ALPHA_MACHINE_ID]);
     assert_eq!(answer["count"], 2);
     assert_eq!(answer["state"], "restricted");
-    assert_eq!(
-        answer["counts"],
-        json!({"restricted": 2, "released": 1, "unknown": 1, "pending": 2})
-    );
+    assert_eq!(answer["counts"], outbreak_counts());
     let alpha = &answer["devices"][1];
     assert_eq!(alpha["state"], "restricted");
     assert_eq!(alpha["computerDnsName"], "DESKTOP-ALPHA.contoso.local");
@@ -166,16 +175,7 @@ async fn each_state_lists_its_devices_from_one_paged_tenant_wide_read() {
     assert_eq!(kiosk["pendingAction"]["type"], "RestrictCodeExecution");
 
     let all = devices(&app, Some("all"), None).await.json();
-    assert_eq!(
-        machine_ids(&all),
-        [
-            CHARLIE_MACHINE_ID,
-            BRAVO_MACHINE_ID,
-            ALPHA_MACHINE_ID,
-            KIOSK_MACHINE_ID
-        ],
-        "newest since first, unknown last"
-    );
+    assert_eq!(machine_ids(&all), ALL, "newest since first, unknown last");
     assert!(
         all["asOf"].as_str().unwrap().ends_with('Z'),
         "{}",
@@ -354,18 +354,7 @@ async fn the_view_does_not_depend_on_the_list_order_or_on_next_links() {
     let all = devices(&app, Some("all"), None).await;
     assert_eq!(all.status, 200, "{}", all.body);
     let all = all.json();
-    assert_eq!(
-        machine_ids(&all),
-        [
-            CHARLIE_MACHINE_ID,
-            BRAVO_MACHINE_ID,
-            ALPHA_MACHINE_ID,
-            KIOSK_MACHINE_ID
-        ]
-    );
-    assert_eq!(
-        all["counts"],
-        json!({"restricted": 2, "released": 1, "unknown": 1, "pending": 2})
-    );
+    assert_eq!(machine_ids(&all), ALL);
+    assert_eq!(all["counts"], outbreak_counts());
     assert_eq!(all["devices"][2]["pendingAction"]["type"], "UnrestrictCodeExecution");
 }
