@@ -133,7 +133,7 @@ async fn forwarded(
     let format = Format::from_accept(header_str(&parts.headers, header::ACCEPT));
     let body = match read_limited(body, MAX_PAYLOAD_BYTES).await {
         Ok(body) => body,
-        Err(error) => return reply_response(&Reply::error(&error, &id, format), &id),
+        Err(error) => return reply_response(Reply::error(&error, &id, format), &id),
     };
     let invocation = Invocation {
         id: id.clone(),
@@ -149,7 +149,7 @@ async fn forwarded(
         url: caller_url(&parts),
     };
     let reply = invocation::invoke(&state, invocation).await;
-    reply_response(&reply, &id)
+    reply_response(reply, &id)
 }
 
 async fn payload_mode(
@@ -199,7 +199,7 @@ async fn method_not_allowed(headers: HeaderMap, request: Request) -> Response {
     } else {
         "GET"
     };
-    let mut response = reply_response(&Reply::error(&error, &id, Format::Json), &id);
+    let mut response = reply_response(Reply::error(&error, &id, Format::Json), &id);
     response
         .headers_mut()
         .insert(header::ALLOW, HeaderValue::from_static(allow));
@@ -209,13 +209,15 @@ async fn method_not_allowed(headers: HeaderMap, request: Request) -> Response {
 async fn route_not_found(headers: HeaderMap, request: Request) -> Response {
     let id = invocation::invocation_id(&headers);
     let error = ApiError::RouteNotFound(request.uri().path().to_owned());
-    reply_response(&Reply::error(&error, &id, Format::Json), &id)
+    reply_response(Reply::error(&error, &id, Format::Json), &id)
 }
 
-fn reply_response(reply: &Reply, invocation_id: &str) -> Response {
-    let mut response = (reply.status, reply.body.clone()).into_response();
+/// Takes the reply: its body can be megabytes (the fleet view), not to be copied.
+fn reply_response(reply: Reply, invocation_id: &str) -> Response {
+    let reply_headers = reply.headers();
+    let mut response = (reply.status, reply.body).into_response();
     let headers = response.headers_mut();
-    for (name, value) in reply.headers() {
+    for (name, value) in reply_headers {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name, value);
         }

@@ -14,8 +14,6 @@
 pub mod page;
 pub mod text;
 
-use std::collections::HashMap;
-
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
@@ -154,18 +152,25 @@ impl Fleet {
     /// Actions of other types, or without a machine id, are ignored. Takes the
     /// actions by value: all but the deciding and pending ones are dropped
     /// as each machine is done (a tenant can have tens of thousands).
-    pub fn from_actions(actions: Vec<MachineAction>) -> Self {
-        let mut by_machine: HashMap<String, Vec<MachineAction>> = HashMap::new();
+    pub fn from_actions(mut actions: Vec<MachineAction>) -> Self {
+        actions.retain(|a| {
+            a.machine_id.is_some() && a.typed_type().is_some() && a.typed_status().is_some()
+        });
+        // Each machine's actions together, newest created first: the order
+        // the restrict decision sorts by, so that both break ties alike.
+        // Grouped in place: no second copy of the tenant's history.
+        actions.sort_by_cached_key(|a| (machine_key(a), std::cmp::Reverse(created(a))));
+        let mut devices = Vec::new();
+        let mut group: Vec<MachineAction> = Vec::new();
         for action in actions {
-            if action.typed_type().is_none() || action.typed_status().is_none() {
-                continue;
+            if group.last().is_some_and(|last| !same_machine(last, &action)) {
+                devices.push(device(&mut group));
             }
-            let Some(key) = action.machine_id.as_deref().map(str::to_ascii_lowercase) else {
-                continue;
-            };
-            by_machine.entry(key).or_default().push(action);
+            group.push(action);
         }
-        let mut devices: Vec<Device> = by_machine.into_values().map(device).collect();
+        if !group.is_empty() {
+            devices.push(device(&mut group));
+        }
         // Newest `since` first; machines with none last; ties by machine id,
         // so the same tenant always gives the same order.
         devices.sort_by(|a, b| {
@@ -196,12 +201,23 @@ impl Fleet {
     }
 }
 
-/// One machine's device entry from its actions (all of one machine, typed).
-fn device(mut actions: Vec<MachineAction>) -> Device {
-    // Newest created first, as the restrict decision sorts them, so that
-    // both break ties the same way.
-    actions.sort_by_key(|a| std::cmp::Reverse(created(a)));
-    let deciding = deciding_action(&actions).map(|(a, t)| (a.id.clone(), t));
+/// Machine ids compare case-insensitively (every action here has one).
+fn same_machine(a: &MachineAction, b: &MachineAction) -> bool {
+    match (a.machine_id.as_deref(), b.machine_id.as_deref()) {
+        (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
+        _ => false,
+    }
+}
+
+/// The lowercase machine id actions are grouped by.
+fn machine_key(action: &MachineAction) -> Option<String> {
+    action.machine_id.as_deref().map(str::to_ascii_lowercase)
+}
+
+/// One machine's entry from its actions (all of one machine, typed, newest
+/// created first), which it takes, leaving `actions` empty for the next one.
+fn device(actions: &mut Vec<MachineAction>) -> Device {
+    let deciding = deciding_action(actions.iter()).map(|(a, t)| (a.id.clone(), t));
     let pending = actions
         .iter()
         .position(|a| a.typed_status().is_some_and(|s| !s.is_terminal()));
@@ -216,6 +232,7 @@ fn device(mut actions: Vec<MachineAction>) -> Device {
         .as_ref()
         .and_then(|(id, _)| actions.iter().position(|a| &a.id == id))
         .map(|at| actions.swap_remove(at));
+    actions.clear();
     let state = match deciding {
         Some((_, ActionType::RestrictCodeExecution)) => DeviceState::Restricted,
         Some((_, ActionType::UnrestrictCodeExecution)) => DeviceState::Released,

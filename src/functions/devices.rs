@@ -93,12 +93,44 @@ async fn list(state: &AppState, invocation: &Invocation, shape: Shape) -> Result
             .with_header("Referrer-Policy", "no-referrer".to_owned())
             .with_header("X-Content-Type-Options", "nosniff".to_owned())
         }
-        Shape::Other(format) => Reply::new(
-            StatusCode::OK,
-            format,
-            &Answer::new(&devices, filter, counts, listing.sent_at),
-            || text::render(&devices, filter, &as_of),
+        Shape::Other(Format::Text) => Reply {
+            status: StatusCode::OK,
+            content_type: "text/plain; charset=utf-8",
+            extra_headers: Vec::new(),
+            body: text::render(&devices, filter, &as_of),
             summary,
-        ),
+        },
+        Shape::Other(Format::Json) => {
+            let answer = Answer::new(&devices, filter, counts, listing.sent_at);
+            Reply {
+                status: StatusCode::OK,
+                content_type: "application/json",
+                extra_headers: Vec::new(),
+                body: exact_json(&answer)?,
+                summary,
+            }
+        }
     })
+}
+
+/// The JSON text in a buffer of exactly its size: a tenant-wide answer runs to
+/// megabytes, and a doubling buffer would hold up to twice that.
+fn exact_json(answer: &Answer<'_>) -> Result<String, ApiError> {
+    /// Counts the bytes written to it.
+    struct Length(usize);
+    impl std::io::Write for Length {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let failed = |e: &dyn std::fmt::Display| ApiError::Defender(format!("the answer could not be written: {e}"));
+    let mut length = Length(0);
+    serde_json::to_writer(&mut length, answer).map_err(|e| failed(&e))?;
+    let mut body = Vec::with_capacity(length.0);
+    serde_json::to_writer(&mut body, answer).map_err(|e| failed(&e))?;
+    String::from_utf8(body).map_err(|e| failed(&e))
 }
