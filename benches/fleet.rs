@@ -133,7 +133,11 @@ async fn run(tenant: &Tenant, smoke: bool) -> Result<String> {
     post_all(
         &http,
         sim.port,
-        restrict(released, "unrestrictCodeExecution", "INC-2026-0042: cleared"),
+        restrict(
+            released,
+            "unrestrictCodeExecution",
+            "INC-2026-0042: cleared",
+        ),
         201,
     )
     .await?;
@@ -355,11 +359,20 @@ async fn post_all(
 
 async fn advance(http: &reqwest::Client, port: u16, seconds: u64) -> Result<()> {
     let body = json!({"advanceSeconds": seconds});
-    control(http.post(format!("http://127.0.0.1:{port}/_sim/clock")).json(&body), 200).await
+    control(
+        http.post(format!("http://127.0.0.1:{port}/_sim/clock"))
+            .json(&body),
+        200,
+    )
+    .await
 }
 
 async fn clear_log(http: &reqwest::Client, port: u16) -> Result<()> {
-    control(http.delete(format!("http://127.0.0.1:{port}/_sim/requests")), 204).await
+    control(
+        http.delete(format!("http://127.0.0.1:{port}/_sim/requests")),
+        204,
+    )
+    .await
 }
 
 /// A call to the simulator's test controls that must answer `expected`.

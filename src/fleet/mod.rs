@@ -70,10 +70,7 @@ impl StateFilter {
     /// value, or the parameter given twice, is refused before Defender is
     /// called.
     pub fn from_query(query: &[(String, String)]) -> Result<Self, RunbookError> {
-        let mut values = query
-            .iter()
-            .filter(|(k, _)| k == "state")
-            .map(|(_, v)| v);
+        let mut values = query.iter().filter(|(k, _)| k == "state").map(|(_, v)| v);
         let Some(value) = values.next() else {
             return Ok(Self::default());
         };
@@ -163,7 +160,10 @@ impl Fleet {
         let mut devices = Vec::new();
         let mut group: Vec<MachineAction> = Vec::new();
         for action in actions {
-            if group.last().is_some_and(|last| !same_machine(last, &action)) {
+            if group
+                .last()
+                .is_some_and(|last| !same_machine(last, &action))
+            {
                 devices.push(device(&mut group));
             }
             group.push(action);
@@ -294,7 +294,12 @@ pub fn rfc3339(at: OffsetDateTime) -> String {
 /// One machine restricted by one action carrying these strings, restricted
 /// at 10:05: for the renderers' tests.
 #[cfg(test)]
-pub(crate) fn one_restricted(machine_id: &str, name: &str, requestor: &str, comment: &str) -> Fleet {
+pub(crate) fn one_restricted(
+    machine_id: &str,
+    name: &str,
+    requestor: &str,
+    comment: &str,
+) -> Fleet {
     let action = serde_json::json!({
         "id": "a1", "type": "RestrictCodeExecution", "status": "Succeeded",
         "machineId": machine_id, "computerDnsName": name,
@@ -302,7 +307,9 @@ pub(crate) fn one_restricted(machine_id: &str, name: &str, requestor: &str, comm
         "creationDateTimeUtc": "2026-11-28T10:00:00Z",
         "lastUpdateDateTimeUtc": "2026-11-28T10:05:00Z",
     });
-    Fleet::from_actions(vec![serde_json::from_value(action).unwrap_or_else(|e| panic!("{e}"))])
+    Fleet::from_actions(vec![
+        serde_json::from_value(action).unwrap_or_else(|e| panic!("{e}")),
+    ])
 }
 
 #[cfg(test)]
@@ -451,7 +458,10 @@ mod tests {
                 .chain([("code".to_owned(), "key".to_owned())])
                 .collect()
         };
-        assert_eq!(StateFilter::from_query(&q(&[])), Ok(StateFilter::Restricted));
+        assert_eq!(
+            StateFilter::from_query(&q(&[])),
+            Ok(StateFilter::Restricted)
+        );
         assert_eq!(StateFilter::from_query(&q(&["all"])), Ok(StateFilter::All));
         assert_eq!(
             StateFilter::from_query(&q(&["Pending"])),

@@ -239,7 +239,13 @@ mod tests {
         assert!(!page.contains("<b>PC"), "{page}");
         assert!(page.contains("&lt;/td&gt;&lt;script&gt;alert('x')&lt;/script&gt;&amp;amp;"));
         assert!(page.contains(r#"data-machine-id="m1&quot;&gt;&lt;script&gt;x()&lt;/script&gt;""#));
-        assert!(page.contains(r#"href="?state=all&amp;code=k%26y%3D%221""#), "{page}");
-        assert!(page.contains(r#"aria-current="page">restricted (1)"#), "{page}");
+        assert!(
+            page.contains(r#"href="?state=all&amp;code=k%26y%3D%221""#),
+            "{page}"
+        );
+        assert!(
+            page.contains(r#"aria-current="page">restricted (1)"#),
+            "{page}"
+        );
     }
 }

@@ -72,8 +72,9 @@ mod tests {
 
     #[test]
     fn one_line_per_device_whatever_the_comments_hold() {
-        let (devices, _) = one_restricted("m1", "PC-1", "app (contoso)", "line one\nline two\r\tend")
-            .select(StateFilter::All);
+        let (devices, _) =
+            one_restricted("m1", "PC-1", "app (contoso)", "line one\nline two\r\tend")
+                .select(StateFilter::All);
         let text = render(&devices, StateFilter::All, "now");
         assert_eq!(
             text,

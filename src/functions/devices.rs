@@ -87,7 +87,10 @@ async fn list(state: &AppState, invocation: &Invocation, shape: Shape) -> Result
                 body: page::render(&devices, filter, counts, &as_of, code),
                 summary,
             }
-            .with_header("Content-Security-Policy", page::CONTENT_SECURITY_POLICY.to_owned())
+            .with_header(
+                "Content-Security-Policy",
+                page::CONTENT_SECURITY_POLICY.to_owned(),
+            )
             // The URL carries the function key: keep it out of caches and referrers.
             .with_header("Cache-Control", "no-store".to_owned())
             .with_header("Referrer-Policy", "no-referrer".to_owned())
@@ -127,7 +130,9 @@ fn exact_json(answer: &Answer<'_>) -> Result<String, ApiError> {
             Ok(())
         }
     }
-    let failed = |e: &dyn std::fmt::Display| ApiError::Defender(format!("the answer could not be written: {e}"));
+    let failed = |e: &dyn std::fmt::Display| {
+        ApiError::Defender(format!("the answer could not be written: {e}"))
+    };
     let mut length = Length(0);
     serde_json::to_writer(&mut length, answer).map_err(|e| failed(&e))?;
     let mut body = Vec::with_capacity(length.0);

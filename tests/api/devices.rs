@@ -29,13 +29,15 @@ async fn small_pages() -> TestApp {
 }
 
 async fn tenant(sim: SimConfig) -> TestApp {
-    let mut options = AppOptions::default();
-    options.sim = SimConfig {
-        identity_header: IDENTITY_HEADER.to_owned(),
-        token: TOKEN.to_owned(),
-        ..sim
-    };
-    spawn_app_with(options).await
+    spawn_app_with(AppOptions {
+        sim: SimConfig {
+            identity_header: IDENTITY_HEADER.to_owned(),
+            token: TOKEN.to_owned(),
+            ..sim
+        },
+        ..AppOptions::default()
+    })
+    .await
 }
 
 async fn act(app: &TestApp, device: &str, release: bool, comment: &str) {
@@ -130,13 +132,19 @@ async fn each_state_lists_its_devices_from_one_paged_tenant_wide_read() {
         .into_iter()
         .find(|a| a.id == alpha["lastAction"]["id"].as_str().unwrap())
         .unwrap();
-    assert_eq!(alpha["lastAction"], serde_json::to_value(&sim_action).unwrap());
+    assert_eq!(
+        alpha["lastAction"],
+        serde_json::to_value(&sim_action).unwrap()
+    );
 
     // What Defender received: only type-filtered action lists, every page.
     let received = app.defender_requests();
     assert!(!received.is_empty());
     for r in &received {
-        assert_eq!((r.method.as_str(), r.path.as_str()), ("GET", "/api/machineactions"));
+        assert_eq!(
+            (r.method.as_str(), r.path.as_str()),
+            ("GET", "/api/machineactions")
+        );
         let filter = r.filter.as_deref().unwrap();
         assert!(
             filter == "type eq 'RestrictCodeExecution'"
@@ -216,8 +224,9 @@ async fn both_host_modes_give_the_same_answer() {
         lines[2]
     );
     assert!(
-        lines[3].starts_with(&format!("KIOSK-DELTA ({KIOSK_MACHINE_ID}) unknown; pending "))
-            || lines[3].starts_with(&format!("(no name) ({KIOSK_MACHINE_ID}) unknown; pending ")),
+        lines[3].starts_with(&format!(
+            "KIOSK-DELTA ({KIOSK_MACHINE_ID}) unknown; pending "
+        )) || lines[3].starts_with(&format!("(no name) ({KIOSK_MACHINE_ID}) unknown; pending ")),
         "{}",
         lines[3]
     );
@@ -260,7 +269,10 @@ async fn a_browser_gets_a_page_with_every_defender_string_escaped() {
         body.contains(r#"href="?state=all&amp;code=the-function-key""#),
         "{body}"
     );
-    assert!(!body.contains("http://") && !body.contains("https://"), "no external assets");
+    assert!(
+        !body.contains("http://") && !body.contains("https://"),
+        "no external assets"
+    );
 }
 
 #[tokio::test]
@@ -329,9 +341,16 @@ async fn a_defender_failure_is_a_problem_answer() {
     let app = small_pages().await;
     outbreak(&app).await;
     app.sim.inject(
-        Fault::new("machineactions", FaultKind::Status { status: 403, retry_after: None, body: None })
-            .method("GET")
-            .times(1),
+        Fault::new(
+            "machineactions",
+            FaultKind::Status {
+                status: 403,
+                retry_after: None,
+                body: None,
+            },
+        )
+        .method("GET")
+        .times(1),
     );
     let answer = devices(&app, None, None).await;
     assert_eq!(answer.status, 502, "{}", answer.body);
@@ -356,5 +375,8 @@ async fn the_view_does_not_depend_on_the_list_order_or_on_next_links() {
     let all = all.json();
     assert_eq!(machine_ids(&all), ALL);
     assert_eq!(all["counts"], outbreak_counts());
-    assert_eq!(all["devices"][2]["pendingAction"]["type"], "UnrestrictCodeExecution");
+    assert_eq!(
+        all["devices"][2]["pendingAction"]["type"],
+        "UnrestrictCodeExecution"
+    );
 }
