@@ -147,6 +147,10 @@ var deploymentContainerName = 'app-package-${take(appName, 32)}-${take(resourceT
 
 // The handler's app settings. Empty strings are left out rather than set empty.
 var requiredSettings = {
+  // Locks and the Defender budget shared by every instance through the host's storage account
+  // (README "Coordination"); not a parameter: a scaled-out app needs it. The identity's Storage
+  // Blob Data Owner role (app/rbac.bicep) covers its leases and conditional writes.
+  COORDINATION: 'storage'
   DEFENDER_CLOUD: defenderCloud
   DEFENDER_TIMEOUT_SECONDS: string(defenderTimeoutSeconds)
   TOKEN_TIMEOUT_SECONDS: string(tokenTimeoutSeconds)

@@ -35,6 +35,15 @@ NOT_PARAMETERS = {
     "AZURE_TENANT_ID": "client-secret credential: local development only",
     "AZURE_CLIENT_SECRET": "client-secret credential: local development only",
     "DEFENDER_RATE_CLOCK_SPEED": "benchmarks only; the README says to leave it unset in production",
+    "COORDINATION": "always storage on the deployed app (main.bicep sets it; checked below)",
+    "COORDINATION_CONTAINER": "the default container serves; set by hand only to share an account",
+}
+
+# Roles that let the identity create containers, take and renew blob leases and write blobs
+# conditionally (the handler's coordination): Storage Blob Data Owner or Contributor.
+BLOB_WRITE_ROLES = {
+    "b7e6dc6d-f1e8-4753-8033-0f276bb0955b": "Storage Blob Data Owner",
+    "ba92f5b4-2d11-453d-a403-e96b0029c9fe": "Storage Blob Data Contributor",
 }
 
 
@@ -132,6 +141,19 @@ def main() -> int:
                     "httpsOnly: true", "minTlsVersion: '1.2'"]:
         c.check(setting in api_bicep, f"app/api.bicep: {setting}")
     c.check("allowSharedKeyAccess: false" in read("infra/app/storage.bicep"), "app/storage.bicep: shared-key access off")
+
+    # Coordination (issue 12): on, through the host's storage, with a role that covers it.
+    c.check(re.search(r"^\s*COORDINATION:\s*'storage'", main_bicep, re.M) is not None,
+            "main.bicep sets COORDINATION=storage on the app")
+    c.check("AzureWebJobsStorage__blobServiceUri:" in api_bicep,
+            "app/api.bicep: AzureWebJobsStorage__blobServiceUri (the handler's coordination reads it)")
+    rbac = re.sub(r"//.*", "", read("infra/app/rbac.bicep"))
+    granted = [name for role_id, name in BLOB_WRITE_ROLES.items()
+               if re.search(rf"var (\w+) = '{role_id}'", rbac)
+               and re.search(r"scope:\s*storage\b[\s\S]*?roleDefinitionId:[^\n]*"
+                             + re.search(rf"var (\w+) = '{role_id}'", rbac).group(1), rbac)]
+    c.check(bool(granted), "app/rbac.bicep grants a blob data role on the storage account that covers "
+            "leases and conditional writes (Storage Blob Data Owner or Contributor)", "none found")
 
     # README Configuration table <-> main.bicep parameters and app settings.
     settings = readme_settings(read("README.md"))

@@ -9,6 +9,8 @@ use std::{collections::HashMap, fmt, time::Duration};
 use thiserror::Error;
 use url::Url;
 
+use crate::coordination::CoordinationSettings;
+
 /// The port the host gives us; the Functions sample convention when unset.
 pub const DEFAULT_PORT: u16 = 3000;
 
@@ -156,6 +158,13 @@ pub struct Settings {
     /// App roles a caller must hold one of (App Service Authentication);
     /// empty means no check.
     pub allowed_caller_roles: Vec<String>,
+    /// How long a found machine is remembered (0 to 60 s; 0 turns it off).
+    pub machine_cache: Duration,
+    /// `$top` for lists of machine actions (Defender's largest page unless lowered).
+    pub page_size: usize,
+    /// `COORDINATION` and, with `storage`, the host's storage account
+    /// (parsed in [`crate::coordination::settings`]).
+    pub coordination: CoordinationSettings,
 }
 
 impl Settings {
@@ -241,6 +250,21 @@ impl Settings {
                         .collect()
                 })
                 .unwrap_or_default(),
+            machine_cache: Duration::from_secs(ranged(
+                &get,
+                "MACHINE_CACHE_SECONDS",
+                60,
+                0..=60,
+                "a whole number of seconds between 0 and 60",
+            )?),
+            page_size: ranged(
+                &get,
+                "DEFENDER_PAGE_SIZE",
+                crate::defender::client::PAGE_TOP,
+                1..=crate::defender::client::PAGE_TOP,
+                "a whole number between 1 and 10000",
+            )?,
+            coordination: CoordinationSettings::from_lookup(&lookup)?,
         })
     }
 }
@@ -471,6 +495,24 @@ mod tests {
                 "{bad}"
             );
         }
+    }
+
+    #[test]
+    fn coordination_is_local_unless_storage_is_asked_for_with_its_settings() {
+        assert_eq!(
+            settings(&[]).unwrap().coordination,
+            CoordinationSettings::Local
+        );
+        // Storage without the host's storage settings stops the start, naming
+        // the missing setting.
+        let err = settings(&[("COORDINATION", "storage")]).unwrap_err();
+        assert_eq!(err.name, "AzureWebJobsStorage");
+        let s = settings(&[
+            ("COORDINATION", "storage"),
+            ("AzureWebJobsStorage", "UseDevelopmentStorage=true"),
+        ])
+        .unwrap();
+        assert!(matches!(s.coordination, CoordinationSettings::Storage(_)));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use thiserror::Error;
 
 use crate::{
     auth::TokenError,
+    coordination::CoordinationError,
     defender::{DefenderError, Operation},
     runbook::RunbookError,
 };
@@ -51,16 +52,15 @@ pub enum ApiError {
     InvalidEnvelope(String),
     #[error("{0}")]
     DeviceNotFound(String),
-    #[error(
-        "a {action_type} action ({action_id}) is still {status} on machine {machine_id}; acting \
-         now could finish out of order. Wait until it is finished, or send \"cancelPending\": true \
-         to cancel it first. No action was created."
-    )]
+    #[error("{}", conflict_detail(machine_id, action_id, action_type, status, *created_meanwhile))]
     ConflictingActionPending {
         machine_id: String,
         action_id: String,
         action_type: String,
         status: String,
+        /// The action was created by another request after this one arrived,
+        /// which `cancelPending` does not cancel.
+        created_meanwhile: bool,
     },
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
@@ -68,6 +68,18 @@ pub enum ApiError {
     RateLimited {
         retry_after: Duration,
         detail: String,
+    },
+    /// `COORDINATION=storage` and the storage account cannot be used: fail
+    /// closed, nothing is sent to Defender.
+    #[error(
+        "the storage account that coordinates this app's instances cannot be used ({reason}), so \
+         nothing was sent to Defender: a late restrict is better than a duplicate or out-of-order \
+         one. Retry after {} s.",
+        retry_after.as_secs().max(1)
+    )]
+    CoordinationUnavailable {
+        retry_after: Duration,
+        reason: String,
     },
     #[error("Defender refused the call (403): {message}")]
     DefenderForbidden { message: String },
@@ -97,6 +109,30 @@ pub enum ApiError {
     RouteNotFound(String),
     #[error("method {0} is not allowed here; use POST")]
     MethodNotAllowed(String),
+}
+
+fn conflict_detail(
+    machine_id: &str,
+    action_id: &str,
+    action_type: &str,
+    status: &str,
+    created_meanwhile: bool,
+) -> String {
+    if created_meanwhile {
+        format!(
+            "a {action_type} action ({action_id}) was created on machine {machine_id} by another \
+             request after this one arrived, and is still {status}. \"cancelPending\" cancels only \
+             actions that existed when the request arrived, so that concurrent opposite requests \
+             do not cancel each other's actions in turn. No action was created; send the request \
+             again if you still want it."
+        )
+    } else {
+        format!(
+            "a {action_type} action ({action_id}) is still {status} on machine {machine_id}; acting \
+             now could finish out of order. Wait until it is finished, or send \"cancelPending\": \
+             true to cancel it first. No action was created."
+        )
+    }
 }
 
 impl ApiError {
@@ -134,6 +170,11 @@ impl ApiError {
                 "rate_limited",
                 S::TOO_MANY_REQUESTS,
                 "Rate limited by Defender",
+            ),
+            Self::CoordinationUnavailable { .. } => (
+                "coordination_unavailable",
+                S::SERVICE_UNAVAILABLE,
+                "Coordination storage unavailable",
             ),
             // Upstream failures are a bad gateway: the caller's request was fine.
             Self::DefenderForbidden { .. } => (
@@ -209,7 +250,10 @@ impl ApiError {
     /// Seconds for a `Retry-After` header, when the caller should wait.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
-            Self::RateLimited { retry_after, .. } => Some(retry_after.as_secs().max(1)),
+            Self::RateLimited { retry_after, .. }
+            | Self::CoordinationUnavailable { retry_after, .. } => {
+                Some(retry_after.as_secs().max(1))
+            }
             _ => None,
         }
     }
@@ -271,9 +315,43 @@ pub struct Problem {
     pub retry_after: Option<u64>,
 }
 
+impl From<CoordinationError> for ApiError {
+    fn from(e: CoordinationError) -> Self {
+        match e {
+            CoordinationError::Unavailable {
+                retry_after,
+                reason,
+            } => Self::CoordinationUnavailable {
+                retry_after,
+                reason,
+            },
+            CoordinationError::LockTimeout { machine_id } => Self::Timeout(format!(
+                "another invocation, on this or another instance, held machine {machine_id} until \
+                 the time budget ran out. No action was created by this invocation."
+            )),
+            CoordinationError::OverBudget { bucket, wait } => Self::RateLimited {
+                retry_after: wait,
+                detail: format!(
+                    "the Defender budget this app's instances share has no free slot for {bucket} \
+                     before this invocation's time runs out; nothing was sent. Retry after {} s.",
+                    wait.as_secs().max(1)
+                ),
+            },
+        }
+    }
+}
+
 impl From<DefenderError> for ApiError {
     fn from(e: DefenderError) -> Self {
         match e {
+            DefenderError::CoordinationUnavailable {
+                retry_after,
+                reason,
+                ..
+            } => Self::CoordinationUnavailable {
+                retry_after,
+                reason,
+            },
             DefenderError::Token(t) => Self::AuthenticationFailed(t),
             DefenderError::OverBudget { operation, wait } => Self::RateLimited {
                 retry_after: wait,

@@ -8,15 +8,20 @@
 //!   [`functions`]: what each function does with it; [`reply`]: the answer;
 //! - [`runbook`]: the payload, parsed once into domain types;
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
-//!   reading its state and acting on it safely; [`fleet`]: every machine's
+//!   reading its state and acting on it safely; [`machine_queue`] (one round
+//!   at a time per machine), [`state_reads`] (batched reads, never stale) and
+//!   [`machine_directory`] (shared, briefly remembered lookups) keep that
+//!   within Defender's rate budget in a burst; [`fleet`]: every machine's
 //!   state at once (the fleet view);
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
 
 pub mod auth;
+pub mod batch;
 pub mod cli;
 pub mod config;
+pub mod coordination;
 pub mod decision;
 pub mod defender;
 pub mod envelope;
@@ -24,7 +29,8 @@ pub mod error;
 pub mod fleet;
 pub mod functions;
 pub mod invocation;
-pub mod machine_locks;
+pub mod machine_directory;
+pub mod machine_queue;
 pub mod principal;
 pub mod reply;
 pub mod restrict;
@@ -33,4 +39,5 @@ pub mod runbook;
 pub mod selection;
 pub mod simulator;
 pub mod startup;
+pub mod state_reads;
 pub mod telemetry;

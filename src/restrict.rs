@@ -1,29 +1,46 @@
-//! Restrict or release one device: find its machine, read its recent actions,
+//! Restrict or release one device: find its machine, read its actions,
 //! decide (see [`crate::decision`]), and only then act.
 //!
 //! Safety rules, each with a test in `tests/api/safety.rs`:
-//! - read before write, under a per-machine lock, so duplicates coalesce and
-//!   opposite actions cannot finish out of order;
+//! - read before write, one round at a time per machine
+//!   ([`crate::machine_queue`]), so duplicates coalesce and opposite actions
+//!   cannot finish out of order;
+//! - the state a job decides on comes from a read sent after the job was
+//!   queued ([`crate::state_reads`]), plus what the jobs before it in the
+//!   same round did;
 //! - a POST is never blindly re-sent: after an ambiguous failure the machine's
 //!   actions are read again, and the POST is repeated only if no new action of
-//!   that type appeared.
+//!   that type appeared;
+//! - `cancelPending` cancels only actions that existed when the request
+//!   arrived: an opposite action this instance created after that is answered
+//!   with 409. Concurrent opposite requests would otherwise cancel each
+//!   other's actions in turn.
 
-use std::collections::HashSet;
+use std::{
+    collections::{HashMap, HashSet},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU8, Ordering as AtomicOrdering},
+    },
+    time::Duration,
+};
 
 use serde::Serialize;
 use serde_json::Value;
-use tokio::time::Instant;
+use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
+    coordination::{Coordinator, MachineLease},
     decision::{self, Decision, Wanted},
     defender::{
-        DefenderClient, DefenderError, Operation,
+        DefenderClient, DefenderError,
         models::{ActionType, Machine, MachineAction},
     },
     error::ApiError,
-    machine_locks::MachineLocks,
+    machine_directory::{FindError, MachineDirectory},
+    machine_queue::MachineQueues,
     runbook::{CallerName, Comment, DeviceRef, RunbookRequest},
-    selection::{self, NoChoice},
+    state_reads::StateReads,
 };
 
 /// POSTs of one action per invocation at most: the first, and re-sends after
@@ -31,15 +48,33 @@ use crate::{
 const MAX_POSTS: usize = 3;
 /// Pause before re-reading after an ambiguous POST, so that an action
 /// Defender committed late is seen rather than duplicated.
-const SETTLE: std::time::Duration = std::time::Duration::from_secs(2);
+const SETTLE: Duration = Duration::from_secs(2);
 
-/// Restricts and releases devices through one Defender client.
-#[derive(Debug)]
+/// How long this instance remembers when it created an action: longer than
+/// any invocation lasts, so a `cancelPending` request can tell whether an
+/// action was created after it arrived.
+const CREATED_MEMORY: Duration = Duration::from_secs(600);
+
+/// Restricts and releases devices through one Defender client. Cheap to
+/// clone: the machine lookups, state reads and queues are shared.
+#[derive(Debug, Clone)]
 pub struct Restrictor {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
     client: DefenderClient,
     /// Append `(requested by <caller>)` to the comment (setting `COMMENT_INCLUDE_CALLER`).
     include_caller: bool,
-    locks: MachineLocks,
+    directory: Arc<MachineDirectory>,
+    reads: StateReads,
+    /// One round at a time per machine (lower-cased id).
+    queues: MachineQueues<Job>,
+    /// Actions created by this instance (lower-cased id) and when.
+    created: Mutex<HashMap<String, Instant>>,
+    /// Leases across instances (`COORDINATION=storage`).
+    coordinator: Option<Arc<Coordinator>>,
 }
 
 /// What happened, as the caller sees it.
@@ -100,7 +135,7 @@ impl Success {
             let next = (Instant::now() + POLL_EVERY).min(until);
             tokio::time::sleep_until(next).await;
             // Give the read a second past `until` to come back.
-            let read_by = until + std::time::Duration::from_secs(1);
+            let read_by = until + Duration::from_secs(1);
             match client.action(&self.action_id, read_by).await? {
                 Some(latest) => {
                     self.action_status = latest.action.status.clone();
@@ -114,25 +149,90 @@ impl Success {
 }
 
 /// How often `wait` polls the action (Defender allows 100 reads a minute).
-pub const POLL_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+pub const POLL_EVERY: Duration = Duration::from_secs(5);
+
+/// The answer of one job served by a machine's round.
+type JobResult = Result<Acted, JobError>;
+
+/// What serving one job did, before the machine record is added.
+#[derive(Debug)]
+struct Acted {
+    outcome: Outcome,
+    action: Value,
+    action_id: String,
+    action_status: String,
+    cancelled: Vec<String>,
+}
+
+/// Why a job did not succeed.
+#[derive(Debug)]
+enum JobError {
+    /// A POST for the machine answered 404: the record may be stale.
+    MachineGone(DefenderError),
+    Api(ApiError),
+}
+
+impl From<ApiError> for JobError {
+    fn from(e: ApiError) -> Self {
+        Self::Api(e)
+    }
+}
+
+impl From<DefenderError> for JobError {
+    fn from(e: DefenderError) -> Self {
+        Self::Api(e.into())
+    }
+}
+
+/// One invocation's request for one machine, queued for the machine's round.
+#[derive(Debug)]
+struct Job {
+    wanted: Wanted,
+    /// The comment as sent to Defender.
+    comment: String,
+    /// When the invocation queued it.
+    arrived: Instant,
+    deadline: Instant,
+    stage: Arc<AtomicU8>,
+    reply: oneshot::Sender<JobResult>,
+}
+
+/// Where a job is: the invocation and the round agree through it on whether
+/// an abandoned job may still have acted.
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
 
 impl Restrictor {
-    pub fn new(client: DefenderClient, include_caller: bool) -> Self {
+    /// `coordinator`: with `COORDINATION=storage`, each machine round also
+    /// holds the machine's blob lease, so rounds on other instances wait.
+    pub fn new(
+        client: DefenderClient,
+        include_caller: bool,
+        machine_cache: Duration,
+        coordinator: Option<Arc<Coordinator>>,
+    ) -> Self {
         Self {
-            client,
-            include_caller,
-            locks: MachineLocks::default(),
+            inner: Arc::new(Shared {
+                coordinator,
+                directory: MachineDirectory::new(client.clone(), machine_cache),
+                reads: StateReads::new(client.clone()),
+                client,
+                include_caller,
+                queues: MachineQueues::default(),
+                created: Mutex::new(HashMap::new()),
+            }),
         }
     }
 
     /// The Defender client, for the status and cancel functions.
     pub fn client(&self) -> &DefenderClient {
-        &self.client
+        &self.inner.client
     }
 
     /// Whether the caller's name is appended to comments sent to Defender.
     pub fn include_caller(&self) -> bool {
-        self.include_caller
+        self.inner.include_caller
     }
 
     /// Restrict or release `device` as `request` asks.
@@ -142,7 +242,7 @@ impl Restrictor {
         request: &RunbookRequest,
         deadline: Instant,
     ) -> Result<Success, ApiError> {
-        let (machine, candidates) = self.find_machine(device, deadline).await?;
+        let arrived = Instant::now();
         let wanted = Wanted {
             action: action_type(request.release),
             force: request.force,
@@ -151,76 +251,280 @@ impl Restrictor {
         let comment = comment_for_defender(
             &request.comment,
             request.caller.as_ref(),
-            self.include_caller,
+            self.inner.include_caller,
         );
+        // A remembered machine record is trusted for one attempt only: when
+        // Defender answers 404 for it, the device is looked up afresh.
+        let mut looked_up_again = false;
+        loop {
+            let lookup =
+                self.inner
+                    .directory
+                    .find(device, deadline)
+                    .await
+                    .map_err(|e| match e {
+                        FindError::NotFound(why) => ApiError::DeviceNotFound(why),
+                        FindError::Defender(e) => e.into(),
+                    })?;
+            let machine = lookup.found.machine;
+            match self
+                .submit(&machine.id, wanted, &comment, arrived, deadline)
+                .await
+            {
+                Ok(acted) => {
+                    return Ok(Success {
+                        outcome: acted.outcome,
+                        machine,
+                        candidates: lookup.found.candidates,
+                        action: acted.action,
+                        action_id: acted.action_id,
+                        action_status: acted.action_status,
+                        cancelled: acted.cancelled,
+                    });
+                }
+                Err(JobError::MachineGone(_)) if lookup.cached && !looked_up_again => {
+                    tracing::info!(machine_id = %machine.id, "Defender no longer knows the remembered machine; looking the device up again");
+                    self.inner.directory.forget(device);
+                    looked_up_again = true;
+                }
+                Err(JobError::MachineGone(e)) => return Err(e.into()),
+                Err(JobError::Api(e)) => return Err(e),
+            }
+        }
+    }
 
-        let _one_decision_at_a_time = tokio::time::timeout_at(
+    /// Queue a job for the machine's next round and wait for its answer.
+    async fn submit(
+        &self,
+        machine_id: &str,
+        wanted: Wanted,
+        comment: &str,
+        arrived: Instant,
+        deadline: Instant,
+    ) -> JobResult {
+        let (reply, answer) = oneshot::channel();
+        let stage = Arc::new(AtomicU8::new(QUEUED));
+        let job = Job {
+            wanted,
+            comment: comment.to_owned(),
+            arrived,
             deadline,
-            self.locks.lock(&machine.id),
-        )
-        .await
-        .map_err(|_| {
-            ApiError::Timeout(format!(
-                "another invocation for machine {} held it until the time budget ran out. No \
-                     action was created by this invocation.",
-                machine.id
-            ))
-        })?;
+            stage: Arc::clone(&stage),
+            reply,
+        };
+        let key = machine_id.to_ascii_lowercase();
+        if self.inner.queues.push(&key, job) {
+            // No round runs for this machine: start one. It is a task of its
+            // own, so that an invocation giving up never stops a round
+            // half-way for the others queued with it.
+            let shared = Arc::clone(&self.inner);
+            let machine_id = machine_id.to_owned();
+            tokio::spawn(async move { shared.serve_machine(key, machine_id).await });
+        }
 
+        let mut answer = answer;
+        let gone = || {
+            JobError::Api(ApiError::Defender(
+                "the round serving this machine stopped unexpectedly; no answer was received. \
+                 Check the device's action history before retrying."
+                    .to_owned(),
+            ))
+        };
+        if let Ok(result) = tokio::time::timeout_at(deadline, &mut answer).await {
+            return result.unwrap_or_else(|_| Err(gone()));
+        }
+        if stage
+            .compare_exchange(
+                QUEUED,
+                ABANDONED,
+                AtomicOrdering::AcqRel,
+                AtomicOrdering::Acquire,
+            )
+            .is_ok()
+        {
+            return Err(ApiError::Timeout(format!(
+                "other invocations for machine {machine_id} held it until the time budget ran \
+                 out. No action was created by this invocation."
+            ))
+            .into());
+        }
+        // Started: its own calls end at the deadline; give its answer a moment.
+        match tokio::time::timeout(Duration::from_secs(1), answer).await {
+            Ok(result) => result.unwrap_or_else(|_| Err(gone())),
+            Err(_) => Err(ApiError::Timeout(format!(
+                "the invocation did not finish in time while acting on machine {machine_id}. A \
+                 machine action may or may not have been created: check the device's action \
+                 history before retrying."
+            ))
+            .into()),
+        }
+    }
+}
+
+impl Shared {
+    /// Serve the machine's queued jobs, a round at a time, until none is left.
+    ///
+    /// A round takes every job queued so far, reads the machine's actions
+    /// once (a read sent after all of them were queued), and serves the jobs
+    /// in order, each deciding on the state the ones before it left behind.
+    /// Duplicates arriving together thus cost one read and at most one POST,
+    /// and a restrict and a release are still put in order.
+    async fn serve_machine(self: Arc<Self>, key: String, machine_id: String) {
+        let mut guard = RoundGuard {
+            queues: &self.queues,
+            key: &key,
+            armed: true,
+        };
+        while let Some(jobs) = self.queues.take(&key) {
+            // Jobs whose invocation gave up are dropped before anything is read.
+            let jobs: Vec<Job> = jobs
+                .into_iter()
+                .filter(|job| job.stage.load(AtomicOrdering::Acquire) == QUEUED)
+                .collect();
+            let Some(read_by) = jobs.iter().map(|job| job.deadline).max() else {
+                continue;
+            };
+            // Across instances, the round holds the machine's lease from
+            // before the read until its last POST is settled.
+            let lease = match &self.coordinator {
+                None => None,
+                Some(coordinator) => match coordinator.lock_machine(&machine_id, read_by).await {
+                    Ok(lease) => Some(lease),
+                    Err(e) => {
+                        for job in jobs {
+                            let _ = job.reply.send(Err(ApiError::from(e.clone()).into()));
+                        }
+                        continue;
+                    }
+                },
+            };
+            let mut state = Some(self.reads.read(&machine_id, read_by).await);
+            for job in jobs {
+                if job
+                    .stage
+                    .compare_exchange(
+                        QUEUED,
+                        STARTED,
+                        AtomicOrdering::AcqRel,
+                        AtomicOrdering::Acquire,
+                    )
+                    .is_err()
+                {
+                    continue;
+                }
+                // A job that failed leaves the state unknown: the next one
+                // reads again.
+                let actions = match state.take() {
+                    Some(Ok(actions)) => Ok(actions),
+                    Some(Err(e)) => Err(e),
+                    None => self.reads.read(&machine_id, job.deadline).await,
+                };
+                let result = match actions {
+                    Ok(mut actions) => {
+                        let result = self
+                            .serve(&machine_id, &job, lease.as_ref(), &mut actions)
+                            .await;
+                        if result.is_ok() {
+                            state = Some(Ok(actions));
+                        }
+                        result
+                    }
+                    Err(e) => Err(JobError::from(e)),
+                };
+                let _ = job.reply.send(result);
+            }
+            // Released before the next round (here or elsewhere) asks for it.
+            if let Some(lease) = lease
+                && let Err(e) = lease.release().await
+            {
+                tracing::warn!(machine_id = %machine_id, error = %e, "could not release the machine lease; it expires by itself");
+            }
+        }
+        guard.armed = false;
+    }
+
+    /// Decide one job on `actions` and act; `actions` is kept up to date with
+    /// what this job created, cancelled or read.
+    async fn serve(
+        &self,
+        machine_id: &str,
+        job: &Job,
+        lease: Option<&MachineLease>,
+        actions: &mut Vec<MachineAction>,
+    ) -> JobResult {
+        let wanted = job.wanted;
+        let deadline = job.deadline;
         let mut cancelled = Vec::new();
         // Cancel at most once: a second round that still sees a pending
         // opposite action reports the conflict.
         let mut cancel_round_done = false;
-        let mut actions = self
-            .client
-            .machine_actions(&machine.id, deadline, None)
-            .await?
-            .actions;
         loop {
             let decision = decision::decide(
-                &machine.id,
-                &actions,
+                machine_id,
+                actions,
                 Wanted {
                     cancel_pending: wanted.cancel_pending && !cancel_round_done,
                     ..wanted
                 },
             );
-            let found = |outcome, action: MachineAction, cancelled| {
-                Ok(Success::from_listed(
-                    outcome,
-                    machine.clone(),
-                    candidates,
-                    action,
-                    cancelled,
-                ))
+            let listed = |outcome, action: MachineAction, cancelled| {
+                Ok(Acted::from_listed(outcome, action, cancelled))
             };
             match decision {
                 Decision::Conflict(action) => {
                     return Err(ApiError::ConflictingActionPending {
-                        machine_id: machine.id.clone(),
+                        machine_id: machine_id.to_owned(),
                         action_id: action.id,
                         action_type: action.action_type,
                         status: action.status,
-                    });
+                        created_meanwhile: false,
+                    }
+                    .into());
                 }
                 Decision::AlreadyPending(action) => {
-                    return found(Outcome::AlreadyPending, action, cancelled);
+                    return listed(Outcome::AlreadyPending, action, cancelled);
                 }
                 Decision::AlreadyInState(action) => {
-                    return found(Outcome::AlreadyInState, action, cancelled);
+                    return listed(Outcome::AlreadyInState, action, cancelled);
                 }
                 Decision::Act => {
-                    let ids: HashSet<String> = actions.into_iter().map(|a| a.id).collect();
                     return self
-                        .act(&machine, candidates, wanted.action, &comment, ids, deadline)
+                        .act(
+                            machine_id,
+                            wanted.action,
+                            &job.comment,
+                            lease,
+                            actions,
+                            deadline,
+                        )
                         .await
-                        .map(|mut success| {
-                            success.cancelled = cancelled;
-                            success
+                        .map(|mut acted| {
+                            acted.cancelled = cancelled;
+                            acted
                         });
                 }
                 Decision::Cancel(pending) => {
-                    let why = format!("Cancelled to apply {}: {comment}", wanted.action.as_str());
+                    if let Some(young) = pending
+                        .iter()
+                        .find(|a| self.created_after(&a.id, job.arrived))
+                    {
+                        return Err(ApiError::ConflictingActionPending {
+                            machine_id: machine_id.to_owned(),
+                            action_id: young.id.clone(),
+                            action_type: young.action_type.clone(),
+                            status: young.status.clone(),
+                            created_meanwhile: true,
+                        }
+                        .into());
+                    }
+                    let why = format!(
+                        "Cancelled to apply {}: {}",
+                        wanted.action.as_str(),
+                        job.comment
+                    );
+                    if let Some(lease) = lease {
+                        lease.check().map_err(ApiError::from)?;
+                    }
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
                         if self.cancel(&action, &why, deadline).await? {
@@ -229,11 +533,7 @@ impl Restrictor {
                     }
                     cancel_round_done = true;
                     // The state may have moved while cancelling: read it again.
-                    actions = self
-                        .client
-                        .machine_actions(&machine.id, deadline, None)
-                        .await?
-                        .actions;
+                    *actions = self.reads.read(machine_id, deadline).await?;
                 }
             }
         }
@@ -243,28 +543,34 @@ impl Restrictor {
     /// may have created; re-send only when there is none.
     async fn act(
         &self,
-        machine: &Machine,
-        candidates: usize,
+        machine_id: &str,
         action_type: ActionType,
         comment: &str,
-        mut known: HashSet<String>,
+        lease: Option<&MachineLease>,
+        actions: &mut Vec<MachineAction>,
         deadline: Instant,
-    ) -> Result<Success, ApiError> {
+    ) -> JobResult {
+        let mut known: HashSet<String> = actions.iter().map(|a| a.id.clone()).collect();
         let mut posts = 0;
         loop {
             posts += 1;
+            // The lease must still be ours: a lost lease means another
+            // instance may be deciding for this machine now.
+            if let Some(lease) = lease {
+                lease.check().map_err(ApiError::from)?;
+            }
             let error = match self
                 .client
-                .create_action(&machine.id, action_type, comment, deadline)
+                .create_action(machine_id, action_type, comment, deadline)
                 .await
             {
                 Ok(created) => {
-                    return Ok(Success {
+                    self.remember_created(&created.action.id);
+                    actions.push(created.action.clone());
+                    return Ok(Acted {
                         outcome: Outcome::Requested,
-                        machine: machine.clone(),
-                        candidates,
-                        action_id: created.action.id.clone(),
-                        action_status: created.action.status.clone(),
+                        action_id: created.action.id,
+                        action_status: created.action.status,
                         action: created.raw,
                         cancelled: Vec::new(),
                     });
@@ -272,9 +578,12 @@ impl Restrictor {
                 Err(e) => e,
             };
 
+            if let DefenderError::Status { status: 404, .. } = error {
+                return Err(JobError::MachineGone(error));
+            }
             if error.is_already_in_progress() {
                 return self
-                    .already_pending(machine, candidates, action_type, deadline)
+                    .already_pending(machine_id, action_type, actions, deadline)
                     .await;
             }
             if !error.is_ambiguous() {
@@ -288,69 +597,59 @@ impl Restrictor {
             if settle < deadline {
                 tokio::time::sleep_until(settle).await;
             }
-            let actions = match self
-                .client
-                .machine_actions(&machine.id, deadline, None)
-                .await
-            {
-                Ok(listing) => listing.actions,
+            match self.reads.read(machine_id, deadline).await {
+                Ok(reread) => *actions = reread,
                 Err(reread) => {
                     tracing::warn!(error = %reread, "could not re-read the machine's actions");
                     return Err(error.into());
                 }
-            };
+            }
             if let Some(landed) = actions
                 .iter()
                 .find(|a| a.typed_type() == Some(action_type) && !known.contains(&a.id))
             {
                 tracing::info!(action_id = %landed.id, "the action was created despite the failed answer");
-                return Ok(Success::from_listed(
+                self.remember_created(&landed.id);
+                return Ok(Acted::from_listed(
                     Outcome::Requested,
-                    machine.clone(),
-                    candidates,
                     landed.clone(),
                     Vec::new(),
                 ));
             }
             if posts >= MAX_POSTS || Instant::now() >= deadline {
-                return Err(not_created(&error));
+                return Err(not_created(&error).into());
             }
-            known.extend(actions.into_iter().map(|a| a.id));
+            known.extend(actions.iter().map(|a| a.id.clone()));
         }
     }
 
     /// Defender refused a duplicate: find the same-type action it says is pending.
     async fn already_pending(
         &self,
-        machine: &Machine,
-        candidates: usize,
+        machine_id: &str,
         action_type: ActionType,
+        actions: &mut Vec<MachineAction>,
         deadline: Instant,
-    ) -> Result<Success, ApiError> {
-        let actions = self
-            .client
-            .machine_actions(&machine.id, deadline, None)
-            .await?
-            .actions;
-        let pending = actions.into_iter().find(|a| {
+    ) -> JobResult {
+        *actions = self.reads.read(machine_id, deadline).await?;
+        let pending = actions.iter().find(|a| {
             a.typed_type() == Some(action_type)
                 && a.typed_status().is_some_and(|s| !s.is_terminal())
         });
         match pending {
-            Some(action) => Ok(Success::from_listed(
+            Some(action) => Ok(Acted::from_listed(
                 Outcome::AlreadyPending,
-                machine.clone(),
-                candidates,
-                action,
+                action.clone(),
                 Vec::new(),
             )),
             None => Err(ApiError::Defender(format!(
-                "Defender answered \"Action is already in progress\" for {} on machine {}, but \
-                 lists no pending {} action for it. No action was created; retry in a minute.",
+                "Defender answered \"Action is already in progress\" for {} on machine \
+                 {machine_id}, but lists no pending {} action for it. No action was created; \
+                 retry in a minute.",
                 action_type.as_str(),
-                machine.id,
                 action_type.as_str()
-            ))),
+            ))
+            .into()),
         }
     }
 
@@ -376,71 +675,55 @@ impl Restrictor {
         }
     }
 
-    async fn find_machine(
-        &self,
-        device: &DeviceRef,
-        deadline: Instant,
-    ) -> Result<(Machine, usize), ApiError> {
-        match device {
-            DeviceRef::AadDevice(id) => {
-                let records = self.client.machines_by_aad_device(*id, deadline).await?;
-                match selection::choose(*id, records) {
-                    Ok(choice) => Ok((choice.machine, choice.candidates)),
-                    Err(NoChoice::NoRecords) => Err(ApiError::DeviceNotFound(format!(
-                        "Defender has no machine whose aadDeviceId is {id}. The device may not be \
-                         onboarded to Defender for Endpoint, may be outside the data retention, or \
-                         may not report its Entra device id; pass its 40-character Defender \
-                         machine id as deviceId instead."
-                    ))),
-                    Err(NoChoice::AllMerged { merged_into }) => {
-                        Err(ApiError::DeviceNotFound(format!(
-                            "every Defender record for aadDeviceId {id} was merged into another \
-                             machine ({}); pass the surviving machine id as deviceId.",
-                            merged_into.join(", ")
-                        )))
-                    }
-                }
-            }
-            DeviceRef::Machine(id) => match self.client.machine(id, deadline).await? {
-                None => Err(ApiError::DeviceNotFound(format!(
-                    "Defender has no machine with id {id}."
-                ))),
-                // GET /machines/{id} also matches computer names; insist on the id.
-                Some(m) if !m.id.eq_ignore_ascii_case(id) => Err(DefenderError::Protocol {
-                    operation: Operation::GetMachine,
-                    reason: format!("asked for machine {id}, got machine {}", m.id),
-                }
-                .into()),
-                // A merged record is stale: acting on it would not reach the device.
-                Some(m)
-                    if m.merged_into_machine_id
-                        .as_deref()
-                        .is_some_and(|s| !s.trim().is_empty()) =>
-                {
-                    Err(ApiError::DeviceNotFound(format!(
-                        "Defender machine {id} was merged into machine {}; pass that id as \
-                         deviceId.",
-                        m.merged_into_machine_id.unwrap_or_default()
-                    )))
-                }
-                Some(m) => Ok((m, 1)),
-            },
+    /// Whether this instance created the action after `arrived`.
+    fn created_after(&self, action_id: &str, arrived: Instant) -> bool {
+        let created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        created
+            .get(&action_id.to_ascii_lowercase())
+            .is_some_and(|at| *at > arrived)
+    }
+
+    /// Actions this instance created, kept for a while (see `cancelPending`).
+    fn remember_created(&self, action_id: &str) {
+        let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
+        created.retain(|_, at: &mut Instant| at.elapsed() < CREATED_MEMORY);
+        created.insert(action_id.to_ascii_lowercase(), Instant::now());
+    }
+}
+
+/// At shutdown, the storage operations coordination took, for operators and
+/// the benchmark (`docs/benchmarks.md`).
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(coordinator) = &self.coordinator {
+            tracing::info!(
+                storage_operations = coordinator.storage_operations(),
+                "coordination totals"
+            );
         }
     }
 }
 
-impl Success {
-    fn from_listed(
-        outcome: Outcome,
-        machine: Machine,
-        candidates: usize,
-        action: MachineAction,
-        cancelled: Vec<String>,
-    ) -> Self {
+/// Clears a machine's queue if its round ends without emptying it (a panic),
+/// so that later invocations start a new round instead of waiting forever.
+struct RoundGuard<'a> {
+    queues: &'a MachineQueues<Job>,
+    key: &'a str,
+    armed: bool,
+}
+
+impl Drop for RoundGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.queues.abandon(self.key);
+        }
+    }
+}
+
+impl Acted {
+    fn from_listed(outcome: Outcome, action: MachineAction, cancelled: Vec<String>) -> Self {
         Self {
             outcome,
-            machine,
-            candidates,
             action_id: action.id.clone(),
             action_status: action.status.clone(),
             // The typed action keeps every field it was given (`extra`), so

@@ -8,7 +8,11 @@ use tokio::net::TcpListener;
 use crate::{
     auth::{TokenError, TokenSource},
     config::{ConfigError, Settings},
-    defender::{DefenderClient, budget::RateBudget},
+    coordination::{CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions},
+    defender::{
+        DefenderClient,
+        budget::{CallBudget, RateBudget},
+    },
     invocation::AppState,
     restrict::Restrictor,
     routes,
@@ -24,6 +28,8 @@ pub enum StartupError {
     Bind { addr: SocketAddr, source: io::Error },
     #[error("cannot build the credential: {0}")]
     Credential(#[from] TokenError),
+    #[error("cannot set up coordination through storage: {0}")]
+    Coordination(#[from] CoordinationError),
     #[error("cannot build the HTTP client: {0}")]
     HttpClient(#[from] reqwest::Error),
     #[error("cannot start the simulator: {0}")]
@@ -69,19 +75,42 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
         identity_endpoint_set = std::env::var_os("IDENTITY_ENDPOINT").is_some(),
         "Defender client configured"
     );
-    let budget = std::sync::Arc::new(
-        RateBudget::new(settings.rate_limit_per_minute, settings.rate_limit_per_hour)
-            .with_clock_speed(settings.rate_clock_speed),
-    );
+    // With COORDINATION=storage, the machine rounds hold blob leases and
+    // every call draws from the budget all instances share.
+    let coordinator = match &settings.coordination {
+        CoordinationSettings::Local => None,
+        CoordinationSettings::Storage(storage) => Some(std::sync::Arc::new(Coordinator::new(
+            storage,
+            CoordinatorOptions {
+                per_minute: settings.rate_limit_per_minute,
+                per_hour: settings.rate_limit_per_hour,
+                clock_speed: settings.rate_clock_speed,
+                ..CoordinatorOptions::default()
+            },
+        )?)),
+    };
+    let budget: std::sync::Arc<dyn CallBudget> = match &coordinator {
+        Some(coordinator) => coordinator.clone(),
+        None => std::sync::Arc::new(
+            RateBudget::new(settings.rate_limit_per_minute, settings.rate_limit_per_hour)
+                .with_clock_speed(settings.rate_clock_speed),
+        ),
+    };
     let client = DefenderClient::new(
         settings.api_url.clone(),
         http,
         tokens,
         settings.defender_timeout,
         budget,
-    );
+    )
+    .with_page_top(settings.page_size);
     Ok(AppState::new(
-        Restrictor::new(client, settings.comment_include_caller),
+        Restrictor::new(
+            client,
+            settings.comment_include_caller,
+            settings.machine_cache,
+            coordinator,
+        ),
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
     ))

@@ -1,5 +1,8 @@
 // Azure RBAC for the app's identity. Only what an HTTP-only app needs:
-//   Storage Blob Data Owner on the storage account (AzureWebJobsStorage and the deployment container);
+//   Storage Blob Data Owner on the storage account (AzureWebJobsStorage, the deployment container,
+//   and the handler's coordination container: it creates the container, takes and renews blob
+//   leases, and writes blobs with If-Match / If-None-Match; Storage Blob Data Contributor would
+//   cover the handler too, Owner is what the Functions host's docs ask for);
 //   Monitoring Metrics Publisher on Application Insights (local auth is off).
 // No queue or table roles: no trigger or binding here uses them.
 

@@ -6,8 +6,10 @@
 //! instead of drawing 429s. Slots are handed out first come, first served:
 //! a call never overtakes one that is already waiting.
 //!
-//! The budget is per process. Several instances of the function app each have
-//! their own; lower the settings if the app scales out.
+//! [`RateBudget`] is per process: `COORDINATION=local`. With
+//! `COORDINATION=storage` the client draws from the budget every instance
+//! shares instead ([`crate::coordination::Coordinator`]); both are a
+//! [`CallBudget`].
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -38,6 +40,43 @@ pub enum Endpoint {
     Restrict,
     Unrestrict,
     Cancel,
+}
+
+/// Where the Defender client gets its slots: this process's [`RateBudget`],
+/// or the budget shared by every instance through storage.
+#[async_trait::async_trait]
+pub trait CallBudget: std::fmt::Debug + Send + Sync {
+    /// Wait for a slot on `endpoint`; fail at once if it would come after
+    /// `deadline`, or if the budget cannot be consulted (nothing is sent then).
+    async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError>;
+
+    /// Calls `endpoint` could make at once, now, as far as this instance
+    /// knows without asking anyone (0 when it cannot tell).
+    fn free_now(&self, endpoint: Endpoint) -> usize;
+}
+
+/// Why no slot was given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BudgetError {
+    OverBudget(OverBudget),
+    /// The shared budget could not be reached: fail closed.
+    Unavailable {
+        retry_after: Duration,
+        reason: String,
+    },
+}
+
+#[async_trait::async_trait]
+impl CallBudget for RateBudget {
+    async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError> {
+        RateBudget::acquire(self, endpoint, deadline)
+            .await
+            .map_err(BudgetError::OverBudget)
+    }
+
+    fn free_now(&self, endpoint: Endpoint) -> usize {
+        RateBudget::free_now(self, endpoint)
+    }
 }
 
 /// The next free slot is later than the caller can wait.
@@ -139,6 +178,24 @@ impl RateBudget {
         queue.push_back(slot);
         Ok(slot)
     }
+
+    /// How many calls `endpoint` could make at once, now, without waiting:
+    /// what both windows have left. Zero while calls queue for later slots.
+    pub fn free_now(&self, endpoint: Endpoint) -> usize {
+        let now = Instant::now();
+        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(queue) = calls.get(&endpoint) else {
+            return self.per_minute.min(self.per_hour);
+        };
+        if queue.back().is_some_and(|&last| last > now) {
+            return 0;
+        }
+        let left = |limit: usize, window: Duration| {
+            let in_window = queue.len() - queue.partition_point(|&t| t + window <= now);
+            limit.saturating_sub(in_window)
+        };
+        left(self.per_minute, self.minute).min(left(self.per_hour, self.hour))
+    }
 }
 
 #[cfg(test)]
@@ -191,6 +248,18 @@ mod tests {
             ),
             Ok(start + M)
         );
+    }
+
+    #[test]
+    fn free_now_counts_what_both_windows_have_left() {
+        let budget = RateBudget::new(5, 7);
+        assert_eq!(budget.free_now(Endpoint::ListActions), 5);
+        let now = Instant::now();
+        for _ in 0..3 {
+            budget.reserve(Endpoint::ListActions, now, now).unwrap();
+        }
+        assert_eq!(budget.free_now(Endpoint::ListActions), 2);
+        assert_eq!(budget.free_now(Endpoint::Restrict), 5, "per endpoint");
     }
 
     #[test]

@@ -25,7 +25,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{
-    budget::{Endpoint, RateBudget},
+    budget::{BudgetError, CallBudget, Endpoint},
     error::{DefenderError, Operation},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -35,10 +35,10 @@ use crate::auth::TokenSource;
 /// guard stops a server that keeps handing out nextLinks (a reported API bug).
 const MAX_PAGES: usize = 10;
 
-/// Most pages followed for one list of machine actions: a million actions at
+/// Most pages followed for one full list: a million rows at
 /// Defender's largest page. A tenant's restrict history is far smaller; the
 /// guard stops a server whose paging never ends.
-const MAX_ACTION_PAGES: usize = 100;
+const MAX_LIST_PAGES: usize = 100;
 
 /// Rows asked for per page of machine actions (`$top`): Defender's largest
 /// page, so one call usually answers. Defender may omit `@odata.nextLink`
@@ -97,7 +97,7 @@ pub struct DefenderClient {
     base: Url,
     tokens: TokenSource,
     timeout: Duration,
-    budget: std::sync::Arc<RateBudget>,
+    budget: std::sync::Arc<dyn CallBudget>,
     retry: RetryPolicy,
     /// `$top` for lists of machine actions ([`PAGE_TOP`] unless a test lowers it).
     page_top: usize,
@@ -122,6 +122,54 @@ pub struct ActionListing {
     pub calls: usize,
 }
 
+/// The lists read page by page.
+#[derive(Debug, Clone, Copy)]
+enum ListOf {
+    Machines,
+    Actions,
+}
+
+impl ListOf {
+    fn call(self) -> (Operation, Endpoint, &'static str) {
+        match self {
+            Self::Machines => (
+                Operation::ListMachines,
+                Endpoint::ListMachines,
+                "api/machines",
+            ),
+            Self::Actions => (
+                Operation::ListActions,
+                Endpoint::ListActions,
+                "api/machineactions",
+            ),
+        }
+    }
+}
+
+/// Rows of a list, with their id (to keep a row two pages both carry once).
+trait Listed: DeserializeOwned {
+    fn id(&self) -> &str;
+}
+
+impl Listed for Machine {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+impl Listed for MachineAction {
+    fn id(&self) -> &str {
+        &self.id
+    }
+}
+
+/// A list read in full.
+struct Listing<T> {
+    rows: Vec<T>,
+    sent_at: time::OffsetDateTime,
+    calls: usize,
+}
+
 /// Called right before each attempt of a call is sent, after any wait for
 /// the rate budget: a batched read closes its batch there, so that every
 /// invocation it answers joined before the read went out.
@@ -144,7 +192,7 @@ impl DefenderClient {
         http: reqwest::Client,
         tokens: TokenSource,
         timeout: Duration,
-        budget: std::sync::Arc<RateBudget>,
+        budget: std::sync::Arc<dyn CallBudget>,
     ) -> Self {
         let mut base = base;
         // Url::join replaces the last segment unless the path ends with '/'.
@@ -163,6 +211,11 @@ impl DefenderClient {
         }
     }
 
+    /// Calls to `endpoint` the rate budget allows at once, now.
+    pub fn free_slots(&self, endpoint: Endpoint) -> usize {
+        self.budget.free_now(endpoint)
+    }
+
     /// Lists machine actions `top` rows a page (1 to [`PAGE_TOP`]); tests lower
     /// it to exercise paging (setting `DEFENDER_PAGE_SIZE`).
     #[must_use]
@@ -171,7 +224,7 @@ impl DefenderClient {
         self
     }
 
-    /// `GET /api/machines?$filter=aadDeviceId eq <guid>`, following nextLinks.
+    /// `GET /api/machines?$filter=aadDeviceId eq <guid>&$top=10000`, every page.
     ///
     /// The literal is unquoted, as RealmJoin's production runbooks send it; the
     /// GUID was validated, so nothing can be injected into the filter.
@@ -180,35 +233,11 @@ impl DefenderClient {
         id: Uuid,
         deadline: Instant,
     ) -> Result<Vec<Machine>, DefenderError> {
-        let op = Operation::ListMachines;
         let filter = format!("aadDeviceId eq {}", id.hyphenated());
-        let mut url = self.url(op, "api/machines")?;
-        url.set_query(Some(&format!(
-            "$filter={}",
-            utf8_percent_encode(&filter, QUERY_VALUE)
-        )));
-
-        let mut machines = Vec::new();
-        for _ in 0..MAX_PAGES {
-            // The docs say the list answers 404 when there are "no recent
-            // machines": that is no match, not a failure.
-            let page: ODataPage<Machine> = match self
-                .send(self.get(op, Endpoint::ListMachines, url.clone()), deadline)
-                .await
-            {
-                Err(DefenderError::Status { status: 404, .. }) => return Ok(machines),
-                other => other?,
-            };
-            machines.extend(page.value);
-            match page.next_link {
-                None => return Ok(machines),
-                Some(next) => url = self.same_origin(op, &next)?,
-            }
-        }
-        Err(DefenderError::Protocol {
-            operation: op,
-            reason: format!("more than {MAX_PAGES} pages of machines for one device"),
-        })
+        Ok(self
+            .list_all(ListOf::Machines, Some(&filter), MAX_PAGES, deadline, None)
+            .await?
+            .rows)
     }
 
     /// `GET /api/machines/{id}`; `None` when Defender does not know the id.
@@ -270,23 +299,60 @@ impl DefenderClient {
         Ok(listing)
     }
 
-    /// `GET /api/machineactions?$filter=<filter>&$top=<page>`, following
-    /// `@odata.nextLink` (same origin only) or, when a full page comes without
-    /// one, `$skip`. Rows seen twice (a page boundary moved) are kept once.
+    /// `GET /api/machineactions?$filter=<filter>`, every page.
     async fn list_actions(
         &self,
         filter: &str,
         deadline: Instant,
         on_send: Option<OnSend<'_>>,
     ) -> Result<ActionListing, DefenderError> {
-        let op = Operation::ListActions;
-        let base = self.url(op, "api/machineactions")?;
+        let listing = self
+            .list_all(
+                ListOf::Actions,
+                Some(filter),
+                MAX_LIST_PAGES,
+                deadline,
+                on_send,
+            )
+            .await?;
+        Ok(ActionListing {
+            actions: listing.rows,
+            sent_at: listing.sent_at,
+            calls: listing.calls,
+        })
+    }
+
+    /// Every machine of the tenant (`GET /api/machines?$top=10000`, every
+    /// page): one call answers the lookups of many devices at once.
+    pub async fn all_machines(
+        &self,
+        deadline: Instant,
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<Vec<Machine>, DefenderError> {
+        Ok(self
+            .list_all(ListOf::Machines, None, MAX_LIST_PAGES, deadline, on_send)
+            .await?
+            .rows)
+    }
+
+    /// `GET <list>?$filter=<filter>&$top=<page>`, following `@odata.nextLink`
+    /// (same origin only) or, when a full page comes without one, `$skip`.
+    /// Rows seen twice (a page boundary moved) are kept once.
+    async fn list_all<T: Listed>(
+        &self,
+        list: ListOf,
+        filter: Option<&str>,
+        max_pages: usize,
+        deadline: Instant,
+        on_send: Option<OnSend<'_>>,
+    ) -> Result<Listing<T>, DefenderError> {
+        let (op, endpoint, path) = list.call();
+        let base = self.url(op, path)?;
         let query = |skip: usize| {
-            let mut q = format!(
-                "$filter={}&$top={}",
-                utf8_percent_encode(filter, QUERY_VALUE),
-                self.page_top
-            );
+            let mut q = format!("$top={}", self.page_top);
+            if let Some(filter) = filter {
+                q = format!("$filter={}&{q}", utf8_percent_encode(filter, QUERY_VALUE));
+            }
             if skip > 0 {
                 q.push_str(&format!("&$skip={skip}"));
             }
@@ -303,45 +369,53 @@ impl DefenderClient {
                 hook();
             }
         };
-        let mut actions: Vec<MachineAction> = Vec::new();
+        let mut rows: Vec<T> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut skip = 0;
-        for calls in 1..=MAX_ACTION_PAGES {
+        let finished =
+            |rows, calls, sent_at: std::sync::Mutex<Option<time::OffsetDateTime>>| Listing {
+                rows,
+                sent_at: sent_at
+                    .into_inner()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .unwrap_or_else(time::OffsetDateTime::now_utc),
+                calls,
+            };
+        for calls in 1..=max_pages {
             let call = Call {
                 on_send: Some(&mark_sent),
-                ..self.get(op, Endpoint::ListActions, url.clone())
+                ..self.get(op, endpoint, url.clone())
             };
-            let page: ODataPage<MachineAction> = self.send(call, deadline).await?;
-            let rows = page.value.len();
-            skip += rows;
-            for action in page.value {
-                if seen.insert(action.id.to_ascii_lowercase()) {
-                    actions.push(action);
+            let page: ODataPage<T> = match self.send(call, deadline).await {
+                // The docs say the machine list answers 404 when there are
+                // "no recent machines": that is no (more) match, not a failure.
+                Err(DefenderError::Status { status: 404, .. })
+                    if matches!(list, ListOf::Machines) =>
+                {
+                    return Ok(finished(rows, calls, sent_at));
+                }
+                other => other?,
+            };
+            let count = page.value.len();
+            skip += count;
+            for row in page.value {
+                if seen.insert(row.id().to_ascii_lowercase()) {
+                    rows.push(row);
                 }
             }
             url = match page.next_link {
                 Some(next) => self.same_origin(op, &next)?,
-                None if rows >= self.page_top => {
+                None if count >= self.page_top => {
                     let mut next = base.clone();
                     next.set_query(Some(&query(skip)));
                     next
                 }
-                None => {
-                    let sent_at = sent_at
-                        .into_inner()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .unwrap_or_else(time::OffsetDateTime::now_utc);
-                    return Ok(ActionListing {
-                        actions,
-                        sent_at,
-                        calls,
-                    });
-                }
+                None => return Ok(finished(rows, calls, sent_at)),
             };
         }
         Err(DefenderError::Protocol {
             operation: op,
-            reason: format!("more than {MAX_ACTION_PAGES} pages of machine actions"),
+            reason: format!("more than {max_pages} pages of {path}"),
         })
     }
 
@@ -486,9 +560,19 @@ impl DefenderClient {
             self.budget
                 .acquire(call.endpoint, deadline)
                 .await
-                .map_err(|over| DefenderError::OverBudget {
-                    operation: op,
-                    wait: over.wait,
+                .map_err(|e| match e {
+                    BudgetError::OverBudget(over) => DefenderError::OverBudget {
+                        operation: op,
+                        wait: over.wait,
+                    },
+                    BudgetError::Unavailable {
+                        retry_after,
+                        reason,
+                    } => DefenderError::CoordinationUnavailable {
+                        operation: op,
+                        retry_after,
+                        reason,
+                    },
                 })?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {

@@ -61,8 +61,9 @@ impl DefenderError {
     }
 }
 
-/// A failed Defender call.
-#[derive(Debug, Error)]
+/// A failed Defender call. `Clone`, because one shared read can fail many
+/// invocations at once.
+#[derive(Debug, Clone, Error)]
 pub enum DefenderError {
     /// Defender answered with a non-success status.
     #[error("Defender answered {status} while {}: {code} {message}", operation.describe())]
@@ -108,6 +109,14 @@ pub enum DefenderError {
     OverBudget {
         operation: Operation,
         wait: Duration,
+    },
+    /// The budget shared by every instance (`COORDINATION=storage`) could not
+    /// be consulted, so the call was not sent.
+    #[error("the shared Defender budget could not be consulted before {}: {reason}", operation.describe())]
+    CoordinationUnavailable {
+        operation: Operation,
+        retry_after: Duration,
+        reason: String,
     },
     /// The invocation's deadline passed before the call could be made.
     #[error("the invocation ran out of time before {}", operation.describe())]

@@ -53,6 +53,12 @@ pub enum FaultKind {
         /// Milliseconds of real time.
         millis: u64,
     },
+    /// Handle normally, then sleep (real time) before answering: the answer
+    /// is the state as it was when the request arrived, however late it comes.
+    DelayAfterHandling {
+        /// Milliseconds of real time.
+        millis: u64,
+    },
     /// Handle normally (state changes happen), then answer the real status with
     /// a truncated, invalid JSON body.
     MalformedBody,

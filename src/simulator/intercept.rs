@@ -70,6 +70,14 @@ pub(crate) async fn intercept(
             tokio::time::sleep(Duration::from_millis(millis)).await;
             Outcome::Respond(timed(&mut handling, next.run(request)).await)
         }
+        Some(FaultKind::DelayAfterHandling { millis }) => {
+            let response = timed(&mut handling, next.run(request)).await;
+            // Buffer the body now, so the answer is the state at arrival.
+            let (parts, body) = response.into_parts();
+            let bytes = to_bytes(body, usize::MAX).await.unwrap_or_default();
+            tokio::time::sleep(Duration::from_millis(millis)).await;
+            Outcome::Respond(Response::from_parts(parts, Body::from(bytes)))
+        }
         Some(FaultKind::MalformedBody) => {
             let response = timed(&mut handling, next.run(request)).await;
             Outcome::Respond(truncate_body(response).await)

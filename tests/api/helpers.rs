@@ -153,6 +153,14 @@ impl TestApp {
             .collect()
     }
 
+    /// Defender's requests in order, as "METHOD last-path-segment".
+    pub fn call_kinds(&self) -> Vec<String> {
+        self.defender_requests()
+            .iter()
+            .map(|r| format!("{} {}", r.method, r.path.rsplit('/').next().unwrap()))
+            .collect()
+    }
+
     /// Requests the identity endpoint received.
     pub fn token_requests(&self) -> Vec<RecordedRequest> {
         self.sim

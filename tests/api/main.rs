@@ -14,6 +14,7 @@ mod callers;
 mod cli;
 mod devices;
 mod host_protocol;
+mod outbreak;
 mod parsers;
 mod restrict;
 mod safety;

@@ -428,13 +428,8 @@ async fn a_post_that_failed_before_defender_acted_is_sent_again_after_checking()
     let posts: Vec<u16> = posts(&app).iter().map(|p| p.status).collect();
     assert_eq!(posts, [0, 503, 201]);
     // Each re-send came after a re-read of the machine's actions.
-    let kinds: Vec<String> = app
-        .defender_requests()
-        .iter()
-        .map(|r| format!("{} {}", r.method, r.path.rsplit('/').next().unwrap()))
-        .collect();
     assert_eq!(
-        kinds,
+        app.call_kinds(),
         [
             "GET machines",
             "GET machineactions",

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Usage: scripts/azurite.sh
+#
+# Installs (or reuses) the pinned Azurite, the storage emulator that the
+# coordination tests (tests/coordination) run against, into
+# target/tools/azurite-VERSION with npm, and prints the path of its
+# `azurite-blob` launcher. The tests call this script themselves on first use,
+# so `cargo test` needs no manual step; .ci/run calls it first so that the
+# install shows in the CI log. Nothing is installed outside target/.
+#
+# 3.35.0 is the newest Azurite that runs on Node 20 (3.36 wants Node 21+).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+version=3.35.0
+prefix="${CARGO_TARGET_DIR:-$PWD/target}/tools/azurite-$version"
+bin="$prefix/node_modules/.bin/azurite-blob"
+
+if [[ ! -x "$bin" ]]; then
+    command -v npm >/dev/null || { echo "azurite: npm is needed (Node 20 or later)" >&2; exit 1; }
+    echo "azurite: installing azurite@$version into $prefix" >&2
+    # A partial install from an interrupted run is started over.
+    rm -rf "$prefix.partial"
+    mkdir -p "$prefix.partial"
+    npm install --prefix "$prefix.partial" --no-audit --no-fund --no-save --loglevel=error \
+        "azurite@$version" >&2
+    rm -rf "$prefix"
+    mv "$prefix.partial" "$prefix"
+fi
+echo "$bin"

@@ -1,0 +1,196 @@
+//! One read answers every waiter that joined before it was sent.
+//!
+//! Defender counts calls per API, so in a burst the reads that come before
+//! each POST (finding the machine, reading its actions) would spend the
+//! budget many times over. A [`Batcher`] collects waiters in its *open batch*;
+//! one reader task sends one read for the whole batch (its [`Source`] decides
+//! how: key by key, or one tenant-wide list) and hands each waiter its value.
+//!
+//! The rule that keeps shared reads from being stale: a batch *closes* before
+//! its read is sent; a waiter that comes later joins the next batch, never a
+//! read already in flight. So a waiter's value always comes from a read sent
+//! after it asked. A source that lists the whole tenant keeps the batch open
+//! while it waits for a rate-budget slot and closes it right before its first
+//! request goes out; a source that reads key by key closes it first, since
+//! its keys are fixed from then on.
+//!
+//! A failed read fails every waiter of its batch with the same error; a waiter
+//! whose deadline passes stops waiting and the read goes on for the others.
+
+use std::{
+    collections::{HashMap, HashSet},
+    future::Future,
+    hash::Hash,
+    sync::{Arc, Mutex},
+};
+
+use tokio::{sync::watch, time::Instant};
+
+/// Closes the batch being read (idempotent): called right before the first
+/// request of the read is sent, or before a key-by-key read decides its keys.
+pub type Close<'a> = &'a (dyn Fn() + Sync);
+
+/// How one batch is read.
+pub trait Source: Send + Sync + 'static {
+    type Key: Clone + Eq + Hash + Send + Sync + 'static;
+    type Value: Clone + Send + Sync + 'static;
+    type Error: Clone + Send + Sync + 'static;
+
+    /// Read `keys` by `deadline` (the latest of the waiters'); keys missing
+    /// from the answer are reported to their waiters as `None`. `close` must
+    /// be called before anything is sent.
+    fn read(
+        &self,
+        keys: Vec<Self::Key>,
+        deadline: Instant,
+        close: Close<'_>,
+    ) -> impl Future<Output = Result<HashMap<Self::Key, Self::Value>, Self::Error>> + Send;
+
+    /// A waiter's deadline passed before its batch was read.
+    fn out_of_time() -> Self::Error;
+
+    /// The reader stopped without an answer (it panicked).
+    fn abandoned() -> Self::Error;
+}
+
+type Answer<S> =
+    Result<Arc<HashMap<<S as Source>::Key, <S as Source>::Value>>, <S as Source>::Error>;
+
+/// Batches reads of one [`Source`].
+pub struct Batcher<S: Source> {
+    source: S,
+    inner: Mutex<Inner<S>>,
+}
+
+struct Inner<S: Source> {
+    /// The batch that new waiters join; `None` once it closed.
+    open: Option<Arc<Batch<S>>>,
+    /// A reader task is working through batches.
+    reader_running: bool,
+}
+
+struct Batch<S: Source> {
+    members: Mutex<Members<S::Key>>,
+    done: watch::Sender<Option<Answer<S>>>,
+}
+
+struct Members<K> {
+    keys: HashSet<K>,
+    /// The latest deadline among the waiters: the read may take that long.
+    deadline: Option<Instant>,
+}
+
+impl<S: Source> std::fmt::Debug for Batcher<S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batcher").finish_non_exhaustive()
+    }
+}
+
+impl<S: Source> Batcher<S> {
+    pub fn new(source: S) -> Arc<Self> {
+        Arc::new(Self {
+            source,
+            inner: Mutex::new(Inner {
+                open: None,
+                reader_running: false,
+            }),
+        })
+    }
+
+    /// `key`'s value from a read sent after this call began.
+    pub async fn get(
+        self: &Arc<Self>,
+        key: S::Key,
+        deadline: Instant,
+    ) -> Result<Option<S::Value>, S::Error> {
+        let mut done = self.join(&key, deadline);
+        let answer = match tokio::time::timeout_at(deadline, done.wait_for(Option::is_some)).await {
+            Err(_) => return Err(S::out_of_time()),
+            Ok(Ok(answer)) => answer.clone(),
+            // The reader never drops a batch unanswered; if it did (a panic),
+            // say so rather than hang.
+            Ok(Err(_)) => None,
+        };
+        match answer {
+            Some(Ok(values)) => Ok(values.get(&key).cloned()),
+            Some(Err(e)) => Err(e),
+            None => Err(S::abandoned()),
+        }
+    }
+
+    /// Join the open batch (or open one) and make sure a reader runs.
+    fn join(
+        self: &Arc<Self>,
+        key: &S::Key,
+        deadline: Instant,
+    ) -> watch::Receiver<Option<Answer<S>>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let batch = inner
+            .open
+            .get_or_insert_with(|| {
+                Arc::new(Batch {
+                    members: Mutex::new(Members {
+                        keys: HashSet::new(),
+                        deadline: None,
+                    }),
+                    done: watch::Sender::new(None),
+                })
+            })
+            .clone();
+        {
+            let mut members = batch.members.lock().unwrap_or_else(|e| e.into_inner());
+            members.keys.insert(key.clone());
+            members.deadline = Some(members.deadline.map_or(deadline, |d| d.max(deadline)));
+        }
+        let receiver = batch.done.subscribe();
+        if !inner.reader_running {
+            inner.reader_running = true;
+            let batcher = Arc::clone(self);
+            tokio::spawn(async move { batcher.run_reader().await });
+        }
+        receiver
+    }
+
+    /// Serve batches one after another until none is open.
+    async fn run_reader(self: Arc<Self>) {
+        loop {
+            let batch = {
+                let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                match inner.open.clone() {
+                    Some(batch) => batch,
+                    None => {
+                        inner.reader_running = false;
+                        return;
+                    }
+                }
+            };
+            let close = || self.close(&batch);
+            // Keys and deadline as they are now; a tenant-wide read answers
+            // waiters that join until it closes the batch, too.
+            let (keys, deadline) = {
+                let members = batch.members.lock().unwrap_or_else(|e| e.into_inner());
+                (
+                    members.keys.iter().cloned().collect::<Vec<_>>(),
+                    members.deadline.unwrap_or_else(Instant::now),
+                )
+            };
+            let answer = self.source.read(keys, deadline, &close).await.map(Arc::new);
+            // Closed already before anything was sent; closing again covers a
+            // read that failed before sending anything.
+            close();
+            batch.done.send_replace(Some(answer));
+        }
+    }
+
+    /// Stop new waiters from joining `batch`.
+    fn close(&self, batch: &Arc<Batch<S>>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if inner
+            .open
+            .as_ref()
+            .is_some_and(|open| Arc::ptr_eq(open, batch))
+        {
+            inner.open = None;
+        }
+    }
+}

@@ -1,0 +1,192 @@
+//! Coordination across instances of the function app, through the storage
+//! account the Functions host already uses (`COORDINATION=storage`).
+//!
+//! Flex Consumption runs as many instances as the load asks for. Two
+//! guarantees must hold for the app as deployed, not per process:
+//!
+//! - **one decision per device**: [`Coordinator::lock_machine`] holds a blob
+//!   lease per machine around read state → decide → POST → settle
+//!   ([`lock`]);
+//! - **one Defender budget per app**: [`Coordinator::reserve`] hands out
+//!   slots from a per-API budget shared by every instance ([`shared_budget`]).
+//!
+//! Both fail closed: if storage cannot be reached, throttles or fails, the
+//! caller gets [`CoordinationError::Unavailable`] and sends nothing to
+//! Defender (answering 503 `coordination_unavailable` with `Retry-After`). A
+//! late restrict is better than a duplicate or out-of-order one. Nothing
+//! broken is cached: the next call tries storage again, so the service
+//! recovers by itself when storage comes back.
+//!
+//! [`settings`] reads `COORDINATION` and the host's `AzureWebJobsStorage*`
+//! settings; [`store`] is the only place that talks to `azure_storage_blob`.
+
+pub mod error;
+pub mod lock;
+pub mod sas;
+pub mod settings;
+pub mod shared_budget;
+mod store;
+
+use std::{sync::Arc, time::Duration};
+
+use tokio::time::Instant;
+
+pub use self::{
+    error::CoordinationError,
+    lock::MachineLease,
+    settings::{CoordinationSettings, StorageAuth, StorageSettings},
+    shared_budget::Slot,
+};
+use self::{
+    shared_budget::{Limits, SharedBudget},
+    store::Store,
+};
+use crate::defender::budget::{BudgetError, CallBudget, Endpoint, OverBudget};
+
+/// Tuning for a [`Coordinator`]; [`Default`] is what production uses.
+#[derive(Debug, Clone)]
+pub struct CoordinatorOptions {
+    /// Defender's per-API limits (`DEFENDER_RATE_LIMIT_PER_MINUTE`/`_HOUR`).
+    pub per_minute: u32,
+    pub per_hour: u32,
+    /// `DEFENDER_RATE_CLOCK_SPEED`: both windows shrink by this factor.
+    pub clock_speed: f64,
+    /// The machine lease's duration: 15 to 60 s (storage's range). A dead
+    /// holder delays the others by at most this much.
+    pub lease_duration: Duration,
+    /// The bound on one storage call.
+    pub storage_timeout: Duration,
+    /// The HTTP client to use; by default the storage crate's own.
+    pub http: Option<reqwest::Client>,
+}
+
+impl Default for CoordinatorOptions {
+    fn default() -> Self {
+        Self {
+            per_minute: 100,
+            per_hour: 1500,
+            clock_speed: 1.0,
+            lease_duration: Duration::from_secs(30),
+            storage_timeout: Duration::from_secs(5),
+            http: None,
+        }
+    }
+}
+
+/// Locks and budget shared by every instance, over one storage container.
+/// Cheap to share behind an `Arc`; all methods take `&self`.
+#[derive(Debug)]
+pub struct Coordinator {
+    store: Arc<Store>,
+    budget: SharedBudget,
+    lease_duration: Duration,
+}
+
+impl Coordinator {
+    /// Build the clients. Nothing is sent to storage until the first call,
+    /// so startup stays fast and does not fail on a storage blip.
+    pub fn new(
+        settings: &StorageSettings,
+        options: CoordinatorOptions,
+    ) -> Result<Self, CoordinationError> {
+        let store = Store::new(settings, options.storage_timeout, options.http)?;
+        tracing::info!(
+            container = %store.container_url(),
+            auth = store.describe(),
+            "coordination through storage"
+        );
+        Ok(Self {
+            store: Arc::new(store),
+            budget: SharedBudget::new(Limits::new(
+                options.per_minute,
+                options.per_hour,
+                options.clock_speed,
+            )),
+            lease_duration: options
+                .lease_duration
+                .clamp(Duration::from_secs(15), Duration::from_secs(60)),
+        })
+    }
+
+    /// Take the machine's lease (machine ids compare without case), waiting
+    /// for whoever holds it until `deadline`.
+    ///
+    /// - `Ok(lease)`: held and renewed in the background until the lease is
+    ///   dropped or [`MachineLease::release`]d. Call [`MachineLease::check`]
+    ///   right before each Defender POST.
+    /// - [`CoordinationError::LockTimeout`]: still held by another invocation
+    ///   at `deadline`.
+    /// - [`CoordinationError::Unavailable`]: storage failed; returned at once,
+    ///   without waiting for the deadline.
+    pub async fn lock_machine(
+        &self,
+        machine_id: &str,
+        deadline: Instant,
+    ) -> Result<MachineLease, CoordinationError> {
+        lock::lock_machine(&self.store, machine_id, self.lease_duration, deadline).await
+    }
+
+    /// Wait for a slot in the shared budget of `endpoint`'s API, like
+    /// [`crate::defender::budget::RateBudget::acquire`]: `Ok(())` once the
+    /// call may be sent; [`CoordinationError::OverBudget`] at once (nothing
+    /// reserved) when the slot would come after `deadline`;
+    /// [`CoordinationError::Unavailable`] when storage failed.
+    pub async fn reserve(
+        &self,
+        endpoint: Endpoint,
+        deadline: Instant,
+    ) -> Result<(), CoordinationError> {
+        let slot = self.reserve_slot(bucket(endpoint), deadline).await?;
+        tokio::time::sleep_until(slot.instant).await;
+        Ok(())
+    }
+
+    /// Reserve a slot in `bucket` without waiting for it.
+    pub async fn reserve_slot(
+        &self,
+        bucket: &str,
+        deadline: Instant,
+    ) -> Result<Slot, CoordinationError> {
+        self.budget.reserve(&self.store, bucket, deadline).await
+    }
+
+    /// HTTP requests this coordinator has sent to storage (benchmarks, tests).
+    pub fn storage_operations(&self) -> u64 {
+        self.store.operations()
+    }
+}
+
+/// The client draws its slots here with `COORDINATION=storage`.
+#[async_trait::async_trait]
+impl CallBudget for Coordinator {
+    async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError> {
+        self.reserve(endpoint, deadline).await.map_err(|e| match e {
+            CoordinationError::OverBudget { wait, .. } => {
+                BudgetError::OverBudget(OverBudget { wait })
+            }
+            other => BudgetError::Unavailable {
+                retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
+                reason: other.to_string(),
+            },
+        })
+    }
+
+    /// The shared budget lives in storage; without asking it, this instance
+    /// cannot tell, so batched reads take the one tenant read.
+    fn free_now(&self, _endpoint: Endpoint) -> usize {
+        0
+    }
+}
+
+/// The shared budget's bucket for a Defender API.
+pub fn bucket(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::ListMachines => "list-machines",
+        Endpoint::GetMachine => "get-machine",
+        Endpoint::ListActions => "list-actions",
+        Endpoint::GetAction => "get-action",
+        Endpoint::Restrict => "restrict",
+        Endpoint::Unrestrict => "unrestrict",
+        Endpoint::Cancel => "cancel",
+    }
+}

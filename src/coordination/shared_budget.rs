@@ -1,0 +1,246 @@
+//! One Defender budget per app: slot reservations shared by every instance.
+//!
+//! Defender counts 100 calls a minute and 1,500 an hour per API for the app
+//! in the tenant, whichever instance sends them. Each API (bucket) has one
+//! blob, `budget/<bucket>`, holding the wall-clock times (Unix ms) of the
+//! slots handed out in the last hour, oldest first. Reserving is a read, the
+//! same computation as the in-process budget
+//! ([`crate::defender::budget::RateBudget`]: the earliest time at or after
+//! now and after the last slot that keeps both windows within their limits,
+//! each window one [`LATENCY_ALLOWANCE`] longer than Defender's), then a
+//! write conditioned on the ETag that was read. A 412 means another instance
+//! reserved in between: read again (with a short jittered pause) until the
+//! caller's deadline. So an uncontended reservation costs two storage
+//! operations; invocations of one instance reserve one at a time per bucket,
+//! so they do not conflict with each other.
+//!
+//! Slots are wall-clock times because instances share no monotonic clock;
+//! Azure keeps instance clocks in sync, and the latency allowance absorbs
+//! small skew.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::{Deserialize, Serialize};
+use tokio::time::Instant;
+
+use super::{CoordinationError, store::Store};
+use crate::defender::budget::LATENCY_ALLOWANCE;
+
+const MINUTE: Duration = Duration::from_secs(60);
+const HOUR: Duration = Duration::from_secs(3600);
+
+/// A reserved slot: when the call may be sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Slot {
+    /// The wall-clock time, as stored for every instance to see.
+    pub at: SystemTime,
+    /// The same moment on this process's monotonic clock.
+    pub instant: Instant,
+}
+
+/// The stored form of a bucket.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Reservations {
+    /// Unix milliseconds, ascending.
+    slots: Vec<u64>,
+}
+
+/// The budget's limits and windows.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Limits {
+    pub per_minute: usize,
+    pub per_hour: usize,
+    pub minute_ms: u64,
+    pub hour_ms: u64,
+}
+
+impl Limits {
+    /// Defender's limits, with the clock `speed` times faster than real time
+    /// (benchmarks and tests; `DEFENDER_RATE_CLOCK_SPEED`).
+    pub fn new(per_minute: u32, per_hour: u32, speed: f64) -> Self {
+        let speed = if speed.is_finite() && speed >= 1.0 {
+            speed
+        } else {
+            1.0
+        };
+        let ms = |window: Duration| {
+            u64::try_from((window + LATENCY_ALLOWANCE).div_f64(speed).as_millis())
+                .unwrap_or(u64::MAX)
+                .max(1)
+        };
+        Self {
+            per_minute: usize::try_from(per_minute.max(1)).unwrap_or(usize::MAX),
+            per_hour: usize::try_from(per_hour.max(1)).unwrap_or(usize::MAX),
+            minute_ms: ms(MINUTE),
+            hour_ms: ms(HOUR),
+        }
+    }
+
+    /// The earliest slot at or after `now` and the last reservation that
+    /// keeps both windows within their limits. `slots` is ascending.
+    fn next_slot(&self, slots: &[u64], now: u64) -> u64 {
+        let mut slot = slots.last().map_or(now, |&last| last.max(now));
+        loop {
+            let mut moved = false;
+            for (limit, window) in [
+                (self.per_minute, self.minute_ms),
+                (self.per_hour, self.hour_ms),
+            ] {
+                let in_window = slots.len() - slots.partition_point(|&t| t + window <= slot);
+                if in_window >= limit {
+                    // The limit-th most recent slot leaves the window then.
+                    slot = slots[slots.len() - limit] + window;
+                    moved = true;
+                }
+            }
+            if !moved {
+                return slot;
+            }
+        }
+    }
+}
+
+/// The shared budget over the coordination container.
+#[derive(Debug)]
+pub(crate) struct SharedBudget {
+    limits: Limits,
+    /// One reservation at a time per bucket within this instance.
+    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+impl SharedBudget {
+    pub fn new(limits: Limits) -> Self {
+        Self {
+            limits,
+            local: Mutex::default(),
+        }
+    }
+
+    pub async fn reserve(
+        &self,
+        store: &Store,
+        bucket: &str,
+        deadline: Instant,
+    ) -> Result<Slot, CoordinationError> {
+        let lock = {
+            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
+            local.entry(bucket.to_owned()).or_default().clone()
+        };
+        let over = |wait: Duration| CoordinationError::OverBudget {
+            bucket: bucket.to_owned(),
+            wait,
+        };
+        let _one_at_a_time = tokio::time::timeout_at(deadline, lock.lock())
+            .await
+            .map_err(|_| over(Duration::ZERO))?;
+        let blob = format!("budget/{bucket}");
+        loop {
+            let (mut reservations, etag) = match store.read(&blob).await? {
+                Ok((body, etag)) => (parse(&body, &blob)?, Some(etag)),
+                Err(refusal) if refusal.status == 404 => {
+                    if refusal.is("ContainerNotFound") {
+                        store.create_container().await?.or_else(|r| {
+                            if r.status == 409 {
+                                Ok(())
+                            } else {
+                                Err(refused(&r, &blob))
+                            }
+                        })?;
+                    }
+                    (Reservations::default(), None)
+                }
+                Err(refusal) => return Err(refused(&refusal, &blob)),
+            };
+
+            let (now_wall, now) = (unix_ms(SystemTime::now()), Instant::now());
+            let hour = self.limits.hour_ms;
+            reservations.slots.retain(|&t| t + hour > now_wall);
+            let slot = self.limits.next_slot(&reservations.slots, now_wall);
+            let wait = Duration::from_millis(slot.saturating_sub(now_wall));
+            if now + wait > deadline {
+                return Err(over(wait));
+            }
+            reservations.slots.push(slot);
+            let body = serde_json::to_vec(&reservations).unwrap_or_default();
+            match store.write(&blob, body, etag).await? {
+                Ok(_) => {
+                    return Ok(Slot {
+                        at: UNIX_EPOCH + Duration::from_millis(slot),
+                        instant: now + wait,
+                    });
+                }
+                // Another instance reserved first: read again.
+                Err(refusal) if matches!(refusal.status, 409 | 412) => {}
+                Err(refusal) => return Err(refused(&refusal, &blob)),
+            }
+            let pause = Duration::from_millis(5 + fastrand::u64(0..20));
+            if Instant::now() + pause >= deadline {
+                return Err(over(Duration::ZERO));
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+fn parse(body: &[u8], blob: &str) -> Result<Reservations, CoordinationError> {
+    if body.is_empty() {
+        return Ok(Reservations::default());
+    }
+    let mut reservations: Reservations =
+        serde_json::from_slice(body).map_err(|_| CoordinationError::Unavailable {
+            retry_after: Duration::from_secs(60),
+            reason: format!("the budget blob {blob} is not readable; delete it to start afresh"),
+        })?;
+    // Written ascending by us; sort anyway, the computation relies on it.
+    reservations.slots.sort_unstable();
+    Ok(reservations)
+}
+
+fn refused(refusal: &super::store::Refusal, blob: &str) -> CoordinationError {
+    CoordinationError::Unavailable {
+        retry_after: Duration::from_secs(10),
+        reason: format!(
+            "storage answered {} {} on the budget blob {blob}",
+            refusal.status,
+            refusal.code.as_deref().unwrap_or_default()
+        ),
+    }
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_keep_both_windows_within_their_limits() {
+        let limits = Limits {
+            per_minute: 2,
+            per_hour: 3,
+            minute_ms: 100,
+            hour_ms: 1000,
+        };
+        let mut slots = Vec::new();
+        for _ in 0..6 {
+            let slot = limits.next_slot(&slots, 0);
+            slots.push(slot);
+        }
+        assert_eq!(slots, [0, 0, 100, 1000, 1000, 1100]);
+    }
+
+    #[test]
+    fn a_sped_up_clock_shrinks_the_windows_allowance_included() {
+        let limits = Limits::new(100, 1500, 60.0);
+        assert_eq!(limits.minute_ms, 1016); // 61 s / 60
+        assert_eq!(limits.hour_ms, 60016); // 3601 s / 60
+        assert_eq!(Limits::new(100, 1500, 0.5).minute_ms, 61_000);
+    }
+}

@@ -1,0 +1,431 @@
+//! The blob operations coordination needs, through `azure_storage_blob`.
+//!
+//! Every call is bounded by a timeout and counted (one count per HTTP request
+//! sent to storage, by a pipeline policy). The SDK's own retries are off: the
+//! lock and the budget retry what is safe to retry, within their caller's
+//! deadline, and everything else fails closed at once. Answers that are part
+//! of the protocol (404, 409, 412) come back as [`Refusal`]; every other
+//! failure becomes [`CoordinationError::Unavailable`], with a reason built
+//! from the status and storage error code only, never from the SDK's error
+//! text (it can quote the URL, and with it a SAS).
+
+use std::{
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use async_trait::async_trait;
+use azure_core::{
+    credentials::TokenCredential,
+    error::ErrorKind,
+    http::{
+        ClientOptions, Context, Etag, ExponentialRetryOptions, HttpClientOptions, Request,
+        RequestContent, RetryOptions, Transport, new_http_client,
+        policies::{Policy, PolicyResult},
+    },
+};
+use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions, UserAssignedId};
+use azure_storage_blob::{
+    BlobClient, BlobContainerClient, BlobContainerClientOptions,
+    models::{
+        BlobClientAcquireLeaseOptions, BlobClientDownloadOptions, BlockBlobClientUploadOptions,
+    },
+};
+use time::OffsetDateTime;
+use tokio::time::Instant;
+
+use super::{
+    CoordinationError,
+    sas::account_sas,
+    settings::{StorageAuth, StorageSettings},
+};
+
+/// How long a derived SAS is valid, and how long before its end it is
+/// derived again. The start is backdated for clock skew between us and storage.
+const SAS_LIFETIME: time::Duration = time::Duration::hours(8);
+const SAS_RENEW_BEFORE: time::Duration = time::Duration::hours(1);
+const SAS_BACKDATE: time::Duration = time::Duration::minutes(15);
+
+/// Retry-After when storage does not say: long enough for a blip to pass.
+const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// A protocol answer the caller handles itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    pub status: u16,
+    /// The storage error code (`LeaseAlreadyPresent`, `BlobNotFound`, …).
+    pub code: Option<String>,
+}
+
+impl Refusal {
+    pub fn is(&self, code: &str) -> bool {
+        self.code.as_deref() == Some(code)
+    }
+}
+
+type Outcome<T> = Result<Result<T, Refusal>, CoordinationError>;
+
+/// Counts every HTTP request the pipeline sends (one per try).
+#[derive(Debug)]
+struct CountRequests(Arc<AtomicU64>);
+
+// The trait's `Context` lifetime is elided in its definition; the impl must
+// elide it too.
+#[allow(elided_lifetimes_in_paths)]
+#[async_trait]
+impl Policy for CountRequests {
+    async fn send(
+        &self,
+        ctx: &Context,
+        request: &mut Request,
+        next: &[Arc<dyn Policy>],
+    ) -> PolicyResult {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        next[0].send(ctx, request, &next[1..]).await
+    }
+}
+
+enum Auth {
+    Token(Arc<dyn TokenCredential>),
+    Sas(String),
+    Key { account: String, key: Vec<u8> },
+}
+
+/// The container client, and when its derived SAS runs out (if it has one).
+type Current = (Arc<BlobContainerClient>, Option<OffsetDateTime>);
+
+/// The coordination container in the host's storage account.
+pub(crate) struct Store {
+    container_url: url::Url,
+    auth: Auth,
+    description: String,
+    options: BlobContainerClientOptions,
+    current: RwLock<Option<Current>>,
+    operations: Arc<AtomicU64>,
+    timeout: Duration,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("container_url", &self.container_url.as_str())
+            .field("auth", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Build the clients; nothing is sent until the first operation.
+    pub fn new(
+        settings: &StorageSettings,
+        timeout: Duration,
+        http: Option<reqwest::Client>,
+    ) -> Result<Self, CoordinationError> {
+        let operations = Arc::new(AtomicU64::new(0));
+        let transport = match http {
+            Some(client) => Transport::new(Arc::new(client)),
+            // The storage crate's own default: decompression off.
+            None => Transport::new(new_http_client(Some(HttpClientOptions {
+                automatic_decompression: false,
+            }))),
+        };
+        let client_options = ClientOptions {
+            retry: RetryOptions::none(),
+            per_try_policies: vec![Arc::new(CountRequests(operations.clone()))],
+            transport: Some(transport.clone()),
+            ..Default::default()
+        };
+        let auth = match &settings.auth {
+            StorageAuth::ManagedIdentity { client_id } => {
+                let credential =
+                    ManagedIdentityCredential::new(Some(ManagedIdentityCredentialOptions {
+                        user_assigned_id: client_id.clone().map(UserAssignedId::ClientId),
+                        client_options: ClientOptions {
+                            // A few quick retries inside our own timeout; the
+                            // default can block for about 80 s.
+                            retry: RetryOptions::exponential(ExponentialRetryOptions {
+                                initial_delay: azure_core::time::Duration::milliseconds(200),
+                                max_retries: 2,
+                                max_total_elapsed: azure_core::time::Duration::seconds(5),
+                                max_delay: azure_core::time::Duration::seconds(1),
+                            }),
+                            transport: Some(transport),
+                            ..Default::default()
+                        },
+                    }))
+                    .map_err(|_| {
+                        unavailable("the managed identity credential could not be built")
+                    })?;
+                Auth::Token(credential)
+            }
+            StorageAuth::Sas(sas) => Auth::Sas(sas.clone()),
+            StorageAuth::AccountKey { account, key } => Auth::Key {
+                account: account.clone(),
+                key: key.clone(),
+            },
+        };
+        let mut container_url = settings.blob_endpoint.clone();
+        container_url.set_query(None);
+        container_url
+            .path_segments_mut()
+            .map_err(|()| unavailable("the blob endpoint cannot hold a container path"))?
+            .pop_if_empty()
+            .push(&settings.container);
+        Ok(Self {
+            container_url,
+            auth,
+            description: settings.auth.describe(),
+            options: BlobContainerClientOptions {
+                client_options,
+                ..Default::default()
+            },
+            current: RwLock::new(None),
+            operations,
+            timeout,
+        })
+    }
+
+    /// HTTP requests sent to storage so far.
+    pub fn operations(&self) -> u64 {
+        self.operations.load(Ordering::Relaxed)
+    }
+
+    pub fn describe(&self) -> &str {
+        &self.description
+    }
+
+    pub fn container_url(&self) -> &url::Url {
+        &self.container_url
+    }
+
+    /// The container client; with a key, one whose SAS is not about to end.
+    fn container(&self) -> Result<Arc<BlobContainerClient>, CoordinationError> {
+        let now = OffsetDateTime::now_utc();
+        let fresh = |c: &Option<Current>| match c {
+            Some((client, None)) => Some(client.clone()),
+            Some((client, Some(expiry))) if *expiry - SAS_RENEW_BEFORE > now => {
+                Some(client.clone())
+            }
+            _ => None,
+        };
+        if let Some(client) = fresh(&self.current.read().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(client);
+        }
+        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        if let Some(client) = fresh(&current) {
+            return Ok(client);
+        }
+        let mut url = self.container_url.clone();
+        let (credential, expiry) = match &self.auth {
+            Auth::Token(credential) => (Some(credential.clone()), None),
+            Auth::Sas(sas) => {
+                url.set_query(Some(sas));
+                (None, None)
+            }
+            Auth::Key { account, key } => {
+                let expiry = now + SAS_LIFETIME;
+                url.set_query(Some(&account_sas(account, key, now - SAS_BACKDATE, expiry)));
+                (None, Some(expiry))
+            }
+        };
+        let client = BlobContainerClient::new(url, credential, Some(self.options.clone()))
+            .map(Arc::new)
+            .map_err(|_| unavailable("the storage client could not be built"))?;
+        *current = Some((client.clone(), expiry));
+        Ok(client)
+    }
+
+    fn blob(&self, name: &str) -> Result<BlobClient, CoordinationError> {
+        Ok(self.container()?.blob_client(name))
+    }
+
+    /// Run one storage call within the timeout (and never past `deadline`,
+    /// when one is given: then the caller's own error applies).
+    async fn call<T>(
+        &self,
+        what: &str,
+        deadline: Option<Instant>,
+        call: impl Future<Output = azure_core::Result<T>>,
+    ) -> Result<Option<Result<T, Refusal>>, CoordinationError> {
+        let limit = Instant::now() + self.timeout;
+        let until = deadline.map_or(limit, |d| d.min(limit));
+        match tokio::time::timeout_at(until, call).await {
+            Ok(Ok(value)) => Ok(Some(Ok(value))),
+            Ok(Err(error)) => classify(what, &self.description, &error).map(|r| Some(Err(r))),
+            Err(_) if until < limit => Ok(None),
+            Err(_) => Err(unavailable(format!(
+                "{what} timed out after {} s",
+                self.timeout.as_secs_f32()
+            ))),
+        }
+    }
+
+    /// Acquire a lease on `blob` with our proposed id. `None`: `deadline`
+    /// came first.
+    pub async fn acquire_lease(
+        &self,
+        blob: &str,
+        seconds: i32,
+        lease_id: &str,
+        deadline: Instant,
+    ) -> Result<Option<Result<(), Refusal>>, CoordinationError> {
+        let client = self.blob(blob)?;
+        let options = BlobClientAcquireLeaseOptions {
+            proposed_lease_id: Some(lease_id.to_owned()),
+            ..Default::default()
+        };
+        let answer = self
+            .call(
+                "acquiring a lease",
+                Some(deadline),
+                client.acquire_lease(seconds, Some(options)),
+            )
+            .await?;
+        Ok(answer.map(|r| r.map(drop)))
+    }
+
+    pub async fn renew_lease(&self, blob: &str, lease_id: &str) -> Outcome<()> {
+        let client = self.blob(blob)?;
+        let answer = self
+            .call(
+                "renewing a lease",
+                None,
+                client.renew_lease(lease_id.to_owned(), None),
+            )
+            .await?;
+        Ok(answer.map_or(Ok(()), |r| r.map(drop)))
+    }
+
+    pub async fn release_lease(&self, blob: &str, lease_id: &str) -> Outcome<()> {
+        let client = self.blob(blob)?;
+        let answer = self
+            .call(
+                "releasing a lease",
+                None,
+                client.release_lease(lease_id.to_owned(), None),
+            )
+            .await?;
+        Ok(answer.map_or(Ok(()), |r| r.map(drop)))
+    }
+
+    pub async fn create_container(&self) -> Outcome<()> {
+        let client = self.container()?;
+        let answer = self
+            .call("creating the container", None, client.create(None))
+            .await?;
+        Ok(answer.map_or(Ok(()), |r| r.map(drop)))
+    }
+
+    /// The blob's content and ETag; `Ok(Err(refusal))` with 404 when absent.
+    pub async fn read(&self, blob: &str) -> Outcome<(Vec<u8>, Etag)> {
+        let client = self.blob(blob)?;
+        let read = async {
+            let download = client
+                .download(Some(BlobClientDownloadOptions::default()))
+                .await?;
+            let etag = download.properties.etag.clone();
+            let body = download.body.collect().await?;
+            Ok((body.to_vec(), etag))
+        };
+        match self.call("reading a blob", None, read).await? {
+            Some(Ok((body, Some(etag)))) => Ok(Ok((body, etag))),
+            Some(Ok((_, None))) => Err(unavailable("storage answered a read without an ETag")),
+            Some(Err(refusal)) => Ok(Err(refusal)),
+            None => Err(unavailable("reading a blob timed out")),
+        }
+    }
+
+    /// Write `body` if the blob still has `etag`, or, with `None`, only if it
+    /// does not exist yet. A 412 or 409 means someone else wrote first.
+    pub async fn write(&self, blob: &str, body: Vec<u8>, etag: Option<Etag>) -> Outcome<Etag> {
+        let client = self.blob(blob)?;
+        let options = BlockBlobClientUploadOptions {
+            blob_content_type: Some("application/json".into()),
+            ..Default::default()
+        };
+        let options = match etag {
+            Some(etag) => BlockBlobClientUploadOptions {
+                if_match: Some(etag),
+                ..options
+            },
+            None => options.if_not_exists(),
+        };
+        let content: RequestContent<azure_core::Bytes, azure_core::http::NoFormat> =
+            azure_core::Bytes::from(body).into();
+        let answer = self
+            .call(
+                "writing a blob",
+                None,
+                client.upload(content, Some(options)),
+            )
+            .await?;
+        match answer {
+            Some(Ok(result)) => result
+                .etag
+                .map(Ok)
+                .ok_or_else(|| unavailable("storage answered a write without an ETag")),
+            Some(Err(refusal)) => Ok(Err(refusal)),
+            None => Err(unavailable("writing a blob timed out")),
+        }
+    }
+}
+
+fn unavailable(reason: impl Into<String>) -> CoordinationError {
+    CoordinationError::Unavailable {
+        retry_after: DEFAULT_RETRY_AFTER,
+        reason: reason.into(),
+    }
+}
+
+/// 404, 409 and 412 are answers; everything else fails closed.
+fn classify(
+    what: &str,
+    auth: &str,
+    error: &azure_core::Error,
+) -> Result<Refusal, CoordinationError> {
+    match error.kind() {
+        ErrorKind::HttpResponse {
+            status,
+            error_code,
+            raw_response,
+        } => {
+            let status = u16::from(*status);
+            let code = error_code.clone();
+            if matches!(status, 404 | 409 | 412) {
+                return Ok(Refusal { status, code });
+            }
+            let retry_after = raw_response
+                .as_ref()
+                .and_then(|r| {
+                    r.headers()
+                        .get_optional_str(&azure_core::http::headers::RETRY_AFTER)
+                        .and_then(|v| v.trim().parse::<u64>().ok())
+                })
+                .map(|s| Duration::from_secs(s.clamp(1, 300)))
+                .unwrap_or(DEFAULT_RETRY_AFTER);
+            let code = code.map(|c| format!(" {c}")).unwrap_or_default();
+            let reason = match status {
+                401 | 403 => format!(
+                    "storage refused {what} ({status}{code}) with the {auth}; the identity needs \
+                     Storage Blob Data Contributor (or Owner) on the account"
+                ),
+                429 | 503 => format!("storage is throttling ({status}{code}) while {what}"),
+                _ => format!("storage answered {status}{code} to {what}"),
+            };
+            Err(CoordinationError::Unavailable {
+                retry_after,
+                reason,
+            })
+        }
+        ErrorKind::Connection | ErrorKind::Io => Err(unavailable(format!(
+            "storage could not be reached while {what}"
+        ))),
+        ErrorKind::Credential => Err(unavailable(format!(
+            "no storage token could be had from the {auth}"
+        ))),
+        _ => Err(unavailable(format!("{what} failed"))),
+    }
+}

@@ -1,0 +1,408 @@
+//! Finding the Defender machine for a device: one lookup shared by every
+//! invocation that asks at the same time, remembered for a short while.
+//!
+//! In an outbreak, webhooks for one device arrive together; each used to look
+//! the machine up on its own and spend the machine APIs' budget (100 calls a
+//! minute) several times over. Here concurrent lookups of one device share one
+//! Defender call (single flight), and a found machine is remembered for at
+//! most `MACHINE_CACHE_SECONDS` (60 s at most) so that retries and duplicates
+//! need no call at all.
+//!
+//! Lookups of different devices are batched ([`crate::batch`]): a device
+//! alone, or several while the budget has a slot for each, are looked up one
+//! by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
+//! budget is tight (or shared by several instances), one list of the tenant's
+//! machines (`GET /api/machines?$top=10000`, every page) answers them all.
+//!
+//! The rule that keeps the cache from acting on a stale record:
+//! - only a record that is `Active` and not merged into another is
+//!   remembered: anything else is looked up again every time;
+//! - a remembered record is forgotten when a POST for it answers 404, and the
+//!   invocation looks the device up again before deciding anything;
+//! - the action history is never cached: the state is always read afresh
+//!   (see [`crate::state_reads`]).
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::{
+    FutureExt,
+    future::{BoxFuture, Shared},
+};
+use thiserror::Error;
+use tokio::time::Instant;
+
+use uuid::Uuid;
+
+use crate::{
+    batch::{Batcher, Close, Source},
+    defender::{DefenderClient, DefenderError, Operation, budget::Endpoint, models::Machine},
+    runbook::DeviceRef,
+    selection::{self, NoChoice},
+};
+
+/// The longest a found machine may be remembered.
+pub const MAX_CACHE: Duration = Duration::from_secs(60);
+
+/// The machine chosen for a device.
+#[derive(Debug, Clone)]
+pub struct Found {
+    pub machine: Machine,
+    /// How many Defender records matched the device.
+    pub candidates: usize,
+}
+
+/// A lookup's answer, and whether it came from memory.
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub found: Found,
+    pub cached: bool,
+}
+
+/// Why no machine was found.
+#[derive(Debug, Clone, Error)]
+pub enum FindError {
+    /// Defender has no usable machine for the device; the text says why.
+    #[error("{0}")]
+    NotFound(String),
+    #[error(transparent)]
+    Defender(#[from] DefenderError),
+}
+
+type Flight = Shared<BoxFuture<'static, Result<Found, FindError>>>;
+
+enum Slot {
+    /// A lookup is under way; `id` tells flights apart.
+    Loading {
+        id: u64,
+        flight: Flight,
+    },
+    Found {
+        found: Box<Found>,
+        at: Instant,
+    },
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Loading { id, .. } => f.debug_struct("Loading").field("id", id).finish(),
+            Self::Found { found, at } => f
+                .debug_struct("Found")
+                .field("machine", &found.machine.id)
+                .field("at", at)
+                .finish(),
+        }
+    }
+}
+
+/// Shared, briefly cached machine lookups.
+#[derive(Debug)]
+pub struct MachineDirectory {
+    records: Arc<Batcher<MachineSource>>,
+    ttl: Duration,
+    slots: Mutex<HashMap<DeviceRef, Slot>>,
+    next_flight: AtomicU64,
+}
+
+impl MachineDirectory {
+    /// `ttl` is capped at [`MAX_CACHE`]; zero remembers nothing (lookups are
+    /// still shared while under way).
+    pub fn new(client: DefenderClient, ttl: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            records: Batcher::new(MachineSource { client }),
+            ttl: ttl.min(MAX_CACHE),
+            slots: Mutex::new(HashMap::new()),
+            next_flight: AtomicU64::new(0),
+        })
+    }
+
+    /// The machine for `device`.
+    pub async fn find(
+        self: &Arc<Self>,
+        device: &DeviceRef,
+        deadline: Instant,
+    ) -> Result<Lookup, FindError> {
+        loop {
+            let flight = match self.remembered_or_flight(device, deadline) {
+                Ok(found) => {
+                    return Ok(Lookup {
+                        found,
+                        cached: true,
+                    });
+                }
+                Err(flight) => flight,
+            };
+            let result = tokio::time::timeout_at(deadline, flight)
+                .await
+                .map_err(|_| {
+                    FindError::Defender(DefenderError::OutOfTime {
+                        operation: operation(device),
+                    })
+                })?;
+            match result {
+                Ok(found) => {
+                    return Ok(Lookup {
+                        found,
+                        cached: false,
+                    });
+                }
+                // A flight started by an invocation with less time left ran
+                // out of it; this one still has time: look again.
+                Err(FindError::Defender(
+                    DefenderError::OutOfTime { .. } | DefenderError::OverBudget { .. },
+                )) if Instant::now() < deadline => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// Forget what is remembered for `device` (a POST for it answered 404).
+    pub fn forget(&self, device: &DeviceRef) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if matches!(slots.get(device), Some(Slot::Found { .. })) {
+            slots.remove(device);
+        }
+    }
+
+    /// A usable remembered machine, or the flight to wait for (joined or new).
+    fn remembered_or_flight(
+        self: &Arc<Self>,
+        device: &DeviceRef,
+        deadline: Instant,
+    ) -> Result<Found, Flight> {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        match slots.get(device) {
+            Some(Slot::Found { found, at }) if at.elapsed() < self.ttl => {
+                return Ok(Found::clone(found));
+            }
+            Some(Slot::Loading { flight, .. }) if flight.peek().is_none() => {
+                return Err(flight.clone());
+            }
+            _ => {}
+        }
+        let id = self.next_flight.fetch_add(1, Ordering::Relaxed);
+        let started = Instant::now();
+        let directory = Arc::clone(self);
+        let key = device.clone();
+        // Spawned, so that the lookup finishes for the others even if the
+        // invocation that started it gives up.
+        let task = tokio::spawn(async move {
+            let result = directory.look_up(&key, deadline).await;
+            directory.settle(&key, id, started, &result);
+            result
+        });
+        let op = operation(device);
+        let flight = task
+            .map(move |joined| {
+                joined.unwrap_or_else(|_| {
+                    Err(FindError::Defender(DefenderError::Protocol {
+                        operation: op,
+                        reason: "the machine lookup stopped unexpectedly".to_owned(),
+                    }))
+                })
+            })
+            .boxed()
+            .shared();
+        slots.insert(
+            device.clone(),
+            Slot::Loading {
+                id,
+                flight: flight.clone(),
+            },
+        );
+        Err(flight)
+    }
+
+    /// Remember the flight's answer if it may be remembered, else clear it.
+    fn settle(
+        &self,
+        device: &DeviceRef,
+        id: u64,
+        started: Instant,
+        result: &Result<Found, FindError>,
+    ) {
+        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        if !matches!(slots.get(device), Some(Slot::Loading { id: current, .. }) if *current == id) {
+            return;
+        }
+        match result {
+            Ok(found) if !self.ttl.is_zero() && rememberable(&found.machine) => {
+                // Age from when the lookup began: the record is at least that old.
+                slots.insert(
+                    device.clone(),
+                    Slot::Found {
+                        found: Box::new(found.clone()),
+                        at: started,
+                    },
+                );
+            }
+            _ => {
+                slots.remove(device);
+            }
+        }
+    }
+
+    async fn look_up(&self, device: &DeviceRef, deadline: Instant) -> Result<Found, FindError> {
+        let records = self
+            .records
+            .get(device.clone(), deadline)
+            .await?
+            .unwrap_or_default();
+        match device {
+            DeviceRef::AadDevice(id) => match selection::choose(*id, records) {
+                Ok(choice) => Ok(Found {
+                    machine: choice.machine,
+                    candidates: choice.candidates,
+                }),
+                Err(NoChoice::NoRecords) => Err(FindError::NotFound(format!(
+                    "Defender has no machine whose aadDeviceId is {id}. The device may not be \
+                     onboarded to Defender for Endpoint, may be outside the data retention, or \
+                     may not report its Entra device id; pass its 40-character Defender \
+                     machine id as deviceId instead."
+                ))),
+                Err(NoChoice::AllMerged { merged_into }) => Err(FindError::NotFound(format!(
+                    "every Defender record for aadDeviceId {id} was merged into another \
+                     machine ({}); pass the surviving machine id as deviceId.",
+                    merged_into.join(", ")
+                ))),
+            },
+            DeviceRef::Machine(id) => match records.into_iter().next() {
+                None => Err(FindError::NotFound(format!(
+                    "Defender has no machine with id {id}."
+                ))),
+                // GET /machines/{id} also matches computer names; insist on the id.
+                Some(m) if !m.id.eq_ignore_ascii_case(id) => {
+                    Err(FindError::Defender(DefenderError::Protocol {
+                        operation: Operation::GetMachine,
+                        reason: format!("asked for machine {id}, got machine {}", m.id),
+                    }))
+                }
+                // A merged record is stale: acting on it would not reach the device.
+                Some(m) if is_merged(&m) => Err(FindError::NotFound(format!(
+                    "Defender machine {id} was merged into machine {}; pass that id as deviceId.",
+                    m.merged_into_machine_id.unwrap_or_default()
+                ))),
+                Some(m) => Ok(Found {
+                    machine: m,
+                    candidates: 1,
+                }),
+            },
+        }
+    }
+}
+
+/// Machine records per device: one by one, or the tenant's whole list.
+struct MachineSource {
+    client: DefenderClient,
+}
+
+impl Source for MachineSource {
+    type Key = DeviceRef;
+    /// The records that match the device (several for a re-onboarded one).
+    type Value = Vec<Machine>;
+    type Error = DefenderError;
+
+    async fn read(
+        &self,
+        devices: Vec<DeviceRef>,
+        deadline: Instant,
+        close: Close<'_>,
+    ) -> Result<HashMap<DeviceRef, Vec<Machine>>, DefenderError> {
+        let by_aad = devices
+            .iter()
+            .filter(|d| matches!(d, DeviceRef::AadDevice(_)))
+            .count();
+        let fits = by_aad <= self.client.free_slots(Endpoint::ListMachines)
+            && devices.len() - by_aad <= self.client.free_slots(Endpoint::GetMachine);
+        if devices.len() == 1 || fits {
+            close();
+            let lookups = devices
+                .iter()
+                .map(|device| self.records_of(device, deadline));
+            let records = futures_util::future::try_join_all(lookups).await?;
+            return Ok(devices.into_iter().zip(records).collect());
+        }
+        // The tenant's list answers every device, so lookups may keep joining
+        // until its first request is sent.
+        let machines = self.client.all_machines(deadline, Some(close)).await?;
+        let mut by_device: HashMap<DeviceRef, Vec<Machine>> = HashMap::new();
+        for machine in machines {
+            if let Some(aad) = machine
+                .aad_device_id
+                .as_deref()
+                .and_then(|id| Uuid::try_parse(id.trim()).ok())
+            {
+                by_device
+                    .entry(DeviceRef::AadDevice(aad))
+                    .or_default()
+                    .push(machine.clone());
+            }
+            by_device
+                .entry(DeviceRef::Machine(machine.id.to_ascii_lowercase()))
+                .or_default()
+                .push(machine);
+        }
+        Ok(by_device)
+    }
+
+    fn out_of_time() -> DefenderError {
+        DefenderError::OutOfTime {
+            operation: Operation::ListMachines,
+        }
+    }
+
+    fn abandoned() -> DefenderError {
+        DefenderError::Protocol {
+            operation: Operation::ListMachines,
+            reason: "the shared machine lookup was abandoned".to_owned(),
+        }
+    }
+}
+
+impl MachineSource {
+    async fn records_of(
+        &self,
+        device: &DeviceRef,
+        deadline: Instant,
+    ) -> Result<Vec<Machine>, DefenderError> {
+        match device {
+            DeviceRef::AadDevice(id) => self.client.machines_by_aad_device(*id, deadline).await,
+            DeviceRef::Machine(id) => Ok(self
+                .client
+                .machine(id, deadline)
+                .await?
+                .into_iter()
+                .collect()),
+        }
+    }
+}
+
+fn operation(device: &DeviceRef) -> Operation {
+    match device {
+        DeviceRef::AadDevice(_) => Operation::ListMachines,
+        DeviceRef::Machine(_) => Operation::GetMachine,
+    }
+}
+
+fn is_merged(machine: &Machine) -> bool {
+    machine
+        .merged_into_machine_id
+        .as_deref()
+        .is_some_and(|s| !s.trim().is_empty())
+}
+
+/// Only an active, unmerged record may be remembered.
+fn rememberable(machine: &Machine) -> bool {
+    machine
+        .health_status
+        .as_deref()
+        .is_some_and(|h| h.eq_ignore_ascii_case("Active"))
+        && !is_merged(machine)
+}

@@ -1,0 +1,145 @@
+//! Batched reads of machine state ([`crate::batch`]): one Defender read
+//! answers every invocation that is waiting for one.
+//!
+//! Defender counts calls per API (100 a minute, 1,500 an hour), so in an
+//! outbreak burst one read per invocation would make the list-actions API,
+//! not the restrict API, set the pace. Here invocations that need their
+//! machine's actions join the open batch, and one read answers them all:
+//! - a batch for one machine reads that machine's actions (one call:
+//!   `machineId eq '<id>'`, every page);
+//! - a batch for several machines reads each machine the same way while the
+//!   rate budget has a free slot for each of them right now: small answers,
+//!   no wait;
+//! - otherwise (the budget is tight, which is when it matters) one read of
+//!   the tenant's restrict and unrestrict actions answers them all (two
+//!   type-filtered calls, every page), unless reading each machine would
+//!   still take fewer calls (the tenant read's size is remembered).
+//!
+//! The safety rule: a waiter's state comes only from a read **sent after** it
+//! joined, and a waiter joins only once it holds its machine's lock. The open
+//! batch closes the moment its first request goes out (after any wait for the
+//! rate budget); a waiter that comes later joins the next batch, never a read
+//! already in flight. So no invocation decides on a read that could predate an
+//! action created by the invocation that held the lock before it.
+//!
+//! A failed read fails every waiter of its batch with the same error; a
+//! waiter whose deadline passes stops waiting (504) and the read goes on for
+//! the others.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use tokio::time::Instant;
+
+use crate::{
+    batch::{Batcher, Close, Source},
+    defender::{
+        DefenderClient, DefenderError, Operation, budget::Endpoint, client::ActionListing,
+        models::MachineAction,
+    },
+};
+
+/// Reads machine state for many invocations at once.
+#[derive(Debug, Clone)]
+pub struct StateReads {
+    batcher: Arc<Batcher<ActionSource>>,
+}
+
+impl StateReads {
+    pub fn new(client: DefenderClient) -> Self {
+        Self {
+            batcher: Batcher::new(ActionSource {
+                client,
+                tenant_read_calls: AtomicUsize::new(2),
+            }),
+        }
+    }
+
+    /// The machine's actions (every type), from a read sent after this call
+    /// began. Call it only from the machine's round.
+    pub async fn read(
+        &self,
+        machine_id: &str,
+        deadline: Instant,
+    ) -> Result<Vec<MachineAction>, DefenderError> {
+        let actions = self
+            .batcher
+            .get(machine_id.to_ascii_lowercase(), deadline)
+            .await?;
+        Ok(actions.unwrap_or_default())
+    }
+}
+
+/// Machine actions, by machine (lower-cased id).
+struct ActionSource {
+    client: DefenderClient,
+    /// Calls the last tenant-wide read took (two at least: one per type).
+    tenant_read_calls: AtomicUsize,
+}
+
+impl Source for ActionSource {
+    type Key = String;
+    type Value = Vec<MachineAction>;
+    type Error = DefenderError;
+
+    async fn read(
+        &self,
+        machines: Vec<String>,
+        deadline: Instant,
+        close: Close<'_>,
+    ) -> Result<HashMap<String, Vec<MachineAction>>, DefenderError> {
+        let tenant_calls = self.tenant_read_calls.load(Ordering::Relaxed);
+        let free = self.client.free_slots(Endpoint::ListActions);
+        if machines.len() < tenant_calls.max(2) || machines.len() <= free {
+            // Reading each machine is cheaper, or the budget has room for it.
+            close();
+            let reads = machines
+                .iter()
+                .map(|machine| self.client.machine_actions(machine, deadline, None));
+            let listings = futures_util::future::try_join_all(reads).await?;
+            return Ok(machines
+                .into_iter()
+                .zip(listings)
+                .map(|(machine, listing)| (machine, listing.actions))
+                .collect());
+        }
+        // The tenant read answers every machine, so waiters may keep joining
+        // until its first request is sent.
+        let listing = self.client.restrict_history(deadline, Some(close)).await?;
+        self.tenant_read_calls
+            .store(listing.calls.max(2), Ordering::Relaxed);
+        Ok(group_by_machine(listing))
+    }
+
+    fn out_of_time() -> DefenderError {
+        DefenderError::OutOfTime {
+            operation: Operation::ListActions,
+        }
+    }
+
+    fn abandoned() -> DefenderError {
+        DefenderError::Protocol {
+            operation: Operation::ListActions,
+            reason: "the shared read of machine actions was abandoned".to_owned(),
+        }
+    }
+}
+
+/// The tenant's restrict/unrestrict actions, per machine.
+fn group_by_machine(listing: ActionListing) -> HashMap<String, Vec<MachineAction>> {
+    let mut by_machine: HashMap<String, Vec<MachineAction>> = HashMap::new();
+    for action in listing.actions {
+        if let Some(machine) = action.machine_id.as_deref() {
+            by_machine
+                .entry(machine.to_ascii_lowercase())
+                .or_default()
+                .push(action);
+        }
+    }
+    by_machine
+}

@@ -1,0 +1,148 @@
+//! Azurite, the storage emulator, as a child process on a free loopback port
+//! with in-memory persistence.
+//!
+//! The pinned package is installed by `scripts/azurite.sh` (shared with
+//! `.ci/run`) on first use, so `cargo test` works on a fresh machine with
+//! Node 20 and npm. Each test starts its own Azurite; dropping it kills the
+//! process.
+
+use std::{
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::OnceLock,
+    time::{Duration, Instant},
+};
+
+use restrict_code_execution::coordination::{CoordinationSettings, StorageSettings};
+
+/// The launcher, installed once per test run.
+fn launcher() -> &'static PathBuf {
+    static LAUNCHER: OnceLock<PathBuf> = OnceLock::new();
+    LAUNCHER.get_or_init(|| {
+        let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("scripts/azurite.sh");
+        let out = Command::new("bash")
+            .arg(&script)
+            .stderr(Stdio::inherit())
+            .output()
+            .expect("run scripts/azurite.sh");
+        assert!(
+            out.status.success(),
+            "scripts/azurite.sh failed: is npm installed?"
+        );
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+    })
+}
+
+pub struct Azurite {
+    child: Option<Child>,
+    pub port: u16,
+    workspace: PathBuf,
+}
+
+impl Azurite {
+    /// Start on a free port.
+    pub fn start() -> Self {
+        Self::start_with_options(&[])
+    }
+
+    /// Start on `port` (a restart after [`Self::stop`] reuses it).
+    pub fn start_on(port: u16) -> Self {
+        Self::start_with(port, &[])
+    }
+
+    /// Start on a free port with extra options (`--cert`, `--oauth basic`, …).
+    pub fn start_with_options(extra: &[&std::ffi::OsStr]) -> Self {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        Self::start_with(port, extra)
+    }
+
+    fn start_with(port: u16, extra: &[&std::ffi::OsStr]) -> Self {
+        let workspace = std::env::temp_dir().join(format!("azurite-{port}-{}", std::process::id()));
+        std::fs::create_dir_all(&workspace).unwrap();
+        let child = Command::new(launcher())
+            .args(["--blobHost", "127.0.0.1", "--blobPort"])
+            .arg(port.to_string())
+            .args([
+                "--inMemoryPersistence",
+                // The SDK speaks a newer API version than Azurite knows.
+                "--skipApiVersionCheck",
+                "--disableTelemetry",
+                "--silent",
+            ])
+            .args(extra)
+            // Anything Azurite writes despite in-memory persistence lands here.
+            .current_dir(&workspace)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start azurite-blob");
+        let mut azurite = Self {
+            child: Some(child),
+            port,
+            workspace,
+        };
+        azurite.wait_ready();
+        azurite
+    }
+
+    fn wait_ready(&mut self) {
+        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
+        let until = Instant::now() + Duration::from_secs(60);
+        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+            let exited = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            assert!(exited.is_none(), "Azurite exited: {exited:?}");
+            assert!(Instant::now() < until, "Azurite did not listen on {addr}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Kill the process (storage "goes away").
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// `AzureWebJobsStorage` as the host would have it for this Azurite:
+    /// Azurite's well-known account and key, on our port.
+    pub fn connection_string(&self) -> String {
+        format!(
+            "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={};\
+             BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
+            restrict_code_execution::coordination::settings::AZURITE_KEY,
+            self.port
+        )
+    }
+
+    /// Storage settings parsed the way the service parses them.
+    pub fn settings(&self, container: &str) -> StorageSettings {
+        let (conn, container) = (self.connection_string(), container.to_owned());
+        let lookup = move |name: &str| match name {
+            "COORDINATION" => Some("storage".to_owned()),
+            "AzureWebJobsStorage" => Some(conn.clone()),
+            "COORDINATION_CONTAINER" => Some(container.clone()),
+            _ => None,
+        };
+        match CoordinationSettings::from_lookup(lookup).unwrap() {
+            CoordinationSettings::Storage(settings) => settings,
+            CoordinationSettings::Local => unreachable!(),
+        }
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.workspace);
+    }
+}

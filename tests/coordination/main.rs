@@ -1,0 +1,433 @@
+//! Coordination across instances against a real storage service: Azurite
+//! (npm, pinned; see `azurite.rs`). Each "instance" is its own
+//! [`Coordinator`] with its own HTTP pool and state, sharing nothing but the
+//! storage account, as two function app instances would.
+
+// Test helpers, not only #[test] functions, may unwrap: a panic is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod azurite;
+mod instances;
+mod managed_identity;
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime},
+};
+
+use azurite::Azurite;
+use restrict_code_execution::{
+    coordination::{
+        CoordinationError, Coordinator, CoordinatorOptions, StorageAuth, StorageSettings,
+    },
+    defender::budget::Endpoint,
+};
+use tokio::time::Instant;
+
+fn instance(settings: &StorageSettings, options: CoordinatorOptions) -> Arc<Coordinator> {
+    Arc::new(Coordinator::new(settings, options).unwrap())
+}
+
+fn short_leases() -> CoordinatorOptions {
+    CoordinatorOptions {
+        lease_duration: Duration::from_secs(15),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_instance_waits_for_the_machine_lease_and_gets_it_after_release() {
+    let azurite = Azurite::start();
+    let settings = azurite.settings("locks-contend");
+    let (a, b) = (
+        instance(&settings, Default::default()),
+        instance(&settings, Default::default()),
+    );
+    let soon = || Instant::now() + Duration::from_secs(20);
+
+    let held = a.lock_machine("MACHINE-1", soon()).await.unwrap();
+    held.check().unwrap();
+
+    // B cannot have it while A holds it, whatever the case of the id.
+    let err = b
+        .lock_machine("machine-1", Instant::now() + Duration::from_millis(800))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err,
+        CoordinationError::LockTimeout {
+            machine_id: "machine-1".into()
+        }
+    );
+    // Another machine is not blocked.
+    b.lock_machine("machine-2", soon())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    // B waits; it gets the lease only after A released it.
+    let waiter = {
+        let b = b.clone();
+        tokio::spawn(async move {
+            let lease = b.lock_machine("machine-1", soon()).await.unwrap();
+            (SystemTime::now(), lease)
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(!waiter.is_finished(), "B got the lease while A held it");
+    let released_at = SystemTime::now();
+    held.release().await.unwrap();
+    let (acquired_at, lease_b) = waiter.await.unwrap();
+    assert!(acquired_at >= released_at);
+    lease_b.check().unwrap();
+
+    // Dropping the guard releases in the background: A gets it back.
+    drop(lease_b);
+    a.lock_machine("machine-1", soon()).await.unwrap();
+}
+
+#[test]
+fn a_holder_that_dies_keeps_the_others_waiting_at_most_the_lease_duration() {
+    let azurite = Azurite::start();
+    let settings = azurite.settings("locks-crash");
+    let lease = short_leases().lease_duration;
+
+    // Instance A runs on its own runtime, as its own process would.
+    let dying = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = instance(&settings, short_leases());
+    let held = dying.block_on(async {
+        a.lock_machine("machine-crash", Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap()
+    });
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let b = instance(&settings, short_leases());
+        // A is alive and renews: past its lease duration, B still waits.
+        let err = b
+            .lock_machine(
+                "machine-crash",
+                Instant::now() + lease + Duration::from_secs(3),
+            )
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, CoordinationError::LockTimeout { .. }),
+            "{err}"
+        );
+    });
+
+    // A crashes: its tasks stop, nothing is released.
+    std::mem::forget(held);
+    dying.shutdown_background();
+
+    runtime.block_on(async {
+        let b = instance(&settings, short_leases());
+        let started = Instant::now();
+        // The deadline is the guarantee: at most one lease duration (plus slack).
+        b.lock_machine("machine-crash", started + lease + Duration::from_secs(5))
+            .await
+            .unwrap();
+        assert!(
+            started.elapsed() > Duration::from_secs(2),
+            "the dead holder's lease was still there for a while"
+        );
+    });
+}
+
+/// Every pair of slots `window` apart or closer holds at most `limit`.
+fn assert_windows(slots: &[SystemTime], limit: usize, window: Duration) {
+    let mut sorted = slots.to_vec();
+    sorted.sort();
+    for (i, start) in sorted.iter().enumerate() {
+        let inside = sorted[i..]
+            .iter()
+            .take_while(|&&t| t.duration_since(*start).unwrap() < window)
+            .count();
+        assert!(
+            inside <= limit,
+            "{inside} slots within {window:?} from slot {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_never_hand_out_more_than_the_limit_per_window() {
+    let azurite = Azurite::start();
+    let settings = azurite.settings("budget-shared");
+    let speed = 60.0;
+    let options = || CoordinatorOptions {
+        per_minute: 5,
+        per_hour: 12,
+        clock_speed: speed,
+        ..Default::default()
+    };
+    let instances = [
+        instance(&settings, options()),
+        instance(&settings, options()),
+    ];
+    let far = Instant::now() + Duration::from_secs(600);
+    let before = instances
+        .iter()
+        .map(|c| c.storage_operations())
+        .sum::<u64>();
+
+    // 30 reservations at once, alternating between the instances.
+    let tasks: Vec<_> = (0..30)
+        .map(|i| {
+            let c = instances[i % 2].clone();
+            tokio::spawn(async move { c.reserve_slot("restrict", far).await.unwrap() })
+        })
+        .collect();
+    let mut slots = Vec::new();
+    for task in tasks {
+        slots.push(task.await.unwrap().at);
+    }
+    // Defender's windows at this clock speed (without our allowance).
+    assert_windows(&slots, 5, Duration::from_secs(60).div_f64(speed));
+    assert_windows(&slots, 12, Duration::from_secs(3600).div_f64(speed));
+    let ops = instances
+        .iter()
+        .map(|c| c.storage_operations())
+        .sum::<u64>()
+        - before;
+    println!(
+        "budget: 30 reservations over 2 instances took {ops} storage operations ({:.2} each)",
+        ops as f64 / 30.0
+    );
+
+    // Another API has its own bucket.
+    let other = instances[0]
+        .reserve_slot("list-actions", Instant::now() + Duration::from_millis(100))
+        .await
+        .unwrap();
+    assert!(other.instant <= Instant::now() + Duration::from_millis(100));
+
+    // A slot after the deadline is refused with the wait, and not reserved.
+    let tight = Instant::now() + Duration::from_millis(100);
+    let err = instances[1]
+        .reserve_slot("restrict", tight)
+        .await
+        .unwrap_err();
+    let CoordinationError::OverBudget { bucket, wait } = err else {
+        panic!("{err}")
+    };
+    assert_eq!(bucket, "restrict");
+    assert!(wait > Duration::from_millis(100), "{wait:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reserve_waits_for_its_slot() {
+    let azurite = Azurite::start();
+    let settings = azurite.settings("budget-wait");
+    let c = instance(
+        &settings,
+        CoordinatorOptions {
+            per_minute: 1,
+            clock_speed: 60.0,
+            ..Default::default()
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    c.reserve(Endpoint::Restrict, deadline).await.unwrap();
+    let second = c.reserve_slot("restrict", deadline).await.unwrap();
+    c.reserve(Endpoint::Restrict, deadline).await.unwrap();
+    // The third waited for its own slot, which is after the second's.
+    assert!(Instant::now() > second.instant);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_operations_per_lock_and_per_reservation() {
+    let azurite = Azurite::start();
+    let c = instance(&azurite.settings("ops-count"), Default::default());
+    let deadline = || Instant::now() + Duration::from_secs(10);
+    let ops = |c: &Coordinator, before: u64| c.storage_operations() - before;
+
+    let before = c.storage_operations();
+    let first = c.lock_machine("m1", deadline()).await.unwrap();
+    let first_acquire = ops(&c, before);
+    let before = c.storage_operations();
+    first.release().await.unwrap();
+    let release = ops(&c, before);
+    let before = c.storage_operations();
+    let again = c.lock_machine("m1", deadline()).await.unwrap();
+    let acquire = ops(&c, before);
+    again.release().await.unwrap();
+
+    let before = c.storage_operations();
+    c.reserve_slot("restrict", deadline()).await.unwrap();
+    let first_reserve = ops(&c, before);
+    let before = c.storage_operations();
+    c.reserve_slot("restrict", deadline()).await.unwrap();
+    let reserve = ops(&c, before);
+
+    println!(
+        "storage operations: first lock of a machine {first_acquire} (container and blob \
+         created), lock {acquire}, release {release}; first reservation {first_reserve}, \
+         reservation {reserve}"
+    );
+    // Uncontended steady state: one request to lock, one to release, a read
+    // and a conditional write per reservation.
+    assert_eq!((acquire, release, reserve), (1, 1, 2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_down_fails_closed_at_once_and_recovers_when_it_is_back() {
+    let mut azurite = Azurite::start();
+    let settings = azurite.settings("outage");
+    let c = instance(&settings, short_leases());
+    let far = || Instant::now() + Duration::from_secs(60);
+
+    let held = c.lock_machine("m-held", far()).await.unwrap();
+    c.reserve_slot("restrict", far()).await.unwrap();
+
+    azurite.stop();
+    let started = Instant::now();
+    let lock = c.lock_machine("m-other", far()).await.unwrap_err();
+    let budget = c.reserve_slot("restrict", far()).await.unwrap_err();
+    for err in [&lock, &budget] {
+        let CoordinationError::Unavailable {
+            retry_after,
+            reason,
+        } = err
+        else {
+            panic!("expected Unavailable, got {err}")
+        };
+        assert!(!retry_after.is_zero());
+        // No SAS or key in what the caller (and the log) gets.
+        let text = format!("{err} {err:?} {reason}");
+        assert!(
+            !text.contains("sig=") && !text.contains("Eby8vdM0"),
+            "{text}"
+        );
+        assert!(text.contains("could not be reached"), "{text}");
+    }
+    // Not a wait for the deadline: both failed before it.
+    assert!(Instant::now() < started + Duration::from_secs(30));
+
+    // The holder cannot renew: its check fails before the lease could lapse.
+    let until = Instant::now() + Duration::from_secs(15);
+    while held.check().is_ok() {
+        assert!(
+            Instant::now() < until,
+            "check still passes without renewals"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(held);
+
+    // Storage is back (empty: in-memory): the same coordinator works again,
+    // recreating its container.
+    let _azurite = Azurite::start_on(azurite.port);
+    c.lock_machine("m-other", far())
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+    c.reserve_slot("restrict", far()).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sas_connection_string_is_used_as_given() {
+    let azurite = Azurite::start();
+    let mut settings = azurite.settings("sas-given");
+    let StorageAuth::AccountKey { account, key } = settings.auth.clone() else {
+        panic!("expected a key")
+    };
+    let now = time::OffsetDateTime::now_utc();
+    settings.auth = StorageAuth::Sas(restrict_code_execution::coordination::sas::account_sas(
+        &account,
+        &key,
+        now - time::Duration::minutes(5),
+        now + time::Duration::hours(1),
+    ));
+    let c = instance(&settings, Default::default());
+    c.lock_machine("m1", Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap()
+        .release()
+        .await
+        .unwrap();
+
+    // A SAS with a wrong signature is refused: fail closed, secret-free text.
+    settings.auth = StorageAuth::Sas(
+        "sv=2021-08-06&ss=b&srt=sco&sp=rwdlac&se=2099-01-01T00:00:00Z&sig=AAAA".into(),
+    );
+    let err = instance(&settings, Default::default())
+        .lock_machine("m1", Instant::now() + Duration::from_secs(10))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, CoordinationError::Unavailable { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("403"), "{err}");
+    assert!(!err.to_string().contains("sig="), "{err}");
+}
+
+/// A `tracing` writer into memory.
+#[derive(Clone, Default)]
+struct Captured(Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+// Current-thread runtime: the capture (a thread-local default) sees every task.
+#[tokio::test]
+async fn no_key_or_sas_reaches_the_log_even_at_trace_level() {
+    let log = Captured::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(log.clone())
+        .finish();
+    let _capture = tracing::subscriber::set_default(subscriber);
+
+    let mut azurite = Azurite::start();
+    let settings = azurite.settings("log-capture");
+    let c = instance(&settings, short_leases());
+    let far = Instant::now() + Duration::from_secs(20);
+    let lease = c.lock_machine("m1", far).await.unwrap();
+    c.reserve_slot("restrict", far).await.unwrap();
+    lease.release().await.unwrap();
+    azurite.stop();
+    c.lock_machine("m2", far).await.unwrap_err();
+    c.reserve_slot("restrict", far).await.unwrap_err();
+
+    let text = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        text.contains("/log-capture"),
+        "the capture saw the storage requests"
+    );
+    // The SDK logs request URLs, SAS included, with the values redacted.
+    assert!(text.contains("sig=REDACTED"), "the capture saw a SAS query");
+    assert!(!text.contains("Eby8vdM0"), "the account key was logged");
+    for (at, _) in text.match_indices("sig=") {
+        assert!(
+            text[at + 4..].starts_with("REDACTED"),
+            "a SAS signature was logged: {}",
+            &text[at..(at + 40).min(text.len())]
+        );
+    }
+}
