@@ -268,18 +268,14 @@ pub struct Answer<'a> {
 }
 
 impl<'a> Answer<'a> {
-    pub fn new(
-        devices: &'a [Device],
-        filter: StateFilter,
-        counts: Counts,
-        as_of: OffsetDateTime,
-    ) -> Self {
+    /// `as_of` as [`rfc3339`] wrote it.
+    pub fn new(devices: &'a [Device], filter: StateFilter, counts: Counts, as_of: String) -> Self {
         Self {
             devices,
             count: devices.len(),
             state: filter.as_str(),
             counts,
-            as_of: rfc3339(as_of),
+            as_of,
         }
     }
 }
