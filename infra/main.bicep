@@ -131,8 +131,19 @@ param defenderRateLimitPerMinute int = 100
 @maxValue(1000000)
 param defenderRateLimitPerHour int = 1500
 
-@description('ALLOWED_CALLER_ROLES: comma-separated app roles a caller must hold (as App Service Authentication reports it). Empty: unset. Only meaningful with App Service Authentication enabled, which this template does not set up.')
+@description('STALE_PENDING_HOURS: an already_pending answer whose action has been pending longer than this says it may be stuck and how to cancel it.')
+@minValue(1)
+@maxValue(8760)
+param stalePendingHours int = 24
+
+@description('ALLOWED_CALLER_ROLES: comma-separated app roles a caller must hold (as App Service Authentication reports it). Empty: unset. Only safe with App Service Authentication enabled (authClientId): without it a caller can forge X-MS-CLIENT-PRINCIPAL.')
 param allowedCallerRoles string = ''
+
+@description('App Service Authentication with Microsoft Entra: the client id of the app registration callers get tokens for (and whose app roles ALLOWED_CALLER_ROLES names). Empty (the default): authentication is not set up.')
+param authClientId string = ''
+
+@description('App Service Authentication: the token audience accepted (the app registration\'s Application ID URI). Empty: api://<authClientId>.')
+param authTokenAudience string = ''
 
 @description('RUST_LOG: log filter (tracing EnvFilter syntax).')
 param rustLog string = 'info'
@@ -158,6 +169,7 @@ var requiredSettings = {
   COMMENT_INCLUDE_CALLER: commentIncludeCaller ? 'true' : 'false'
   DEFENDER_RATE_LIMIT_PER_MINUTE: string(defenderRateLimitPerMinute)
   DEFENDER_RATE_LIMIT_PER_HOUR: string(defenderRateLimitPerHour)
+  STALE_PENDING_HOURS: string(stalePendingHours)
   RUST_LOG: rustLog
 }
 var apiUrlSetting = empty(defenderApiUrl) ? {} : {
@@ -239,6 +251,8 @@ module api 'app/api.bicep' = {
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
     handlerSettings: handlerSettings
+    authClientId: authClientId
+    authTokenAudience: authTokenAudience
   }
   // The host reads AzureWebJobsStorage and the package with the identity: roles first.
   dependsOn: [
@@ -256,3 +270,4 @@ output SERVICE_API_NAME string = api.outputs.name
 output AZURE_FUNCTION_IDENTITY_NAME string = identity.outputs.name
 output AZURE_FUNCTION_IDENTITY_CLIENT_ID string = identity.outputs.clientId
 output AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID string = identity.outputs.principalId
+output AZURE_FUNCTION_AUTH_AUDIENCE string = api.outputs.authAudience

@@ -37,6 +37,7 @@ NOT_PARAMETERS = {
     "DEFENDER_RATE_CLOCK_SPEED": "benchmarks only; the README says to leave it unset in production",
     "COORDINATION": "always storage on the deployed app (main.bicep sets it; checked below)",
     "COORDINATION_CONTAINER": "the default container serves; set by hand only to share an account",
+    "HTTP_READ_TIMEOUT_SECONDS": "the handler's connections from the local Functions host; tests and local runs only",
 }
 
 # Roles that let the identity create containers, take and renew blob leases and write blobs
@@ -203,6 +204,34 @@ def main() -> int:
     c.check("module" not in re.sub(r"//.*", "", main_bicep).split("mde-roles")[0] or "mde-roles.bicep'" not in main_bicep,
             "main.bicep does not deploy the grant (it is a separate, privileged step)")
 
+    # Optional App Service Authentication (issue 13 point 9).
+    c.check(params.get("authClientId") == ("string", "") and params.get("authTokenAudience") == ("string", ""),
+            "main.bicep: authClientId and authTokenAudience, empty (authentication off) by default",
+            repr((params.get("authClientId"), params.get("authTokenAudience"))))
+    c.check("authClientId: authClientId" in main_bicep and "authTokenAudience: authTokenAudience" in main_bicep,
+            "main.bicep passes both to app/api.bicep")
+    auth = api_bicep.split("resource auth ", 1)[-1].split("\n}\n", 1)[0] if "resource auth " in api_bicep else ""
+    for needle in ["'Microsoft.Web/sites/config@", "= if (!empty(authClientId))", "parent: functionApp",
+                   "name: 'authsettingsV2'", "requireAuthentication: true",
+                   "unauthenticatedClientAction: 'Return401'", "azureActiveDirectory: {\n        enabled: true",
+                   "clientId: authClientId", "allowedAudiences: [\n            authAudience",
+                   "'/api/openapi.json'"]:
+        c.check(needle in auth, f"app/api.bicep authsettingsV2: {' '.join(needle.split())}")
+    c.check("'api://${authClientId}'" in api_bicep, "app/api.bicep: the audience defaults to api://<authClientId>")
+    readme = read("README.md")
+    c.check("azd env set AUTH_CLIENT_ID" in readme and "authClientId=" in readme
+            and "appRoleAssignedTo" in readme.split("### Who called", 1)[-1],
+            "README: enabling App Service Authentication (azd and az) and assigning the app role to callers")
+
+    # Which grant route needs what (issue 13 point 8).
+    readme_grant = read("README.md").split("### Grant the Defender permissions", 1)[-1].split("\n### ", 1)[0]
+    for needle in ["deployment\nrights on the resource group", "GCC High and DoD", "public cloud only"]:
+        flat = " ".join(needle.split())
+        c.check(flat in " ".join(readme_grant.split()) and flat in " ".join(read("docs/deploy.md").split()),
+                f"README's grant section and docs/deploy.md say {flat!r}")
+    c.check("public cloud only" in grant and "AzureCloud" in grant,
+            "grant-defender-roles.sh refuses --method bicep outside the public cloud")
+
     # azure.yaml.
     azure = yaml.safe_load(read("azure.yaml"))
     api = azure.get("services", {}).get("api", {})
@@ -217,9 +246,31 @@ def main() -> int:
         for platform in ("posix", "windows"):
             run = (hook.get(platform) or {}).get("run") if isinstance(hook, dict) else None
             if run:
-                script = next((w for w in run.split() if w.startswith("scripts/")), None)
-                c.check(script is not None and os.access(os.path.join(ROOT, script), os.X_OK),
-                        f"azure.yaml hook runs an executable script: {run}")
+                scripts = [w for w in run.split() if w.startswith("scripts/")]
+                c.check(bool(scripts) and all(os.access(os.path.join(ROOT, s), os.X_OK) for s in scripts),
+                        f"azure.yaml hook runs executable scripts: {run}")
+
+    # The azd alpha feature `language.custom` (issue 13 point 6): the first hook checks it.
+    def hook_run(hooks: dict, name: str) -> str:
+        return str(((hooks.get(name) or {}).get("posix") or {}).get("run", ""))
+    preprovision = hook_run(azure.get("hooks", {}), "preprovision")
+    prepackage = hook_run(api.get("hooks", {}), "prepackage")
+    c.check(list(azure.get("hooks", {}))[:1] == ["preprovision"]
+            and preprovision.split()[-1:] == ["scripts/azd-preflight.sh"],
+            "azure.yaml: the first hook (preprovision) is scripts/azd-preflight.sh", preprovision)
+    c.check("scripts/azd-preflight.sh" in prepackage
+            and prepackage.index("scripts/azd-preflight.sh") < prepackage.index("scripts/package.sh"),
+            "azure.yaml: prepackage (azd deploy) runs the preflight before building", prepackage)
+    preflight = read("scripts/azd-preflight.sh")
+    docs_deploy = read("docs/deploy.md")
+    readme_azd = read("README.md").split("### With the Azure Developer CLI", 1)[-1].split("\n### ", 1)[0]
+    for needle in ["azd config set alpha.language.custom on", "AZD_ALPHA_ENABLE_LANGUAGE_CUSTOM",
+                   "1.20", "repository root"]:
+        c.check(needle in preflight and needle in docs_deploy and needle in readme_azd,
+                f"the preflight hook, docs/deploy.md and the README's azd steps say {needle!r}")
+    package_sh = read("scripts/package.sh")
+    c.check('rustup target add "$triple"' in package_sh and "readonly triple=x86_64-unknown-linux-gnu" in package_sh,
+            "scripts/package.sh adds the Rust target it builds for (rustup target add)")
 
     # Workflows.
     ci = yaml.safe_load(read(".github/workflows/ci.yml"))

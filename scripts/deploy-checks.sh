@@ -16,12 +16,15 @@
 #  7. consistency    scripts/check_deploy_config.py: README settings <-> parameters, azure.yaml,
 #                    workflows, paths named in the README's Deploy section
 #  8. grant script   scripts/test_grant_defender_roles.py: idempotency etc. against a fake az
+#  9. deploy hooks   scripts/test_deploy_hooks.py: the azd preflight hook (version, alpha feature)
+#                    and scripts/package.sh --check-host against fake azd/uname/rustup/rustc
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 # Checks whose Azure counterpart needs a network (bicep build, what-if) are not here: see
 # infra/README.md.
-readonly required_checkov_passes=(CKV_AZURE_70 CKV_AZURE_145 CKV_AZURE_71 CKV_AZURE_3 CKV_AZURE_44 CKV_AZURE_34)
+# CKV_AZURE_56: the optional App Service Authentication (authsettingsV2) resource is read and enabled.
+readonly required_checkov_passes=(CKV_AZURE_70 CKV_AZURE_145 CKV_AZURE_71 CKV_AZURE_3 CKV_AZURE_44 CKV_AZURE_34 CKV_AZURE_56)
 
 passed=0
 failed=0
@@ -102,6 +105,7 @@ step "checkov (infra/.checkov.yaml)" checkov_run
 step "workflow schema (check-jsonschema)" workflows_run
 step "README, infra, azure.yaml and workflows agree" "$checks_venv/bin/python" scripts/check_deploy_config.py
 step "grant script against a fake az" "$checks_venv/bin/python" scripts/test_grant_defender_roles.py
+step "azd preflight hook and package host checks against fakes" python3 scripts/test_deploy_hooks.py
 
 echo "== deploy checks: timings"
 printf '   %s\n' "${timings[@]}"

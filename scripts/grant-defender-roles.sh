@@ -11,7 +11,10 @@
 #                        environment value AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID (main.bicep output).
 #   --method rest        (default) Microsoft Graph calls through `az rest`.
 #   --method bicep       deploy infra/app/mde-roles.bicep instead (`az deployment group create`;
-#                        needs Bicep >= 0.36.1). Default resource group: AZURE_RESOURCE_GROUP.
+#                        needs Bicep >= 0.36.1, and deployment rights on the resource group as
+#                        well as the Entra role below). Default resource group: AZURE_RESOURCE_GROUP.
+#                        Public cloud only (Microsoft Graph Bicep): for GCC High and DoD tenants
+#                        (Azure Government) use the default, rest.
 #   --dry-run            show what would be granted; change nothing.
 #   --from-azd           for the azd postprovision hook: do nothing but print how to grant,
 #                        unless the azd environment has GRANT_DEFENDER_ROLES=true.
@@ -56,6 +59,9 @@ Administrator (or Application Administrator), grant them with either of:
   az deployment group create --resource-group ${resource_group:-<AZURE_RESOURCE_GROUP>} \\
     --template-file infra/app/mde-roles.bicep --parameters principalId=${principal_id:-<id>}
 
+(the Bicep route also needs deployment rights on the resource group, and works in the public
+cloud only: for GCC High and DoD tenants use the script)
+
 or let 'azd provision' do it: azd env set GRANT_DEFENDER_ROLES true
 EOF
     exit 0
@@ -68,6 +74,12 @@ command -v az >/dev/null || die "the Azure CLI (az) is not installed"
 case $method in
     bicep)
         [[ -n $resource_group ]] || die "--method bicep needs --resource-group (or AZURE_RESOURCE_GROUP)"
+        cloud=$(az cloud show --query name --output tsv 2>/dev/null || true)
+        case $cloud in
+            AzureCloud | "") ;;
+            *) die "Microsoft Graph Bicep deploys in the public cloud only, and the Azure CLI is signed in to
+$cloud (GCC High and DoD tenants are in AzureUSGovernment): use the default --method rest" ;;
+        esac
         args=(--resource-group "$resource_group" --name mde-roles
             --template-file infra/app/mde-roles.bicep --parameters "principalId=$principal_id")
         if $dry_run; then

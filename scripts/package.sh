@@ -12,6 +12,7 @@
 # needs are the Rust toolchain and Python 3 with venv.
 #
 # Usage: scripts/package.sh            (then deploy dist/app.zip)
+#        scripts/package.sh --check-host   (only the host and toolchain checks below)
 # On Linux x86-64 it then checks the result: python3 scripts/check_package.py dist/app.zip
 # (PACKAGE_SKIP_CHECK=1 skips that).
 set -euo pipefail
@@ -22,6 +23,37 @@ readonly glibc=2.31
 readonly out=dist
 readonly staging=$out/app
 readonly zip=$out/app.zip
+
+fail() {
+    echo "package: $*" >&2
+    exit 1
+}
+
+# The hosts it builds from: cargo-zigbuild and zig (PyPI wheels) cross-link for Linux x86-64
+# from Linux or macOS, on x86-64 or arm64. Anything else stops here, not halfway through a build.
+host="$(uname -s)/$(uname -m)"
+case $host in
+Linux/x86_64 | Linux/aarch64 | Linux/arm64 | Darwin/x86_64 | Darwin/arm64) ;;
+MINGW* | MSYS* | CYGWIN* | Windows*)
+    fail "cannot build from $host: run scripts/package.sh in WSL (Linux), or build on Linux or macOS"
+    ;;
+*)
+    fail "cannot build from $host: scripts/package.sh builds on Linux or macOS, x86-64 or arm64"
+    ;;
+esac
+command -v cargo >/dev/null 2>&1 || fail "cargo is not on PATH: install the Rust toolchain (https://rustup.rs)"
+command -v python3 >/dev/null 2>&1 || fail "python3 is not on PATH: it installs cargo-zigbuild and zig"
+# The Rust standard library for the target it builds for: rustup adds it (a no-op when it is
+# there already, as on a Linux x86-64 host); without rustup it must come with the toolchain.
+if command -v rustup >/dev/null 2>&1; then
+    rustup target add "$triple" >&2 || fail "rustup could not add the Rust target $triple"
+elif [[ ! -d "$(rustc --print sysroot)/lib/rustlib/$triple" ]]; then
+    fail "the Rust standard library for $triple is not installed and rustup is not here to add it: install rustup (https://rustup.rs), or that target with your Rust distribution"
+fi
+if [[ ${1:-} == --check-host ]]; then
+    echo "package: $host can build $triple"
+    exit 0
+fi
 
 venv=$(scripts/venv.sh package scripts/requirements-package.txt)
 # cargo-zigbuild runs `python3 -m ziglang` when no `zig` is on PATH: the venv's python3.

@@ -77,7 +77,8 @@ FAKE_AZ = textwrap.dedent(
 
     graph = "https://graph.microsoft.com/v1.0/"
     if argv[:2] == ["cloud", "show"]:
-        out({"endpoints": {"microsoftGraphResourceId": "https://graph.microsoft.com/"}})
+        out({"name": state.get("cloud", "AzureCloud"),
+             "endpoints": {"microsoftGraphResourceId": "https://graph.microsoft.com/"}})
     elif argv[:3] == ["ad", "sp", "show"]:
         if opt("--id") != state["defender"]["appId"] or state.get("no_defender"):
             fail("Resource does not exist")
@@ -245,6 +246,12 @@ def main() -> int:
     r.expect("--method bicep deploys infra/app/mde-roles.bicep with the principal id",
              code == 0 and len(deploy) == 1 and "infra/app/mde-roles.bicep" in deploy[0]
              and f"principalId={IDENTITY}" in deploy[0], out)
+
+    for cloud in ["AzureUSGovernment", "AzureChinaCloud"]:
+        code, out, st = r.run(tenant(cloud=cloud), *ids, "--method", "bicep", "--resource-group", "rg-x")
+        deploy = [c for c in st["calls"] if c[:3] == ["deployment", "group", "create"]]
+        r.expect(f"--method bicep in {cloud} (GCC High, DoD) is refused, pointing at the script's default",
+                 code != 0 and deploy == [] and "public cloud only" in out and "--method rest" in out, out)
 
     print(f"grant-script: {r.passed} passed, {r.failed} failed")
     return 1 if r.failed else 0

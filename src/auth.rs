@@ -236,10 +236,19 @@ impl TokenSource {
         let scopes = [inner.scope.as_str()];
         match tokio::time::timeout(inner.timeout, credential.get_token(&scopes, None)).await {
             Ok(Ok(token)) => Ok(token.token),
-            Ok(Err(e)) => Err(TokenError {
-                credential: inner.description.clone(),
-                reason: e.to_string(),
-            }),
+            Ok(Err(e)) => {
+                // The crate's message can carry the identity endpoint's raw
+                // answer: it goes to the log, the caller gets a summary.
+                tracing::warn!(
+                    credential = %inner.description,
+                    error = %e,
+                    "getting a token failed"
+                );
+                Err(TokenError {
+                    credential: inner.description.clone(),
+                    reason: summary(&e),
+                })
+            }
             Err(_) => Err(TokenError {
                 credential: inner.description.clone(),
                 reason: format!(
@@ -249,6 +258,42 @@ impl TokenSource {
             }),
         }
     }
+}
+
+/// What went wrong getting a token, without the token endpoint's own words.
+fn summary(error: &azure_core::Error) -> String {
+    use azure_core::error::ErrorKind;
+    let mut current: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(e) = current {
+        if let Some(e) = e.downcast_ref::<azure_core::Error>() {
+            match e.kind() {
+                ErrorKind::HttpResponse {
+                    status, error_code, ..
+                } => {
+                    let status = u16::from(*status);
+                    let code = error_code
+                        .as_deref()
+                        .filter(|c| {
+                            c.len() <= 64 && c.bytes().all(|b| b.is_ascii_graphic() || b == b' ')
+                        })
+                        .map(|c| format!(" ({c})"))
+                        .unwrap_or_default();
+                    let hint = if status == 400 {
+                        "; for a managed identity, the identity is not assigned to this app or \
+                         AZURE_CLIENT_ID names another one"
+                    } else {
+                        ""
+                    };
+                    return format!("the token endpoint answered HTTP {status}{code}{hint}");
+                }
+                ErrorKind::Connection => return "the token endpoint could not be reached".into(),
+                ErrorKind::Io => return "the connection to the token endpoint failed".into(),
+                _ => {}
+            }
+        }
+        current = e.source();
+    }
+    "the credential failed".into()
 }
 
 /// A credential that always returns the same token.

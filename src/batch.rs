@@ -16,6 +16,8 @@
 //!
 //! A failed read fails every waiter of its batch with the same error; a waiter
 //! whose deadline passes stops waiting and the read goes on for the others.
+//! When every waiter of a batch has gone, its read is dropped, and with it any
+//! rate-budget slot it was still waiting for.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -167,18 +169,25 @@ impl<S: Source> Batcher<S> {
             let close = || self.close(&batch);
             // Keys and deadline as they are now; a tenant-wide read answers
             // waiters that join until it closes the batch, too.
-            let (keys, deadline) = {
-                let members = batch.members.lock().unwrap_or_else(|e| e.into_inner());
-                (
-                    members.keys.iter().cloned().collect::<Vec<_>>(),
-                    members.deadline.unwrap_or_else(Instant::now),
-                )
+            let (keys, deadline) = snapshot(&batch);
+            // When every waiter has gone (their callers hung up), the read is
+            // dropped: a slot it still waited for goes back to the budget.
+            let answer = tokio::select! {
+                answer = self.source.read(keys, deadline, &close) => answer,
+                () = batch.done.closed() => {
+                    close();
+                    if batch.done.receiver_count() == 0 {
+                        continue;
+                    }
+                    // Someone joined just as the others left: read for them.
+                    let (keys, deadline) = snapshot(&batch);
+                    self.source.read(keys, deadline, &close).await
+                }
             };
-            let answer = self.source.read(keys, deadline, &close).await.map(Arc::new);
             // Closed already before anything was sent; closing again covers a
             // read that failed before sending anything.
             close();
-            batch.done.send_replace(Some(answer));
+            batch.done.send_replace(Some(answer.map(Arc::new)));
         }
     }
 
@@ -193,4 +202,13 @@ impl<S: Source> Batcher<S> {
             inner.open = None;
         }
     }
+}
+
+/// The batch's keys and the latest deadline among its waiters, as they are now.
+fn snapshot<S: Source>(batch: &Batch<S>) -> (Vec<S::Key>, Instant) {
+    let members = batch.members.lock().unwrap_or_else(|e| e.into_inner());
+    (
+        members.keys.iter().cloned().collect(),
+        members.deadline.unwrap_or_else(Instant::now),
+    )
 }

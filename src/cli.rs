@@ -12,6 +12,7 @@ use crate::{
     routes::FUNCTION_NAME,
     simulator::{SimConfig, SimHandle, Simulator},
     startup::{self, StartupError, Tokens},
+    telemetry,
 };
 
 /// Restrict or release app execution on devices through Microsoft Defender for Endpoint.
@@ -85,6 +86,17 @@ struct InvokeArgs {
     simulate: bool,
 }
 
+impl Cli {
+    /// `handler invoke` prints only its answer on stdout (`handler invoke … |
+    /// jq` works); every other command logs there, for the Functions host.
+    pub fn log_target(&self) -> telemetry::LogTarget {
+        match self.command {
+            Some(Command::Invoke(_)) => telemetry::LogTarget::Stderr,
+            _ => telemetry::LogTarget::Stdout,
+        }
+    }
+}
+
 /// Run the command line. Exit codes: 0 success; 1 a failure (startup, or an
 /// invocation answered 5xx); 2 an invocation answered 4xx.
 pub async fn run(cli: Cli) -> ExitCode {
@@ -108,6 +120,7 @@ pub async fn run(cli: Cli) -> ExitCode {
 async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let settings = Settings::from_env()?;
     let port = args.port.unwrap_or(settings.port);
+    let read_timeout = settings.http_read_timeout;
     let (state, sim) = if args.simulate {
         let config = SimConfig {
             speed: args.sim_speed,
@@ -135,7 +148,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     if let Some(sim) = &sim {
         println!("{}", simulate_banner(sim, addr));
     }
-    startup::serve(listener, state).await
+    startup::serve(listener, state, read_timeout).await
 }
 
 async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {

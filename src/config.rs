@@ -150,6 +150,9 @@ pub struct Settings {
     pub comment_include_caller: bool,
     /// Whole-invocation bound, kept below the host's functionTimeout.
     pub request_timeout: Duration,
+    /// How long a connection may take to send a request (head, then body),
+    /// and how long an idle keep-alive connection stays open.
+    pub http_read_timeout: Duration,
     /// Client-side budget per Defender endpoint (Defender's own limits).
     pub rate_limit_per_minute: u32,
     pub rate_limit_per_hour: u32,
@@ -162,6 +165,8 @@ pub struct Settings {
     pub machine_cache: Duration,
     /// `$top` for lists of machine actions (Defender's largest page unless lowered).
     pub page_size: usize,
+    /// An `already_pending` action older than this may be stuck; the answer says so.
+    pub stale_pending: Duration,
     /// `COORDINATION` and, with `storage`, the host's storage account
     /// (parsed in [`crate::coordination::settings`]).
     pub coordination: CoordinationSettings,
@@ -238,6 +243,11 @@ impl Settings {
             token_timeout: seconds(&get, "TOKEN_TIMEOUT_SECONDS", 20)?,
             comment_include_caller: boolean(&get, "COMMENT_INCLUDE_CALLER", true)?,
             request_timeout: request_timeout(&get)?,
+            http_read_timeout: seconds(
+                &get,
+                "HTTP_READ_TIMEOUT_SECONDS",
+                crate::server::DEFAULT_READ_TIMEOUT.as_secs(),
+            )?,
             rate_limit_per_minute: count(&get, "DEFENDER_RATE_LIMIT_PER_MINUTE", 100)?,
             rate_limit_per_hour: count(&get, "DEFENDER_RATE_LIMIT_PER_HOUR", 1500)?,
             rate_clock_speed: clock_speed(&get, "DEFENDER_RATE_CLOCK_SPEED")?,
@@ -264,6 +274,15 @@ impl Settings {
                 1..=crate::defender::client::PAGE_TOP,
                 "a whole number between 1 and 10000",
             )?,
+            stale_pending: Duration::from_secs(
+                3600 * ranged(
+                    &get,
+                    "STALE_PENDING_HOURS",
+                    24,
+                    1..=8760,
+                    "a whole number of hours between 1 and 8760",
+                )?,
+            ),
             coordination: CoordinationSettings::from_lookup(&lookup)?,
         })
     }

@@ -32,6 +32,7 @@ pub const CODES: &[&str] = &[
     "unsupported_device",
     "rate_limited",
     "defender_forbidden",
+    "defender_feature_disabled",
     "authentication_failed",
     "defender_error",
     "defender_timeout",
@@ -41,6 +42,7 @@ pub const CODES: &[&str] = &[
     "caller_forbidden",
     "route_not_found",
     "method_not_allowed",
+    "shutting_down",
 ];
 
 /// An invocation that did not succeed.
@@ -61,6 +63,19 @@ pub enum ApiError {
         /// The action was created by another request after this one arrived,
         /// which `cancelPending` does not cancel.
         created_meanwhile: bool,
+    },
+    /// `cancelPending` cancelled the opposite action, but no read showed it
+    /// final before the invocation's time ran out.
+    #[error(
+        "the {action_type} action {action_id} on machine {machine_id} was cancelled, but Defender \
+         still reports it {status}: a cancel is not final until Defender says so. No action was \
+         created; send the request again once the action is Cancelled (the status route shows it)."
+    )]
+    CancelNotFinal {
+        machine_id: String,
+        action_id: String,
+        action_type: String,
+        status: String,
     },
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
@@ -83,6 +98,10 @@ pub enum ApiError {
     },
     #[error("Defender refused the call (403): {message}")]
     DefenderForbidden { message: String },
+    /// A 403 that is not about permissions (`DisabledFeature`,
+    /// `DisallowedOperation`): roles would not help.
+    #[error("Defender refused the call with {code} (403): {message}")]
+    DefenderFeatureDisabled { code: String, message: String },
     #[error(transparent)]
     AuthenticationFailed(TokenError),
     #[error("Defender rejected the token (401): {message}")]
@@ -95,6 +114,18 @@ pub enum ApiError {
     ActionNotFound(String),
     #[error("action {action_id} is {status}, which is final; there is nothing to cancel")]
     ActionNotPending { action_id: String, status: String },
+    /// Defender answered 400 to the cancel of an action a read still shows
+    /// as pending.
+    #[error(
+        "Defender refused to cancel action {action_id} (400: {message}); it read as {status} just \
+         before, so it is most likely finishing. Read it again with the status function; to undo a \
+         finished action, send the opposite request."
+    )]
+    CancelRefused {
+        action_id: String,
+        status: String,
+        message: String,
+    },
     #[error(
         "action {action_id} is of type {action_type}; only RestrictCodeExecution and \
          UnrestrictCodeExecution actions can be cancelled here"
@@ -107,8 +138,17 @@ pub enum ApiError {
     CallerForbidden(String),
     #[error("no route {0}")]
     RouteNotFound(String),
-    #[error("method {0} is not allowed here; use POST")]
-    MethodNotAllowed(String),
+    #[error("method {method} is not allowed here; use {allowed}")]
+    MethodNotAllowed {
+        method: String,
+        allowed: &'static str,
+    },
+    #[error(
+        "the handler is shutting down (the instance is being stopped or recycled) and takes no \
+         new invocations; nothing was sent to Defender. Retry: the platform sends the retry to a \
+         running instance."
+    )]
+    ShuttingDown,
 }
 
 fn conflict_detail(
@@ -156,7 +196,7 @@ impl ApiError {
                 S::NOT_FOUND,
                 "Device not found in Defender",
             ),
-            Self::ConflictingActionPending { .. } => (
+            Self::ConflictingActionPending { .. } | Self::CancelNotFinal { .. } => (
                 "conflicting_action_pending",
                 S::CONFLICT,
                 "Opposite action pending",
@@ -182,6 +222,11 @@ impl ApiError {
                 S::BAD_GATEWAY,
                 "Defender permission missing",
             ),
+            Self::DefenderFeatureDisabled { .. } => (
+                "defender_feature_disabled",
+                S::BAD_GATEWAY,
+                "Defender feature disabled or operation disallowed",
+            ),
             Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => (
                 "authentication_failed",
                 S::BAD_GATEWAY,
@@ -192,7 +237,7 @@ impl ApiError {
             Self::ActionNotFound(_) => {
                 ("action_not_found", S::NOT_FOUND, "Machine action not found")
             }
-            Self::ActionNotPending { .. } => (
+            Self::ActionNotPending { .. } | Self::CancelRefused { .. } => (
                 "action_not_pending",
                 S::CONFLICT,
                 "Machine action already finished",
@@ -204,11 +249,12 @@ impl ApiError {
             ),
             Self::CallerForbidden(_) => ("caller_forbidden", S::FORBIDDEN, "Caller not allowed"),
             Self::RouteNotFound(_) => ("route_not_found", S::NOT_FOUND, "Not found"),
-            Self::MethodNotAllowed(_) => (
+            Self::MethodNotAllowed { .. } => (
                 "method_not_allowed",
                 S::METHOD_NOT_ALLOWED,
                 "Method not allowed",
             ),
+            Self::ShuttingDown => ("shutting_down", S::SERVICE_UNAVAILABLE, "Shutting down"),
         }
     }
 
@@ -232,8 +278,22 @@ impl ApiError {
                  WindowsDefenderATP application permissions {REQUIRED_ROLES} (admin consent), \
                  then allow up to an hour for new roles to reach tokens."
             ),
+            Self::DefenderFeatureDisabled { code, message } => format!(
+                "Defender refused the call with {code} (403): {message}. This is not a missing \
+                 permission, and granting roles will not help: {}. No action was created.",
+                if code == "DisabledFeature" {
+                    "a Defender for Endpoint feature this call needs is turned off or not licensed \
+                     for the tenant. Check the tenant's Defender for Endpoint Plan 2 license and \
+                     Settings > Endpoints > Advanced features in the Microsoft Defender portal"
+                } else {
+                    "Defender does not allow this operation here, for example on this device, \
+                     for its device group or under the tenant's settings. Check the device and \
+                     its device group in the Microsoft Defender portal, and try the action there \
+                     to see Defender's reason"
+                }
+            ),
             Self::AuthenticationFailed(e) => format!(
-                "{e}. Check that the function app has the identity enabled (IDENTITY_ENDPOINT is \
+                "{e} (the handler's log has the token endpoint's answer). Check that the function app has the identity enabled (IDENTITY_ENDPOINT is \
                  set by the platform) and, for a user-assigned identity, that AZURE_CLIENT_ID is \
                  its client id. Nothing was sent to Defender."
             ),
@@ -254,6 +314,7 @@ impl ApiError {
             | Self::CoordinationUnavailable { retry_after, .. } => {
                 Some(retry_after.as_secs().max(1))
             }
+            Self::ShuttingDown => Some(5),
             _ => None,
         }
     }
@@ -266,14 +327,18 @@ impl ApiError {
         };
         let action_id = match self {
             Self::ConflictingActionPending { action_id, .. }
+            | Self::CancelNotFinal { action_id, .. }
             | Self::ActionNotPending { action_id, .. }
+            | Self::CancelRefused { action_id, .. }
             | Self::UnsupportedActionType { action_id, .. } => Some(action_id.clone()),
             Self::ActionNotFound(id) => Some(id.clone()),
             _ => None,
         };
         let action_status = match self {
             Self::ConflictingActionPending { status, .. }
-            | Self::ActionNotPending { status, .. } => Some(status.clone()),
+            | Self::CancelNotFinal { status, .. }
+            | Self::ActionNotPending { status, .. }
+            | Self::CancelRefused { status, .. } => Some(status.clone()),
             _ => None,
         };
         Problem {
@@ -382,6 +447,14 @@ impl From<DefenderError> for ApiError {
             ) =>
             {
                 Self::UnsupportedDevice { code, message }
+            }
+            DefenderError::Status {
+                status: 403,
+                code,
+                message,
+                ..
+            } if matches!(code.as_str(), "DisabledFeature" | "DisallowedOperation") => {
+                Self::DefenderFeatureDisabled { code, message }
             }
             DefenderError::Status {
                 status: 403,

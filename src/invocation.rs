@@ -57,6 +57,9 @@ impl Function {
     ];
 }
 
+/// `STALE_PENDING_HOURS`' default: a day.
+const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);
+
 /// Shared by every invocation of the process.
 #[derive(Debug, Clone)]
 pub struct AppState {
@@ -70,6 +73,8 @@ struct Inner {
     request_timeout: Duration,
     /// `ALLOWED_CALLER_ROLES`; empty means no role check.
     allowed_roles: Vec<String>,
+    /// `STALE_PENDING_HOURS`: when an `already_pending` action may be stuck.
+    stale_pending: Duration,
 }
 
 impl AppState {
@@ -83,8 +88,23 @@ impl AppState {
                 restrictor,
                 request_timeout,
                 allowed_roles,
+                stale_pending: DEFAULT_STALE_PENDING,
             }),
         }
+    }
+
+    /// Sets `STALE_PENDING_HOURS`; called at startup, before the state is shared.
+    pub fn with_stale_pending(mut self, after: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.stale_pending = after;
+        }
+        self
+    }
+
+    /// How long an `already_pending` action may be pending before the answer
+    /// says it may be stuck.
+    pub fn stale_pending(&self) -> Duration {
+        self.inner.stale_pending
     }
 
     pub fn restrictor(&self) -> &Restrictor {

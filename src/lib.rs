@@ -15,6 +15,7 @@
 //!   state at once (the fleet view);
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
+//! - [`server`]: connections, read timeouts and shutdown;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
 
 pub mod auth;
@@ -37,6 +38,7 @@ pub mod restrict;
 pub mod routes;
 pub mod runbook;
 pub mod selection;
+pub mod server;
 pub mod simulator;
 pub mod startup;
 pub mod state_reads;

@@ -9,8 +9,8 @@
 //! need no call at all.
 //!
 //! Lookups of different devices are batched ([`crate::batch`]): a device
-//! alone, or several while the budget has a slot for each, are looked up one
-//! by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
+//! alone, or several while that takes at most half of what the budget has
+//! left, are looked up one by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
 //! budget is tight (or shared by several instances), one list of the tenant's
 //! machines (`GET /api/machines?$top=10000`, every page) answers them all.
 //!
@@ -33,7 +33,7 @@ use std::{
 
 use futures_util::{
     FutureExt,
-    future::{BoxFuture, Shared},
+    future::{BoxFuture, Shared, WeakShared},
 };
 use thiserror::Error;
 use tokio::time::Instant;
@@ -75,13 +75,16 @@ pub enum FindError {
     Defender(#[from] DefenderError),
 }
 
-type Flight = Shared<BoxFuture<'static, Result<Found, FindError>>>;
+type LookupFuture = BoxFuture<'static, Result<Found, FindError>>;
+type Flight = Shared<LookupFuture>;
 
 enum Slot {
-    /// A lookup is under way; `id` tells flights apart.
+    /// A lookup is under way; `id` tells flights apart. Held weakly: the
+    /// lookup lives as long as someone waits for it, and one that nobody
+    /// waits for any more is dropped with any rate-budget slot it waited for.
     Loading {
         id: u64,
-        flight: Flight,
+        flight: WeakShared<LookupFuture>,
     },
     Found {
         found: Box<Found>,
@@ -182,8 +185,10 @@ impl MachineDirectory {
             Some(Slot::Found { found, at }) if at.elapsed() < self.ttl => {
                 return Ok(Found::clone(found));
             }
-            Some(Slot::Loading { flight, .. }) if flight.peek().is_none() => {
-                return Err(flight.clone());
+            Some(Slot::Loading { flight, .. }) => {
+                if let Some(flight) = flight.upgrade().filter(|f| f.peek().is_none()) {
+                    return Err(flight);
+                }
             }
             _ => {}
         }
@@ -191,32 +196,19 @@ impl MachineDirectory {
         let started = Instant::now();
         let directory = Arc::clone(self);
         let key = device.clone();
-        // Spawned, so that the lookup finishes for the others even if the
-        // invocation that started it gives up.
-        let task = tokio::spawn(async move {
+        // Polled by the invocations that wait for it; it settles the slot
+        // itself when it finishes.
+        let flight = async move {
             let result = directory.look_up(&key, deadline).await;
             directory.settle(&key, id, started, &result);
             result
-        });
-        let op = operation(device);
-        let flight = task
-            .map(move |joined| {
-                joined.unwrap_or_else(|_| {
-                    Err(FindError::Defender(DefenderError::Protocol {
-                        operation: op,
-                        reason: "the machine lookup stopped unexpectedly".to_owned(),
-                    }))
-                })
-            })
-            .boxed()
-            .shared();
-        slots.insert(
-            device.clone(),
-            Slot::Loading {
-                id,
-                flight: flight.clone(),
-            },
-        );
+        }
+        .boxed()
+        .shared();
+        let Some(weak) = flight.downgrade() else {
+            return Err(flight);
+        };
+        slots.insert(device.clone(), Slot::Loading { id, flight: weak });
         Err(flight)
     }
 
@@ -319,8 +311,10 @@ impl Source for MachineSource {
             .iter()
             .filter(|d| matches!(d, DeviceRef::AadDevice(_)))
             .count();
-        let fits = by_aad <= self.client.free_slots(Endpoint::ListMachines)
-            && devices.len() - by_aad <= self.client.free_slots(Endpoint::GetMachine);
+        // One by one while that takes at most half of what the budget has
+        // left now: the rest stays for the lists that serve everyone.
+        let fits = by_aad * 2 <= self.client.free_slots(Endpoint::ListMachines)
+            && (devices.len() - by_aad) * 2 <= self.client.free_slots(Endpoint::GetMachine);
         if devices.len() == 1 || fits {
             close();
             let lookups = devices

@@ -16,6 +16,6 @@ use restrict_code_execution::{cli, telemetry};
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> ExitCode {
     let cli = cli::Cli::parse();
-    telemetry::init();
+    telemetry::init(cli.log_target());
     cli::run(cli).await
 }

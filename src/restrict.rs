@@ -14,7 +14,13 @@
 //! - `cancelPending` cancels only actions that existed when the request
 //!   arrived: an opposite action this instance created after that is answered
 //!   with 409. Concurrent opposite requests would otherwise cancel each
-//!   other's actions in turn.
+//!   other's actions in turn;
+//! - after cancelling, the job decides again only on a read that shows the
+//!   cancelled actions final (a cancel is not known to be immediate; reads
+//!   2 s apart, slowing to 5 s), or answers 409 when none does in time;
+//! - a 201 whose action Defender already had (its id was in the state read,
+//!   or it was created before the POST was sent) is a duplicate answered with
+//!   the pending action: `already_pending`, not a new action.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -27,6 +33,7 @@ use std::{
 
 use serde::Serialize;
 use serde_json::Value;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
@@ -49,6 +56,23 @@ const MAX_POSTS: usize = 3;
 /// Pause before re-reading after an ambiguous POST, so that an action
 /// Defender committed late is seen rather than duplicated.
 const SETTLE: Duration = Duration::from_secs(2);
+
+/// How far Defender's clock may be behind ours when telling an action it
+/// created for our POST from one it already had. A duplicate POST can be
+/// answered 201 with the existing pending action (defender-api.md A3); an
+/// action created before the POST was sent cannot be the POST's, but the two
+/// clocks are not the same clock: a second of skew must not make a new
+/// action look old. A clock off by more only relabels the answer
+/// (`already_pending` instead of `requested`): the action returned is the
+/// one Defender answered with either way.
+const CLOCK_SKEW: time::Duration = time::Duration::seconds(1);
+
+/// First pause between the reads that wait for a cancelled action to be
+/// final; it grows by half each time up to [`POLL_EVERY`]. The reads share
+/// the hourly budget with every other invocation.
+const CANCEL_POLL_FIRST: Duration = Duration::from_secs(2);
+/// Time kept after waiting for a cancel, for the POST that follows.
+const ACT_RESERVE: Duration = Duration::from_secs(2);
 
 /// How long this instance remembers when it created an action: longer than
 /// any invocation lasts, so a `cancelPending` request can tell whether an
@@ -116,6 +140,48 @@ pub struct Success {
 }
 
 impl Success {
+    /// What the caller should know beyond the outcome: with `force`, that a
+    /// repeated action can stay pending and finish after a later opposite
+    /// one; for an `already_pending` action pending longer than
+    /// `stale_after`, that it may be stuck and how to cancel it.
+    pub fn warning(&self, force: bool, stale_after: Duration) -> Option<String> {
+        match self.outcome {
+            Outcome::Requested if force => Some(
+                "\"force\" sent a repeated action: on a device already in this state, Defender \
+                 has been seen to keep such an action Pending and finish it after a later \
+                 opposite action, leaving the device in the wrong state \
+                 (microsoft-365-docs#5903). Follow it with the status route, and cancel it if it \
+                 is still pending before you send the opposite request."
+                    .to_owned(),
+            ),
+            Outcome::AlreadyPending if !self.terminal() => {
+                let created = self
+                    .action
+                    .get("creationDateTimeUtc")
+                    .and_then(Value::as_str)
+                    .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())?;
+                let age = OffsetDateTime::now_utc() - created;
+                let stale = time::Duration::try_from(stale_after).unwrap_or(time::Duration::MAX);
+                (age > stale).then(|| {
+                    format!(
+                        "Action {} has been {} since {} (more than {} h): it may be stuck \
+                         (microsoft-365-docs#5903). Cancel it with POST \
+                         /api/restrict-code-execution/actions/{}/cancel, then send this request \
+                         again.",
+                        self.action_id,
+                        self.action_status,
+                        created
+                            .format(&Rfc3339)
+                            .unwrap_or_else(|_| created.to_string()),
+                        stale_after.as_secs() / 3600,
+                        self.action_id
+                    )
+                })
+            }
+            _ => None,
+        }
+    }
+
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
     pub fn terminal(&self) -> bool {
         crate::defender::models::ActionStatus::parse(&self.action_status)
@@ -195,6 +261,9 @@ struct Job {
     deadline: Instant,
     stage: Arc<AtomicU8>,
     reply: oneshot::Sender<JobResult>,
+    /// Resolves when the invocation went away (its caller hung up): the job
+    /// is then dropped, and a rate-budget slot it waited for is given back.
+    gone: Option<oneshot::Receiver<()>>,
 }
 
 /// Where a job is: the invocation and the round agree through it on whether
@@ -303,7 +372,10 @@ impl Restrictor {
         deadline: Instant,
     ) -> JobResult {
         let (reply, answer) = oneshot::channel();
+        // Dropped with this future: tells the round the caller is gone.
+        let (_alive, gone) = oneshot::channel::<()>();
         let stage = Arc::new(AtomicU8::new(QUEUED));
+        let _abandon_if_dropped = AbandonIfQueued(Arc::clone(&stage));
         let job = Job {
             wanted,
             comment: comment.to_owned(),
@@ -311,6 +383,7 @@ impl Restrictor {
             deadline,
             stage: Arc::clone(&stage),
             reply,
+            gone: Some(gone),
         };
         let key = machine_id.to_ascii_lowercase();
         if self.inner.queues.push(&key, job) {
@@ -399,7 +472,7 @@ impl Shared {
                 },
             };
             let mut state = Some(self.reads.read(&machine_id, read_by).await);
-            for job in jobs {
+            for mut job in jobs {
                 if job
                     .stage
                     .compare_exchange(
@@ -419,19 +492,32 @@ impl Shared {
                     Some(Err(e)) => Err(e),
                     None => self.reads.read(&machine_id, job.deadline).await,
                 };
+                let mut gone = job.gone.take();
+                let caller_gone = async {
+                    match gone.as_mut() {
+                        Some(gone) => {
+                            let _ = gone.await;
+                        }
+                        None => std::future::pending().await,
+                    }
+                };
                 let result = match actions {
                     Ok(mut actions) => {
-                        let result = self
-                            .serve(&machine_id, &job, lease.as_ref(), &mut actions)
-                            .await;
-                        if result.is_ok() {
+                        let served = tokio::select! {
+                            result = self.serve(&machine_id, &job, lease.as_ref(), &mut actions) => Some(result),
+                            // Stopped where it stood: the next job reads again.
+                            () = caller_gone => None,
+                        };
+                        if matches!(served, Some(Ok(_))) {
                             state = Some(Ok(actions));
                         }
-                        result
+                        served
                     }
-                    Err(e) => Err(JobError::from(e)),
+                    Err(e) => Some(Err(JobError::from(e))),
                 };
-                let _ = job.reply.send(result);
+                if let Some(result) = result {
+                    let _ = job.reply.send(result);
+                }
             }
             // Released before the next round (here or elsewhere) asks for it.
             if let Some(lease) = lease
@@ -525,15 +611,18 @@ impl Shared {
                     if let Some(lease) = lease {
                         lease.check().map_err(ApiError::from)?;
                     }
+                    let mut asked = Vec::new();
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
                         if self.cancel(&action, &why, deadline).await? {
+                            asked.push(action.id.to_ascii_lowercase());
                             cancelled.push(action.id);
                         }
                     }
                     cancel_round_done = true;
-                    // The state may have moved while cancelling: read it again.
-                    *actions = self.reads.read(machine_id, deadline).await?;
+                    // A cancel is not known to be immediate: decide again
+                    // only on a read that shows every cancelled action final.
+                    *actions = self.until_final(machine_id, &asked, deadline).await?;
                 }
             }
         }
@@ -550,7 +639,11 @@ impl Shared {
         actions: &mut Vec<MachineAction>,
         deadline: Instant,
     ) -> JobResult {
-        let mut known: HashSet<String> = actions.iter().map(|a| a.id.clone()).collect();
+        let mut known: HashSet<String> =
+            actions.iter().map(|a| a.id.to_ascii_lowercase()).collect();
+        // When the first POST was sent: an action a re-sent POST is answered
+        // with that is younger than this may be the first POST's own.
+        let sent = OffsetDateTime::now_utc();
         let mut posts = 0;
         loop {
             posts += 1;
@@ -564,6 +657,21 @@ impl Shared {
                 .create_action(machine_id, action_type, comment, deadline)
                 .await
             {
+                Ok(created) if existed_before(&created.action, &known, sent) => {
+                    // A duplicate answered with the action already under
+                    // way: nothing new was created.
+                    tracing::info!(action_id = %created.action.id, created = ?created.action.creation_date_time_utc, "Defender answered the POST with an action that already existed");
+                    if !known.contains(&created.action.id.to_ascii_lowercase()) {
+                        actions.push(created.action.clone());
+                    }
+                    return Ok(Acted {
+                        outcome: Outcome::AlreadyPending,
+                        action_id: created.action.id,
+                        action_status: created.action.status,
+                        action: created.raw,
+                        cancelled: Vec::new(),
+                    });
+                }
                 Ok(created) => {
                     self.remember_created(&created.action.id);
                     actions.push(created.action.clone());
@@ -604,10 +712,9 @@ impl Shared {
                     return Err(error.into());
                 }
             }
-            if let Some(landed) = actions
-                .iter()
-                .find(|a| a.typed_type() == Some(action_type) && !known.contains(&a.id))
-            {
+            if let Some(landed) = actions.iter().find(|a| {
+                a.typed_type() == Some(action_type) && !known.contains(&a.id.to_ascii_lowercase())
+            }) {
                 tracing::info!(action_id = %landed.id, "the action was created despite the failed answer");
                 self.remember_created(&landed.id);
                 return Ok(Acted::from_listed(
@@ -619,7 +726,7 @@ impl Shared {
             if posts >= MAX_POSTS || Instant::now() >= deadline {
                 return Err(not_created(&error).into());
             }
-            known.extend(actions.iter().map(|a| a.id.clone()));
+            known.extend(actions.iter().map(|a| a.id.to_ascii_lowercase()));
         }
     }
 
@@ -675,6 +782,41 @@ impl Shared {
         }
     }
 
+    /// Read the machine's actions until none of `ids` (lower-cased) is
+    /// Pending or InProgress, first after [`CANCEL_POLL_FIRST`], then less
+    /// often, and answer the read that shows it. Gives up with [`ApiError::CancelNotFinal`]
+    /// when the next read would leave too little time to act.
+    async fn until_final(
+        &self,
+        machine_id: &str,
+        ids: &[String],
+        deadline: Instant,
+    ) -> Result<Vec<MachineAction>, ApiError> {
+        let mut pause = CANCEL_POLL_FIRST;
+        loop {
+            let actions = self.reads.read(machine_id, deadline).await?;
+            let unfinished = actions.iter().find(|a| {
+                ids.contains(&a.id.to_ascii_lowercase())
+                    && a.typed_status().is_some_and(|s| !s.is_terminal())
+            });
+            let Some(unfinished) = unfinished else {
+                return Ok(actions);
+            };
+            let next = Instant::now() + pause;
+            pause = (pause * 3 / 2).min(POLL_EVERY);
+            if next + ACT_RESERVE > deadline {
+                return Err(ApiError::CancelNotFinal {
+                    machine_id: machine_id.to_owned(),
+                    action_id: unfinished.id.clone(),
+                    action_type: unfinished.action_type.clone(),
+                    status: unfinished.status.clone(),
+                });
+            }
+            tracing::info!(action_id = %unfinished.id, status = %unfinished.status, "waiting for a cancelled action to be final");
+            tokio::time::sleep_until(next).await;
+        }
+    }
+
     /// Whether this instance created the action after `arrived`.
     fn created_after(&self, action_id: &str, arrived: Instant) -> bool {
         let created = self.created.lock().unwrap_or_else(|e| e.into_inner());
@@ -701,6 +843,21 @@ impl Drop for Shared {
                 "coordination totals"
             );
         }
+    }
+}
+
+/// Marks a job abandoned when its invocation goes away before the round
+/// started it, so that the round skips it and reads and sends nothing for it.
+struct AbandonIfQueued(Arc<AtomicU8>);
+
+impl Drop for AbandonIfQueued {
+    fn drop(&mut self) {
+        let _ = self.0.compare_exchange(
+            QUEUED,
+            ABANDONED,
+            AtomicOrdering::AcqRel,
+            AtomicOrdering::Acquire,
+        );
     }
 }
 
@@ -732,6 +889,20 @@ impl Acted {
             cancelled,
         }
     }
+}
+
+/// Whether a 201's action is one Defender already had: the state read held
+/// its id, or it was created before the POST was sent (beyond clock skew).
+fn existed_before(action: &MachineAction, known: &HashSet<String>, sent: OffsetDateTime) -> bool {
+    if known.contains(&action.id.to_ascii_lowercase()) {
+        return true;
+    }
+    action
+        .creation_date_time_utc
+        .as_deref()
+        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        .and_then(|created| created.checked_add(CLOCK_SKEW))
+        .is_some_and(|created| created < sent)
 }
 
 /// The POST failed ambiguously, and re-reading showed it created nothing.
@@ -773,6 +944,38 @@ pub fn comment_for_defender(
 mod tests {
     use super::*;
     use serde_json::json;
+
+    fn action_created(id: &str, created: &str) -> MachineAction {
+        serde_json::from_value(json!({
+            "id": id,
+            "type": "RestrictCodeExecution",
+            "status": "Pending",
+            "creationDateTimeUtc": created,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn an_answer_with_an_action_defender_already_had_is_recognised() {
+        let sent = OffsetDateTime::parse("2026-12-01T10:00:00Z", &Rfc3339).unwrap();
+        let none = HashSet::new();
+        // Created before the POST was sent, beyond a second of clock skew.
+        let old = action_created("a", "2026-12-01T09:59:58.5000000Z");
+        assert!(existed_before(&old, &none, sent));
+        // Within the skew, or after: the POST's own action.
+        let skewed = action_created("b", "2026-12-01T09:59:59.5000000Z");
+        assert!(!existed_before(&skewed, &none, sent));
+        let new = action_created("c", "2026-12-01T10:00:00.2000000Z");
+        assert!(!existed_before(&new, &none, sent));
+        // An id the state read held, whatever its time says.
+        let known: HashSet<String> = ["c".to_owned()].into();
+        assert!(existed_before(&new, &known, sent));
+        let upper = action_created("C", "2026-12-01T10:00:00.2000000Z");
+        assert!(existed_before(&upper, &known, sent));
+        // No or unreadable creation time: not known to be old.
+        let undated = action_created("d", "yesterday");
+        assert!(!existed_before(&undated, &none, sent));
+    }
 
     #[test]
     fn caller_is_appended_unless_turned_off() {

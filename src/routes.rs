@@ -23,7 +23,7 @@ use axum::{
     response::{IntoResponse, Response},
     routing::{MethodRouter, get, post},
 };
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use tower_http::trace::TraceLayer;
 use url::Url;
 
@@ -41,7 +41,7 @@ pub const FUNCTION_NAME: &str = "restrict-code-execution";
 /// The router, without a socket, so tests can drive it in-process.
 pub fn router(state: AppState) -> Router {
     let mut router = Router::new()
-        .route("/", get(ready))
+        .route("/", get(ready).fallback(not_allowed("GET")))
         .route(
             "/api/restrict-code-execution",
             forwarded_route(Function::Restrict),
@@ -65,7 +65,7 @@ pub fn router(state: AppState) -> Router {
             post(move |state: State<AppState>, request: Request| {
                 payload_mode(state, function, request)
             })
-            .fallback(method_not_allowed),
+            .fallback(not_allowed("POST")),
         );
     }
     router
@@ -105,16 +105,26 @@ pub fn normalize_path(mut request: Request) -> Request {
     request
 }
 
+/// The one HTTP method each function's trigger accepts (its `function.json`).
+fn allowed_method(function: Function) -> &'static str {
+    match function {
+        Function::ActionStatus | Function::OpenApi | Function::ListDevices => "GET",
+        Function::Restrict | Function::CancelAction => "POST",
+    }
+}
+
 /// A forwarded-mode route for `function`, answering other methods with 405.
 fn forwarded_route(function: Function) -> MethodRouter<AppState> {
     let handler = move |state: State<AppState>, params: RawPathParams, request: Request| {
         forwarded(state, function, params, request)
     };
-    match function {
-        Function::ActionStatus | Function::OpenApi | Function::ListDevices => get(handler),
-        Function::Restrict | Function::CancelAction => post(handler),
-    }
-    .fallback(method_not_allowed)
+    let allowed = allowed_method(function);
+    let route = if allowed == "GET" {
+        get(handler)
+    } else {
+        post(handler)
+    };
+    route.fallback(not_allowed(allowed))
 }
 
 /// Answers at once: the host only needs a response to count us as ready.
@@ -131,9 +141,16 @@ async fn forwarded(
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let format = Format::from_accept(header_str(&parts.headers, header::ACCEPT));
-    let body = match read_limited(body, MAX_PAYLOAD_BYTES).await {
+    let body = match read_limited(&parts, body, MAX_PAYLOAD_BYTES, |reason| {
+        ApiError::InvalidRequest(RunbookError::Unreadable(reason))
+    })
+    .await
+    {
         Ok(body) => body,
-        Err(error) => return reply_response(Reply::error(&error, &id, format), &id),
+        Err(error) => {
+            log_rejected(&id, function, &error);
+            return reply_response(Reply::error(&error, &id, format), &id);
+        }
     };
     let invocation = Invocation {
         id: id.clone(),
@@ -159,8 +176,28 @@ async fn payload_mode(
 ) -> Response {
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
-    let reply = match read_limited(body, envelope::MAX_ENVELOPE_BYTES).await {
+    let reply = match read_limited(
+        &parts,
+        body,
+        envelope::MAX_ENVELOPE_BYTES,
+        ApiError::InvalidEnvelope,
+    )
+    .await
+    {
         Ok(bytes) => match envelope::parse(&bytes) {
+            // The host forwards whatever method the caller used when the
+            // trigger allows it; anything else is refused as in forwarded mode.
+            Ok(trigger)
+                if !trigger.method.is_empty() && trigger.method != allowed_method(function) =>
+            {
+                let error = ApiError::MethodNotAllowed {
+                    method: trigger.method,
+                    allowed: allowed_method(function),
+                };
+                log_rejected(&id, function, &error);
+                Reply::error(&error, &id, Format::Json)
+                    .with_header("Allow", allowed_method(function).to_owned())
+            }
             Ok(trigger) => {
                 let invocation = Invocation {
                     id: id.clone(),
@@ -174,10 +211,18 @@ async fn payload_mode(
                 };
                 invocation::invoke(&state, invocation).await
             }
-            Err(e) => Reply::error(&e, &id, Format::Json),
+            Err(e) => {
+                log_rejected(&id, function, &e);
+                Reply::error(&e, &id, Format::Json)
+            }
         },
-        Err(error) => Reply::error(&error, &id, Format::Json),
+        Err(error) => {
+            log_rejected(&id, function, &error);
+            Reply::error(&error, &id, Format::Json)
+        }
     };
+    // The caller gets the invocation id as in forwarded mode.
+    let reply = reply.with_header("x-invocation-id", id);
     // Always 200 application/json: the host fails the invocation with an empty
     // 500 on anything else and the caller would never see our answer.
     let mut response = envelope::render(&reply).into_response();
@@ -188,28 +233,58 @@ async fn payload_mode(
     response
 }
 
-async fn method_not_allowed(headers: HeaderMap, request: Request) -> Response {
-    let id = invocation::invocation_id(&headers);
-    let error = ApiError::MethodNotAllowed(request.method().to_string());
-    let allow = if request.uri().path().ends_with("/cancel")
-        || request.uri().path() == "/api/restrict-code-execution"
-        || !request.uri().path().starts_with("/api/")
-    {
-        "POST"
-    } else {
-        "GET"
-    };
-    let mut response = reply_response(Reply::error(&error, &id, Format::Json), &id);
-    response
-        .headers_mut()
-        .insert(header::ALLOW, HeaderValue::from_static(allow));
-    response
+/// The 405 fallback of a route that accepts only `allowed`.
+fn not_allowed(
+    allowed: &'static str,
+) -> impl Fn(HeaderMap, Request) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move |headers: HeaderMap, request: Request| {
+        let id = invocation::invocation_id(&headers);
+        let error = ApiError::MethodNotAllowed {
+            method: request.method().to_string(),
+            allowed,
+        };
+        log_unserved(&id, &request, &error);
+        std::future::ready(reply_response(
+            Reply::error(&error, &id, Format::Json).with_header("Allow", allowed.to_owned()),
+            &id,
+        ))
+    }
 }
 
 async fn route_not_found(headers: HeaderMap, request: Request) -> Response {
     let id = invocation::invocation_id(&headers);
     let error = ApiError::RouteNotFound(request.uri().path().to_owned());
+    log_unserved(&id, &request, &error);
     reply_response(Reply::error(&error, &id, Format::Json), &id)
+}
+
+/// The per-invocation log line of a request no function answered (no such
+/// route or method), in the same span as a function's lines.
+fn log_unserved(id: &str, request: &Request, error: &ApiError) {
+    let span = tracing::info_span!("invocation", invocation_id = %id, function = "none");
+    span.in_scope(|| {
+        tracing::warn!(
+            method = %request.method(),
+            path = %request.uri().path(),
+            status = error.status().as_u16(),
+            outcome = error.code(),
+            "invocation rejected"
+        );
+    });
+}
+
+/// The per-invocation log line of a request rejected before its function
+/// ran (an unreadable body, a malformed envelope, the wrong method).
+fn log_rejected(id: &str, function: Function, error: &ApiError) {
+    let span = tracing::info_span!("invocation", invocation_id = %id, function = function.name());
+    span.in_scope(|| {
+        tracing::warn!(
+            status = error.status().as_u16(),
+            outcome = error.code(),
+            error = %error,
+            "invocation rejected"
+        );
+    });
 }
 
 /// Takes the reply: its body can be megabytes (the fleet view), not to be copied.
@@ -280,16 +355,78 @@ fn caller_url(parts: &Parts) -> Option<Url> {
 }
 
 /// Read a body, refusing more than `limit` bytes without buffering them.
-async fn read_limited(body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    match Limited::new(body, limit).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            Err(ApiError::InvalidRequest(RunbookError::TooLarge {
-                limit: MAX_PAYLOAD_BYTES,
-            }))
+/// A body that cannot be read (cut off, or slower than the read timeout) is
+/// `unreadable`: the caller's fault in forwarded mode, the envelope's in
+/// payload mode.
+///
+/// A `Content-Length` over the limit is refused before the body is touched:
+/// hyper sends `100 Continue` only once the body is read, so a client that
+/// asked for it (`Expect: 100-continue`) gets the 413 without sending the body.
+async fn read_limited(
+    parts: &Parts,
+    body: Body,
+    limit: usize,
+    unreadable: fn(String) -> ApiError,
+) -> Result<Bytes, ApiError> {
+    let declared = header_str(&parts.headers, header::CONTENT_LENGTH)
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut body = body;
+    if declared.is_some_and(|length| length > u64::try_from(limit).unwrap_or(u64::MAX)) {
+        // A client waiting for `100 Continue` has sent no body: answer at
+        // once. One that is sending it gets its 413 after the body is drained.
+        let expects_continue = header_str(&parts.headers, header::EXPECT)
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"));
+        if !expects_continue {
+            drain(&mut body, tokio::time::Instant::now() + DRAIN_TIME).await;
         }
-        Err(e) => Err(ApiError::InvalidEnvelope(format!(
-            "the request body could not be read: {e}"
-        ))),
+        return Err(ApiError::InvalidRequest(RunbookError::TooLarge { limit }));
     }
+    let mut kept = Vec::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            unreadable(format!(
+                "the request body could not be read: {}",
+                root_cause(&e)
+            ))
+        })?;
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        if kept.len() + data.len() > limit {
+            drain(&mut body, tokio::time::Instant::now() + DRAIN_TIME).await;
+            return Err(ApiError::InvalidRequest(RunbookError::TooLarge { limit }));
+        }
+        kept.extend_from_slice(&data);
+    }
+    Ok(Bytes::from(kept))
+}
+
+/// Read and drop the rest of a body that is over the limit, for a moment and
+/// up to a bound: a client still sending when the connection closes would
+/// see a broken pipe instead of the 413.
+async fn drain(body: &mut Body, until: tokio::time::Instant) {
+    let mut drained = 0usize;
+    while drained <= DRAIN_MAX {
+        match tokio::time::timeout_at(until, body.frame()).await {
+            Ok(Some(Ok(frame))) => {
+                drained = drained.saturating_add(frame.data_ref().map_or(0, |d| d.len()));
+            }
+            _ => return,
+        }
+    }
+}
+
+/// How long, and how much, of a body past the limit is read and dropped.
+const DRAIN_TIME: std::time::Duration = std::time::Duration::from_secs(2);
+const DRAIN_MAX: usize = 4 * 1024 * 1024;
+
+/// The innermost error: axum wraps the body's own error.
+fn root_cause<'a>(
+    error: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    let mut error = error;
+    while let Some(source) = error.source() {
+        error = source;
+    }
+    error
 }

@@ -15,7 +15,7 @@ use crate::{
     },
     invocation::AppState,
     restrict::Restrictor,
-    routes,
+    routes, server,
 };
 
 /// Why the service could not start. The host restarts a handler that exits
@@ -113,7 +113,8 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
         ),
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
-    ))
+    )
+    .with_stale_pending(settings.stale_pending))
 }
 
 /// Bind the loopback address the host connects to (IPv4: the host always
@@ -125,18 +126,19 @@ pub async fn bind(port: u16) -> Result<TcpListener, StartupError> {
         .map_err(|source| StartupError::Bind { addr, source })
 }
 
-/// Serve until SIGTERM or Ctrl-C, then let in-flight invocations finish.
-pub async fn serve(listener: TcpListener, state: AppState) -> Result<(), StartupError> {
+/// Serve until SIGTERM or Ctrl-C, then let in-flight invocations finish
+/// (see [`server`] for what happens to the other connections).
+pub async fn serve(
+    listener: TcpListener,
+    state: AppState,
+    read_timeout: Duration,
+) -> Result<(), StartupError> {
     let app = tower::ServiceBuilder::new()
         .map_request(routes::normalize_path)
         .service(routes::router(state));
-    axum::serve(
-        listener,
-        axum::ServiceExt::<axum::extract::Request>::into_make_service(app),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await
-    .map_err(StartupError::Serve)
+    server::serve(listener, app, read_timeout, shutdown_signal())
+        .await
+        .map_err(StartupError::Serve)
 }
 
 async fn shutdown_signal() {

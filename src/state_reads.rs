@@ -7,9 +7,9 @@
 //! machine's actions join the open batch, and one read answers them all:
 //! - a batch for one machine reads that machine's actions (one call:
 //!   `machineId eq '<id>'`, every page);
-//! - a batch for several machines reads each machine the same way while the
-//!   rate budget has a free slot for each of them right now: small answers,
-//!   no wait;
+//! - a batch for several machines reads each machine the same way while that
+//!   takes at most half of what the rate budget has left right now: small
+//!   answers, no wait, and slots kept for the tenant reads;
 //! - otherwise (the budget is tight, which is when it matters) one read of
 //!   the tenant's restrict and unrestrict actions answers them all (two
 //!   type-filtered calls, every page), unless reading each machine would
@@ -95,8 +95,10 @@ impl Source for ActionSource {
     ) -> Result<HashMap<String, Vec<MachineAction>>, DefenderError> {
         let tenant_calls = self.tenant_read_calls.load(Ordering::Relaxed);
         let free = self.client.free_slots(Endpoint::ListActions);
-        if machines.len() < tenant_calls.max(2) || machines.len() <= free {
-            // Reading each machine is cheaper, or the budget has room for it.
+        // Each machine by itself when that is cheaper, or while it takes at
+        // most half of what the budget has left now: the rest stays for the
+        // tenant reads that serve everyone once the budget is tight.
+        if machines.len() < tenant_calls.max(2) || machines.len() * 2 <= free {
             close();
             let reads = machines
                 .iter()

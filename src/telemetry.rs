@@ -5,9 +5,18 @@
 
 use tracing_subscriber::{EnvFilter, fmt};
 
+/// Where log lines go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogTarget {
+    /// Serving: the Functions host collects stdout.
+    Stdout,
+    /// `handler invoke`: stdout carries only the answer, so it can be piped.
+    Stderr,
+}
+
 /// Install the global subscriber. Safe to call more than once (later calls
 /// are ignored), which keeps tests simple.
-pub fn init() {
+pub fn init(target: LogTarget) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let _ = fmt()
         .json()
@@ -16,6 +25,11 @@ pub fn init() {
         .with_span_list(false)
         .flatten_event(true)
         .with_target(true)
-        .with_writer(std::io::stdout)
+        .with_writer(move || -> Box<dyn std::io::Write> {
+            match target {
+                LogTarget::Stdout => Box::new(std::io::stdout()),
+                LogTarget::Stderr => Box::new(std::io::stderr()),
+            }
+        })
         .try_init();
 }

@@ -26,6 +26,12 @@ param instanceMemoryMB int
 param maximumInstanceCount int
 @description('The handler\'s own settings (README "Configuration"), already filtered of empty values.')
 param handlerSettings object
+@description('App Service Authentication (Microsoft Entra): the app registration\'s client id; empty: off.')
+param authClientId string = ''
+@description('The token audience App Service Authentication accepts; empty: api://<authClientId>.')
+param authTokenAudience string = ''
+
+var authAudience = empty(authClientId) ? '' : (empty(authTokenAudience) ? 'api://${authClientId}' : authTokenAudience)
 
 resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' existing = {
   name: storageAccountName
@@ -127,6 +133,59 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   }
 }
 
+// App Service Authentication, when authClientId is given: every request needs a Microsoft Entra
+// token for the audience (401 otherwise, before the function key is even looked at), and the
+// platform sets X-MS-CLIENT-PRINCIPAL itself, stripping any a client sent, which is what makes
+// ALLOWED_CALLER_ROLES trustworthy. The OpenAPI document stays anonymous for connector imports.
+resource auth 'Microsoft.Web/sites/config@2024-04-01' = if (!empty(authClientId)) {
+  // checkov reads every sites/config resource as the site's `web` configuration; these rules are
+  // about that (logging, tracing, runtime, storage), not about authsettingsV2:
+  // checkov:skip=CKV_AZURE_63: HTTP logging is site configuration, not authentication settings
+  // checkov:skip=CKV_AZURE_65: detailed error messages are site configuration
+  // checkov:skip=CKV_AZURE_66: failed request tracing is site configuration
+  // checkov:skip=CKV_AZURE_80: no .NET Framework: the handler is a Rust binary
+  // checkov:skip=CKV_AZURE_88: Azure Files is site storage configuration
+  // checkov:skip=CKV_AZURE_13: reads authSettings (v1); this is authsettingsV2, which CKV_AZURE_56 checks
+  parent: functionApp
+  name: 'authsettingsV2'
+  properties: {
+    platform: {
+      enabled: true
+    }
+    globalValidation: {
+      requireAuthentication: true
+      unauthenticatedClientAction: 'Return401'
+      excludedPaths: [
+        '/api/openapi.json'
+      ]
+    }
+    identityProviders: {
+      azureActiveDirectory: {
+        enabled: true
+        registration: {
+          clientId: authClientId
+          openIdIssuer: '${environment().authentication.loginEndpoint}${tenant().tenantId}/v2.0'
+        }
+        validation: {
+          allowedAudiences: [
+            authAudience
+          ]
+        }
+      }
+    }
+    login: {
+      tokenStore: {
+        enabled: false
+      }
+    }
+    httpSettings: {
+      requireHttps: true
+    }
+  }
+}
+
 output name string = functionApp.name
 output id string = functionApp.id
 output defaultHostName string = functionApp.properties.defaultHostName
+@description('The token audience App Service Authentication accepts; empty when it is off.')
+output authAudience string = authAudience

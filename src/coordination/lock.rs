@@ -139,6 +139,7 @@ pub(crate) async fn lock_machine(
     store: &Arc<Store>,
     machine_id: &str,
     duration: Duration,
+    clock_speed: f64,
     deadline: Instant,
 ) -> Result<MachineLease, CoordinationError> {
     let blob = lock_blob(machine_id);
@@ -147,7 +148,14 @@ pub(crate) async fn lock_machine(
     let timed_out = || CoordinationError::LockTimeout {
         machine_id: machine_id.to_owned(),
     };
-    let mut backoff = FIRST_BACKOFF;
+    // A sped-up clock (benchmarks) shortens the polls with everything else.
+    let speed = if clock_speed.is_finite() && clock_speed >= 1.0 {
+        clock_speed
+    } else {
+        1.0
+    };
+    let max_backoff = MAX_BACKOFF.div_f64(speed);
+    let mut backoff = FIRST_BACKOFF.div_f64(speed);
     // Creating the container or the blob is done at most a few times; a
     // storage that keeps answering "not found" is not waited for.
     let mut creations = 0;
@@ -217,7 +225,7 @@ pub(crate) async fn lock_machine(
         }
         let jittered = backoff.mul_f64(0.5 + fastrand::f64());
         tokio::time::sleep_until((now + jittered).min(deadline)).await;
-        backoff = (backoff * 2).min(MAX_BACKOFF);
+        backoff = (backoff * 2).min(max_backoff);
     }
 }
 

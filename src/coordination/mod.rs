@@ -80,6 +80,8 @@ pub struct Coordinator {
     store: Arc<Store>,
     budget: SharedBudget,
     lease_duration: Duration,
+    /// `DEFENDER_RATE_CLOCK_SPEED` (benchmarks): lease polls shorten with it.
+    clock_speed: f64,
 }
 
 impl Coordinator {
@@ -102,6 +104,7 @@ impl Coordinator {
                 options.per_hour,
                 options.clock_speed,
             )),
+            clock_speed: options.clock_speed,
             lease_duration: options
                 .lease_duration
                 .clamp(Duration::from_secs(15), Duration::from_secs(60)),
@@ -123,7 +126,14 @@ impl Coordinator {
         machine_id: &str,
         deadline: Instant,
     ) -> Result<MachineLease, CoordinationError> {
-        lock::lock_machine(&self.store, machine_id, self.lease_duration, deadline).await
+        lock::lock_machine(
+            &self.store,
+            machine_id,
+            self.lease_duration,
+            self.clock_speed,
+            deadline,
+        )
+        .await
     }
 
     /// Wait for a slot in the shared budget of `endpoint`'s API, like

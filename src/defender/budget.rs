@@ -10,6 +10,11 @@
 //! `COORDINATION=storage` the client draws from the budget every instance
 //! shares instead ([`crate::coordination::Coordinator`]); both are a
 //! [`CallBudget`].
+//!
+//! A slot counts from the moment it is reserved, but a caller that goes away
+//! while it waits for its slot (the client disconnected, the invocation was
+//! dropped) never sends its call: the reservation gives its slot back in both
+//! windows when it is dropped before the wait is over.
 
 use std::{
     collections::{HashMap, VecDeque},
@@ -123,10 +128,17 @@ impl RateBudget {
     }
 
     /// Wait for a slot on `endpoint`, or fail at once if the slot would come
-    /// after `deadline`.
+    /// after `deadline`. Dropping the future before it is ready gives the
+    /// slot back: the call it was for is never sent.
     pub async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), OverBudget> {
         let now = Instant::now();
         let slot = self.reserve(endpoint, now, deadline)?;
+        let reservation = Reservation {
+            budget: self,
+            endpoint,
+            slot,
+            kept: false,
+        };
         if slot > now {
             tracing::debug!(
                 ?endpoint,
@@ -135,7 +147,20 @@ impl RateBudget {
             );
             tokio::time::sleep_until(slot).await;
         }
+        reservation.keep();
         Ok(())
+    }
+
+    /// Give back a reserved slot whose call was never sent. Later
+    /// reservations keep their slots (first come, first served); the freed
+    /// room counts for every reservation made from now on, in both windows.
+    fn release(&self, endpoint: Endpoint, slot: Instant) {
+        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(queue) = calls.get_mut(&endpoint)
+            && let Some(index) = queue.iter().rposition(|&t| t == slot)
+        {
+            queue.remove(index);
+        }
     }
 
     /// Reserve the earliest slot at or after `now` (and after every earlier
@@ -195,6 +220,30 @@ impl RateBudget {
             limit.saturating_sub(in_window)
         };
         left(self.per_minute, self.minute).min(left(self.per_hour, self.hour))
+    }
+}
+
+/// A reserved slot whose call has not been sent yet.
+struct Reservation<'a> {
+    budget: &'a RateBudget,
+    endpoint: Endpoint,
+    slot: Instant,
+    kept: bool,
+}
+
+impl Reservation<'_> {
+    /// The wait is over and the call goes out: the slot stays taken.
+    fn keep(mut self) {
+        self.kept = true;
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            tracing::debug!(endpoint = ?self.endpoint, "a caller gave up waiting; its rate budget slot is free again");
+            self.budget.release(self.endpoint, self.slot);
+        }
     }
 }
 
@@ -333,6 +382,60 @@ mod tests {
         let budget = RateBudget::new(1, 1500).with_clock_speed(0.5);
         budget.reserve(Endpoint::Cancel, start, far).unwrap();
         assert_eq!(budget.reserve(Endpoint::Cancel, start, far), Ok(start + M));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_caller_that_gives_up_waiting_frees_its_slot_in_both_windows() {
+        let budget = std::sync::Arc::new(RateBudget::new(2, 4));
+        let start = Instant::now();
+        let deadline = start + HOUR * 2;
+        // Two calls go out now; ten more queue and are abandoned after a second.
+        budget.acquire(Endpoint::Restrict, deadline).await.unwrap();
+        budget.acquire(Endpoint::Restrict, deadline).await.unwrap();
+        let waiting: Vec<_> = (0..10)
+            .map(|_| {
+                let budget = budget.clone();
+                tokio::spawn(async move { budget.acquire(Endpoint::Restrict, deadline).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        for task in &waiting {
+            task.abort();
+        }
+        for task in waiting {
+            // Cancelled while waiting, or refused at once (no slot before the deadline).
+            assert!(!matches!(task.await, Ok(Ok(()))));
+        }
+        // Only the two sent calls count: the next caller waits for the minute
+        // window, not for the hour the abandoned reservations had filled.
+        let now = Instant::now();
+        assert_eq!(
+            budget.reserve(Endpoint::Restrict, now, deadline),
+            Ok(start + M)
+        );
+        assert_eq!(
+            budget.reserve(Endpoint::Restrict, now, deadline),
+            Ok(start + M)
+        );
+        // Hour full (2 sent + 2 reserved): the fifth waits for the hour.
+        assert_eq!(
+            budget.reserve(Endpoint::Restrict, now, deadline),
+            Ok(start + H)
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_call_whose_wait_is_over_keeps_its_slot() {
+        let budget = RateBudget::new(1, 1500);
+        let start = Instant::now();
+        let far = start + HOUR;
+        budget.acquire(Endpoint::Cancel, far).await.unwrap();
+        budget.acquire(Endpoint::Cancel, far).await.unwrap();
+        assert_eq!(Instant::now(), start + M, "the second waited a window");
+        assert_eq!(
+            budget.reserve(Endpoint::Cancel, Instant::now(), far),
+            Ok(start + M * 2)
+        );
     }
 
     #[test]

@@ -557,6 +557,10 @@ impl DefenderClient {
         let mut refreshed = false;
         let mut attempt: u32 = 0;
         loop {
+            // Out of time is a timeout, not a budget that has no slot left.
+            if Instant::now() >= deadline {
+                return Err(DefenderError::OutOfTime { operation: op });
+            }
             self.budget
                 .acquire(call.endpoint, deadline)
                 .await

@@ -3,7 +3,9 @@
 //!
 //! Only restrict and unrestrict actions are cancelled here (the permission
 //! would allow cancelling any type; this tool does not). A finished action
-//! gives 409 with its status.
+//! gives 409 with its status. The answer carries the status Defender reports
+//! after the cancel, with `terminal: false` until the action is final (a
+//! cancel need not take effect at once).
 
 use http::StatusCode;
 use tokio::time::Instant;
@@ -26,13 +28,20 @@ pub async fn run(state: &AppState, invocation: &Invocation, principal: Option<Pr
     match cancel(state, invocation, principal).await {
         Ok(cancelled) => {
             let body = StatusBody::new(&cancelled, &invocation.id);
-            tracing::info!(action_id = %body.action_id, action_status = %body.status, "action cancelled");
+            tracing::info!(action_id = %body.action_id, action_status = %body.status, terminal = body.terminal, "action cancelled");
+            // Defender may take a while to apply a cancel: the answer carries
+            // the status it reports, and says "requested" until it is final.
+            let headline = if body.terminal {
+                "Cancelled."
+            } else {
+                "Cancellation requested."
+            };
             Reply::new(
                 StatusCode::OK,
                 format,
                 &body,
-                || format!("Cancelled. {}\n", body.message),
-                format!("Cancelled. {}", body.message),
+                || format!("{headline} {}\n", body.message),
+                format!("{headline} {}", body.message),
             )
         }
         Err(error) => {
@@ -87,7 +96,20 @@ async fn cancel(
                 return Ok(latest);
             }
             check_pending(&latest)?;
-            Err(ApiError::from(e))
+            match e {
+                // Defender says it cannot be cancelled, while the read still
+                // shows it pending: it is being finished (reads lag behind).
+                DefenderError::Status {
+                    status: 400,
+                    message,
+                    ..
+                } => Err(ApiError::CancelRefused {
+                    action_id: id,
+                    status: latest.action.status,
+                    message,
+                }),
+                e => Err(ApiError::from(e)),
+            }
         }
         Err(e) => Err(ApiError::from(e)),
     }

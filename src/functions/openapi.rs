@@ -11,6 +11,7 @@ use crate::{invocation::Invocation, reply::Reply};
 pub const DOCUMENT: &str = include_str!("../../openapi/openapi.json");
 
 pub fn run(invocation: &Invocation) -> Reply {
+    tracing::info!(status = 200, outcome = "served", "invocation succeeded");
     Reply {
         status: StatusCode::OK,
         content_type: "application/json",

@@ -90,20 +90,28 @@ async fn single(
         }
     };
 
-    let body = SuccessBody::new(request, device, &success, &invocation.id);
+    // Logic Apps' asynchronous pattern: 202 plus where to poll.
+    let poll_at = if invocation.prefers_async() && !success.terminal() {
+        invocation.status_url(&success.action_id)
+    } else {
+        None
+    };
+    let status = if poll_at.is_some() {
+        StatusCode::ACCEPTED
+    } else {
+        status
+    };
+    let mut body = SuccessBody::new(state, request, device, &success, &invocation.id);
+    // The body's status is the answer's, 202 included.
+    body.status = status.as_u16();
     let mut reply = Reply::new(
         status,
         format,
         &body,
-        || render_text(request, device, &success),
+        || render_text(request, device, &success, body.warning.as_deref()),
         body.message.clone(),
     );
-    // Logic Apps' asynchronous pattern: 202 plus where to poll.
-    if invocation.prefers_async()
-        && !success.terminal()
-        && let Some(location) = invocation.status_url(&success.action_id)
-    {
-        reply.status = StatusCode::ACCEPTED;
+    if let Some(location) = poll_at {
         reply = reply
             .with_header("Location", location)
             .with_header("Retry-After", POLL_AFTER_SECONDS.to_string())
@@ -135,6 +143,16 @@ async fn act(
     Ok(success)
 }
 
+/// Why `wait` stopped before the action finished and before the time asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum CutShort {
+    /// The invocation's time budget ran out first.
+    Time,
+    /// Polling failed (its problem code, such as `rate_limited` when the rate
+    /// budget had no free slot for the read).
+    Poll(&'static str),
+}
+
 /// `wait`: poll the action until it is finished, within the time asked for
 /// and the invocation's budget. A failed poll leaves the answer as it was:
 /// the action exists either way.
@@ -143,20 +161,59 @@ async fn wait_for(
     request: &RunbookRequest,
     success: &mut Success,
     deadline: Instant,
-) {
-    let Some(wait) = request.wait else {
-        return;
-    };
-    let until = Instant::now()
-        .checked_add(wait)
-        .unwrap_or(deadline)
-        .min(deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline));
+) -> Option<CutShort> {
+    let wait = request.wait?;
+    let wanted = Instant::now().checked_add(wait);
+    let limit = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
+    let until = wanted.unwrap_or(deadline).min(limit);
     if let Err(e) = success
         .wait_until_terminal(state.restrictor().client(), until)
         .await
     {
         tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
+        return (!success.terminal()).then_some(CutShort::Poll(e.code()));
     }
+    (!success.terminal() && wanted.is_none_or(|wanted| wanted > limit)).then_some(CutShort::Time)
+}
+
+/// The bulk answer's `warning` when `wait` was cut short for some actions.
+fn cut_short_warning(
+    cuts: &[CutShort],
+    devices: usize,
+    request_timeout: Duration,
+) -> Option<String> {
+    if cuts.is_empty() {
+        return None;
+    }
+    let mut reasons = Vec::new();
+    if cuts.contains(&CutShort::Time) {
+        reasons.push(format!(
+            "acting on {devices} device(s) used most of this invocation's time \
+             (REQUEST_TIMEOUT_SECONDS, {} s)",
+            request_timeout.as_secs()
+        ));
+    }
+    let mut codes: Vec<&str> = cuts
+        .iter()
+        .filter_map(|c| match c {
+            CutShort::Poll(code) => Some(*code),
+            CutShort::Time => None,
+        })
+        .collect();
+    codes.sort_unstable();
+    codes.dedup();
+    if !codes.is_empty() {
+        reasons.push(format!(
+            "polling Defender failed ({}; rate_limited means the rate budget had no free slot)",
+            codes.join(", ")
+        ));
+    }
+    Some(format!(
+        "wait was cut short for {} action(s), which are not finished yet: {}. Poll them with the \
+         action-status function.",
+        cuts.len(),
+        reasons.join("; ")
+    ))
 }
 
 async fn bulk(
@@ -181,13 +238,18 @@ async fn bulk(
             .buffer_unordered(BULK_CONCURRENCY)
             .collect()
             .await;
-    futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
-        result
-            .as_mut()
-            .ok()
-            .map(|success| wait_for(state, request, success, deadline))
-    }))
-    .await;
+    let cuts: Vec<CutShort> =
+        futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
+            result
+                .as_mut()
+                .ok()
+                .map(|success| wait_for(state, request, success, deadline))
+        }))
+        .await
+        .into_iter()
+        .flatten()
+        .collect();
+    let warning = cut_short_warning(&cuts, devices.len(), state.request_timeout());
     let mut results: Vec<(usize, DeviceResult)> = acted
         .into_iter()
         .map(|(index, device, device_started, result)| {
@@ -204,6 +266,7 @@ async fn bulk(
             );
             let item = match result {
                 Ok(success) => DeviceResult::Ok(Box::new(SuccessBody::new(
+                    state,
                     request,
                     &device,
                     &success,
@@ -252,13 +315,20 @@ async fn bulk(
         succeeded: results.len() - failed,
         failed,
         results: &results,
+        warning: warning.as_deref(),
         invocation_id: &invocation.id,
     };
     Reply::new(
         status,
         format,
         &body,
-        || render_bulk_text(request, &results, &summary),
+        || {
+            let mut text = render_bulk_text(request, &results, &summary);
+            if let Some(warning) = &warning {
+                text.push_str(&format!("Warning: {warning}\n"));
+            }
+            text
+        },
         summary.clone(),
     )
 }
@@ -286,6 +356,9 @@ pub struct SuccessBody {
     action: Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     cancelled_action_ids: Vec<String>,
+    /// A hazard the caller should know about (see [`Success::warning`]).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<String>,
     invocation_id: String,
 }
 
@@ -301,6 +374,7 @@ struct MachineSummary {
 
 impl SuccessBody {
     fn new(
+        state: &AppState,
         request: &RunbookRequest,
         device: &DeviceRef,
         success: &Success,
@@ -324,6 +398,7 @@ impl SuccessBody {
             terminal: success.terminal(),
             action: success.action.clone(),
             cancelled_action_ids: success.cancelled.clone(),
+            warning: success.warning(request.force, state.stale_pending()),
             invocation_id: invocation_id.to_owned(),
         }
     }
@@ -348,6 +423,9 @@ struct BulkBody<'a> {
     succeeded: usize,
     failed: usize,
     results: &'a [DeviceResult],
+    /// Set when the invocation's time budget ended `wait` early.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    warning: Option<&'a str>,
     invocation_id: &'a str,
 }
 
@@ -410,7 +488,12 @@ fn headline(request: &RunbookRequest, device: &DeviceRef) -> String {
 }
 
 /// Runbook-console lines, as RealmJoin's runbook printed them.
-fn render_text(request: &RunbookRequest, device: &DeviceRef, success: &Success) -> String {
+fn render_text(
+    request: &RunbookRequest,
+    device: &DeviceRef,
+    success: &Success,
+    warning: Option<&str>,
+) -> String {
     let machine = &success.machine;
     let name = machine.computer_dns_name.as_deref().unwrap_or("(unnamed)");
     let verb = if request.release {
@@ -444,6 +527,9 @@ fn render_text(request: &RunbookRequest, device: &DeviceRef, success: &Success) 
             success.action_id, success.action_status
         ),
     });
+    if let Some(warning) = warning {
+        lines.push(format!("Warning: {warning}"));
+    }
     lines.join("\n") + "\n"
 }
 
@@ -461,6 +547,9 @@ fn render_bulk_text(request: &RunbookRequest, results: &[DeviceResult], summary:
                     "{verb} code execution on device {}: {}\n",
                     body.device_id, body.message
                 ));
+                if let Some(warning) = &body.warning {
+                    out.push_str(&format!("  Warning: {warning}\n"));
+                }
             }
             DeviceResult::Failed {
                 device_id, problem, ..

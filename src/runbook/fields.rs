@@ -40,8 +40,14 @@ impl Fields {
     pub fn parse(body: &[u8], accepted: &[&'static str]) -> Result<Self, RunbookError> {
         let raw: RawObject = serde_json::from_slice(body).map_err(|e| {
             if e.is_data() {
-                // The only data error our visitor raises is "not an object".
-                RunbookError::NotObject(first_value_kind(body))
+                // The only data error our visitor raises is "not an object",
+                // and it is raised at the first token: `[1,2` is refused as an
+                // array before the missing `]` is seen. Only a body that is
+                // valid JSON is "not an object".
+                match serde_json::from_slice::<Value>(body) {
+                    Ok(value) => RunbookError::NotObject(value_kind(&value)),
+                    Err(e) => RunbookError::NotJson(e.to_string()),
+                }
             } else {
                 RunbookError::NotJson(e.to_string())
             }
@@ -96,14 +102,14 @@ impl<'de> serde::Deserialize<'de> for RawObject {
 }
 
 /// What kind of JSON value the body holds, for the "not an object" message.
-fn first_value_kind(body: &[u8]) -> &'static str {
-    match serde_json::from_slice::<Value>(body) {
-        Ok(Value::Array(_)) => "an array",
-        Ok(Value::String(_)) => "a string",
-        Ok(Value::Number(_)) => "a number",
-        Ok(Value::Bool(_)) => "a boolean",
-        Ok(Value::Null) => "null",
-        Ok(Value::Object(_)) | Err(_) => "this value",
+fn value_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Array(_) => "an array",
+        Value::String(_) => "a string",
+        Value::Number(_) => "a number",
+        Value::Bool(_) => "a boolean",
+        Value::Null => "null",
+        Value::Object(_) => "this value",
     }
 }
 
@@ -117,6 +123,19 @@ mod tests {
             .err()
             .unwrap();
         assert!(matches!(err, RunbookError::NotJson(_)), "{err:?}");
+    }
+
+    #[test]
+    fn truncated_json_is_not_json_rather_than_not_object() {
+        for truncated in ["[1,2", "\"abc", "[", "tru"] {
+            let err = Fields::parse(truncated.as_bytes(), ACCEPTED).err().unwrap();
+            assert!(
+                matches!(err, RunbookError::NotJson(_)),
+                "{truncated}: {err:?}"
+            );
+        }
+        let err = Fields::parse(b"[1,2]", ACCEPTED).err().unwrap();
+        assert_eq!(err, RunbookError::NotObject("an array"));
     }
 
     #[test]

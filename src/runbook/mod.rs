@@ -58,6 +58,8 @@ pub enum RunbookError {
         "the request body is empty; send a JSON object such as {{\"deviceId\": \"<Entra device id>\", \"release\": false}}"
     )]
     Empty,
+    #[error("{0}")]
+    Unreadable(String),
     #[error("the request body is not valid JSON: {0}")]
     NotJson(String),
     #[error("the request body must be a JSON object, not {0}")]
@@ -153,9 +155,11 @@ pub fn parse_cancel_comment(body: &[u8]) -> Result<Option<Comment>, RunbookError
 
 fn parse_target(one: Option<&Value>, many: Option<&Value>) -> Result<Target, RunbookError> {
     match (one, many) {
-        (Some(v), Some(_)) if !v.is_null() => Err(RunbookError::Invalid {
+        // Both keys, whatever their values (null included): one or the other.
+        (Some(_), Some(_)) => Err(RunbookError::Invalid {
             field: fields::DEVICE_IDS,
-            reason: "cannot be combined with deviceId; send one or the other".into(),
+            reason: "cannot be combined with deviceId (even a null one); send one or the other"
+                .into(),
         }),
         (_, Some(Value::Array(items))) => {
             if items.is_empty() || items.len() > MAX_DEVICES {
@@ -347,6 +351,14 @@ mod tests {
         assert_eq!(devices[0].to_string(), AAD);
         let err = parse(&format!(r#"{{"deviceId":"{AAD}","deviceIds":["{AAD}"]}}"#)).unwrap_err();
         assert_eq!(err.field().as_deref(), Some("deviceIds"));
+        for both in [
+            format!(r#"{{"deviceIds":["{AAD}"],"deviceId":null}}"#),
+            format!(r#"{{"deviceId":"{AAD}","deviceIds":null}}"#),
+            r#"{"deviceId":null,"deviceIds":null}"#.to_owned(),
+        ] {
+            let err = parse(&both).unwrap_err();
+            assert_eq!(err.field().as_deref(), Some("deviceIds"), "{both}");
+        }
         let err = parse(r#"{"deviceIds":[]}"#).unwrap_err();
         assert_eq!(err.field().as_deref(), Some("deviceIds"));
         let many = vec![format!("\"{AAD}\""); 51].join(",");

@@ -45,14 +45,22 @@ impl CallerName {
     }
 }
 
+/// Characters that change how the text around them is displayed: line and
+/// paragraph separators, and the bidirectional embeddings, overrides and
+/// isolates. In Defender's audit trail they could make a comment or a
+/// caller's name read as something else ("Trojan Source" spoofing).
+fn is_layout_control(c: char) -> bool {
+    matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
+}
+
 fn optional_text(
     field: &'static str,
     value: Option<&Value>,
     max_chars: usize,
 ) -> Result<Option<String>, RunbookError> {
-    let text = match value {
+    let raw = match value {
         None | Some(Value::Null) => return Ok(None),
-        Some(Value::String(s)) => s.trim(),
+        Some(Value::String(s)) => s,
         Some(other) => {
             return Err(RunbookError::Invalid {
                 field,
@@ -60,6 +68,29 @@ fn optional_text(
             });
         }
     };
+    // Checked before trimming: a newline is refused wherever it is, even at
+    // the end (where trimming would hide it) or alone (where the text would
+    // otherwise count as blank and become the default).
+    if let Some(c) = raw.chars().find(|c| c.is_control()) {
+        return Err(RunbookError::Invalid {
+            field,
+            reason: format!(
+                "contains the control character U+{:04X}; send plain text on one line",
+                u32::from(c)
+            ),
+        });
+    }
+    if let Some(c) = raw.chars().find(|&c| is_layout_control(c)) {
+        return Err(RunbookError::Invalid {
+            field,
+            reason: format!(
+                "contains U+{:04X}, a line separator or bidirectional formatting character that \
+                 can make the text display as something else; send plain text on one line",
+                u32::from(c)
+            ),
+        });
+    }
+    let text = raw.trim();
     if text.is_empty() {
         return Ok(None);
     }
@@ -68,15 +99,6 @@ fn optional_text(
         return Err(RunbookError::Invalid {
             field,
             reason: format!("is {chars} characters long; the limit is {max_chars}"),
-        });
-    }
-    if let Some(c) = text.chars().find(|c| c.is_control()) {
-        return Err(RunbookError::Invalid {
-            field,
-            reason: format!(
-                "contains the control character U+{:04X}; send plain text on one line",
-                u32::from(c)
-            ),
         });
     }
     Ok(Some(text.to_owned()))
@@ -117,7 +139,21 @@ mod tests {
 
     #[test]
     fn control_characters_are_rejected() {
-        for bad in ["a\nb", "a\u{0}b", "tab\there", "\u{7f}"] {
+        for bad in [
+            "a\nb",
+            "a\u{0}b",
+            "tab\there",
+            "\u{7f}",
+            "\n\n",
+            "Ticket 42\n",
+            "\r\n",
+            "a\u{2028}b",
+            "a\u{2029}b",
+            "admin\u{202E}gnp.exe",
+            "\u{202A}x",
+            "\u{2066}x\u{2069}",
+            "x\u{2068}",
+        ] {
             let err = Comment::parse(Some(&json!(bad))).unwrap_err();
             assert_eq!(err.field().as_deref(), Some("comment"), "{bad:?}");
             let err = CallerName::parse(Some(&json!(bad))).unwrap_err();

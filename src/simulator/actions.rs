@@ -5,10 +5,15 @@
 //! is seen immediately:
 //!
 //! ```text
-//! created ──pending_for──▶ InProgress ──in_progress_for──▶ Succeeded
+//! created ──pending_for──▶ InProgress ──in_progress_for──▶ Succeeded (or Failed,
+//!    │                                                      when scheduled for the machine)
 //!    │ (device offline: the countdown starts only when it comes back)
 //!    └──────────── 3 sim days without pick-up ────────────▶ TimeOut
 //! ```
+//!
+//! A cancel takes effect `cancel_takes` after the call: an action that is
+//! still under way then is `Cancelled`; one that finished first keeps its
+//! final status (the cancel lost the race).
 //!
 //! Defender documents a three-day retry window for isolation on offline
 //! devices; the simulator assumes the same for restrict.
@@ -16,6 +21,7 @@
 use serde_json::{Map, Value, json};
 use time::{Duration, OffsetDateTime};
 
+use super::ActionFields;
 use super::clock::{END_OF_TIME, timestamp};
 use crate::defender::models::{ActionStatus, ActionType, MachineAction};
 
@@ -27,13 +33,19 @@ pub(crate) const OFFLINE_TIMEOUT: Duration = Duration::days(3);
 pub(crate) struct Life {
     pub(crate) pending_for: Duration,
     pub(crate) in_progress_for: Duration,
+    /// Between a cancel call and its effect.
+    pub(crate) cancel_takes: Duration,
+    pub(crate) fields: ActionFields,
 }
 
 #[derive(Debug, Clone)]
 pub(crate) struct Cancellation {
     pub(crate) requestor: String,
     pub(crate) comment: String,
+    /// When the cancel was called.
     pub(crate) at: OffsetDateTime,
+    /// When it takes effect (`at + cancel_takes`).
+    pub(crate) effective: OffsetDateTime,
 }
 
 #[derive(Debug, Clone)]
@@ -52,6 +64,8 @@ pub(crate) struct ActionRecord {
     /// when it came back for an offline one; `None` while it is held.
     pub(crate) countdown_from: Option<OffsetDateTime>,
     pub(crate) cancellation: Option<Cancellation>,
+    /// Whether the device fails to carry the action out.
+    pub(crate) fails: bool,
 }
 
 /// Where an action is at some instant.
@@ -67,13 +81,17 @@ pub(crate) struct Phase {
 impl ActionRecord {
     /// The action's phase at `now`.
     pub(crate) fn phase(&self, now: OffsetDateTime, life: Life) -> Phase {
-        if let Some(cancel) = &self.cancellation {
-            let before = self.natural_phase(cancel.at, life);
-            return Phase {
-                status: ActionStatus::Cancelled,
-                updated: Some(cancel.at),
-                picked_up: before.picked_up,
-            };
+        if let Some(cancel) = self.cancellation.as_ref().filter(|c| now >= c.effective) {
+            let before = self.natural_phase(cancel.effective, life);
+            // An action that finished before the cancel took effect keeps
+            // its final status.
+            if !before.status.is_terminal() {
+                return Phase {
+                    status: ActionStatus::Cancelled,
+                    updated: Some(cancel.effective),
+                    picked_up: before.picked_up,
+                };
+            }
         }
         self.natural_phase(now, life)
     }
@@ -112,7 +130,11 @@ impl ActionRecord {
             }
         } else {
             Phase {
-                status: ActionStatus::Succeeded,
+                status: if self.fails {
+                    ActionStatus::Failed
+                } else {
+                    ActionStatus::Succeeded
+                },
                 updated: Some(done),
                 picked_up: true,
             }
@@ -124,6 +146,12 @@ impl ActionRecord {
         let phase = self.phase(now, life);
         let cancel = self.cancellation.as_ref();
         let mut extra = Map::new();
+        // E_FAIL for a failed action, 0 otherwise (as captured).
+        let error_hresult: i64 = if phase.status == ActionStatus::Failed {
+            -2_147_467_259
+        } else {
+            0
+        };
         let fields = json!({
             "scope": null,
             "requestSource": "PublicApi",
@@ -132,7 +160,7 @@ impl ActionRecord {
             "cancellationDateTimeUtc": cancel.map(|c| timestamp(c.at)),
             "commands": [],
             "externalId": null,
-            "errorHResult": 0,
+            "errorHResult": error_hresult,
             "troubleshootInfo": null,
             "relatedFileInfo": null,
             "title": match self.kind {
@@ -148,7 +176,7 @@ impl ActionRecord {
             action_type: self.kind.as_str().to_owned(),
             status: phase.status.as_str().to_owned(),
             machine_id: Some(self.machine_id.clone()),
-            computer_dns_name: if phase.picked_up {
+            computer_dns_name: if phase.picked_up || life.fields == ActionFields::FromCreation {
                 self.machine_name.clone()
             } else {
                 None
@@ -156,7 +184,11 @@ impl ActionRecord {
             requestor: Some(self.requestor.clone()),
             requestor_comment: Some(self.comment.clone()),
             creation_date_time_utc: Some(timestamp(self.created)),
-            last_update_date_time_utc: phase.updated.map(timestamp),
+            last_update_date_time_utc: match (phase.updated, life.fields) {
+                (Some(updated), _) => Some(timestamp(updated)),
+                (None, ActionFields::FromCreation) => Some(timestamp(self.created)),
+                (None, ActionFields::WhenPickedUp) => None,
+            },
             extra,
         }
     }
@@ -176,6 +208,8 @@ mod tests {
     const LIFE: Life = Life {
         pending_for: Duration::seconds(2),
         in_progress_for: Duration::seconds(3),
+        cancel_takes: Duration::ZERO,
+        fields: ActionFields::WhenPickedUp,
     };
 
     fn record(countdown_from: Option<OffsetDateTime>) -> ActionRecord {
@@ -190,6 +224,7 @@ mod tests {
             created: T0,
             countdown_from,
             cancellation: None,
+            fails: false,
         }
     }
 
@@ -251,6 +286,7 @@ mod tests {
             requestor: "app".to_owned(),
             comment: "stop".to_owned(),
             at: T0 + Duration::seconds(3),
+            effective: T0 + Duration::seconds(3),
         });
         let phase = r.phase(T0 + Duration::days(9), LIFE);
         assert_eq!(phase.status, ActionStatus::Cancelled);
@@ -261,5 +297,51 @@ mod tests {
             wire.extra["cancellationDateTimeUtc"],
             "2024-01-01T00:00:03.0000000Z"
         );
+    }
+
+    #[test]
+    fn fields_from_creation_while_pending() {
+        let r = record(Some(T0));
+        let life = Life {
+            fields: ActionFields::FromCreation,
+            ..LIFE
+        };
+        let pending = r.to_wire(T0, life);
+        assert_eq!(pending.status, "Pending");
+        assert_eq!(pending.computer_dns_name.as_deref(), Some("DESKTOP"));
+        assert_eq!(
+            pending.last_update_date_time_utc.as_deref(),
+            Some("2024-01-01T00:00:00.0000000Z")
+        );
+    }
+
+    #[test]
+    fn scheduled_failure_ends_failed() {
+        let mut r = record(Some(T0));
+        r.fails = true;
+        assert_eq!(status_at(&r, 4), ActionStatus::InProgress);
+        assert_eq!(status_at(&r, 5), ActionStatus::Failed);
+        let wire = r.to_wire(T0 + Duration::seconds(5), LIFE);
+        assert_ne!(wire.extra["errorHResult"], 0);
+    }
+
+    #[test]
+    fn delayed_cancel_takes_effect_later_or_loses_the_race() {
+        let cancel_at = |at: i64, takes: i64| Cancellation {
+            requestor: "app".to_owned(),
+            comment: "stop".to_owned(),
+            at: T0 + Duration::seconds(at),
+            effective: T0 + Duration::seconds(at + takes),
+        };
+        let mut r = record(Some(T0));
+        r.cancellation = Some(cancel_at(0, 1));
+        assert_eq!(status_at(&r, 0), ActionStatus::Pending);
+        assert_eq!(status_at(&r, 1), ActionStatus::Cancelled);
+        assert_eq!(status_at(&r, 60), ActionStatus::Cancelled);
+        // Effective at 6 s, but the action succeeded at 5 s.
+        r.cancellation = Some(cancel_at(1, 5));
+        assert_eq!(status_at(&r, 3), ActionStatus::InProgress);
+        assert_eq!(status_at(&r, 5), ActionStatus::Succeeded);
+        assert_eq!(status_at(&r, 60), ActionStatus::Succeeded);
     }
 }

@@ -32,12 +32,9 @@ pub(crate) struct SimClock {
 }
 
 impl SimClock {
-    /// A clock that starts at the current UTC time. `speed` must be finite and
-    /// positive (checked by `Simulator::start`).
-    pub(crate) fn new(speed: f64) -> Self {
-        Self::starting_at(OffsetDateTime::now_utc(), speed)
-    }
-
+    /// A clock that starts at `sim_origin` (the current UTC time, less
+    /// `SimConfig::clock_behind`). `speed` must be finite and positive
+    /// (checked by `Simulator::start`).
     pub(crate) fn starting_at(sim_origin: OffsetDateTime, speed: f64) -> Self {
         Self {
             real_origin: Instant::now(),

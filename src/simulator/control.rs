@@ -35,6 +35,7 @@ const ENDPOINTS: &str = "  GET    /_sim                          this banner
   GET    /_sim/machines                 machines
   POST   /_sim/machines                 add or replace a machine (Machine JSON)
   POST   /_sim/machines/{id}/offline    {\"offline\": true|false}
+  POST   /_sim/machines/{id}/outcome    {\"outcome\": \"Failed\"|\"Succeeded\"} for its new actions
   GET    /_sim/actions                  machine actions, newest first
   GET    /_sim/clock                    simulated time
   POST   /_sim/clock                    {\"advanceSeconds\": 3600}
@@ -50,6 +51,7 @@ pub(crate) fn router() -> Router<Arc<Sim>> {
         )
         .route("/_sim/machines", get(machines).post(add_machine))
         .route("/_sim/machines/{id}/offline", post(set_offline))
+        .route("/_sim/machines/{id}/outcome", post(set_outcome))
         .route("/_sim/actions", get(actions))
         .route("/_sim/clock", get(clock).post(advance_clock))
         .route("/_sim/{*rest}", any(unknown))
@@ -197,6 +199,28 @@ async fn set_offline(State(sim): SimState, Path(id): Path<String>, body: Bytes) 
         return control_error(StatusCode::NOT_FOUND, format!("Machine {id} was not found"));
     }
     sim.set_offline(&id, body.offline);
+    StatusCode::NO_CONTENT.into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OutcomeBody {
+    outcome: super::ActionOutcome,
+}
+
+async fn set_outcome(State(sim): SimState, Path(id): Path<String>, body: Bytes) -> Response {
+    let body = match parse::<OutcomeBody>(&body) {
+        Ok(body) => body,
+        Err(response) => return *response,
+    };
+    let known = sim
+        .machines()
+        .iter()
+        .any(|m| m.id.eq_ignore_ascii_case(&id));
+    if !known {
+        return control_error(StatusCode::NOT_FOUND, format!("Machine {id} was not found"));
+    }
+    sim.tenant().set_outcome(&id, body.outcome);
     StatusCode::NO_CONTENT.into_response()
 }
 

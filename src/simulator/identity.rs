@@ -8,6 +8,9 @@
 //! is unix seconds **as a string** (a JSON number fails `azure_identity`), and
 //! it is an hour ahead in real time (not sim time: the credential compares it
 //! with the wall clock, and anything under 5 minutes defeats its cache).
+//!
+//! The `resource` decides the token: `SimConfig::token` for one of
+//! `SimConfig::audiences`, otherwise a token the Defender API answers 401.
 
 use std::sync::Arc;
 
@@ -76,7 +79,9 @@ pub(crate) async fn handle(State(sim): State<Arc<Sim>>, request: Request) -> Res
     json(
         StatusCode::OK,
         &json!({
-            "access_token": sim.config.token,
+            // The resource decides the token: one for another API is
+            // refused by the simulated Defender API (401).
+            "access_token": sim.issue_token(resource),
             "expires_on": expires_on.to_string(),
             "resource": resource,
             "token_type": "Bearer",

@@ -10,7 +10,9 @@
 //!
 //! # Surfaces
 //!
-//! **Defender API** (`/api/...`, bearer token required, any non-empty token):
+//! **Defender API** (`/api/...`, bearer token required: any non-empty token
+//! except one the identity endpoint issued for another resource; the app's
+//! roles are [`SimConfig::roles`]):
 //!
 //! | Call | Notes |
 //! |---|---|
@@ -47,6 +49,7 @@
 //! | `GET /_sim/machines`, `POST /_sim/machines` | list machines, add or replace one ([`Machine`] JSON) |
 //! | `GET /_sim/actions` | all machine actions, newest first |
 //! | `POST /_sim/machines/{id}/offline` | body `{"offline": true}` or `false` |
+//! | `POST /_sim/machines/{id}/outcome` | body `{"outcome": "Failed"}` or `"Succeeded"`: how its new actions end |
 //! | `GET /_sim/clock`, `POST /_sim/clock` | read the simulated clock, or move it on with `{"advanceSeconds": 3600}` |
 //!
 //! # Example
@@ -126,7 +129,71 @@ pub struct SimConfig {
     /// `false`, a `$top` request is answered with up to `$top` rows and no
     /// nextLink (microsoft-365-docs#8489): the client pages with `$skip`.
     pub next_link_with_top: bool,
+    /// Sim time between a cancel call and the cancellation taking effect.
+    /// `ZERO` (the default) cancels at once. Defender documents neither way
+    /// (`api/cancel-machine-action`): while the cancel waits the action goes
+    /// on, and one that finishes first keeps its final status (the cancel
+    /// lost the race).
+    pub cancel_takes: Duration,
+    /// When an action reports `computerDnsName` and `lastUpdateDateTimeUtc`.
+    pub action_fields: ActionFields,
+    /// Token audiences (`resource`s) the identity endpoint issues a Defender
+    /// token for. A token issued for any other resource is answered 401 by
+    /// the API, as Defender answers a token for another API.
+    pub audiences: Vec<String>,
+    /// The app's application roles, carried by every token
+    /// ([`SimHandle::set_roles`] changes them later). Reads need
+    /// `Machine.Read.All` or `Machine.ReadWrite.All`; restrict and unrestrict
+    /// need `Machine.RestrictExecution`; cancel any one response role. A
+    /// missing role is a 403 with Defender's "Missing application roles" text.
+    pub roles: Vec<String>,
+    /// What `GET /api/machines` answers when nothing matches.
+    pub no_match: NoMatch,
+    /// How far behind the wall clock the simulated clock starts, so that
+    /// actions created now look old to the service (stale pending actions).
+    pub clock_behind: Duration,
 }
+
+/// When an action carries `computerDnsName` and `lastUpdateDateTimeUtc`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ActionFields {
+    /// From creation, as real answers do (SEKOIA-IO automation-library's
+    /// captured responses).
+    #[default]
+    FromCreation,
+    /// `null` until the device picks the action up (the older XSOAR capture).
+    WhenPickedUp,
+}
+
+/// What listing machines answers when none matches: the docs say 404 "no
+/// recent machines"; tenants seen answer an empty list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NoMatch {
+    #[default]
+    EmptyList,
+    NotFound,
+}
+
+/// How the actions created on a machine end when the device carries them out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+pub enum ActionOutcome {
+    #[default]
+    Succeeded,
+    Failed,
+}
+
+/// The documented token resources for the Defender API (commercial, legacy
+/// and government hosts; `shared/reference/defender-api.md` A4).
+pub const DEFENDER_AUDIENCES: &[&str] = &[
+    "https://api.securitycenter.microsoft.com",
+    "https://api.securitycenter.windows.com",
+    "https://securitycenter.onmicrosoft.com/windowsatpservice",
+    "https://api-gcc.securitycenter.microsoft.us",
+    "https://api-gov.securitycenter.microsoft.us",
+];
+
+/// Roles an app that restricts needs: read machines and actions, restrict.
+pub const DEFAULT_ROLES: &[&str] = &["Machine.Read.All", "Machine.RestrictExecution"];
 
 /// How the simulator treats `$orderby=creationDateTimeUtc desc` on machine actions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -160,6 +227,12 @@ impl Default for SimConfig {
             orderby: OrderBy::default(),
             list_order: ListOrder::default(),
             next_link_with_top: true,
+            cancel_takes: Duration::ZERO,
+            action_fields: ActionFields::default(),
+            audiences: DEFENDER_AUDIENCES.iter().map(|a| (*a).to_owned()).collect(),
+            roles: DEFAULT_ROLES.iter().map(|r| (*r).to_owned()).collect(),
+            no_match: NoMatch::default(),
+            clock_behind: Duration::ZERO,
         }
     }
 }
@@ -316,6 +389,21 @@ impl SimHandle {
     /// (held actions start their `Pending` countdown now).
     pub fn set_offline(&self, machine_id: &str, offline: bool) {
         self.sim.set_offline(machine_id, offline);
+    }
+
+    /// Replaces the app's application roles, as if an admin granted or
+    /// revoked them (real tokens pick that up only when refreshed; here the
+    /// next call sees it).
+    pub fn set_roles(&self, roles: &[&str]) {
+        self.sim
+            .set_roles(roles.iter().map(|r| (*r).to_owned()).collect());
+    }
+
+    /// How the machine's actions created from now on end: `Failed` makes
+    /// them fail when the device carries them out (ids compare
+    /// case-insensitively).
+    pub fn set_outcome(&self, machine_id: &str, outcome: ActionOutcome) {
+        self.sim.tenant().set_outcome(machine_id, outcome);
     }
 
     /// Moves the simulated clock forward by `by` (sim time), on top of `speed`.

@@ -5,8 +5,9 @@
 //! envelope (axum's own 404/405 would look like real Defender answers), and so
 //! that path ids go through the same lookup rules as Defender's.
 //!
-//! Order of checks for every call: bearer token (401), endpoint (501), rate
-//! limit (429), query options (400/501), then the endpoint's own rules.
+//! Order of checks for every call: bearer token and its audience (401),
+//! endpoint (501), application roles (403), rate limit (429), query options
+//! (400/501), then the endpoint's own rules.
 
 use std::sync::Arc;
 
@@ -29,7 +30,7 @@ use super::odata::{self, QueryError, QueryOptions, Shape};
 use super::ratelimit::{EndpointKind, retry_after_secs};
 use super::respond::{ApiError, json, odata_json};
 use super::state::{CancelError, Created, Lookup, Sim};
-use super::{ListOrder, OrderBy};
+use super::{ListOrder, NoMatch, OrderBy};
 use crate::defender::models::{ActionType, ODataPage};
 
 /// OS platforms restrict/unrestrict accept: Windows 10 1709+, Windows 11 and
@@ -111,8 +112,19 @@ async fn defender(State(sim): State<Arc<Sim>>, request: Request) -> Response {
 
 async fn handle(sim: &Sim, request: Request) -> Result<Response, ApiError> {
     let (parts, body) = request.into_parts();
-    authorize(&parts.headers)?;
+    let token = authorize(&parts.headers)?;
+    if let Some(resource) = sim.foreign_audience(token) {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            format!(
+                "The access token's audience '{resource}' is not valid for this API; request a \
+                 token for https://api.securitycenter.microsoft.com"
+            ),
+        ));
+    }
     let endpoint = route(parts.method.as_str(), parts.uri.path())?;
+    sim.with_roles(|roles| check_roles(&endpoint, roles))?;
     let now = sim.clock.now();
     sim.tenant()
         .acquire(endpoint.kind(), now)
@@ -155,6 +167,9 @@ struct Call<'a> {
 fn list_machines(call: &Call<'_>) -> Result<Response, ApiError> {
     let conditions = conditions(&call.query, "machines", MACHINE_FIELDS)?;
     let rows = call.sim.tenant().list_machines(&conditions);
+    if rows.is_empty() && call.sim.config.no_match == NoMatch::NotFound {
+        return Err(ApiError::not_found("No recent machines found"));
+    }
     Ok(collection(call, rows, "/api/machines", "Machines"))
 }
 
@@ -257,25 +272,67 @@ fn cancel(call: &Call<'_>, id: &str) -> Result<Response, ApiError> {
     }
 }
 
-/// Any non-empty bearer token is accepted; tests check which one was sent
-/// through the request log.
-fn authorize(headers: &HeaderMap) -> Result<(), ApiError> {
-    let bearer = headers
+/// Any non-empty bearer token is accepted (tests check which one was sent
+/// through the request log), except one the identity endpoint issued for
+/// another resource (checked by the caller).
+fn authorize(headers: &HeaderMap) -> Result<&str, ApiError> {
+    headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().split_once(' '))
-        .is_some_and(|(scheme, token)| {
-            scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty()
-        });
-    if bearer {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "Unauthorized",
-            "Authorization header is missing or does not carry a bearer token",
-        ))
+        .filter(|(scheme, token)| scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty())
+        .map(|(_, token)| token.trim())
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "Unauthorized",
+                "Authorization header is missing or does not carry a bearer token",
+            )
+        })
+}
+
+/// Roles that allow reads; restrict and unrestrict need their own.
+const READ_ROLES: &[&str] = &["Machine.Read.All", "Machine.ReadWrite.All"];
+const RESTRICT_ROLES: &[&str] = &["Machine.RestrictExecution"];
+/// Cancel accepts any response role. Defender's message misspells
+/// `Machine.CollectForensics` (microsoft-365-docs#6062).
+const CANCEL_ROLES: &[&str] = &[
+    "Machine.CollectForensic",
+    "Machine.Isolate",
+    "Machine.RestrictExecution",
+    "Machine.Scan",
+    "Machine.Offboard",
+    "Machine.StopAndQuarantine",
+    "Machine.LiveResponse",
+];
+
+/// 403 unless the app holds one of the endpoint's roles, with the text real
+/// Defender sends (Azure/Azure-Sentinel PR #14672).
+fn check_roles(endpoint: &Endpoint, roles: &[String]) -> Result<(), ApiError> {
+    let required = match endpoint {
+        Endpoint::CreateAction(..) => RESTRICT_ROLES,
+        Endpoint::Cancel(_) => CANCEL_ROLES,
+        _ => READ_ROLES,
+    };
+    let held = |r: &str| {
+        roles.iter().any(|have| {
+            have.eq_ignore_ascii_case(r)
+                || (r == "Machine.CollectForensic"
+                    && have.eq_ignore_ascii_case("Machine.CollectForensics"))
+        })
+    };
+    if required.iter().any(|r| held(r)) {
+        return Ok(());
     }
+    Err(ApiError::new(
+        StatusCode::FORBIDDEN,
+        "Forbidden",
+        format!(
+            "Missing application roles. API required roles: {}, application roles: {}",
+            required.join(", "),
+            roles.join(", ")
+        ),
+    ))
 }
 
 fn route(method: &str, path: &str) -> Result<Endpoint, ApiError> {
@@ -489,7 +546,7 @@ mod tests {
         let with = |v: &str| {
             let mut h = HeaderMap::new();
             h.insert(header::AUTHORIZATION, v.parse().expect("header"));
-            authorize(&h).is_ok()
+            authorize(&h).is_ok_and(|t| t == "abc")
         };
         assert!(with("Bearer abc"));
         assert!(with("bearer abc"));
@@ -497,6 +554,28 @@ mod tests {
         assert!(!with("Bearer"));
         assert!(!with("Basic abc"));
         assert!(authorize(&HeaderMap::new()).is_err());
+    }
+
+    #[test]
+    fn roles_per_endpoint() {
+        let roles = |r: &[&str]| r.iter().map(|r| (*r).to_owned()).collect::<Vec<_>>();
+        let restrict = Endpoint::CreateAction("m".to_owned(), ActionType::RestrictCodeExecution);
+        let cancel = Endpoint::Cancel("a".to_owned());
+        let read_only = roles(&["Machine.Read.All"]);
+        assert!(check_roles(&Endpoint::ListActions, &read_only).is_ok());
+        let err = check_roles(&restrict, &read_only).expect_err("403");
+        assert_eq!(err.status, StatusCode::FORBIDDEN);
+        assert_eq!(err.code, "Forbidden");
+        assert_eq!(
+            err.message,
+            "Missing application roles. API required roles: Machine.RestrictExecution, \
+             application roles: Machine.Read.All"
+        );
+        assert!(check_roles(&cancel, &read_only).is_err());
+        assert!(check_roles(&cancel, &roles(&["Machine.Isolate"])).is_ok());
+        assert!(check_roles(&cancel, &roles(&["Machine.CollectForensics"])).is_ok());
+        assert!(check_roles(&restrict, &roles(&["Machine.RestrictExecution"])).is_ok());
+        assert!(check_roles(&Endpoint::ListMachines, &roles(&["Machine.Isolate"])).is_err());
     }
 
     #[test]

@@ -17,7 +17,7 @@ use super::faults::{Fault, FaultKind, FaultList};
 use super::filter::Condition;
 use super::ratelimit::{EndpointKind, RateLimiter};
 use super::requests::{RecordedRequest, RequestLog};
-use super::{DuplicateBehaviour, SimConfig, seed};
+use super::{ActionOutcome, DuplicateBehaviour, SimConfig, seed};
 use crate::defender::models::{ActionStatus, ActionType, Machine, MachineAction};
 
 /// Locks a mutex, recovering the data if a previous holder panicked.
@@ -35,11 +35,19 @@ pub(crate) struct Sim {
     tenant: Mutex<Tenant>,
     faults: Mutex<FaultList>,
     log: Mutex<RequestLog>,
+    /// Tokens the identity endpoint issued for a resource that is not
+    /// Defender's, with that resource.
+    foreign_tokens: Mutex<HashMap<String, String>>,
+    /// The app's application roles (from `SimConfig::roles`, changeable).
+    roles: Mutex<Vec<String>>,
 }
 
 impl Sim {
     pub(crate) fn new(config: SimConfig, base_url: String) -> Self {
-        let clock = SimClock::new(config.speed);
+        let start = OffsetDateTime::now_utc()
+            .checked_sub(sim_duration(config.clock_behind))
+            .unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let clock = SimClock::starting_at(start, config.speed);
         let machines = if config.seed {
             seed::machines(clock.now())
         } else {
@@ -48,6 +56,8 @@ impl Sim {
         let life = Life {
             pending_for: sim_duration(config.pending_for),
             in_progress_for: sim_duration(config.in_progress_for),
+            cancel_takes: sim_duration(config.cancel_takes),
+            fields: config.action_fields,
         };
         let mut tenant = Tenant {
             machines: Vec::new(),
@@ -55,12 +65,14 @@ impl Sim {
             actions: Vec::new(),
             actions_by_machine: HashMap::new(),
             offline: HashSet::new(),
+            failing: HashSet::new(),
             limiter: config.rate_limits.map(RateLimiter::new),
             next_seq: 0,
         };
         for machine in machines {
             tenant.upsert_machine(machine);
         }
+        let roles = Mutex::new(config.roles.clone());
         Self {
             config,
             base_url,
@@ -69,7 +81,40 @@ impl Sim {
             tenant: Mutex::new(tenant),
             faults: Mutex::new(FaultList::default()),
             log: Mutex::new(RequestLog::default()),
+            foreign_tokens: Mutex::new(HashMap::new()),
+            roles,
         }
+    }
+
+    /// The token the identity endpoint issues for `resource`: the configured
+    /// one for a Defender audience, a token the API refuses otherwise.
+    pub(crate) fn issue_token(&self, resource: &str) -> String {
+        let wanted = resource.trim_end_matches('/');
+        if self
+            .config
+            .audiences
+            .iter()
+            .any(|a| a.trim_end_matches('/').eq_ignore_ascii_case(wanted))
+        {
+            return self.config.token.clone();
+        }
+        let token = format!("foreign-{}", uuid::Uuid::new_v4().simple());
+        lock(&self.foreign_tokens).insert(token.clone(), resource.to_owned());
+        token
+    }
+
+    /// Runs `check` on the app's current roles.
+    pub(crate) fn with_roles<T>(&self, check: impl FnOnce(&[String]) -> T) -> T {
+        check(&lock(&self.roles))
+    }
+
+    pub(crate) fn set_roles(&self, roles: Vec<String>) {
+        *lock(&self.roles) = roles;
+    }
+
+    /// The resource a token was issued for, when it is not Defender's.
+    pub(crate) fn foreign_audience(&self, token: &str) -> Option<String> {
+        lock(&self.foreign_tokens).get(token).cloned()
     }
 
     pub(crate) fn tenant(&self) -> MutexGuard<'_, Tenant> {
@@ -178,6 +223,8 @@ pub(crate) struct Tenant {
     actions_by_machine: HashMap<String, Vec<usize>>,
     /// Lowercase ids of offline machines.
     offline: HashSet<String>,
+    /// Lowercase ids of machines whose new actions end `Failed`.
+    failing: HashSet<String>,
     limiter: Option<RateLimiter>,
     next_seq: u64,
 }
@@ -341,6 +388,7 @@ impl Tenant {
             created: now,
             countdown_from: (!offline).then_some(now),
             cancellation: None,
+            fails: self.failing.contains(&machine.id.to_ascii_lowercase()),
         };
         self.next_seq += 1;
         let wire = record.to_wire(now, life);
@@ -368,11 +416,15 @@ impl Tenant {
         if status.is_terminal() {
             return Err(CancelError::Terminal(status));
         }
-        action.cancellation = Some(Cancellation {
-            requestor: seed::REQUESTOR.to_owned(),
-            comment,
-            at: now,
-        });
+        // A second cancel while the first has not taken effect changes nothing.
+        if action.cancellation.is_none() {
+            action.cancellation = Some(Cancellation {
+                requestor: seed::REQUESTOR.to_owned(),
+                comment,
+                at: now,
+                effective: now.checked_add(life.cancel_takes).unwrap_or(now),
+            });
+        }
         Ok(action.to_wire(now, life))
     }
 
@@ -403,6 +455,14 @@ impl Tenant {
                 action.countdown_from = (!offline).then_some(now);
             }
         }
+    }
+
+    pub(crate) fn set_outcome(&mut self, machine_id: &str, outcome: ActionOutcome) {
+        let key = machine_id.to_ascii_lowercase();
+        match outcome {
+            ActionOutcome::Failed => self.failing.insert(key),
+            ActionOutcome::Succeeded => self.failing.remove(&key),
+        };
     }
 
     pub(crate) fn is_offline(&self, machine_id: &str) -> bool {

@@ -246,8 +246,12 @@ async fn restrict_duplicate_list_and_cancel() {
     assert_eq!(created["requestorComment"], "test");
     assert_eq!(created["requestSource"], "PublicApi");
     assert_eq!(created["machineId"], ALPHA_MACHINE_ID);
-    assert_eq!(created["computerDnsName"], Value::Null);
-    assert_eq!(created["lastUpdateDateTimeUtc"], Value::Null);
+    // Filled from creation, as real answers are (`ActionFields::FromCreation`).
+    assert_eq!(created["computerDnsName"], ALPHA_NAME);
+    assert_eq!(
+        created["lastUpdateDateTimeUtc"],
+        created["creationDateTimeUtc"]
+    );
     assert_eq!(created["title"], "Restrict code execution");
     assert_eq!(created["errorHResult"], 0);
     assert_eq!(created["commands"], json!([]));

@@ -250,6 +250,12 @@ async fn respond_async_answers_202_with_a_location_that_keeps_the_code() {
         let response = call(&app, mode, &Route::restrict(), &request).await;
 
         assert_eq!(response.status, 202, "{mode:?}: {}", response.body);
+        assert_eq!(response.json()["status"], 202, "the body says 202 too");
+        assert_eq!(
+            response.header("x-invocation-id"),
+            Some(request.invocation_id.as_str()),
+            "{mode:?}"
+        );
         let id = action_id(&response.json());
         assert_eq!(
             response.header("location"),

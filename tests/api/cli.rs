@@ -4,16 +4,23 @@ use std::process::Command;
 
 use serde_json::Value;
 
+/// Runs the handler with logging on, as a user would, and reads the whole of
+/// stdout as one JSON answer (what `handler invoke … | jq` needs).
 fn handler(args: &[&str]) -> (i32, Value) {
     let output = Command::new(env!("CARGO_BIN_EXE_handler"))
         .args(args)
         .env_clear()
-        .env("RUST_LOG", "off")
+        .env("RUST_LOG", "info")
         .output()
         .expect("handler runs");
     let stdout = String::from_utf8_lossy(&output.stdout);
-    let last = stdout.lines().last().unwrap_or_default();
-    let json = serde_json::from_str(last).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    let json = serde_json::from_str(&stdout)
+        .unwrap_or_else(|e| panic!("stdout is not only the answer ({e}): {stdout}"));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invocation"),
+        "the logs went to stderr: {stderr}"
+    );
     (output.status.code().unwrap_or(-1), json)
 }
 

@@ -29,6 +29,8 @@ pub struct AppOptions {
     pub sim: SimConfig,
     /// Extra environment for the handler (applied last, so it can override).
     pub env: Vec<(&'static str, String)>,
+    /// A file descriptor limit for the handler (`ulimit -n`), to run it short of them.
+    pub max_open_files: Option<u32>,
 }
 
 impl Default for AppOptions {
@@ -40,6 +42,7 @@ impl Default for AppOptions {
                 ..SimConfig::default()
             },
             env: Vec::new(),
+            max_open_files: None,
         }
     }
 }
@@ -62,7 +65,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         ("RUST_LOG", "info".to_owned()),
     ];
     env.extend(options.env);
-    let (handler, logs) = start_handler(&env, &[]);
+    let (handler, logs) = start_handler_with(&env, &[], options.max_open_files);
     let host = HostEmulator::new(port);
     host.wait_until_ready().await;
     TestApp {
@@ -76,7 +79,29 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
 /// Start the handler binary the way the Functions host does: environment
 /// only, no arguments, stdout captured.
 pub fn start_handler(env: &[(&str, String)], args: &[&str]) -> (Child, Arc<Mutex<Vec<String>>>) {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
+    start_handler_with(env, args, None)
+}
+
+/// [`start_handler`], optionally under a file descriptor limit (through
+/// `sh -c 'ulimit -n N; exec handler'`, so the handler itself is the child).
+pub fn start_handler_with(
+    env: &[(&str, String)],
+    args: &[&str],
+    max_open_files: Option<u32>,
+) -> (Child, Arc<Mutex<Vec<String>>>) {
+    let handler = env!("CARGO_BIN_EXE_handler");
+    let mut command = match max_open_files {
+        None => Command::new(handler),
+        Some(limit) => {
+            let mut command = Command::new("sh");
+            command.args([
+                "-c",
+                &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
+                handler,
+            ]);
+            command
+        }
+    };
     command
         .args(args)
         .env_clear()
@@ -185,6 +210,15 @@ impl TestApp {
             .filter_map(|l| serde_json::from_str::<Value>(l).ok())
             .filter(|v| v["message"] == message)
             .collect()
+    }
+}
+
+impl TestApp {
+    /// A restrict or release in forwarded mode, as a caller sends it.
+    pub async fn restrict(&self, body: &Value) -> crate::host_emulator::ClientResponse {
+        self.host
+            .forwarded(&crate::host_emulator::CallerRequest::json(body.to_string()))
+            .await
     }
 }
 

@@ -10,8 +10,12 @@
 mod helpers;
 mod host_emulator;
 
+mod answers;
 mod callers;
 mod cli;
+mod connections;
+mod corners;
+mod defender_answers;
 mod devices;
 mod host_protocol;
 mod outbreak;

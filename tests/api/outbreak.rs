@@ -268,7 +268,7 @@ async fn a_waiter_whose_deadline_passes_gets_504_not_a_hang() {
     app.sim.inject(Fault {
         method: Some("GET".into()),
         path_contains: "/api/machineactions".into(),
-        kind: FaultKind::Delay { millis: 6000 },
+        kind: FaultKind::Delay { millis: 30_000 },
         times: 10,
     });
 
@@ -450,6 +450,7 @@ async fn every_page_of_actions_is_read_with_next_links_or_skip() {
                 ..AppOptions::default().sim
             },
             env: vec![("DEFENDER_PAGE_SIZE", client_page.into())],
+            ..AppOptions::default()
         })
         .await;
         for release in [false, true, false] {
