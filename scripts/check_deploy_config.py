@@ -38,6 +38,8 @@ NOT_PARAMETERS = {
     "COORDINATION": "always storage on the deployed app (main.bicep sets it; checked below)",
     "COORDINATION_CONTAINER": "the default container serves; set by hand only to share an account",
     "HTTP_READ_TIMEOUT_SECONDS": "the handler's connections from the local Functions host; tests and local runs only",
+    "MACHINE_CACHE_SECONDS": "the default (60 s, the most the cache rule allows) serves; lower it by hand only to turn the cache off",
+    "DEFENDER_PAGE_SIZE": "tests only: lowers $top to exercise paging",
 }
 
 # Roles that let the identity create containers, take and renew blob leases and write blobs

@@ -133,7 +133,7 @@ impl MachineDirectory {
         deadline: Instant,
     ) -> Result<Lookup, FindError> {
         loop {
-            let flight = match self.remembered_or_flight(device, deadline) {
+            let (flight, joined) = match self.remembered_or_flight(device, deadline) {
                 Ok(found) => {
                     return Ok(Lookup {
                         found,
@@ -156,11 +156,12 @@ impl MachineDirectory {
                         cached: false,
                     });
                 }
-                // A flight started by an invocation with less time left ran
-                // out of it; this one still has time: look again.
+                // A flight started by another invocation, with less time
+                // left, ran out of it; this one may still have time: look
+                // again, with its own deadline.
                 Err(FindError::Defender(
                     DefenderError::OutOfTime { .. } | DefenderError::OverBudget { .. },
-                )) if Instant::now() < deadline => {}
+                )) if joined && Instant::now() < deadline => {}
                 Err(e) => return Err(e),
             }
         }
@@ -174,12 +175,13 @@ impl MachineDirectory {
         }
     }
 
-    /// A usable remembered machine, or the flight to wait for (joined or new).
+    /// A usable remembered machine, or the flight to wait for and whether it
+    /// was joined (started by another invocation) rather than started here.
     fn remembered_or_flight(
         self: &Arc<Self>,
         device: &DeviceRef,
         deadline: Instant,
-    ) -> Result<Found, Flight> {
+    ) -> Result<Found, (Flight, bool)> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
         match slots.get(device) {
             Some(Slot::Found { found, at }) if at.elapsed() < self.ttl => {
@@ -187,7 +189,7 @@ impl MachineDirectory {
             }
             Some(Slot::Loading { flight, .. }) => {
                 if let Some(flight) = flight.upgrade().filter(|f| f.peek().is_none()) {
-                    return Err(flight);
+                    return Err((flight, true));
                 }
             }
             _ => {}
@@ -206,10 +208,10 @@ impl MachineDirectory {
         .boxed()
         .shared();
         let Some(weak) = flight.downgrade() else {
-            return Err(flight);
+            return Err((flight, false));
         };
         slots.insert(device.clone(), Slot::Loading { id, flight: weak });
-        Err(flight)
+        Err((flight, false))
     }
 
     /// Remember the flight's answer if it may be remembered, else clear it.

@@ -11,8 +11,10 @@
 //! write conditioned on the ETag that was read. A 412 means another instance
 //! reserved in between: read again (with a short jittered pause) until the
 //! caller's deadline. So an uncontended reservation costs two storage
-//! operations; invocations of one instance reserve one at a time per bucket,
-//! so they do not conflict with each other.
+//! operations. Within one instance, the reservations that arrive while one
+//! is in flight are served together by the next read and write, so a burst
+//! costs two operations per batch, and one instance never conflicts with
+//! itself.
 //!
 //! Slots are wall-clock times because instances share no monotonic clock;
 //! Azure keeps instance clocks in sync, and the latency allowance absorbs
@@ -24,8 +26,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use azure_core::http::Etag;
 use serde::{Deserialize, Serialize};
-use tokio::time::Instant;
+use tokio::{sync::oneshot, time::Instant};
 
 use super::{CoordinationError, store::Store};
 use crate::defender::budget::LATENCY_ALLOWANCE;
@@ -108,81 +111,164 @@ impl Limits {
 #[derive(Debug)]
 pub(crate) struct SharedBudget {
     limits: Limits,
-    /// One reservation at a time per bucket within this instance.
-    local: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    buckets: Mutex<HashMap<String, Arc<Mutex<Queue>>>>,
+}
+
+/// The reservations of this instance waiting for a bucket, and whether a
+/// task is serving them.
+#[derive(Debug, Default)]
+struct Queue {
+    waiting: Vec<Request>,
+    serving: bool,
+}
+
+#[derive(Debug)]
+struct Request {
+    deadline: Instant,
+    reply: oneshot::Sender<Result<Slot, CoordinationError>>,
 }
 
 impl SharedBudget {
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
-            local: Mutex::default(),
+            buckets: Mutex::default(),
         }
     }
 
+    /// Reserve the next free slot in `bucket`. Requests that arrive while a
+    /// read-and-write is in flight are served together by the next one, in
+    /// arrival order: a burst on one instance costs two storage operations
+    /// per batch, not per call, and its instances' writes rarely conflict.
+    /// The batch is served by a task of its own, so a caller that gives up
+    /// cannot strand the others.
     pub async fn reserve(
         &self,
-        store: &Store,
+        store: &Arc<Store>,
         bucket: &str,
         deadline: Instant,
     ) -> Result<Slot, CoordinationError> {
-        let lock = {
-            let mut local = self.local.lock().unwrap_or_else(|e| e.into_inner());
-            local.entry(bucket.to_owned()).or_default().clone()
+        let queue = {
+            let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            buckets.entry(bucket.to_owned()).or_default().clone()
         };
-        let over = |wait: Duration| CoordinationError::OverBudget {
-            bucket: bucket.to_owned(),
-            wait,
+        let (reply, answer) = oneshot::channel();
+        let start = {
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            q.waiting.push(Request { deadline, reply });
+            !std::mem::replace(&mut q.serving, true)
         };
-        let _one_at_a_time = tokio::time::timeout_at(deadline, lock.lock())
-            .await
-            .map_err(|_| over(Duration::ZERO))?;
-        let blob = format!("budget/{bucket}");
-        loop {
-            let (mut reservations, etag) = match store.read(&blob).await? {
-                Ok((body, etag)) => (parse(&body, &blob)?, Some(etag)),
-                Err(refusal) if refusal.status == 404 => {
-                    if refusal.is("ContainerNotFound") {
-                        store.create_container().await?.or_else(|r| {
-                            if r.status == 409 {
-                                Ok(())
-                            } else {
-                                Err(refused(&r, &blob))
-                            }
-                        })?;
-                    }
-                    (Reservations::default(), None)
-                }
-                Err(refusal) => return Err(refused(&refusal, &blob)),
-            };
-
-            let (now_wall, now) = (unix_ms(SystemTime::now()), Instant::now());
-            let hour = self.limits.hour_ms;
-            reservations.slots.retain(|&t| t + hour > now_wall);
-            let slot = self.limits.next_slot(&reservations.slots, now_wall);
-            let wait = Duration::from_millis(slot.saturating_sub(now_wall));
-            if now + wait > deadline {
-                return Err(over(wait));
-            }
-            reservations.slots.push(slot);
-            let body = serde_json::to_vec(&reservations).unwrap_or_default();
-            match store.write(&blob, body, etag).await? {
-                Ok(_) => {
-                    return Ok(Slot {
-                        at: UNIX_EPOCH + Duration::from_millis(slot),
-                        instant: now + wait,
-                    });
-                }
-                // Another instance reserved first: read again.
-                Err(refusal) if matches!(refusal.status, 409 | 412) => {}
-                Err(refusal) => return Err(refused(&refusal, &blob)),
-            }
-            let pause = Duration::from_millis(5 + fastrand::u64(0..20));
-            if Instant::now() + pause >= deadline {
-                return Err(over(Duration::ZERO));
-            }
-            tokio::time::sleep(pause).await;
+        if start {
+            tokio::spawn(serve(store.clone(), queue, bucket.to_owned(), self.limits));
         }
+        answer.await.unwrap_or_else(|_| {
+            Err(CoordinationError::Unavailable {
+                retry_after: Duration::from_secs(1),
+                reason: "the budget reservation was abandoned".into(),
+            })
+        })
+    }
+}
+
+/// Serve the bucket's queue, batch after batch, until it is empty.
+async fn serve(store: Arc<Store>, queue: Arc<Mutex<Queue>>, bucket: String, limits: Limits) {
+    loop {
+        let batch = {
+            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            if q.waiting.is_empty() {
+                q.serving = false;
+                return;
+            }
+            std::mem::take(&mut q.waiting)
+        };
+        let answers = reserve_batch(&store, &bucket, limits, &batch).await;
+        for (request, answer) in batch.into_iter().zip(answers) {
+            // A caller that stopped waiting leaves its slot unused: harmless.
+            let _ = request.reply.send(answer);
+        }
+    }
+}
+
+/// One answer per request, in order: read, assign slots, conditional write;
+/// read again after a conflict.
+async fn reserve_batch(
+    store: &Store,
+    bucket: &str,
+    limits: Limits,
+    batch: &[Request],
+) -> Vec<Result<Slot, CoordinationError>> {
+    let blob = format!("budget/{bucket}");
+    let over = |wait: Duration| CoordinationError::OverBudget {
+        bucket: bucket.to_owned(),
+        wait,
+    };
+    let all = |error: CoordinationError| batch.iter().map(|_| Err(error.clone())).collect();
+    let latest = batch.iter().map(|r| r.deadline).max();
+    loop {
+        let (mut reservations, etag) = match read(store, &blob).await {
+            Ok(read) => read,
+            Err(error) => return all(error),
+        };
+        let (now_wall, now) = (unix_ms(SystemTime::now()), Instant::now());
+        reservations
+            .slots
+            .retain(|&t| t + limits.hour_ms > now_wall);
+        let answers: Vec<_> = batch
+            .iter()
+            .map(|request| {
+                let slot = limits.next_slot(&reservations.slots, now_wall);
+                let wait = Duration::from_millis(slot.saturating_sub(now_wall));
+                if now + wait > request.deadline {
+                    // Not reserved: a later request with more time may
+                    // still take this slot.
+                    return Err(over(wait));
+                }
+                reservations.slots.push(slot);
+                Ok(Slot {
+                    at: UNIX_EPOCH + Duration::from_millis(slot),
+                    instant: now + wait,
+                })
+            })
+            .collect();
+        if answers.iter().all(Result::is_err) {
+            return answers;
+        }
+        let body = serde_json::to_vec(&reservations).unwrap_or_default();
+        match store.write(&blob, body, etag).await {
+            Ok(Ok(_)) => return answers,
+            // Another instance reserved first: read again.
+            Ok(Err(refusal)) if matches!(refusal.status, 409 | 412) => {}
+            Ok(Err(refusal)) => return all(refused(&refusal, &blob)),
+            Err(error) => return all(error),
+        }
+        let pause = Duration::from_millis(5 + fastrand::u64(0..20));
+        if latest.is_none_or(|latest| Instant::now() + pause >= latest) {
+            return all(over(Duration::ZERO));
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The bucket's reservations and ETag; none yet (and no ETag) when absent.
+async fn read(
+    store: &Store,
+    blob: &str,
+) -> Result<(Reservations, Option<Etag>), CoordinationError> {
+    match store.read(blob).await? {
+        Ok((body, etag)) => Ok((parse(&body, blob)?, Some(etag))),
+        Err(refusal) if refusal.status == 404 => {
+            if refusal.is("ContainerNotFound") {
+                store.create_container().await?.or_else(|r| {
+                    if r.status == 409 {
+                        Ok(())
+                    } else {
+                        Err(refused(&r, blob))
+                    }
+                })?;
+            }
+            Ok((Reservations::default(), None))
+        }
+        Err(refusal) => Err(refused(&refusal, blob)),
     }
 }
 

@@ -159,17 +159,19 @@ fn assert_windows(slots: &[SystemTime], limit: usize, window: Duration) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_instances_never_hand_out_more_than_the_limit_per_window() {
+async fn instances_never_hand_out_more_than_the_limit_per_window() {
     let azurite = Azurite::start();
     let settings = azurite.settings("budget-shared");
     let speed = 60.0;
     let options = || CoordinatorOptions {
         per_minute: 5,
-        per_hour: 12,
+        per_hour: 24,
         clock_speed: speed,
         ..Default::default()
     };
+    // Three instances, as issue 12's burst runs.
     let instances = [
+        instance(&settings, options()),
         instance(&settings, options()),
         instance(&settings, options()),
     ];
@@ -179,11 +181,17 @@ async fn two_instances_never_hand_out_more_than_the_limit_per_window() {
         .map(|c| c.storage_operations())
         .sum::<u64>();
 
-    // 30 reservations at once, alternating between the instances.
-    let tasks: Vec<_> = (0..30)
+    // 30 reservations at once, spread over the instances, then 30 more
+    // trickling in over 60 ms, so that batches of different instances
+    // overlap in every way.
+    let tasks: Vec<_> = (0..60)
         .map(|i| {
-            let c = instances[i % 2].clone();
-            tokio::spawn(async move { c.reserve_slot("restrict", far).await.unwrap() })
+            let c = instances[i % 3].clone();
+            let delay = if i < 30 { 0 } else { fastrand::u64(0..60) };
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(delay)).await;
+                c.reserve_slot("restrict", far).await.unwrap()
+            })
         })
         .collect();
     let mut slots = Vec::new();
@@ -192,15 +200,15 @@ async fn two_instances_never_hand_out_more_than_the_limit_per_window() {
     }
     // Defender's windows at this clock speed (without our allowance).
     assert_windows(&slots, 5, Duration::from_secs(60).div_f64(speed));
-    assert_windows(&slots, 12, Duration::from_secs(3600).div_f64(speed));
+    assert_windows(&slots, 24, Duration::from_secs(3600).div_f64(speed));
     let ops = instances
         .iter()
         .map(|c| c.storage_operations())
         .sum::<u64>()
         - before;
     println!(
-        "budget: 30 reservations over 2 instances took {ops} storage operations ({:.2} each)",
-        ops as f64 / 30.0
+        "budget: 60 reservations over 3 instances took {ops} storage operations ({:.2} each)",
+        ops as f64 / 60.0
     );
 
     // Another API has its own bucket.
@@ -268,9 +276,23 @@ async fn storage_operations_per_lock_and_per_reservation() {
     c.reserve_slot("restrict", deadline()).await.unwrap();
     let reserve = ops(&c, before);
 
+    // A waiter polls while another instance holds the lease for a second.
+    let other = instance(&azurite.settings("ops-count"), Default::default());
+    let held = c.lock_machine("m2", deadline()).await.unwrap();
+    let before = other.storage_operations();
+    let waiter = tokio::spawn({
+        let other = other.clone();
+        async move { other.lock_machine("m2", deadline()).await.unwrap() }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    held.release().await.unwrap();
+    waiter.await.unwrap().release().await.unwrap();
+    let contended = ops(&other, before);
+
     println!(
         "storage operations: first lock of a machine {first_acquire} (container and blob \
-         created), lock {acquire}, release {release}; first reservation {first_reserve}, \
+         created), lock {acquire}, release {release}; lock while another instance held it for \
+         1 s {contended} (polls and release included); first reservation {first_reserve}, \
          reservation {reserve}"
     );
     // Uncontended steady state: one request to lock, one to release, a read

@@ -178,7 +178,7 @@ async fn identity_endpoint(
 
 /// Run the child half with the identity environment; true if it passed.
 fn run_child(identity_endpoint: &str, blob_uri: &str, ca: &Path, expect: &str) -> bool {
-    let status = Command::new(std::env::current_exe().unwrap())
+    let out = Command::new(std::env::current_exe().unwrap())
         .args([
             "managed_identity::managed_identity_child",
             "--exact",
@@ -190,9 +190,16 @@ fn run_child(identity_endpoint: &str, blob_uri: &str, ca: &Path, expect: &str) -
         .env("COORDINATION_TEST_BLOB_URI", blob_uri)
         .env("COORDINATION_TEST_CA", ca)
         .env("COORDINATION_TEST_EXPECT", expect)
-        .status()
+        .output()
         .unwrap();
-    status.success()
+    if !out.status.success() {
+        eprintln!(
+            "child output:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    out.status.success()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
