@@ -30,9 +30,7 @@ use tokio::{
     net::TcpStream,
 };
 
-use support::{
-    HANDLER, IDENTITY_HEADER, Memory, Proc, Result, free_port, load_average, wait_ready,
-};
+use support::{HANDLER, Memory, Proc, Result, free_port, load_average, wait_ready};
 
 /// Defender calls the state rules need (README, "Before acting: the device's
 /// state") for a lone invocation: find the machine, read its actions, create
@@ -913,18 +911,8 @@ struct LoggedHandler {
 impl LoggedHandler {
     fn start(sim: &Sim, extra: &[(&str, &str)]) -> Result<Self> {
         let port = free_port()?;
-        let sim_url = format!("http://127.0.0.1:{}", sim.port);
-        let mut child = Command::new(HANDLER)
-            .env_clear()
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .env("DEFENDER_API_URL", &sim_url)
-            .env("IDENTITY_ENDPOINT", format!("{sim_url}/_identity/token"))
-            .env("IDENTITY_HEADER", IDENTITY_HEADER)
-            .env("RUST_LOG", "info")
-            .envs(extra.iter().copied())
-            .stdin(Stdio::null())
+        let mut child = support::handler_command(sim.port, port, extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no handler stdout")?;
         let lines = Arc::new(std::sync::Mutex::new(Vec::new()));

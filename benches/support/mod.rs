@@ -62,6 +62,15 @@ pub fn spawn_simulator(args: &[&str]) -> Result<(Proc, u16)> {
 /// The custom handler on `port`, started the way the Functions host starts
 /// it, pointed at the simulator on `sim_port`; `extra` settings last.
 pub fn spawn_handler(sim_port: u16, port: u16, extra: &[(&str, &str)]) -> Result<Proc> {
+    let child = handler_command(sim_port, port, extra)
+        // The host reads these log lines; formatting them is part of the cost.
+        .stdout(Stdio::null())
+        .spawn()?;
+    Ok(Proc { child })
+}
+
+/// The command [`spawn_handler`] runs, for a caller that wants its stdout.
+pub fn handler_command(sim_port: u16, port: u16, extra: &[(&str, &str)]) -> Command {
     let sim_url = format!("http://127.0.0.1:{sim_port}");
     let mut command = Command::new(HANDLER);
     command
@@ -71,16 +80,10 @@ pub fn spawn_handler(sim_port: u16, port: u16, extra: &[(&str, &str)]) -> Result
         .env("IDENTITY_ENDPOINT", format!("{sim_url}/_identity/token"))
         .env("IDENTITY_HEADER", IDENTITY_HEADER)
         .env("RUST_LOG", "info")
+        .envs(extra.iter().copied())
         .stdin(Stdio::null())
-        // The host reads these log lines; formatting them is part of the cost.
-        .stdout(Stdio::null())
         .stderr(Stdio::inherit());
-    for (k, v) in extra {
-        command.env(k, v);
-    }
-    Ok(Proc {
-        child: command.spawn()?,
-    })
+    command
 }
 
 pub fn free_port() -> Result<u16> {
