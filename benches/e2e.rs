@@ -11,11 +11,12 @@
 //! start, an answer is not the expected one, an action is duplicated); it never
 //! fails on a timing.
 
+mod support;
+
 use std::{
     collections::{BTreeMap, HashMap},
-    io::{BufRead, BufReader, Read, Write},
-    net::{SocketAddr, TcpListener},
-    process::{Child, Command, Stdio},
+    io::{BufRead, BufReader},
+    process::{Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicUsize, Ordering},
@@ -29,7 +30,8 @@ use tokio::{
     net::TcpStream,
 };
 
-const HANDLER: &str = env!("CARGO_BIN_EXE_handler");
+use support::{HANDLER, Memory, Proc, Result, free_port, load_average, wait_ready};
+
 /// Defender calls the state rules need (README, "Before acting: the device's
 /// state") for a lone invocation: find the machine, read its actions, create
 /// the action. Answers that need no POST skip the last, and a remembered
@@ -39,15 +41,12 @@ const CALLS_TO_ACT_WHAT: &str = "find the machine, read its actions, POST";
 const CALLS_NO_POST: usize = 2;
 const CALLS_NO_POST_WHAT: &str =
     "at most 2: find the machine (remembered for 60 s), read its actions (shared in a round)";
-const IDENTITY_HEADER: &str = "sim-identity-header";
 /// The token `handler simulator` issues and accepts.
 const SIM_TOKEN: &str = "sim-access-token";
 const FUNCTION_PATH: &str = "/api/restrict-code-execution";
 /// Defender's per-endpoint limits, which are also the budget's defaults.
 const PER_MINUTE: u64 = 100;
 const PER_HOUR: u64 = 1500;
-
-type Result<T, E = Box<dyn std::error::Error + Send + Sync>> = std::result::Result<T, E>;
 
 /// How much of each measurement to do.
 struct Plan {
@@ -919,18 +918,8 @@ struct LoggedHandler {
 impl LoggedHandler {
     fn start(sim: &Sim, extra: &[(&str, &str)]) -> Result<Self> {
         let port = free_port()?;
-        let sim_url = format!("http://127.0.0.1:{}", sim.port);
-        let mut child = Command::new(HANDLER)
-            .env_clear()
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .env("DEFENDER_API_URL", &sim_url)
-            .env("IDENTITY_ENDPOINT", format!("{sim_url}/_identity/token"))
-            .env("IDENTITY_HEADER", IDENTITY_HEADER)
-            .env("RUST_LOG", "info")
-            .envs(extra.iter().copied())
-            .stdin(Stdio::null())
+        let mut child = support::handler_command(sim.port, port, extra)
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no handler stdout")?;
         let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -1099,18 +1088,6 @@ fn minimum_makespan_secs(n: u64) -> u64 {
 // ---------------------------------------------------------------------------
 // Processes
 
-/// A child process killed when dropped.
-struct Proc {
-    child: Child,
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// `handler simulator` on a free port.
 struct Sim {
     proc: Proc,
@@ -1119,29 +1096,7 @@ struct Sim {
 
 impl Sim {
     fn start(args: &[&str]) -> Result<Self> {
-        let mut child = Command::new(HANDLER)
-            .args(["simulator", "--port", "0"])
-            .args(args)
-            .env_clear()
-            .env("RUST_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no simulator stdout")?;
-        let proc = Proc { child };
-        let mut lines = BufReader::new(stdout).lines();
-        let port = loop {
-            let line = lines
-                .next()
-                .ok_or("the simulator exited before printing its URL")??;
-            if let Some(url) = line.strip_prefix("Simulated Defender tenant at http://") {
-                let addr: SocketAddr = url.trim().parse()?;
-                break addr.port();
-            }
-        };
-        // Keep draining its stdout so it never blocks on a full pipe.
-        std::thread::spawn(move || lines.for_each(drop));
+        let (proc, port) = support::spawn_simulator(args)?;
         Ok(Self { proc, port })
     }
 
@@ -1175,25 +1130,7 @@ struct Handler {
 
 impl Handler {
     fn spawn(sim: &Sim, port: u16, extra: &[(&str, &str)]) -> Result<Proc> {
-        let sim_url = format!("http://127.0.0.1:{}", sim.port);
-        let mut command = Command::new(HANDLER);
-        command
-            .env_clear()
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .env("DEFENDER_API_URL", &sim_url)
-            .env("IDENTITY_ENDPOINT", format!("{sim_url}/_identity/token"))
-            .env("IDENTITY_HEADER", IDENTITY_HEADER)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            // The host reads these log lines; formatting them is part of the cost.
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit());
-        for (k, v) in extra {
-            command.env(k, v);
-        }
-        Ok(Proc {
-            child: command.spawn()?,
-        })
+        support::spawn_handler(sim.port, port, extra)
     }
 
     fn start(sim: &Sim, extra: &[(&str, &str)]) -> Result<Self> {
@@ -1208,44 +1145,6 @@ impl Handler {
     }
 }
 
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-/// Poll `GET /` the way the host does (but every 100 µs instead of 25 ms)
-/// until it answers 200; the time from the call.
-fn wait_ready(proc: &mut Proc, port: u16) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if ready_once(port) {
-            return Ok(());
-        }
-        if let Some(status) = proc.child.try_wait()? {
-            return Err(format!("the handler exited during start-up: {status}").into());
-        }
-        if Instant::now() > deadline {
-            return Err("the handler did not answer GET / within 10 s".into());
-        }
-        std::thread::sleep(Duration::from_micros(100));
-    }
-}
-
-fn ready_once(port: u16) -> bool {
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
-        return false;
-    };
-    let _ = stream.set_nodelay(true);
-    if stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .is_err()
-    {
-        return false;
-    }
-    let mut answer = Vec::new();
-    let _ = stream.read_to_end(&mut answer);
-    answer.starts_with(b"HTTP/1.1 200")
-}
-
 fn cold_starts(sim: &Sim, n: usize) -> Result<Vec<Duration>> {
     let mut times = Vec::with_capacity(n);
     for _ in 0..n {
@@ -1257,34 +1156,6 @@ fn cold_starts(sim: &Sim, n: usize) -> Result<Vec<Duration>> {
         drop(proc);
     }
     Ok(times)
-}
-
-/// Resident memory of a process, from `/proc/<pid>/status`.
-struct Memory {
-    rss_kib: u64,
-    hwm_kib: u64,
-}
-
-impl Memory {
-    fn of(pid: u32) -> Result<Self> {
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let field = |name: &str| -> Result<u64> {
-            let line = status
-                .lines()
-                .find(|l| l.starts_with(name))
-                .ok_or_else(|| format!("{name} missing from /proc/{pid}/status"))?;
-            Ok(line
-                .trim_start_matches(name)
-                .trim()
-                .trim_end_matches("kB")
-                .trim()
-                .parse()?)
-        };
-        Ok(Self {
-            rss_kib: field("VmRSS:")?,
-            hwm_kib: field("VmHWM:")?,
-        })
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -1885,12 +1756,4 @@ fn machine_line() -> String {
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
         .unwrap_or_default();
     format!("Machine: {cpus} CPUs, {cpu}; {rustc}; handler {HANDLER}\n")
-}
-
-/// The 1-minute load average: other work on the machine skews every timing.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_owned))
-        .unwrap_or_else(|| "unknown".to_owned())
 }

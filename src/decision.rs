@@ -77,21 +77,28 @@ pub fn decide(machine_id: &str, actions: &[MachineAction], wanted: Wanted) -> De
     if let Some(same) = pending(wanted.action).next() {
         return Decision::AlreadyPending(same);
     }
-    // The state is what the last action to *finish* left behind.
-    let newest_succeeded = relevant
-        .iter()
-        .filter(|(_, _, s)| *s == ActionStatus::Succeeded)
-        .max_by_key(|(a, _, _)| finished(a));
-    match newest_succeeded {
-        Some((a, t, _)) if *t == wanted.action && !wanted.force => {
-            Decision::AlreadyInState((*a).clone())
-        }
+    match deciding_action(relevant.iter().map(|(a, _, _)| *a)) {
+        Some((a, t)) if t == wanted.action && !wanted.force => Decision::AlreadyInState(a.clone()),
         _ => Decision::Act,
     }
 }
 
+/// The action that decides a machine's state, and its type: the state is what
+/// the `Succeeded` restrict or unrestrict action that *finished* last left
+/// behind. `None`: no such action, the state is unknown. Of equal finishing
+/// times the last one in `actions` wins. The fleet view uses the same rule.
+pub(crate) fn deciding_action<'a>(
+    actions: impl IntoIterator<Item = &'a MachineAction>,
+) -> Option<(&'a MachineAction, ActionType)> {
+    actions
+        .into_iter()
+        .filter(|a| a.typed_status() == Some(ActionStatus::Succeeded))
+        .filter_map(|a| Some((a, a.typed_type()?)))
+        .max_by_key(|(a, _)| finished(a))
+}
+
 /// When an action reached its state: its last update, else its creation.
-fn finished(action: &MachineAction) -> Option<OffsetDateTime> {
+pub(crate) fn finished(action: &MachineAction) -> Option<OffsetDateTime> {
     action
         .last_update_date_time_utc
         .as_deref()
@@ -100,7 +107,7 @@ fn finished(action: &MachineAction) -> Option<OffsetDateTime> {
 }
 
 /// Unknown or unparseable creation times sort as the oldest.
-fn created(action: &MachineAction) -> Option<OffsetDateTime> {
+pub(crate) fn created(action: &MachineAction) -> Option<OffsetDateTime> {
     action
         .creation_date_time_utc
         .as_deref()

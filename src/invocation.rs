@@ -32,6 +32,8 @@ pub enum Function {
     CancelAction,
     /// `openapi`: the Swagger 2.0 document.
     OpenApi,
+    /// `list-devices`: the fleet view, every machine's restrict state.
+    ListDevices,
 }
 
 impl Function {
@@ -42,14 +44,16 @@ impl Function {
             Self::ActionStatus => "action-status",
             Self::CancelAction => "cancel-action",
             Self::OpenApi => "openapi",
+            Self::ListDevices => "list-devices",
         }
     }
 
-    pub const ALL: [Self; 4] = [
+    pub const ALL: [Self; 5] = [
         Self::Restrict,
         Self::ActionStatus,
         Self::CancelAction,
         Self::OpenApi,
+        Self::ListDevices,
     ];
 }
 
@@ -234,5 +238,6 @@ async fn run(state: &AppState, invocation: Invocation) -> Reply {
         Function::ActionStatus => functions::status::run(state, &invocation).await,
         Function::CancelAction => functions::cancel::run(state, &invocation, principal).await,
         Function::OpenApi => functions::openapi::run(&invocation),
+        Function::ListDevices => functions::devices::run(state, &invocation).await,
     }
 }

@@ -11,7 +11,8 @@
 //!   reading its state and acting on it safely; [`machine_queue`] (one round
 //!   at a time per machine), [`state_reads`] (batched reads, never stale) and
 //!   [`machine_directory`] (shared, briefly remembered lookups) keep that
-//!   within Defender's rate budget in a burst;
+//!   within Defender's rate budget in a burst; [`fleet`]: every machine's
+//!   state at once (the fleet view);
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
 //! - [`server`]: connections, read timeouts and shutdown;
@@ -26,6 +27,7 @@ pub mod decision;
 pub mod defender;
 pub mod envelope;
 pub mod error;
+pub mod fleet;
 pub mod functions;
 pub mod invocation;
 pub mod machine_directory;

@@ -18,10 +18,43 @@ impl Format {
     /// Text only when the caller prefers `text/plain` over JSON; `*/*`,
     /// no header, or a tie keeps JSON.
     pub fn from_accept(accept: Option<&str>) -> Self {
-        let Some(accept) = accept else {
+        let Some(ranges) = accept.map(AcceptRanges::parse) else {
             return Self::Json;
         };
-        // The q of the most specific range that matches each type.
+        let (text, text_named) = ranges.q_of(&["text/plain"], "text/*");
+        let (json, json_named) = ranges.q_of(
+            &["application/json", "application/problem+json"],
+            "application/*",
+        );
+        if text > json || (text == json && text > 0.0 && text_named && !json_named) {
+            Self::Text
+        } else {
+            Self::Json
+        }
+    }
+}
+
+/// Whether the caller names `text/html` and prefers it over both JSON and
+/// `text/plain`: a browser opening the URL. Only functions that have a page
+/// (the fleet view) ask; `*/*` or `text/*` alone never gives HTML.
+pub fn prefers_html(accept: Option<&str>) -> bool {
+    let Some(ranges) = accept.map(AcceptRanges::parse) else {
+        return false;
+    };
+    let (html, html_named) = ranges.q_of(&["text/html"], "text/*");
+    let (text, _) = ranges.q_of(&["text/plain"], "text/*");
+    let (json, _) = ranges.q_of(
+        &["application/json", "application/problem+json"],
+        "application/*",
+    );
+    html_named && html > 0.0 && html > text && html > json
+}
+
+/// The media ranges of an `Accept` header with their q values.
+struct AcceptRanges(Vec<(String, f32)>);
+
+impl AcceptRanges {
+    fn parse(accept: &str) -> Self {
         let mut ranges: Vec<(String, f32)> = Vec::new();
         for range in accept.split(',') {
             let mut parts = range.split(';');
@@ -32,23 +65,17 @@ impl Format {
                 .unwrap_or(1.0);
             ranges.push((media, q));
         }
-        let q_of = |specific: &[&str], family: &str| -> (f32, bool) {
-            let find = |name: &str| ranges.iter().find(|(m, _)| m == name).map(|(_, q)| *q);
-            if let Some(q) = specific.iter().find_map(|name| find(name)) {
-                return (q, true);
-            }
-            (find(family).or_else(|| find("*/*")).unwrap_or(0.0), false)
-        };
-        let (text, text_named) = q_of(&["text/plain"], "text/*");
-        let (json, json_named) = q_of(
-            &["application/json", "application/problem+json"],
-            "application/*",
-        );
-        if text > json || (text == json && text > 0.0 && text_named && !json_named) {
-            Self::Text
-        } else {
-            Self::Json
+        Self(ranges)
+    }
+
+    /// The q of the most specific range that matches one of `specific`
+    /// (and whether one of them was named), else of `family`, else of `*/*`.
+    fn q_of(&self, specific: &[&str], family: &str) -> (f32, bool) {
+        let find = |name: &str| self.0.iter().find(|(m, _)| m == name).map(|(_, q)| *q);
+        if let Some(q) = specific.iter().find_map(|name| find(name)) {
+            return (q, true);
         }
+        (find(family).or_else(|| find("*/*")).unwrap_or(0.0), false)
     }
 }
 
@@ -157,5 +184,26 @@ mod tests {
         ] {
             assert_eq!(Format::from_accept(accept), want, "{accept:?}");
         }
+    }
+
+    #[test]
+    fn html_only_when_named_and_preferred() {
+        let browser =
+            "text/html,application/xhtml+xml,application/xml;q=0.9,image/avif,image/webp,*/*;q=0.8";
+        for (accept, want) in [
+            (Some(browser), true),
+            (Some("text/html"), true),
+            (Some("text/html, application/json"), false),
+            (Some("text/html;q=0.5, text/plain"), false),
+            (Some("text/html;q=0"), false),
+            (Some("*/*"), false),
+            (Some("text/*"), false),
+            (Some("application/json"), false),
+            (None, false),
+        ] {
+            assert_eq!(prefers_html(accept), want, "{accept:?}");
+        }
+        // A browser still gets JSON from the functions that have no page.
+        assert_eq!(Format::from_accept(Some(browser)), Format::Json);
     }
 }

@@ -5,10 +5,11 @@
 //!   `POST /api/restrict-code-execution`,
 //!   `GET /api/restrict-code-execution/actions/{actionId}`,
 //!   `POST /api/restrict-code-execution/actions/{actionId}/cancel`,
+//!   `GET /api/restrict-code-execution/devices`,
 //!   `GET /api/openapi.json`.
 //! - Payload mode, the host's envelope: `POST /{FunctionName}` for each
 //!   function folder (`restrict-code-execution`, `action-status`,
-//!   `cancel-action`, `openapi`).
+//!   `cancel-action`, `openapi`, `list-devices`).
 //!
 //! Both modes build the same [`Invocation`] and run [`invocation::invoke`].
 
@@ -52,6 +53,10 @@ pub fn router(state: AppState) -> Router {
         .route(
             "/api/restrict-code-execution/actions/{actionId}/cancel",
             forwarded_route(Function::CancelAction),
+        )
+        .route(
+            "/api/restrict-code-execution/devices",
+            forwarded_route(Function::ListDevices),
         )
         .route("/api/openapi.json", forwarded_route(Function::OpenApi));
     for function in Function::ALL {
@@ -103,7 +108,7 @@ pub fn normalize_path(mut request: Request) -> Request {
 /// The one HTTP method each function's trigger accepts (its `function.json`).
 fn allowed_method(function: Function) -> &'static str {
     match function {
-        Function::ActionStatus | Function::OpenApi => "GET",
+        Function::ActionStatus | Function::OpenApi | Function::ListDevices => "GET",
         Function::Restrict | Function::CancelAction => "POST",
     }
 }
@@ -144,7 +149,7 @@ async fn forwarded(
         Ok(body) => body,
         Err(error) => {
             log_rejected(&id, function, &error);
-            return reply_response(&Reply::error(&error, &id, format), &id);
+            return reply_response(Reply::error(&error, &id, format), &id);
         }
     };
     let invocation = Invocation {
@@ -161,7 +166,7 @@ async fn forwarded(
         url: caller_url(&parts),
     };
     let reply = invocation::invoke(&state, invocation).await;
-    reply_response(&reply, &id)
+    reply_response(reply, &id)
 }
 
 async fn payload_mode(
@@ -240,7 +245,7 @@ fn not_allowed(
         };
         log_unserved(&id, &request, &error);
         std::future::ready(reply_response(
-            &Reply::error(&error, &id, Format::Json).with_header("Allow", allowed.to_owned()),
+            Reply::error(&error, &id, Format::Json).with_header("Allow", allowed.to_owned()),
             &id,
         ))
     }
@@ -250,7 +255,7 @@ async fn route_not_found(headers: HeaderMap, request: Request) -> Response {
     let id = invocation::invocation_id(&headers);
     let error = ApiError::RouteNotFound(request.uri().path().to_owned());
     log_unserved(&id, &request, &error);
-    reply_response(&Reply::error(&error, &id, Format::Json), &id)
+    reply_response(Reply::error(&error, &id, Format::Json), &id)
 }
 
 /// The per-invocation log line of a request no function answered (no such
@@ -282,10 +287,12 @@ fn log_rejected(id: &str, function: Function, error: &ApiError) {
     });
 }
 
-fn reply_response(reply: &Reply, invocation_id: &str) -> Response {
-    let mut response = (reply.status, reply.body.clone()).into_response();
+/// Takes the reply: its body can be megabytes (the fleet view), not to be copied.
+fn reply_response(reply: Reply, invocation_id: &str) -> Response {
+    let reply_headers = reply.headers();
+    let mut response = (reply.status, reply.body).into_response();
     let headers = response.headers_mut();
-    for (name, value) in reply.headers() {
+    for (name, value) in reply_headers {
         if let Ok(value) = HeaderValue::from_str(&value) {
             headers.insert(name, value);
         }

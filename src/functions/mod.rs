@@ -1,6 +1,7 @@
 //! The functions, one module each: what an invocation of each one does.
 
 pub mod cancel;
+pub mod devices;
 pub mod openapi;
 pub mod restrict;
 pub mod status;

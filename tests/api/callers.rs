@@ -626,6 +626,7 @@ async fn the_openapi_document_is_served_in_both_modes_and_covers_the_surface() {
             "/restrict-code-execution",
             "/restrict-code-execution/actions/{actionId}",
             "/restrict-code-execution/actions/{actionId}/cancel",
+            "/restrict-code-execution/devices",
             "/openapi.json",
         ] {
             assert!(doc["paths"][path].is_object(), "{path}");

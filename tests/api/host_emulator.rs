@@ -51,6 +51,16 @@ impl Route {
         }
     }
 
+    /// The fleet view, `GET /api/restrict-code-execution/devices`.
+    pub fn devices() -> Self {
+        Self {
+            function: "list-devices",
+            method: "GET",
+            path: format!("/api/{FUNCTION_NAME}/devices"),
+            params: Vec::new(),
+        }
+    }
+
     pub fn openapi() -> Self {
         Self {
             function: "openapi",

@@ -16,6 +16,7 @@ mod cli;
 mod connections;
 mod corners;
 mod defender_answers;
+mod devices;
 mod host_protocol;
 mod outbreak;
 mod parsers;

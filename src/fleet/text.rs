@@ -1,0 +1,88 @@
+//! `Accept: text/plain`: one line per device, for runbook consoles and chat.
+//!
+//! Defender's strings (names, comments) are the caller's or a colleague's
+//! free text: control characters, line breaks included, become spaces so each
+//! device stays on one line.
+
+use std::fmt::Write as _;
+
+use super::{Device, StateFilter};
+use crate::defender::models::MachineAction;
+
+/// The lines, or one line saying nothing matched.
+pub fn render(devices: &[Device], filter: StateFilter, as_of: &str) -> String {
+    if devices.is_empty() {
+        let what = match filter {
+            StateFilter::Restricted => "restricted devices",
+            StateFilter::Released => "released devices",
+            StateFilter::Pending => "devices with a pending restrict or release",
+            StateFilter::All => "devices with restrict or release actions",
+        };
+        return format!("No {what} as of {as_of}.\n");
+    }
+    let mut out = String::with_capacity(devices.len() * 160);
+    for d in devices {
+        let _ = write!(
+            out,
+            "{} ({}) {}",
+            clean(d.computer_dns_name.as_deref().unwrap_or("(no name)")),
+            clean(&d.machine_id),
+            d.state.as_str()
+        );
+        if let Some(since) = &d.since {
+            let _ = write!(out, " since {}", clean(since));
+        }
+        if let Some(a) = &d.last_action {
+            let _ = write!(out, " by {}", who_and_why(a));
+        }
+        if let Some(p) = &d.pending_action {
+            let _ = write!(
+                out,
+                "; pending {} {} ({}) by {}",
+                clean(&p.action_type),
+                clean(&p.status),
+                clean(&p.id),
+                who_and_why(p)
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// `requestor: "comment"`.
+fn who_and_why(a: &MachineAction) -> String {
+    format!(
+        "{}: {:?}",
+        clean(a.requestor.as_deref().unwrap_or("(unknown)")),
+        clean(a.requestor_comment.as_deref().unwrap_or(""))
+    )
+}
+
+fn clean(s: &str) -> String {
+    s.chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fleet::one_restricted;
+
+    #[test]
+    fn one_line_per_device_whatever_the_comments_hold() {
+        let (devices, _) =
+            one_restricted("m1", "PC-1", "app (contoso)", "line one\nline two\r\tend")
+                .select(StateFilter::All);
+        let text = render(&devices, StateFilter::All, "now");
+        assert_eq!(
+            text,
+            "PC-1 (m1) restricted since 2026-11-28T10:05:00Z by app (contoso): \"line one line two  end\"\n"
+        );
+        assert_eq!(
+            render(&[], StateFilter::Restricted, "2026-11-28T10:00:00Z"),
+            "No restricted devices as of 2026-11-28T10:00:00Z.\n"
+        );
+    }
+}

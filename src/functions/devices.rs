@@ -1,0 +1,143 @@
+//! `list-devices`: `GET /api/restrict-code-execution/devices?state=restricted|released|pending|all`.
+//!
+//! The fleet view ([`crate::fleet`]): which machines are restricted right now,
+//! since when and by whom, from one tenant-wide read of the restrict and
+//! unrestrict actions (a few paged list calls, never one per machine). JSON by
+//! default, one line per device with `Accept: text/plain`, a page for a
+//! browser (`Accept: text/html`).
+
+use http::StatusCode;
+use tokio::time::Instant;
+
+use crate::{
+    error::ApiError,
+    fleet::{Answer, Fleet, StateFilter, page, rfc3339, text},
+    invocation::{AppState, Invocation},
+    reply::{self, Format, Reply},
+};
+
+/// What the caller reads the answer with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Shape {
+    Html,
+    Other(Format),
+}
+
+pub async fn run(state: &AppState, invocation: &Invocation) -> Reply {
+    let accept = invocation
+        .headers
+        .get("accept")
+        .map(|values| values.join(", "));
+    let shape = if reply::prefers_html(accept.as_deref()) {
+        Shape::Html
+    } else {
+        Shape::Other(invocation.format())
+    };
+    match list(state, invocation, shape).await {
+        Ok(reply) => reply,
+        Err(error) => {
+            tracing::warn!(status = error.status().as_u16(), outcome = error.code(), error = %error, "fleet view failed");
+            // A browser shows text/plain as it is; JSON would be one long line.
+            let format = match shape {
+                Shape::Html => Format::Text,
+                Shape::Other(format) => format,
+            };
+            Reply::error(&error, &invocation.id, format)
+        }
+    }
+}
+
+async fn list(state: &AppState, invocation: &Invocation, shape: Shape) -> Result<Reply, ApiError> {
+    let filter = StateFilter::from_query(&invocation.query)?;
+    let started = Instant::now();
+    let deadline = started + state.request_timeout();
+    let listing = state
+        .restrictor()
+        .client()
+        .restrict_history(deadline, None)
+        .await?;
+    let read_actions = listing.actions.len();
+    let (devices, counts) = Fleet::from_actions(listing.actions).select(filter);
+    let as_of = rfc3339(listing.sent_at);
+    let summary = format!(
+        "{} device(s) {}, as of {as_of}, from {read_actions} action(s) in {} Defender call(s)",
+        devices.len(),
+        filter.as_str(),
+        listing.calls
+    );
+    tracing::info!(
+        state = filter.as_str(),
+        devices = devices.len(),
+        actions = read_actions,
+        defender_calls = listing.calls,
+        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
+        "fleet view read"
+    );
+    Ok(match shape {
+        Shape::Html => {
+            let code = invocation
+                .query
+                .iter()
+                .find(|(k, _)| k == "code")
+                .map(|(_, v)| v.as_str());
+            Reply {
+                status: StatusCode::OK,
+                content_type: "text/html; charset=utf-8",
+                extra_headers: Vec::new(),
+                body: page::render(&devices, filter, counts, &as_of, code),
+                summary,
+            }
+            .with_header(
+                "Content-Security-Policy",
+                page::CONTENT_SECURITY_POLICY.to_owned(),
+            )
+            // The URL carries the function key: keep it out of caches and referrers.
+            .with_header("Cache-Control", "no-store".to_owned())
+            .with_header("Referrer-Policy", "no-referrer".to_owned())
+            .with_header("X-Content-Type-Options", "nosniff".to_owned())
+        }
+        Shape::Other(Format::Text) => Reply {
+            status: StatusCode::OK,
+            content_type: "text/plain; charset=utf-8",
+            extra_headers: Vec::new(),
+            body: text::render(&devices, filter, &as_of),
+            summary,
+        },
+        Shape::Other(Format::Json) => {
+            let answer = Answer::new(&devices, filter, counts, as_of);
+            Reply {
+                status: StatusCode::OK,
+                content_type: "application/json",
+                extra_headers: Vec::new(),
+                body: exact_json(&answer),
+                summary,
+            }
+        }
+    })
+}
+
+/// The JSON text in a buffer of exactly its size: a tenant-wide answer runs to
+/// megabytes, and a doubling buffer would hold up to twice that. Writing our
+/// own types into memory cannot fail; like [`Reply::new`], the fallback is `{}`.
+fn exact_json(answer: &Answer<'_>) -> String {
+    /// Counts the bytes written to it.
+    struct Length(usize);
+    impl std::io::Write for Length {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0 += buf.len();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut length = Length(0);
+    let mut body = match serde_json::to_writer(&mut length, answer) {
+        Ok(()) => Vec::with_capacity(length.0),
+        Err(_) => Vec::new(),
+    };
+    match serde_json::to_writer(&mut body, answer) {
+        Ok(()) => String::from_utf8(body).unwrap_or_else(|_| "{}".to_owned()),
+        Err(_) => "{}".to_owned(),
+    }
+}
