@@ -50,6 +50,11 @@ use crate::{
 /// The longest a found machine may be remembered.
 pub const MAX_CACHE: Duration = Duration::from_secs(60);
 
+/// The most devices remembered at once (a few MiB of machine records): an
+/// outbreak's retries and duplicates come within seconds, for hundreds of
+/// devices, not tens of thousands a minute.
+const MAX_REMEMBERED: usize = 4096;
+
 /// The machine chosen for a device.
 #[derive(Debug, Clone)]
 pub struct Found {
@@ -110,7 +115,7 @@ impl std::fmt::Debug for Slot {
 pub struct MachineDirectory {
     records: Arc<Batcher<MachineSource>>,
     ttl: Duration,
-    slots: Mutex<HashMap<DeviceRef, Slot>>,
+    slots: Mutex<Swept<DeviceRef, Slot>>,
     next_flight: AtomicU64,
 }
 
@@ -124,7 +129,7 @@ impl MachineDirectory {
                 list_calls: AtomicUsize::new(1),
             }),
             ttl: ttl.min(MAX_CACHE),
-            slots: Mutex::new(HashMap::new()),
+            slots: Mutex::new(Swept::default()),
             next_flight: AtomicU64::new(0),
         })
     }
@@ -229,8 +234,18 @@ impl MachineDirectory {
         if !matches!(slots.get(device), Some(Slot::Loading { id: current, .. }) if *current == id) {
             return;
         }
+        let ttl = self.ttl;
+        // Expired records and abandoned lookups go, now and then.
+        slots.sweep(|_, slot| match slot {
+            Slot::Found { at, .. } => at.elapsed() < ttl,
+            Slot::Loading { flight, .. } => flight.upgrade().is_some(),
+        });
         match result {
-            Ok(found) if !self.ttl.is_zero() && rememberable(&found.machine) => {
+            Ok(found)
+                if !self.ttl.is_zero()
+                    && rememberable(&found.machine)
+                    && slots.len() < MAX_REMEMBERED =>
+            {
                 // Age from when the lookup began: the record is at least that old.
                 slots.insert(
                     device.clone(),
@@ -391,6 +406,48 @@ impl MachineSource {
                 .await?
                 .into_iter()
                 .collect()),
+        }
+    }
+}
+
+/// A map that drops its stale entries now and then: when it has doubled in
+/// size since the last sweep. Each sweep is linear, so the cost per insert
+/// stays constant however many devices a burst brings.
+#[derive(Debug)]
+pub(crate) struct Swept<K, V> {
+    map: HashMap<K, V>,
+    sweep_at: usize,
+}
+
+impl<K, V> Default for Swept<K, V> {
+    fn default() -> Self {
+        Self {
+            map: HashMap::new(),
+            sweep_at: 1024,
+        }
+    }
+}
+
+impl<K, V> std::ops::Deref for Swept<K, V> {
+    type Target = HashMap<K, V>;
+
+    fn deref(&self) -> &Self::Target {
+        &self.map
+    }
+}
+
+impl<K, V> std::ops::DerefMut for Swept<K, V> {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.map
+    }
+}
+
+impl<K, V> Swept<K, V> {
+    /// Keep only the entries `keep` accepts, if the map has grown enough.
+    pub(crate) fn sweep(&mut self, keep: impl FnMut(&K, &mut V) -> bool) {
+        if self.map.len() >= self.sweep_at {
+            self.map.retain(keep);
+            self.sweep_at = (self.map.len() * 2).max(1024);
         }
     }
 }

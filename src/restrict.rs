@@ -23,7 +23,7 @@
 //!   the pending action: `already_pending`, not a new action.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashSet,
     sync::{
         Arc, Mutex,
         atomic::{AtomicU8, Ordering as AtomicOrdering},
@@ -45,7 +45,7 @@ use crate::{
         models::{ActionType, Machine, MachineAction},
     },
     error::ApiError,
-    machine_directory::{FindError, MachineDirectory},
+    machine_directory::{FindError, MachineDirectory, Swept},
     machine_queue::MachineQueues,
     runbook::{CallerName, Comment, DeviceRef, RunbookRequest},
     state_reads::StateReads,
@@ -97,7 +97,7 @@ struct Shared {
     /// One round at a time per machine (lower-cased id).
     queues: MachineQueues<Job>,
     /// Actions created by this instance (lower-cased id) and when.
-    created: Mutex<HashMap<String, Instant>>,
+    created: Mutex<Swept<String, Instant>>,
     /// Leases across instances (`COORDINATION=storage`).
     coordinator: Option<Arc<Coordinator>>,
 }
@@ -290,7 +290,7 @@ impl Restrictor {
                 client,
                 include_caller,
                 queues: MachineQueues::default(),
-                created: Mutex::new(HashMap::new()),
+                created: Mutex::new(Swept::default()),
             }),
         }
     }
@@ -843,7 +843,7 @@ impl Shared {
     /// Actions this instance created, kept for a while (see `cancelPending`).
     fn remember_created(&self, action_id: &str) {
         let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
-        created.retain(|_, at: &mut Instant| at.elapsed() < CREATED_MEMORY);
+        created.sweep(|_, at| at.elapsed() < CREATED_MEMORY);
         created.insert(action_id.to_ascii_lowercase(), Instant::now());
     }
 }
