@@ -53,7 +53,7 @@ pub const MAX_CACHE: Duration = Duration::from_secs(60);
 /// The most devices remembered at once (a few MiB of machine records): an
 /// outbreak's retries and duplicates come within seconds, for hundreds of
 /// devices, not tens of thousands a minute.
-const MAX_REMEMBERED: usize = 4096;
+const MAX_REMEMBERED: usize = 1024;
 
 /// The machine chosen for a device.
 #[derive(Debug, Clone)]

@@ -78,7 +78,7 @@ const ACT_RESERVE: Duration = Duration::from_secs(2);
 /// How long this instance remembers when it created an action: longer than
 /// any invocation lasts, so a `cancelPending` request can tell whether an
 /// action was created after it arrived.
-const CREATED_MEMORY: Duration = Duration::from_secs(600);
+const CREATED_MEMORY: Duration = Duration::from_secs(240);
 
 /// Restricts and releases devices through one Defender client. Cheap to
 /// clone: the machine lookups, state reads and queues are shared.
