@@ -522,29 +522,87 @@ async fn burst(
     let speed = plan.burst_speed.to_string();
     let sim = Sim::start(&["--speed", &speed])?;
     let handler = Handler::start(&sim, &[("DEFENDER_RATE_CLOCK_SPEED", speed.as_str())])?;
+    eprintln!("burst: {invocations} invocations over {device_count} devices, clocks at {speed}x");
+    let outcome = run_burst(plan, &sim, &[handler.port], set, invocations, device_count).await?;
+    outcome.push_rows(
+        rows,
+        &format!(
+            "burst: {invocations} restricts over {device_count} devices at once, default budget, \
+             clocks at {}x",
+            plan.burst_speed
+        ),
+        1.10,
+    );
+    let per_invocation = outcome.calls.defender_accepted() as f64 / invocations as f64;
+    rows.push(Row::new(
+        "  Defender calls by endpoint (answered 429 by the simulator)",
+        format!(
+            "{}; {per_invocation:.2} calls per invocation",
+            outcome.calls.describe()
+        ),
+        "0 answered 429; <= 1.3 calls per invocation",
+        Some(outcome.calls.throttled() == 0 && per_invocation <= 1.3),
+    ));
+    if set == 2 {
+        notes.push(format!(
+            "Burst minimum: under Defender's {PER_MINUTE}/min and {PER_HOUR}/h, the restrict API's \
+             last POST can go no earlier than the schedule that sends each one as early as the \
+             windows allow; one round of reads (a lone release's latency, measured just before) \
+             comes first. The budget keeps each window 1 s longer than Defender's (latency \
+             allowance), {:.1}% of a minute.",
+            100.0 / 60.0
+        ));
+    }
+    drop(handler);
+    drop(sim);
+    Ok(())
+}
+
+/// What one burst did.
+struct BurstOutcome {
+    device_count: usize,
+    answers: Answers,
+    actions: Actions,
+    calls: CallCounts,
+    makespan: Duration,
+    one_round: Duration,
+    speed: f64,
+}
+
+/// Invocations over fresh devices (set `set`), all at once, each on its own
+/// connection like independent webhooks, spread round-robin over `ports`: a
+/// device's duplicates (k, k + devices, ...) land on different instances
+/// when there are several. A lone release on its own device goes first: the
+/// time of one round of lookup and read, which the minimum adds.
+async fn run_burst(
+    plan: &Plan,
+    sim: &Sim,
+    ports: &[u16],
+    set: u64,
+    invocations: usize,
+    device_count: usize,
+) -> Result<BurstOutcome> {
     let devices: Vec<Device> = (0..device_count).map(|k| Device::new(set, k)).collect();
     add_machines(sim.port, &devices).await?;
-    // One lone restrict first (its own device): the time of one round of
-    // lookup and read, which the burst's minimum adds to the POSTs' schedule.
+    // A release: it draws from the unrestrict budget, so the burst's
+    // restrict budget starts empty.
     let lone = Device::new(set + 100, 0);
     add_machines(sim.port, std::slice::from_ref(&lone)).await?;
     let round_started = Instant::now();
-    let (status, body) = Conn::connect(handler.port)
+    let (status, body) = Conn::connect(ports[0])
         .await?
         .send("POST", FUNCTION_PATH, &release_body(&lone))
         .await?;
     expect_status(status, 201, &body)?;
     let one_round = round_started.elapsed();
     sim.clear_log().await?;
-    eprintln!("burst: {invocations} invocations over {device_count} devices, clocks at {speed}x");
 
     let started = Instant::now();
     let tasks: Vec<_> = (0..invocations)
         .map(|k| {
             let device = devices[k % devices.len()].clone();
-            let port = handler.port;
+            let port = ports[k % ports.len()];
             tokio::spawn(async move {
-                // Each invocation on its own connection, as independent webhooks.
                 let mut conn = Conn::connect(port).await?;
                 let (status, body) = conn
                     .send("POST", FUNCTION_PATH, &restrict_body(&device))
@@ -560,67 +618,7 @@ async fn burst(
         makespan = makespan.max(done);
         answers.add(status, &body);
     }
-
-    let actions = Actions::of(&sim, &lone).await?;
-    let calls = CallCounts::of(&sim.log().await?);
-    let posts = calls.accepted(Kind::Restrict);
-    let defender_calls = calls.defender_accepted();
-
-    // Defender's limits cannot let the last POST go earlier than this after
-    // the first, whatever the client does; one round of reads comes first.
-    let minimum_budget_secs = minimum_makespan_secs(posts as u64);
-    let minimum =
-        Duration::from_secs_f64(minimum_budget_secs as f64 / plan.burst_speed) + one_round;
-    let ratio = makespan.as_secs_f64() / minimum.as_secs_f64();
-    rows.push(Row::new(
-        &format!(
-            "burst: {invocations} restricts over {device_count} devices at once, default budget, \
-             clocks at {}x",
-            plan.burst_speed
-        ),
-        format!(
-            "{} actions created, {} duplicates, {} failures; answers: {}",
-            actions.created,
-            actions.duplicates,
-            answers.failures,
-            answers.describe()
-        ),
-        &format!("{device_count} actions, 0 duplicates, 0 failures"),
-        Some(actions.created == device_count && actions.duplicates == 0 && answers.failures == 0),
-    ));
-    rows.push(Row::new(
-        "  makespan vs the restrict API's minimum (its POSTs under 100/min and 1500/h, plus one round of reads)",
-        format!(
-            "{:.2} s real = {:.0} s budget time; minimum {:.2} s = {minimum_budget_secs} s for \
-             {posts} POSTs + {} ms; ratio {ratio:.3}",
-            makespan.as_secs_f64(),
-            makespan.as_secs_f64() * plan.burst_speed,
-            minimum.as_secs_f64(),
-            ms(one_round),
-        ),
-        "ratio <= 1.10",
-        Some(ratio <= 1.10),
-    ));
-    let per_invocation = defender_calls as f64 / invocations as f64;
-    rows.push(Row::new(
-        "  Defender calls by endpoint (answered 429 by the simulator)",
-        format!(
-            "{}; {per_invocation:.2} calls per invocation",
-            calls.describe()
-        ),
-        "0 answered 429; <= 1.3 calls per invocation",
-        Some(calls.throttled() == 0 && per_invocation <= 1.3),
-    ));
-    if set == 2 {
-        notes.push(format!(
-            "Burst minimum: under Defender's {PER_MINUTE}/min and {PER_HOUR}/h, the restrict API's \
-             last POST can go no earlier than the schedule that sends each one as early as the \
-             windows allow; one round of reads (a lone restrict's latency, measured just before) \
-             comes first. The budget keeps each window 1 s longer than Defender's (latency \
-             allowance), {:.1}% of a minute.",
-            100.0 / 60.0
-        ));
-    }
+    let actions = Actions::of(sim, &lone).await?;
     if actions.duplicates > 0 {
         return Err(format!(
             "the burst created {} duplicate action(s)",
@@ -628,9 +626,57 @@ async fn burst(
         )
         .into());
     }
-    drop(handler);
-    drop(sim);
-    Ok(())
+    Ok(BurstOutcome {
+        device_count,
+        answers,
+        actions,
+        calls: CallCounts::of(&sim.log().await?),
+        makespan,
+        one_round,
+        speed: plan.burst_speed,
+    })
+}
+
+impl BurstOutcome {
+    /// The actions row and the makespan row, against `target` (the ratio to
+    /// the restrict API's minimum).
+    fn push_rows(&self, rows: &mut Vec<Row>, label: &str, target: f64) {
+        let (device_count, answers, actions) = (self.device_count, &self.answers, &self.actions);
+        rows.push(Row::new(
+            label,
+            format!(
+                "{} actions created, {} duplicates, {} failures; answers: {}",
+                actions.created,
+                actions.duplicates,
+                answers.failures,
+                answers.describe()
+            ),
+            &format!("{device_count} actions, 0 duplicates, 0 failures"),
+            Some(
+                actions.created == device_count && actions.duplicates == 0 && answers.failures == 0,
+            ),
+        ));
+        // Defender's limits cannot let the last POST go earlier than this
+        // after the first, whatever the client does.
+        let posts = self.calls.accepted(Kind::Restrict);
+        let minimum_budget_secs = minimum_makespan_secs(posts as u64);
+        let minimum =
+            Duration::from_secs_f64(minimum_budget_secs as f64 / self.speed) + self.one_round;
+        let ratio = self.makespan.as_secs_f64() / minimum.as_secs_f64();
+        rows.push(Row::new(
+            "  makespan vs the restrict API's minimum (its POSTs under 100/min and 1500/h, plus one round of reads)",
+            format!(
+                "{:.2} s real = {:.0} s budget time; minimum {:.2} s = {minimum_budget_secs} s for \
+                 {posts} POSTs + {} ms; ratio {ratio:.3}",
+                self.makespan.as_secs_f64(),
+                self.makespan.as_secs_f64() * self.speed,
+                minimum.as_secs_f64(),
+                ms(self.one_round),
+            ),
+            &format!("ratio <= {target:.2}"),
+            Some(ratio <= target),
+        ));
+    }
 }
 
 /// A steady stream: distinct devices, evenly spread over simulated time, at
@@ -744,95 +790,34 @@ async fn scaled(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Re
     for _ in 0..3 {
         instances.push(LoggedHandler::start(&sim, &env)?);
     }
-    let devices: Vec<Device> = (0..device_count).map(|k| Device::new(20, k)).collect();
-    add_machines(sim.port, &devices).await?;
-    let lone = Device::new(120, 0);
-    add_machines(sim.port, std::slice::from_ref(&lone)).await?;
-    let round_started = Instant::now();
-    let (status, body) = Conn::connect(instances[0].port)
-        .await?
-        .send("POST", FUNCTION_PATH, &release_body(&lone))
-        .await?;
-    expect_status(status, 201, &body)?;
-    let one_round = round_started.elapsed();
-    sim.clear_log().await?;
     eprintln!(
         "scaled: {invocations} invocations over {device_count} devices on 3 instances, clocks at {speed}x"
     );
-
-    let started = Instant::now();
     let ports: Vec<u16> = instances.iter().map(|i| i.port).collect();
-    let tasks: Vec<_> = (0..invocations)
-        .map(|k| {
-            // A device's duplicates (k, k + devices, ...) land on different instances.
-            let device = devices[k % devices.len()].clone();
-            let port = ports[k % ports.len()];
-            tokio::spawn(async move {
-                let mut conn = Conn::connect(port).await?;
-                let (status, body) = conn
-                    .send("POST", FUNCTION_PATH, &restrict_body(&device))
-                    .await?;
-                Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body, started.elapsed()))
-            })
-        })
-        .collect();
-    let mut answers = Answers::default();
-    let mut makespan = Duration::ZERO;
-    for task in tasks {
-        let (status, body, done) = task.await??;
-        makespan = makespan.max(done);
-        answers.add(status, &body);
-    }
-    let actions = Actions::of(&sim, &lone).await?;
-    let calls = CallCounts::of(&sim.log().await?);
-    let posts = calls.accepted(Kind::Restrict);
-    let minimum_budget_secs = minimum_makespan_secs(posts as u64);
-    let minimum =
-        Duration::from_secs_f64(minimum_budget_secs as f64 / plan.burst_speed) + one_round;
-    let ratio = makespan.as_secs_f64() / minimum.as_secs_f64();
+    let outcome = run_burst(plan, &sim, &ports, 20, invocations, device_count).await?;
     let mut storage_operations = 0;
     for instance in &mut instances {
         storage_operations += instance.stop_and_count_storage_operations()?;
     }
-    let per_invocation = storage_operations as f64 / (invocations + 1) as f64;
-    rows.push(Row::new(
+    outcome.push_rows(
+        rows,
         &format!(
             "scaled out: {invocations} restricts over {device_count} devices on 3 instances \
              (COORDINATION=storage, Azurite), each device's duplicates on different instances, \
              clocks at {}x",
             plan.burst_speed
         ),
-        format!(
-            "{} actions created, {} duplicates, {} failures; answers: {}",
-            actions.created,
-            actions.duplicates,
-            answers.failures,
-            answers.describe()
-        ),
-        &format!("{device_count} actions, 0 duplicates, 0 failures"),
-        Some(actions.created == device_count && actions.duplicates == 0 && answers.failures == 0),
-    ));
-    rows.push(Row::new(
-        "  makespan vs the restrict API's minimum",
-        format!(
-            "{:.2} s real = {:.0} s budget time; minimum {:.2} s = {minimum_budget_secs} s for \
-             {posts} POSTs + {} ms; ratio {ratio:.3}",
-            makespan.as_secs_f64(),
-            makespan.as_secs_f64() * plan.burst_speed,
-            minimum.as_secs_f64(),
-            ms(one_round),
-        ),
-        "ratio <= 1.20",
-        Some(ratio <= 1.20),
-    ));
+        1.20,
+    );
+    let per_invocation = storage_operations as f64 / (invocations + 1) as f64;
     rows.push(Row::new(
         "  Defender calls by endpoint (answered 429 by the simulator); storage operations",
         format!(
             "{}; {storage_operations} storage operations, {per_invocation:.1} per invocation",
-            calls.describe()
+            outcome.calls.describe()
         ),
         "0 answered 429",
-        Some(calls.throttled() == 0),
+        Some(outcome.calls.throttled() == 0),
     ));
     notes.push(
         "Scaled out: the storage operations are every request the three instances sent to \
@@ -841,13 +826,6 @@ async fn scaled(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Re
          invocations (the lone one included)."
             .to_owned(),
     );
-    if actions.duplicates > 0 {
-        return Err(format!(
-            "the scaled burst created {} duplicate action(s)",
-            actions.duplicates
-        )
-        .into());
-    }
     drop(instances);
     drop(sim);
     drop(azurite);
