@@ -1,9 +1,8 @@
 //! Test harness: a simulator in this process, the handler as a child process.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
-    process::{Child, Command, Stdio},
+    process::{Child, Command},
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -84,58 +83,7 @@ pub fn start_handler(env: &[(&str, String)], args: &[&str]) -> (Child, Arc<Mutex
 
 /// [`start_handler`], optionally under a file descriptor limit (through
 /// `sh -c 'ulimit -n N; exec handler'`, so the handler itself is the child).
-pub fn start_handler_with(
-    env: &[(&str, String)],
-    args: &[&str],
-    max_open_files: Option<u32>,
-) -> (Child, Arc<Mutex<Vec<String>>>) {
-    let handler = env!("CARGO_BIN_EXE_handler");
-    let mut command = match max_open_files {
-        None => Command::new(handler),
-        Some(limit) => {
-            let mut command = Command::new("sh");
-            command.args([
-                "-c",
-                &format!("ulimit -n {limit} && exec \"$0\" \"$@\""),
-                handler,
-            ]);
-            command
-        }
-    };
-    command
-        .args(args)
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    let mut child = command.spawn().expect("handler starts");
-    let logs = Arc::new(Mutex::new(Vec::new()));
-    for stream in [
-        child
-            .stdout
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        child
-            .stderr
-            .take()
-            .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let logs = logs.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                logs.lock().unwrap().push(line);
-            }
-        });
-    }
-    (child, logs)
-}
+pub use crate::handler_process::start_handler_with;
 
 /// A free loopback port, picked the way the host picks one (bind :0, release).
 pub fn free_port() -> u16 {

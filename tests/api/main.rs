@@ -7,6 +7,8 @@
 // Test helpers, not only #[test] functions, may unwrap: a panic is a failed test.
 #![allow(clippy::unwrap_used)]
 
+#[path = "../common/handler_process.rs"]
+mod handler_process;
 mod helpers;
 mod host_emulator;
 

@@ -3,9 +3,8 @@
 //! function app does. Every test asserts what Defender received.
 
 use std::{
-    io::{BufRead, BufReader},
     net::{SocketAddr, TcpListener},
-    process::{Child, Command, Stdio},
+    process::Child,
     sync::{Arc, Mutex},
     time::Duration,
 };
@@ -17,7 +16,7 @@ use restrict_code_execution::{
 };
 use serde_json::{Value, json};
 
-use crate::azurite::Azurite;
+use crate::{azurite::Azurite, handler_process::start_handler_with};
 
 const IDENTITY_HEADER: &str = "instances-identity-header";
 const TOKEN: &str = "instances-access-token";
@@ -32,46 +31,18 @@ pub struct Instance {
 impl Instance {
     pub fn start(sim: &SimHandle, storage: &str, container: &str, extra: &[(&str, &str)]) -> Self {
         let port = free_port();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_handler"));
-        command
-            .env_clear()
-            .env("PATH", std::env::var("PATH").unwrap_or_default())
-            .env("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string())
-            .env("DEFENDER_API_URL", sim.url())
-            .env("IDENTITY_ENDPOINT", sim.identity_endpoint())
-            .env("IDENTITY_HEADER", IDENTITY_HEADER)
-            .env("COORDINATION", "storage")
-            .env("AzureWebJobsStorage", storage)
-            .env("COORDINATION_CONTAINER", container)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in extra {
-            command.env(k, v);
-        }
-        let mut child = command.spawn().expect("handler starts");
-        let logs = Arc::new(Mutex::new(Vec::new()));
-        for stream in [
-            child
-                .stdout
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-            child
-                .stderr
-                .take()
-                .map(|s| Box::new(s) as Box<dyn std::io::Read + Send>),
-        ]
-        .into_iter()
-        .flatten()
-        {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    logs.lock().unwrap().push(line);
-                }
-            });
-        }
+        let mut env: Vec<(&str, String)> = vec![
+            ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
+            ("DEFENDER_API_URL", sim.url()),
+            ("IDENTITY_ENDPOINT", sim.identity_endpoint()),
+            ("IDENTITY_HEADER", IDENTITY_HEADER.to_owned()),
+            ("COORDINATION", "storage".to_owned()),
+            ("AzureWebJobsStorage", storage.to_owned()),
+            ("COORDINATION_CONTAINER", container.to_owned()),
+            ("RUST_LOG", "info".to_owned()),
+        ];
+        env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
+        let (child, logs) = start_handler_with(&env, &[], None);
         let instance = Self { child, port, logs };
         instance.wait_ready();
         instance

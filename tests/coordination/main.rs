@@ -7,6 +7,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod azurite;
+#[path = "../common/handler_process.rs"]
+mod handler_process;
 mod instances;
 mod managed_identity;
 
