@@ -10,9 +10,10 @@
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
 //!   reading its state and acting on it safely; [`machine_queue`] (one round
 //!   at a time per machine), [`state_reads`] (batched reads, never stale) and
-//!   [`machine_directory`] (shared, briefly remembered lookups) keep that
-//!   within Defender's rate budget in a burst; [`fleet`]: every machine's
-//!   state at once (the fleet view);
+//!   [`machine_directory`] (shared, briefly remembered lookups), both on
+//!   [`batch`], keep that within Defender's rate budget in a burst;
+//!   [`coordination`]: the same across instances, through storage;
+//!   [`fleet`]: every machine's state at once (the fleet view);
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
 //! - [`server`]: connections, read timeouts and shutdown;
