@@ -12,9 +12,10 @@
 //!   actions are read again, and the POST is repeated only if no new action of
 //!   that type appeared;
 //! - `cancelPending` cancels only actions that existed when the request
-//!   arrived: an opposite action this instance created after that is answered
-//!   with 409. Concurrent opposite requests would otherwise cancel each
-//!   other's actions in turn;
+//!   arrived: an opposite action created after that (by this instance, or by
+//!   another one as Defender's creation time shows) is answered with 409.
+//!   Concurrent opposite requests would otherwise cancel each other's
+//!   actions in turn;
 //! - after cancelling, the job decides again only on a read that shows the
 //!   cancelled actions final (a cancel is not known to be immediate; reads
 //!   2 s apart, slowing to 5 s), or answers 409 when none does in time;
@@ -259,6 +260,9 @@ struct Job {
     comment: String,
     /// When the invocation queued it.
     arrived: Instant,
+    /// The same on the wall clock, to compare with Defender's creation times
+    /// of actions other instances created.
+    arrived_utc: OffsetDateTime,
     deadline: Instant,
     stage: Arc<AtomicU8>,
     reply: oneshot::Sender<JobResult>,
@@ -381,6 +385,7 @@ impl Restrictor {
             wanted,
             comment: comment.to_owned(),
             arrived,
+            arrived_utc: OffsetDateTime::now_utc() - arrived.elapsed(),
             deadline,
             stage: Arc::clone(&stage),
             reply,
@@ -591,10 +596,13 @@ impl Shared {
                         });
                 }
                 Decision::Cancel(pending) => {
-                    if let Some(young) = pending
-                        .iter()
-                        .find(|a| self.created_after(&a.id, job.arrived))
-                    {
+                    // Created after this request arrived, here (our own record)
+                    // or on another instance (Defender's creation time, past the
+                    // clock skew allowance): not what the caller meant to cancel.
+                    if let Some(young) = pending.iter().find(|a| {
+                        self.created_after(&a.id, job.arrived)
+                            || created_after_utc(a, job.arrived_utc)
+                    }) {
                         return Err(ApiError::ConflictingActionPending {
                             machine_id: machine_id.to_owned(),
                             action_id: young.id.clone(),
@@ -933,6 +941,17 @@ impl Acted {
 
 /// Whether a 201's action is one Defender already had: the state read held
 /// its id, or it was created before the POST was sent (beyond clock skew).
+/// Whether Defender says the action was created after `arrived`, by more than
+/// the clock skew allowance.
+fn created_after_utc(action: &MachineAction, arrived: OffsetDateTime) -> bool {
+    action
+        .creation_date_time_utc
+        .as_deref()
+        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        .and_then(|created| created.checked_sub(CLOCK_SKEW))
+        .is_some_and(|created| created > arrived)
+}
+
 fn existed_before(action: &MachineAction, known: &HashSet<String>, sent: OffsetDateTime) -> bool {
     if known.contains(&action.id.to_ascii_lowercase()) {
         return true;

@@ -541,3 +541,52 @@ async fn when_the_budget_is_tight_one_list_of_machines_answers_every_waiting_loo
             .contains("$top=10000")
     );
 }
+
+#[tokio::test]
+async fn cancel_pending_does_not_cancel_what_another_instance_created_after_the_request_arrived() {
+    let app = spawn_app_with(AppOptions::default()).await;
+    // The release's state read is slow; meanwhile another instance (here:
+    // a direct call) restricts the device.
+    app.sim
+        .inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 3000 }).method("GET"));
+    let other_instance = async {
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        reqwest::Client::new()
+            .post(format!(
+                "{}/api/machines/{ALPHA}/restrictCodeExecution",
+                app.sim.url()
+            ))
+            .bearer_auth(TOKEN)
+            .json(&json!({"Comment": "restricted by another instance"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+
+    let (release, other) = tokio::join!(
+        post(
+            &app,
+            json!({"deviceId": ALPHA_AAD, "release": true, "cancelPending": true})
+        ),
+        other_instance
+    );
+
+    assert_eq!(other, 201);
+    assert_eq!(release.status, 409, "{}", release.body);
+    let problem = release.json();
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap()
+            .contains("after this one arrived"),
+        "{problem}"
+    );
+    assert!(
+        requests_to(&app, "POST", "/cancel").is_empty(),
+        "the other instance's restrict was not cancelled"
+    );
+    assert!(requests_to(&app, "POST", "unrestrictCodeExecution").is_empty());
+    assert_eq!(app.sim.actions().len(), 1);
+}
