@@ -149,7 +149,7 @@ async fn forwarded(
         Ok(body) => body,
         Err(error) => {
             log_rejected(&id, function, &error);
-            return reply_response(Reply::error(&error, &id, format), &id);
+            return closing(reply_response(Reply::error(&error, &id, format), &id));
         }
     };
     let invocation = Invocation {
@@ -176,14 +176,15 @@ async fn payload_mode(
 ) -> Response {
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
-    let reply = match read_limited(
+    let read = read_limited(
         &parts,
         body,
         envelope::MAX_ENVELOPE_BYTES,
         ApiError::InvalidEnvelope,
     )
-    .await
-    {
+    .await;
+    let body_unread = read.is_err();
+    let reply = match read {
         Ok(bytes) => match envelope::parse(&bytes) {
             // The host forwards whatever method the caller used when the
             // trigger allows it; anything else is refused as in forwarded mode.
@@ -230,6 +231,19 @@ async fn payload_mode(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
+    if body_unread {
+        response = closing(response);
+    }
+    response
+}
+
+/// An answer given without reading the whole request body (too large, cut
+/// off, too slow): the connection cannot carry another request, so the
+/// client is told not to reuse it, rather than finding it closed when it does.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
     response
 }
 

@@ -376,6 +376,11 @@ async fn a_content_length_over_the_limit_is_413_at_once_without_100_continue() {
             assert!(answer.contains(r#"\"status\":413"#), "{answer}");
         }
         assert!(answer.contains("payload_too_large"), "{answer}");
+        // The body was never read: the client must not reuse the connection.
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer}"
+        );
         assert!(answer.contains(&format!("{limit} bytes")), "{answer}");
     }
     assert!(app.defender_requests().is_empty());
