@@ -12,24 +12,11 @@ use restrict_code_execution::simulator::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, spawn_app_with};
-use crate::host_emulator::{CallerRequest, ClientResponse, Route};
+use crate::helpers::{AppOptions, TOKEN, TestApp, post, posts, spawn_app_with};
+use crate::host_emulator::{CallerRequest, Route};
 use crate::restrict::ALPHA_AAD;
 
 const ALPHA: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
-
-async fn post(app: &TestApp, body: Value) -> ClientResponse {
-    app.host
-        .forwarded(&CallerRequest::json(body.to_string()))
-        .await
-}
-
-fn posts(app: &TestApp) -> Vec<RecordedRequest> {
-    app.defender_requests()
-        .into_iter()
-        .filter(|r| r.method == "POST")
-        .collect()
-}
 
 fn sim_config(change: impl FnOnce(&mut SimConfig)) -> SimConfig {
     let mut sim = AppOptions::default().sim;

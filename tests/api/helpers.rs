@@ -199,3 +199,16 @@ impl Drop for TestApp {
         self.sim.shutdown();
     }
 }
+
+/// `POST /api/restrict-code-execution` in forwarded mode, as a caller sends it.
+pub async fn post(app: &TestApp, body: Value) -> crate::host_emulator::ClientResponse {
+    app.restrict(&body).await
+}
+
+/// The POSTs Defender received, in order.
+pub fn posts(app: &TestApp) -> Vec<RecordedRequest> {
+    app.defender_requests()
+        .into_iter()
+        .filter(|r| r.method == "POST")
+        .collect()
+}

@@ -19,21 +19,14 @@ use restrict_code_execution::{
     },
     state_reads::StateReads,
 };
-use serde_json::{Value, json};
+use serde_json::json;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, spawn_app_with};
-use crate::host_emulator::{CallerRequest, ClientResponse};
+use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app_with};
 use crate::restrict::{ALPHA_AAD, BRAVO_AAD, CHARLIE_AAD};
 
 const ALPHA: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
-
-async fn post(app: &TestApp, body: Value) -> ClientResponse {
-    app.host
-        .forwarded(&CallerRequest::json(body.to_string()))
-        .await
-}
 
 fn requests_to(app: &TestApp, method: &str, path_end: &str) -> Vec<RecordedRequest> {
     app.defender_requests()

@@ -4,7 +4,7 @@
 use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app, spawn_app_with};
 use crate::host_emulator::CallerRequest;
 
 pub const ALPHA_AAD: &str = "3f1c7a52-8d4e-4b6a-9c21-5e7f0a1b2c3d";
@@ -25,12 +25,6 @@ fn machine_id(app: &TestApp, name_prefix: &str) -> String {
         })
         .unwrap_or_else(|| panic!("seeded machine {name_prefix}"))
         .id
-}
-
-async fn post(app: &TestApp, body: Value) -> crate::host_emulator::ClientResponse {
-    app.host
-        .forwarded(&CallerRequest::json(body.to_string()))
-        .await
 }
 
 #[tokio::test]

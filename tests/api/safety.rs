@@ -5,27 +5,14 @@
 
 use std::time::Duration;
 
-use restrict_code_execution::simulator::{Fault, FaultKind, RecordedRequest};
+use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, spawn_app, spawn_app_with};
-use crate::host_emulator::{CallerRequest, ClientResponse};
+use crate::helpers::{AppOptions, TestApp, post, posts, spawn_app, spawn_app_with};
+use crate::host_emulator::CallerRequest;
 use crate::restrict::{ALPHA_AAD, CHARLIE_AAD};
 
 const ALPHA: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
-
-async fn post(app: &TestApp, body: Value) -> ClientResponse {
-    app.host
-        .forwarded(&CallerRequest::json(body.to_string()))
-        .await
-}
-
-fn posts(app: &TestApp) -> Vec<RecordedRequest> {
-    app.defender_requests()
-        .into_iter()
-        .filter(|r| r.method == "POST")
-        .collect()
-}
 
 fn fault(method: &str, path: &str, kind: FaultKind, times: u32) -> Fault {
     Fault {
