@@ -42,7 +42,7 @@ use crate::{
     decision::{self, Decision, Wanted},
     defender::{
         DefenderClient, DefenderError, Operation,
-        client::Guard,
+        client::{Guard, WriteGuard},
         models::{ActionType, Machine, MachineAction},
     },
     error::ApiError,
@@ -268,7 +268,27 @@ struct Job {
     reply: oneshot::Sender<JobResult>,
     /// Resolves when the invocation went away (its caller hung up): the job
     /// is then dropped, and a rate-budget slot it waited for is given back.
-    gone: Option<oneshot::Receiver<()>>,
+    departure: Departure,
+}
+
+/// Resolves once the invocation has gone away; can be waited for again
+/// after a wait was given up, and again after it resolved.
+#[derive(Debug)]
+struct Departure(Option<oneshot::Receiver<()>>);
+
+impl Departure {
+    async fn wait(&mut self) {
+        if let Some(alive) = self.0.as_mut() {
+            let _ = alive.await;
+            // A receiver must not be polled again once it has resolved.
+            self.0 = None;
+        }
+    }
+}
+
+/// Resolves once every job's invocation has gone away.
+async fn all_departed(jobs: &mut [Job]) {
+    futures_util::future::join_all(jobs.iter_mut().map(|job| job.departure.wait())).await;
 }
 
 /// Where a job is: the invocation and the round agree through it on whether
@@ -389,7 +409,7 @@ impl Restrictor {
             deadline,
             stage: Arc::clone(&stage),
             reply,
-            gone: Some(gone),
+            departure: Departure(Some(gone)),
         };
         let key = machine_id.to_ascii_lowercase();
         if self.inner.queues.push(&key, job) {
@@ -456,7 +476,7 @@ impl Shared {
         };
         while let Some(jobs) = self.queues.take(&key) {
             // Jobs whose invocation gave up are dropped before anything is read.
-            let jobs: Vec<Job> = jobs
+            let mut jobs: Vec<Job> = jobs
                 .into_iter()
                 .filter(|job| job.stage.load(AtomicOrdering::Acquire) == QUEUED)
                 .collect();
@@ -464,20 +484,36 @@ impl Shared {
                 continue;
             };
             // Across instances, the round holds the machine's lease from
-            // before the read until its last POST is settled.
+            // before the read until its last POST is settled. If every caller
+            // hangs up meanwhile, the round stops waiting and reads nothing.
             let lease = match &self.coordinator {
                 None => None,
-                Some(coordinator) => match coordinator.lock_machine(&machine_id, read_by).await {
-                    Ok(lease) => Some(lease),
-                    Err(e) => {
-                        for job in jobs {
-                            let _ = job.reply.send(Err(ApiError::from(e.clone()).into()));
+                Some(coordinator) => {
+                    let locked = tokio::select! {
+                        locked = coordinator.lock_machine(&machine_id, read_by) => Some(locked),
+                        () = all_departed(&mut jobs) => None,
+                    };
+                    match locked {
+                        Some(Ok(lease)) => Some(lease),
+                        Some(Err(e)) => {
+                            for job in jobs {
+                                let _ = job.reply.send(Err(ApiError::from(e.clone()).into()));
+                            }
+                            continue;
                         }
-                        continue;
+                        None => continue,
                     }
-                },
+                }
             };
-            let mut state = Some(self.reads.read(&machine_id, read_by).await);
+            let read = tokio::select! {
+                read = self.reads.read(&machine_id, read_by) => Some(read),
+                () = all_departed(&mut jobs) => None,
+            };
+            let Some(read) = read else {
+                continue; // Nobody left to answer; the lease is released on drop.
+            };
+            let mut state = Some(read);
+            let writes = Writes::default();
             for mut job in jobs {
                 if job
                     .stage
@@ -498,21 +534,32 @@ impl Shared {
                     Some(Err(e)) => Err(e),
                     None => self.reads.read(&machine_id, job.deadline).await,
                 };
-                let mut gone = job.gone.take();
-                let caller_gone = async {
-                    match gone.as_mut() {
-                        Some(gone) => {
-                            let _ = gone.await;
-                        }
-                        None => std::future::pending().await,
-                    }
-                };
+                let started = Instant::now();
+                let mut departure = std::mem::replace(&mut job.departure, Departure(None));
                 let result = match actions {
                     Ok(mut actions) => {
-                        let served = tokio::select! {
-                            result = self.serve(&machine_id, &job, lease.as_ref(), &mut actions) => Some(result),
-                            // Stopped where it stood: the next job reads again.
-                            () = caller_gone => None,
+                        let served = {
+                            let serve = self.serve(
+                                &machine_id,
+                                &job,
+                                lease.as_ref(),
+                                &writes,
+                                &mut actions,
+                            );
+                            tokio::pin!(serve);
+                            tokio::select! {
+                                result = &mut serve => Some(result),
+                                () = departure.wait() => {
+                                    // Stopped where it stood, unless it already sent a
+                                    // POST or cancel: its outcome is then waited for,
+                                    // so that the next read knows what it did.
+                                    if writes.sent_since(started).is_some() {
+                                        Some(serve.await)
+                                    } else {
+                                        None
+                                    }
+                                }
+                            }
                         };
                         if matches!(served, Some(Ok(_))) {
                             state = Some(Ok(actions));
@@ -521,6 +568,14 @@ impl Shared {
                     }
                     Err(e) => Some(Err(JobError::from(e))),
                 };
+                // A write whose outcome is unknown (it failed, or timed out)
+                // may still be recorded by Defender: give it time to show
+                // before anyone reads this machine again, here or elsewhere.
+                if !matches!(result, Some(Ok(_)))
+                    && let Some(sent) = writes.sent_since(started)
+                {
+                    tokio::time::sleep_until(sent + SETTLE).await;
+                }
                 if let Some(result) = result {
                     let _ = job.reply.send(result);
                 }
@@ -542,6 +597,7 @@ impl Shared {
         machine_id: &str,
         job: &Job,
         lease: Option<&MachineLease>,
+        writes: &Writes,
         actions: &mut Vec<MachineAction>,
     ) -> JobResult {
         let wanted = job.wanted;
@@ -585,7 +641,7 @@ impl Shared {
                             machine_id,
                             wanted.action,
                             &job.comment,
-                            lease,
+                            SendGuard::new(lease, writes, Operation::CreateAction),
                             actions,
                             deadline,
                         )
@@ -623,7 +679,8 @@ impl Shared {
                     let mut asked = Vec::new();
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
-                        if self.cancel(&action, &why, lease, deadline).await? {
+                        let guard = SendGuard::new(lease, writes, Operation::CancelAction);
+                        if self.cancel(&action, &why, &guard, deadline).await? {
                             asked.push(action.id.to_ascii_lowercase());
                             cancelled.push(action.id);
                         }
@@ -644,7 +701,7 @@ impl Shared {
         machine_id: &str,
         action_type: ActionType,
         comment: &str,
-        lease: Option<&MachineLease>,
+        guard: SendGuard<'_>,
         actions: &mut Vec<MachineAction>,
         deadline: Instant,
     ) -> JobResult {
@@ -656,21 +713,9 @@ impl Shared {
         let mut posts = 0;
         loop {
             posts += 1;
-            // The lease must still be ours: a lost lease means another
-            // instance may be deciding for this machine now.
-            if let Some(lease) = lease {
-                lease.check().map_err(ApiError::from)?;
-            }
-            let guard = lease_guard(lease, Operation::CreateAction);
             let error = match self
                 .client
-                .create_action_guarded(
-                    machine_id,
-                    action_type,
-                    comment,
-                    lease.map(|_| &guard as Guard<'_>),
-                    deadline,
-                )
+                .create_action_guarded(machine_id, action_type, comment, Some(&guard), deadline)
                 .await
             {
                 Ok(created) if existed_before(&created.action, &known, sent) => {
@@ -782,18 +827,12 @@ impl Shared {
         &self,
         action: &MachineAction,
         comment: &str,
-        lease: Option<&MachineLease>,
+        guard: Guard<'_>,
         deadline: Instant,
     ) -> Result<bool, ApiError> {
-        let guard = lease_guard(lease, Operation::CancelAction);
         match self
             .client
-            .cancel_action_guarded(
-                &action.id,
-                comment,
-                lease.map(|_| &guard as Guard<'_>),
-                deadline,
-            )
+            .cancel_action_guarded(&action.id, comment, Some(guard), deadline)
             .await
         {
             Ok(cancelled) => {
@@ -863,34 +902,86 @@ impl Drop for Shared {
         if let Some(coordinator) = &self.coordinator {
             tracing::info!(
                 storage_operations = coordinator.storage_operations(),
+                by_kind = %coordinator.storage_operations_by_kind(),
                 "coordination totals"
             );
         }
     }
 }
 
-/// Checked right before a POST goes out, after any wait for the rate budget
-/// (which can be minutes): a lease lost meanwhile means another instance may
-/// be deciding for the machine now, so nothing is sent.
-fn lease_guard(
-    lease: Option<&MachineLease>,
+/// When a round last sent a POST or cancel to Defender.
+#[derive(Debug, Default)]
+struct Writes(Mutex<Option<Instant>>);
+
+impl Writes {
+    fn sent(&self) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    /// When the last write was sent, if that was at or after `since`.
+    fn sent_since(&self, since: Instant) -> Option<Instant> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .filter(|&sent| sent >= since)
+    }
+}
+
+/// What a POST or cancel is sent under. Across instances it holds the
+/// machine's lease, checked right before the request goes out, after any wait
+/// for the rate budget (which can be minutes): a lease lost meanwhile means
+/// another instance may be deciding for the machine now, so nothing is sent,
+/// and the request must be over before the lease could run out. Its budget
+/// slot is announced to the instances waiting for the lease, so that they
+/// sleep instead of polling. Each request sent is noted in the round's
+/// [`Writes`].
+struct SendGuard<'a> {
+    lease: Option<&'a MachineLease>,
+    writes: &'a Writes,
     operation: Operation,
-) -> impl Fn() -> Result<(), DefenderError> + Sync + '_ {
-    move || match lease.map(MachineLease::check) {
-        Some(Err(CoordinationError::Unavailable {
-            retry_after,
-            reason,
-        })) => Err(DefenderError::CoordinationUnavailable {
+}
+
+impl<'a> SendGuard<'a> {
+    fn new(lease: Option<&'a MachineLease>, writes: &'a Writes, operation: Operation) -> Self {
+        Self {
+            lease,
+            writes,
             operation,
-            retry_after,
-            reason,
-        }),
-        Some(Err(other)) => Err(DefenderError::CoordinationUnavailable {
-            operation,
-            retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
-            reason: other.to_string(),
-        }),
-        _ => Ok(()),
+        }
+    }
+}
+
+impl WriteGuard for SendGuard<'_> {
+    fn slot(&self, at: Instant) {
+        if let Some(lease) = self.lease {
+            lease.announce(at);
+        }
+    }
+
+    fn check(&self) -> Result<Option<Instant>, DefenderError> {
+        let until = match self.lease.map(MachineLease::check) {
+            None => None,
+            Some(Ok(until)) => Some(until),
+            Some(Err(CoordinationError::Unavailable {
+                retry_after,
+                reason,
+            })) => {
+                return Err(DefenderError::CoordinationUnavailable {
+                    operation: self.operation,
+                    retry_after,
+                    reason,
+                });
+            }
+            Some(Err(other)) => {
+                return Err(DefenderError::CoordinationUnavailable {
+                    operation: self.operation,
+                    retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
+                    reason: other.to_string(),
+                });
+            }
+        };
+        self.writes.sent();
+        Ok(until)
     }
 }
 

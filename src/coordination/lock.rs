@@ -6,10 +6,19 @@
 //! for the machine's round ([`crate::machine_queue`]), so only the round polls
 //! storage, and it releases the lease before the next round takes it.
 //!
-//! - Acquiring proposes a fresh lease id and retries while another holder has
-//!   the lease (409 `LeaseAlreadyPresent`), with exponential backoff and
-//!   jitter, until the caller's deadline. Proposing our own id makes a retry
-//!   after a lost answer idempotent.
+//! - Acquiring proposes a fresh lease id (so a retry after a lost answer is
+//!   idempotent). While another holder has the lease (409
+//!   `LeaseAlreadyPresent`), the waiter looks at the blob (one HEAD: leased
+//!   or not, and its metadata) instead of trying again and again, until the
+//!   lease is free or the caller's deadline passes.
+//! - A holder whose next Defender call must wait for the rate budget (in an
+//!   outbreak, up to minutes) announces in the blob's metadata until when it
+//!   expects to be busy ([`MachineLease::announce`]). Waiters sleep until
+//!   then, waking at least every third of the lease duration; without an
+//!   announcement they back off exponentially with jitter (0.1 s to 2 s).
+//!   This keeps the storage requests of a waiting round to a few, however
+//!   long the wait: the benchmark's burst spread over three instances made
+//!   14 per invocation with polling alone.
 //! - While held, a background task renews the lease every third of its
 //!   duration. If renewing keeps failing, [`MachineLease::check`] fails
 //!   before the lease could have run out, so the caller stops before acting.
@@ -19,11 +28,12 @@
 //!   duration: waiters go on then.
 
 use std::{
+    collections::HashMap,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use tokio::{task::JoinHandle, time::Instant};
@@ -33,6 +43,13 @@ use super::{CoordinationError, store::Store};
 /// First wait after finding the lease held, and the longest.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// Kept between a request's end and the lease's possible expiry.
+const IN_FLIGHT_MARGIN: Duration = Duration::from_secs(1);
+
+/// The lock blob's metadata entry in which a holder announces until when
+/// (Unix milliseconds) it expects to hold the lease.
+const BUSY_UNTIL: &str = "busyuntil";
 
 /// The blob holding a machine's lease.
 pub(crate) fn lock_blob(machine_id: &str) -> String {
@@ -60,13 +77,19 @@ struct LeaseState {
     valid_until: Mutex<Instant>,
     /// Storage said the lease is no longer ours.
     lost: AtomicBool,
+    /// Holds shorter than this are not announced: waiters poll that often anyway.
+    announce_beyond: Duration,
+    /// The last time announced, so that a round announces each later one once.
+    announced: Mutex<Option<Instant>>,
 }
 
 impl MachineLease {
     /// Fails when the lease may not be ours long enough to act safely: it
     /// was lost, or renewing has failed for more than a third of its
-    /// duration. Call it right before sending to Defender.
-    pub fn check(&self) -> Result<(), CoordinationError> {
+    /// duration. Call it right before sending to Defender. `Ok(until)`: the
+    /// lease is surely ours until then, even if no renewal succeeds from now
+    /// on; a request sent under it must be over by then.
+    pub fn check(&self) -> Result<Instant, CoordinationError> {
         let valid_until = *self
             .state
             .valid_until
@@ -82,7 +105,53 @@ impl MachineLease {
                 ),
             });
         }
-        Ok(())
+        // Our clock started the lease when we sent the acquire or renew, so
+        // storage's runs a little later; the second is for the answer's way back.
+        Ok(valid_until - IN_FLIGHT_MARGIN)
+    }
+
+    /// Tell the instances waiting for this lease that it will be held until
+    /// about `until` (the holder's next Defender call has its rate-budget slot
+    /// then), so that they sleep instead of polling. Sent in the background,
+    /// best effort: without it, waiters only poll more. Waits shorter than a
+    /// waiter's longest poll interval are not worth the request.
+    pub fn announce(&self, until: Instant) {
+        let now = Instant::now();
+        let Some(ahead) = until.checked_duration_since(now) else {
+            return;
+        };
+        if ahead < self.state.announce_beyond || self.state.lost.load(Ordering::Relaxed) {
+            return;
+        }
+        {
+            let mut announced = self
+                .state
+                .announced
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if announced.is_some_and(|last| last >= until) {
+                return;
+            }
+            *announced = Some(until);
+        }
+        let wall = SystemTime::now() + ahead;
+        let ms = wall
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+        let metadata = HashMap::from([(BUSY_UNTIL.to_owned(), ms.to_string())]);
+        let (store, state) = (self.store.clone(), self.state.clone());
+        tokio::spawn(async move {
+            match store
+                .set_metadata(&state.blob, &state.lease_id, &metadata)
+                .await
+            {
+                Ok(Ok(())) => {}
+                Ok(Err(refusal)) => tracing::debug!(machine_id = %state.machine_id,
+                    status = refusal.status, "could not announce the lease's hold"),
+                Err(error) => tracing::debug!(machine_id = %state.machine_id, %error,
+                    "could not announce the lease's hold"),
+            }
+        });
     }
 
     pub fn machine_id(&self) -> &str {
@@ -148,14 +217,7 @@ pub(crate) async fn lock_machine(
     let timed_out = || CoordinationError::LockTimeout {
         machine_id: machine_id.to_owned(),
     };
-    // A sped-up clock (benchmarks) shortens the polls with everything else.
-    let speed = if clock_speed.is_finite() && clock_speed >= 1.0 {
-        clock_speed
-    } else {
-        1.0
-    };
-    let max_backoff = MAX_BACKOFF.div_f64(speed);
-    let mut backoff = FIRST_BACKOFF.div_f64(speed);
+    let polls = Polls::new(clock_speed, duration);
     // Creating the container or the blob is done at most a few times; a
     // storage that keeps answering "not found" is not waited for.
     let mut creations = 0;
@@ -186,6 +248,8 @@ pub(crate) async fn lock_machine(
                     duration,
                     valid_until: Mutex::new(sent + duration),
                     lost: AtomicBool::new(false),
+                    announce_beyond: polls.max_backoff,
+                    announced: Mutex::new(None),
                 });
                 let renewal = tokio::spawn(renew(store.clone(), state.clone()));
                 return Ok(MachineLease {
@@ -219,14 +283,103 @@ pub(crate) async fn lock_machine(
                 });
             }
         }
-        let now = Instant::now();
-        if now >= deadline {
+        if !wait_while_held(store, &blob, &polls, deadline).await? {
             return Err(timed_out());
         }
-        let jittered = backoff.mul_f64(0.5 + fastrand::f64());
-        tokio::time::sleep_until((now + jittered).min(deadline)).await;
-        backoff = (backoff * 2).min(max_backoff);
     }
+}
+
+/// How a waiter paces its looks at a held lease.
+struct Polls {
+    first_backoff: Duration,
+    max_backoff: Duration,
+    /// The longest sleep on an announcement: a holder that dies after
+    /// announcing a late time is noticed within this, once its lease expired.
+    max_sleep: Duration,
+}
+
+impl Polls {
+    fn new(clock_speed: f64, lease_duration: Duration) -> Self {
+        // A sped-up clock (benchmarks) shortens the polls with everything else.
+        let speed = if clock_speed.is_finite() && clock_speed >= 1.0 {
+            clock_speed
+        } else {
+            1.0
+        };
+        Self {
+            first_backoff: FIRST_BACKOFF.div_f64(speed),
+            max_backoff: MAX_BACKOFF.div_f64(speed),
+            max_sleep: lease_duration / 3,
+        }
+    }
+}
+
+/// Wait until the lease looks free: `Ok(true)` to try for it again,
+/// `Ok(false)` when `deadline` came first.
+///
+/// Each look is one HEAD on the blob: whether it is leased, and until when
+/// its holder said it would be busy ([`MachineLease::announce`]). With an
+/// announcement, the waiter sleeps until then; without one (the holder is
+/// still reading, or will not act), it backs off exponentially with jitter.
+/// Trying to acquire would cost the same request but say neither.
+async fn wait_while_held(
+    store: &Store,
+    blob: &str,
+    polls: &Polls,
+    deadline: Instant,
+) -> Result<bool, CoordinationError> {
+    let mut backoff = polls.first_backoff;
+    loop {
+        let Some(look) = store.lease_and_metadata(blob, deadline).await? else {
+            return Ok(false);
+        };
+        let lease = match look {
+            Ok(lease) => lease,
+            // Gone: the acquire that follows creates it again.
+            Err(refusal) if refusal.status == 404 => return Ok(true),
+            Err(refusal) => {
+                return Err(CoordinationError::Unavailable {
+                    retry_after: polls.max_sleep,
+                    reason: format!(
+                        "storage answered {} {} to reading a lease",
+                        refusal.status,
+                        refusal.code.unwrap_or_default()
+                    ),
+                });
+            }
+        };
+        if !lease.leased {
+            return Ok(true);
+        }
+        let now = Instant::now();
+        let announced = busy_until(&lease.metadata)
+            .and_then(|until| until.duration_since(SystemTime::now()).ok())
+            .filter(|ahead| !ahead.is_zero());
+        let pause = match announced {
+            Some(ahead) => {
+                backoff = polls.first_backoff;
+                ahead.min(polls.max_sleep) + polls.first_backoff.mul_f64(fastrand::f64())
+            }
+            None => {
+                let pause = backoff.mul_f64(0.5 + fastrand::f64());
+                backoff = (backoff * 2).min(polls.max_backoff);
+                pause
+            }
+        };
+        if now >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep_until((now + pause).min(deadline)).await;
+        if Instant::now() >= deadline {
+            return Ok(false);
+        }
+    }
+}
+
+/// The holder's announcement in the lock blob's metadata, if any.
+fn busy_until(metadata: &HashMap<String, String>) -> Option<SystemTime> {
+    let ms = metadata.get(BUSY_UNTIL)?.parse::<u64>().ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_millis(ms))
 }
 
 /// A container or blob someone else created first is what we wanted.

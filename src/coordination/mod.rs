@@ -52,7 +52,8 @@ pub struct CoordinatorOptions {
     /// `DEFENDER_RATE_CLOCK_SPEED`: both windows shrink by this factor.
     pub clock_speed: f64,
     /// The machine lease's duration: 15 to 60 s (storage's range). A dead
-    /// holder delays the others by at most this much.
+    /// holder delays the others by at most this much, plus a third of it
+    /// (the longest a waiter sleeps between looks): 40 s by default.
     pub lease_duration: Duration,
     /// The bound on one storage call.
     pub storage_timeout: Duration,
@@ -146,7 +147,18 @@ impl Coordinator {
         endpoint: Endpoint,
         deadline: Instant,
     ) -> Result<(), CoordinationError> {
+        self.reserve_announcing(endpoint, deadline, &|_| {}).await
+    }
+
+    /// [`Self::reserve`], telling `on_slot` when the slot is before waiting.
+    async fn reserve_announcing(
+        &self,
+        endpoint: Endpoint,
+        deadline: Instant,
+        on_slot: &(dyn Fn(Instant) + Sync),
+    ) -> Result<(), CoordinationError> {
         let slot = self.reserve_slot(bucket(endpoint), deadline).await?;
+        on_slot(slot.instant);
         tokio::time::sleep_until(slot.instant).await;
         Ok(())
     }
@@ -162,7 +174,19 @@ impl Coordinator {
 
     /// HTTP requests this coordinator has sent to storage (benchmarks, tests).
     pub fn storage_operations(&self) -> u64 {
-        self.store.operations()
+        self.store.operations().total()
+    }
+
+    /// The same, by kind of request (`acquire_lease=3 read=2 …`), for the
+    /// totals logged at shutdown.
+    pub fn storage_operations_by_kind(&self) -> String {
+        self.store
+            .operations()
+            .by_kind()
+            .iter()
+            .map(|(kind, n)| format!("{kind}={n}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -170,15 +194,26 @@ impl Coordinator {
 #[async_trait::async_trait]
 impl CallBudget for Coordinator {
     async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError> {
-        self.reserve(endpoint, deadline).await.map_err(|e| match e {
-            CoordinationError::OverBudget { wait, .. } => {
-                BudgetError::OverBudget(OverBudget { wait })
-            }
-            other => BudgetError::Unavailable {
-                retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
-                reason: other.to_string(),
-            },
-        })
+        self.acquire_announcing(endpoint, deadline, &|_| {}).await
+    }
+
+    async fn acquire_announcing(
+        &self,
+        endpoint: Endpoint,
+        deadline: Instant,
+        on_slot: &(dyn Fn(Instant) + Sync),
+    ) -> Result<(), BudgetError> {
+        self.reserve_announcing(endpoint, deadline, on_slot)
+            .await
+            .map_err(|e| match e {
+                CoordinationError::OverBudget { wait, .. } => {
+                    BudgetError::OverBudget(OverBudget { wait })
+                }
+                other => BudgetError::Unavailable {
+                    retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
+                    reason: other.to_string(),
+                },
+            })
     }
 
     /// The shared budget lives in storage; without asking it, this instance

@@ -31,7 +31,9 @@ use azure_identity::{ManagedIdentityCredential, ManagedIdentityCredentialOptions
 use azure_storage_blob::{
     BlobClient, BlobContainerClient, BlobContainerClientOptions,
     models::{
-        BlobClientAcquireLeaseOptions, BlobClientDownloadOptions, BlockBlobClientUploadOptions,
+        BlobClientAcquireLeaseOptions, BlobClientDownloadOptions,
+        BlobClientGetPropertiesResultHeaders, BlobClientSetMetadataOptions,
+        BlockBlobClientUploadOptions, LeaseStatus,
     },
 };
 use time::OffsetDateTime;
@@ -68,9 +70,109 @@ impl Refusal {
 
 type Outcome<T> = Result<Result<T, Refusal>, CoordinationError>;
 
+/// A blob's lease, as a waiter sees it.
+#[derive(Debug)]
+pub(crate) struct BlobLease {
+    pub leased: bool,
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+/// The kinds of storage request coordination sends, for its totals.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OperationKind {
+    AcquireLease,
+    RenewLease,
+    ReleaseLease,
+    /// A waiter's look at a held lease and its announcement (HEAD).
+    Properties,
+    /// A holder announcing when it expects to be done.
+    Metadata,
+    Read,
+    Write,
+    Other,
+}
+
+impl OperationKind {
+    const ALL: [Self; 8] = [
+        Self::AcquireLease,
+        Self::RenewLease,
+        Self::ReleaseLease,
+        Self::Properties,
+        Self::Metadata,
+        Self::Read,
+        Self::Write,
+        Self::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::AcquireLease => "acquire_lease",
+            Self::RenewLease => "renew_lease",
+            Self::ReleaseLease => "release_lease",
+            Self::Properties => "properties",
+            Self::Metadata => "metadata",
+            Self::Read => "read",
+            Self::Write => "write",
+            Self::Other => "other",
+        }
+    }
+
+    fn of(request: &Request) -> Self {
+        let comp = request
+            .url()
+            .query_pairs()
+            .find(|(k, _)| k == "comp")
+            .map(|(_, v)| v.into_owned());
+        let method = request.method();
+        match comp.as_deref() {
+            Some("lease") => match request.headers().get_optional_str(
+                &azure_core::http::headers::HeaderName::from_static("x-ms-lease-action"),
+            ) {
+                Some("acquire") => Self::AcquireLease,
+                Some("renew") => Self::RenewLease,
+                Some("release") => Self::ReleaseLease,
+                _ => Self::Other,
+            },
+            Some("metadata") => Self::Metadata,
+            Some(_) => Self::Other,
+            None if method == azure_core::http::Method::Head => Self::Properties,
+            None if method == azure_core::http::Method::Get => Self::Read,
+            None if method == azure_core::http::Method::Put
+                && !request.url().query_pairs().any(|(k, _)| k == "restype") =>
+            {
+                Self::Write
+            }
+            None => Self::Other,
+        }
+    }
+}
+
+/// HTTP requests sent to storage, by kind (one per try).
+#[derive(Debug, Default)]
+pub struct OperationCounts([AtomicU64; OperationKind::ALL.len()]);
+
+impl OperationCounts {
+    fn add(&self, kind: OperationKind) {
+        self.0[kind as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn total(&self) -> u64 {
+        self.0.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// The non-zero counts, by kind.
+    pub fn by_kind(&self) -> Vec<(&'static str, u64)> {
+        OperationKind::ALL
+            .iter()
+            .map(|&kind| (kind.name(), self.0[kind as usize].load(Ordering::Relaxed)))
+            .filter(|&(_, n)| n > 0)
+            .collect()
+    }
+}
+
 /// Counts every HTTP request the pipeline sends (one per try).
 #[derive(Debug)]
-struct CountRequests(Arc<AtomicU64>);
+struct CountRequests(Arc<OperationCounts>);
 
 // The trait's `Context` lifetime is elided in its definition; the impl must
 // elide it too.
@@ -83,7 +185,7 @@ impl Policy for CountRequests {
         request: &mut Request,
         next: &[Arc<dyn Policy>],
     ) -> PolicyResult {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.add(OperationKind::of(request));
         next[0].send(ctx, request, &next[1..]).await
     }
 }
@@ -104,7 +206,7 @@ pub(crate) struct Store {
     description: String,
     options: BlobContainerClientOptions,
     current: RwLock<Option<Current>>,
-    operations: Arc<AtomicU64>,
+    operations: Arc<OperationCounts>,
     timeout: Duration,
 }
 
@@ -124,7 +226,7 @@ impl Store {
         timeout: Duration,
         http: Option<reqwest::Client>,
     ) -> Result<Self, CoordinationError> {
-        let operations = Arc::new(AtomicU64::new(0));
+        let operations = Arc::new(OperationCounts::default());
         let transport = match http {
             Some(client) => Transport::new(Arc::new(client)),
             // The storage crate's own default: decompression off.
@@ -188,9 +290,9 @@ impl Store {
         })
     }
 
-    /// HTTP requests sent to storage so far.
-    pub fn operations(&self) -> u64 {
-        self.operations.load(Ordering::Relaxed)
+    /// HTTP requests sent to storage so far, by kind.
+    pub fn operations(&self) -> &OperationCounts {
+        &self.operations
     }
 
     pub fn describe(&self) -> &str {
@@ -306,6 +408,51 @@ impl Store {
                 "releasing a lease",
                 None,
                 client.release_lease(lease_id.to_owned(), None),
+            )
+            .await?;
+        Ok(answer.map_or(Ok(()), |r| r.map(drop)))
+    }
+
+    /// Whether the blob is leased now, and its metadata (one HEAD).
+    pub async fn lease_and_metadata(
+        &self,
+        blob: &str,
+        deadline: Instant,
+    ) -> Result<Option<Result<BlobLease, Refusal>>, CoordinationError> {
+        let client = self.blob(blob)?;
+        let answer = self
+            .call(
+                "reading a blob's properties",
+                Some(deadline),
+                client.get_properties(None),
+            )
+            .await?;
+        Ok(answer.map(|r| {
+            r.map(|response| BlobLease {
+                // Absent or unreadable: not known to be free, so wait.
+                leased: !matches!(response.lease_status(), Ok(Some(LeaseStatus::Unlocked))),
+                metadata: response.metadata().unwrap_or_default(),
+            })
+        }))
+    }
+
+    /// Replace the metadata of a blob we hold the lease on.
+    pub async fn set_metadata(
+        &self,
+        blob: &str,
+        lease_id: &str,
+        metadata: &std::collections::HashMap<String, String>,
+    ) -> Outcome<()> {
+        let client = self.blob(blob)?;
+        let options = BlobClientSetMetadataOptions {
+            lease_id: Some(lease_id.to_owned()),
+            ..Default::default()
+        };
+        let answer = self
+            .call(
+                "writing a blob's metadata",
+                None,
+                client.set_metadata(metadata, Some(options)),
             )
             .await?;
         Ok(answer.map_or(Ok(()), |r| r.map(drop)))

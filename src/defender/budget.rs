@@ -55,6 +55,18 @@ pub trait CallBudget: std::fmt::Debug + Send + Sync {
     /// `deadline`, or if the budget cannot be consulted (nothing is sent then).
     async fn acquire(&self, endpoint: Endpoint, deadline: Instant) -> Result<(), BudgetError>;
 
+    /// [`Self::acquire`], telling `on_slot` when the slot is before waiting
+    /// for it (a lease holder announces it to the instances waiting for it).
+    async fn acquire_announcing(
+        &self,
+        endpoint: Endpoint,
+        deadline: Instant,
+        on_slot: &(dyn Fn(Instant) + Sync),
+    ) -> Result<(), BudgetError> {
+        let _ = on_slot;
+        self.acquire(endpoint, deadline).await
+    }
+
     /// Calls `endpoint` could make at once, now, as far as this instance
     /// knows without asking anyone (0 when it cannot tell).
     fn free_now(&self, endpoint: Endpoint) -> usize;

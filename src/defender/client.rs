@@ -175,10 +175,21 @@ struct Listing<T> {
 /// invocation it answers joined before the read went out.
 pub type OnSend<'a> = &'a (dyn Fn() + Sync);
 
-/// Checked right before each attempt of a write is sent, after any wait for
-/// the rate budget: a write that may no longer go out (the machine's lease
-/// across instances was lost meanwhile) is not sent.
-pub type Guard<'a> = &'a (dyn Fn() -> Result<(), DefenderError> + Sync);
+/// What a write is sent under: across instances, the machine's lease.
+pub trait WriteGuard: Sync {
+    /// The rate budget gave the write its slot at `at`; it waits until then.
+    fn slot(&self, at: Instant);
+
+    /// Checked right before each attempt is sent, after any wait for the rate
+    /// budget: a write that may no longer go out (the lease was lost
+    /// meanwhile) is not sent. `Ok(Some(until))`: the attempt must be over
+    /// by then (its timeout is cut to fit), so that it cannot still be in
+    /// flight when someone else may act on the machine. Once it answers
+    /// `Ok`, the attempt is sent.
+    fn check(&self) -> Result<Option<Instant>, DefenderError>;
+}
+
+pub type Guard<'a> = &'a dyn WriteGuard;
 
 /// One request to make.
 struct Call<'a> {
@@ -599,30 +610,37 @@ impl DefenderClient {
             if Instant::now() >= deadline {
                 return Err(DefenderError::OutOfTime { operation: op });
             }
-            self.budget
-                .acquire(call.endpoint, deadline)
-                .await
-                .map_err(|e| match e {
-                    BudgetError::OverBudget(over) => DefenderError::OverBudget {
-                        operation: op,
-                        wait: over.wait,
-                    },
-                    BudgetError::Unavailable {
-                        retry_after,
-                        reason,
-                    } => DefenderError::CoordinationUnavailable {
-                        operation: op,
-                        retry_after,
-                        reason,
-                    },
-                })?;
+            let budget = match call.guard {
+                Some(guard) => {
+                    self.budget
+                        .acquire_announcing(call.endpoint, deadline, &|at| guard.slot(at))
+                        .await
+                }
+                None => self.budget.acquire(call.endpoint, deadline).await,
+            };
+            budget.map_err(|e| match e {
+                BudgetError::OverBudget(over) => DefenderError::OverBudget {
+                    operation: op,
+                    wait: over.wait,
+                },
+                BudgetError::Unavailable {
+                    retry_after,
+                    reason,
+                } => DefenderError::CoordinationUnavailable {
+                    operation: op,
+                    retry_after,
+                    reason,
+                },
+            })?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(DefenderError::OutOfTime { operation: op });
             }
-            let timeout = self.timeout.min(remaining);
-            if let Some(guard) = call.guard {
-                guard()?;
+            let mut timeout = self.timeout.min(remaining);
+            if let Some(guard) = call.guard
+                && let Some(until) = guard.check()?
+            {
+                timeout = timeout.min(until.saturating_duration_since(Instant::now()));
             }
             if let Some(on_send) = call.on_send {
                 on_send();

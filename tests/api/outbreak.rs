@@ -356,6 +356,37 @@ async fn a_duplicate_storm_costs_one_lookup_one_post_and_a_few_reads() {
 }
 
 #[tokio::test]
+async fn a_caller_hanging_up_while_its_post_is_in_flight_does_not_let_the_next_request_post_again()
+{
+    let app = spawn_app_with(AppOptions::default()).await;
+    // Defender takes 1.5 s before it handles the POST.
+    app.sim.inject(
+        Fault::new("restrictCodeExecution", FaultKind::Delay { millis: 1500 }).method("POST"),
+    );
+    let hung_up = reqwest::Client::new()
+        .post(format!("{}/api/restrict-code-execution", app.host.base()))
+        .header("Content-Type", "application/json")
+        .body(json!({"deviceId": ALPHA_AAD}).to_string())
+        .timeout(Duration::from_millis(700))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the first caller hung up: {hung_up:?}");
+
+    // The same request again while the first POST is still with Defender:
+    // its round must not read before that POST's outcome is known.
+    let again = post(&app, json!({"deviceId": ALPHA_AAD})).await;
+
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(again.json()["outcome"], "already_pending", "{}", again.body);
+    assert_eq!(
+        requests_to(&app, "POST", "restrictCodeExecution").len(),
+        1,
+        "one POST for the two requests"
+    );
+    assert_eq!(app.sim.actions().len(), 1);
+}
+
+#[tokio::test]
 async fn concurrent_opposite_requests_that_all_cancel_make_one_action() {
     let app = spawn_app_with(AppOptions::default()).await;
 

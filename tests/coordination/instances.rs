@@ -11,6 +11,7 @@ use std::{
 
 use futures_util::future::join_all;
 use restrict_code_execution::{
+    coordination::Coordinator,
     defender::models::Machine,
     simulator::{Fault, FaultKind, RecordedRequest, SimConfig, SimHandle, Simulator},
 };
@@ -274,4 +275,46 @@ async fn storage_stopped_mid_run_answers_503_and_sends_nothing_then_recovers() {
     assert_eq!(status, 201, "{body}");
     assert_eq!(posts(&sim).len(), 1);
     drop(azurite);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_round_whose_callers_all_hung_up_stops_waiting_for_the_lease_and_reads_nothing() {
+    let azurite = Azurite::start();
+    let (sim, devices) = tenant(1, SimConfig::default()).await;
+    let instance = Instance::start(&sim, &azurite.connection_string(), "departed", &[]);
+    // Another instance holds the machine's lease (its round is deciding).
+    let other = Coordinator::new(&azurite.settings("departed"), Default::default()).unwrap();
+    let lease = other
+        .lock_machine(
+            &format!("{:040x}", 1),
+            tokio::time::Instant::now() + Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+
+    // The caller gives up while this instance's round waits for the lease.
+    let hung_up = reqwest::Client::new()
+        .post(format!(
+            "http://127.0.0.1:{}/api/restrict-code-execution",
+            instance.port
+        ))
+        .json(&json!({"deviceId": devices[0]}))
+        .timeout(Duration::from_millis(1500))
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the caller hung up: {hung_up:?}");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    lease.release().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    let after_lookup: Vec<_> = sim
+        .requests()
+        .into_iter()
+        .filter(|r| r.path.starts_with("/api/machineactions") || r.method == "POST")
+        .map(|r| format!("{} {}", r.method, r.path))
+        .collect();
+    assert!(
+        after_lookup.is_empty(),
+        "nothing was read or sent for the departed caller: {after_lookup:?}"
+    );
 }

@@ -303,6 +303,104 @@ async fn storage_operations_per_lock_and_per_reservation() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_sleeps_until_the_time_the_holder_announced_instead_of_polling() {
+    let azurite = Azurite::start();
+    let settings = azurite.settings("announce");
+    let (a, b) = (
+        instance(&settings, Default::default()),
+        instance(&settings, Default::default()),
+    );
+    let soon = || Instant::now() + Duration::from_secs(30);
+    let held_for = Duration::from_secs(8);
+
+    // Without an announcement, B polls while A holds the lease.
+    let held = a.lock_machine("quiet", soon()).await.unwrap();
+    let before = b.storage_operations();
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move { b.lock_machine("quiet", soon()).await.unwrap() }
+    });
+    tokio::time::sleep(held_for).await;
+    held.release().await.unwrap();
+    waiter.await.unwrap().release().await.unwrap();
+    let polling = b.storage_operations() - before;
+
+    // A announces that it will be busy until about then (its POST's budget
+    // slot): B looks once, sleeps, and looks again when it is due.
+    let held = a.lock_machine("announced", soon()).await.unwrap();
+    let released = Instant::now() + held_for;
+    held.announce(released);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = b.storage_operations();
+    let waiter = tokio::spawn({
+        let b = b.clone();
+        async move {
+            let lease = b.lock_machine("announced", soon()).await.unwrap();
+            (Instant::now(), lease)
+        }
+    });
+    tokio::time::sleep_until(released).await;
+    held.release().await.unwrap();
+    let (acquired, lease) = waiter.await.unwrap();
+    let announced = b.storage_operations() - before;
+    lease.release().await.unwrap();
+
+    println!(
+        "storage operations of a waiter, lease held {held_for:?}: {polling} polling, {announced} \
+         with the hold announced"
+    );
+    assert!(
+        acquired >= released,
+        "B got the lease only after A released it"
+    );
+    assert!(
+        acquired < released + Duration::from_secs(2),
+        "B woke up when it was due"
+    );
+    // Acquire (409), look, look when due (maybe once more), acquire, release.
+    assert!(announced <= 6, "{announced} storage operations");
+    assert!(announced < polling, "{announced} vs {polling} when polling");
+}
+
+#[test]
+fn a_holder_that_dies_after_announcing_a_late_time_delays_the_others_only_until_its_lease_expires()
+{
+    let azurite = Azurite::start();
+    let settings = azurite.settings("announce-crash");
+    let lease = short_leases().lease_duration;
+    let dying = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let a = instance(&settings, short_leases());
+    dying.block_on(async {
+        let held = a
+            .lock_machine("machine-late", Instant::now() + Duration::from_secs(10))
+            .await
+            .unwrap();
+        // Its POST's slot is ten minutes away, it says; then it dies.
+        held.announce(Instant::now() + Duration::from_secs(600));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        std::mem::forget(held);
+    });
+    dying.shutdown_background();
+
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let b = instance(&settings, short_leases());
+        let started = Instant::now();
+        // The lease expires within its duration; a sleeping waiter looks
+        // again within a third of it.
+        let bound = lease + lease / 3 + Duration::from_secs(2);
+        b.lock_machine("machine-late", started + bound)
+            .await
+            .unwrap();
+        assert!(started.elapsed() > Duration::from_secs(2));
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_down_fails_closed_at_once_and_recovers_when_it_is_back() {
     let mut azurite = Azurite::start();
     let settings = azurite.settings("outage");
