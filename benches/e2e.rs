@@ -796,9 +796,19 @@ async fn scaled(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Re
     let ports: Vec<u16> = instances.iter().map(|i| i.port).collect();
     let outcome = run_burst(plan, &sim, &ports, 20, invocations, device_count).await?;
     let mut storage_operations = 0;
+    let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
     for instance in &mut instances {
-        storage_operations += instance.stop_and_count_storage_operations()?;
+        let (total, kinds) = instance.stop_and_count_storage_operations()?;
+        storage_operations += total;
+        for (kind, n) in kinds {
+            *by_kind.entry(kind).or_default() += n;
+        }
     }
+    let by_kind = by_kind
+        .iter()
+        .map(|(kind, n)| format!("{kind} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     outcome.push_rows(
         rows,
         &format!(
@@ -813,7 +823,7 @@ async fn scaled(plan: &Plan, rows: &mut Vec<Row>, notes: &mut Vec<String>) -> Re
     rows.push(Row::new(
         "  Defender calls by endpoint (answered 429 by the simulator); storage operations",
         format!(
-            "{}; {storage_operations} storage operations, {per_invocation:.1} per invocation",
+            "{}; {storage_operations} storage operations ({by_kind}), {per_invocation:.1} per invocation",
             outcome.calls.describe()
         ),
         "0 answered 429",
@@ -918,7 +928,8 @@ impl LoggedHandler {
     }
 
     /// SIGTERM, wait for the exit, and read its `coordination totals` line.
-    fn stop_and_count_storage_operations(&mut self) -> Result<u64> {
+    /// Stop the handler; its storage operations in all and by kind.
+    fn stop_and_count_storage_operations(&mut self) -> Result<(u64, BTreeMap<String, u64>)> {
         let pid = self.proc.child.id().to_string();
         Command::new("kill").args(["-TERM", &pid]).status()?;
         self.proc.child.wait()?;
@@ -929,11 +940,25 @@ impl LoggedHandler {
             .last()
             .ok_or("the handler logged no coordination totals")?;
         let value: Value = serde_json::from_str(line)?;
-        value
-            .pointer("/fields/storage_operations")
-            .or_else(|| value.get("storage_operations"))
-            .and_then(Value::as_u64)
-            .ok_or_else(|| format!("no storage_operations in {line}").into())
+        let field = |name: &str| {
+            value
+                .pointer(&format!("/fields/{name}"))
+                .or_else(|| value.get(name))
+                .cloned()
+        };
+        let total = field("storage_operations")
+            .and_then(|v| v.as_u64())
+            .ok_or_else(|| format!("no storage_operations in {line}"))?;
+        let by_kind = field("by_kind")
+            .and_then(|v| v.as_str().map(str::to_owned))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|pair| {
+                let (kind, n) = pair.split_once('=')?;
+                Some((kind.to_owned(), n.parse().ok()?))
+            })
+            .collect();
+        Ok((total, by_kind))
     }
 }
 

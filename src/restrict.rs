@@ -21,7 +21,16 @@
 //!   2 s apart, slowing to 5 s), or answers 409 when none does in time;
 //! - a 201 whose action Defender already had (its id was in the state read,
 //!   or it was created before the POST was sent) is a duplicate answered with
-//!   the pending action: `already_pending`, not a new action.
+//!   the pending action: `already_pending`, not a new action;
+//! - across instances (`COORDINATION=storage`), each round holds the
+//!   machine's lease from before its read until its last write is settled. A
+//!   round waiting for another instance's lease answers `already_pending`
+//!   only from that instance's handoff: a pending action of the same type
+//!   that a POST sent after the job arrived was answered with, with no write
+//!   sent for the machine since ([`crate::coordination::Handoff`]);
+//! - a POST or cancel already sent is seen through even if its caller hangs
+//!   up, and one whose outcome is unknown is given [`SETTLE`] before anyone
+//!   reads the machine again, so that the next read sees what it did.
 
 use std::{
     collections::HashSet,
@@ -29,19 +38,21 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU8, Ordering as AtomicOrdering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
+use futures_util::future::FutureExt as _;
 use serde::Serialize;
 use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
-    coordination::{CoordinationError, Coordinator, MachineLease},
+    coordination::{CoordinationError, Coordinator, Handoff, Locked, MachineLease},
     decision::{self, Decision, Wanted},
     defender::{
         DefenderClient, DefenderError, Operation,
+        client::ActionRecord,
         client::{Guard, WriteGuard},
         models::{ActionType, Machine, MachineAction},
     },
@@ -271,24 +282,16 @@ struct Job {
     departure: Departure,
 }
 
-/// Resolves once the invocation has gone away; can be waited for again
-/// after a wait was given up, and again after it resolved.
-#[derive(Debug)]
-struct Departure(Option<oneshot::Receiver<()>>);
+/// Resolves once the invocation has gone away; clones can be waited for
+/// anywhere, and again after it resolved.
+type Departure = futures_util::future::Shared<oneshot::Receiver<()>>;
 
-impl Departure {
-    async fn wait(&mut self) {
-        if let Some(alive) = self.0.as_mut() {
-            let _ = alive.await;
-            // A receiver must not be polled again once it has resolved.
-            self.0 = None;
-        }
+/// Resolves once every one of the jobs' invocations has gone away.
+fn all_departed(jobs: &[Job]) -> impl Future<Output = ()> + use<> {
+    let departures: Vec<Departure> = jobs.iter().map(|job| job.departure.clone()).collect();
+    async move {
+        futures_util::future::join_all(departures).await;
     }
-}
-
-/// Resolves once every job's invocation has gone away.
-async fn all_departed(jobs: &mut [Job]) {
-    futures_util::future::join_all(jobs.iter_mut().map(|job| job.departure.wait())).await;
 }
 
 /// Where a job is: the invocation and the round agree through it on whether
@@ -409,7 +412,7 @@ impl Restrictor {
             deadline,
             stage: Arc::clone(&stage),
             reply,
-            departure: Departure(Some(gone)),
+            departure: gone.shared(),
         };
         let key = machine_id.to_ascii_lowercase();
         if self.inner.queues.push(&key, job) {
@@ -489,12 +492,15 @@ impl Shared {
             let lease = match &self.coordinator {
                 None => None,
                 Some(coordinator) => {
+                    let departed = all_departed(&jobs);
+                    let mut answer = |handoff: &Handoff| answer_from_handoff(&mut jobs, handoff);
                     let locked = tokio::select! {
-                        locked = coordinator.lock_machine(&machine_id, read_by) => Some(locked),
-                        () = all_departed(&mut jobs) => None,
+                        locked = coordinator.lock_machine_unless(&machine_id, read_by, &mut answer) => Some(locked),
+                        () = departed => None,
                     };
                     match locked {
-                        Some(Ok(lease)) => Some(lease),
+                        Some(Ok(Locked::Held(lease))) => Some(lease),
+                        Some(Ok(Locked::Answered)) => continue,
                         Some(Err(e)) => {
                             for job in jobs {
                                 let _ = job.reply.send(Err(ApiError::from(e.clone()).into()));
@@ -507,14 +513,14 @@ impl Shared {
             };
             let read = tokio::select! {
                 read = self.reads.read(&machine_id, read_by) => Some(read),
-                () = all_departed(&mut jobs) => None,
+                () = all_departed(&jobs) => None,
             };
             let Some(read) = read else {
                 continue; // Nobody left to answer; the lease is released on drop.
             };
             let mut state = Some(read);
             let writes = Writes::default();
-            for mut job in jobs {
+            for job in jobs {
                 if job
                     .stage
                     .compare_exchange(
@@ -535,7 +541,7 @@ impl Shared {
                     None => self.reads.read(&machine_id, job.deadline).await,
                 };
                 let started = Instant::now();
-                let mut departure = std::mem::replace(&mut job.departure, Departure(None));
+                let departure = job.departure.clone();
                 let result = match actions {
                     Ok(mut actions) => {
                         let served = {
@@ -549,7 +555,7 @@ impl Shared {
                             tokio::pin!(serve);
                             tokio::select! {
                                 result = &mut serve => Some(result),
-                                () = departure.wait() => {
+                                _ = departure => {
                                     // Stopped where it stood, unless it already sent a
                                     // POST or cancel: its outcome is then waited for,
                                     // so that the next read knows what it did.
@@ -675,6 +681,8 @@ impl Shared {
                     );
                     if let Some(lease) = lease {
                         lease.check().map_err(ApiError::from)?;
+                        // The last holder's handoff would no longer be true.
+                        lease.withdraw_handoff().await.map_err(ApiError::from)?;
                     }
                     let mut asked = Vec::new();
                     for action in pending {
@@ -710,6 +718,10 @@ impl Shared {
         // When the first POST was sent: an action a re-sent POST is answered
         // with that is younger than this may be the first POST's own.
         let sent = OffsetDateTime::now_utc();
+        if let Some(lease) = guard.lease {
+            // The last holder's handoff would no longer be true.
+            lease.withdraw_handoff().await.map_err(ApiError::from)?;
+        }
         let mut posts = 0;
         loop {
             posts += 1;
@@ -719,6 +731,7 @@ impl Shared {
                 .await
             {
                 Ok(created) if existed_before(&created.action, &known, sent) => {
+                    guard.hand_off(&created).await;
                     // A duplicate answered with the action already under
                     // way: nothing new was created.
                     tracing::info!(action_id = %created.action.id, created = ?created.action.creation_date_time_utc, "Defender answered the POST with an action that already existed");
@@ -734,6 +747,7 @@ impl Shared {
                     });
                 }
                 Ok(created) => {
+                    guard.hand_off(&created).await;
                     self.remember_created(&created.action.id);
                     actions.push(created.action.clone());
                     return Ok(Acted {
@@ -909,6 +923,59 @@ impl Drop for Shared {
     }
 }
 
+/// Answer the round's jobs that a [`Handoff`] answers, while they wait for
+/// another instance's lease; `true` when none is left to wait.
+///
+/// The handoff is the action another instance's POST created (or was
+/// answered with) for this machine, still pending, and no write was sent
+/// for the machine after it. A job for the same action type that arrived
+/// before that POST was sent (beyond the clock skew allowance) would read the
+/// same: its decision is `already_pending` with that action, whatever the
+/// other options ([`decision::decide`]). So it is answered so, without the
+/// lease or a read of its own. Every other job keeps waiting.
+fn answer_from_handoff(jobs: &mut Vec<Job>, handoff: &Handoff) -> bool {
+    let Ok(action) = serde_json::from_value::<MachineAction>(handoff.action.clone()) else {
+        return false;
+    };
+    let sent = OffsetDateTime::from(handoff.sent);
+    let pending = action.typed_status().is_some_and(|s| !s.is_terminal());
+    let answers = |job: &Job| {
+        pending
+            && action.typed_type() == Some(job.wanted.action)
+            && job
+                .arrived_utc
+                .checked_add(CLOCK_SKEW)
+                .is_some_and(|arrived| arrived < sent)
+    };
+    let (answered, waiting): (Vec<Job>, Vec<Job>) = std::mem::take(jobs)
+        .into_iter()
+        .filter(|job| job.stage.load(AtomicOrdering::Acquire) == QUEUED)
+        .partition(|job| answers(job));
+    *jobs = waiting;
+    for job in answered {
+        if job
+            .stage
+            .compare_exchange(
+                QUEUED,
+                STARTED,
+                AtomicOrdering::AcqRel,
+                AtomicOrdering::Acquire,
+            )
+            .is_ok()
+        {
+            tracing::info!(action_id = %action.id, "answered with the action another instance just created for the machine");
+            let _ = job.reply.send(Ok(Acted {
+                outcome: Outcome::AlreadyPending,
+                action_id: action.id.clone(),
+                action_status: action.status.clone(),
+                action: handoff.action.clone(),
+                cancelled: Vec::new(),
+            }));
+        }
+    }
+    jobs.is_empty()
+}
+
 /// When a round last sent a POST or cancel to Defender.
 #[derive(Debug, Default)]
 struct Writes(Mutex<Option<Instant>>);
@@ -916,6 +983,10 @@ struct Writes(Mutex<Option<Instant>>);
 impl Writes {
     fn sent(&self) {
         *self.0.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now());
+    }
+
+    fn last(&self) -> Option<Instant> {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// When the last write was sent, if that was at or after `since`.
@@ -947,6 +1018,20 @@ impl<'a> SendGuard<'a> {
             lease,
             writes,
             operation,
+        }
+    }
+}
+
+impl SendGuard<'_> {
+    /// Leave a POST's pending action for the instances waiting for the lease.
+    async fn hand_off(&self, created: &ActionRecord) {
+        let pending = created
+            .action
+            .typed_status()
+            .is_some_and(|s| !s.is_terminal());
+        if let (Some(lease), Some(sent), true) = (self.lease, self.writes.last(), pending) {
+            let sent = SystemTime::now() - sent.elapsed();
+            lease.hand_off(&created.raw, sent).await;
         }
     }
 }

@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 pub use self::{
     error::CoordinationError,
-    lock::MachineLease,
+    lock::{Handoff, Locked, MachineLease},
     settings::{CoordinationSettings, StorageAuth, StorageSettings},
     shared_budget::Slot,
 };
@@ -81,8 +81,6 @@ pub struct Coordinator {
     store: Arc<Store>,
     budget: SharedBudget,
     lease_duration: Duration,
-    /// `DEFENDER_RATE_CLOCK_SPEED` (benchmarks): lease polls shorten with it.
-    clock_speed: f64,
 }
 
 impl Coordinator {
@@ -105,7 +103,6 @@ impl Coordinator {
                 options.per_hour,
                 options.clock_speed,
             )),
-            clock_speed: options.clock_speed,
             lease_duration: options
                 .lease_duration
                 .clamp(Duration::from_secs(15), Duration::from_secs(60)),
@@ -127,12 +124,32 @@ impl Coordinator {
         machine_id: &str,
         deadline: Instant,
     ) -> Result<MachineLease, CoordinationError> {
+        match self
+            .lock_machine_unless(machine_id, deadline, &mut |_| false)
+            .await?
+        {
+            Locked::Held(lease) => Ok(lease),
+            // `answered` never says so.
+            Locked::Answered => Err(CoordinationError::LockTimeout {
+                machine_id: machine_id.to_owned(),
+            }),
+        }
+    }
+
+    /// [`Self::lock_machine`], giving up the wait once `answered` says that a
+    /// [`Handoff`] the last holder left answers everyone who needed the lease.
+    pub async fn lock_machine_unless(
+        &self,
+        machine_id: &str,
+        deadline: Instant,
+        answered: &mut (dyn FnMut(&Handoff) -> bool + Send),
+    ) -> Result<Locked, CoordinationError> {
         lock::lock_machine(
             &self.store,
             machine_id,
             self.lease_duration,
-            self.clock_speed,
             deadline,
+            answered,
         )
         .await
     }

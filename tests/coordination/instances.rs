@@ -318,3 +318,48 @@ async fn a_round_whose_callers_all_hung_up_stops_waiting_for_the_lease_and_reads
         "nothing was read or sent for the departed caller: {after_lookup:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_duplicate_waiting_on_another_instance_is_answered_from_its_handoff_without_a_read() {
+    let azurite = Azurite::start();
+    let (sim, devices) = tenant(1, SimConfig::default()).await;
+    let storage = azurite.connection_string();
+    let (a, b) = (
+        Instance::start(&sim, &storage, "handoff", &[]),
+        Instance::start(&sim, &storage, "handoff", &[]),
+    );
+    // Defender takes 2 s over A's state read: A holds the lease meanwhile,
+    // and B's duplicate arrives before A's POST is sent.
+    sim.inject(
+        Fault::new("/api/machineactions", FaultKind::Delay { millis: 2000 }).method("GET"),
+    );
+    let body = json!({"deviceId": devices[0]});
+    let first = a.post(body.clone());
+    let duplicate = async {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        b.post(body.clone()).await
+    };
+    let (first, duplicate) = tokio::join!(first, duplicate);
+
+    assert_eq!(first.0, 201, "{}", first.1);
+    assert_eq!(duplicate.0, 200, "{}", duplicate.1);
+    assert_eq!(duplicate.1["outcome"], "already_pending");
+    assert_eq!(duplicate.1["action"]["id"], first.1["action"]["id"]);
+    let reads = |sim: &SimHandle| {
+        sim.requests()
+            .into_iter()
+            .filter(|r| r.method == "GET" && r.path.starts_with("/api/machineactions"))
+            .count()
+    };
+    assert_eq!(
+        reads(&sim),
+        1,
+        "only A read the machine's actions; B was answered from A's handoff"
+    );
+
+    // A request that arrives after that POST was sent reads for itself.
+    let later = b.post(body).await;
+    assert_eq!(later.0, 200, "{}", later.1);
+    assert_eq!(reads(&sim), 2);
+    assert_eq!(posts(&sim).len(), 1);
+}

@@ -20,7 +20,8 @@ use std::{
 use azurite::Azurite;
 use restrict_code_execution::{
     coordination::{
-        CoordinationError, Coordinator, CoordinatorOptions, StorageAuth, StorageSettings,
+        CoordinationError, Coordinator, CoordinatorOptions, Handoff, Locked, StorageAuth,
+        StorageSettings,
     },
     defender::budget::Endpoint,
 };
@@ -398,6 +399,64 @@ fn a_holder_that_dies_after_announcing_a_late_time_delays_the_others_only_until_
             .unwrap();
         assert!(started.elapsed() > Duration::from_secs(2));
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() {
+    let azurite = Azurite::start();
+    let settings = azurite.settings("handoff");
+    let (a, b, c) = (
+        instance(&settings, Default::default()),
+        instance(&settings, Default::default()),
+        instance(&settings, Default::default()),
+    );
+    let soon = || Instant::now() + Duration::from_secs(20);
+    let action =
+        serde_json::json!({"id": "w-1", "type": "RestrictCodeExecution", "status": "Pending"});
+
+    // A's POST was answered: it hands the action off, then releases.
+    let held = a.lock_machine("m", soon()).await.unwrap();
+    held.hand_off(&action, SystemTime::now()).await;
+    let seen_by_b = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let waiter = tokio::spawn({
+        let (b, seen) = (b.clone(), seen_by_b.clone());
+        async move {
+            let mut record = |h: &Handoff| {
+                seen.lock().unwrap().push(h.action.clone());
+                false
+            };
+            b.lock_machine_unless("m", soon(), &mut record)
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    held.release().await.unwrap();
+    let Locked::Held(b_lease) = waiter.await.unwrap() else {
+        panic!("B still needed the lease");
+    };
+    assert_eq!(seen_by_b.lock().unwrap().first(), Some(&action));
+
+    // B may write now: it withdraws A's handoff first. C, waiting, never
+    // sees it again.
+    b_lease.withdraw_handoff().await.unwrap();
+    let seen_by_c = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let waiter = tokio::spawn({
+        let (c, seen) = (c.clone(), seen_by_c.clone());
+        async move {
+            let mut record = |h: &Handoff| {
+                seen.lock().unwrap().push(h.action.clone());
+                true
+            };
+            c.lock_machine_unless("m", soon(), &mut record)
+                .await
+                .unwrap()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    b_lease.release().await.unwrap();
+    assert!(matches!(waiter.await.unwrap(), Locked::Held(_)));
+    assert!(seen_by_c.lock().unwrap().is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
