@@ -8,8 +8,8 @@ use serde_json::json;
 
 use crate::{
     config::Settings,
-    invocation,
-    routes::FUNCTION_NAME,
+    functions::{self, Function},
+    invocation::Invocation,
     simulator::{SimConfig, SimHandle, Simulator},
     startup::{self, StartupError, Tokens},
     telemetry,
@@ -203,17 +203,16 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
         "comment": args.comment,
         "callerName": args.caller,
     });
-    let invocation = invocation::Invocation {
+    let invocation = Invocation {
         id: uuid::Uuid::new_v4().to_string(),
-        function: invocation::Function::Restrict,
-        method: "POST".to_owned(),
+        method: Function::Restrict.method().to_string(),
         headers: Default::default(),
         query: Vec::new(),
         params: Default::default(),
         body: payload.to_string().into_bytes(),
         url: None,
     };
-    let reply = invocation::invoke(&state, invocation).await;
+    let reply = functions::invoke(&state, Function::Restrict, invocation).await;
     println!("{}", reply.body);
     match reply.status.as_u16() {
         200..=299 => ExitCode::SUCCESS,
@@ -238,7 +237,7 @@ async fn simulated(
 
 fn simulate_banner(sim: &SimHandle, addr: SocketAddr) -> String {
     let device = crate::simulator::seed::ALPHA_AAD_DEVICE_ID;
-    let url = format!("http://{addr}/api/{FUNCTION_NAME}");
+    let url = format!("http://{addr}{}", Function::Restrict.route());
     let body = |release: bool| json!({"deviceId": device, "release": release, "callerName": "you@example.com"});
     let envelope = json!({"Data": {"req": {"Body": body(false).to_string()}}, "Metadata": {}});
     format!(
@@ -247,10 +246,11 @@ fn simulate_banner(sim: &SimHandle, addr: SocketAddr) -> String {
          Service listening on http://{addr}\n\n\
          Restrict DESKTOP-ALPHA:\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{restrict}'\n\
          Release it again once the restriction has finished (about 5 s; until then the answer is 409\n  conflicting_action_pending, unless you add \"cancelPending\": true):\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{release}'\n\
-         The same in payload mode (the host's envelope):\n  curl -s -X POST http://{addr}/{FUNCTION_NAME} -H 'Content-Type: application/json' -d '{envelope}'\n\
+         The same in payload mode (the host's envelope):\n  curl -s -X POST http://{addr}{payload} -H 'Content-Type: application/json' -d '{envelope}'\n\
          Watch the action in the simulator:\n  curl -s {sim_url}/_sim/actions\n",
         sim_url = sim.url(),
         banner = sim.banner(),
+        payload = Function::Restrict.payload_route(),
         restrict = body(false),
         release = body(true),
     )

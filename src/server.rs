@@ -45,7 +45,8 @@ use tower::ServiceExt;
 use crate::{
     envelope,
     error::ApiError,
-    invocation::{self, Function},
+    functions::Function,
+    invocation,
     reply::{Format, Reply},
 };
 
@@ -198,9 +199,7 @@ fn unavailable(request: &Request<Incoming>) -> Response {
         .path()
         .trim_end_matches('/')
         .to_ascii_lowercase();
-    let payload_mode = Function::ALL
-        .iter()
-        .any(|f| path.strip_prefix('/') == Some(f.name()));
+    let payload_mode = Function::from_payload_path(&path).is_some();
     let mut response = if payload_mode {
         // The host fails anything but a 200 envelope with an empty 500.
         let reply = Reply::error(&error, &id, Format::Json);

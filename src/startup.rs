@@ -6,6 +6,7 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::{
+    app_state::AppState,
     auth::{TokenError, TokenSource},
     config::{ConfigError, Settings},
     coordination::{CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions},
@@ -13,7 +14,6 @@ use crate::{
         DefenderClient,
         budget::{CallBudget, RateBudget},
     },
-    invocation::AppState,
     restrict::Restrictor,
     routes, server,
 };
