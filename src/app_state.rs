@@ -1,6 +1,6 @@
 //! What every invocation of the process shares: the restrictor (with its
 //! Defender client) and the invocation-wide settings. Built once at startup
-//! by [`crate::startup::app_state`].
+//! by [`crate::startup::prepare`].
 
 use std::{sync::Arc, time::Duration};
 

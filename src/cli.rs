@@ -11,7 +11,7 @@ use crate::{
     functions::{self, Function},
     invocation::Invocation,
     simulator::{SimConfig, SimHandle, Simulator},
-    startup::{self, StartupError, Tokens},
+    startup::{self, Backend, StartupError},
     telemetry,
 };
 
@@ -121,24 +121,12 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let settings = Settings::from_env()?;
     let port = args.port.unwrap_or(settings.port);
     let read_timeout = settings.http_read_timeout;
-    let (state, sim) = if args.simulate {
-        let config = SimConfig {
-            speed: args.sim_speed,
-            rate_limits: if args.sim_no_rate_limits {
-                None
-            } else {
-                SimConfig::default().rate_limits
-            },
-            ..SimConfig::default()
-        };
-        let (settings, sim) = simulated(settings, config).await?;
-        (
-            startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
-            Some(sim),
-        )
+    let backend = if args.simulate {
+        Backend::Simulated(sim_config(args.sim_speed, args.sim_no_rate_limits))
     } else {
-        (startup::app_state(&settings, Tokens::FromSettings)?, None)
+        Backend::Real
     };
+    let (state, sim) = startup::prepare(settings, backend).await?;
     let listener = startup::bind(port).await?;
     let addr = listener.local_addr().map_err(|source| StartupError::Bind {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -152,15 +140,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
 }
 
 async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {
-    let config = SimConfig {
-        speed: args.speed,
-        rate_limits: if args.no_rate_limits {
-            None
-        } else {
-            SimConfig::default().rate_limits
-        },
-        ..SimConfig::default()
-    };
+    let config = sim_config(args.speed, args.no_rate_limits);
     let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], args.port)), config)
         .await
         .map_err(StartupError::Simulator)?;
@@ -178,18 +158,12 @@ async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {
 }
 
 async fn invoke(args: InvokeArgs) -> ExitCode {
-    let prepared = async {
-        let settings = Settings::from_env()?;
-        if args.simulate {
-            let (settings, sim) = simulated(settings, SimConfig::default()).await?;
-            Ok::<_, StartupError>((
-                startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
-                Some(sim),
-            ))
-        } else {
-            Ok((startup::app_state(&settings, Tokens::FromSettings)?, None))
-        }
+    let backend = if args.simulate {
+        Backend::Simulated(SimConfig::default())
+    } else {
+        Backend::Real
     };
+    let prepared = async { startup::prepare(Settings::from_env()?, backend).await };
     let (state, _sim) = match prepared.await {
         Ok(prepared) => prepared,
         Err(e) => {
@@ -221,18 +195,16 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
     }
 }
 
-/// Start the embedded simulator and point the settings at it.
-async fn simulated(
-    mut settings: Settings,
-    config: SimConfig,
-) -> Result<(Settings, SimHandle), StartupError> {
-    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
-        .await
-        .map_err(StartupError::Simulator)?;
-    settings.api_url = url::Url::parse(&sim.url()).map_err(|e| {
-        StartupError::Simulator(std::io::Error::other(format!("simulator URL: {e}")))
-    })?;
-    Ok((settings, sim))
+/// The simulated tenant the flags ask for (`--sim-speed` and
+/// `--sim-no-rate-limits` with `--simulate`, `--speed` and `--no-rate-limits`
+/// for `handler simulator`).
+fn sim_config(speed: f64, no_rate_limits: bool) -> SimConfig {
+    let default = SimConfig::default();
+    SimConfig {
+        speed,
+        rate_limits: default.rate_limits.filter(|_| !no_rate_limits),
+        ..default
+    }
 }
 
 fn simulate_banner(sim: &SimHandle, addr: SocketAddr) -> String {

@@ -18,7 +18,8 @@
 //!   [`fleet`]: every machine's state at once (the fleet view);
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
-//! - [`server`]: connections, read timeouts and shutdown;
+//! - [`startup`]: the one composition root ([`startup::prepare`], real or
+//!   simulated) and serving; [`server`]: connections, read timeouts and shutdown;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
 
 pub mod app_state;
