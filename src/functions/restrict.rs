@@ -275,6 +275,7 @@ async fn bulk(
         results.len(),
         results.len() - failed
     );
+    record.outcome = Some(if failed == 0 { "done" } else { "partly_failed" });
     record.devices = Some(results.len());
     record.failed = Some(failed);
     let body = BulkBody {
