@@ -185,25 +185,32 @@ async fn payload_mode(
             started,
         ),
     };
+    let response = envelope_response(reply, &id);
+    if body_unread {
+        closing(response)
+    } else {
+        response
+    }
+}
+
+/// A payload-mode answer: the reply in the host's output envelope, always
+/// 200 application/json (the host fails the invocation with an empty 500 on
+/// anything else, and the caller would never see our answer).
+pub(crate) fn envelope_response(reply: Reply, invocation_id: &str) -> Response {
     // The caller gets the invocation id as in forwarded mode.
-    let reply = reply.with_header("x-invocation-id", id);
-    // Always 200 application/json: the host fails the invocation with an empty
-    // 500 on anything else and the caller would never see our answer.
+    let reply = reply.with_header("x-invocation-id", invocation_id.to_owned());
     let mut response = envelope::render(&reply).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
-    if body_unread {
-        response = closing(response);
-    }
     response
 }
 
 /// An answer given without reading the whole request body (too large, cut
 /// off, too slow): the connection cannot carry another request, so the
 /// client is told not to reuse it, rather than finding it closed when it does.
-fn closing(mut response: Response) -> Response {
+pub(crate) fn closing(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -232,17 +239,14 @@ async fn route_not_found(headers: HeaderMap, request: Request) -> Response {
 /// with its per-invocation log line.
 fn unserved(headers: &HeaderMap, request: &Request, error: ApiError) -> Response {
     let id = invocation::invocation_id(headers);
-    let record = Record {
-        method: Some(request.method().to_string()),
-        path: Some(request.uri().path().to_owned()),
-        ..Record::default()
-    };
+    let record = Record::unserved(request.method(), request.uri().path());
     let reply = answer::refuse(None, &id, Format::Json, error, &record, Instant::now());
     reply_response(reply, &id)
 }
 
-/// Takes the reply: its body can be megabytes (the fleet view), not to be copied.
-fn reply_response(reply: Reply, invocation_id: &str) -> Response {
+/// A forwarded-mode answer. Takes the reply: its body can be megabytes (the
+/// fleet view), not to be copied.
+pub(crate) fn reply_response(reply: Reply, invocation_id: &str) -> Response {
     let reply_headers = reply.headers();
     let mut response = (reply.status, reply.body).into_response();
     let headers = response.headers_mut();

@@ -47,6 +47,17 @@ pub struct Record {
     pub headline: Option<String>,
 }
 
+impl Record {
+    /// A request no function answers (or not yet): its method and path.
+    pub fn unserved(method: &http::Method, path: &str) -> Self {
+        Self {
+            method: Some(method.to_string()),
+            path: Some(path.to_owned()),
+            ..Self::default()
+        }
+    }
+}
+
 /// The span every line of an invocation is logged in.
 pub fn span(invocation_id: &str, function: Option<Function>) -> Span {
     tracing::info_span!(
@@ -94,7 +105,8 @@ pub fn refuse(
 }
 
 /// The one structured line per invocation: info when it succeeded, warn when
-/// the caller's request was refused (4xx), error when it failed (5xx).
+/// the caller's request was refused (4xx) or arrived during shutdown (a
+/// routine 503 the platform retries elsewhere), error when it failed (5xx).
 fn write(
     function: Option<Function>,
     status: StatusCode,
@@ -133,9 +145,10 @@ fn write(
             )
         };
     }
-    if status.is_server_error() {
+    let shutting_down = matches!(error, Some(ApiError::ShuttingDown));
+    if status.is_server_error() && !shutting_down {
         line!(Level::ERROR, "invocation failed");
-    } else if status.is_client_error() {
+    } else if status.is_client_error() || shutting_down {
         line!(Level::WARN, "invocation rejected");
     } else {
         line!(Level::INFO, "invocation succeeded");
