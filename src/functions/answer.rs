@@ -5,8 +5,8 @@
 //! turns an error into its problem answer and writes the one structured line
 //! per invocation: `function`, `status`, `code`, `outcome`, `duration_ms` and
 //! the ids. Requests refused before a function ran (no such route, the wrong
-//! method, an unreadable body or envelope) get the same line through
-//! [`refuse`]. Never a token: nothing here can hold one.
+//! method, an unreadable body or envelope, shutdown) get the same line
+//! through [`refuse`]. Never a token: nothing here can hold one.
 
 use http::StatusCode;
 use tokio::time::Instant;
