@@ -1,7 +1,8 @@
 //! Tokens for the Defender API.
 //!
-//! One credential for the process, chosen explicitly from the settings
-//! (`azure_identity` 1.x has no DefaultAzureCredential, by design):
+//! One credential for the process, chosen explicitly by its
+//! [`CredentialOptions`] (`azure_identity` 1.x has no DefaultAzureCredential,
+//! by design):
 //! managed identity in Azure, a client secret for local development, and a
 //! fixed token for the embedded simulator. The credential caches tokens and
 //! refreshes them five minutes before expiry; this module bounds how long a
@@ -25,7 +26,23 @@ use azure_identity::{
 };
 use thiserror::Error;
 
-use crate::config::{CredentialSettings, Settings};
+use url::Url;
+
+use crate::config::CredentialSettings;
+
+/// What the token source needs to know: which credential, where it signs in,
+/// for which scope, and how long a caller may wait for a token.
+#[derive(Debug, Clone)]
+pub struct CredentialOptions {
+    /// Managed identity or client secret (`AZURE_CLIENT_ID`, …).
+    pub credential: CredentialSettings,
+    /// The Entra authority of the cloud (`DEFENDER_CLOUD`), for the client secret.
+    pub authority_host: Url,
+    /// The Defender scope (`DEFENDER_TOKEN_SCOPE`).
+    pub scope: String,
+    /// Upper bound on getting a token (`TOKEN_TIMEOUT_SECONDS`).
+    pub timeout: Duration,
+}
 
 /// A token could not be had.
 #[derive(Debug, Clone, Error)]
@@ -66,24 +83,34 @@ impl fmt::Debug for TokenSource {
 }
 
 impl TokenSource {
-    /// Build the credential the settings ask for. Nothing is requested yet:
-    /// the first token is fetched on the first invocation, so startup stays fast.
-    pub fn from_settings(settings: &Settings, http: reqwest::Client) -> Result<Self, TokenError> {
-        Self::with_transport(settings, Transport::new(Arc::new(http)))
+    /// Build the credential the options ask for, over the service's pooled
+    /// HTTP client. Nothing is requested yet: the first token is fetched on
+    /// the first invocation, so startup stays fast.
+    pub fn new(options: CredentialOptions, http: reqwest::Client) -> Result<Self, TokenError> {
+        Self::with_transport(options, Transport::new(Arc::new(http)))
     }
 
-    /// As [`Self::from_settings`], over any `azure_core` transport. The
+    /// As [`Self::new`], over any `azure_core` transport. The
     /// client-secret credential only accepts https authorities, so its tests
     /// inject a fake Entra here instead of a plain-http server.
-    fn with_transport(settings: &Settings, transport: Transport) -> Result<Self, TokenError> {
-        let description = settings.credential.describe();
+    fn with_transport(
+        options: CredentialOptions,
+        transport: Transport,
+    ) -> Result<Self, TokenError> {
+        let CredentialOptions {
+            credential: credential_settings,
+            authority_host,
+            scope,
+            timeout,
+        } = options;
+        let description = credential_settings.describe();
         let client_options = ClientOptions {
             // Bounded: a few quick retries, well inside our own timeout below.
             retry: RetryOptions::exponential(ExponentialRetryOptions {
                 initial_delay: azure_core::time::Duration::milliseconds(200),
                 max_retries: 3,
                 max_total_elapsed: azure_core::time::Duration::seconds(
-                    i64::try_from(settings.token_timeout.as_secs()).unwrap_or(20),
+                    i64::try_from(timeout.as_secs()).unwrap_or(20),
                 ),
                 max_delay: azure_core::time::Duration::seconds(2),
             }),
@@ -91,12 +118,7 @@ impl TokenSource {
             transport: Some(transport),
             ..Default::default()
         };
-        let credential_settings = settings.credential.clone();
-        let authority_host = settings
-            .authority_host
-            .as_str()
-            .trim_end_matches('/')
-            .to_owned();
+        let authority_host = authority_host.as_str().trim_end_matches('/').to_owned();
         let described = description.clone();
         let factory = move || -> Result<Arc<dyn TokenCredential>, TokenError> {
             let failed = |e: azure_core::Error| TokenError {
@@ -138,8 +160,8 @@ impl TokenSource {
         Ok(Self::from_parts(
             current,
             Box::new(factory),
-            settings.token_scope.clone(),
-            settings.token_timeout,
+            scope,
+            timeout,
             description,
         ))
     }
@@ -353,12 +375,13 @@ mod tests {
         }
     }
 
-    fn settings(pairs: &[(&str, &str)]) -> Settings {
+    /// The credential options these settings give.
+    fn settings(pairs: &[(&str, &str)]) -> CredentialOptions {
         let map = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
             .collect();
-        Settings::from_map(&map).unwrap()
+        CredentialOptions::from(&crate::config::Settings::from_map(&map).unwrap())
     }
 
     #[tokio::test]
@@ -370,7 +393,7 @@ mod tests {
             ("AZURE_CLIENT_ID", "11111111-2222-3333-4444-555555555555"),
             ("AZURE_CLIENT_SECRET", "s3cr3t-value"),
         ]);
-        let source = TokenSource::with_transport(&settings, Transport::new(fake.clone())).unwrap();
+        let source = TokenSource::with_transport(settings, Transport::new(fake.clone())).unwrap();
 
         let first = source.token().await.unwrap();
         let second = source.token().await.unwrap();
@@ -413,7 +436,7 @@ mod tests {
             ("AZURE_CLIENT_SECRET", "wrong"),
         ]);
         let source =
-            TokenSource::with_transport(&settings, Transport::new(Arc::new(Refusing))).unwrap();
+            TokenSource::with_transport(settings, Transport::new(Arc::new(Refusing))).unwrap();
 
         let err = source.token().await.unwrap_err();
 

@@ -8,10 +8,10 @@ use serde_json::json;
 
 use crate::{
     config::Settings,
-    invocation,
-    routes::FUNCTION_NAME,
+    functions::{self, Function},
+    invocation::Invocation,
     simulator::{SimConfig, SimHandle, Simulator},
-    startup::{self, StartupError, Tokens},
+    startup::{self, Backend, StartupError},
     telemetry,
 };
 
@@ -121,24 +121,12 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let settings = Settings::from_env()?;
     let port = args.port.unwrap_or(settings.port);
     let read_timeout = settings.http_read_timeout;
-    let (state, sim) = if args.simulate {
-        let config = SimConfig {
-            speed: args.sim_speed,
-            rate_limits: if args.sim_no_rate_limits {
-                None
-            } else {
-                SimConfig::default().rate_limits
-            },
-            ..SimConfig::default()
-        };
-        let (settings, sim) = simulated(settings, config).await?;
-        (
-            startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
-            Some(sim),
-        )
+    let backend = if args.simulate {
+        Backend::Simulated(sim_config(args.sim_speed, args.sim_no_rate_limits))
     } else {
-        (startup::app_state(&settings, Tokens::FromSettings)?, None)
+        Backend::Real
     };
+    let (state, sim) = startup::prepare(settings, backend).await?;
     let listener = startup::bind(port).await?;
     let addr = listener.local_addr().map_err(|source| StartupError::Bind {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
@@ -152,15 +140,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
 }
 
 async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {
-    let config = SimConfig {
-        speed: args.speed,
-        rate_limits: if args.no_rate_limits {
-            None
-        } else {
-            SimConfig::default().rate_limits
-        },
-        ..SimConfig::default()
-    };
+    let config = sim_config(args.speed, args.no_rate_limits);
     let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], args.port)), config)
         .await
         .map_err(StartupError::Simulator)?;
@@ -178,18 +158,12 @@ async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {
 }
 
 async fn invoke(args: InvokeArgs) -> ExitCode {
-    let prepared = async {
-        let settings = Settings::from_env()?;
-        if args.simulate {
-            let (settings, sim) = simulated(settings, SimConfig::default()).await?;
-            Ok::<_, StartupError>((
-                startup::app_state(&settings, Tokens::Fixed(SimConfig::default().token))?,
-                Some(sim),
-            ))
-        } else {
-            Ok((startup::app_state(&settings, Tokens::FromSettings)?, None))
-        }
+    let backend = if args.simulate {
+        Backend::Simulated(SimConfig::default())
+    } else {
+        Backend::Real
     };
+    let prepared = async { startup::prepare(Settings::from_env()?, backend).await };
     let (state, _sim) = match prepared.await {
         Ok(prepared) => prepared,
         Err(e) => {
@@ -203,17 +177,16 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
         "comment": args.comment,
         "callerName": args.caller,
     });
-    let invocation = invocation::Invocation {
+    let invocation = Invocation {
         id: uuid::Uuid::new_v4().to_string(),
-        function: invocation::Function::Restrict,
-        method: "POST".to_owned(),
+        method: Function::Restrict.method().to_string(),
         headers: Default::default(),
         query: Vec::new(),
         params: Default::default(),
         body: payload.to_string().into_bytes(),
         url: None,
     };
-    let reply = invocation::invoke(&state, invocation).await;
+    let reply = functions::invoke(&state, Function::Restrict, invocation).await;
     println!("{}", reply.body);
     match reply.status.as_u16() {
         200..=299 => ExitCode::SUCCESS,
@@ -222,23 +195,21 @@ async fn invoke(args: InvokeArgs) -> ExitCode {
     }
 }
 
-/// Start the embedded simulator and point the settings at it.
-async fn simulated(
-    mut settings: Settings,
-    config: SimConfig,
-) -> Result<(Settings, SimHandle), StartupError> {
-    let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
-        .await
-        .map_err(StartupError::Simulator)?;
-    settings.api_url = url::Url::parse(&sim.url()).map_err(|e| {
-        StartupError::Simulator(std::io::Error::other(format!("simulator URL: {e}")))
-    })?;
-    Ok((settings, sim))
+/// The simulated tenant the flags ask for (`--sim-speed` and
+/// `--sim-no-rate-limits` with `--simulate`, `--speed` and `--no-rate-limits`
+/// for `handler simulator`).
+fn sim_config(speed: f64, no_rate_limits: bool) -> SimConfig {
+    let default = SimConfig::default();
+    SimConfig {
+        speed,
+        rate_limits: default.rate_limits.filter(|_| !no_rate_limits),
+        ..default
+    }
 }
 
 fn simulate_banner(sim: &SimHandle, addr: SocketAddr) -> String {
     let device = crate::simulator::seed::ALPHA_AAD_DEVICE_ID;
-    let url = format!("http://{addr}/api/{FUNCTION_NAME}");
+    let url = format!("http://{addr}{}", Function::Restrict.route());
     let body = |release: bool| json!({"deviceId": device, "release": release, "callerName": "you@example.com"});
     let envelope = json!({"Data": {"req": {"Body": body(false).to_string()}}, "Metadata": {}});
     format!(
@@ -247,10 +218,11 @@ fn simulate_banner(sim: &SimHandle, addr: SocketAddr) -> String {
          Service listening on http://{addr}\n\n\
          Restrict DESKTOP-ALPHA:\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{restrict}'\n\
          Release it again once the restriction has finished (about 5 s; until then the answer is 409\n  conflicting_action_pending, unless you add \"cancelPending\": true):\n  curl -s -X POST {url} -H 'Content-Type: application/json' -d '{release}'\n\
-         The same in payload mode (the host's envelope):\n  curl -s -X POST http://{addr}/{FUNCTION_NAME} -H 'Content-Type: application/json' -d '{envelope}'\n\
+         The same in payload mode (the host's envelope):\n  curl -s -X POST http://{addr}{payload} -H 'Content-Type: application/json' -d '{envelope}'\n\
          Watch the action in the simulator:\n  curl -s {sim_url}/_sim/actions\n",
         sim_url = sim.url(),
         banner = sim.banner(),
+        payload = Function::Restrict.payload_route(),
         restrict = body(false),
         release = body(true),
     )

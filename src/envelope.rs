@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{error::ApiError, reply::Reply};
+use crate::{error::ApiError, invocation::Invocation, reply::Reply};
 
 /// The name of the http output binding in `function.json`. The host matches
 /// keys inside `Outputs` case-sensitively.
@@ -24,26 +24,16 @@ pub const TRIGGER_BINDING: &str = "req";
 /// the `Body` string can grow it up to six times, plus headers and identities.
 pub const MAX_ENVELOPE_BYTES: usize = 1024 * 1024;
 
-/// The parts of the http trigger this service uses.
-#[derive(Debug, Clone, Default)]
-pub struct TriggerRequest {
-    /// The caller's method (`Data.req.Method`); empty when absent.
-    pub method: String,
-    /// The URL the caller used (`Data.req.Url`).
-    pub url: Option<url::Url>,
-    /// `Data.req.Query`: the host comma-joins repeated keys.
-    pub query: Vec<(String, String)>,
-    /// `Data.req.Params`: route parameters (an absent optional one is null).
-    pub params: BTreeMap<String, String>,
-    /// The caller's body; empty when the host sent no `Body` key (it omits it
-    /// when the request had no Content-Length).
-    pub body: Vec<u8>,
-    /// The caller's headers, lowercase names. The host sends each value as an array.
-    pub headers: BTreeMap<String, Vec<String>>,
-}
-
-/// Read `Data.req` from the envelope.
-pub fn parse(envelope: &[u8]) -> Result<TriggerRequest, ApiError> {
+/// Read `Data.req` from the envelope: the caller's request, as invocation `id`.
+///
+/// - `Method` is empty when absent;
+/// - `Url` is the URL the caller used;
+/// - `Query`: the host comma-joins repeated keys;
+/// - `Params`: route parameters (an absent optional one is null);
+/// - `Body` is empty when the host sent none (it omits it when the request
+///   had no Content-Length);
+/// - `Headers`: lowercase names; the host sends each value as an array.
+pub fn parse(envelope: &[u8], id: String) -> Result<Invocation, ApiError> {
     let bad = |why: &str| ApiError::InvalidEnvelope(why.to_owned());
     let value: Value = serde_json::from_slice(envelope)
         .map_err(|e| ApiError::InvalidEnvelope(format!("not JSON: {e}")))?;
@@ -109,7 +99,8 @@ pub fn parse(envelope: &[u8]) -> Result<TriggerRequest, ApiError> {
     };
     let query = strings("Query")?;
     let params = strings("Params")?.into_iter().collect();
-    Ok(TriggerRequest {
+    Ok(Invocation {
+        id,
         method,
         url,
         query,
@@ -166,12 +157,17 @@ mod tests {
     #[test]
     fn body_headers_and_missing_body_are_read() {
         let env = json!({"Data":{"req":{"Body":"{\"a\":1}","Headers":{"Accept":["text/plain"]}}},"Metadata":{}});
-        let req = parse(env.to_string().as_bytes()).unwrap();
+        let req = parse(env.to_string().as_bytes(), "id".to_owned()).unwrap();
         assert_eq!(req.body, br#"{"a":1}"#);
         assert_eq!(req.headers["accept"], vec!["text/plain".to_owned()]);
 
         let env = json!({"Data":{"req":{"Method":"POST"}},"Metadata":{}});
-        assert!(parse(env.to_string().as_bytes()).unwrap().body.is_empty());
+        assert!(
+            parse(env.to_string().as_bytes(), "id".to_owned())
+                .unwrap()
+                .body
+                .is_empty()
+        );
     }
 
     #[test]
@@ -183,7 +179,7 @@ mod tests {
             json!({"Data":{"req":"x"}}).to_string(),
             json!({"Data":{"req":{"Body":{"deviceId":"x"}}}}).to_string(),
         ] {
-            let err = parse(bad.as_bytes()).unwrap_err();
+            let err = parse(bad.as_bytes(), "id".to_owned()).unwrap_err();
             assert_eq!(err.code(), "invalid_envelope", "{bad}");
         }
     }

@@ -141,7 +141,7 @@ pub enum ApiError {
     #[error("method {method} is not allowed here; use {allowed}")]
     MethodNotAllowed {
         method: String,
-        allowed: &'static str,
+        allowed: http::Method,
     },
     #[error(
         "the handler is shutting down (the instance is being stopped or recycled) and takes no \

@@ -1,126 +1,29 @@
 //! One invocation, independent of how the host delivered it.
 //!
-//! Forwarded mode and payload mode both build an [`Invocation`] (the caller's
-//! method, headers, query, route parameters and body) and get the same
-//! [`Reply`]: same status, same headers, same body. Only the wrapping differs
-//! (see `routes` and `envelope`).
+//! Forwarded mode (`routes`) and payload mode (`envelope`) both build an
+//! [`Invocation`] (the caller's method, headers, query, route parameters and
+//! body); [`crate::functions::invoke`] runs it and gives the same
+//! [`crate::reply::Reply`] either way: same status, same headers, same body.
+//! Only the wrapping differs.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::collections::BTreeMap;
 
 use http::HeaderMap;
-use tracing::{Instrument, info_span};
 use url::Url;
 
 use crate::{
-    functions,
-    principal::{self, PRINCIPAL_HEADER, PRINCIPAL_NAME_HEADER, Principal},
-    reply::{Format, Reply},
-    restrict::Restrictor,
+    principal::{PRINCIPAL_HEADER, PRINCIPAL_NAME_HEADER, Principal},
+    reply::Format,
 };
 
 /// The header the host puts on every call to the handler.
 pub const INVOCATION_ID_HEADER: &str = "x-azure-functions-invocationid";
 
-/// The functions this handler serves; each has a folder with a `function.json`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Function {
-    /// `restrict-code-execution`: restrict or release devices.
-    Restrict,
-    /// `action-status`: read a machine action.
-    ActionStatus,
-    /// `cancel-action`: cancel a pending machine action.
-    CancelAction,
-    /// `openapi`: the Swagger 2.0 document.
-    OpenApi,
-    /// `list-devices`: the fleet view, every machine's restrict state.
-    ListDevices,
-}
-
-impl Function {
-    /// The function's name: its folder and its payload-mode path.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Restrict => "restrict-code-execution",
-            Self::ActionStatus => "action-status",
-            Self::CancelAction => "cancel-action",
-            Self::OpenApi => "openapi",
-            Self::ListDevices => "list-devices",
-        }
-    }
-
-    pub const ALL: [Self; 5] = [
-        Self::Restrict,
-        Self::ActionStatus,
-        Self::CancelAction,
-        Self::OpenApi,
-        Self::ListDevices,
-    ];
-}
-
-/// `STALE_PENDING_HOURS`' default: a day.
-const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);
-
-/// Shared by every invocation of the process.
-#[derive(Debug, Clone)]
-pub struct AppState {
-    inner: Arc<Inner>,
-}
-
-#[derive(Debug)]
-struct Inner {
-    restrictor: Restrictor,
-    /// Bound on one invocation, below the host's functionTimeout.
-    request_timeout: Duration,
-    /// `ALLOWED_CALLER_ROLES`; empty means no role check.
-    allowed_roles: Vec<String>,
-    /// `STALE_PENDING_HOURS`: when an `already_pending` action may be stuck.
-    stale_pending: Duration,
-}
-
-impl AppState {
-    pub fn new(
-        restrictor: Restrictor,
-        request_timeout: Duration,
-        allowed_roles: Vec<String>,
-    ) -> Self {
-        Self {
-            inner: Arc::new(Inner {
-                restrictor,
-                request_timeout,
-                allowed_roles,
-                stale_pending: DEFAULT_STALE_PENDING,
-            }),
-        }
-    }
-
-    /// Sets `STALE_PENDING_HOURS`; called at startup, before the state is shared.
-    pub fn with_stale_pending(mut self, after: Duration) -> Self {
-        if let Some(inner) = Arc::get_mut(&mut self.inner) {
-            inner.stale_pending = after;
-        }
-        self
-    }
-
-    /// How long an `already_pending` action may be pending before the answer
-    /// says it may be stuck.
-    pub fn stale_pending(&self) -> Duration {
-        self.inner.stale_pending
-    }
-
-    pub fn restrictor(&self) -> &Restrictor {
-        &self.inner.restrictor
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        self.inner.request_timeout
-    }
-}
-
 /// The caller's request, as either invocation mode delivered it.
 #[derive(Debug, Clone)]
 pub struct Invocation {
     pub id: String,
-    pub function: Function,
+    /// The caller's method; empty when a payload-mode envelope has none.
     pub method: String,
     /// Lowercase names; the host sends every value as a list.
     pub headers: BTreeMap<String, Vec<String>>,
@@ -173,11 +76,11 @@ impl Invocation {
         })
     }
 
-    /// The absolute URL of the action-status function for `action_id`,
-    /// keeping the caller's `code` query key so a Logic App can poll it.
-    pub fn status_url(&self, action_id: &str) -> Option<String> {
+    /// The absolute URL of `path` on the host the caller used, keeping the
+    /// caller's `code` query key so a Logic App can follow it.
+    pub fn url_for(&self, path: &str) -> Option<String> {
         let mut url = self.url.clone()?;
-        url.set_path(&format!("/api/restrict-code-execution/actions/{action_id}"));
+        url.set_path(path);
         let code = self
             .query
             .iter()
@@ -207,37 +110,4 @@ pub fn invocation_id(headers: &HeaderMap) -> String {
         })
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
-}
-
-/// Run one invocation.
-pub async fn invoke(state: &AppState, invocation: Invocation) -> Reply {
-    let span = info_span!(
-        "invocation",
-        invocation_id = %invocation.id,
-        function = invocation.function.name()
-    );
-    run(state, invocation).instrument(span).await
-}
-
-async fn run(state: &AppState, invocation: Invocation) -> Reply {
-    if invocation.function == Function::OpenApi {
-        return functions::openapi::run(&invocation);
-    }
-    let principal = invocation.principal();
-    if let Err(error) = principal::authorize(&state.inner.allowed_roles, principal.as_ref()) {
-        tracing::warn!(
-            caller = principal.as_ref().and_then(|p| p.name.as_deref()),
-            status = error.status().as_u16(),
-            outcome = error.code(),
-            "invocation refused"
-        );
-        return Reply::error(&error, &invocation.id, invocation.format());
-    }
-    match invocation.function {
-        Function::Restrict => functions::restrict::run(state, &invocation, principal).await,
-        Function::ActionStatus => functions::status::run(state, &invocation).await,
-        Function::CancelAction => functions::cancel::run(state, &invocation, principal).await,
-        Function::OpenApi => functions::openapi::run(&invocation),
-        Function::ListDevices => functions::devices::run(state, &invocation).await,
-    }
 }

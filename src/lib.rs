@@ -5,7 +5,9 @@
 //! - [`routes`]: the HTTP surface the Functions host calls, in both of its
 //!   invocation modes ([`envelope`] is payload mode);
 //! - [`invocation`]: one invocation, whichever mode delivered it, and
-//!   [`functions`]: what each function does with it; [`reply`]: the answer;
+//!   [`functions`]: what each function does with it, how it is dispatched and
+//!   the one log line each invocation gets; [`reply`]: the answer;
+//!   [`app_state`]: what every invocation shares;
 //! - [`runbook`]: the payload, parsed once into domain types;
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
 //!   reading its state and acting on it safely; [`machine_queue`] (one round
@@ -16,9 +18,11 @@
 //!   [`fleet`]: every machine's state at once (the fleet view);
 //! - [`defender`]: the Defender API client and wire types; [`auth`]: tokens;
 //! - [`error`]: every failure and its HTTP problem answer;
-//! - [`server`]: connections, read timeouts and shutdown;
+//! - [`startup`]: the one composition root ([`startup::prepare`], real or
+//!   simulated) and serving; [`server`]: connections, read timeouts and shutdown;
 //! - [`simulator`]: the simulated Defender tenant used by `--simulate` and tests.
 
+pub mod app_state;
 pub mod auth;
 pub mod batch;
 pub mod cli;

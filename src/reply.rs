@@ -147,6 +147,9 @@ impl Reply {
                 .extra_headers
                 .push(("Retry-After", seconds.to_string()));
         }
+        if let ApiError::MethodNotAllowed { allowed, .. } = error {
+            reply.extra_headers.push(("Allow", allowed.to_string()));
+        }
         reply
     }
 

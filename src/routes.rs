@@ -2,16 +2,12 @@
 //!
 //! - `GET /`: the host's readiness probe (polled every 25 ms at start) and ping.
 //! - Forwarded mode (`enableForwardingHttpRequest`), the caller's request as is:
-//!   `POST /api/restrict-code-execution`,
-//!   `GET /api/restrict-code-execution/actions/{actionId}`,
-//!   `POST /api/restrict-code-execution/actions/{actionId}/cancel`,
-//!   `GET /api/restrict-code-execution/devices`,
-//!   `GET /api/openapi.json`.
+//!   each [`Function`]'s method and [`Function::route`], such as
+//!   `POST /api/restrict-code-execution`.
 //! - Payload mode, the host's envelope: `POST /{FunctionName}` for each
-//!   function folder (`restrict-code-execution`, `action-status`,
-//!   `cancel-action`, `openapi`, `list-devices`).
+//!   function folder ([`Function::payload_route`]).
 //!
-//! Both modes build the same [`Invocation`] and run [`invocation::invoke`].
+//! Both modes build the same [`Invocation`] and run [`functions::invoke`].
 
 use std::collections::BTreeMap;
 
@@ -19,54 +15,38 @@ use axum::{
     Router,
     body::{Body, Bytes},
     extract::{RawPathParams, Request, State},
-    http::{HeaderMap, HeaderValue, header, request::Parts},
+    http::{HeaderMap, HeaderValue, Method, header, request::Parts},
     response::{IntoResponse, Response},
-    routing::{MethodRouter, get, post},
+    routing::{MethodFilter, MethodRouter, get, on, post},
 };
 use http_body_util::BodyExt;
+use tokio::time::Instant;
 use tower_http::trace::TraceLayer;
 use url::Url;
 
 use crate::{
+    app_state::AppState,
     envelope,
     error::ApiError,
-    invocation::{self, AppState, Function, Invocation},
+    functions::{self, Function, Record, answer},
+    invocation::{self, Invocation},
     reply::{Format, Reply},
     runbook::{MAX_PAYLOAD_BYTES, RunbookError},
 };
 
-/// The function's name: its folder, its route and its payload-mode path.
-pub const FUNCTION_NAME: &str = "restrict-code-execution";
-
 /// The router, without a socket, so tests can drive it in-process.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new()
-        .route("/", get(ready).fallback(not_allowed("GET")))
-        .route(
-            "/api/restrict-code-execution",
-            forwarded_route(Function::Restrict),
-        )
-        .route(
-            "/api/restrict-code-execution/actions/{actionId}",
-            forwarded_route(Function::ActionStatus),
-        )
-        .route(
-            "/api/restrict-code-execution/actions/{actionId}/cancel",
-            forwarded_route(Function::CancelAction),
-        )
-        .route(
-            "/api/restrict-code-execution/devices",
-            forwarded_route(Function::ListDevices),
-        )
-        .route("/api/openapi.json", forwarded_route(Function::OpenApi));
+    let mut router = Router::new().route("/", get(ready).fallback(not_allowed(Method::GET)));
     for function in Function::ALL {
-        router = router.route(
-            &format!("/{}", function.name()),
-            post(move |state: State<AppState>, request: Request| {
-                payload_mode(state, function, request)
-            })
-            .fallback(not_allowed("POST")),
-        );
+        router = router
+            .route(function.route(), forwarded_route(function))
+            .route(
+                &function.payload_route(),
+                post(move |state: State<AppState>, request: Request| {
+                    payload_mode(state, function, request)
+                })
+                .fallback(not_allowed(Method::POST)),
+            );
     }
     router
         .fallback(route_not_found)
@@ -105,26 +85,14 @@ pub fn normalize_path(mut request: Request) -> Request {
     request
 }
 
-/// The one HTTP method each function's trigger accepts (its `function.json`).
-fn allowed_method(function: Function) -> &'static str {
-    match function {
-        Function::ActionStatus | Function::OpenApi | Function::ListDevices => "GET",
-        Function::Restrict | Function::CancelAction => "POST",
-    }
-}
-
 /// A forwarded-mode route for `function`, answering other methods with 405.
 fn forwarded_route(function: Function) -> MethodRouter<AppState> {
     let handler = move |state: State<AppState>, params: RawPathParams, request: Request| {
         forwarded(state, function, params, request)
     };
-    let allowed = allowed_method(function);
-    let route = if allowed == "GET" {
-        get(handler)
-    } else {
-        post(handler)
-    };
-    route.fallback(not_allowed(allowed))
+    // Function methods are GET or POST, which always convert.
+    let filter = MethodFilter::try_from(function.method()).unwrap_or(MethodFilter::POST);
+    on(filter, handler).fallback(not_allowed(function.method()))
 }
 
 /// Answers at once: the host only needs a response to count us as ready.
@@ -138,6 +106,7 @@ async fn forwarded(
     params: RawPathParams,
     request: Request,
 ) -> Response {
+    let started = Instant::now();
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let format = Format::from_accept(header_str(&parts.headers, header::ACCEPT));
@@ -148,13 +117,19 @@ async fn forwarded(
     {
         Ok(body) => body,
         Err(error) => {
-            log_rejected(&id, function, &error);
-            return closing(reply_response(Reply::error(&error, &id, format), &id));
+            let reply = answer::refuse(
+                Some(function),
+                &id,
+                format,
+                error,
+                &Record::default(),
+                started,
+            );
+            return closing(reply_response(reply, &id));
         }
     };
     let invocation = Invocation {
         id: id.clone(),
-        function,
         method: parts.method.as_str().to_owned(),
         headers: headers(&parts.headers),
         query: query(&parts),
@@ -165,7 +140,7 @@ async fn forwarded(
         body: body.to_vec(),
         url: caller_url(&parts),
     };
-    let reply = invocation::invoke(&state, invocation).await;
+    let reply = functions::invoke(&state, function, invocation).await;
     reply_response(reply, &id)
 }
 
@@ -174,6 +149,7 @@ async fn payload_mode(
     function: Function,
     request: Request,
 ) -> Response {
+    let started = Instant::now();
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let read = read_limited(
@@ -184,63 +160,57 @@ async fn payload_mode(
     )
     .await;
     let body_unread = read.is_err();
-    let reply = match read {
-        Ok(bytes) => match envelope::parse(&bytes) {
+    let invocation = read
+        .and_then(|bytes| envelope::parse(&bytes, id.clone()))
+        .and_then(|invocation| {
             // The host forwards whatever method the caller used when the
             // trigger allows it; anything else is refused as in forwarded mode.
-            Ok(trigger)
-                if !trigger.method.is_empty() && trigger.method != allowed_method(function) =>
-            {
-                let error = ApiError::MethodNotAllowed {
-                    method: trigger.method,
-                    allowed: allowed_method(function),
-                };
-                log_rejected(&id, function, &error);
-                Reply::error(&error, &id, Format::Json)
-                    .with_header("Allow", allowed_method(function).to_owned())
+            if invocation.method.is_empty() || invocation.method == function.method().as_str() {
+                Ok(invocation)
+            } else {
+                Err(ApiError::MethodNotAllowed {
+                    method: invocation.method,
+                    allowed: function.method(),
+                })
             }
-            Ok(trigger) => {
-                let invocation = Invocation {
-                    id: id.clone(),
-                    function,
-                    method: trigger.method,
-                    headers: trigger.headers,
-                    query: trigger.query,
-                    params: trigger.params,
-                    body: trigger.body,
-                    url: trigger.url,
-                };
-                invocation::invoke(&state, invocation).await
-            }
-            Err(e) => {
-                log_rejected(&id, function, &e);
-                Reply::error(&e, &id, Format::Json)
-            }
-        },
-        Err(error) => {
-            log_rejected(&id, function, &error);
-            Reply::error(&error, &id, Format::Json)
-        }
+        });
+    let reply = match invocation {
+        Ok(invocation) => functions::invoke(&state, function, invocation).await,
+        Err(error) => answer::refuse(
+            Some(function),
+            &id,
+            Format::Json,
+            error,
+            &Record::default(),
+            started,
+        ),
     };
+    let response = envelope_response(reply, &id);
+    if body_unread {
+        closing(response)
+    } else {
+        response
+    }
+}
+
+/// A payload-mode answer: the reply in the host's output envelope, always
+/// 200 application/json (the host fails the invocation with an empty 500 on
+/// anything else, and the caller would never see our answer).
+pub(crate) fn envelope_response(reply: Reply, invocation_id: &str) -> Response {
     // The caller gets the invocation id as in forwarded mode.
-    let reply = reply.with_header("x-invocation-id", id);
-    // Always 200 application/json: the host fails the invocation with an empty
-    // 500 on anything else and the caller would never see our answer.
+    let reply = reply.with_header("x-invocation-id", invocation_id.to_owned());
     let mut response = envelope::render(&reply).into_response();
     response.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static("application/json; charset=utf-8"),
     );
-    if body_unread {
-        response = closing(response);
-    }
     response
 }
 
 /// An answer given without reading the whole request body (too large, cut
 /// off, too slow): the connection cannot carry another request, so the
 /// client is told not to reuse it, rather than finding it closed when it does.
-fn closing(mut response: Response) -> Response {
+pub(crate) fn closing(mut response: Response) -> Response {
     response
         .headers_mut()
         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -249,60 +219,34 @@ fn closing(mut response: Response) -> Response {
 
 /// The 405 fallback of a route that accepts only `allowed`.
 fn not_allowed(
-    allowed: &'static str,
+    allowed: Method,
 ) -> impl Fn(HeaderMap, Request) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
     move |headers: HeaderMap, request: Request| {
-        let id = invocation::invocation_id(&headers);
         let error = ApiError::MethodNotAllowed {
             method: request.method().to_string(),
-            allowed,
+            allowed: allowed.clone(),
         };
-        log_unserved(&id, &request, &error);
-        std::future::ready(reply_response(
-            Reply::error(&error, &id, Format::Json).with_header("Allow", allowed.to_owned()),
-            &id,
-        ))
+        std::future::ready(unserved(&headers, &request, error))
     }
 }
 
 async fn route_not_found(headers: HeaderMap, request: Request) -> Response {
-    let id = invocation::invocation_id(&headers);
     let error = ApiError::RouteNotFound(request.uri().path().to_owned());
-    log_unserved(&id, &request, &error);
-    reply_response(Reply::error(&error, &id, Format::Json), &id)
+    unserved(&headers, &request, error)
 }
 
-/// The per-invocation log line of a request no function answered (no such
-/// route or method), in the same span as a function's lines.
-fn log_unserved(id: &str, request: &Request, error: &ApiError) {
-    let span = tracing::info_span!("invocation", invocation_id = %id, function = "none");
-    span.in_scope(|| {
-        tracing::warn!(
-            method = %request.method(),
-            path = %request.uri().path(),
-            status = error.status().as_u16(),
-            outcome = error.code(),
-            "invocation rejected"
-        );
-    });
+/// The answer to a request no function serves (no such route or method),
+/// with its per-invocation log line.
+fn unserved(headers: &HeaderMap, request: &Request, error: ApiError) -> Response {
+    let id = invocation::invocation_id(headers);
+    let record = Record::unserved(request.method(), request.uri().path());
+    let reply = answer::refuse(None, &id, Format::Json, error, &record, Instant::now());
+    reply_response(reply, &id)
 }
 
-/// The per-invocation log line of a request rejected before its function
-/// ran (an unreadable body, a malformed envelope, the wrong method).
-fn log_rejected(id: &str, function: Function, error: &ApiError) {
-    let span = tracing::info_span!("invocation", invocation_id = %id, function = function.name());
-    span.in_scope(|| {
-        tracing::warn!(
-            status = error.status().as_u16(),
-            outcome = error.code(),
-            error = %error,
-            "invocation rejected"
-        );
-    });
-}
-
-/// Takes the reply: its body can be megabytes (the fleet view), not to be copied.
-fn reply_response(reply: Reply, invocation_id: &str) -> Response {
+/// A forwarded-mode answer. Takes the reply: its body can be megabytes (the
+/// fleet view), not to be copied.
+pub(crate) fn reply_response(reply: Reply, invocation_id: &str) -> Response {
     let reply_headers = reply.headers();
     let mut response = (reply.status, reply.body).into_response();
     let headers = response.headers_mut();

@@ -34,19 +34,25 @@ use axum::{
     body::Body,
     extract::Request,
     http::{HeaderValue, header},
-    response::{IntoResponse, Response},
+    response::Response,
 };
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use hyper::body::{Bytes, Incoming};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::{net::TcpListener, sync::watch, task::JoinSet, time::Sleep};
+use tokio::{
+    net::TcpListener,
+    sync::watch,
+    task::JoinSet,
+    time::{Instant, Sleep},
+};
 use tower::ServiceExt;
 
 use crate::{
-    envelope,
     error::ApiError,
-    invocation::{self, Function},
-    reply::{Format, Reply},
+    functions::{Function, Record, answer},
+    invocation,
+    reply::Format,
+    routes,
 };
 
 /// Default of `HTTP_READ_TIMEOUT_SECONDS`: above the one or two minutes a
@@ -189,57 +195,41 @@ async fn connection<S>(
 }
 
 /// The 503 for a request that arrived during shutdown, in the request's
-/// invocation mode.
+/// invocation mode, with its per-invocation log line.
 fn unavailable(request: &Request<Incoming>) -> Response {
     let id = invocation::invocation_id(request.headers());
-    let error = ApiError::ShuttingDown;
     let path = request
         .uri()
         .path()
         .trim_end_matches('/')
         .to_ascii_lowercase();
-    let payload_mode = Function::ALL
-        .iter()
-        .any(|f| path.strip_prefix('/') == Some(f.name()));
-    let mut response = if payload_mode {
-        // The host fails anything but a 200 envelope with an empty 500.
-        let reply = Reply::error(&error, &id, Format::Json);
-        let mut response = envelope::render(&reply).into_response();
-        response.headers_mut().insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/json; charset=utf-8"),
-        );
-        response
-    } else {
-        let format = Format::from_accept(
+    let function = Function::from_payload_path(&path);
+    let format = match function {
+        Some(_) => Format::Json,
+        None => Format::from_accept(
             request
                 .headers()
                 .get(header::ACCEPT)
                 .and_then(|v| v.to_str().ok()),
-        );
-        let reply = Reply::error(&error, &id, format);
-        let mut response = (reply.status, reply.body.clone()).into_response();
-        for (name, value) in reply.headers() {
-            if let Ok(value) = HeaderValue::from_str(&value) {
-                response.headers_mut().insert(name, value);
-            }
-        }
-        response
+        ),
     };
-    let headers = response.headers_mut();
-    headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    if let Ok(value) = HeaderValue::from_str(&id) {
-        headers.insert("x-invocation-id", value);
-    }
-    tracing::info!(
-        invocation_id = %id,
-        method = %request.method(),
-        path = %request.uri().path(),
-        status = 503,
-        outcome = error.code(),
-        "request refused: shutting down"
+    let record = Record::unserved(request.method(), request.uri().path());
+    let reply = answer::refuse(
+        function,
+        &id,
+        format,
+        ApiError::ShuttingDown,
+        &record,
+        Instant::now(),
     );
-    response
+    let mut response = match function {
+        Some(_) => routes::envelope_response(reply, &id),
+        None => routes::reply_response(reply, &id),
+    };
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert("x-invocation-id", value);
+    }
+    routes::closing(response)
 }
 
 /// Counts a request as in service until its answer is produced.

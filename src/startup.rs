@@ -1,21 +1,24 @@
-//! Building the service from settings and serving it.
+//! Building the service from settings ([`prepare`], the one composition
+//! root, for real or simulated use) and serving it.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::{
-    auth::{TokenError, TokenSource},
+    app_state::AppState,
+    auth::{CredentialOptions, TokenError, TokenSource},
     config::{ConfigError, Settings},
     coordination::{CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions},
     defender::{
-        DefenderClient,
+        DefenderClient, DefenderClientOptions,
         budget::{CallBudget, RateBudget},
+        client::RetryPolicy,
     },
-    invocation::AppState,
     restrict::Restrictor,
     routes, server,
+    simulator::{SimConfig, SimHandle, Simulator},
 };
 
 /// Why the service could not start. The host restarts a handler that exits
@@ -38,12 +41,12 @@ pub enum StartupError {
     Serve(io::Error),
 }
 
-/// Where tokens come from: the configured credential, or a fixed token for
-/// the simulator.
+/// Where Defender is: the configured API with the configured credential, or
+/// an embedded simulated tenant (`--simulate`) that takes its fixed token.
 #[derive(Debug, Clone)]
-pub enum Tokens {
-    FromSettings,
-    Fixed(String),
+pub enum Backend {
+    Real,
+    Simulated(SimConfig),
 }
 
 /// The one pooled HTTP client for Defender and the identity endpoint.
@@ -61,12 +64,40 @@ pub fn http_client(settings: &Settings) -> Result<reqwest::Client, reqwest::Erro
         .build()
 }
 
-/// Everything an invocation needs.
-pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, StartupError> {
-    let http = http_client(settings)?;
-    let tokens = match tokens {
-        Tokens::FromSettings => TokenSource::from_settings(settings, http.clone())?,
-        Tokens::Fixed(token) => TokenSource::fixed(&token, settings.token_timeout),
+impl From<&Settings> for CredentialOptions {
+    fn from(settings: &Settings) -> Self {
+        Self {
+            credential: settings.credential.clone(),
+            authority_host: settings.authority_host.clone(),
+            scope: settings.token_scope.clone(),
+            timeout: settings.token_timeout,
+        }
+    }
+}
+
+/// The composition root: everything an invocation needs, against real
+/// Defender or a simulated tenant started here. The simulator, when there is
+/// one, runs as long as the returned handle is kept.
+pub async fn prepare(
+    mut settings: Settings,
+    backend: Backend,
+) -> Result<(AppState, Option<SimHandle>), StartupError> {
+    let http = http_client(&settings)?;
+    let (tokens, sim) = match backend {
+        Backend::Real => (
+            TokenSource::new(CredentialOptions::from(&settings), http.clone())?,
+            None,
+        ),
+        Backend::Simulated(config) => {
+            let tokens = TokenSource::fixed(&config.token, settings.token_timeout);
+            let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+                .await
+                .map_err(StartupError::Simulator)?;
+            settings.api_url = url::Url::parse(&sim.url()).map_err(|e| {
+                StartupError::Simulator(io::Error::other(format!("simulator URL: {e}")))
+            })?;
+            (tokens, Some(sim))
+        }
     };
     tracing::info!(
         credential = tokens.description(),
@@ -79,7 +110,7 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
     // every call draws from the budget all instances share.
     let coordinator = match &settings.coordination {
         CoordinationSettings::Local => None,
-        CoordinationSettings::Storage(storage) => Some(std::sync::Arc::new(Coordinator::new(
+        CoordinationSettings::Storage(storage) => Some(Arc::new(Coordinator::new(
             storage,
             CoordinatorOptions {
                 per_minute: settings.rate_limit_per_minute,
@@ -89,22 +120,25 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
             },
         )?)),
     };
-    let budget: std::sync::Arc<dyn CallBudget> = match &coordinator {
+    let budget: Arc<dyn CallBudget> = match &coordinator {
         Some(coordinator) => coordinator.clone(),
-        None => std::sync::Arc::new(
+        None => Arc::new(
             RateBudget::new(settings.rate_limit_per_minute, settings.rate_limit_per_hour)
                 .with_clock_speed(settings.rate_clock_speed),
         ),
     };
     let client = DefenderClient::new(
         settings.api_url.clone(),
-        http,
         tokens,
-        settings.defender_timeout,
-        budget,
-    )
-    .with_page_top(settings.page_size);
-    Ok(AppState::new(
+        Some(DefenderClientOptions {
+            http,
+            timeout: settings.defender_timeout,
+            budget,
+            retry: RetryPolicy::default(),
+            page_top: settings.page_size,
+        }),
+    );
+    let state = AppState::new(
         Restrictor::new(
             client,
             settings.comment_include_caller,
@@ -114,7 +148,8 @@ pub fn app_state(settings: &Settings, tokens: Tokens) -> Result<AppState, Startu
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
     )
-    .with_stale_pending(settings.stale_pending))
+    .with_stale_pending(settings.stale_pending);
+    Ok((state, sim))
 }
 
 /// Bind the loopback address the host connects to (IPv4: the host always

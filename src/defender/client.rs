@@ -14,7 +14,7 @@
 //! - a POST is never resent after such an ambiguous failure: it may have been
 //!   executed. The caller decides, after re-reading the machine's actions.
 
-use std::time::Duration;
+use std::{sync::Arc, time::Duration};
 
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::{Method, StatusCode, header};
@@ -25,7 +25,7 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{
-    budget::{BudgetError, CallBudget, Endpoint},
+    budget::{BudgetError, CallBudget, Endpoint, RateBudget},
     error::{DefenderError, Operation},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -90,6 +90,38 @@ impl RetryPolicy {
     }
 }
 
+/// How a [`DefenderClient`] calls Defender, as the Azure SDK's clients take
+/// their options: every field has a default.
+#[derive(Debug, Clone)]
+pub struct DefenderClientOptions {
+    /// The pooled HTTP client; its own timeouts are a ceiling over `timeout`.
+    pub http: reqwest::Client,
+    /// Timeout of one call to Defender (`DEFENDER_TIMEOUT_SECONDS`).
+    pub timeout: Duration,
+    /// Backoff between resends of a GET.
+    pub retry: RetryPolicy,
+    /// The rate budget every call draws from: this process's, or the one all
+    /// instances share (`COORDINATION=storage`).
+    pub budget: Arc<dyn CallBudget>,
+    /// `$top` for lists of machine actions, 1 to [`PAGE_TOP`]; tests lower it
+    /// to exercise paging (`DEFENDER_PAGE_SIZE`).
+    pub page_top: usize,
+}
+
+impl Default for DefenderClientOptions {
+    /// Defender's own limits (100 calls a minute and 1500 an hour per
+    /// endpoint), 30 s a call, Defender's largest page.
+    fn default() -> Self {
+        Self {
+            http: reqwest::Client::new(),
+            timeout: Duration::from_secs(30),
+            retry: RetryPolicy::default(),
+            budget: Arc::new(RateBudget::new(100, 1500)),
+            page_top: PAGE_TOP,
+        }
+    }
+}
+
 /// The Defender API client.
 #[derive(Debug, Clone)]
 pub struct DefenderClient {
@@ -97,7 +129,7 @@ pub struct DefenderClient {
     base: Url,
     tokens: TokenSource,
     timeout: Duration,
-    budget: std::sync::Arc<dyn CallBudget>,
+    budget: Arc<dyn CallBudget>,
     retry: RetryPolicy,
     /// `$top` for lists of machine actions ([`PAGE_TOP`] unless a test lowers it).
     page_top: usize,
@@ -203,14 +235,16 @@ struct Call<'a> {
 }
 
 impl DefenderClient {
-    /// `base` is the API root, such as `https://api.security.microsoft.com`.
-    pub fn new(
-        base: Url,
-        http: reqwest::Client,
-        tokens: TokenSource,
-        timeout: Duration,
-        budget: std::sync::Arc<dyn CallBudget>,
-    ) -> Self {
+    /// `base` is the API root, such as `https://api.security.microsoft.com`;
+    /// `tokens` the credential's bearer tokens; `None` options are the defaults.
+    pub fn new(base: Url, tokens: TokenSource, options: Option<DefenderClientOptions>) -> Self {
+        let DefenderClientOptions {
+            http,
+            timeout,
+            retry,
+            budget,
+            page_top,
+        } = options.unwrap_or_default();
         let mut base = base;
         // Url::join replaces the last segment unless the path ends with '/'.
         if !base.path().ends_with('/') {
@@ -223,22 +257,14 @@ impl DefenderClient {
             tokens,
             timeout,
             budget,
-            retry: RetryPolicy::default(),
-            page_top: PAGE_TOP,
+            retry,
+            page_top: page_top.clamp(1, PAGE_TOP),
         }
     }
 
     /// Calls to `endpoint` the rate budget allows at once, now.
     pub fn free_slots(&self, endpoint: Endpoint) -> usize {
         self.budget.free_now(endpoint)
-    }
-
-    /// Lists machine actions `top` rows a page (1 to [`PAGE_TOP`]); tests lower
-    /// it to exercise paging (setting `DEFENDER_PAGE_SIZE`).
-    #[must_use]
-    pub fn with_page_top(mut self, top: usize) -> Self {
-        self.page_top = top.clamp(1, PAGE_TOP);
-        self
     }
 
     /// `GET /api/machines?$filter=aadDeviceId eq <guid>&$top=10000`, every page.

@@ -5,5 +5,5 @@ pub mod client;
 pub mod error;
 pub mod models;
 
-pub use client::{ActionRecord, DefenderClient};
+pub use client::{ActionRecord, DefenderClient, DefenderClientOptions};
 pub use error::{DefenderError, Operation};

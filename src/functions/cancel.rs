@@ -11,11 +11,11 @@ use http::StatusCode;
 use tokio::time::Instant;
 
 use crate::{
+    app_state::AppState,
     defender::{ActionRecord, DefenderError, models::ActionStatus},
     error::ApiError,
-    functions::{action_id, status::StatusBody},
-    invocation::{AppState, Invocation},
-    principal::Principal,
+    functions::{Record, action_id, status::StatusBody},
+    invocation::Invocation,
     reply::Reply,
     restrict::comment_for_defender,
     runbook::{CallerName, Comment, parse_cancel_comment},
@@ -23,42 +23,34 @@ use crate::{
 
 const DEFAULT_COMMENT: &str = "Cancelled through restrict-code-execution.";
 
-pub async fn run(state: &AppState, invocation: &Invocation, principal: Option<Principal>) -> Reply {
-    let format = invocation.format();
-    match cancel(state, invocation, principal).await {
-        Ok(cancelled) => {
-            let body = StatusBody::new(&cancelled, &invocation.id);
-            tracing::info!(action_id = %body.action_id, action_status = %body.status, terminal = body.terminal, "action cancelled");
-            // Defender may take a while to apply a cancel: the answer carries
-            // the status it reports, and says "requested" until it is final.
-            let headline = if body.terminal {
-                "Cancelled."
-            } else {
-                "Cancellation requested."
-            };
-            Reply::new(
-                StatusCode::OK,
-                format,
-                &body,
-                || format!("{headline} {}\n", body.message),
-                format!("{headline} {}", body.message),
-            )
-        }
-        Err(error) => {
-            tracing::warn!(status = error.status().as_u16(), outcome = error.code(), error = %error, "cancel failed");
-            Reply::error(&error, &invocation.id, format)
-        }
-    }
-}
-
-async fn cancel(
+pub async fn run(
     state: &AppState,
     invocation: &Invocation,
-    principal: Option<Principal>,
-) -> Result<ActionRecord, ApiError> {
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
+    let cancelled = cancel(state, invocation).await?;
+    let body = StatusBody::new(&cancelled, &invocation.id);
+    // Defender may take a while to apply a cancel: the answer carries
+    // the status it reports, and says "requested" until it is final.
+    let (headline, outcome) = if body.terminal {
+        ("Cancelled.", "cancelled")
+    } else {
+        ("Cancellation requested.", "cancel_requested")
+    };
+    body.note(record, outcome);
+    Ok(Reply::new(
+        StatusCode::OK,
+        invocation.format(),
+        &body,
+        || format!("{headline} {}\n", body.message),
+        format!("{headline} {}", body.message),
+    ))
+}
+
+async fn cancel(state: &AppState, invocation: &Invocation) -> Result<ActionRecord, ApiError> {
     let id = action_id(invocation.params.get("actionId"))?;
     let comment = parse_cancel_comment(&invocation.body)?;
-    let caller = principal.and_then(|p| p.name).and_then(|n| {
+    let caller = invocation.principal().and_then(|p| p.name).and_then(|n| {
         CallerName::parse(Some(&serde_json::Value::String(n)))
             .ok()
             .flatten()

@@ -9,10 +9,12 @@
 use http::StatusCode;
 use tokio::time::Instant;
 
+use super::Record;
 use crate::{
+    app_state::AppState,
     error::ApiError,
     fleet::{Answer, Fleet, StateFilter, page, rfc3339, text},
-    invocation::{AppState, Invocation},
+    invocation::Invocation,
     reply::{self, Format, Reply},
 };
 
@@ -23,34 +25,45 @@ enum Shape {
     Other(Format),
 }
 
-pub async fn run(state: &AppState, invocation: &Invocation) -> Reply {
-    let accept = invocation
-        .headers
-        .get("accept")
-        .map(|values| values.join(", "));
-    let shape = if reply::prefers_html(accept.as_deref()) {
+pub async fn run(
+    state: &AppState,
+    invocation: &Invocation,
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
+    let shape = if prefers_html(invocation) {
         Shape::Html
     } else {
         Shape::Other(invocation.format())
     };
-    match list(state, invocation, shape).await {
-        Ok(reply) => reply,
-        Err(error) => {
-            tracing::warn!(status = error.status().as_u16(), outcome = error.code(), error = %error, "fleet view failed");
-            // A browser shows text/plain as it is; JSON would be one long line.
-            let format = match shape {
-                Shape::Html => Format::Text,
-                Shape::Other(format) => format,
-            };
-            Reply::error(&error, &invocation.id, format)
-        }
+    list(state, invocation, shape, record).await
+}
+
+/// How an error is answered: a browser shows text/plain as it is, where JSON
+/// would be one long line.
+pub fn error_format(invocation: &Invocation) -> Format {
+    if prefers_html(invocation) {
+        Format::Text
+    } else {
+        invocation.format()
     }
 }
 
-async fn list(state: &AppState, invocation: &Invocation, shape: Shape) -> Result<Reply, ApiError> {
+fn prefers_html(invocation: &Invocation) -> bool {
+    let accept = invocation
+        .headers
+        .get("accept")
+        .map(|values| values.join(", "));
+    reply::prefers_html(accept.as_deref())
+}
+
+async fn list(
+    state: &AppState,
+    invocation: &Invocation,
+    shape: Shape,
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
     let filter = StateFilter::from_query(&invocation.query)?;
-    let started = Instant::now();
-    let deadline = started + state.request_timeout();
+    let deadline = Instant::now() + state.request_timeout();
     let listing = state
         .restrictor()
         .client()
@@ -65,14 +78,10 @@ async fn list(state: &AppState, invocation: &Invocation, shape: Shape) -> Result
         filter.as_str(),
         listing.calls
     );
-    tracing::info!(
-        state = filter.as_str(),
-        devices = devices.len(),
-        actions = read_actions,
-        defender_calls = listing.calls,
-        elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
-        "fleet view read"
-    );
+    record.outcome = Some("listed");
+    record.devices = Some(devices.len());
+    record.actions = Some(read_actions);
+    record.defender_calls = Some(listing.calls);
     Ok(match shape {
         Shape::Html => {
             let code = invocation

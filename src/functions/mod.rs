@@ -1,12 +1,142 @@
-//! The functions, one module each: what an invocation of each one does.
+//! The functions this handler serves, one module each, and the one way an
+//! invocation runs: [`invoke`] checks the caller, dispatches to the function,
+//! and turns its result into the answer and the one log line ([`answer`]).
+//!
+//! Each [`Function`] knows its name (its folder and payload-mode path), its
+//! method and its forwarded route; the router and the `Allow` header derive
+//! from it, and a test checks them against each `function.json`.
 
+pub mod answer;
 pub mod cancel;
 pub mod devices;
 pub mod openapi;
 pub mod restrict;
 pub mod status;
 
-use crate::runbook::RunbookError;
+use http::Method;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::{
+    app_state::AppState, error::ApiError, invocation::Invocation, principal, reply::Reply,
+    runbook::RunbookError,
+};
+
+pub use answer::Record;
+
+/// The functions this handler serves; each has a folder with a `function.json`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Function {
+    /// `restrict-code-execution`: restrict or release devices.
+    Restrict,
+    /// `action-status`: read a machine action.
+    ActionStatus,
+    /// `cancel-action`: cancel a pending machine action.
+    CancelAction,
+    /// `openapi`: the Swagger 2.0 document.
+    OpenApi,
+    /// `list-devices`: the fleet view, every machine's restrict state.
+    ListDevices,
+}
+
+impl Function {
+    pub const ALL: [Self; 5] = [
+        Self::Restrict,
+        Self::ActionStatus,
+        Self::CancelAction,
+        Self::OpenApi,
+        Self::ListDevices,
+    ];
+
+    /// The function's name: its folder and its payload-mode path.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Restrict => "restrict-code-execution",
+            Self::ActionStatus => "action-status",
+            Self::CancelAction => "cancel-action",
+            Self::OpenApi => "openapi",
+            Self::ListDevices => "list-devices",
+        }
+    }
+
+    /// The one method its trigger accepts (`methods` in its `function.json`).
+    pub fn method(self) -> Method {
+        match self {
+            Self::ActionStatus | Self::OpenApi | Self::ListDevices => Method::GET,
+            Self::Restrict | Self::CancelAction => Method::POST,
+        }
+    }
+
+    /// Its forwarded-mode path: `/api/` and the `route` of its `function.json`.
+    pub fn route(self) -> &'static str {
+        match self {
+            Self::Restrict => "/api/restrict-code-execution",
+            Self::ActionStatus => "/api/restrict-code-execution/actions/{actionId}",
+            Self::CancelAction => "/api/restrict-code-execution/actions/{actionId}/cancel",
+            Self::OpenApi => "/api/openapi.json",
+            Self::ListDevices => "/api/restrict-code-execution/devices",
+        }
+    }
+
+    /// Its payload-mode path: `/{name}`.
+    pub fn payload_route(self) -> String {
+        format!("/{}", self.name())
+    }
+
+    /// The function whose payload-mode path this is (lowercase, no trailing slash).
+    pub fn from_payload_path(path: &str) -> Option<Self> {
+        let name = path.strip_prefix('/')?;
+        Self::ALL.into_iter().find(|f| f.name() == name)
+    }
+}
+
+/// Run one invocation of `function`: the answer, and its one log line.
+pub async fn invoke(state: &AppState, function: Function, invocation: Invocation) -> Reply {
+    let started = Instant::now();
+    let span = answer::span(&invocation.id, Some(function));
+    async {
+        let mut record = Record::default();
+        let result = run(state, function, &invocation, &mut record).await;
+        let format = match function {
+            Function::ListDevices => devices::error_format(&invocation),
+            _ => invocation.format(),
+        };
+        answer::finish(
+            Some(function),
+            &invocation.id,
+            format,
+            result,
+            &record,
+            started,
+        )
+    }
+    .instrument(span)
+    .await
+}
+
+async fn run(
+    state: &AppState,
+    function: Function,
+    invocation: &Invocation,
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
+    if function == Function::OpenApi {
+        return Ok(openapi::run(invocation, record));
+    }
+    // Restrict and cancel read the principal again, for the caller's name.
+    let principal = invocation.principal();
+    if let Err(error) = principal::authorize(state.allowed_roles(), principal.as_ref()) {
+        record.caller_name = principal.and_then(|p| p.name);
+        return Err(error);
+    }
+    match function {
+        Function::Restrict => restrict::run(state, invocation, record).await,
+        Function::ActionStatus => status::run(state, invocation, record).await,
+        Function::CancelAction => cancel::run(state, invocation, record).await,
+        Function::OpenApi => Ok(openapi::run(invocation, record)),
+        Function::ListDevices => devices::run(state, invocation, record).await,
+    }
+}
 
 /// A Defender machine action id: a GUID. Checked before it goes into a URL.
 pub(crate) fn action_id(raw: Option<&String>) -> Result<String, RunbookError> {
@@ -20,5 +150,41 @@ pub(crate) fn action_id(raw: Option<&String>) -> Result<String, RunbookError> {
                 value.chars().take(64).collect::<String>()
             ),
         }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The route table and the `Allow` header derive from [`Function`]: it
+    /// must say what the host is told in each folder's `function.json`.
+    #[test]
+    fn each_function_matches_its_function_json() {
+        for function in Function::ALL {
+            let path = format!(
+                "{}/{}/function.json",
+                env!("CARGO_MANIFEST_DIR"),
+                function.name()
+            );
+            let text = std::fs::read_to_string(&path).unwrap();
+            let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+            let trigger = &json["bindings"][0];
+            assert_eq!(trigger["type"], "httpTrigger", "{path}");
+            assert_eq!(
+                trigger["methods"],
+                serde_json::json!([function.method().as_str().to_ascii_lowercase()]),
+                "{path}"
+            );
+            assert_eq!(
+                format!("/api/{}", trigger["route"].as_str().unwrap()),
+                function.route(),
+                "{path}"
+            );
+            assert_eq!(
+                Function::from_payload_path(&function.payload_route()),
+                Some(function)
+            );
+        }
     }
 }

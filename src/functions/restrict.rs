@@ -10,10 +10,11 @@ use serde::Serialize;
 use serde_json::Value;
 use tokio::time::Instant;
 
+use super::{Record, status::status_url};
 use crate::{
+    app_state::AppState,
     error::{ApiError, Problem},
-    invocation::{AppState, Invocation},
-    principal::Principal,
+    invocation::Invocation,
     reply::Reply,
     restrict::{Outcome, Success},
     runbook::{CallerName, DeviceRef, RunbookRequest, Target},
@@ -28,31 +29,26 @@ pub const POLL_AFTER_SECONDS: u64 = 10;
 /// Time kept back from the invocation's budget to answer after `wait`.
 const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
-pub async fn run(state: &AppState, invocation: &Invocation, principal: Option<Principal>) -> Reply {
-    let started = Instant::now();
-    let format = invocation.format();
-    let mut request = match RunbookRequest::parse(&invocation.body) {
-        Ok(request) => request,
-        Err(e) => {
-            let error = ApiError::from(e);
-            log_result(None, None, &Err(&error), started, error.status());
-            return Reply::error(&error, &invocation.id, format);
-        }
-    };
+pub async fn run(
+    state: &AppState,
+    invocation: &Invocation,
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
+    let deadline = Instant::now() + state.request_timeout();
+    let mut request = RunbookRequest::parse(&invocation.body)?;
     // An authenticated caller who did not name themselves is still recorded.
     if request.caller.is_none() {
-        let name = principal.and_then(|p| p.name);
+        let name = invocation.principal().and_then(|p| p.name);
         request.caller =
             name.and_then(|n| CallerName::parse(Some(&Value::String(n))).ok().flatten());
     }
+    record.release = Some(request.release);
+    record.caller_name = request.caller.as_ref().map(|c| c.as_str().to_owned());
 
-    let deadline = started + state.request_timeout();
     match request.target.clone() {
-        Target::One(device) => {
-            single(state, invocation, &request, &device, deadline, started).await
-        }
+        Target::One(device) => single(state, invocation, &request, &device, deadline, record).await,
         Target::Many(devices) => {
-            bulk(state, invocation, &request, &devices, deadline, started).await
+            Ok(bulk(state, invocation, &request, &devices, deadline, record).await)
         }
     }
 }
@@ -63,36 +59,22 @@ async fn single(
     request: &RunbookRequest,
     device: &DeviceRef,
     deadline: Instant,
-    started: Instant,
-) -> Reply {
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
     let format = invocation.format();
-    let mut result = act(state, request, device, deadline).await;
-    if let Ok(success) = &mut result {
-        wait_for(state, request, success, deadline).await;
-    }
-    let status = match &result {
-        Ok(success) => success_status(success.outcome),
-        Err(error) => error.status(),
-    };
-    log_result(
-        Some(request),
-        Some(device),
-        &result.as_ref(),
-        started,
-        status,
-    );
-    let success = match result {
-        Ok(success) => success,
-        Err(error) => {
-            let mut reply = Reply::error(&error, &invocation.id, format);
-            reply.summary = format!("{}: {}", headline(request, device), reply.summary);
-            return reply;
-        }
-    };
+    record.device_id = Some(device.to_string());
+    record.headline = Some(headline(request, device));
+    let mut success = act(state, request, device, deadline).await?;
+    wait_for(state, request, &mut success, deadline).await;
+    record.machine_id = Some(success.machine.id.clone());
+    record.outcome = Some(success.outcome.as_str());
+    record.action_id = Some(success.action_id.clone());
+    record.action_status = Some(success.action_status.clone());
+    let status = success_status(success.outcome);
 
     // Logic Apps' asynchronous pattern: 202 plus where to poll.
     let poll_at = if invocation.prefers_async() && !success.terminal() {
-        invocation.status_url(&success.action_id)
+        status_url(invocation, &success.action_id)
     } else {
         None
     };
@@ -117,7 +99,7 @@ async fn single(
             .with_header("Retry-After", POLL_AFTER_SECONDS.to_string())
             .with_header("Preference-Applied", "respond-async".to_owned());
     }
-    reply
+    Ok(reply)
 }
 
 /// Act on one device, then wait for the action when asked to.
@@ -222,7 +204,7 @@ async fn bulk(
     request: &RunbookRequest,
     devices: &[DeviceRef],
     deadline: Instant,
-    started: Instant,
+    record: &mut Record,
 ) -> Reply {
     let format = invocation.format();
     // Act on every device first (eight at a time), then wait for all of
@@ -253,17 +235,7 @@ async fn bulk(
     let mut results: Vec<(usize, DeviceResult)> = acted
         .into_iter()
         .map(|(index, device, device_started, result)| {
-            let status = match &result {
-                Ok(s) => success_status(s.outcome),
-                Err(e) => e.status(),
-            };
-            log_result(
-                Some(request),
-                Some(&device),
-                &result.as_ref(),
-                device_started,
-                status,
-            );
+            log_device(&device, &result, device_started);
             let item = match result {
                 Ok(success) => DeviceResult::Ok(Box::new(SuccessBody::new(
                     state,
@@ -303,13 +275,9 @@ async fn bulk(
         results.len(),
         results.len() - failed
     );
-    tracing::info!(
-        devices = results.len(),
-        failed,
-        status = status.as_u16(),
-        duration_ms = millis(started),
-        "bulk invocation finished"
-    );
+    record.outcome = Some(if failed == 0 { "done" } else { "partly_failed" });
+    record.devices = Some(results.len());
+    record.failed = Some(failed);
     let body = BulkBody {
         release: request.release,
         succeeded: results.len() - failed,
@@ -566,44 +534,28 @@ fn render_bulk_text(request: &RunbookRequest, results: &[DeviceResult], summary:
     out
 }
 
-/// The one structured line per device and invocation. Never a token: nothing
-/// here can hold one.
-fn log_result(
-    request: Option<&RunbookRequest>,
-    device: Option<&DeviceRef>,
-    result: &Result<&Success, &ApiError>,
-    started: Instant,
-    status: StatusCode,
-) {
-    let duration_ms = millis(started);
-    let device_id = device.map(ToString::to_string);
-    let release = request.map(|r| r.release);
-    let caller_name = request.and_then(|r| r.caller.as_ref()).map(|c| c.as_str());
+/// A bulk invocation's line per device; the invocation's own line (see
+/// [`super::answer`]) has the totals and the caller.
+fn log_device(device: &DeviceRef, result: &Result<Success, ApiError>, started: Instant) {
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match result {
         Ok(success) => tracing::info!(
-            device_id,
+            device_id = %device,
             machine_id = %success.machine.id,
-            release,
             outcome = success.outcome.as_str(),
             action_id = %success.action_id,
             action_status = %success.action_status,
-            caller_name,
-            status = status.as_u16(),
+            status = success_status(success.outcome).as_u16(),
             duration_ms,
-            "invocation succeeded"
+            "device done"
         ),
-        Err(error) => {
-            let code = error.code();
-            let detail = error.to_string();
-            if status.is_server_error() {
-                tracing::error!(device_id, release, outcome = code, caller_name, status = status.as_u16(), duration_ms, error = %detail, "invocation failed");
-            } else {
-                tracing::warn!(device_id, release, outcome = code, caller_name, status = status.as_u16(), duration_ms, error = %detail, "invocation rejected");
-            }
-        }
+        Err(error) => tracing::warn!(
+            device_id = %device,
+            outcome = error.code(),
+            status = error.status().as_u16(),
+            duration_ms,
+            error = %error,
+            "device not done"
+        ),
     }
-}
-
-fn millis(started: Instant) -> u64 {
-    u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX)
 }

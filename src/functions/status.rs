@@ -11,44 +11,50 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
+    app_state::AppState,
     defender::{ActionRecord, models::ActionStatus},
     error::ApiError,
-    functions::{action_id, restrict::POLL_AFTER_SECONDS},
-    invocation::{AppState, Invocation},
+    functions::{Function, Record, action_id, restrict::POLL_AFTER_SECONDS},
+    invocation::Invocation,
     reply::Reply,
 };
 
-pub async fn run(state: &AppState, invocation: &Invocation) -> Reply {
-    let format = invocation.format();
-    match read(state, invocation).await {
-        Ok((id, found)) => {
-            let body = StatusBody::new(&found, &invocation.id);
-            let terminal = body.terminal;
-            let mut reply = Reply::new(
-                if terminal {
-                    StatusCode::OK
-                } else {
-                    StatusCode::ACCEPTED
-                },
-                format,
-                &body,
-                || format!("{}\n", body.message),
-                body.message.clone(),
-            );
-            if !terminal {
-                if let Some(location) = invocation.status_url(&id) {
-                    reply = reply.with_header("Location", location);
-                }
-                reply = reply.with_header("Retry-After", POLL_AFTER_SECONDS.to_string());
-            }
-            tracing::info!(action_id = %id, action_status = %found.action.status, terminal, "action status read");
-            reply
+pub async fn run(
+    state: &AppState,
+    invocation: &Invocation,
+    record: &mut Record,
+) -> Result<Reply, ApiError> {
+    let (id, found) = read(state, invocation).await?;
+    let body = StatusBody::new(&found, &invocation.id);
+    body.note(record, "read");
+    let terminal = body.terminal;
+    let mut reply = Reply::new(
+        if terminal {
+            StatusCode::OK
+        } else {
+            StatusCode::ACCEPTED
+        },
+        invocation.format(),
+        &body,
+        || format!("{}\n", body.message),
+        body.message.clone(),
+    );
+    if !terminal {
+        if let Some(location) = status_url(invocation, &id) {
+            reply = reply.with_header("Location", location);
         }
-        Err(error) => {
-            tracing::warn!(status = error.status().as_u16(), outcome = error.code(), error = %error, "action status failed");
-            Reply::error(&error, &invocation.id, format)
-        }
+        reply = reply.with_header("Retry-After", POLL_AFTER_SECONDS.to_string());
     }
+    Ok(reply)
+}
+
+/// The absolute URL of this function for `action_id`, where a Logic App polls.
+pub(crate) fn status_url(invocation: &Invocation, action_id: &str) -> Option<String> {
+    invocation.url_for(
+        &Function::ActionStatus
+            .route()
+            .replace("{actionId}", action_id),
+    )
 }
 
 async fn read(
@@ -94,6 +100,14 @@ pub struct StatusBody {
 }
 
 impl StatusBody {
+    /// Notes the action in the invocation's log line.
+    pub(crate) fn note(&self, record: &mut Record, outcome: &'static str) {
+        record.outcome = Some(outcome);
+        record.action_id = Some(self.action_id.clone());
+        record.action_status = Some(self.status.clone());
+        record.machine_id.clone_from(&self.machine_id);
+    }
+
     pub fn new(found: &ActionRecord, invocation_id: &str) -> Self {
         let a = &found.action;
         let terminal = ActionStatus::parse(&a.status).is_some_and(ActionStatus::is_terminal);

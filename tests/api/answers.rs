@@ -218,6 +218,67 @@ async fn every_request_gets_its_per_invocation_log_line() {
 }
 
 #[tokio::test]
+async fn every_function_writes_one_invocation_line_with_its_function_status_and_ids() {
+    let app = spawn_app().await;
+    let restrict = CallerRequest::json(json!({"deviceId": ALPHA_AAD}).to_string());
+    let created = app
+        .host
+        .forwarded(&restrict.clone().invocation_id("one-restrict"))
+        .await;
+    let action = created.json()["action"]["id"].as_str().unwrap().to_owned();
+    for (route, id) in [
+        (Route::status(&action), "one-status"),
+        (Route::cancel(&action), "one-cancel"),
+        (Route::devices(), "one-devices"),
+    ] {
+        app.host
+            .forwarded_to(&route, &CallerRequest::empty().invocation_id(id))
+            .await;
+    }
+    // One device Defender knows, one it does not.
+    let unknown = "0b5e2c1d-7a3f-4e8b-9c6d-1f2e3d4c5b6a";
+    let bulk = json!({"deviceIds": [crate::restrict::CHARLIE_AAD, unknown]}).to_string();
+    app.host
+        .forwarded(&CallerRequest::json(bulk).invocation_id("one-bulk"))
+        .await;
+
+    for (id, function, status) in [
+        ("one-restrict", "restrict-code-execution", 201),
+        ("one-status", "action-status", 202),
+        ("one-cancel", "cancel-action", 200),
+        ("one-devices", "list-devices", 200),
+        ("one-bulk", "restrict-code-execution", 207),
+    ] {
+        let lines: Vec<Value> = lines_of(&app, id)
+            .await
+            .into_iter()
+            .filter(|l| l["message"].as_str().unwrap().starts_with("invocation "))
+            .collect();
+        assert_eq!(lines.len(), 1, "{id}: {lines:?}");
+        let line = &lines[0];
+        assert_eq!(line["function"], function, "{id}: {line}");
+        assert_eq!(line["status"], status, "{id}: {line}");
+        assert!(line["duration_ms"].is_u64(), "{id}: {line}");
+        assert!(line["outcome"].is_string(), "{id}: {line}");
+    }
+    let restricted = &lines_of(&app, "one-restrict").await;
+    let line = restricted
+        .iter()
+        .find(|l| l["message"] == "invocation succeeded")
+        .unwrap();
+    assert_eq!(line["device_id"], ALPHA_AAD);
+    assert_eq!(line["action_id"], action.as_str());
+    assert_eq!(line["outcome"], "requested");
+    let bulk = &lines_of(&app, "one-bulk").await;
+    let line = bulk
+        .iter()
+        .find(|l| l["message"].as_str().unwrap().starts_with("invocation "))
+        .unwrap();
+    assert_eq!(line["devices"], 2, "{line}");
+    assert_eq!(line["failed"], 1, "{line}");
+}
+
+#[tokio::test]
 async fn a_bulk_wait_cut_short_by_the_time_budget_says_so() {
     let mut options = crate::helpers::AppOptions {
         env: vec![("REQUEST_TIMEOUT_SECONDS", "4".into())],

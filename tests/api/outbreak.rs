@@ -8,7 +8,7 @@ use futures_util::future::join_all;
 use restrict_code_execution::{
     auth::TokenSource,
     defender::{
-        DefenderClient,
+        DefenderClient, DefenderClientOptions,
         budget::RateBudget,
         models::{ActionType, Machine},
     },
@@ -49,10 +49,12 @@ fn client_for(sim: &SimHandle) -> DefenderClient {
 fn client_with_budget(sim: &SimHandle, per_minute: u32) -> DefenderClient {
     DefenderClient::new(
         Url::parse(&sim.url()).unwrap(),
-        reqwest::Client::new(),
         TokenSource::fixed(TOKEN, Duration::from_secs(5)),
-        Duration::from_secs(10),
-        Arc::new(RateBudget::new(per_minute, 1500)),
+        Some(DefenderClientOptions {
+            timeout: Duration::from_secs(10),
+            budget: Arc::new(RateBudget::new(per_minute, 1500)),
+            ..DefenderClientOptions::default()
+        }),
     )
 }
 

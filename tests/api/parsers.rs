@@ -176,7 +176,7 @@ proptest! {
                 json!({"Data": {"req": req}, "Metadata": {}})
             }
         };
-        if let Err(e) = envelope::parse(envelope.to_string().as_bytes()) {
+        if let Err(e) = envelope::parse(envelope.to_string().as_bytes(), String::new()) {
             prop_assert!(e.status().is_client_error());
             prop_assert_eq!(e.code(), "invalid_envelope");
         }

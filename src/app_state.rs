@@ -1,0 +1,71 @@
+//! What every invocation of the process shares: the restrictor (with its
+//! Defender client) and the invocation-wide settings. Built once at startup
+//! by [`crate::startup::prepare`].
+
+use std::{sync::Arc, time::Duration};
+
+use crate::restrict::Restrictor;
+
+/// `STALE_PENDING_HOURS`' default: a day.
+const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);
+
+/// Shared by every invocation of the process.
+#[derive(Debug, Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    restrictor: Restrictor,
+    /// Bound on one invocation, below the host's functionTimeout.
+    request_timeout: Duration,
+    /// `ALLOWED_CALLER_ROLES`; empty means no role check.
+    allowed_roles: Vec<String>,
+    /// `STALE_PENDING_HOURS`: when an `already_pending` action may be stuck.
+    stale_pending: Duration,
+}
+
+impl AppState {
+    pub fn new(
+        restrictor: Restrictor,
+        request_timeout: Duration,
+        allowed_roles: Vec<String>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                restrictor,
+                request_timeout,
+                allowed_roles,
+                stale_pending: DEFAULT_STALE_PENDING,
+            }),
+        }
+    }
+
+    /// Sets `STALE_PENDING_HOURS`; called at startup, before the state is shared.
+    pub fn with_stale_pending(mut self, after: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.stale_pending = after;
+        }
+        self
+    }
+
+    /// How long an `already_pending` action may be pending before the answer
+    /// says it may be stuck.
+    pub fn stale_pending(&self) -> Duration {
+        self.inner.stale_pending
+    }
+
+    pub fn restrictor(&self) -> &Restrictor {
+        &self.inner.restrictor
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        self.inner.request_timeout
+    }
+
+    /// `ALLOWED_CALLER_ROLES`; empty means no role check.
+    pub fn allowed_roles(&self) -> &[String] {
+        &self.inner.allowed_roles
+    }
+}

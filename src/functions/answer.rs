@@ -1,0 +1,156 @@
+//! The one place an invocation's result becomes its answer and its log line.
+//!
+//! Functions return `Result<Reply, ApiError>` and note what they learn (the
+//! device, the machine, the action, the caller) in a [`Record`]; [`finish`]
+//! turns an error into its problem answer and writes the one structured line
+//! per invocation: `function`, `status`, `code`, `outcome`, `duration_ms` and
+//! the ids. Requests refused before a function ran (no such route, the wrong
+//! method, an unreadable body or envelope, shutdown) get the same line
+//! through [`refuse`]. Never a token: nothing here can hold one.
+
+use http::StatusCode;
+use tokio::time::Instant;
+use tracing::{Level, Span};
+
+use super::Function;
+use crate::{
+    error::ApiError,
+    reply::{Format, Reply},
+};
+
+/// What the invocation's log line says besides its function and status,
+/// filled in by the function as it learns it.
+#[derive(Debug, Default, Clone)]
+pub struct Record {
+    pub device_id: Option<String>,
+    pub machine_id: Option<String>,
+    pub release: Option<bool>,
+    pub caller_name: Option<String>,
+    /// What happened, on success (`requested`, `already_pending`, `read`, …);
+    /// an error's outcome is its code.
+    pub outcome: Option<&'static str>,
+    pub action_id: Option<String>,
+    pub action_status: Option<String>,
+    /// Devices in a bulk answer or the fleet view.
+    pub devices: Option<usize>,
+    /// Devices of a bulk answer that failed.
+    pub failed: Option<usize>,
+    /// The fleet view: the actions it was built from, and the Defender calls
+    /// that read them.
+    pub actions: Option<usize>,
+    pub defender_calls: Option<usize>,
+    /// A request no function answered: its method and path.
+    pub method: Option<String>,
+    pub path: Option<String>,
+    /// Put before an error answer's summary (payload mode's `Logs`), such as
+    /// which device was being acted on.
+    pub headline: Option<String>,
+}
+
+impl Record {
+    /// A request no function answers (or not yet): its method and path.
+    pub fn unserved(method: &http::Method, path: &str) -> Self {
+        Self {
+            method: Some(method.to_string()),
+            path: Some(path.to_owned()),
+            ..Self::default()
+        }
+    }
+}
+
+/// The span every line of an invocation is logged in.
+pub fn span(invocation_id: &str, function: Option<Function>) -> Span {
+    tracing::info_span!(
+        "invocation",
+        invocation_id = %invocation_id,
+        function = function.map_or("none", Function::name)
+    )
+}
+
+/// The answer to a function's result, after writing its log line.
+pub fn finish(
+    function: Option<Function>,
+    invocation_id: &str,
+    format: Format,
+    result: Result<Reply, ApiError>,
+    record: &Record,
+    started: Instant,
+) -> Reply {
+    let (reply, error) = match result {
+        Ok(reply) => (reply, None),
+        Err(error) => {
+            let mut reply = Reply::error(&error, invocation_id, format);
+            if let Some(headline) = &record.headline {
+                reply.summary = format!("{headline}: {}", reply.summary);
+            }
+            (reply, Some(error))
+        }
+    };
+    write(function, reply.status, error.as_ref(), record, started);
+    reply
+}
+
+/// The answer to a request refused before its function ran (or with no
+/// function at all), in the invocation's span.
+pub fn refuse(
+    function: Option<Function>,
+    invocation_id: &str,
+    format: Format,
+    error: ApiError,
+    record: &Record,
+    started: Instant,
+) -> Reply {
+    span(invocation_id, function)
+        .in_scope(|| finish(function, invocation_id, format, Err(error), record, started))
+}
+
+/// The one structured line per invocation: info when it succeeded, warn when
+/// the caller's request was refused (4xx) or arrived during shutdown (a
+/// routine 503 the platform retries elsewhere), error when it failed (5xx).
+fn write(
+    function: Option<Function>,
+    status: StatusCode,
+    error: Option<&ApiError>,
+    record: &Record,
+    started: Instant,
+) {
+    let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    let function = function.map_or("none", Function::name);
+    let code = error.map(ApiError::code);
+    let outcome = code.or(record.outcome);
+    let detail = error.map(ToString::to_string);
+    macro_rules! line {
+        ($level:expr, $message:literal) => {
+            tracing::event!(
+                $level,
+                function,
+                status = status.as_u16(),
+                code,
+                outcome,
+                duration_ms,
+                device_id = record.device_id,
+                machine_id = record.machine_id,
+                release = record.release,
+                action_id = record.action_id,
+                action_status = record.action_status,
+                caller_name = record.caller_name,
+                devices = record.devices,
+                failed = record.failed,
+                actions = record.actions,
+                defender_calls = record.defender_calls,
+                method = record.method,
+                path = record.path,
+                error = detail,
+                $message
+            )
+        };
+    }
+    let shutting_down = matches!(error, Some(ApiError::ShuttingDown));
+    if status.is_server_error() && !shutting_down {
+        line!(Level::ERROR, "invocation failed");
+    } else if status.is_client_error() || shutting_down {
+        line!(Level::WARN, "invocation rejected");
+    } else {
+        line!(Level::INFO, "invocation succeeded");
+    }
+}
