@@ -613,11 +613,26 @@ async fn run_burst(
         .collect();
     let mut answers = Answers::default();
     let mut makespan = Duration::ZERO;
+    let mut slowest = (Duration::ZERO, 0, Vec::new());
+    let mut last_created = Duration::ZERO;
     for task in tasks {
         let (status, body, done) = task.await??;
         makespan = makespan.max(done);
+        if done > slowest.0 {
+            slowest = (done, status, body.clone());
+        }
+        if status == 201 {
+            last_created = last_created.max(done);
+        }
         answers.add(status, &body);
     }
+    eprintln!(
+        "last 201 after {:.2} s; slowest answer after {:.2} s: {} {}",
+        last_created.as_secs_f64(),
+        slowest.0.as_secs_f64(),
+        slowest.1,
+        String::from_utf8_lossy(&slowest.2[..slowest.2.len().min(300)])
+    );
     let actions = Actions::of(sim, &lone).await?;
     if actions.duplicates > 0 {
         return Err(format!(

@@ -330,9 +330,7 @@ async fn a_duplicate_waiting_on_another_instance_is_answered_from_its_handoff_wi
     );
     // Defender takes 2 s over A's state read: A holds the lease meanwhile,
     // and B's duplicate arrives before A's POST is sent.
-    sim.inject(
-        Fault::new("/api/machineactions", FaultKind::Delay { millis: 2000 }).method("GET"),
-    );
+    sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 2000 }).method("GET"));
     let body = json!({"deviceId": devices[0]});
     let first = a.post(body.clone());
     let duplicate = async {
