@@ -174,9 +174,17 @@ impl Coordinator {
         deadline: Instant,
         on_slot: &(dyn Fn(Instant) + Sync),
     ) -> Result<(), CoordinationError> {
-        let slot = self.reserve_slot(bucket(endpoint), deadline).await?;
+        let bucket = bucket(endpoint);
+        let slot = self.reserve_slot(bucket, deadline).await?;
         on_slot(slot.instant);
+        // Dropped before the slot comes (the caller went away): given back.
+        let unused = UnusedSlot {
+            store: &self.store,
+            bucket,
+            slot: Some(slot),
+        };
         tokio::time::sleep_until(slot.instant).await;
+        unused.used();
         Ok(())
     }
 
@@ -237,6 +245,27 @@ impl CallBudget for Coordinator {
     /// cannot tell, so batched reads take the one tenant read.
     fn free_now(&self, _endpoint: Endpoint) -> usize {
         0
+    }
+}
+
+/// A reserved slot not used yet: given back if dropped so.
+struct UnusedSlot<'a> {
+    store: &'a Arc<Store>,
+    bucket: &'static str,
+    slot: Option<Slot>,
+}
+
+impl UnusedSlot<'_> {
+    fn used(mut self) {
+        self.slot = None;
+    }
+}
+
+impl Drop for UnusedSlot<'_> {
+    fn drop(&mut self) {
+        if let Some(slot) = self.slot.take() {
+            shared_budget::give_back_later(self.store, self.bucket, slot);
+        }
     }
 }
 

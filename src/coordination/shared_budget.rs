@@ -183,8 +183,11 @@ async fn serve(store: Arc<Store>, queue: Arc<Mutex<Queue>>, bucket: String, limi
         };
         let answers = reserve_batch(&store, &bucket, limits, &batch).await;
         for (request, answer) in batch.into_iter().zip(answers) {
-            // A caller that stopped waiting leaves its slot unused: harmless.
-            let _ = request.reply.send(answer);
+            // A caller that stopped waiting leaves its slot unused: give it
+            // back for the others.
+            if let Err(Ok(slot)) = request.reply.send(answer) {
+                give_back_later(&store, &bucket, slot);
+            }
         }
     }
 }
@@ -247,6 +250,51 @@ async fn reserve_batch(
         }
         tokio::time::sleep(pause).await;
     }
+}
+
+/// Slots closer than this are not given back: the call would have gone out
+/// before the write that frees it lands.
+const GIVE_BACK_BEYOND: Duration = Duration::from_secs(1);
+
+/// Give back, in the background, a slot whose call will not be sent (its
+/// caller went away), so that the app's budget is not spent on nothing: two
+/// storage operations (a read and a conditional write). Best effort: a slot
+/// not given back only delays later calls.
+pub(crate) fn give_back_later(store: &Arc<Store>, bucket: &str, slot: Slot) {
+    if slot.instant < Instant::now() + GIVE_BACK_BEYOND {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return; // Shutting down: nothing will be sent anyway.
+    };
+    let (store, bucket) = (store.clone(), bucket.to_owned());
+    runtime.spawn(async move {
+        if let Err(error) = give_back(&store, &bucket, slot.at).await {
+            tracing::debug!(bucket, %error, "could not give back an unused budget slot");
+        }
+    });
+}
+
+/// Remove one reservation at `at` from the bucket (read, conditional write;
+/// again after a conflict, a few times).
+async fn give_back(store: &Store, bucket: &str, at: SystemTime) -> Result<(), CoordinationError> {
+    let blob = format!("budget/{bucket}");
+    let at = unix_ms(at);
+    for _ in 0..5 {
+        let (mut reservations, etag) = read(store, &blob).await?;
+        let Some(index) = reservations.slots.iter().position(|&t| t == at) else {
+            return Ok(());
+        };
+        reservations.slots.remove(index);
+        let body = serde_json::to_vec(&reservations).unwrap_or_default();
+        match store.write(&blob, body, etag).await? {
+            Ok(_) => return Ok(()),
+            Err(refusal) if matches!(refusal.status, 409 | 412) => {}
+            Err(refusal) => return Err(refused(&refusal, &blob)),
+        }
+        tokio::time::sleep(Duration::from_millis(5 + fastrand::u64(0..20))).await;
+    }
+    Ok(())
 }
 
 /// The bucket's reservations and ETag; none yet (and no ETag) when absent.

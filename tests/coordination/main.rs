@@ -460,6 +460,41 @@ async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() 
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_away_before_its_slot_comes_gives_it_back_to_every_instance() {
+    let azurite = Azurite::start();
+    let settings = azurite.settings("give-back");
+    let one_a_minute = CoordinatorOptions {
+        per_minute: 1,
+        per_hour: 100,
+        ..Default::default()
+    };
+    let (a, b) = (
+        instance(&settings, one_a_minute.clone()),
+        instance(&settings, one_a_minute),
+    );
+    let far = || Instant::now() + Duration::from_secs(300);
+    let start = Instant::now();
+    a.reserve_slot("restrict", far()).await.unwrap();
+
+    // The next slot is a minute away; its caller gives up after half a second.
+    let waiting = tokio::spawn({
+        let a = a.clone();
+        async move { a.reserve(Endpoint::Restrict, far()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    waiting.abort();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Another instance gets that slot, not the one after it.
+    let slot = b.reserve_slot("restrict", far()).await.unwrap();
+    let after = slot.instant - start;
+    assert!(
+        after > Duration::from_secs(55) && after < Duration::from_secs(90),
+        "the given-back slot, about a minute after the first: {after:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_down_fails_closed_at_once_and_recovers_when_it_is_back() {
     let mut azurite = Azurite::start();
     let settings = azurite.settings("outage");
