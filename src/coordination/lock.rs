@@ -218,20 +218,7 @@ impl MachineLease {
         if self.state.lost.load(Ordering::Relaxed) {
             return Ok(());
         }
-        self.store
-            .release_lease(&self.state.blob, &self.state.lease_id)
-            .await?
-            .or_else(|refusal| {
-                // 409: it expired and someone else has it now; nothing to release.
-                if refusal.status == 409 {
-                    Ok(())
-                } else {
-                    Err(CoordinationError::Unavailable {
-                        retry_after: self.state.duration,
-                        reason: format!("storage answered {} to a release", refusal.status),
-                    })
-                }
-            })
+        release(&self.store, &self.state.blob, &self.state.lease_id).await
     }
 }
 
@@ -246,7 +233,7 @@ impl Drop for MachineLease {
         };
         let (store, state) = (self.store.clone(), self.state.clone());
         runtime.spawn(async move {
-            if let Err(error) = store.release_lease(&state.blob, &state.lease_id).await {
+            if let Err(error) = release(&store, &state.blob, &state.lease_id).await {
                 tracing::warn!(machine_id = %state.machine_id, %error,
                     "could not release the machine lease; it expires by itself");
             }
@@ -526,8 +513,32 @@ fn already_there(refusal: super::store::Refusal) -> Result<(), CoordinationError
 fn abandon(store: &Arc<Store>, blob: &str, lease_id: &str) {
     let (store, blob, lease_id) = (store.clone(), blob.to_owned(), lease_id.to_owned());
     tokio::spawn(async move {
-        let _ = store.release_lease(&blob, &lease_id).await;
+        let _ = release(&store, &blob, &lease_id).await;
     });
+}
+
+/// Release a lease, trying up to three times: a release lost to a storage
+/// hiccup would keep every waiter for the machine waiting until the lease
+/// expires (up to its whole duration). Releasing is idempotent: a lease no
+/// longer ours (409) has nothing left to release.
+async fn release(store: &Store, blob: &str, lease_id: &str) -> Result<(), CoordinationError> {
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        let error = match store.release_lease(blob, lease_id).await {
+            Ok(Ok(())) => return Ok(()),
+            Ok(Err(refusal)) if refusal.status == 409 => return Ok(()),
+            Ok(Err(refusal)) => CoordinationError::Unavailable {
+                retry_after: Duration::from_secs(10),
+                reason: format!("storage answered {} to a release", refusal.status),
+            },
+            Err(error) => error,
+        };
+        if tries >= 3 {
+            return Err(error);
+        }
+        tokio::time::sleep(Duration::from_millis(100 * tries + fastrand::u64(0..100))).await;
+    }
 }
 
 async fn renew(store: Arc<Store>, state: Arc<LeaseState>) {
