@@ -282,6 +282,20 @@ struct Job {
     departure: Departure,
 }
 
+impl Job {
+    /// Claim the job for serving; `false` when its invocation gave up first.
+    fn start(&self) -> bool {
+        self.stage
+            .compare_exchange(
+                QUEUED,
+                STARTED,
+                AtomicOrdering::AcqRel,
+                AtomicOrdering::Acquire,
+            )
+            .is_ok()
+    }
+}
+
 /// Resolves once the invocation has gone away; clones can be waited for
 /// anywhere, and again after it resolved.
 type Departure = futures_util::future::Shared<oneshot::Receiver<()>>;
@@ -521,16 +535,7 @@ impl Shared {
             let mut state = Some(read);
             let writes = Writes::default();
             for job in jobs {
-                if job
-                    .stage
-                    .compare_exchange(
-                        QUEUED,
-                        STARTED,
-                        AtomicOrdering::AcqRel,
-                        AtomicOrdering::Acquire,
-                    )
-                    .is_err()
-                {
+                if !job.start() {
                     continue;
                 }
                 // A job that failed leaves the state unknown: the next one
@@ -953,16 +958,7 @@ fn answer_from_handoff(jobs: &mut Vec<Job>, handoff: &Handoff) -> bool {
         .partition(|job| answers(job));
     *jobs = waiting;
     for job in answered {
-        if job
-            .stage
-            .compare_exchange(
-                QUEUED,
-                STARTED,
-                AtomicOrdering::AcqRel,
-                AtomicOrdering::Acquire,
-            )
-            .is_ok()
-        {
+        if job.start() {
             tracing::info!(action_id = %action.id, "answered with the action another instance just created for the machine");
             let _ = job.reply.send(Ok(Acted {
                 outcome: Outcome::AlreadyPending,

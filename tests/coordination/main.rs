@@ -401,6 +401,36 @@ fn a_holder_that_dies_after_announcing_a_late_time_delays_the_others_only_until_
     });
 }
 
+type Seen = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+
+/// Wait for `machine`'s lease on `instance`, noting every handoff seen, each
+/// answered with `answers`.
+fn wait_recording_handoffs(
+    instance: &Arc<Coordinator>,
+    machine: &'static str,
+    answers: bool,
+) -> (tokio::task::JoinHandle<Locked>, Seen) {
+    let seen = Seen::default();
+    let waiter = tokio::spawn({
+        let (instance, seen) = (instance.clone(), seen.clone());
+        async move {
+            let mut record = |h: &Handoff| {
+                seen.lock().unwrap().push(h.action.clone());
+                answers
+            };
+            instance
+                .lock_machine_unless(
+                    machine,
+                    Instant::now() + Duration::from_secs(20),
+                    &mut record,
+                )
+                .await
+                .unwrap()
+        }
+    });
+    (waiter, seen)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() {
     let azurite = Azurite::start();
@@ -417,19 +447,7 @@ async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() 
     // A's POST was answered: it hands the action off, then releases.
     let held = a.lock_machine("m", soon()).await.unwrap();
     held.hand_off(&action, SystemTime::now()).await;
-    let seen_by_b = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let waiter = tokio::spawn({
-        let (b, seen) = (b.clone(), seen_by_b.clone());
-        async move {
-            let mut record = |h: &Handoff| {
-                seen.lock().unwrap().push(h.action.clone());
-                false
-            };
-            b.lock_machine_unless("m", soon(), &mut record)
-                .await
-                .unwrap()
-        }
-    });
+    let (waiter, seen_by_b) = wait_recording_handoffs(&b, "m", false);
     tokio::time::sleep(Duration::from_millis(800)).await;
     held.release().await.unwrap();
     let Locked::Held(b_lease) = waiter.await.unwrap() else {
@@ -440,19 +458,7 @@ async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() 
     // B may write now: it withdraws A's handoff first. C, waiting, never
     // sees it again.
     b_lease.withdraw_handoff().await.unwrap();
-    let seen_by_c = Arc::new(std::sync::Mutex::new(Vec::new()));
-    let waiter = tokio::spawn({
-        let (c, seen) = (c.clone(), seen_by_c.clone());
-        async move {
-            let mut record = |h: &Handoff| {
-                seen.lock().unwrap().push(h.action.clone());
-                true
-            };
-            c.lock_machine_unless("m", soon(), &mut record)
-                .await
-                .unwrap()
-        }
-    });
+    let (waiter, seen_by_c) = wait_recording_handoffs(&c, "m", true);
     tokio::time::sleep(Duration::from_millis(800)).await;
     b_lease.release().await.unwrap();
     assert!(matches!(waiter.await.unwrap(), Locked::Held(_)));
