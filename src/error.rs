@@ -14,7 +14,7 @@ use thiserror::Error;
 use crate::{
     auth::TokenError,
     coordination::CoordinationError,
-    defender::{DefenderError, Operation},
+    defender::{DefenderError, Endpoint},
     runbook::RunbookError,
 };
 
@@ -418,23 +418,23 @@ impl From<DefenderError> for ApiError {
                 reason,
             },
             DefenderError::Token(t) => Self::AuthenticationFailed(t),
-            DefenderError::OverBudget { operation, wait } => Self::RateLimited {
+            DefenderError::OverBudget { endpoint, wait } => Self::RateLimited {
                 retry_after: wait,
                 detail: format!(
                     "this app's rate budget for Defender (100 calls per minute and 1500 per hour \
                      per endpoint, or DEFENDER_RATE_LIMIT_PER_MINUTE / _PER_HOUR) has no free \
                      slot for {} before this invocation's time runs out, so {} was not \
                      attempted. {} Retry after {} s.",
-                    operation.describe(),
-                    operation.describe(),
-                    consequence_not_sent(operation),
+                    endpoint.describe(),
+                    endpoint.describe(),
+                    consequence_not_sent(endpoint),
                     wait.as_secs().max(1)
                 ),
             },
-            DefenderError::OutOfTime { operation } => Self::Timeout(format!(
+            DefenderError::OutOfTime { endpoint } => Self::Timeout(format!(
                 "the invocation ran out of time (REQUEST_TIMEOUT_SECONDS) before {}. {}",
-                operation.describe(),
-                consequence_not_sent(operation)
+                endpoint.describe(),
+                consequence_not_sent(endpoint)
             )),
             DefenderError::Status {
                 status: 400,
@@ -468,7 +468,7 @@ impl From<DefenderError> for ApiError {
             } => Self::TokenRejected { message },
             DefenderError::Status {
                 status: 429,
-                operation,
+                endpoint,
                 retry_after,
                 ..
             } => {
@@ -479,9 +479,9 @@ impl From<DefenderError> for ApiError {
                         "Defender answered 429 Too Many Requests while {}; its limits are 100 \
                          calls per minute and 1500 per hour per endpoint for this app. Retry \
                          after {} s. {}",
-                        operation.describe(),
+                        endpoint.describe(),
                         retry_after.as_secs(),
-                        if operation.may_have_acted() {
+                        if endpoint.may_have_acted() {
                             "No action was created."
                         } else {
                             "Nothing was changed on the device."
@@ -489,16 +489,16 @@ impl From<DefenderError> for ApiError {
                     ),
                 }
             }
-            ref e @ (DefenderError::Timeout { operation, .. }
-            | DefenderError::Transport { operation, .. }) => {
-                let consequence = consequence(operation);
+            ref e @ (DefenderError::Timeout { endpoint, .. }
+            | DefenderError::Transport { endpoint, .. }) => {
+                let consequence = consequence(endpoint);
                 match e {
                     DefenderError::Timeout { .. } => Self::Timeout(format!("{e}. {consequence}")),
                     _ => Self::Defender(format!("{e}. {consequence}")),
                 }
             }
             ref e @ DefenderError::Status {
-                operation, status, ..
+                endpoint, status, ..
             } => {
                 let target = match e {
                     DefenderError::Status {
@@ -507,23 +507,23 @@ impl From<DefenderError> for ApiError {
                     _ => String::new(),
                 };
                 let consequence = if status >= 500 {
-                    consequence(operation)
+                    consequence(endpoint)
                 } else {
                     "No action was created."
                 };
                 Self::Defender(format!("{e}{target}. {consequence}"))
             }
-            ref e @ (DefenderError::Decode { operation, .. }
-            | DefenderError::Protocol { operation, .. }) => {
-                Self::Defender(format!("{e}. {}", consequence(operation)))
+            ref e @ (DefenderError::Decode { endpoint, .. }
+            | DefenderError::Protocol { endpoint, .. }) => {
+                Self::Defender(format!("{e}. {}", consequence(endpoint)))
             }
         }
     }
 }
 
 /// What a call that was never sent means for the device.
-fn consequence_not_sent(operation: Operation) -> &'static str {
-    if operation.may_have_acted() {
+fn consequence_not_sent(endpoint: Endpoint) -> &'static str {
+    if endpoint.may_have_acted() {
         "No action was created by this call."
     } else {
         "Nothing was changed on the device."
@@ -531,8 +531,8 @@ fn consequence_not_sent(operation: Operation) -> &'static str {
 }
 
 /// What an ambiguous failure means for the device.
-fn consequence(operation: Operation) -> &'static str {
-    if operation.may_have_acted() {
+fn consequence(endpoint: Endpoint) -> &'static str {
+    if endpoint.may_have_acted() {
         "The action may or may not have been created: check the device's action history in \
          Defender before retrying."
     } else {

@@ -51,7 +51,7 @@ use crate::{
     coordination::{CoordinationError, Coordinator, Handoff, Locked, MachineLease},
     decision::{self, Decision, Wanted},
     defender::{
-        DefenderClient, DefenderError, Operation,
+        DefenderClient, DefenderError, Endpoint,
         client::ActionRecord,
         client::{Guard, WriteGuard},
         models::{ActionType, Machine, MachineAction},
@@ -647,7 +647,7 @@ impl Shared {
                             machine_id,
                             wanted.action,
                             &job.comment,
-                            SendGuard::new(lease, writes, Operation::CreateAction),
+                            SendGuard::new(lease, writes, Endpoint::create(wanted.action)),
                             actions,
                             deadline,
                         )
@@ -687,7 +687,7 @@ impl Shared {
                     let mut asked = Vec::new();
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
-                        let guard = SendGuard::new(lease, writes, Operation::CancelAction);
+                        let guard = SendGuard::new(lease, writes, Endpoint::Cancel);
                         if self.cancel(&action, &why, &guard, deadline).await? {
                             asked.push(action.id.to_ascii_lowercase());
                             cancelled.push(action.id);
@@ -1009,15 +1009,15 @@ impl Writes {
 struct SendGuard<'a> {
     lease: Option<&'a MachineLease>,
     writes: &'a Writes,
-    operation: Operation,
+    endpoint: Endpoint,
 }
 
 impl<'a> SendGuard<'a> {
-    fn new(lease: Option<&'a MachineLease>, writes: &'a Writes, operation: Operation) -> Self {
+    fn new(lease: Option<&'a MachineLease>, writes: &'a Writes, endpoint: Endpoint) -> Self {
         Self {
             lease,
             writes,
-            operation,
+            endpoint,
         }
     }
 }
@@ -1052,14 +1052,14 @@ impl WriteGuard for SendGuard<'_> {
                 reason,
             })) => {
                 return Err(DefenderError::CoordinationUnavailable {
-                    operation: self.operation,
+                    endpoint: self.endpoint,
                     retry_after,
                     reason,
                 });
             }
             Some(Err(other)) => {
                 return Err(DefenderError::CoordinationUnavailable {
-                    operation: self.operation,
+                    endpoint: self.endpoint,
                     retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
                     reason: other.to_string(),
                 });

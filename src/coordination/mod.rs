@@ -41,7 +41,10 @@ use self::{
     shared_budget::{Limits, SharedBudget},
     store::Store,
 };
-use crate::defender::budget::{BudgetError, CallBudget, Endpoint, OverBudget};
+use crate::defender::{
+    Endpoint,
+    budget::{BudgetError, CallBudget, OverBudget},
+};
 
 /// Tuning for a [`Coordinator`]; [`Default`] is what production uses.
 #[derive(Debug, Clone)]
@@ -174,7 +177,7 @@ impl Coordinator {
         deadline: Instant,
         on_slot: &(dyn Fn(Instant) + Sync),
     ) -> Result<(), CoordinationError> {
-        let slot = self.reserve_slot(bucket(endpoint), deadline).await?;
+        let slot = self.reserve_slot(endpoint.bucket(), deadline).await?;
         on_slot(slot.instant);
         tokio::time::sleep_until(slot.instant).await;
         Ok(())
@@ -237,18 +240,5 @@ impl CallBudget for Coordinator {
     /// cannot tell, so batched reads take the one tenant read.
     fn free_now(&self, _endpoint: Endpoint) -> usize {
         0
-    }
-}
-
-/// The shared budget's bucket for a Defender API.
-pub fn bucket(endpoint: Endpoint) -> &'static str {
-    match endpoint {
-        Endpoint::ListMachines => "list-machines",
-        Endpoint::GetMachine => "get-machine",
-        Endpoint::ListActions => "list-actions",
-        Endpoint::GetAction => "get-action",
-        Endpoint::Restrict => "restrict",
-        Endpoint::Unrestrict => "unrestrict",
-        Endpoint::Cancel => "cancel",
     }
 }
