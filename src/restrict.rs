@@ -1,6 +1,11 @@
 //! Restrict or release one device: find its machine, read its actions,
 //! decide (see [`crate::decision`]), and only then act.
 //!
+//! [`Restrictor`] owns a machine action's whole life: [`Restrictor::run`]
+//! creates it from an [`Intent`], [`Restrictor::wait`] follows it,
+//! [`Restrictor::status`] reads it and [`Restrictor::cancel`] cancels it. The
+//! functions only parse the request and shape the answer.
+//!
 //! Safety rules, each with a test in `tests/api/safety.rs`:
 //! - read before write, one round at a time per machine
 //!   ([`crate::machine_queue`]), so duplicates coalesce and opposite actions
@@ -52,14 +57,13 @@ use crate::{
     decision::{self, Decision, Wanted},
     defender::{
         DefenderClient, DefenderError, Endpoint,
-        client::ActionRecord,
-        client::{Guard, WriteGuard},
-        models::{ActionType, Machine, MachineAction},
+        client::{ActionListing, ActionRecord, Guard, WriteGuard},
+        models::{ActionStatus, ActionType, Machine, MachineAction},
     },
     error::ApiError,
     machine_directory::{FindError, MachineDirectory, Swept},
     machine_queue::MachineQueues,
-    runbook::{CallerName, Comment, DeviceRef, RunbookRequest},
+    runbook::{CallerName, Comment, DeviceRef},
     state_reads::StateReads,
 };
 
@@ -112,6 +116,20 @@ struct Shared {
     created: Mutex<Swept<String, Instant>>,
     /// Leases across instances (`COORDINATION=storage`).
     coordinator: Option<Arc<Coordinator>>,
+}
+
+/// What a caller wants done to a device, whichever edge it came through.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    /// Restrict, or release (unrestrict).
+    pub action: ActionType,
+    /// Act even when the device is already in the wanted state.
+    pub force: bool,
+    /// Cancel a pending action of the opposite type instead of refusing.
+    pub cancel_pending: bool,
+    pub comment: Comment,
+    /// Who asked, kept in the comment sent to Defender unless turned off.
+    pub caller: Option<CallerName>,
 }
 
 /// What happened, as the caller sees it.
@@ -197,33 +215,7 @@ impl Success {
 
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
     pub fn terminal(&self) -> bool {
-        crate::defender::models::ActionStatus::parse(&self.action_status)
-            .is_some_and(|s| s.is_terminal())
-    }
-
-    /// Poll the action until it is finished or `until` passes; keep the last state.
-    /// Polls every [`POLL_EVERY`]: reads draw from the same hourly budget.
-    pub async fn wait_until_terminal(
-        &mut self,
-        client: &DefenderClient,
-        until: Instant,
-    ) -> Result<(), ApiError> {
-        // The last poll is at `until`, so a wait shorter than the interval
-        // still reads the action once more before answering.
-        while !self.terminal() && Instant::now() < until {
-            let next = (Instant::now() + POLL_EVERY).min(until);
-            tokio::time::sleep_until(next).await;
-            // Give the read a second past `until` to come back.
-            let read_by = until + Duration::from_secs(1);
-            match client.action(&self.action_id, read_by).await? {
-                Some(latest) => {
-                    self.action_status = latest.action.status.clone();
-                    self.action = latest.raw;
-                }
-                None => break,
-            }
-        }
-        Ok(())
+        ActionStatus::parse(&self.action_status).is_some_and(|s| s.is_terminal())
     }
 }
 
@@ -322,34 +314,20 @@ impl Restrictor {
         }
     }
 
-    /// The Defender client, for the status and cancel functions.
-    pub fn client(&self) -> &DefenderClient {
-        &self.inner.client
-    }
-
-    /// Whether the caller's name is appended to comments sent to Defender.
-    pub fn include_caller(&self) -> bool {
-        self.inner.include_caller
-    }
-
-    /// Restrict or release `device` as `request` asks.
+    /// Restrict or release `device` as `intent` asks.
     pub async fn run(
         &self,
         device: &DeviceRef,
-        request: &RunbookRequest,
+        intent: &Intent,
         deadline: Instant,
     ) -> Result<Success, ApiError> {
         let arrived = Instant::now();
         let wanted = Wanted {
-            action: action_type(request.release),
-            force: request.force,
-            cancel_pending: request.cancel_pending,
+            action: intent.action,
+            force: intent.force,
+            cancel_pending: intent.cancel_pending,
         };
-        let comment = comment_for_defender(
-            &request.comment,
-            request.caller.as_ref(),
-            self.inner.include_caller,
-        );
+        let comment = self.comment(&intent.comment, intent.caller.as_ref());
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
         let mut looked_up_again = false;
@@ -460,6 +438,138 @@ impl Restrictor {
             ))
             .into()),
         }
+    }
+}
+
+impl Restrictor {
+    /// The machine action `action_id` as Defender has it now.
+    pub async fn status(
+        &self,
+        action_id: &str,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ApiError> {
+        let found = self.inner.read_action(action_id, deadline).await?;
+        // Answering with another action than the one asked for would tell
+        // the caller the wrong device's state.
+        if !found.action.id.eq_ignore_ascii_case(action_id) {
+            return Err(ApiError::Defender(format!(
+                "Defender answered the read of action {action_id} with action {}; the answer was \
+                 not used. Retry later.",
+                found.action.id.chars().take(64).collect::<String>()
+            )));
+        }
+        Ok(found)
+    }
+
+    /// Poll `success`'s action until it is finished or `until` passes; keep
+    /// the last state. Polls every [`POLL_EVERY`]: reads draw from the same
+    /// hourly budget.
+    pub async fn wait(&self, success: &mut Success, until: Instant) -> Result<(), ApiError> {
+        // The last poll is at `until`, so a wait shorter than the interval
+        // still reads the action once more before answering.
+        while !success.terminal() && Instant::now() < until {
+            let next = (Instant::now() + POLL_EVERY).min(until);
+            tokio::time::sleep_until(next).await;
+            // Give the read a second past `until` to come back.
+            let read_by = until + Duration::from_secs(1);
+            match self
+                .inner
+                .client
+                .action(&success.action_id, read_by)
+                .await?
+            {
+                Some(latest) => {
+                    success.action_status = latest.action.status.clone();
+                    success.action = latest.raw;
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancel the pending restrict or unrestrict action `action_id`.
+    ///
+    /// Only those two types are cancelled (the permission would allow any
+    /// type; this tool does not), and a finished action is a 409 with its
+    /// status. The answer is the action as Defender reports it after the
+    /// cancel, which need not be final yet.
+    pub async fn cancel(
+        &self,
+        action_id: &str,
+        comment: &Comment,
+        caller: Option<&CallerName>,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ApiError> {
+        let comment = self.comment(comment, caller);
+        let current = self.inner.read_action(action_id, deadline).await?;
+        if current.action.typed_type().is_none() {
+            return Err(ApiError::UnsupportedActionType {
+                action_id: action_id.to_owned(),
+                action_type: current.action.action_type,
+            });
+        }
+        check_pending(&current)?;
+
+        // Refused (finished meanwhile), or the answer was lost: read the
+        // action again.
+        let failed = match self
+            .inner
+            .send_cancel(action_id, &comment, None, deadline)
+            .await
+        {
+            Ok(CancelSent::Accepted(cancelled)) => return Ok(*cancelled),
+            Ok(CancelSent::NoLongerPending { message }) => Ok(message),
+            Err(e) if e.is_ambiguous() => Err(e),
+            Err(e) => return Err(e.into()),
+        };
+        let latest = self.inner.read_action(action_id, deadline).await?;
+        if latest.action.status == ActionStatus::Cancelled.as_str() {
+            return Ok(latest);
+        }
+        check_pending(&latest)?;
+        Err(match failed {
+            // Defender says it cannot be cancelled, while the read still
+            // shows it pending: it is being finished (reads lag behind).
+            Ok(message) => ApiError::CancelRefused {
+                action_id: action_id.to_owned(),
+                status: latest.action.status,
+                message,
+            },
+            Err(e) => e.into(),
+        })
+    }
+
+    /// The tenant's restrict and unrestrict actions, for the fleet view.
+    pub async fn history(&self, deadline: Instant) -> Result<ActionListing, ApiError> {
+        Ok(self.inner.client.restrict_history(deadline, None).await?)
+    }
+
+    /// The comment as sent to Defender: with the caller, unless turned off
+    /// (`COMMENT_INCLUDE_CALLER`).
+    fn comment(&self, comment: &Comment, caller: Option<&CallerName>) -> String {
+        comment_for_defender(comment, caller, self.inner.include_caller)
+    }
+}
+
+/// What a cancel request came to, when Defender answered it.
+enum CancelSent {
+    Accepted(Box<ActionRecord>),
+    /// Defender refused it (400): the action is no longer pending, or is
+    /// being finished.
+    NoLongerPending {
+        message: String,
+    },
+}
+
+/// 409 when the action is already final.
+fn check_pending(found: &ActionRecord) -> Result<(), ApiError> {
+    match ActionStatus::parse(&found.action.status) {
+        Some(status) if status.is_terminal() => Err(ApiError::ActionNotPending {
+            action_id: found.action.id.clone(),
+            status: found.action.status.clone(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -688,7 +798,10 @@ impl Shared {
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
                         let guard = SendGuard::new(lease, writes, Endpoint::Cancel);
-                        if self.cancel(&action, &why, &guard, deadline).await? {
+                        if self
+                            .cancel_opposite(&action, &why, &guard, deadline)
+                            .await?
+                        {
                             asked.push(action.id.to_ascii_lowercase());
                             cancelled.push(action.id);
                         }
@@ -835,9 +948,9 @@ impl Shared {
         }
     }
 
-    /// Cancel one action; `false` when it had reached a final state meanwhile
-    /// (the re-read that follows decides what now).
-    async fn cancel(
+    /// Cancel one pending opposite action; `false` when it had reached a
+    /// final state meanwhile (the re-read that follows decides what now).
+    async fn cancel_opposite(
         &self,
         action: &MachineAction,
         comment: &str,
@@ -845,17 +958,52 @@ impl Shared {
         deadline: Instant,
     ) -> Result<bool, ApiError> {
         match self
-            .client
-            .cancel_action_guarded(&action.id, comment, Some(guard), deadline)
-            .await
+            .send_cancel(&action.id, comment, Some(guard), deadline)
+            .await?
         {
-            Ok(cancelled) => {
+            CancelSent::Accepted(cancelled) => {
                 tracing::info!(action_id = %cancelled.action.id, status = %cancelled.action.status, "cancelled a pending opposite action");
                 Ok(true)
             }
-            Err(DefenderError::Status { status: 400, .. }) => Ok(false),
-            Err(e) => Err(ApiError::from(e)),
+            CancelSent::NoLongerPending { .. } => Ok(false),
         }
+    }
+
+    /// Ask Defender to cancel `action_id`. A 400 means it can no longer be
+    /// cancelled; any other failure is the caller's to judge.
+    async fn send_cancel(
+        &self,
+        action_id: &str,
+        comment: &str,
+        guard: Option<Guard<'_>>,
+        deadline: Instant,
+    ) -> Result<CancelSent, DefenderError> {
+        match self
+            .client
+            .cancel_action_guarded(action_id, comment, guard, deadline)
+            .await
+        {
+            Ok(cancelled) => Ok(CancelSent::Accepted(Box::new(cancelled))),
+            Err(DefenderError::Status {
+                status: 400,
+                message,
+                ..
+            }) => Ok(CancelSent::NoLongerPending { message }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The machine action `action_id`; 404 `action_not_found` when Defender
+    /// does not know it.
+    async fn read_action(
+        &self,
+        action_id: &str,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ApiError> {
+        self.client
+            .action(action_id, deadline)
+            .await?
+            .ok_or_else(|| ApiError::ActionNotFound(action_id.to_owned()))
     }
 
     /// Read the machine's actions until none of `ids` (lower-cased) is
@@ -1152,17 +1300,9 @@ fn not_created(error: &DefenderError) -> ApiError {
     }
 }
 
-pub fn action_type(release: bool) -> ActionType {
-    if release {
-        ActionType::UnrestrictCodeExecution
-    } else {
-        ActionType::RestrictCodeExecution
-    }
-}
-
 /// Defender records the app, not the person, as requestor; the comment is the
 /// only place the human caller can be kept.
-pub fn comment_for_defender(
+fn comment_for_defender(
     comment: &Comment,
     caller: Option<&CallerName>,
     include_caller: bool,
