@@ -220,6 +220,23 @@ mod tests {
     }
 
     #[test]
+    fn bucket_names_stay_what_deployed_budgets_are_stored_under() {
+        let buckets = Endpoint::ALL.map(Endpoint::bucket);
+        assert_eq!(
+            buckets,
+            [
+                "list-machines",
+                "get-machine",
+                "list-actions",
+                "get-action",
+                "restrict",
+                "unrestrict",
+                "cancel",
+            ]
+        );
+    }
+
+    #[test]
     fn only_writes_may_have_acted() {
         let writes: Vec<Endpoint> = Endpoint::ALL
             .into_iter()
