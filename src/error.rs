@@ -16,6 +16,7 @@ use crate::{
     coordination::CoordinationError,
     defender::{DefenderError, Endpoint},
     runbook::RunbookError,
+    service_error::ServiceError,
 };
 
 /// The two app roles the identity needs on WindowsDefenderATP.
@@ -378,6 +379,90 @@ pub struct Problem {
     pub action_status: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
+}
+
+/// The one place the domain service's errors get their answer and prose.
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::DeviceNotFound(why) => Self::DeviceNotFound(why),
+            ServiceError::Defender(e) => e.into(),
+            ServiceError::Coordination(e) => e.into(),
+            ServiceError::ConflictingActionPending {
+                machine_id,
+                action,
+                created_meanwhile,
+            } => Self::ConflictingActionPending {
+                machine_id,
+                action_id: action.id,
+                action_type: action.action_type,
+                status: action.status,
+                created_meanwhile,
+            },
+            ServiceError::CancelNotFinal { machine_id, action } => Self::CancelNotFinal {
+                machine_id,
+                action_id: action.id,
+                action_type: action.action_type,
+                status: action.status,
+            },
+            ServiceError::ActionNotFound(id) => Self::ActionNotFound(id),
+            ServiceError::ActionNotPending { action_id, status } => {
+                Self::ActionNotPending { action_id, status }
+            }
+            ServiceError::CancelRefused {
+                action_id,
+                status,
+                message,
+            } => Self::CancelRefused {
+                action_id,
+                status,
+                message,
+            },
+            ServiceError::UnsupportedActionType {
+                action_id,
+                action_type,
+            } => Self::UnsupportedActionType {
+                action_id,
+                action_type,
+            },
+            ServiceError::OtherActionAnswered { asked, answered } => Self::Defender(format!(
+                "Defender answered the read of action {asked} with action {}; the answer was not \
+                 used. Retry later.",
+                answered.chars().take(64).collect::<String>()
+            )),
+            ServiceError::InProgressNoneListed { machine_id, action } => Self::Defender(format!(
+                "Defender answered \"Action is already in progress\" for {} on machine \
+                 {machine_id}, but lists no pending {} action for it. No action was created; \
+                 retry in a minute.",
+                action.as_str(),
+                action.as_str()
+            )),
+            ServiceError::NotCreated(error) => {
+                let detail = format!(
+                    "{error}. Re-reading the machine's actions showed that no action was \
+                     created; it is safe to retry."
+                );
+                match error {
+                    DefenderError::Timeout { .. } => Self::Timeout(detail),
+                    _ => Self::Defender(detail),
+                }
+            }
+            ServiceError::RoundStopped => Self::Defender(
+                "the round serving this machine stopped unexpectedly; no answer was received. \
+                 Check the device's action history before retrying."
+                    .to_owned(),
+            ),
+            ServiceError::QueuedPastDeadline { machine_id } => Self::Timeout(format!(
+                "other invocations for machine {machine_id} held it until the time budget ran \
+                 out. No action was created by this invocation."
+            )),
+            ServiceError::ActingPastDeadline { machine_id } => Self::Timeout(format!(
+                "the invocation did not finish in time while acting on machine {machine_id}. A \
+                 machine action may or may not have been created: check the device's action \
+                 history before retrying."
+            )),
+        }
+    }
 }
 
 impl From<CoordinationError> for ApiError {

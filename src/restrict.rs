@@ -60,10 +60,10 @@ use crate::{
         client::{ActionListing, ActionRecord, Guard, WriteGuard},
         models::{ActionStatus, ActionType, Machine, MachineAction},
     },
-    error::ApiError,
     machine_directory::{FindError, MachineDirectory, Swept},
     machine_queue::MachineQueues,
     runbook::{CallerName, Comment, DeviceRef},
+    service_error::ServiceError,
     state_reads::StateReads,
 };
 
@@ -240,18 +240,18 @@ struct Acted {
 enum JobError {
     /// A POST for the machine answered 404: the record may be stale.
     MachineGone(DefenderError),
-    Api(ApiError),
+    Failed(ServiceError),
 }
 
-impl From<ApiError> for JobError {
-    fn from(e: ApiError) -> Self {
-        Self::Api(e)
+impl From<ServiceError> for JobError {
+    fn from(e: ServiceError) -> Self {
+        Self::Failed(e)
     }
 }
 
 impl From<DefenderError> for JobError {
     fn from(e: DefenderError) -> Self {
-        Self::Api(e.into())
+        Self::Failed(e.into())
     }
 }
 
@@ -320,7 +320,7 @@ impl Restrictor {
         device: &DeviceRef,
         intent: &Intent,
         deadline: Instant,
-    ) -> Result<Success, ApiError> {
+    ) -> Result<Success, ServiceError> {
         let arrived = Instant::now();
         let wanted = Wanted {
             action: intent.action,
@@ -338,7 +338,7 @@ impl Restrictor {
                     .find(device, deadline)
                     .await
                     .map_err(|e| match e {
-                        FindError::NotFound(why) => ApiError::DeviceNotFound(why),
+                        FindError::NotFound(why) => ServiceError::DeviceNotFound(why),
                         FindError::Defender(e) => e.into(),
                     })?;
             let machine = lookup.found.machine;
@@ -363,7 +363,7 @@ impl Restrictor {
                     looked_up_again = true;
                 }
                 Err(JobError::MachineGone(e)) => return Err(e.into()),
-                Err(JobError::Api(e)) => return Err(e),
+                Err(JobError::Failed(e)) => return Err(e),
             }
         }
     }
@@ -403,13 +403,7 @@ impl Restrictor {
         }
 
         let mut answer = answer;
-        let gone = || {
-            JobError::Api(ApiError::Defender(
-                "the round serving this machine stopped unexpectedly; no answer was received. \
-                 Check the device's action history before retrying."
-                    .to_owned(),
-            ))
-        };
+        let gone = || JobError::Failed(ServiceError::RoundStopped);
         if let Ok(result) = tokio::time::timeout_at(deadline, &mut answer).await {
             return result.unwrap_or_else(|_| Err(gone()));
         }
@@ -422,20 +416,17 @@ impl Restrictor {
             )
             .is_ok()
         {
-            return Err(ApiError::Timeout(format!(
-                "other invocations for machine {machine_id} held it until the time budget ran \
-                 out. No action was created by this invocation."
-            ))
+            return Err(ServiceError::QueuedPastDeadline {
+                machine_id: machine_id.to_owned(),
+            }
             .into());
         }
         // Started: its own calls end at the deadline; give its answer a moment.
         match tokio::time::timeout(Duration::from_secs(1), answer).await {
             Ok(result) => result.unwrap_or_else(|_| Err(gone())),
-            Err(_) => Err(ApiError::Timeout(format!(
-                "the invocation did not finish in time while acting on machine {machine_id}. A \
-                 machine action may or may not have been created: check the device's action \
-                 history before retrying."
-            ))
+            Err(_) => Err(ServiceError::ActingPastDeadline {
+                machine_id: machine_id.to_owned(),
+            }
             .into()),
         }
     }
@@ -447,16 +438,15 @@ impl Restrictor {
         &self,
         action_id: &str,
         deadline: Instant,
-    ) -> Result<ActionRecord, ApiError> {
+    ) -> Result<ActionRecord, ServiceError> {
         let found = self.inner.read_action(action_id, deadline).await?;
         // Answering with another action than the one asked for would tell
         // the caller the wrong device's state.
         if !found.action.id.eq_ignore_ascii_case(action_id) {
-            return Err(ApiError::Defender(format!(
-                "Defender answered the read of action {action_id} with action {}; the answer was \
-                 not used. Retry later.",
-                found.action.id.chars().take(64).collect::<String>()
-            )));
+            return Err(ServiceError::OtherActionAnswered {
+                asked: action_id.to_owned(),
+                answered: found.action.id,
+            });
         }
         Ok(found)
     }
@@ -464,7 +454,7 @@ impl Restrictor {
     /// Poll `success`'s action until it is finished or `until` passes; keep
     /// the last state. Polls every [`POLL_EVERY`]: reads draw from the same
     /// hourly budget.
-    pub async fn wait(&self, success: &mut Success, until: Instant) -> Result<(), ApiError> {
+    pub async fn wait(&self, success: &mut Success, until: Instant) -> Result<(), ServiceError> {
         // The last poll is at `until`, so a wait shorter than the interval
         // still reads the action once more before answering.
         while !success.terminal() && Instant::now() < until {
@@ -500,11 +490,11 @@ impl Restrictor {
         comment: &Comment,
         caller: Option<&CallerName>,
         deadline: Instant,
-    ) -> Result<ActionRecord, ApiError> {
+    ) -> Result<ActionRecord, ServiceError> {
         let comment = self.comment(comment, caller);
         let current = self.inner.read_action(action_id, deadline).await?;
         if current.action.typed_type().is_none() {
-            return Err(ApiError::UnsupportedActionType {
+            return Err(ServiceError::UnsupportedActionType {
                 action_id: action_id.to_owned(),
                 action_type: current.action.action_type,
             });
@@ -531,7 +521,7 @@ impl Restrictor {
         Err(match failed {
             // Defender says it cannot be cancelled, while the read still
             // shows it pending: it is being finished (reads lag behind).
-            Ok(message) => ApiError::CancelRefused {
+            Ok(message) => ServiceError::CancelRefused {
                 action_id: action_id.to_owned(),
                 status: latest.action.status,
                 message,
@@ -541,7 +531,7 @@ impl Restrictor {
     }
 
     /// The tenant's restrict and unrestrict actions, for the fleet view.
-    pub async fn history(&self, deadline: Instant) -> Result<ActionListing, ApiError> {
+    pub async fn history(&self, deadline: Instant) -> Result<ActionListing, ServiceError> {
         Ok(self.inner.client.restrict_history(deadline, None).await?)
     }
 
@@ -563,9 +553,9 @@ enum CancelSent {
 }
 
 /// 409 when the action is already final.
-fn check_pending(found: &ActionRecord) -> Result<(), ApiError> {
+fn check_pending(found: &ActionRecord) -> Result<(), ServiceError> {
     match ActionStatus::parse(&found.action.status) {
-        Some(status) if status.is_terminal() => Err(ApiError::ActionNotPending {
+        Some(status) if status.is_terminal() => Err(ServiceError::ActionNotPending {
             action_id: found.action.id.clone(),
             status: found.action.status.clone(),
         }),
@@ -613,7 +603,7 @@ impl Shared {
                         Some(Ok(Locked::Answered)) => continue,
                         Some(Err(e)) => {
                             for job in jobs {
-                                let _ = job.reply.send(Err(ApiError::from(e.clone()).into()));
+                                let _ = job.reply.send(Err(ServiceError::from(e.clone()).into()));
                             }
                             continue;
                         }
@@ -736,11 +726,9 @@ impl Shared {
             };
             match decision {
                 Decision::Conflict(action) => {
-                    return Err(ApiError::ConflictingActionPending {
+                    return Err(ServiceError::ConflictingActionPending {
                         machine_id: machine_id.to_owned(),
-                        action_id: action.id,
-                        action_type: action.action_type,
-                        status: action.status,
+                        action: Box::new(action),
                         created_meanwhile: false,
                     }
                     .into());
@@ -775,11 +763,9 @@ impl Shared {
                         self.created_after(&a.id, job.arrived)
                             || created_after_utc(a, job.arrived_utc)
                     }) {
-                        return Err(ApiError::ConflictingActionPending {
+                        return Err(ServiceError::ConflictingActionPending {
                             machine_id: machine_id.to_owned(),
-                            action_id: young.id.clone(),
-                            action_type: young.action_type.clone(),
-                            status: young.status.clone(),
+                            action: Box::new(young.clone()),
                             created_meanwhile: true,
                         }
                         .into());
@@ -790,9 +776,9 @@ impl Shared {
                         job.comment
                     );
                     if let Some(lease) = lease {
-                        lease.check().map_err(ApiError::from)?;
+                        lease.check().map_err(ServiceError::from)?;
                         // The last holder's handoff would no longer be true.
-                        lease.withdraw_handoff().await.map_err(ApiError::from)?;
+                        lease.withdraw_handoff().await.map_err(ServiceError::from)?;
                     }
                     let mut asked = Vec::new();
                     for action in pending {
@@ -833,7 +819,7 @@ impl Shared {
         let sent = OffsetDateTime::now_utc();
         if let Some(lease) = guard.lease {
             // The last holder's handoff would no longer be true.
-            lease.withdraw_handoff().await.map_err(ApiError::from)?;
+            lease.withdraw_handoff().await.map_err(ServiceError::from)?;
         }
         let mut posts = 0;
         loop {
@@ -912,7 +898,7 @@ impl Shared {
                 ));
             }
             if posts >= MAX_POSTS || Instant::now() >= deadline {
-                return Err(not_created(&error).into());
+                return Err(ServiceError::NotCreated(error).into());
             }
             known.extend(actions.iter().map(|a| a.id.to_ascii_lowercase()));
         }
@@ -937,13 +923,10 @@ impl Shared {
                 action.clone(),
                 Vec::new(),
             )),
-            None => Err(ApiError::Defender(format!(
-                "Defender answered \"Action is already in progress\" for {} on machine \
-                 {machine_id}, but lists no pending {} action for it. No action was created; \
-                 retry in a minute.",
-                action_type.as_str(),
-                action_type.as_str()
-            ))
+            None => Err(ServiceError::InProgressNoneListed {
+                machine_id: machine_id.to_owned(),
+                action: action_type,
+            }
             .into()),
         }
     }
@@ -956,7 +939,7 @@ impl Shared {
         comment: &str,
         guard: Guard<'_>,
         deadline: Instant,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, ServiceError> {
         match self
             .send_cancel(&action.id, comment, Some(guard), deadline)
             .await?
@@ -999,23 +982,23 @@ impl Shared {
         &self,
         action_id: &str,
         deadline: Instant,
-    ) -> Result<ActionRecord, ApiError> {
+    ) -> Result<ActionRecord, ServiceError> {
         self.client
             .action(action_id, deadline)
             .await?
-            .ok_or_else(|| ApiError::ActionNotFound(action_id.to_owned()))
+            .ok_or_else(|| ServiceError::ActionNotFound(action_id.to_owned()))
     }
 
     /// Read the machine's actions until none of `ids` (lower-cased) is
     /// Pending or InProgress, first after [`CANCEL_POLL_FIRST`], then less
-    /// often, and answer the read that shows it. Gives up with [`ApiError::CancelNotFinal`]
+    /// often, and answer the read that shows it. Gives up with [`ServiceError::CancelNotFinal`]
     /// when the next read would leave too little time to act.
     async fn until_final(
         &self,
         machine_id: &str,
         ids: &[String],
         deadline: Instant,
-    ) -> Result<Vec<MachineAction>, ApiError> {
+    ) -> Result<Vec<MachineAction>, ServiceError> {
         let mut pause = CANCEL_POLL_FIRST;
         loop {
             let actions = self.reads.read(machine_id, deadline).await?;
@@ -1029,11 +1012,9 @@ impl Shared {
             let next = Instant::now() + pause;
             pause = (pause * 3 / 2).min(POLL_EVERY);
             if next + ACT_RESERVE > deadline {
-                return Err(ApiError::CancelNotFinal {
+                return Err(ServiceError::CancelNotFinal {
                     machine_id: machine_id.to_owned(),
-                    action_id: unfinished.id.clone(),
-                    action_type: unfinished.action_type.clone(),
-                    status: unfinished.status.clone(),
+                    action: Box::new(unfinished.clone()),
                 });
             }
             tracing::info!(action_id = %unfinished.id, status = %unfinished.status, "waiting for a cancelled action to be final");
@@ -1286,18 +1267,6 @@ fn existed_before(action: &MachineAction, known: &HashSet<String>, sent: OffsetD
         .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
         .and_then(|created| created.checked_add(CLOCK_SKEW))
         .is_some_and(|created| created < sent)
-}
-
-/// The POST failed ambiguously, and re-reading showed it created nothing.
-fn not_created(error: &DefenderError) -> ApiError {
-    let detail = format!(
-        "{error}. Re-reading the machine's actions showed that no action was created; it is \
-         safe to retry."
-    );
-    match error {
-        DefenderError::Timeout { .. } => ApiError::Timeout(detail),
-        _ => ApiError::Defender(detail),
-    }
 }
 
 /// Defender records the app, not the person, as requestor; the comment is the

@@ -58,8 +58,8 @@ async fn cancel(state: &AppState, invocation: &Invocation) -> Result<ActionRecor
         Ok,
     )?;
     let deadline = Instant::now() + state.request_timeout();
-    state
+    Ok(state
         .restrictor()
         .cancel(&id, &comment, caller.as_ref(), deadline)
-        .await
+        .await?)
 }

@@ -150,6 +150,7 @@ async fn wait_for(
     let limit = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
     let until = wanted.unwrap_or(deadline).min(limit);
     if let Err(e) = state.restrictor().wait(success, until).await {
+        let e = ApiError::from(e);
         tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
         return (!success.terminal()).then_some(CutShort::Poll(e.code()));
     }
