@@ -673,7 +673,7 @@ impl BurstOutcome {
         ));
         // Defender's limits cannot let the last POST go earlier than this
         // after the first, whatever the client does.
-        let posts = self.calls.accepted(Kind::Restrict);
+        let posts = self.calls.accepted(Kind::Defender(Endpoint::Restrict));
         let minimum_budget_secs = minimum_makespan_secs(posts as u64);
         let minimum =
             Duration::from_secs_f64(minimum_budget_secs as f64 / self.speed) + self.one_round;
@@ -1579,55 +1579,38 @@ fn invocation_id() -> String {
 // The simulator's request log
 
 /// An entry of the simulator's request log (`GET /_sim/requests`).
-use restrict_code_execution::simulator::RecordedRequest as Recorded;
+use restrict_code_execution::{defender::Endpoint, simulator::RecordedRequest as Recorded};
 
+/// What a request-log entry is: a token request, a call to one of the
+/// Defender endpoints the service knows, or something else.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 enum Kind {
     Token,
-    ListMachines,
-    GetMachine,
-    ListActions,
-    GetAction,
-    Restrict,
-    Unrestrict,
-    Cancel,
+    Defender(Endpoint),
     Other,
 }
 
 impl Kind {
-    fn name(self) -> &'static str {
+    /// `list machines` for a read, `POST <last path segment>` for a write.
+    fn name(self) -> String {
         match self {
-            Self::Token => "token",
-            Self::ListMachines => "list machines",
-            Self::GetMachine => "get machine",
-            Self::ListActions => "list actions",
-            Self::GetAction => "get action",
-            Self::Restrict => "POST restrictCodeExecution",
-            Self::Unrestrict => "POST unrestrictCodeExecution",
-            Self::Cancel => "POST cancel",
-            Self::Other => "other",
+            Self::Token => "token".to_owned(),
+            Self::Other => "other".to_owned(),
+            Self::Defender(endpoint) if endpoint.may_have_acted() => {
+                let path = endpoint.path("");
+                format!("POST {}", path.rsplit('/').next().unwrap_or(&path))
+            }
+            Self::Defender(endpoint) => endpoint.bucket().replace('-', " "),
         }
     }
-}
 
-impl Kind {
     /// Which upstream call a request-log entry is.
     fn of(r: &Recorded) -> Self {
-        let path = r.path.as_str();
-        if path.starts_with("/_identity/") {
+        if r.path.starts_with("/_identity/") {
             return Kind::Token;
         }
-        let segments: Vec<&str> = path.trim_start_matches("/api/").split('/').collect();
-        match (r.method.as_str(), segments.as_slice()) {
-            ("GET", ["machines"]) => Kind::ListMachines,
-            ("GET", ["machines", _]) => Kind::GetMachine,
-            ("GET", ["machineactions"]) => Kind::ListActions,
-            ("GET", ["machineactions", _]) => Kind::GetAction,
-            ("POST", ["machines", _, "restrictCodeExecution"]) => Kind::Restrict,
-            ("POST", ["machines", _, "unrestrictCodeExecution"]) => Kind::Unrestrict,
-            ("POST", ["machineactions", _, "cancel"]) => Kind::Cancel,
-            _ => Kind::Other,
-        }
+        Endpoint::parse(&r.method, &r.path)
+            .map_or(Kind::Other, |(endpoint, _)| Kind::Defender(endpoint))
     }
 }
 
@@ -1657,7 +1640,7 @@ fn group_by_invocation(log: &[Recorded], devices: &[Device]) -> Result<Vec<Group
     for r in log {
         let kind = Kind::of(r);
         let time = Duration::from_micros(r.duration_micros);
-        if kind == Kind::ListMachines {
+        if kind == Kind::Defender(Endpoint::ListMachines) {
             let expected = devices
                 .get(groups.len())
                 .ok_or("more list-machines calls than invocations")?;

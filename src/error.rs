@@ -14,8 +14,9 @@ use thiserror::Error;
 use crate::{
     auth::TokenError,
     coordination::CoordinationError,
-    defender::{DefenderError, Operation},
+    defender::{DefenderError, Endpoint},
     runbook::RunbookError,
+    service_error::ServiceError,
 };
 
 /// The two app roles the identity needs on WindowsDefenderATP.
@@ -380,6 +381,90 @@ pub struct Problem {
     pub retry_after: Option<u64>,
 }
 
+/// The one place the domain service's errors get their answer and prose.
+impl From<ServiceError> for ApiError {
+    fn from(e: ServiceError) -> Self {
+        match e {
+            ServiceError::DeviceNotFound(why) => Self::DeviceNotFound(why),
+            ServiceError::Defender(e) => e.into(),
+            ServiceError::Coordination(e) => e.into(),
+            ServiceError::ConflictingActionPending {
+                machine_id,
+                action,
+                created_meanwhile,
+            } => Self::ConflictingActionPending {
+                machine_id,
+                action_id: action.id,
+                action_type: action.action_type,
+                status: action.status,
+                created_meanwhile,
+            },
+            ServiceError::CancelNotFinal { machine_id, action } => Self::CancelNotFinal {
+                machine_id,
+                action_id: action.id,
+                action_type: action.action_type,
+                status: action.status,
+            },
+            ServiceError::ActionNotFound(id) => Self::ActionNotFound(id),
+            ServiceError::ActionNotPending { action_id, status } => {
+                Self::ActionNotPending { action_id, status }
+            }
+            ServiceError::CancelRefused {
+                action_id,
+                status,
+                message,
+            } => Self::CancelRefused {
+                action_id,
+                status,
+                message,
+            },
+            ServiceError::UnsupportedActionType {
+                action_id,
+                action_type,
+            } => Self::UnsupportedActionType {
+                action_id,
+                action_type,
+            },
+            ServiceError::OtherActionAnswered { asked, answered } => Self::Defender(format!(
+                "Defender answered the read of action {asked} with action {}; the answer was not \
+                 used. Retry later.",
+                answered.chars().take(64).collect::<String>()
+            )),
+            ServiceError::InProgressNoneListed { machine_id, action } => Self::Defender(format!(
+                "Defender answered \"Action is already in progress\" for {} on machine \
+                 {machine_id}, but lists no pending {} action for it. No action was created; \
+                 retry in a minute.",
+                action.as_str(),
+                action.as_str()
+            )),
+            ServiceError::NotCreated(error) => {
+                let detail = format!(
+                    "{error}. Re-reading the machine's actions showed that no action was \
+                     created; it is safe to retry."
+                );
+                match error {
+                    DefenderError::Timeout { .. } => Self::Timeout(detail),
+                    _ => Self::Defender(detail),
+                }
+            }
+            ServiceError::RoundStopped => Self::Defender(
+                "the round serving this machine stopped unexpectedly; no answer was received. \
+                 Check the device's action history before retrying."
+                    .to_owned(),
+            ),
+            ServiceError::QueuedPastDeadline { machine_id } => Self::Timeout(format!(
+                "other invocations for machine {machine_id} held it until the time budget ran \
+                 out. No action was created by this invocation."
+            )),
+            ServiceError::ActingPastDeadline { machine_id } => Self::Timeout(format!(
+                "the invocation did not finish in time while acting on machine {machine_id}. A \
+                 machine action may or may not have been created: check the device's action \
+                 history before retrying."
+            )),
+        }
+    }
+}
+
 impl From<CoordinationError> for ApiError {
     fn from(e: CoordinationError) -> Self {
         match e {
@@ -418,23 +503,23 @@ impl From<DefenderError> for ApiError {
                 reason,
             },
             DefenderError::Token(t) => Self::AuthenticationFailed(t),
-            DefenderError::OverBudget { operation, wait } => Self::RateLimited {
+            DefenderError::OverBudget { endpoint, wait } => Self::RateLimited {
                 retry_after: wait,
                 detail: format!(
                     "this app's rate budget for Defender (100 calls per minute and 1500 per hour \
                      per endpoint, or DEFENDER_RATE_LIMIT_PER_MINUTE / _PER_HOUR) has no free \
                      slot for {} before this invocation's time runs out, so {} was not \
                      attempted. {} Retry after {} s.",
-                    operation.describe(),
-                    operation.describe(),
-                    consequence_not_sent(operation),
+                    endpoint.describe(),
+                    endpoint.describe(),
+                    consequence_not_sent(endpoint),
                     wait.as_secs().max(1)
                 ),
             },
-            DefenderError::OutOfTime { operation } => Self::Timeout(format!(
+            DefenderError::OutOfTime { endpoint } => Self::Timeout(format!(
                 "the invocation ran out of time (REQUEST_TIMEOUT_SECONDS) before {}. {}",
-                operation.describe(),
-                consequence_not_sent(operation)
+                endpoint.describe(),
+                consequence_not_sent(endpoint)
             )),
             DefenderError::Status {
                 status: 400,
@@ -468,7 +553,7 @@ impl From<DefenderError> for ApiError {
             } => Self::TokenRejected { message },
             DefenderError::Status {
                 status: 429,
-                operation,
+                endpoint,
                 retry_after,
                 ..
             } => {
@@ -479,9 +564,9 @@ impl From<DefenderError> for ApiError {
                         "Defender answered 429 Too Many Requests while {}; its limits are 100 \
                          calls per minute and 1500 per hour per endpoint for this app. Retry \
                          after {} s. {}",
-                        operation.describe(),
+                        endpoint.describe(),
                         retry_after.as_secs(),
-                        if operation.may_have_acted() {
+                        if endpoint.may_have_acted() {
                             "No action was created."
                         } else {
                             "Nothing was changed on the device."
@@ -489,16 +574,16 @@ impl From<DefenderError> for ApiError {
                     ),
                 }
             }
-            ref e @ (DefenderError::Timeout { operation, .. }
-            | DefenderError::Transport { operation, .. }) => {
-                let consequence = consequence(operation);
+            ref e @ (DefenderError::Timeout { endpoint, .. }
+            | DefenderError::Transport { endpoint, .. }) => {
+                let consequence = consequence(endpoint);
                 match e {
                     DefenderError::Timeout { .. } => Self::Timeout(format!("{e}. {consequence}")),
                     _ => Self::Defender(format!("{e}. {consequence}")),
                 }
             }
             ref e @ DefenderError::Status {
-                operation, status, ..
+                endpoint, status, ..
             } => {
                 let target = match e {
                     DefenderError::Status {
@@ -507,23 +592,23 @@ impl From<DefenderError> for ApiError {
                     _ => String::new(),
                 };
                 let consequence = if status >= 500 {
-                    consequence(operation)
+                    consequence(endpoint)
                 } else {
                     "No action was created."
                 };
                 Self::Defender(format!("{e}{target}. {consequence}"))
             }
-            ref e @ (DefenderError::Decode { operation, .. }
-            | DefenderError::Protocol { operation, .. }) => {
-                Self::Defender(format!("{e}. {}", consequence(operation)))
+            ref e @ (DefenderError::Decode { endpoint, .. }
+            | DefenderError::Protocol { endpoint, .. }) => {
+                Self::Defender(format!("{e}. {}", consequence(endpoint)))
             }
         }
     }
 }
 
 /// What a call that was never sent means for the device.
-fn consequence_not_sent(operation: Operation) -> &'static str {
-    if operation.may_have_acted() {
+fn consequence_not_sent(endpoint: Endpoint) -> &'static str {
+    if endpoint.may_have_acted() {
         "No action was created by this call."
     } else {
         "Nothing was changed on the device."
@@ -531,8 +616,8 @@ fn consequence_not_sent(operation: Operation) -> &'static str {
 }
 
 /// What an ambiguous failure means for the device.
-fn consequence(operation: Operation) -> &'static str {
-    if operation.may_have_acted() {
+fn consequence(endpoint: Endpoint) -> &'static str {
+    if endpoint.may_have_acted() {
         "The action may or may not have been created: check the device's action history in \
          Defender before retrying."
     } else {

@@ -10,7 +10,8 @@
 //!   [`app_state`]: what every invocation shares;
 //! - [`runbook`]: the payload, parsed once into domain types;
 //! - [`restrict`], [`selection`] and [`decision`]: finding the machine,
-//!   reading its state and acting on it safely; [`machine_queue`] (one round
+//!   reading its state and acting on it safely, on a domain intent, with its
+//!   own [`service_error`]; [`machine_queue`] (one round
 //!   at a time per machine), [`state_reads`] (batched reads, never stale) and
 //!   [`machine_directory`] (shared, briefly remembered lookups), both on
 //!   [`batch`], keep that within Defender's rate budget in a burst;
@@ -44,6 +45,7 @@ pub mod routes;
 pub mod runbook;
 pub mod selection;
 pub mod server;
+pub mod service_error;
 pub mod simulator;
 pub mod startup;
 pub mod state_reads;

@@ -42,7 +42,7 @@ use uuid::Uuid;
 
 use crate::{
     batch::{Answered, Batcher, Close, Source},
-    defender::{DefenderClient, DefenderError, Operation, budget::Endpoint, models::Machine},
+    defender::{DefenderClient, DefenderError, Endpoint, models::Machine},
     runbook::DeviceRef,
     selection::{self, NoChoice},
 };
@@ -154,7 +154,7 @@ impl MachineDirectory {
                 .await
                 .map_err(|_| {
                     FindError::Defender(DefenderError::OutOfTime {
-                        operation: operation(device),
+                        endpoint: lookup(device),
                     })
                 })?;
             match result {
@@ -292,7 +292,7 @@ impl MachineDirectory {
                 // GET /machines/{id} also matches computer names; insist on the id.
                 Some(m) if !m.id.eq_ignore_ascii_case(id) => {
                     Err(FindError::Defender(DefenderError::Protocol {
-                        operation: Operation::GetMachine,
+                        endpoint: Endpoint::GetMachine,
                         reason: format!("asked for machine {id}, got machine {}", m.id),
                     }))
                 }
@@ -380,13 +380,13 @@ impl Source for MachineSource {
 
     fn out_of_time() -> DefenderError {
         DefenderError::OutOfTime {
-            operation: Operation::ListMachines,
+            endpoint: Endpoint::ListMachines,
         }
     }
 
     fn abandoned() -> DefenderError {
         DefenderError::Protocol {
-            operation: Operation::ListMachines,
+            endpoint: Endpoint::ListMachines,
             reason: "the shared machine lookup was abandoned".to_owned(),
         }
     }
@@ -452,10 +452,11 @@ impl<K, V> Swept<K, V> {
     }
 }
 
-fn operation(device: &DeviceRef) -> Operation {
+/// The call that looks `device` up.
+fn lookup(device: &DeviceRef) -> Endpoint {
     match device {
-        DeviceRef::AadDevice(_) => Operation::ListMachines,
-        DeviceRef::Machine(_) => Operation::GetMachine,
+        DeviceRef::AadDevice(_) => Endpoint::ListMachines,
+        DeviceRef::Machine(_) => Endpoint::GetMachine,
     }
 }
 

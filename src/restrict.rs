@@ -1,6 +1,11 @@
 //! Restrict or release one device: find its machine, read its actions,
 //! decide (see [`crate::decision`]), and only then act.
 //!
+//! [`Restrictor`] owns a machine action's whole life: [`Restrictor::run`]
+//! creates it from an [`Intent`], [`Restrictor::wait`] follows it,
+//! [`Restrictor::status`] reads it and [`Restrictor::cancel`] cancels it. The
+//! functions only parse the request and shape the answer.
+//!
 //! Safety rules, each with a test in `tests/api/safety.rs`:
 //! - read before write, one round at a time per machine
 //!   ([`crate::machine_queue`]), so duplicates coalesce and opposite actions
@@ -51,15 +56,14 @@ use crate::{
     coordination::{CoordinationError, Coordinator, Handoff, Locked, MachineLease},
     decision::{self, Decision, Wanted},
     defender::{
-        DefenderClient, DefenderError, Operation,
-        client::ActionRecord,
-        client::{Guard, WriteGuard},
-        models::{ActionType, Machine, MachineAction},
+        DefenderClient, DefenderError, Endpoint,
+        client::{ActionListing, ActionRecord, Guard, WriteGuard},
+        models::{ActionStatus, ActionType, Machine, MachineAction},
     },
-    error::ApiError,
     machine_directory::{FindError, MachineDirectory, Swept},
     machine_queue::MachineQueues,
-    runbook::{CallerName, Comment, DeviceRef, RunbookRequest},
+    runbook::{CallerName, Comment, DeviceRef},
+    service_error::ServiceError,
     state_reads::StateReads,
 };
 
@@ -112,6 +116,20 @@ struct Shared {
     created: Mutex<Swept<String, Instant>>,
     /// Leases across instances (`COORDINATION=storage`).
     coordinator: Option<Arc<Coordinator>>,
+}
+
+/// What a caller wants done to a device, whichever edge it came through.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    /// Restrict, or release (unrestrict).
+    pub action: ActionType,
+    /// Act even when the device is already in the wanted state.
+    pub force: bool,
+    /// Cancel a pending action of the opposite type instead of refusing.
+    pub cancel_pending: bool,
+    pub comment: Comment,
+    /// Who asked, kept in the comment sent to Defender unless turned off.
+    pub caller: Option<CallerName>,
 }
 
 /// What happened, as the caller sees it.
@@ -197,33 +215,7 @@ impl Success {
 
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
     pub fn terminal(&self) -> bool {
-        crate::defender::models::ActionStatus::parse(&self.action_status)
-            .is_some_and(|s| s.is_terminal())
-    }
-
-    /// Poll the action until it is finished or `until` passes; keep the last state.
-    /// Polls every [`POLL_EVERY`]: reads draw from the same hourly budget.
-    pub async fn wait_until_terminal(
-        &mut self,
-        client: &DefenderClient,
-        until: Instant,
-    ) -> Result<(), ApiError> {
-        // The last poll is at `until`, so a wait shorter than the interval
-        // still reads the action once more before answering.
-        while !self.terminal() && Instant::now() < until {
-            let next = (Instant::now() + POLL_EVERY).min(until);
-            tokio::time::sleep_until(next).await;
-            // Give the read a second past `until` to come back.
-            let read_by = until + Duration::from_secs(1);
-            match client.action(&self.action_id, read_by).await? {
-                Some(latest) => {
-                    self.action_status = latest.action.status.clone();
-                    self.action = latest.raw;
-                }
-                None => break,
-            }
-        }
-        Ok(())
+        ActionStatus::parse(&self.action_status).is_some_and(|s| s.is_terminal())
     }
 }
 
@@ -248,18 +240,18 @@ struct Acted {
 enum JobError {
     /// A POST for the machine answered 404: the record may be stale.
     MachineGone(DefenderError),
-    Api(ApiError),
+    Failed(ServiceError),
 }
 
-impl From<ApiError> for JobError {
-    fn from(e: ApiError) -> Self {
-        Self::Api(e)
+impl From<ServiceError> for JobError {
+    fn from(e: ServiceError) -> Self {
+        Self::Failed(e)
     }
 }
 
 impl From<DefenderError> for JobError {
     fn from(e: DefenderError) -> Self {
-        Self::Api(e.into())
+        Self::Failed(e.into())
     }
 }
 
@@ -336,34 +328,20 @@ impl Restrictor {
         }
     }
 
-    /// The Defender client, for the status and cancel functions.
-    pub fn client(&self) -> &DefenderClient {
-        &self.inner.client
-    }
-
-    /// Whether the caller's name is appended to comments sent to Defender.
-    pub fn include_caller(&self) -> bool {
-        self.inner.include_caller
-    }
-
-    /// Restrict or release `device` as `request` asks.
+    /// Restrict or release `device` as `intent` asks.
     pub async fn run(
         &self,
         device: &DeviceRef,
-        request: &RunbookRequest,
+        intent: &Intent,
         deadline: Instant,
-    ) -> Result<Success, ApiError> {
+    ) -> Result<Success, ServiceError> {
         let arrived = Instant::now();
         let wanted = Wanted {
-            action: action_type(request.release),
-            force: request.force,
-            cancel_pending: request.cancel_pending,
+            action: intent.action,
+            force: intent.force,
+            cancel_pending: intent.cancel_pending,
         };
-        let comment = comment_for_defender(
-            &request.comment,
-            request.caller.as_ref(),
-            self.inner.include_caller,
-        );
+        let comment = self.comment(&intent.comment, intent.caller.as_ref());
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
         let mut looked_up_again = false;
@@ -374,7 +352,7 @@ impl Restrictor {
                     .find(device, deadline)
                     .await
                     .map_err(|e| match e {
-                        FindError::NotFound(why) => ApiError::DeviceNotFound(why),
+                        FindError::NotFound(why) => ServiceError::DeviceNotFound(why),
                         FindError::Defender(e) => e.into(),
                     })?;
             let machine = lookup.found.machine;
@@ -399,7 +377,7 @@ impl Restrictor {
                     looked_up_again = true;
                 }
                 Err(JobError::MachineGone(e)) => return Err(e.into()),
-                Err(JobError::Api(e)) => return Err(e),
+                Err(JobError::Failed(e)) => return Err(e),
             }
         }
     }
@@ -439,13 +417,7 @@ impl Restrictor {
         }
 
         let mut answer = answer;
-        let gone = || {
-            JobError::Api(ApiError::Defender(
-                "the round serving this machine stopped unexpectedly; no answer was received. \
-                 Check the device's action history before retrying."
-                    .to_owned(),
-            ))
-        };
+        let gone = || JobError::Failed(ServiceError::RoundStopped);
         if let Ok(result) = tokio::time::timeout_at(deadline, &mut answer).await {
             return result.unwrap_or_else(|_| Err(gone()));
         }
@@ -458,22 +430,150 @@ impl Restrictor {
             )
             .is_ok()
         {
-            return Err(ApiError::Timeout(format!(
-                "other invocations for machine {machine_id} held it until the time budget ran \
-                 out. No action was created by this invocation."
-            ))
+            return Err(ServiceError::QueuedPastDeadline {
+                machine_id: machine_id.to_owned(),
+            }
             .into());
         }
         // Started: its own calls end at the deadline; give its answer a moment.
         match tokio::time::timeout(Duration::from_secs(1), answer).await {
             Ok(result) => result.unwrap_or_else(|_| Err(gone())),
-            Err(_) => Err(ApiError::Timeout(format!(
-                "the invocation did not finish in time while acting on machine {machine_id}. A \
-                 machine action may or may not have been created: check the device's action \
-                 history before retrying."
-            ))
+            Err(_) => Err(ServiceError::ActingPastDeadline {
+                machine_id: machine_id.to_owned(),
+            }
             .into()),
         }
+    }
+}
+
+impl Restrictor {
+    /// The machine action `action_id` as Defender has it now.
+    pub async fn status(
+        &self,
+        action_id: &str,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ServiceError> {
+        let found = self.inner.read_action(action_id, deadline).await?;
+        // Answering with another action than the one asked for would tell
+        // the caller the wrong device's state.
+        if !found.action.id.eq_ignore_ascii_case(action_id) {
+            return Err(ServiceError::OtherActionAnswered {
+                asked: action_id.to_owned(),
+                answered: found.action.id,
+            });
+        }
+        Ok(found)
+    }
+
+    /// Poll `success`'s action until it is finished or `until` passes; keep
+    /// the last state. Polls every [`POLL_EVERY`]: reads draw from the same
+    /// hourly budget.
+    pub async fn wait(&self, success: &mut Success, until: Instant) -> Result<(), ServiceError> {
+        // The last poll is at `until`, so a wait shorter than the interval
+        // still reads the action once more before answering.
+        while !success.terminal() && Instant::now() < until {
+            let next = (Instant::now() + POLL_EVERY).min(until);
+            tokio::time::sleep_until(next).await;
+            // Give the read a second past `until` to come back.
+            let read_by = until + Duration::from_secs(1);
+            match self
+                .inner
+                .client
+                .action(&success.action_id, read_by)
+                .await?
+            {
+                Some(latest) => {
+                    success.action_status = latest.action.status.clone();
+                    success.action = latest.raw;
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancel the pending restrict or unrestrict action `action_id`.
+    ///
+    /// Only those two types are cancelled (the permission would allow any
+    /// type; this tool does not), and a finished action is a 409 with its
+    /// status. The answer is the action as Defender reports it after the
+    /// cancel, which need not be final yet.
+    pub async fn cancel(
+        &self,
+        action_id: &str,
+        comment: &Comment,
+        caller: Option<&CallerName>,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ServiceError> {
+        let comment = self.comment(comment, caller);
+        let current = self.inner.read_action(action_id, deadline).await?;
+        if current.action.typed_type().is_none() {
+            return Err(ServiceError::UnsupportedActionType {
+                action_id: action_id.to_owned(),
+                action_type: current.action.action_type,
+            });
+        }
+        check_pending(&current)?;
+
+        // Refused (finished meanwhile), or the answer was lost: read the
+        // action again.
+        let failed = match self
+            .inner
+            .send_cancel(action_id, &comment, None, deadline)
+            .await
+        {
+            Ok(CancelSent::Accepted(cancelled)) => return Ok(*cancelled),
+            Ok(CancelSent::NoLongerPending { message }) => Ok(message),
+            Err(e) if e.is_ambiguous() => Err(e),
+            Err(e) => return Err(e.into()),
+        };
+        let latest = self.inner.read_action(action_id, deadline).await?;
+        if latest.action.status == ActionStatus::Cancelled.as_str() {
+            return Ok(latest);
+        }
+        check_pending(&latest)?;
+        Err(match failed {
+            // Defender says it cannot be cancelled, while the read still
+            // shows it pending: it is being finished (reads lag behind).
+            Ok(message) => ServiceError::CancelRefused {
+                action_id: action_id.to_owned(),
+                status: latest.action.status,
+                message,
+            },
+            Err(e) => e.into(),
+        })
+    }
+
+    /// The tenant's restrict and unrestrict actions, for the fleet view.
+    pub async fn history(&self, deadline: Instant) -> Result<ActionListing, ServiceError> {
+        Ok(self.inner.client.restrict_history(deadline, None).await?)
+    }
+
+    /// The comment as sent to Defender: with the caller, unless turned off
+    /// (`COMMENT_INCLUDE_CALLER`).
+    fn comment(&self, comment: &Comment, caller: Option<&CallerName>) -> String {
+        comment_for_defender(comment, caller, self.inner.include_caller)
+    }
+}
+
+/// What a cancel request came to, when Defender answered it.
+enum CancelSent {
+    Accepted(Box<ActionRecord>),
+    /// Defender refused it (400): the action is no longer pending, or is
+    /// being finished.
+    NoLongerPending {
+        message: String,
+    },
+}
+
+/// 409 when the action is already final.
+fn check_pending(found: &ActionRecord) -> Result<(), ServiceError> {
+    match ActionStatus::parse(&found.action.status) {
+        Some(status) if status.is_terminal() => Err(ServiceError::ActionNotPending {
+            action_id: found.action.id.clone(),
+            status: found.action.status.clone(),
+        }),
+        _ => Ok(()),
     }
 }
 
@@ -517,7 +617,7 @@ impl Shared {
                         Some(Ok(Locked::Answered)) => continue,
                         Some(Err(e)) => {
                             for job in jobs {
-                                let _ = job.reply.send(Err(ApiError::from(e.clone()).into()));
+                                let _ = job.reply.send(Err(ServiceError::from(e.clone()).into()));
                             }
                             continue;
                         }
@@ -631,11 +731,9 @@ impl Shared {
             };
             match decision {
                 Decision::Conflict(action) => {
-                    return Err(ApiError::ConflictingActionPending {
+                    return Err(ServiceError::ConflictingActionPending {
                         machine_id: machine_id.to_owned(),
-                        action_id: action.id,
-                        action_type: action.action_type,
-                        status: action.status,
+                        action: Box::new(action),
                         created_meanwhile: false,
                     }
                     .into());
@@ -652,7 +750,7 @@ impl Shared {
                             machine_id,
                             wanted.action,
                             &job.comment,
-                            SendGuard::new(lease, writes, Operation::CreateAction),
+                            SendGuard::new(lease, writes, Endpoint::create(wanted.action)),
                             actions,
                             deadline,
                         )
@@ -670,11 +768,9 @@ impl Shared {
                         self.created_after(&a.id, job.arrived)
                             || created_after_utc(a, job.arrived_utc)
                     }) {
-                        return Err(ApiError::ConflictingActionPending {
+                        return Err(ServiceError::ConflictingActionPending {
                             machine_id: machine_id.to_owned(),
-                            action_id: young.id.clone(),
-                            action_type: young.action_type.clone(),
-                            status: young.status.clone(),
+                            action: Box::new(young.clone()),
                             created_meanwhile: true,
                         }
                         .into());
@@ -685,15 +781,18 @@ impl Shared {
                         job.comment
                     );
                     if let Some(lease) = lease {
-                        lease.check().map_err(ApiError::from)?;
+                        lease.check().map_err(ServiceError::from)?;
                         // The last holder's handoff would no longer be true.
-                        lease.withdraw_handoff().await.map_err(ApiError::from)?;
+                        lease.withdraw_handoff().await.map_err(ServiceError::from)?;
                     }
                     let mut asked = Vec::new();
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
-                        let guard = SendGuard::new(lease, writes, Operation::CancelAction);
-                        if self.cancel(&action, &why, &guard, deadline).await? {
+                        let guard = SendGuard::new(lease, writes, Endpoint::Cancel);
+                        if self
+                            .cancel_opposite(&action, &why, &guard, deadline)
+                            .await?
+                        {
                             asked.push(action.id.to_ascii_lowercase());
                             cancelled.push(action.id);
                         }
@@ -725,7 +824,7 @@ impl Shared {
         let sent = OffsetDateTime::now_utc();
         if let Some(lease) = guard.lease {
             // The last holder's handoff would no longer be true.
-            lease.withdraw_handoff().await.map_err(ApiError::from)?;
+            lease.withdraw_handoff().await.map_err(ServiceError::from)?;
         }
         let mut posts = 0;
         loop {
@@ -804,7 +903,7 @@ impl Shared {
                 ));
             }
             if posts >= MAX_POSTS || Instant::now() >= deadline {
-                return Err(not_created(&error).into());
+                return Err(ServiceError::NotCreated(error).into());
             }
             known.extend(actions.iter().map(|a| a.id.to_ascii_lowercase()));
         }
@@ -829,50 +928,82 @@ impl Shared {
                 action.clone(),
                 Vec::new(),
             )),
-            None => Err(ApiError::Defender(format!(
-                "Defender answered \"Action is already in progress\" for {} on machine \
-                 {machine_id}, but lists no pending {} action for it. No action was created; \
-                 retry in a minute.",
-                action_type.as_str(),
-                action_type.as_str()
-            ))
+            None => Err(ServiceError::InProgressNoneListed {
+                machine_id: machine_id.to_owned(),
+                action: action_type,
+            }
             .into()),
         }
     }
 
-    /// Cancel one action; `false` when it had reached a final state meanwhile
-    /// (the re-read that follows decides what now).
-    async fn cancel(
+    /// Cancel one pending opposite action; `false` when it had reached a
+    /// final state meanwhile (the re-read that follows decides what now).
+    async fn cancel_opposite(
         &self,
         action: &MachineAction,
         comment: &str,
         guard: Guard<'_>,
         deadline: Instant,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<bool, ServiceError> {
         match self
-            .client
-            .cancel_action_guarded(&action.id, comment, Some(guard), deadline)
-            .await
+            .send_cancel(&action.id, comment, Some(guard), deadline)
+            .await?
         {
-            Ok(cancelled) => {
+            CancelSent::Accepted(cancelled) => {
                 tracing::info!(action_id = %cancelled.action.id, status = %cancelled.action.status, "cancelled a pending opposite action");
                 Ok(true)
             }
-            Err(DefenderError::Status { status: 400, .. }) => Ok(false),
-            Err(e) => Err(ApiError::from(e)),
+            CancelSent::NoLongerPending { .. } => Ok(false),
         }
+    }
+
+    /// Ask Defender to cancel `action_id`. A 400 means it can no longer be
+    /// cancelled; any other failure is the caller's to judge.
+    async fn send_cancel(
+        &self,
+        action_id: &str,
+        comment: &str,
+        guard: Option<Guard<'_>>,
+        deadline: Instant,
+    ) -> Result<CancelSent, DefenderError> {
+        match self
+            .client
+            .cancel_action_guarded(action_id, comment, guard, deadline)
+            .await
+        {
+            Ok(cancelled) => Ok(CancelSent::Accepted(Box::new(cancelled))),
+            Err(DefenderError::Status {
+                status: 400,
+                message,
+                ..
+            }) => Ok(CancelSent::NoLongerPending { message }),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The machine action `action_id`; 404 `action_not_found` when Defender
+    /// does not know it.
+    async fn read_action(
+        &self,
+        action_id: &str,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ServiceError> {
+        self.client
+            .action(action_id, deadline)
+            .await?
+            .ok_or_else(|| ServiceError::ActionNotFound(action_id.to_owned()))
     }
 
     /// Read the machine's actions until none of `ids` (lower-cased) is
     /// Pending or InProgress, first after [`CANCEL_POLL_FIRST`], then less
-    /// often, and answer the read that shows it. Gives up with [`ApiError::CancelNotFinal`]
+    /// often, and answer the read that shows it. Gives up with [`ServiceError::CancelNotFinal`]
     /// when the next read would leave too little time to act.
     async fn until_final(
         &self,
         machine_id: &str,
         ids: &[String],
         deadline: Instant,
-    ) -> Result<Vec<MachineAction>, ApiError> {
+    ) -> Result<Vec<MachineAction>, ServiceError> {
         let mut pause = CANCEL_POLL_FIRST;
         loop {
             let actions = self.reads.read(machine_id, deadline).await?;
@@ -886,11 +1017,9 @@ impl Shared {
             let next = Instant::now() + pause;
             pause = (pause * 3 / 2).min(POLL_EVERY);
             if next + ACT_RESERVE > deadline {
-                return Err(ApiError::CancelNotFinal {
+                return Err(ServiceError::CancelNotFinal {
                     machine_id: machine_id.to_owned(),
-                    action_id: unfinished.id.clone(),
-                    action_type: unfinished.action_type.clone(),
-                    status: unfinished.status.clone(),
+                    action: Box::new(unfinished.clone()),
                 });
             }
             tracing::info!(action_id = %unfinished.id, status = %unfinished.status, "waiting for a cancelled action to be final");
@@ -1005,15 +1134,15 @@ impl Writes {
 struct SendGuard<'a> {
     lease: Option<&'a MachineLease>,
     writes: &'a Writes,
-    operation: Operation,
+    endpoint: Endpoint,
 }
 
 impl<'a> SendGuard<'a> {
-    fn new(lease: Option<&'a MachineLease>, writes: &'a Writes, operation: Operation) -> Self {
+    fn new(lease: Option<&'a MachineLease>, writes: &'a Writes, endpoint: Endpoint) -> Self {
         Self {
             lease,
             writes,
-            operation,
+            endpoint,
         }
     }
 }
@@ -1048,14 +1177,14 @@ impl WriteGuard for SendGuard<'_> {
                 reason,
             })) => {
                 return Err(DefenderError::CoordinationUnavailable {
-                    operation: self.operation,
+                    endpoint: self.endpoint,
                     retry_after,
                     reason,
                 });
             }
             Some(Err(other)) => {
                 return Err(DefenderError::CoordinationUnavailable {
-                    operation: self.operation,
+                    endpoint: self.endpoint,
                     retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
                     reason: other.to_string(),
                 });
@@ -1136,29 +1265,9 @@ fn existed_before(action: &MachineAction, known: &HashSet<String>, sent: OffsetD
         .is_some_and(|created| created < sent)
 }
 
-/// The POST failed ambiguously, and re-reading showed it created nothing.
-fn not_created(error: &DefenderError) -> ApiError {
-    let detail = format!(
-        "{error}. Re-reading the machine's actions showed that no action was created; it is \
-         safe to retry."
-    );
-    match error {
-        DefenderError::Timeout { .. } => ApiError::Timeout(detail),
-        _ => ApiError::Defender(detail),
-    }
-}
-
-pub fn action_type(release: bool) -> ActionType {
-    if release {
-        ActionType::UnrestrictCodeExecution
-    } else {
-        ActionType::RestrictCodeExecution
-    }
-}
-
 /// Defender records the app, not the person, as requestor; the comment is the
 /// only place the human caller can be kept.
-pub fn comment_for_defender(
+fn comment_for_defender(
     comment: &Comment,
     caller: Option<&CallerName>,
     include_caller: bool,

@@ -39,8 +39,7 @@ use tokio::time::Instant;
 use crate::{
     batch::{Answered, Batcher, Close, Source},
     defender::{
-        DefenderClient, DefenderError, Operation, budget::Endpoint, client::ActionListing,
-        models::MachineAction,
+        DefenderClient, DefenderError, Endpoint, client::ActionListing, models::MachineAction,
     },
 };
 
@@ -126,13 +125,13 @@ impl Source for ActionSource {
 
     fn out_of_time() -> DefenderError {
         DefenderError::OutOfTime {
-            operation: Operation::ListActions,
+            endpoint: Endpoint::ListActions,
         }
     }
 
     fn abandoned() -> DefenderError {
         DefenderError::Protocol {
-            operation: Operation::ListActions,
+            endpoint: Endpoint::ListActions,
             reason: "the shared read of machine actions was abandoned".to_owned(),
         }
     }

@@ -41,7 +41,10 @@ use self::{
     shared_budget::{Limits, SharedBudget},
     store::Store,
 };
-use crate::defender::budget::{BudgetError, CallBudget, Endpoint, OverBudget};
+use crate::defender::{
+    Endpoint,
+    budget::{BudgetError, CallBudget, OverBudget},
+};
 
 /// Tuning for a [`Coordinator`]; [`Default`] is what production uses.
 #[derive(Debug, Clone)]
@@ -174,7 +177,7 @@ impl Coordinator {
         deadline: Instant,
         on_slot: &(dyn Fn(Instant) + Sync),
     ) -> Result<(), CoordinationError> {
-        let bucket = bucket(endpoint);
+        let bucket = endpoint.bucket();
         let slot = self.reserve_slot(bucket, deadline).await?;
         on_slot(slot.instant);
         // Dropped before the slot comes (the caller went away): given back.
@@ -266,18 +269,5 @@ impl Drop for UnusedSlot<'_> {
         if let Some(slot) = self.slot.take() {
             shared_budget::give_back_later(self.store, self.bucket, slot);
         }
-    }
-}
-
-/// The shared budget's bucket for a Defender API.
-pub fn bucket(endpoint: Endpoint) -> &'static str {
-    match endpoint {
-        Endpoint::ListMachines => "list-machines",
-        Endpoint::GetMachine => "get-machine",
-        Endpoint::ListActions => "list-actions",
-        Endpoint::GetAction => "get-action",
-        Endpoint::Restrict => "restrict",
-        Endpoint::Unrestrict => "unrestrict",
-        Endpoint::Cancel => "cancel",
     }
 }

@@ -24,6 +24,8 @@ use std::{
 
 use tokio::time::Instant;
 
+use super::api::Endpoint;
+
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -34,18 +36,6 @@ const HOUR: Duration = Duration::from_secs(3600);
 /// (the end-to-end benchmark's burst showed it). Each window is therefore
 /// kept this much longer than Defender's: 100 calls per 61 s, not per 60 s.
 pub const LATENCY_ALLOWANCE: Duration = Duration::from_secs(1);
-
-/// The Defender endpoints this service calls; each has its own limit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Endpoint {
-    ListMachines,
-    GetMachine,
-    ListActions,
-    GetAction,
-    Restrict,
-    Unrestrict,
-    Cancel,
-}
 
 /// Where the Defender client gets its slots: this process's [`RateBudget`],
 /// or the budget shared by every instance through storage.

@@ -25,8 +25,9 @@ use url::Url;
 use uuid::Uuid;
 
 use super::{
-    budget::{BudgetError, CallBudget, Endpoint, RateBudget},
-    error::{DefenderError, Operation},
+    api::Endpoint,
+    budget::{BudgetError, CallBudget, RateBudget},
+    error::DefenderError,
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
 use crate::auth::TokenSource;
@@ -162,18 +163,10 @@ enum ListOf {
 }
 
 impl ListOf {
-    fn call(self) -> (Operation, Endpoint, &'static str) {
+    fn endpoint(self) -> Endpoint {
         match self {
-            Self::Machines => (
-                Operation::ListMachines,
-                Endpoint::ListMachines,
-                "api/machines",
-            ),
-            Self::Actions => (
-                Operation::ListActions,
-                Endpoint::ListActions,
-                "api/machineactions",
-            ),
+            Self::Machines => Endpoint::ListMachines,
+            Self::Actions => Endpoint::ListActions,
         }
     }
 }
@@ -223,15 +216,25 @@ pub trait WriteGuard: Sync {
 
 pub type Guard<'a> = &'a dyn WriteGuard;
 
-/// One request to make.
+/// One request to make; its method comes from the endpoint.
 struct Call<'a> {
-    op: Operation,
     endpoint: Endpoint,
-    method: Method,
     url: Url,
     body: Option<&'a CommentBody>,
     on_send: Option<OnSend<'a>>,
     guard: Option<Guard<'a>>,
+}
+
+impl<'a> Call<'a> {
+    fn new(endpoint: Endpoint, url: Url) -> Self {
+        Self {
+            endpoint,
+            url,
+            body: None,
+            on_send: None,
+            guard: None,
+        }
+    }
 }
 
 impl DefenderClient {
@@ -289,10 +292,9 @@ impl DefenderClient {
         machine_id: &str,
         deadline: Instant,
     ) -> Result<Option<Machine>, DefenderError> {
-        let op = Operation::GetMachine;
-        let url = self.url(op, &format!("api/machines/{machine_id}"))?;
+        let url = self.url(Endpoint::GetMachine, machine_id)?;
         match self
-            .send::<Machine>(self.get(op, Endpoint::GetMachine, url), deadline)
+            .send::<Machine>(Call::new(Endpoint::GetMachine, url), deadline)
             .await
         {
             Ok(machine) => Ok(Some(machine)),
@@ -390,8 +392,8 @@ impl DefenderClient {
         deadline: Instant,
         on_send: Option<OnSend<'_>>,
     ) -> Result<Listing<T>, DefenderError> {
-        let (op, endpoint, path) = list.call();
-        let base = self.url(op, path)?;
+        let endpoint = list.endpoint();
+        let base = self.url(endpoint, "")?;
         let query = |skip: usize| {
             let mut q = format!("$top={}", self.page_top);
             if let Some(filter) = filter {
@@ -428,7 +430,7 @@ impl DefenderClient {
         for calls in 1..=max_pages {
             let call = Call {
                 on_send: Some(&mark_sent),
-                ..self.get(op, endpoint, url.clone())
+                ..Call::new(endpoint, url.clone())
             };
             let page: ODataPage<T> = match self.send(call, deadline).await {
                 // The docs say the machine list answers 404 when there are
@@ -448,7 +450,7 @@ impl DefenderClient {
                 }
             }
             url = match page.next_link {
-                Some(next) => self.same_origin(op, &next)?,
+                Some(next) => self.same_origin(endpoint, &next)?,
                 None if count >= self.page_top => {
                     let mut next = base.clone();
                     next.set_query(Some(&query(skip)));
@@ -458,8 +460,8 @@ impl DefenderClient {
             };
         }
         Err(DefenderError::Protocol {
-            operation: op,
-            reason: format!("more than {max_pages} pages of {path}"),
+            endpoint,
+            reason: format!("more than {max_pages} pages of {}", endpoint.path("")),
         })
     }
 
@@ -469,14 +471,11 @@ impl DefenderClient {
         action_id: &str,
         deadline: Instant,
     ) -> Result<Option<ActionRecord>, DefenderError> {
-        let op = Operation::GetAction;
-        let url = self.url(op, &format!("api/machineactions/{action_id}"))?;
-        match self
-            .send::<Value>(self.get(op, Endpoint::GetAction, url), deadline)
-            .await
-        {
+        let endpoint = Endpoint::GetAction;
+        let url = self.url(endpoint, action_id)?;
+        match self.send::<Value>(Call::new(endpoint, url), deadline).await {
             Ok(raw) => Ok(Some(ActionRecord {
-                action: typed_action(op, &raw)?,
+                action: typed_action(endpoint, &raw)?,
                 raw,
             })),
             Err(DefenderError::Status { status: 404, .. }) => Ok(None),
@@ -506,25 +505,14 @@ impl DefenderClient {
         guard: Option<Guard<'_>>,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
-        let op = Operation::CreateAction;
-        let url = self.url(
-            op,
-            &format!("api/machines/{machine_id}/{}", action.endpoint()),
-        )?;
-        let endpoint = match action {
-            ActionType::RestrictCodeExecution => Endpoint::Restrict,
-            ActionType::UnrestrictCodeExecution => Endpoint::Unrestrict,
-        };
-        let body = CommentBody {
-            comment: comment.to_owned(),
-        };
-        let call = Call {
+        self.post(
+            Endpoint::create(action),
+            machine_id,
+            comment,
             guard,
-            ..self.post(op, endpoint, url, &body)
-        };
-        let raw: Value = self.send(call, deadline).await?;
-        let action = typed_action(op, &raw)?;
-        Ok(ActionRecord { action, raw })
+            deadline,
+        )
+        .await
     }
 
     /// `POST /api/machineactions/{id}/cancel`. Never resent after an
@@ -547,67 +535,52 @@ impl DefenderClient {
         guard: Option<Guard<'_>>,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
-        let op = Operation::CancelAction;
-        let url = self.url(op, &format!("api/machineactions/{action_id}/cancel"))?;
+        self.post(Endpoint::Cancel, action_id, comment, guard, deadline)
+            .await
+    }
+
+    /// `POST` a comment to `endpoint` for the machine or action `id`, and
+    /// read back the machine action it answers with.
+    async fn post(
+        &self,
+        endpoint: Endpoint,
+        id: &str,
+        comment: &str,
+        guard: Option<Guard<'_>>,
+        deadline: Instant,
+    ) -> Result<ActionRecord, DefenderError> {
         let body = CommentBody {
             comment: comment.to_owned(),
         };
         let call = Call {
+            body: Some(&body),
             guard,
-            ..self.post(op, Endpoint::Cancel, url, &body)
+            ..Call::new(endpoint, self.url(endpoint, id)?)
         };
         let raw: Value = self.send(call, deadline).await?;
-        let action = typed_action(op, &raw)?;
+        let action = typed_action(endpoint, &raw)?;
         Ok(ActionRecord { action, raw })
     }
 
-    fn get(&self, op: Operation, endpoint: Endpoint, url: Url) -> Call<'static> {
-        Call {
-            op,
+    /// The URL of `endpoint` for the machine or action `id` (ignored by lists).
+    fn url(&self, endpoint: Endpoint, id: &str) -> Result<Url, DefenderError> {
+        let path = endpoint.path(id);
+        self.base.join(&path).map_err(|e| DefenderError::Protocol {
             endpoint,
-            method: Method::GET,
-            url,
-            body: None,
-            on_send: None,
-            guard: None,
-        }
-    }
-
-    fn post<'a>(
-        &self,
-        op: Operation,
-        endpoint: Endpoint,
-        url: Url,
-        body: &'a CommentBody,
-    ) -> Call<'a> {
-        Call {
-            op,
-            endpoint,
-            method: Method::POST,
-            url,
-            body: Some(body),
-            on_send: None,
-            guard: None,
-        }
-    }
-
-    fn url(&self, op: Operation, path: &str) -> Result<Url, DefenderError> {
-        self.base.join(path).map_err(|e| DefenderError::Protocol {
-            operation: op,
             reason: format!("cannot build the URL for {path}: {e}"),
         })
     }
 
     /// A nextLink must point back at the configured API: the bearer token is
     /// never sent anywhere else.
-    fn same_origin(&self, op: Operation, link: &str) -> Result<Url, DefenderError> {
+    fn same_origin(&self, endpoint: Endpoint, link: &str) -> Result<Url, DefenderError> {
         let url = Url::parse(link).map_err(|e| DefenderError::Protocol {
-            operation: op,
+            endpoint,
             reason: format!("nextLink is not a URL: {e}"),
         })?;
         if url.origin() != self.base.origin() {
             return Err(DefenderError::Protocol {
-                operation: op,
+                endpoint,
                 reason: format!(
                     "nextLink points at {}, not at the configured API {}",
                     url.origin().ascii_serialization(),
@@ -624,17 +597,17 @@ impl DefenderClient {
         call: Call<'_>,
         deadline: Instant,
     ) -> Result<T, DefenderError> {
-        let op = call.op;
-        let resend_on_ambiguous_failure = call.method == Method::GET;
+        let op = call.endpoint;
+        let resend_on_ambiguous_failure = op.method() == Method::GET;
         let mut token = tokio::time::timeout_at(deadline, self.tokens.token())
             .await
-            .map_err(|_| DefenderError::OutOfTime { operation: op })??;
+            .map_err(|_| DefenderError::OutOfTime { endpoint: op })??;
         let mut refreshed = false;
         let mut attempt: u32 = 0;
         loop {
             // Out of time is a timeout, not a budget that has no slot left.
             if Instant::now() >= deadline {
-                return Err(DefenderError::OutOfTime { operation: op });
+                return Err(DefenderError::OutOfTime { endpoint: op });
             }
             let budget = match call.guard {
                 Some(guard) => {
@@ -646,21 +619,21 @@ impl DefenderClient {
             };
             budget.map_err(|e| match e {
                 BudgetError::OverBudget(over) => DefenderError::OverBudget {
-                    operation: op,
+                    endpoint: op,
                     wait: over.wait,
                 },
                 BudgetError::Unavailable {
                     retry_after,
                     reason,
                 } => DefenderError::CoordinationUnavailable {
-                    operation: op,
+                    endpoint: op,
                     retry_after,
                     reason,
                 },
             })?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
-                return Err(DefenderError::OutOfTime { operation: op });
+                return Err(DefenderError::OutOfTime { endpoint: op });
             }
             let mut timeout = self.timeout.min(remaining);
             if let Some(guard) = call.guard
@@ -715,10 +688,10 @@ impl DefenderClient {
         token: &str,
         timeout: Duration,
     ) -> Result<T, DefenderError> {
-        let op = call.op;
+        let op = call.endpoint;
         let mut request = self
             .http
-            .request(call.method.clone(), call.url.clone())
+            .request(op.method(), call.url.clone())
             .timeout(timeout)
             .bearer_auth(token)
             .header(header::ACCEPT, "application/json");
@@ -739,7 +712,7 @@ impl DefenderClient {
 
         if status.is_success() {
             return serde_json::from_slice(&bytes).map_err(|e| DefenderError::Decode {
-                operation: op,
+                endpoint: op,
                 reason: e.to_string(),
             });
         }
@@ -752,7 +725,7 @@ impl DefenderClient {
             Err(_) => (String::new(), reason_phrase(status), None),
         };
         Err(DefenderError::Status {
-            operation: op,
+            endpoint: op,
             status: status.as_u16(),
             code,
             message,
@@ -762,24 +735,24 @@ impl DefenderClient {
     }
 }
 
-fn typed_action(op: Operation, raw: &Value) -> Result<MachineAction, DefenderError> {
+fn typed_action(op: Endpoint, raw: &Value) -> Result<MachineAction, DefenderError> {
     serde_json::from_value(raw.clone()).map_err(|e| DefenderError::Decode {
-        operation: op,
+        endpoint: op,
         reason: format!("not a MachineAction: {e}"),
     })
 }
 
-fn transport(op: Operation, timeout: Duration, e: &reqwest::Error) -> DefenderError {
+fn transport(op: Endpoint, timeout: Duration, e: &reqwest::Error) -> DefenderError {
     if e.is_timeout() {
         DefenderError::Timeout {
-            operation: op,
+            endpoint: op,
             timeout,
         }
     } else {
         // The Display of a reqwest error carries the URL but never headers,
         // so the token cannot leak through it.
         DefenderError::Transport {
-            operation: op,
+            endpoint: op,
             reason: error_chain(e),
         }
     }

@@ -4,37 +4,8 @@ use std::time::Duration;
 
 use thiserror::Error;
 
+use super::api::Endpoint;
 use crate::auth::TokenError;
-
-/// The Defender call an error came from. It decides whether an action may exist
-/// after an ambiguous failure.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Operation {
-    ListMachines,
-    GetMachine,
-    CreateAction,
-    ListActions,
-    GetAction,
-    CancelAction,
-}
-
-impl Operation {
-    pub fn describe(self) -> &'static str {
-        match self {
-            Self::ListMachines => "listing machines",
-            Self::GetMachine => "reading the machine",
-            Self::CreateAction => "creating the machine action",
-            Self::ListActions => "listing the machine's actions",
-            Self::CancelAction => "cancelling the pending action",
-            Self::GetAction => "reading the machine action",
-        }
-    }
-
-    /// A POST that failed without a clear answer may still have created an action.
-    pub fn may_have_acted(self) -> bool {
-        matches!(self, Self::CreateAction | Self::CancelAction)
-    }
-}
 
 impl DefenderError {
     /// Defender's "Action is already in progress" answer to a duplicate request.
@@ -66,9 +37,9 @@ impl DefenderError {
 #[derive(Debug, Clone, Error)]
 pub enum DefenderError {
     /// Defender answered with a non-success status.
-    #[error("Defender answered {status} while {}: {code} {message}", operation.describe())]
+    #[error("Defender answered {status} while {}: {code} {message}", endpoint.describe())]
     Status {
-        operation: Operation,
+        endpoint: Endpoint,
         status: u16,
         /// `error.code` from Defender's envelope, empty when there was none.
         code: String,
@@ -78,47 +49,35 @@ pub enum DefenderError {
         retry_after: Option<Duration>,
     },
     /// No answer within the call's timeout.
-    #[error("Defender did not answer within {} s while {}", timeout.as_secs(), operation.describe())]
+    #[error("Defender did not answer within {} s while {}", timeout.as_secs(), endpoint.describe())]
     Timeout {
-        operation: Operation,
+        endpoint: Endpoint,
         timeout: Duration,
     },
     /// The connection failed or was dropped.
-    #[error("the connection to Defender failed while {}: {reason}", operation.describe())]
-    Transport {
-        operation: Operation,
-        reason: String,
-    },
+    #[error("the connection to Defender failed while {}: {reason}", endpoint.describe())]
+    Transport { endpoint: Endpoint, reason: String },
     /// Defender answered success with a body we cannot read.
-    #[error("Defender's answer could not be read while {}: {reason}", operation.describe())]
-    Decode {
-        operation: Operation,
-        reason: String,
-    },
+    #[error("Defender's answer could not be read while {}: {reason}", endpoint.describe())]
+    Decode { endpoint: Endpoint, reason: String },
     /// Defender answered something that breaks its own contract.
-    #[error("Defender's answer was unexpected while {}: {reason}", operation.describe())]
-    Protocol {
-        operation: Operation,
-        reason: String,
-    },
+    #[error("Defender's answer was unexpected while {}: {reason}", endpoint.describe())]
+    Protocol { endpoint: Endpoint, reason: String },
     /// No token, so nothing was sent.
     #[error(transparent)]
     Token(#[from] TokenError),
     /// The client-side rate budget has no slot before the invocation's deadline.
-    #[error("the rate budget for {} has no free slot for {} s", operation.describe(), wait.as_secs())]
-    OverBudget {
-        operation: Operation,
-        wait: Duration,
-    },
+    #[error("the rate budget for {} has no free slot for {} s", endpoint.describe(), wait.as_secs())]
+    OverBudget { endpoint: Endpoint, wait: Duration },
     /// The budget shared by every instance (`COORDINATION=storage`) could not
     /// be consulted, so the call was not sent.
-    #[error("the shared Defender budget could not be consulted before {}: {reason}", operation.describe())]
+    #[error("the shared Defender budget could not be consulted before {}: {reason}", endpoint.describe())]
     CoordinationUnavailable {
-        operation: Operation,
+        endpoint: Endpoint,
         retry_after: Duration,
         reason: String,
     },
     /// The invocation's deadline passed before the call could be made.
-    #[error("the invocation ran out of time before {}", operation.describe())]
-    OutOfTime { operation: Operation },
+    #[error("the invocation ran out of time before {}", endpoint.describe())]
+    OutOfTime { endpoint: Endpoint },
 }

@@ -64,11 +64,7 @@ async fn list(
 ) -> Result<Reply, ApiError> {
     let filter = StateFilter::from_query(&invocation.query)?;
     let deadline = Instant::now() + state.request_timeout();
-    let listing = state
-        .restrictor()
-        .client()
-        .restrict_history(deadline, None)
-        .await?;
+    let listing = state.restrictor().history(deadline).await?;
     let read_actions = listing.actions.len();
     let (devices, counts) = Fleet::from_actions(listing.actions).select(filter);
     let as_of = rfc3339(listing.sent_at);

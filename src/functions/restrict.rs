@@ -112,7 +112,8 @@ async fn act(
     let restrictor = state.restrictor();
     // The deadline bounds every wait inside; this outer bound is a backstop.
     let backstop = deadline + Duration::from_secs(1);
-    let success = tokio::time::timeout_at(backstop, restrictor.run(device, request, deadline))
+    let intent = request.intent();
+    let success = tokio::time::timeout_at(backstop, restrictor.run(device, &intent, deadline))
         .await
         .map_err(|_| {
             ApiError::Timeout(format!(
@@ -148,10 +149,8 @@ async fn wait_for(
     let wanted = Instant::now().checked_add(wait);
     let limit = deadline.checked_sub(ANSWER_MARGIN).unwrap_or(deadline);
     let until = wanted.unwrap_or(deadline).min(limit);
-    if let Err(e) = success
-        .wait_until_terminal(state.restrictor().client(), until)
-        .await
-    {
+    if let Err(e) = state.restrictor().wait(success, until).await {
+        let e = ApiError::from(e);
         tracing::warn!(error = %e, "polling the action failed; answering with its last known state");
         return (!success.terminal()).then_some(CutShort::Poll(e.code()));
     }

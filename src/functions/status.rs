@@ -63,19 +63,8 @@ async fn read(
 ) -> Result<(String, ActionRecord), ApiError> {
     let id = action_id(invocation.params.get("actionId"))?;
     let deadline = Instant::now() + state.request_timeout();
-    match state.restrictor().client().action(&id, deadline).await? {
-        // Answering with another action than the one asked for would tell
-        // the caller the wrong device's state.
-        Some(found) if !found.action.id.eq_ignore_ascii_case(&id) => {
-            Err(ApiError::Defender(format!(
-                "Defender answered the read of action {id} with action {}; the answer was not used. \
-             Retry later.",
-                found.action.id.chars().take(64).collect::<String>()
-            )))
-        }
-        Some(found) => Ok((id, found)),
-        None => Err(ApiError::ActionNotFound(id)),
-    }
+    let found = state.restrictor().status(&id, deadline).await?;
+    Ok((id, found))
 }
 
 /// The answer of the status and cancel functions.

@@ -9,18 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use time::{Duration, OffsetDateTime};
 
 use super::RateLimits;
-
-/// The endpoints Defender limits separately.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum EndpointKind {
-    ListMachines,
-    GetMachine,
-    Restrict,
-    Unrestrict,
-    ListActions,
-    GetAction,
-    Cancel,
-}
+use crate::defender::Endpoint;
 
 const MINUTE: Duration = Duration::seconds(60);
 const HOUR: Duration = Duration::seconds(3600);
@@ -29,7 +18,7 @@ const HOUR: Duration = Duration::seconds(3600);
 pub(crate) struct RateLimiter {
     limits: RateLimits,
     /// Sim instants of accepted calls within the last hour, oldest first.
-    accepted: HashMap<EndpointKind, VecDeque<OffsetDateTime>>,
+    accepted: HashMap<Endpoint, VecDeque<OffsetDateTime>>,
 }
 
 impl RateLimiter {
@@ -44,10 +33,10 @@ impl RateLimiter {
     /// slot frees in every window that is full.
     pub(crate) fn try_acquire(
         &mut self,
-        kind: EndpointKind,
+        endpoint: Endpoint,
         now: OffsetDateTime,
     ) -> Result<(), Duration> {
-        let calls = self.accepted.entry(kind).or_default();
+        let calls = self.accepted.entry(endpoint).or_default();
         while calls.front().is_some_and(|t| now - *t >= HOUR) {
             calls.pop_front();
         }
@@ -121,22 +110,22 @@ mod tests {
         let mut rl = limiter(3, 100);
         for s in [0, 10, 20] {
             assert!(
-                rl.try_acquire(EndpointKind::Restrict, T0 + Duration::seconds(s))
+                rl.try_acquire(Endpoint::Restrict, T0 + Duration::seconds(s))
                     .is_ok()
             );
         }
         // Full: the call at t=0 leaves the window at t=60.
         let wait = rl
-            .try_acquire(EndpointKind::Restrict, T0 + Duration::seconds(30))
+            .try_acquire(Endpoint::Restrict, T0 + Duration::seconds(30))
             .expect_err("limited");
         assert_eq!(wait, Duration::seconds(30));
         // Rejected calls are not counted: at t=60 exactly one slot is free.
         assert!(
-            rl.try_acquire(EndpointKind::Restrict, T0 + Duration::seconds(60))
+            rl.try_acquire(Endpoint::Restrict, T0 + Duration::seconds(60))
                 .is_ok()
         );
         assert_eq!(
-            rl.try_acquire(EndpointKind::Restrict, T0 + Duration::seconds(61)),
+            rl.try_acquire(Endpoint::Restrict, T0 + Duration::seconds(61)),
             Err(Duration::seconds(9))
         );
     }
@@ -144,27 +133,27 @@ mod tests {
     #[test]
     fn endpoints_are_limited_separately() {
         let mut rl = limiter(1, 100);
-        assert!(rl.try_acquire(EndpointKind::Restrict, T0).is_ok());
-        assert!(rl.try_acquire(EndpointKind::Unrestrict, T0).is_ok());
-        assert!(rl.try_acquire(EndpointKind::ListMachines, T0).is_ok());
-        assert!(rl.try_acquire(EndpointKind::Restrict, T0).is_err());
+        assert!(rl.try_acquire(Endpoint::Restrict, T0).is_ok());
+        assert!(rl.try_acquire(Endpoint::Unrestrict, T0).is_ok());
+        assert!(rl.try_acquire(Endpoint::ListMachines, T0).is_ok());
+        assert!(rl.try_acquire(Endpoint::Restrict, T0).is_err());
     }
 
     #[test]
     fn hour_window_uses_the_longer_wait() {
         let mut rl = limiter(100, 2);
-        assert!(rl.try_acquire(EndpointKind::GetAction, T0).is_ok());
+        assert!(rl.try_acquire(Endpoint::GetAction, T0).is_ok());
         assert!(
-            rl.try_acquire(EndpointKind::GetAction, T0 + Duration::minutes(10))
+            rl.try_acquire(Endpoint::GetAction, T0 + Duration::minutes(10))
                 .is_ok()
         );
         let at = T0 + Duration::minutes(20);
         assert_eq!(
-            rl.try_acquire(EndpointKind::GetAction, at),
+            rl.try_acquire(Endpoint::GetAction, at),
             Err(Duration::minutes(40))
         );
         assert!(
-            rl.try_acquire(EndpointKind::GetAction, T0 + Duration::minutes(60))
+            rl.try_acquire(Endpoint::GetAction, T0 + Duration::minutes(60))
                 .is_ok()
         );
     }
@@ -172,7 +161,7 @@ mod tests {
     #[test]
     fn zero_limit_blocks_for_a_whole_window() {
         let mut rl = limiter(0, 10);
-        assert_eq!(rl.try_acquire(EndpointKind::Cancel, T0), Err(MINUTE));
+        assert_eq!(rl.try_acquire(Endpoint::Cancel, T0), Err(MINUTE));
     }
 
     #[test]

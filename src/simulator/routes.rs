@@ -1,6 +1,7 @@
 //! The router, and the Defender API surface under `/api`.
 //!
-//! `/api` is dispatched by hand rather than through axum routes so that every
+//! `/api` is dispatched through the client's own list of endpoints
+//! ([`Endpoint::parse`]) rather than through axum routes so that every
 //! unmodelled method or path gets the same loud `501 NotImplementedInSimulator`
 //! envelope (axum's own 404/405 would look like real Defender answers), and so
 //! that path ids go through the same lookup rules as Defender's.
@@ -27,11 +28,14 @@ use super::filter::{self, ACTION_FIELDS, FilterError, MACHINE_FIELDS};
 use super::identity;
 use super::intercept::{MAX_BODY, intercept};
 use super::odata::{self, QueryError, QueryOptions, Shape};
-use super::ratelimit::{EndpointKind, retry_after_secs};
+use super::ratelimit::retry_after_secs;
 use super::respond::{ApiError, json, odata_json};
 use super::state::{CancelError, Created, Lookup, Sim};
 use super::{ListOrder, NoMatch, OrderBy};
-use crate::defender::models::{ActionType, ODataPage};
+use crate::defender::{
+    Endpoint,
+    models::{ActionType, ODataPage},
+};
 
 /// OS platforms restrict/unrestrict accept: Windows 10 1709+, Windows 11 and
 /// (per `respond-machine-alerts`) Windows Server 2019+.
@@ -72,35 +76,12 @@ async fn unknown_path() -> Response {
     )
 }
 
-/// A Defender endpoint, with its path id percent-decoded.
-enum Endpoint {
-    ListMachines,
-    GetMachine(String),
-    CreateAction(String, ActionType),
-    ListActions,
-    GetAction(String),
-    Cancel(String),
-}
-
-impl Endpoint {
-    fn kind(&self) -> EndpointKind {
-        match self {
-            Self::ListMachines => EndpointKind::ListMachines,
-            Self::GetMachine(_) => EndpointKind::GetMachine,
-            Self::CreateAction(_, ActionType::RestrictCodeExecution) => EndpointKind::Restrict,
-            Self::CreateAction(_, ActionType::UnrestrictCodeExecution) => EndpointKind::Unrestrict,
-            Self::ListActions => EndpointKind::ListActions,
-            Self::GetAction(_) => EndpointKind::GetAction,
-            Self::Cancel(_) => EndpointKind::Cancel,
-        }
-    }
-
-    fn shape(&self) -> Shape {
-        match self {
-            Self::ListMachines => Shape::Machines,
-            Self::ListActions => Shape::Actions,
-            _ => Shape::Single,
-        }
+/// How a list endpoint's query options are checked; other endpoints take none.
+fn shape(endpoint: Endpoint) -> Shape {
+    match endpoint {
+        Endpoint::ListMachines => Shape::Machines,
+        Endpoint::ListActions => Shape::Actions,
+        _ => Shape::Single,
     }
 }
 
@@ -123,13 +104,13 @@ async fn handle(sim: &Sim, request: Request) -> Result<Response, ApiError> {
             ),
         ));
     }
-    let endpoint = route(parts.method.as_str(), parts.uri.path())?;
-    sim.with_roles(|roles| check_roles(&endpoint, roles))?;
+    let (endpoint, id) = route(parts.method.as_str(), parts.uri.path())?;
+    sim.with_roles(|roles| check_roles(endpoint, roles))?;
     let now = sim.clock.now();
     sim.tenant()
-        .acquire(endpoint.kind(), now)
+        .acquire(endpoint, now)
         .map_err(|wait| ApiError::too_many_requests(retry_after_secs(wait, sim.clock.speed())))?;
-    let query = odata::parse_query(parts.uri.query(), endpoint.shape()).map_err(query_error)?;
+    let query = odata::parse_query(parts.uri.query(), shape(endpoint)).map_err(query_error)?;
     let body = to_bytes(body, MAX_BODY).await.map_err(|err| {
         ApiError::bad_request(
             "InvalidRequestBody",
@@ -146,11 +127,12 @@ async fn handle(sim: &Sim, request: Request) -> Result<Response, ApiError> {
     };
     match endpoint {
         Endpoint::ListMachines => list_machines(&call),
-        Endpoint::GetMachine(id) => get_machine(&call, &id),
-        Endpoint::CreateAction(id, kind) => create_action(&call, &id, kind),
+        Endpoint::GetMachine => get_machine(&call, &id),
+        Endpoint::Restrict => create_action(&call, &id, ActionType::RestrictCodeExecution),
+        Endpoint::Unrestrict => create_action(&call, &id, ActionType::UnrestrictCodeExecution),
         Endpoint::ListActions => list_actions(&call),
-        Endpoint::GetAction(id) => get_action(&call, &id),
-        Endpoint::Cancel(id) => cancel(&call, &id),
+        Endpoint::GetAction => get_action(&call, &id),
+        Endpoint::Cancel => cancel(&call, &id),
     }
 }
 
@@ -308,10 +290,10 @@ const CANCEL_ROLES: &[&str] = &[
 
 /// 403 unless the app holds one of the endpoint's roles, with the text real
 /// Defender sends (Azure/Azure-Sentinel PR #14672).
-fn check_roles(endpoint: &Endpoint, roles: &[String]) -> Result<(), ApiError> {
+fn check_roles(endpoint: Endpoint, roles: &[String]) -> Result<(), ApiError> {
     let required = match endpoint {
-        Endpoint::CreateAction(..) => RESTRICT_ROLES,
-        Endpoint::Cancel(_) => CANCEL_ROLES,
+        Endpoint::Restrict | Endpoint::Unrestrict => RESTRICT_ROLES,
+        Endpoint::Cancel => CANCEL_ROLES,
         _ => READ_ROLES,
     };
     let held = |r: &str| {
@@ -335,56 +317,11 @@ fn check_roles(endpoint: &Endpoint, roles: &[String]) -> Result<(), ApiError> {
     ))
 }
 
-fn route(method: &str, path: &str) -> Result<Endpoint, ApiError> {
-    let segments: Vec<String> = path
-        .strip_prefix("/api")
-        .unwrap_or(path)
-        .split('/')
-        .filter(|s| !s.is_empty())
-        .map(percent_decode)
-        .collect();
-    let segments: Vec<&str> = segments.iter().map(String::as_str).collect();
-    let id = |s: &str| s.to_owned();
-    Ok(match (method, segments.as_slice()) {
-        ("GET", ["machines"]) => Endpoint::ListMachines,
-        ("GET", ["machines", m]) => Endpoint::GetMachine(id(m)),
-        ("POST", ["machines", m, "restrictCodeExecution"]) => {
-            Endpoint::CreateAction(id(m), ActionType::RestrictCodeExecution)
-        }
-        ("POST", ["machines", m, "unrestrictCodeExecution"]) => {
-            Endpoint::CreateAction(id(m), ActionType::UnrestrictCodeExecution)
-        }
-        ("GET", ["machineactions"]) => Endpoint::ListActions,
-        ("GET", ["machineactions", a]) => Endpoint::GetAction(id(a)),
-        ("POST", ["machineactions", a, "cancel"]) => Endpoint::Cancel(id(a)),
-        _ => {
-            return Err(ApiError::not_implemented(format!(
-                "{method} {path} is not modelled by the simulator"
-            )));
-        }
+/// The endpoint called and its path id, or a loud 501 for anything else.
+fn route(method: &str, path: &str) -> Result<(Endpoint, String), ApiError> {
+    Endpoint::parse(method, path).ok_or_else(|| {
+        ApiError::not_implemented(format!("{method} {path} is not modelled by the simulator"))
     })
-}
-
-/// Decodes `%XX` escapes in a path segment (`+` stays a plus in paths).
-fn percent_decode(segment: &str) -> String {
-    let bytes = segment.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: Option<&u8>| b.and_then(|b| char::from(*b).to_digit(16));
-        match (bytes[i], hex(bytes.get(i + 1)), hex(bytes.get(i + 2))) {
-            (b'%', Some(hi), Some(lo)) => {
-                // Two hex digits always fit a byte.
-                out.push(u8::try_from(hi * 16 + lo).unwrap_or(b'?'));
-                i += 3;
-            }
-            (b, _, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The `Comment` of a restrict, unrestrict or cancel body. Defender's body
@@ -508,37 +445,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn routes_and_fails_loudly() {
-        assert!(matches!(
-            route("GET", "/api/machines"),
-            Ok(Endpoint::ListMachines)
-        ));
-        assert!(matches!(
-            route("GET", "/api/machines/"),
-            Ok(Endpoint::ListMachines)
-        ));
+    fn fails_loudly_for_what_it_does_not_model() {
         assert!(matches!(
             route("GET", "/api/machines/DESKTOP%2DALPHA"),
-            Ok(Endpoint::GetMachine(id)) if id == "DESKTOP-ALPHA"
+            Ok((Endpoint::GetMachine, id)) if id == "DESKTOP-ALPHA"
         ));
-        assert!(matches!(
-            route("POST", "/api/machines/abc/unrestrictCodeExecution"),
-            Ok(Endpoint::CreateAction(
-                _,
-                ActionType::UnrestrictCodeExecution
-            ))
-        ));
-        for (method, path) in [
-            ("DELETE", "/api/machines/abc"),
-            ("POST", "/api/machines/abc/isolate"),
-            ("GET", "/api/v1.0/machines"),
-            ("GET", "/api"),
-            ("PUT", "/api/machineactions/x/cancel"),
-        ] {
-            let err = route(method, path).err().expect("not modelled");
-            assert_eq!(err.status, StatusCode::NOT_IMPLEMENTED, "{method} {path}");
-            assert_eq!(err.code, "NotImplementedInSimulator");
-        }
+        // Every other method and path (see `Endpoint::parse`'s tests).
+        let err = route("POST", "/api/machines/abc/isolate").expect_err("not modelled");
+        assert_eq!(err.status, StatusCode::NOT_IMPLEMENTED);
+        assert_eq!(err.code, "NotImplementedInSimulator");
+        assert_eq!(
+            err.message,
+            "POST /api/machines/abc/isolate is not modelled by the simulator"
+        );
     }
 
     #[test]
@@ -559,11 +478,10 @@ mod tests {
     #[test]
     fn roles_per_endpoint() {
         let roles = |r: &[&str]| r.iter().map(|r| (*r).to_owned()).collect::<Vec<_>>();
-        let restrict = Endpoint::CreateAction("m".to_owned(), ActionType::RestrictCodeExecution);
-        let cancel = Endpoint::Cancel("a".to_owned());
+        let (restrict, cancel) = (Endpoint::Restrict, Endpoint::Cancel);
         let read_only = roles(&["Machine.Read.All"]);
-        assert!(check_roles(&Endpoint::ListActions, &read_only).is_ok());
-        let err = check_roles(&restrict, &read_only).expect_err("403");
+        assert!(check_roles(Endpoint::ListActions, &read_only).is_ok());
+        let err = check_roles(restrict, &read_only).expect_err("403");
         assert_eq!(err.status, StatusCode::FORBIDDEN);
         assert_eq!(err.code, "Forbidden");
         assert_eq!(
@@ -571,11 +489,11 @@ mod tests {
             "Missing application roles. API required roles: Machine.RestrictExecution, \
              application roles: Machine.Read.All"
         );
-        assert!(check_roles(&cancel, &read_only).is_err());
-        assert!(check_roles(&cancel, &roles(&["Machine.Isolate"])).is_ok());
-        assert!(check_roles(&cancel, &roles(&["Machine.CollectForensics"])).is_ok());
-        assert!(check_roles(&restrict, &roles(&["Machine.RestrictExecution"])).is_ok());
-        assert!(check_roles(&Endpoint::ListMachines, &roles(&["Machine.Isolate"])).is_err());
+        assert!(check_roles(cancel, &read_only).is_err());
+        assert!(check_roles(cancel, &roles(&["Machine.Isolate"])).is_ok());
+        assert!(check_roles(cancel, &roles(&["Machine.CollectForensics"])).is_ok());
+        assert!(check_roles(restrict, &roles(&["Machine.RestrictExecution"])).is_ok());
+        assert!(check_roles(Endpoint::ListMachines, &roles(&["Machine.Isolate"])).is_err());
     }
 
     #[test]
@@ -600,12 +518,5 @@ mod tests {
         assert_eq!(code(""), Err("InvalidRequestBody".to_owned()));
         let no_type = comment(&HeaderMap::new(), br#"{"Comment":"x"}"#).map_err(|e| e.code);
         assert_eq!(no_type, Err("InvalidRequestBody".to_owned()));
-    }
-
-    #[test]
-    fn percent_decoding() {
-        assert_eq!(percent_decode("a%20b%zz%4"), "a b%zz%4");
-        assert_eq!(percent_decode("a+b"), "a+b");
-        assert_eq!(percent_decode("%C3%A9"), "é");
     }
 }

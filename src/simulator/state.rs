@@ -15,9 +15,10 @@ use super::actions::{ActionRecord, Cancellation, Life};
 use super::clock::{SimClock, sim_duration};
 use super::faults::{Fault, FaultKind, FaultList};
 use super::filter::Condition;
-use super::ratelimit::{EndpointKind, RateLimiter};
+use super::ratelimit::RateLimiter;
 use super::requests::{RecordedRequest, RequestLog};
 use super::{ActionOutcome, DuplicateBehaviour, SimConfig, seed};
+use crate::defender::Endpoint;
 use crate::defender::models::{ActionStatus, ActionType, Machine, MachineAction};
 
 /// Locks a mutex, recovering the data if a previous holder panicked.
@@ -234,11 +235,11 @@ impl Tenant {
     /// simulated wait until a slot frees.
     pub(crate) fn acquire(
         &mut self,
-        kind: EndpointKind,
+        endpoint: Endpoint,
         now: OffsetDateTime,
     ) -> Result<(), Duration> {
         match &mut self.limiter {
-            Some(limiter) => limiter.try_acquire(kind, now),
+            Some(limiter) => limiter.try_acquire(endpoint, now),
             None => Ok(()),
         }
     }

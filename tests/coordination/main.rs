@@ -23,7 +23,7 @@ use restrict_code_execution::{
         CoordinationError, Coordinator, CoordinatorOptions, Handoff, Locked, StorageAuth,
         StorageSettings,
     },
-    defender::budget::Endpoint,
+    defender::Endpoint,
 };
 use tokio::time::Instant;
 

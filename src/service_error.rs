@@ -1,0 +1,85 @@
+//! What can go wrong in the domain service ([`crate::restrict::Restrictor`]),
+//! as facts about the device and its actions. `From<ServiceError> for
+//! ApiError` (in [`crate::error`]) turns each into its problem answer, with
+//! all the prose a caller reads.
+
+use thiserror::Error;
+
+use crate::{
+    coordination::CoordinationError,
+    defender::{
+        DefenderError,
+        models::{ActionType, MachineAction},
+    },
+};
+
+/// Why the service did not do what was asked. `Clone`, because one failed
+/// round answers every job queued in it.
+#[derive(Debug, Clone, Error)]
+pub enum ServiceError {
+    /// No Defender machine can be acted on for the device; says why.
+    #[error("{0}")]
+    DeviceNotFound(String),
+    #[error(transparent)]
+    Defender(#[from] DefenderError),
+    /// The instances' coordination through storage failed: nothing was sent.
+    #[error(transparent)]
+    Coordination(#[from] CoordinationError),
+    /// A pending action on the machine stands in the way of the one asked
+    /// for; `created_meanwhile` when another request created it after this
+    /// one arrived (which `cancelPending` does not cancel).
+    #[error("machine {machine_id} has a conflicting action {} pending", action.id)]
+    ConflictingActionPending {
+        machine_id: String,
+        action: Box<MachineAction>,
+        created_meanwhile: bool,
+    },
+    /// `cancelPending` cancelled `action`, but no read showed it final in time.
+    #[error("the cancelled action {} on machine {machine_id} is not final yet", action.id)]
+    CancelNotFinal {
+        machine_id: String,
+        action: Box<MachineAction>,
+    },
+    #[error("Defender has no machine action with id {0}")]
+    ActionNotFound(String),
+    /// The action to cancel is already final.
+    #[error("action {action_id} is {status}, which is final")]
+    ActionNotPending { action_id: String, status: String },
+    /// Defender answered 400 to the cancel of an action a read still shows
+    /// as pending.
+    #[error("Defender refused to cancel action {action_id}: {message}")]
+    CancelRefused {
+        action_id: String,
+        status: String,
+        message: String,
+    },
+    /// Only restrict and unrestrict actions are cancelled here.
+    #[error("action {action_id} is of type {action_type}")]
+    UnsupportedActionType {
+        action_id: String,
+        action_type: String,
+    },
+    /// Defender answered the read of one action with another.
+    #[error("Defender answered the read of action {asked} with action {answered}")]
+    OtherActionAnswered { asked: String, answered: String },
+    /// Defender refused a duplicate as "already in progress", but lists no
+    /// pending action of that type for the machine. Nothing was created.
+    #[error("Defender lists no pending {} on machine {machine_id}", action.as_str())]
+    InProgressNoneListed {
+        machine_id: String,
+        action: ActionType,
+    },
+    /// A POST failed without a clear answer, and re-reading the machine's
+    /// actions showed it created nothing.
+    #[error("{0}; no action was created")]
+    NotCreated(DefenderError),
+    /// The round serving the machine stopped without answering.
+    #[error("the round serving this machine stopped unexpectedly")]
+    RoundStopped,
+    /// Other invocations held the machine until the deadline; nothing was sent.
+    #[error("other invocations held machine {machine_id} until the deadline")]
+    QueuedPastDeadline { machine_id: String },
+    /// The deadline passed while acting: an action may or may not exist.
+    #[error("the deadline passed while acting on machine {machine_id}")]
+    ActingPastDeadline { machine_id: String },
+}
