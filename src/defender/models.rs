@@ -144,8 +144,8 @@ impl MachineAction {
 /// compact JSON object they make rather than as a parsed map: the fleet view
 /// holds the tenant's whole restrict history at once, tens of thousands of
 /// actions, and a parsed map of a dozen small values takes several times the
-/// memory of its text. Serialized back as the same fields and values (keys in
-/// order, as a parsed map writes them).
+/// memory of its text. Serialized back as the same fields and values, keys
+/// sorted (as the parsed map wrote them before).
 ///
 /// The text is always written by serde_json from a map, so it always parses
 /// back, and equal fields make equal text.
