@@ -4,7 +4,7 @@
 //! returns is kept in `extra`, so a record round-trips unchanged (the simulator
 //! serves the same types the client reads).
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
 
 /// A machine record (`GET /api/machines`, `GET /api/machines/{id}`).
@@ -126,7 +126,7 @@ pub struct MachineAction {
     #[serde(default)]
     pub last_update_date_time_utc: Option<String>,
     #[serde(flatten)]
-    pub extra: Map<String, Value>,
+    pub extra: OtherFields,
 }
 
 impl MachineAction {
@@ -136,6 +136,50 @@ impl MachineAction {
 
     pub fn typed_type(&self) -> Option<ActionType> {
         serde_json::from_value(Value::String(self.action_type.clone())).ok()
+    }
+}
+
+/// The fields of a machine action that are not typed (`scope`, `commands`,
+/// `title`, `cancellationComment`, ...), every one Defender sent, kept as the
+/// compact JSON object they make rather than as a parsed map: the fleet view
+/// holds the tenant's whole restrict history at once, tens of thousands of
+/// actions, and a parsed map of a dozen small values takes several times the
+/// memory of its text. Serialized back as the same fields and values, keys
+/// sorted (as the parsed map wrote them before).
+///
+/// The text is always written by serde_json from a map, so it always parses
+/// back, and equal fields make equal text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OtherFields(Box<str>);
+
+impl OtherFields {
+    /// The fields, parsed.
+    pub fn to_map(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+}
+
+impl Default for OtherFields {
+    fn default() -> Self {
+        Map::new().into()
+    }
+}
+
+impl From<Map<String, Value>> for OtherFields {
+    fn from(fields: Map<String, Value>) -> Self {
+        Self(Value::Object(fields).to_string().into_boxed_str())
+    }
+}
+
+impl Serialize for OtherFields {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        self.to_map().serialize(serializer)
+    }
+}
+
+impl<'de> Deserialize<'de> for OtherFields {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Map::deserialize(deserializer).map(Self::from)
     }
 }
 
@@ -180,4 +224,46 @@ pub struct ErrorBody {
 pub struct CommentBody {
     #[serde(rename = "Comment")]
     pub comment: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_machine_action_round_trips_every_field_defender_sent() {
+        let sent = json!({
+            "id": "a1", "type": "Isolate", "status": "Succeeded",
+            "machineId": "m1", "computerDnsName": null,
+            "title": "Isolate", "scope": "Selective", "commands": [{"k": [1, 2.5, -3]}],
+            "errorHResult": -2147467259, "externalId": null, "relatedFileInfo": {"x": "\u{e9}\"\n"},
+        });
+        let action: MachineAction = serde_json::from_value(sent.clone()).unwrap();
+        assert_eq!(action.action_type, "Isolate");
+        assert_eq!(action.extra.to_map()["scope"], "Selective");
+        assert!(
+            action.extra.to_map().get("id").is_none(),
+            "typed fields are not kept twice"
+        );
+        let mut back = serde_json::to_value(&action).unwrap();
+        // The optional typed fields Defender did not send come back as null.
+        for absent in [
+            "requestor",
+            "requestorComment",
+            "creationDateTimeUtc",
+            "lastUpdateDateTimeUtc",
+        ] {
+            assert_eq!(
+                back.as_object_mut().unwrap().remove(absent),
+                Some(Value::Null)
+            );
+        }
+        assert_eq!(back, sent);
+        let text = serde_json::to_string(&action).unwrap();
+        assert_eq!(
+            serde_json::from_str::<MachineAction>(&text).unwrap(),
+            action
+        );
+    }
 }

@@ -189,7 +189,7 @@ impl ActionRecord {
                 (None, ActionFields::FromCreation) => Some(timestamp(self.created)),
                 (None, ActionFields::WhenPickedUp) => None,
             },
-            extra,
+            extra: extra.into(),
         }
     }
 }
@@ -245,8 +245,8 @@ mod tests {
         let pending = r.to_wire(T0, LIFE);
         assert_eq!(pending.computer_dns_name, None);
         assert_eq!(pending.last_update_date_time_utc, None);
-        assert_eq!(pending.extra["title"], "Restrict code execution");
-        assert_eq!(pending.extra["scope"], Value::Null);
+        assert_eq!(pending.extra.to_map()["title"], "Restrict code execution");
+        assert_eq!(pending.extra.to_map()["scope"], Value::Null);
         let done = r.to_wire(T0 + Duration::seconds(9), LIFE);
         assert_eq!(done.status, "Succeeded");
         assert_eq!(done.computer_dns_name.as_deref(), Some("DESKTOP"));
@@ -292,9 +292,9 @@ mod tests {
         assert_eq!(phase.status, ActionStatus::Cancelled);
         assert!(phase.picked_up);
         let wire = r.to_wire(T0 + Duration::days(9), LIFE);
-        assert_eq!(wire.extra["cancellationComment"], "stop");
+        assert_eq!(wire.extra.to_map()["cancellationComment"], "stop");
         assert_eq!(
-            wire.extra["cancellationDateTimeUtc"],
+            wire.extra.to_map()["cancellationDateTimeUtc"],
             "2024-01-01T00:00:03.0000000Z"
         );
     }
@@ -322,7 +322,7 @@ mod tests {
         assert_eq!(status_at(&r, 4), ActionStatus::InProgress);
         assert_eq!(status_at(&r, 5), ActionStatus::Failed);
         let wire = r.to_wire(T0 + Duration::seconds(5), LIFE);
-        assert_ne!(wire.extra["errorHResult"], 0);
+        assert_ne!(wire.extra.to_map()["errorHResult"], 0);
     }
 
     #[test]
