@@ -32,7 +32,8 @@
 //!   round waiting for another instance's lease answers `already_pending`
 //!   only from that instance's handoff: a pending action of the same type
 //!   that a POST sent after the job arrived was answered with, with no write
-//!   sent for the machine since ([`crate::coordination::Handoff`]);
+//!   sent under the lease for the machine since
+//!   ([`crate::coordination::Handoff`]);
 //! - a POST or cancel already sent is seen through even if its caller hangs
 //!   up, and one whose outcome is unknown is given [`SETTLE`] before anyone
 //!   reads the machine again, so that the next read sees what it did.
@@ -1062,7 +1063,7 @@ impl Drop for Shared {
 ///
 /// The handoff is the action another instance's POST created (or was
 /// answered with) for this machine, still pending, and no write was sent
-/// for the machine after it. A job for the same action type that arrived
+/// under the lease for the machine after it. A job for the same action type that arrived
 /// before that POST was sent (beyond the clock skew allowance) would read the
 /// same: its decision is `already_pending` with that action, whatever the
 /// other options ([`decision::decide`]). So it is answered so, without the

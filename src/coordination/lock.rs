@@ -15,7 +15,9 @@
 //!   outbreak, up to minutes) announces in the blob's metadata until when it
 //!   expects to be busy ([`MachineLease::announce`]). Waiters sleep until
 //!   then, waking at least every third of the lease duration; without an
-//!   announcement they back off exponentially with jitter (0.1 s to 2 s).
+//!   announcement they back off exponentially (0.1 s doubling to 2 s, each
+//!   pause ±50 % at random). A holder that leaves before its announced time
+//!   (its callers went away) removes the announcement first.
 //!   This keeps the storage requests of a waiting round to a few, however
 //!   long the wait.
 //! - A holder whose POST was answered with a pending action leaves it in the
@@ -47,7 +49,10 @@ use std::{
 use base64::Engine as _;
 use tokio::{task::JoinHandle, time::Instant};
 
-use super::{CoordinationError, store::Store};
+use super::{
+    CoordinationError,
+    store::{Refusal, Store},
+};
 
 /// First wait after finding the lease held, and the longest.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
@@ -70,6 +75,8 @@ const BUSY_UNTIL: &str = "busyuntil";
 /// POST was sent (Unix milliseconds).
 const HANDOFF_ACTION: &str = "handoffaction";
 const HANDOFF_SENT: &str = "handoffsent";
+/// The largest handoff written: storage allows 8 KiB of metadata per blob.
+const MAX_HANDOFF_BYTES: usize = 6 * 1024;
 
 /// The blob holding a machine's lease.
 pub(crate) fn lock_blob(machine_id: &str) -> String {
@@ -153,7 +160,7 @@ impl MachineLease {
                 .announced
                 .lock()
                 .unwrap_or_else(|e| e.into_inner());
-            if announced.is_some_and(|last| last >= until) {
+            if *announced == Some(until) {
                 return;
             }
             *announced = Some(until);
@@ -193,6 +200,12 @@ impl MachineLease {
     pub async fn hand_off(&self, action: &serde_json::Value, sent: SystemTime) {
         let encoded = base64::engine::general_purpose::STANDARD
             .encode(serde_json::to_vec(action).unwrap_or_default());
+        if encoded.len() > MAX_HANDOFF_BYTES {
+            // Storage takes 8 KiB of metadata in all; the waiters read instead.
+            tracing::debug!(machine_id = %self.state.machine_id, bytes = encoded.len(),
+                "the action is too large to hand off");
+            return;
+        }
         let written = write_metadata(&self.store, &self.state, |metadata| {
             metadata.remove(BUSY_UNTIL);
             metadata.insert(HANDOFF_ACTION.to_owned(), encoded);
@@ -218,7 +231,16 @@ impl MachineLease {
         if self.state.lost.load(Ordering::Relaxed) {
             return Ok(());
         }
-        release(&self.store, &self.state.blob, &self.state.lease_id).await
+        withdraw_stale_announcement(&self.store, &self.state).await;
+        let first = release_once(&self.store, &self.state.blob, &self.state.lease_id).await;
+        if first.is_err() {
+            // A release lost to a storage hiccup would keep every waiter for
+            // the machine until the lease expires: try again, in the
+            // background, so that this instance's next round is not held up.
+            let (store, state) = (self.store.clone(), self.state.clone());
+            tokio::spawn(async move { release_in_background(store, state).await });
+        }
+        first
     }
 }
 
@@ -233,11 +255,35 @@ impl Drop for MachineLease {
         };
         let (store, state) = (self.store.clone(), self.state.clone());
         runtime.spawn(async move {
-            if let Err(error) = release(&store, &state.blob, &state.lease_id).await {
-                tracing::warn!(machine_id = %state.machine_id, %error,
-                    "could not release the machine lease; it expires by itself");
-            }
+            withdraw_stale_announcement(&store, &state).await;
+            release_in_background(store, state).await;
         });
+    }
+}
+
+/// A holder that announced a time still ahead is leaving before it (its
+/// caller went away): remove the announcement, or the next holder's waiters
+/// would sleep on it. One request, only in that case.
+async fn withdraw_stale_announcement(store: &Store, state: &LeaseState) {
+    let ahead = state
+        .announced
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .take()
+        .is_some_and(|until| until > Instant::now());
+    if ahead {
+        let _ = write_metadata(store, state, |metadata| {
+            metadata.remove(BUSY_UNTIL);
+        })
+        .await;
+    }
+}
+
+/// Release, trying up to three times.
+async fn release_in_background(store: Arc<Store>, state: Arc<LeaseState>) {
+    if let Err(error) = release(&store, &state.blob, &state.lease_id).await {
+        tracing::warn!(machine_id = %state.machine_id, %error,
+            "could not release the machine lease; it expires by itself");
     }
 }
 
@@ -271,21 +317,10 @@ pub(crate) async fn lock_machine(
     let mut creations = 0;
     loop {
         let sent = Instant::now();
-        let answer = match store
-            .acquire_lease(&blob, seconds, &lease_id, deadline)
-            .await
-        {
+        let answer = match acquire_detached(store, &blob, seconds, &lease_id, deadline).await {
             Ok(Some(answer)) => answer,
-            Ok(None) => {
-                abandon(store, &blob, &lease_id);
-                return Err(timed_out());
-            }
-            Err(error) => {
-                // The request may have reached storage: do not leave a lease
-                // with our id behind for a full duration.
-                abandon(store, &blob, &lease_id);
-                return Err(error);
-            }
+            Ok(None) => return Err(timed_out()),
+            Err(error) => return Err(error),
         };
         match answer {
             Ok(()) => {
@@ -451,7 +486,10 @@ fn busy_until(metadata: &HashMap<String, String>) -> Option<SystemTime> {
 /// for it: the action as Defender answered it, and when the POST was sent
 /// (the holder's wall clock). A holder removes it before it sends anything
 /// else ([`MachineLease::withdraw_handoff`]), so while it is there, no write
-/// was sent for the machine after it.
+/// was sent under the lease for the machine after it. (The cancel function
+/// cancels by action id, without the lease.) Metadata writes are not
+/// conditioned on an ETag: a write held up in transit for longer than the
+/// storage timeout could land after a later one; we accept that.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Handoff {
     pub sent: SystemTime,
@@ -461,6 +499,8 @@ pub struct Handoff {
 impl Handoff {
     fn from_metadata(metadata: &HashMap<String, String>) -> Option<Self> {
         let ms = metadata.get(HANDOFF_SENT)?.parse::<u64>().ok()?;
+        // Only times a calendar can hold: the waiter compares it with its own.
+        time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000).ok()?;
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(metadata.get(HANDOFF_ACTION)?)
             .ok()?;
@@ -509,35 +549,66 @@ fn already_there(refusal: super::store::Refusal) -> Result<(), CoordinationError
     }
 }
 
-/// Release a lease that an unanswered acquire may have taken.
-fn abandon(store: &Arc<Store>, blob: &str, lease_id: &str) {
+/// Acquire in a task of its own, so that neither an unclear answer nor a
+/// waiter that goes away meanwhile (its callers hung up) leaves a lease with
+/// our id behind for a full duration: the task releases it, after storage
+/// answered (a release sent earlier could arrive before the acquire).
+async fn acquire_detached(
+    store: &Arc<Store>,
+    blob: &str,
+    seconds: i32,
+    lease_id: &str,
+    deadline: Instant,
+) -> Result<Option<Result<(), Refusal>>, CoordinationError> {
+    let (reply, answer) = tokio::sync::oneshot::channel();
     let (store, blob, lease_id) = (store.clone(), blob.to_owned(), lease_id.to_owned());
     tokio::spawn(async move {
-        let _ = release(&store, &blob, &lease_id).await;
+        let answer = store
+            .acquire_lease(&blob, seconds, &lease_id, deadline)
+            .await;
+        // No answer (timeout, failure): the request may still have reached storage.
+        let may_hold = !matches!(answer, Ok(Some(Err(_))));
+        let unclear = !matches!(answer, Ok(Some(_)));
+        let nobody_waits = reply.send(answer).is_err();
+        if unclear || (nobody_waits && may_hold) {
+            let _ = release(&store, &blob, &lease_id).await;
+        }
     });
+    answer.await.unwrap_or_else(|_| {
+        Err(CoordinationError::Unavailable {
+            retry_after: Duration::from_secs(1),
+            reason: "the lease request was lost".into(),
+        })
+    })
 }
 
 /// Release a lease, trying up to three times: a release lost to a storage
 /// hiccup would keep every waiter for the machine waiting until the lease
-/// expires (up to its whole duration). Releasing is idempotent: a lease no
-/// longer ours (409) has nothing left to release.
+/// expires (up to its whole duration).
 async fn release(store: &Store, blob: &str, lease_id: &str) -> Result<(), CoordinationError> {
     let mut tries = 0;
     loop {
         tries += 1;
-        let error = match store.release_lease(blob, lease_id).await {
-            Ok(Ok(())) => return Ok(()),
-            Ok(Err(refusal)) if refusal.status == 409 => return Ok(()),
-            Ok(Err(refusal)) => CoordinationError::Unavailable {
-                retry_after: Duration::from_secs(10),
-                reason: format!("storage answered {} to a release", refusal.status),
-            },
-            Err(error) => error,
+        let Err(error) = release_once(store, blob, lease_id).await else {
+            return Ok(());
         };
         if tries >= 3 {
             return Err(error);
         }
         tokio::time::sleep(Duration::from_millis(100 * tries + fastrand::u64(0..100))).await;
+    }
+}
+
+/// Releasing is idempotent: a lease no longer ours (409) has nothing left to
+/// release.
+async fn release_once(store: &Store, blob: &str, lease_id: &str) -> Result<(), CoordinationError> {
+    match store.release_lease(blob, lease_id).await? {
+        Ok(()) => Ok(()),
+        Err(refusal) if refusal.status == 409 => Ok(()),
+        Err(refusal) => Err(CoordinationError::Unavailable {
+            retry_after: Duration::from_secs(10),
+            reason: format!("storage answered {} to a release", refusal.status),
+        }),
     }
 }
 
@@ -570,5 +641,24 @@ async fn renew(store: Arc<Store>, state: Arc<LeaseState>) {
                 next = Instant::now() + Duration::from_secs(1).min(every);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_handoff_time_no_calendar_holds_is_no_handoff() {
+        let action = base64::engine::general_purpose::STANDARD.encode(br#"{"id":"a"}"#);
+        let metadata = |sent: &str| {
+            HashMap::from([
+                (HANDOFF_ACTION.to_owned(), action.clone()),
+                (HANDOFF_SENT.to_owned(), sent.to_owned()),
+            ])
+        };
+        assert!(Handoff::from_metadata(&metadata("1764547200000")).is_some());
+        assert!(Handoff::from_metadata(&metadata("99999999999999999")).is_none());
+        assert!(Handoff::from_metadata(&metadata("soon")).is_none());
     }
 }

@@ -207,10 +207,11 @@ pub trait WriteGuard: Sync {
 
     /// Checked right before each attempt is sent, after any wait for the rate
     /// budget: a write that may no longer go out (the lease was lost
-    /// meanwhile) is not sent. `Ok(Some(until))`: the attempt must be over
-    /// by then (its timeout is cut to fit), so that it cannot still be in
-    /// flight when someone else may act on the machine. Once it answers
-    /// `Ok`, the attempt is sent.
+    /// meanwhile) is not sent. `Ok(Some(until))`: this client stops waiting
+    /// for the attempt by then (its timeout is cut to fit), before someone
+    /// else may act on the machine. Defender may still process an attempt we
+    /// stopped waiting for; the re-read after an unclear answer is what
+    /// catches that. Once it answers `Ok`, the attempt is sent.
     fn check(&self) -> Result<Option<Instant>, DefenderError>;
 }
 

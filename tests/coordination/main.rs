@@ -10,6 +10,7 @@ mod azurite;
 #[path = "../common/handler_process.rs"]
 mod handler_process;
 mod instances;
+mod lease_edges;
 mod managed_identity;
 
 use std::{
