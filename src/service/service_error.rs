@@ -1,6 +1,6 @@
-//! What can go wrong in the domain service ([`crate::restrict::Restrictor`]),
+//! What can go wrong in the domain service ([`crate::service::restrict::Restrictor`]),
 //! as facts about the device and its actions. `From<ServiceError> for
-//! ApiError` (in [`crate::error`]) turns each into its problem answer, with
+//! ApiError` (in [`crate::host::error`]) turns each into its problem answer, with
 //! all the prose a caller reads.
 
 use thiserror::Error;
