@@ -2,8 +2,8 @@
 //!
 //! Forwarded mode (`routes`) and payload mode (`envelope`) both build an
 //! [`Invocation`] (the caller's method, headers, query, route parameters and
-//! body); [`crate::host::functions::invoke`] runs it and gives the same
-//! [`crate::host::reply::Reply`] either way: same status, same headers, same body.
+//! body); [`super::functions::invoke`] runs it and gives the same
+//! [`super::reply::Reply`] either way: same status, same headers, same body.
 //! Only the wrapping differs.
 
 use std::collections::BTreeMap;

@@ -1,5 +1,5 @@
 //! Restrict or release one device: find its machine, read its actions,
-//! decide (see [`crate::service::decision`]), and only then act.
+//! decide (see [`super::decision`]), and only then act.
 //!
 //! [`Restrictor`] owns a machine action's whole life: [`Restrictor::run`]
 //! creates it from an [`Intent`], [`Restrictor::wait`] follows it,
@@ -8,10 +8,10 @@
 //!
 //! Safety rules, each with a test in `tests/api/safety.rs`:
 //! - read before write, one round at a time per machine
-//!   ([`crate::service::machine_queue`]), so duplicates coalesce and opposite actions
+//!   ([`super::machine_queue`]), so duplicates coalesce and opposite actions
 //!   cannot finish out of order;
 //! - the state a job decides on comes from a read sent after the job was
-//!   queued ([`crate::service::state_reads`]), plus what the jobs before it in the
+//!   queued ([`super::state_reads`]), plus what the jobs before it in the
 //!   same round did;
 //! - a POST is never blindly re-sent: after an ambiguous failure the machine's
 //!   actions are read again, and the POST is repeated only if no new action of

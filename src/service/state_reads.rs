@@ -1,4 +1,4 @@
-//! Batched reads of machine state ([`crate::service::batch`]): one Defender read
+//! Batched reads of machine state ([`super::batch`]): one Defender read
 //! answers every invocation that is waiting for one.
 //!
 //! Defender counts calls per API (100 a minute, 1,500 an hour), so in an

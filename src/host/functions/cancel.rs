@@ -1,10 +1,10 @@
 //! `cancel-action`: `POST /api/restrict-code-execution/actions/{actionId}/cancel`
 //! with an optional `{"comment": "..."}`.
 //!
-//! The cancel itself is [`crate::service::restrict::Restrictor::cancel`]: only restrict
-//! and unrestrict actions, 409 for a finished one. The answer carries the
-//! status Defender reports after the cancel, with `terminal: false` until the
-//! action is final (a cancel need not take effect at once).
+//! The cancel itself is [`crate::service::restrict::Restrictor::cancel`]: only
+//! restrict and unrestrict actions, 409 for a finished one. The answer carries
+//! the status Defender reports after the cancel, with `terminal: false` until
+//! the action is final (a cancel need not take effect at once).
 
 use http::StatusCode;
 use tokio::time::Instant;

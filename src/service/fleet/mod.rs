@@ -2,10 +2,11 @@
 //!
 //! Defender has no "restricted" flag on a machine, so each machine's state is
 //! derived from the tenant's restrict and unrestrict actions with the same rule
-//! the restrict function decides by ([`crate::service::decision::deciding_action`]): the
-//! `Succeeded` action that *finished* last makes it `restricted` or `released`;
-//! with none it is `unknown`. A `Pending`/`InProgress` action is reported
-//! beside the state and never changes it.
+//! the restrict function decides by
+//! ([`crate::service::decision::deciding_action`]): the `Succeeded` action that
+//! *finished* last makes it `restricted` or `released`; with none it is
+//! `unknown`. A `Pending`/`InProgress` action is reported beside the state and
+//! never changes it.
 //!
 //! Only machines with at least one restrict or unrestrict action in Defender's
 //! history appear: the view is built from one tenant-wide read of those
