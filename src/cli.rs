@@ -8,8 +8,10 @@ use serde_json::json;
 
 use crate::{
     config::Settings,
-    functions::{self, Function},
-    invocation::Invocation,
+    host::{
+        functions::{self, Function},
+        invocation::Invocation,
+    },
     simulator::{SimConfig, SimHandle, Simulator},
     startup::{self, Backend, StartupError},
     telemetry,

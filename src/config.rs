@@ -246,7 +246,7 @@ impl Settings {
             http_read_timeout: seconds(
                 &get,
                 "HTTP_READ_TIMEOUT_SECONDS",
-                crate::server::DEFAULT_READ_TIMEOUT.as_secs(),
+                crate::host::server::DEFAULT_READ_TIMEOUT.as_secs(),
             )?,
             rate_limit_per_minute: count(&get, "DEFENDER_RATE_LIMIT_PER_MINUTE", 100)?,
             rate_limit_per_hour: count(&get, "DEFENDER_RATE_LIMIT_PER_HOUR", 1500)?,

@@ -7,17 +7,16 @@ use thiserror::Error;
 use tokio::net::TcpListener;
 
 use crate::{
-    app_state::AppState,
-    auth::{CredentialOptions, TokenError, TokenSource},
     config::{ConfigError, Settings},
     coordination::{CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions},
     defender::{
         DefenderClient, DefenderClientOptions,
+        auth::{CredentialOptions, TokenError, TokenSource},
         budget::{CallBudget, RateBudget},
         client::RetryPolicy,
     },
-    restrict::Restrictor,
-    routes, server,
+    host::{app_state::AppState, routes, server},
+    service::restrict::Restrictor,
     simulator::{SimConfig, SimHandle, Simulator},
 };
 

@@ -3,8 +3,9 @@
 //! The lease is taken on `locks/<machine id, lower-cased>` in the
 //! coordination container (the empty blob and the container are created on
 //! first use). Within one instance, invocations for the same machine queue
-//! for the machine's round ([`crate::machine_queue`]), so only the round polls
-//! storage, and it releases the lease before the next round takes it.
+//! for the machine's round ([`crate::service::machine_queue`]), so only the
+//! round polls storage, and it releases the lease before the next round
+//! takes it.
 //!
 //! - Acquiring proposes a fresh lease id (so a retry after a lost answer is
 //!   idempotent). While another holder has the lease (409
@@ -25,9 +26,9 @@
 //!   anything else ([`MachineLease::withdraw_handoff`], awaited). A waiting
 //!   duplicate that arrived before that POST was sent is answered
 //!   `already_pending` from it, without taking the lease or reading Defender
-//!   (see [`crate::restrict`]). In the benchmark's burst spread over three
-//!   instances, polling alone made 14 storage requests per invocation;
-//!   announcements and handoffs bring it to about 6.
+//!   (see [`crate::service::restrict`]). In the benchmark's burst spread
+//!   over three instances, polling alone made 14 storage requests per
+//!   invocation; announcements and handoffs bring it to about 6.
 //! - While held, a background task renews the lease every third of its
 //!   duration. If renewing keeps failing, [`MachineLease::check`] fails
 //!   before the lease could have run out, so the caller stops before acting.

@@ -26,11 +26,11 @@ use uuid::Uuid;
 
 use super::{
     api::Endpoint,
+    auth::TokenSource,
     budget::{BudgetError, CallBudget, RateBudget},
     error::DefenderError,
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
-use crate::auth::TokenSource;
 
 /// Most pages followed for one lookup. A device has a handful of records; the
 /// guard stops a server that keeps handing out nextLinks (a reported API bug).

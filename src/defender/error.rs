@@ -4,8 +4,7 @@ use std::time::Duration;
 
 use thiserror::Error;
 
-use super::api::Endpoint;
-use crate::auth::TokenError;
+use super::{api::Endpoint, auth::TokenError};
 
 impl DefenderError {
     /// Defender's "Action is already in progress" answer to a duplicate request.

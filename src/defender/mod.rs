@@ -1,7 +1,9 @@
-//! The Microsoft Defender for Endpoint API: the endpoints called, wire types,
-//! the client, its rate budget and errors.
+//! The Microsoft Defender for Endpoint API: the endpoints called ([`api`]),
+//! wire types ([`models`]), the client ([`client`]) with its tokens
+//! ([`auth`]), its rate budget ([`budget`]) and its errors ([`error`]).
 
 pub mod api;
+pub mod auth;
 pub mod budget;
 pub mod client;
 pub mod error;

@@ -655,7 +655,7 @@ async fn the_openapi_document_is_served_in_both_modes_and_covers_the_surface() {
             .iter()
             .map(|c| c.as_str().unwrap())
             .collect();
-        assert_eq!(codes, restrict_code_execution::error::CODES);
+        assert_eq!(codes, restrict_code_execution::host::error::CODES);
     }
 }
 
@@ -663,7 +663,7 @@ async fn the_openapi_document_is_served_in_both_modes_and_covers_the_surface() {
 fn every_problem_code_is_in_the_readme_troubleshooting_table() {
     let readme = include_str!("../../README.md");
     let table = readme.split("## Troubleshooting").nth(1).unwrap();
-    for code in restrict_code_execution::error::CODES {
+    for code in restrict_code_execution::host::error::CODES {
         assert!(
             table.contains(&format!("`{code}`")),
             "{code} is missing from the troubleshooting table"

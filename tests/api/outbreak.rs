@@ -6,18 +6,16 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use futures_util::future::join_all;
 use restrict_code_execution::{
-    auth::TokenSource,
     defender::{
         DefenderClient, DefenderClientOptions,
+        auth::TokenSource,
         budget::RateBudget,
         models::{ActionType, Machine},
     },
-    machine_directory::MachineDirectory,
-    runbook::DeviceRef,
+    service::{machine_directory::MachineDirectory, runbook::DeviceRef, state_reads::StateReads},
     simulator::{
         Fault, FaultKind, ListOrder, OrderBy, RecordedRequest, SimConfig, SimHandle, Simulator,
     },
-    state_reads::StateReads,
 };
 use serde_json::json;
 use tokio::time::Instant;

@@ -5,9 +5,8 @@
 
 use proptest::prelude::*;
 use restrict_code_execution::{
-    envelope,
-    error::ApiError,
-    runbook::{RunbookRequest, Target},
+    host::{envelope, error::ApiError},
+    service::runbook::{RunbookRequest, Target},
 };
 use serde_json::{Map, Value, json};
 
@@ -83,7 +82,7 @@ fn payload_object() -> impl Strategy<Value = Vec<(String, Value)>> {
 }
 
 fn assert_rejection_is_a_4xx(
-    result: Result<RunbookRequest, restrict_code_execution::runbook::RunbookError>,
+    result: Result<RunbookRequest, restrict_code_execution::service::runbook::RunbookError>,
 ) {
     if let Err(e) = result {
         let error = ApiError::from(e);

@@ -1,9 +1,9 @@
 //! `list-devices`: `GET /api/restrict-code-execution/devices?state=restricted|released|pending|all`.
 //!
-//! The fleet view ([`crate::fleet`]): which machines are restricted right now,
-//! since when and by whom, from one tenant-wide read of the restrict and
-//! unrestrict actions (a few paged list calls, never one per machine). JSON by
-//! default, one line per device with `Accept: text/plain`, a page for a
+//! The fleet view ([`crate::service::fleet`]): which machines are restricted
+//! right now, since when and by whom, from one tenant-wide read of the restrict
+//! and unrestrict actions (a few paged list calls, never one per machine). JSON
+//! by default, one line per device with `Accept: text/plain`, a page for a
 //! browser (`Accept: text/html`).
 
 use http::StatusCode;
@@ -11,11 +11,13 @@ use tokio::time::Instant;
 
 use super::Record;
 use crate::{
-    app_state::AppState,
-    error::ApiError,
-    fleet::{Answer, Fleet, StateFilter, page, rfc3339, text},
-    invocation::Invocation,
-    reply::{self, Format, Reply},
+    host::{
+        app_state::AppState,
+        error::ApiError,
+        invocation::Invocation,
+        reply::{self, Format, Reply},
+    },
+    service::fleet::{Answer, Fleet, StateFilter, page, rfc3339, text},
 };
 
 /// What the caller reads the answer with.

@@ -1,4 +1,4 @@
-//! Batched reads of machine state ([`crate::batch`]): one Defender read
+//! Batched reads of machine state ([`super::batch`]): one Defender read
 //! answers every invocation that is waiting for one.
 //!
 //! Defender counts calls per API (100 a minute, 1,500 an hour), so in an
@@ -37,10 +37,10 @@ use std::{
 use tokio::time::Instant;
 
 use crate::{
-    batch::{Answered, Batcher, Close, Source},
     defender::{
         DefenderClient, DefenderError, Endpoint, client::ActionListing, models::MachineAction,
     },
+    service::batch::{Answered, Batcher, Close, Source},
 };
 
 /// Reads machine state for many invocations at once.

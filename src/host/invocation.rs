@@ -2,8 +2,8 @@
 //!
 //! Forwarded mode (`routes`) and payload mode (`envelope`) both build an
 //! [`Invocation`] (the caller's method, headers, query, route parameters and
-//! body); [`crate::functions::invoke`] runs it and gives the same
-//! [`crate::reply::Reply`] either way: same status, same headers, same body.
+//! body); [`super::functions::invoke`] runs it and gives the same
+//! [`super::reply::Reply`] either way: same status, same headers, same body.
 //! Only the wrapping differs.
 
 use std::collections::BTreeMap;
@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use http::HeaderMap;
 use url::Url;
 
-use crate::{
+use crate::host::{
     principal::{PRINCIPAL_HEADER, PRINCIPAL_NAME_HEADER, Principal},
     reply::Format,
 };

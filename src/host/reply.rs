@@ -5,7 +5,7 @@
 use http::StatusCode;
 use serde::Serialize;
 
-use crate::error::ApiError;
+use crate::host::error::ApiError;
 
 /// How the caller wants the answer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

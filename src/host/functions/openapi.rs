@@ -6,10 +6,10 @@
 use http::StatusCode;
 
 use super::Record;
-use crate::{invocation::Invocation, reply::Reply};
+use crate::host::{invocation::Invocation, reply::Reply};
 
 /// The committed document.
-pub const DOCUMENT: &str = include_str!("../../openapi/openapi.json");
+pub const DOCUMENT: &str = include_str!("../../../openapi/openapi.json");
 
 pub fn run(invocation: &Invocation, record: &mut Record) -> Reply {
     record.outcome = Some("served");

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{error::ApiError, invocation::Invocation, reply::Reply};
+use crate::host::{error::ApiError, invocation::Invocation, reply::Reply};
 
 /// The name of the http output binding in `function.json`. The host matches
 /// keys inside `Outputs` case-sensitively.

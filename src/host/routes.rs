@@ -25,13 +25,15 @@ use tower_http::trace::TraceLayer;
 use url::Url;
 
 use crate::{
-    app_state::AppState,
-    envelope,
-    error::ApiError,
-    functions::{self, Function, Record, answer},
-    invocation::{self, Invocation},
-    reply::{Format, Reply},
-    runbook::{MAX_PAYLOAD_BYTES, RunbookError},
+    host::{
+        app_state::AppState,
+        envelope,
+        error::ApiError,
+        functions::{self, Function, Record, answer},
+        invocation::{self, Invocation},
+        reply::{Format, Reply},
+    },
+    service::runbook::{MAX_PAYLOAD_BYTES, RunbookError},
 };
 
 /// The router, without a socket, so tests can drive it in-process.

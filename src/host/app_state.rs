@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::restrict::Restrictor;
+use crate::service::restrict::Restrictor;
 
 /// `STALE_PENDING_HOURS`' default: a day.
 const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);

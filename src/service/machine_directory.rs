@@ -8,7 +8,7 @@
 //! most `MACHINE_CACHE_SECONDS` (60 s at most) so that retries and duplicates
 //! need no call at all.
 //!
-//! Lookups of different devices are batched ([`crate::batch`]): a device
+//! Lookups of different devices are batched ([`super::batch`]): a device
 //! alone, or several while that takes at most half of what the budget has
 //! left, are looked up one by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
 //! budget is tight (or shared by several instances), one list of the tenant's
@@ -20,7 +20,7 @@
 //! - a remembered record is forgotten when a POST for it answers 404, and the
 //!   invocation looks the device up again before deciding anything;
 //! - the action history is never cached: the state is always read afresh
-//!   (see [`crate::state_reads`]).
+//!   (see [`super::state_reads`]).
 
 use std::{
     collections::HashMap,
@@ -41,10 +41,12 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    batch::{Answered, Batcher, Close, Source},
     defender::{DefenderClient, DefenderError, Endpoint, models::Machine},
-    runbook::DeviceRef,
-    selection::{self, NoChoice},
+    service::{
+        batch::{Answered, Batcher, Close, Source},
+        runbook::DeviceRef,
+        selection::{self, NoChoice},
+    },
 };
 
 /// The longest a found machine may be remembered.

@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tracing::{Level, Span};
 
 use super::Function;
-use crate::{
+use crate::host::{
     error::ApiError,
     reply::{Format, Reply},
 };

@@ -5,7 +5,7 @@
 //! pending" and both POST. So each machine's requests wait in a queue, and
 //! one round at a time serves them: it takes every request queued so far,
 //! reads the machine's actions once, and serves them in order (see
-//! [`crate::restrict`]). Concurrent duplicates therefore coalesce into one
+//! [`super::restrict`]). Concurrent duplicates therefore coalesce into one
 //! Defender action, and a restrict and a release for one device are put in
 //! order.
 //!

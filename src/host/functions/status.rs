@@ -11,12 +11,14 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
-    app_state::AppState,
     defender::{ActionRecord, models::ActionStatus},
-    error::ApiError,
-    functions::{Function, Record, action_id, restrict::POLL_AFTER_SECONDS},
-    invocation::Invocation,
-    reply::Reply,
+    host::{
+        app_state::AppState,
+        error::ApiError,
+        functions::{Function, Record, action_id, restrict::POLL_AFTER_SECONDS},
+        invocation::Invocation,
+        reply::Reply,
+    },
 };
 
 pub async fn run(

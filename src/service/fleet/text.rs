@@ -68,7 +68,7 @@ fn clean(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::one_restricted;
+    use crate::service::fleet::one_restricted;
 
     #[test]
     fn one_line_per_device_whatever_the_comments_hold() {

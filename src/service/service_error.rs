@@ -1,7 +1,7 @@
-//! What can go wrong in the domain service ([`crate::restrict::Restrictor`]),
+//! What can go wrong in the domain service ([`super::restrict::Restrictor`]),
 //! as facts about the device and its actions. `From<ServiceError> for
-//! ApiError` (in [`crate::error`]) turns each into its problem answer, with
-//! all the prose a caller reads.
+//! ApiError` (in [`crate::host::error`]) turns each into its problem answer,
+//! with all the prose a caller reads.
 
 use thiserror::Error;
 

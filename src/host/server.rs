@@ -47,7 +47,7 @@ use tokio::{
 };
 use tower::ServiceExt;
 
-use crate::{
+use crate::host::{
     error::ApiError,
     functions::{Function, Record, answer},
     invocation,

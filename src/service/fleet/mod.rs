@@ -2,10 +2,11 @@
 //!
 //! Defender has no "restricted" flag on a machine, so each machine's state is
 //! derived from the tenant's restrict and unrestrict actions with the same rule
-//! the restrict function decides by ([`crate::decision::deciding_action`]): the
-//! `Succeeded` action that *finished* last makes it `restricted` or `released`;
-//! with none it is `unknown`. A `Pending`/`InProgress` action is reported
-//! beside the state and never changes it.
+//! the restrict function decides by
+//! ([`crate::service::decision::deciding_action`]): the `Succeeded` action that
+//! *finished* last makes it `restricted` or `released`; with none it is
+//! `unknown`. A `Pending`/`InProgress` action is reported beside the state and
+//! never changes it.
 //!
 //! Only machines with at least one restrict or unrestrict action in Defender's
 //! history appear: the view is built from one tenant-wide read of those
@@ -18,9 +19,11 @@ use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
-    decision::{created, deciding_action, finished},
     defender::models::{ActionType, MachineAction},
-    runbook::RunbookError,
+    service::{
+        decision::{created, deciding_action, finished},
+        runbook::RunbookError,
+    },
 };
 
 /// A machine's state, as the README's state rules derive it.
@@ -311,7 +314,7 @@ pub(crate) fn one_restricted(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decision::{Decision, Wanted, decide};
+    use crate::service::decision::{Decision, Wanted, decide};
 
     const A: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
     const B: &str = "39a7550d43b78a7757871f5c146184282381ec3d";

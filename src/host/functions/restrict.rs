@@ -12,12 +12,16 @@ use tokio::time::Instant;
 
 use super::{Record, status::status_url};
 use crate::{
-    app_state::AppState,
-    error::{ApiError, Problem},
-    invocation::Invocation,
-    reply::Reply,
-    restrict::{Outcome, Success},
-    runbook::{CallerName, DeviceRef, RunbookRequest, Target},
+    host::{
+        app_state::AppState,
+        error::{ApiError, Problem},
+        invocation::Invocation,
+        reply::Reply,
+    },
+    service::{
+        restrict::{Outcome, Success},
+        runbook::{CallerName, DeviceRef, RunbookRequest, Target},
+    },
 };
 
 /// Devices acted on at the same time in a `deviceIds` call; the shared rate

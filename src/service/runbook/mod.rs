@@ -14,7 +14,7 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::{defender::models::ActionType, restrict::Intent};
+use crate::{defender::models::ActionType, service::restrict::Intent};
 
 pub use device::DeviceRef;
 pub use text::{CallerName, Comment};

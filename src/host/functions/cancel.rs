@@ -1,22 +1,24 @@
 //! `cancel-action`: `POST /api/restrict-code-execution/actions/{actionId}/cancel`
 //! with an optional `{"comment": "..."}`.
 //!
-//! The cancel itself is [`crate::restrict::Restrictor::cancel`]: only restrict
-//! and unrestrict actions, 409 for a finished one. The answer carries the
-//! status Defender reports after the cancel, with `terminal: false` until the
-//! action is final (a cancel need not take effect at once).
+//! The cancel itself is [`crate::service::restrict::Restrictor::cancel`]: only
+//! restrict and unrestrict actions, 409 for a finished one. The answer carries
+//! the status Defender reports after the cancel, with `terminal: false` until
+//! the action is final (a cancel need not take effect at once).
 
 use http::StatusCode;
 use tokio::time::Instant;
 
 use crate::{
-    app_state::AppState,
     defender::ActionRecord,
-    error::ApiError,
-    functions::{Record, action_id, status::StatusBody},
-    invocation::Invocation,
-    reply::Reply,
-    runbook::{CallerName, Comment, parse_cancel_comment},
+    host::{
+        app_state::AppState,
+        error::ApiError,
+        functions::{Record, action_id, status::StatusBody},
+        invocation::Invocation,
+        reply::Reply,
+    },
+    service::runbook::{CallerName, Comment, parse_cancel_comment},
 };
 
 const DEFAULT_COMMENT: &str = "Cancelled through restrict-code-execution.";

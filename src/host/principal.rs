@@ -10,7 +10,7 @@
 use base64::Engine;
 use serde::Deserialize;
 
-use crate::error::ApiError;
+use crate::host::error::ApiError;
 
 pub const PRINCIPAL_HEADER: &str = "x-ms-client-principal";
 pub const PRINCIPAL_NAME_HEADER: &str = "x-ms-client-principal-name";

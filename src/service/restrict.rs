@@ -1,5 +1,5 @@
 //! Restrict or release one device: find its machine, read its actions,
-//! decide (see [`crate::decision`]), and only then act.
+//! decide (see [`super::decision`]), and only then act.
 //!
 //! [`Restrictor`] owns a machine action's whole life: [`Restrictor::run`]
 //! creates it from an [`Intent`], [`Restrictor::wait`] follows it,
@@ -8,10 +8,10 @@
 //!
 //! Safety rules, each with a test in `tests/api/safety.rs`:
 //! - read before write, one round at a time per machine
-//!   ([`crate::machine_queue`]), so duplicates coalesce and opposite actions
+//!   ([`super::machine_queue`]), so duplicates coalesce and opposite actions
 //!   cannot finish out of order;
 //! - the state a job decides on comes from a read sent after the job was
-//!   queued ([`crate::state_reads`]), plus what the jobs before it in the
+//!   queued ([`super::state_reads`]), plus what the jobs before it in the
 //!   same round did;
 //! - a POST is never blindly re-sent: after an ambiguous failure the machine's
 //!   actions are read again, and the POST is repeated only if no new action of
@@ -55,17 +55,19 @@ use tokio::{sync::oneshot, time::Instant};
 
 use crate::{
     coordination::{CoordinationError, Coordinator, Handoff, Locked, MachineLease},
-    decision::{self, Decision, Wanted},
     defender::{
         DefenderClient, DefenderError, Endpoint,
         client::{ActionListing, ActionRecord, Guard, WriteGuard},
         models::{ActionStatus, ActionType, Machine, MachineAction},
     },
-    machine_directory::{FindError, MachineDirectory, Swept},
-    machine_queue::MachineQueues,
-    runbook::{CallerName, Comment, DeviceRef},
-    service_error::ServiceError,
-    state_reads::StateReads,
+    service::{
+        decision::{self, Decision, Wanted},
+        machine_directory::{FindError, MachineDirectory, Swept},
+        machine_queue::MachineQueues,
+        runbook::{CallerName, Comment, DeviceRef},
+        service_error::ServiceError,
+        state_reads::StateReads,
+    },
 };
 
 /// POSTs of one action per invocation at most: the first, and re-sends after

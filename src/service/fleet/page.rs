@@ -215,7 +215,7 @@ fn link(filter: StateFilter, code: Option<&str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::fleet::one_restricted;
+    use crate::service::fleet::one_restricted;
 
     #[test]
     fn defender_strings_are_escaped_and_links_keep_the_key() {

@@ -12,11 +12,9 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::{
-    auth::TokenError,
     coordination::CoordinationError,
-    defender::{DefenderError, Endpoint},
-    runbook::RunbookError,
-    service_error::ServiceError,
+    defender::{DefenderError, Endpoint, auth::TokenError},
+    service::{runbook::RunbookError, service_error::ServiceError},
 };
 
 /// The two app roles the identity needs on WindowsDefenderATP.

@@ -18,8 +18,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    app_state::AppState, error::ApiError, invocation::Invocation, principal, reply::Reply,
-    runbook::RunbookError,
+    host::{app_state::AppState, error::ApiError, invocation::Invocation, principal, reply::Reply},
+    service::runbook::RunbookError,
 };
 
 pub use answer::Record;
