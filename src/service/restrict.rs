@@ -845,25 +845,13 @@ impl Shared {
                     if !known.contains(&created.action.id.to_ascii_lowercase()) {
                         actions.push(created.action.clone());
                     }
-                    return Ok(Acted {
-                        outcome: Outcome::AlreadyPending,
-                        action_id: created.action.id,
-                        action_status: created.action.status,
-                        action: created.raw,
-                        cancelled: Vec::new(),
-                    });
+                    return Ok(Acted::answered(Outcome::AlreadyPending, created));
                 }
                 Ok(created) => {
                     guard.hand_off(&created).await;
                     self.remember_created(&created.action.id);
                     actions.push(created.action.clone());
-                    return Ok(Acted {
-                        outcome: Outcome::Requested,
-                        action_id: created.action.id,
-                        action_status: created.action.status,
-                        action: created.raw,
-                        cancelled: Vec::new(),
-                    });
+                    return Ok(Acted::answered(Outcome::Requested, created));
                 }
                 Err(e) => e,
             };
@@ -1230,6 +1218,17 @@ impl Drop for RoundGuard<'_> {
 }
 
 impl Acted {
+    /// What a POST was answered with, exactly as Defender returned it.
+    fn answered(outcome: Outcome, created: ActionRecord) -> Self {
+        Self {
+            outcome,
+            action_id: created.action.id,
+            action_status: created.action.status,
+            action: created.raw,
+            cancelled: Vec::new(),
+        }
+    }
+
     fn from_listed(outcome: Outcome, action: MachineAction, cancelled: Vec<String>) -> Self {
         Self {
             outcome,
