@@ -516,19 +516,8 @@ impl DefenderClient {
         .await
     }
 
-    /// `POST /api/machineactions/{id}/cancel`. Never resent after an
-    /// ambiguous failure.
-    pub async fn cancel_action(
-        &self,
-        action_id: &str,
-        comment: &str,
-        deadline: Instant,
-    ) -> Result<ActionRecord, DefenderError> {
-        self.cancel_action_guarded(action_id, comment, None, deadline)
-            .await
-    }
-
-    /// [`Self::cancel_action`], with `guard` checked right before it is sent.
+    /// `POST /api/machineactions/{id}/cancel`, with `guard` (if any) checked
+    /// right before it is sent. Never resent after an ambiguous failure.
     pub async fn cancel_action_guarded(
         &self,
         action_id: &str,

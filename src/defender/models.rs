@@ -51,14 +51,6 @@ impl ActionType {
         }
     }
 
-    /// The last path segment of the endpoint that creates this action.
-    pub fn endpoint(self) -> &'static str {
-        match self {
-            Self::RestrictCodeExecution => "restrictCodeExecution",
-            Self::UnrestrictCodeExecution => "unrestrictCodeExecution",
-        }
-    }
-
     pub fn opposite(self) -> Self {
         match self {
             Self::RestrictCodeExecution => Self::UnrestrictCodeExecution,
@@ -79,11 +71,6 @@ pub enum ActionStatus {
 }
 
 impl ActionStatus {
-    /// The status named by Defender's string, if it is one we know.
-    pub fn parse(value: &str) -> Option<Self> {
-        serde_json::from_value(Value::String(value.to_owned())).ok()
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Pending => "Pending",
@@ -102,17 +89,120 @@ impl ActionStatus {
     }
 }
 
+/// A value Defender names with a fixed string: [`ActionType`], [`ActionStatus`].
+pub trait WireName: Copy + PartialEq + 'static {
+    /// Every value this service knows.
+    const ALL: &'static [Self];
+
+    /// The string Defender uses for it.
+    fn as_str(self) -> &'static str;
+}
+
+impl WireName for ActionType {
+    const ALL: &'static [Self] = &[Self::RestrictCodeExecution, Self::UnrestrictCodeExecution];
+
+    fn as_str(self) -> &'static str {
+        ActionType::as_str(self)
+    }
+}
+
+impl WireName for ActionStatus {
+    const ALL: &'static [Self] = &[
+        Self::Pending,
+        Self::InProgress,
+        Self::Succeeded,
+        Self::Failed,
+        Self::TimeOut,
+        Self::Cancelled,
+    ];
+
+    fn as_str(self) -> &'static str {
+        ActionStatus::as_str(self)
+    }
+}
+
+/// A `type` or `status` as Defender sent it: one this service knows, or any
+/// other string (Isolate, RunAntiVirusScan, a status added later), kept as is
+/// so the record still deserializes and serializes back to the same text.
+/// Parsed once, when the record is read.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum OrOther<T> {
+    Known(T),
+    Other(String),
+}
+
+impl<T: WireName> OrOther<T> {
+    /// The known value, `None` for one this service does not know.
+    pub fn known(&self) -> Option<T> {
+        match self {
+            Self::Known(value) => Some(*value),
+            Self::Other(_) => None,
+        }
+    }
+
+    /// The string Defender sent.
+    pub fn as_str(&self) -> &str {
+        match self {
+            Self::Known(value) => value.as_str(),
+            Self::Other(text) => text,
+        }
+    }
+}
+
+impl<T: WireName> From<T> for OrOther<T> {
+    fn from(value: T) -> Self {
+        Self::Known(value)
+    }
+}
+
+impl<T: WireName> From<&str> for OrOther<T> {
+    fn from(text: &str) -> Self {
+        T::ALL
+            .iter()
+            .find(|known| known.as_str() == text)
+            .map_or_else(|| Self::Other(text.to_owned()), |known| Self::Known(*known))
+    }
+}
+
+impl<T: WireName> PartialEq<T> for OrOther<T> {
+    fn eq(&self, other: &T) -> bool {
+        self.known() == Some(*other)
+    }
+}
+
+impl<T: WireName> PartialEq<&str> for OrOther<T> {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
+impl<T: WireName> std::fmt::Display for OrOther<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl<T: WireName> Serialize for OrOther<T> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de, T: WireName> Deserialize<'de> for OrOther<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = std::borrow::Cow::<'de, str>::deserialize(deserializer)?;
+        Ok(Self::from(&*text))
+    }
+}
+
 /// A machine action (`POST .../restrictCodeExecution`, `GET /api/machineactions`).
-///
-/// `type` and `status` are kept as strings here so that an action type this
-/// service does not know (Isolate, RunAntiVirusScan, ...) still deserializes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineAction {
     pub id: String,
     #[serde(rename = "type")]
-    pub action_type: String,
-    pub status: String,
+    pub action_type: OrOther<ActionType>,
+    pub status: OrOther<ActionStatus>,
     #[serde(default)]
     pub machine_id: Option<String>,
     #[serde(default)]
@@ -127,16 +217,6 @@ pub struct MachineAction {
     pub last_update_date_time_utc: Option<String>,
     #[serde(flatten)]
     pub extra: OtherFields,
-}
-
-impl MachineAction {
-    pub fn typed_status(&self) -> Option<ActionStatus> {
-        serde_json::from_value(Value::String(self.status.clone())).ok()
-    }
-
-    pub fn typed_type(&self) -> Option<ActionType> {
-        serde_json::from_value(Value::String(self.action_type.clone())).ok()
-    }
 }
 
 /// The fields of a machine action that are not typed (`scope`, `commands`,
@@ -240,7 +320,8 @@ mod tests {
             "errorHResult": -2147467259, "externalId": null, "relatedFileInfo": {"x": "\u{e9}\"\n"},
         });
         let action: MachineAction = serde_json::from_value(sent.clone()).unwrap();
-        assert_eq!(action.action_type, "Isolate");
+        assert_eq!(action.action_type, OrOther::Other("Isolate".to_owned()));
+        assert_eq!(action.status, ActionStatus::Succeeded);
         assert_eq!(action.extra.to_map()["scope"], "Selective");
         assert!(
             action.extra.to_map().get("id").is_none(),
@@ -264,6 +345,25 @@ mod tests {
         assert_eq!(
             serde_json::from_str::<MachineAction>(&text).unwrap(),
             action
+        );
+    }
+
+    #[test]
+    fn a_status_or_type_this_service_does_not_know_is_kept_as_sent() {
+        let status: OrOther<ActionStatus> = serde_json::from_value(json!("Queued")).unwrap();
+        assert_eq!(status, OrOther::Other("Queued".to_owned()));
+        assert_eq!(status.known(), None);
+        assert_eq!(serde_json::to_value(&status).unwrap(), json!("Queued"));
+        for known in ActionStatus::ALL {
+            let parsed: OrOther<ActionStatus> =
+                serde_json::from_value(json!(known.as_str())).unwrap();
+            assert_eq!(parsed.known(), Some(*known));
+            assert_eq!(parsed.to_string(), known.as_str());
+        }
+        // Case matters on the wire: a differently cased value is not ours.
+        assert_eq!(
+            OrOther::<ActionType>::from("restrictCodeExecution").known(),
+            None
         );
     }
 }

@@ -13,7 +13,11 @@ use thiserror::Error;
 
 use crate::{
     coordination::CoordinationError,
-    defender::{DefenderError, Endpoint, auth::TokenError},
+    defender::{
+        DefenderError, Endpoint,
+        auth::TokenError,
+        models::{ActionStatus, ActionType, OrOther},
+    },
     service::{runbook::RunbookError, service_error::ServiceError},
 };
 
@@ -57,8 +61,8 @@ pub enum ApiError {
     ConflictingActionPending {
         machine_id: String,
         action_id: String,
-        action_type: String,
-        status: String,
+        action_type: OrOther<ActionType>,
+        status: OrOther<ActionStatus>,
         /// The action was created by another request after this one arrived,
         /// which `cancelPending` does not cancel.
         created_meanwhile: bool,
@@ -73,8 +77,8 @@ pub enum ApiError {
     CancelNotFinal {
         machine_id: String,
         action_id: String,
-        action_type: String,
-        status: String,
+        action_type: OrOther<ActionType>,
+        status: OrOther<ActionStatus>,
     },
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
@@ -112,7 +116,10 @@ pub enum ApiError {
     #[error("Defender has no machine action with id {0}")]
     ActionNotFound(String),
     #[error("action {action_id} is {status}, which is final; there is nothing to cancel")]
-    ActionNotPending { action_id: String, status: String },
+    ActionNotPending {
+        action_id: String,
+        status: OrOther<ActionStatus>,
+    },
     /// Defender answered 400 to the cancel of an action a read still shows
     /// as pending.
     #[error(
@@ -122,7 +129,7 @@ pub enum ApiError {
     )]
     CancelRefused {
         action_id: String,
-        status: String,
+        status: OrOther<ActionStatus>,
         message: String,
     },
     #[error(
@@ -131,7 +138,7 @@ pub enum ApiError {
     )]
     UnsupportedActionType {
         action_id: String,
-        action_type: String,
+        action_type: OrOther<ActionType>,
     },
     #[error("{0}")]
     CallerForbidden(String),
@@ -153,8 +160,8 @@ pub enum ApiError {
 fn conflict_detail(
     machine_id: &str,
     action_id: &str,
-    action_type: &str,
-    status: &str,
+    action_type: &OrOther<ActionType>,
+    status: &OrOther<ActionStatus>,
     created_meanwhile: bool,
 ) -> String {
     if created_meanwhile {
@@ -374,7 +381,7 @@ pub struct Problem {
     pub action_id: Option<String>,
     /// That action's status, for a 409.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub action_status: Option<String>,
+    pub action_status: Option<OrOther<ActionStatus>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub retry_after: Option<u64>,
 }

@@ -55,7 +55,7 @@ pub fn decide(machine_id: &str, actions: &[MachineAction], wanted: Wanted) -> De
                 .as_deref()
                 .is_none_or(|id| id.eq_ignore_ascii_case(machine_id))
         })
-        .filter_map(|a| Some((a, a.typed_type()?, a.typed_status()?)))
+        .filter_map(|a| Some((a, a.action_type.known()?, a.status.known()?)))
         .collect();
     relevant.sort_by_key(|(a, _, _)| std::cmp::Reverse(created(a)));
 
@@ -92,8 +92,8 @@ pub(crate) fn deciding_action<'a>(
 ) -> Option<(&'a MachineAction, ActionType)> {
     actions
         .into_iter()
-        .filter(|a| a.typed_status() == Some(ActionStatus::Succeeded))
-        .filter_map(|a| Some((a, a.typed_type()?)))
+        .filter(|a| a.status.known() == Some(ActionStatus::Succeeded))
+        .filter_map(|a| Some((a, a.action_type.known()?)))
         .max_by_key(|(a, _)| finished(a))
 }
 

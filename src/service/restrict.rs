@@ -58,7 +58,7 @@ use crate::{
     defender::{
         DefenderClient, DefenderError, Endpoint,
         client::{ActionListing, ActionRecord, Guard, WriteGuard},
-        models::{ActionStatus, ActionType, Machine, MachineAction},
+        models::{ActionStatus, ActionType, Machine, MachineAction, OrOther},
     },
     service::{
         decision::{self, Decision, Wanted},
@@ -168,7 +168,7 @@ pub struct Success {
     /// The machine action exactly as Defender returned it.
     pub action: Value,
     pub action_id: String,
-    pub action_status: String,
+    pub action_status: OrOther<ActionStatus>,
     /// Pending opposite-type actions cancelled first (`cancelPending`).
     pub cancelled: Vec<String>,
 }
@@ -218,7 +218,9 @@ impl Success {
 
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
     pub fn terminal(&self) -> bool {
-        ActionStatus::parse(&self.action_status).is_some_and(|s| s.is_terminal())
+        self.action_status
+            .known()
+            .is_some_and(ActionStatus::is_terminal)
     }
 }
 
@@ -234,7 +236,7 @@ struct Acted {
     outcome: Outcome,
     action: Value,
     action_id: String,
-    action_status: String,
+    action_status: OrOther<ActionStatus>,
     cancelled: Vec<String>,
 }
 
@@ -510,7 +512,7 @@ impl Restrictor {
     ) -> Result<ActionRecord, ServiceError> {
         let comment = self.comment(comment, caller);
         let current = self.inner.read_action(action_id, deadline).await?;
-        if current.action.typed_type().is_none() {
+        if current.action.action_type.known().is_none() {
             return Err(ServiceError::UnsupportedActionType {
                 action_id: action_id.to_owned(),
                 action_type: current.action.action_type,
@@ -531,7 +533,7 @@ impl Restrictor {
             Err(e) => return Err(e.into()),
         };
         let latest = self.inner.read_action(action_id, deadline).await?;
-        if latest.action.status == ActionStatus::Cancelled.as_str() {
+        if latest.action.status == ActionStatus::Cancelled {
             return Ok(latest);
         }
         check_pending(&latest)?;
@@ -571,7 +573,7 @@ enum CancelSent {
 
 /// 409 when the action is already final.
 fn check_pending(found: &ActionRecord) -> Result<(), ServiceError> {
-    match ActionStatus::parse(&found.action.status) {
+    match found.action.status.known() {
         Some(status) if status.is_terminal() => Err(ServiceError::ActionNotPending {
             action_id: found.action.id.clone(),
             status: found.action.status.clone(),
@@ -883,7 +885,8 @@ impl Shared {
                 }
             }
             if let Some(landed) = actions.iter().find(|a| {
-                a.typed_type() == Some(action_type) && !known.contains(&a.id.to_ascii_lowercase())
+                a.action_type.known() == Some(action_type)
+                    && !known.contains(&a.id.to_ascii_lowercase())
             }) {
                 tracing::info!(action_id = %landed.id, "the action was created despite the failed answer");
                 self.remember_created(&landed.id);
@@ -910,8 +913,8 @@ impl Shared {
     ) -> JobResult {
         *actions = self.reads.read(machine_id, deadline).await?;
         let pending = actions.iter().find(|a| {
-            a.typed_type() == Some(action_type)
-                && a.typed_status().is_some_and(|s| !s.is_terminal())
+            a.action_type.known() == Some(action_type)
+                && a.status.known().is_some_and(|s| !s.is_terminal())
         });
         match pending {
             Some(action) => Ok(Acted::from_listed(
@@ -1000,7 +1003,7 @@ impl Shared {
             let actions = self.reads.read(machine_id, deadline).await?;
             let unfinished = actions.iter().find(|a| {
                 ids.contains(&a.id.to_ascii_lowercase())
-                    && a.typed_status().is_some_and(|s| !s.is_terminal())
+                    && a.status.known().is_some_and(|s| !s.is_terminal())
             });
             let Some(unfinished) = unfinished else {
                 return Ok(actions);
@@ -1063,10 +1066,10 @@ fn answer_from_handoff(jobs: &mut Vec<Job>, handoff: &Handoff) -> bool {
         return false;
     };
     let sent = OffsetDateTime::from(handoff.sent);
-    let pending = action.typed_status().is_some_and(|s| !s.is_terminal());
+    let pending = action.status.known().is_some_and(|s| !s.is_terminal());
     let answers = |job: &Job| {
         pending
-            && action.typed_type() == Some(job.wanted.action)
+            && action.action_type.known() == Some(job.wanted.action)
             && job
                 .arrived_utc
                 .checked_add(CLOCK_SKEW)
@@ -1143,7 +1146,8 @@ impl SendGuard<'_> {
     async fn hand_off(&self, created: &ActionRecord) {
         let pending = created
             .action
-            .typed_status()
+            .status
+            .known()
             .is_some_and(|s| !s.is_terminal());
         if let (Some(lease), Some(sent), true) = (self.lease, self.writes.last(), pending) {
             let sent = SystemTime::now() - sent.elapsed();

@@ -9,7 +9,7 @@ use crate::{
     coordination::CoordinationError,
     defender::{
         DefenderError,
-        models::{ActionType, MachineAction},
+        models::{ActionStatus, ActionType, MachineAction, OrOther},
     },
 };
 
@@ -44,20 +44,23 @@ pub enum ServiceError {
     ActionNotFound(String),
     /// The action to cancel is already final.
     #[error("action {action_id} is {status}, which is final")]
-    ActionNotPending { action_id: String, status: String },
+    ActionNotPending {
+        action_id: String,
+        status: OrOther<ActionStatus>,
+    },
     /// Defender answered 400 to the cancel of an action a read still shows
     /// as pending.
     #[error("Defender refused to cancel action {action_id}: {message}")]
     CancelRefused {
         action_id: String,
-        status: String,
+        status: OrOther<ActionStatus>,
         message: String,
     },
     /// Only restrict and unrestrict actions are cancelled here.
     #[error("action {action_id} is of type {action_type}")]
     UnsupportedActionType {
         action_id: String,
-        action_type: String,
+        action_type: OrOther<ActionType>,
     },
     /// Defender answered the read of one action with another.
     #[error("Defender answered the read of action {asked} with action {answered}")]

@@ -173,8 +173,8 @@ impl ActionRecord {
         }
         MachineAction {
             id: self.id.clone(),
-            action_type: self.kind.as_str().to_owned(),
-            status: phase.status.as_str().to_owned(),
+            action_type: self.kind.into(),
+            status: phase.status.into(),
             machine_id: Some(self.machine_id.clone()),
             computer_dns_name: if phase.picked_up || life.fields == ActionFields::FromCreation {
                 self.machine_name.clone()

@@ -521,8 +521,8 @@ fn action_matches(a: &MachineAction, c: &Condition) -> bool {
             .machine_id
             .as_deref()
             .is_some_and(|v| v.eq_ignore_ascii_case(&c.value)),
-        "type" => a.action_type == c.value,
-        "status" => a.status == c.value,
+        "type" => a.action_type.as_str() == c.value,
+        "status" => a.status.as_str() == c.value,
         "id" => a.id.eq_ignore_ascii_case(&c.value),
         "requestor" => a.requestor.as_deref() == Some(c.value.as_str()),
         _ => false,

@@ -435,7 +435,7 @@ async fn action_life_on_the_sim_clock() {
         actions
             .into_iter()
             .find(|a| a.id == id)
-            .map(|a| a.status)
+            .map(|a| a.status.to_string())
             .unwrap_or_default()
     };
     assert_eq!(status(&api), "Pending");

@@ -40,7 +40,7 @@ fn history(app: &TestApp) -> Vec<(String, String)> {
         .actions()
         .into_iter()
         .filter(|a| a.machine_id.as_deref() == Some(ALPHA))
-        .map(|a| (a.action_type, a.status))
+        .map(|a| (a.action_type.to_string(), a.status.to_string()))
         .collect();
     actions.reverse();
     actions

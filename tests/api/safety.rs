@@ -42,7 +42,7 @@ fn history(app: &TestApp, machine_id: &str) -> Vec<(String, String)> {
     actions.reverse();
     actions
         .into_iter()
-        .map(|a| (a.action_type, a.status))
+        .map(|a| (a.action_type.to_string(), a.status.to_string()))
         .collect()
 }
 

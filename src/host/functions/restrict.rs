@@ -73,7 +73,7 @@ async fn single(
     record.machine_id = Some(success.machine.id.clone());
     record.outcome = Some(success.outcome.as_str());
     record.action_id = Some(success.action_id.clone());
-    record.action_status = Some(success.action_status.clone());
+    record.action_status = Some(success.action_status.to_string());
     let status = success_status(success.outcome);
 
     // Logic Apps' asynchronous pattern: 202 plus where to poll.

@@ -11,7 +11,10 @@ use serde_json::Value;
 use tokio::time::Instant;
 
 use crate::{
-    defender::{ActionRecord, models::ActionStatus},
+    defender::{
+        ActionRecord,
+        models::{ActionStatus, ActionType, OrOther},
+    },
     host::{
         app_state::AppState,
         error::ApiError,
@@ -75,8 +78,8 @@ async fn read(
 pub struct StatusBody {
     pub action_id: String,
     #[serde(rename = "type")]
-    pub action_type: String,
-    pub status: String,
+    pub action_type: OrOther<ActionType>,
+    pub status: OrOther<ActionStatus>,
     /// Succeeded, Failed, TimeOut and Cancelled are final.
     pub terminal: bool,
     pub machine_id: Option<String>,
@@ -95,13 +98,13 @@ impl StatusBody {
     pub(crate) fn note(&self, record: &mut Record, outcome: &'static str) {
         record.outcome = Some(outcome);
         record.action_id = Some(self.action_id.clone());
-        record.action_status = Some(self.status.clone());
+        record.action_status = Some(self.status.to_string());
         record.machine_id.clone_from(&self.machine_id);
     }
 
     pub fn new(found: &ActionRecord, invocation_id: &str) -> Self {
         let a = &found.action;
-        let terminal = ActionStatus::parse(&a.status).is_some_and(ActionStatus::is_terminal);
+        let terminal = a.status.known().is_some_and(ActionStatus::is_terminal);
         let message = format!(
             "Action {} ({}) on machine {} is {}{}.",
             a.id,

@@ -154,7 +154,7 @@ impl Fleet {
     /// as each machine is done (a tenant can have tens of thousands).
     pub fn from_actions(mut actions: Vec<MachineAction>) -> Self {
         actions.retain(|a| {
-            a.machine_id.is_some() && a.typed_type().is_some() && a.typed_status().is_some()
+            a.machine_id.is_some() && a.action_type.known().is_some() && a.status.known().is_some()
         });
         // Each machine's actions together, newest created first: the order
         // the restrict decision sorts by, so that both break ties alike.
@@ -223,7 +223,7 @@ fn device(actions: &mut Vec<MachineAction>) -> Device {
     let deciding = deciding_action(actions.iter()).map(|(a, t)| (a.id.clone(), t));
     let pending = actions
         .iter()
-        .position(|a| a.typed_status().is_some_and(|s| !s.is_terminal()));
+        .position(|a| a.status.known().is_some_and(|s| !s.is_terminal()));
     let computer_dns_name = actions.iter().find_map(|a| a.computer_dns_name.clone());
     let machine_id = actions
         .first()

@@ -176,10 +176,10 @@ fn who_and_why(a: &MachineAction) -> Markup {
 
 /// "Restrict" or "Release" for the two action types; any other as Defender names it.
 fn kind_label(action: &MachineAction) -> &str {
-    match action.typed_type() {
+    match action.action_type.known() {
         Some(ActionType::RestrictCodeExecution) => "Restrict",
         Some(ActionType::UnrestrictCodeExecution) => "Release",
-        None => &action.action_type,
+        None => action.action_type.as_str(),
     }
 }
 

@@ -39,8 +39,8 @@ pub fn render(devices: &[Device], filter: StateFilter, as_of: &str) -> String {
             let _ = write!(
                 out,
                 "; pending {} {} ({}) by {}",
-                clean(&p.action_type),
-                clean(&p.status),
+                clean(p.action_type.as_str()),
+                clean(p.status.as_str()),
                 clean(&p.id),
                 who_and_why(p)
             );
