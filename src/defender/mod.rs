@@ -1,5 +1,5 @@
 //! The Microsoft Defender for Endpoint API: the endpoints called ([`api`]),
-//! wire types ([`models`]), the client ([`client`]) with its tokens
+//! wire types ([`models`]) and ids ([`ids`]), the client ([`client`]) with its tokens
 //! ([`auth`]), its rate budget ([`budget`]) and its errors ([`error`]).
 
 pub mod api;
@@ -7,6 +7,7 @@ pub mod auth;
 pub mod budget;
 pub mod client;
 pub mod error;
+pub mod ids;
 pub mod models;
 
 pub use api::Endpoint;

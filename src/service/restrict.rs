@@ -58,6 +58,7 @@ use crate::{
     defender::{
         DefenderClient, DefenderError, Endpoint,
         client::{ActionListing, ActionRecord, Guard, WriteGuard},
+        ids::ActionId,
         models::{ActionStatus, ActionType, Machine, MachineAction, OrOther},
     },
     service::{
@@ -115,8 +116,8 @@ struct Shared {
     reads: StateReads,
     /// One round at a time per machine (lower-cased id).
     queues: MachineQueues<Job>,
-    /// Actions created by this instance (lower-cased id) and when.
-    created: Mutex<Swept<String, Instant>>,
+    /// Actions created by this instance and when.
+    created: Mutex<Swept<ActionId, Instant>>,
     /// Leases across instances (`COORDINATION=storage`).
     coordinator: Option<Arc<Coordinator>>,
 }
@@ -461,7 +462,7 @@ impl Restrictor {
         let found = self.inner.read_action(action_id, deadline).await?;
         // Answering with another action than the one asked for would tell
         // the caller the wrong device's state.
-        if !found.action.id.eq_ignore_ascii_case(action_id) {
+        if ActionId::from(found.action.id.as_str()) != ActionId::from(action_id) {
             return Err(ServiceError::OtherActionAnswered {
                 asked: action_id.to_owned(),
                 answered: found.action.id,
@@ -798,7 +799,7 @@ impl Shared {
                             .cancel_opposite(&action, &why, &guard, deadline)
                             .await?
                         {
-                            asked.push(action.id.to_ascii_lowercase());
+                            asked.push(ActionId::from(action.id.as_str()));
                             cancelled.push(action.id);
                         }
                     }
@@ -822,8 +823,10 @@ impl Shared {
         actions: &mut Vec<MachineAction>,
         deadline: Instant,
     ) -> JobResult {
-        let mut known: HashSet<String> =
-            actions.iter().map(|a| a.id.to_ascii_lowercase()).collect();
+        let mut known: HashSet<ActionId> = actions
+            .iter()
+            .map(|a| ActionId::from(a.id.as_str()))
+            .collect();
         // When the first POST was sent: an action a re-sent POST is answered
         // with that is younger than this may be the first POST's own.
         let sent = OffsetDateTime::now_utc();
@@ -844,7 +847,7 @@ impl Shared {
                     // A duplicate answered with the action already under
                     // way: nothing new was created.
                     tracing::info!(action_id = %created.action.id, created = ?created.action.creation_date_time_utc, "Defender answered the POST with an action that already existed");
-                    if !known.contains(&created.action.id.to_ascii_lowercase()) {
+                    if !known.contains(&ActionId::from(created.action.id.as_str())) {
                         actions.push(created.action.clone());
                     }
                     return Ok(Acted::answered(Outcome::AlreadyPending, created));
@@ -886,7 +889,7 @@ impl Shared {
             }
             if let Some(landed) = actions.iter().find(|a| {
                 a.action_type.known() == Some(action_type)
-                    && !known.contains(&a.id.to_ascii_lowercase())
+                    && !known.contains(&ActionId::from(a.id.as_str()))
             }) {
                 tracing::info!(action_id = %landed.id, "the action was created despite the failed answer");
                 self.remember_created(&landed.id);
@@ -899,7 +902,7 @@ impl Shared {
             if posts >= MAX_POSTS || Instant::now() >= deadline {
                 return Err(ServiceError::NotCreated(error).into());
             }
-            known.extend(actions.iter().map(|a| a.id.to_ascii_lowercase()));
+            known.extend(actions.iter().map(|a| ActionId::from(a.id.as_str())));
         }
     }
 
@@ -988,21 +991,21 @@ impl Shared {
             .ok_or_else(|| ServiceError::ActionNotFound(action_id.to_owned()))
     }
 
-    /// Read the machine's actions until none of `ids` (lower-cased) is
+    /// Read the machine's actions until none of `ids` is
     /// Pending or InProgress, first after [`CANCEL_POLL_FIRST`], then less
     /// often, and answer the read that shows it. Gives up with [`ServiceError::CancelNotFinal`]
     /// when the next read would leave too little time to act.
     async fn until_final(
         &self,
         machine_id: &str,
-        ids: &[String],
+        ids: &[ActionId],
         deadline: Instant,
     ) -> Result<Vec<MachineAction>, ServiceError> {
         let mut pause = CANCEL_POLL_FIRST;
         loop {
             let actions = self.reads.read(machine_id, deadline).await?;
             let unfinished = actions.iter().find(|a| {
-                ids.contains(&a.id.to_ascii_lowercase())
+                ids.contains(&ActionId::from(a.id.as_str()))
                     && a.status.known().is_some_and(|s| !s.is_terminal())
             });
             let Some(unfinished) = unfinished else {
@@ -1025,7 +1028,7 @@ impl Shared {
     fn created_after(&self, action_id: &str, arrived: Instant) -> bool {
         let created = self.created.lock().unwrap_or_else(|e| e.into_inner());
         created
-            .get(&action_id.to_ascii_lowercase())
+            .get(&ActionId::from(action_id))
             .is_some_and(|at| *at > arrived)
     }
 
@@ -1033,7 +1036,7 @@ impl Shared {
     fn remember_created(&self, action_id: &str) {
         let mut created = self.created.lock().unwrap_or_else(|e| e.into_inner());
         created.sweep(|_, at| at.elapsed() < CREATED_MEMORY);
-        created.insert(action_id.to_ascii_lowercase(), Instant::now());
+        created.insert(ActionId::from(action_id), Instant::now());
     }
 }
 
@@ -1246,8 +1249,6 @@ impl Acted {
     }
 }
 
-/// Whether a 201's action is one Defender already had: the state read held
-/// its id, or it was created before the POST was sent (beyond clock skew).
 /// Whether Defender says the action was created after `arrived`, by more than
 /// the clock skew allowance.
 fn created_after_utc(action: &MachineAction, arrived: OffsetDateTime) -> bool {
@@ -1259,8 +1260,10 @@ fn created_after_utc(action: &MachineAction, arrived: OffsetDateTime) -> bool {
         .is_some_and(|created| created > arrived)
 }
 
-fn existed_before(action: &MachineAction, known: &HashSet<String>, sent: OffsetDateTime) -> bool {
-    if known.contains(&action.id.to_ascii_lowercase()) {
+/// Whether a 201's action is one Defender already had: the state read held
+/// its id, or it was created before the POST was sent (beyond clock skew).
+fn existed_before(action: &MachineAction, known: &HashSet<ActionId>, sent: OffsetDateTime) -> bool {
+    if known.contains(&ActionId::from(action.id.as_str())) {
         return true;
     }
     action
@@ -1314,7 +1317,7 @@ mod tests {
         let new = action_created("c", "2026-12-01T10:00:00.2000000Z");
         assert!(!existed_before(&new, &none, sent));
         // An id the state read held, whatever its time says.
-        let known: HashSet<String> = ["c".to_owned()].into();
+        let known: HashSet<ActionId> = [ActionId::from("c")].into();
         assert!(existed_before(&new, &known, sent));
         let upper = action_created("C", "2026-12-01T10:00:00.2000000Z");
         assert!(existed_before(&upper, &known, sent));

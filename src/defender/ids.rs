@@ -1,0 +1,77 @@
+//! Ids Defender hands out, compared and hashed ignoring ASCII case (Defender
+//! matches them so: a machine id or action id in any case names the same
+//! record), and shown exactly as Defender sent them.
+
+use std::{
+    fmt,
+    hash::{Hash, Hasher},
+};
+
+macro_rules! case_insensitive_id {
+    ($(#[$doc:meta])* $name:ident) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone)]
+        pub struct $name(String);
+
+        impl $name {
+            /// The id as sent.
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl From<&str> for $name {
+            fn from(id: &str) -> Self {
+                Self(id.to_owned())
+            }
+        }
+
+        impl PartialEq for $name {
+            fn eq(&self, other: &Self) -> bool {
+                self.0.eq_ignore_ascii_case(&other.0)
+            }
+        }
+
+        impl Eq for $name {}
+
+        impl Hash for $name {
+            /// Hashes the lower-cased bytes, so equal ids hash alike.
+            fn hash<H: Hasher>(&self, state: &mut H) {
+                for byte in self.0.bytes() {
+                    state.write_u8(byte.to_ascii_lowercase());
+                }
+                state.write_u8(0xff);
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+case_insensitive_id!(
+    /// A machine action's id (`MachineAction.id`).
+    ActionId
+);
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    #[test]
+    fn ids_differing_in_case_are_one_id_shown_as_sent() {
+        let upper = ActionId::from("7F0A-B2");
+        let lower = ActionId::from("7f0a-b2");
+        assert_eq!(upper, lower);
+        assert_ne!(upper, ActionId::from("7f0a-b3"));
+        let set: HashSet<ActionId> = [upper.clone(), lower].into_iter().collect();
+        assert_eq!(set.len(), 1);
+        assert_eq!(upper.to_string(), "7F0A-B2");
+        assert_eq!(upper.as_str(), "7F0A-B2");
+    }
+}
