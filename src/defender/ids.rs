@@ -34,6 +34,12 @@ macro_rules! case_insensitive_id {
 
         impl Eq for $name {}
 
+        impl PartialEq<str> for $name {
+            fn eq(&self, other: &str) -> bool {
+                self.0.eq_ignore_ascii_case(other)
+            }
+        }
+
         impl Hash for $name {
             /// Hashes the lower-cased bytes, so equal ids hash alike.
             fn hash<H: Hasher>(&self, state: &mut H) {
@@ -57,6 +63,11 @@ case_insensitive_id!(
     ActionId
 );
 
+case_insensitive_id!(
+    /// A machine's id (`Machine.id`, `MachineAction.machineId`).
+    MachineId
+);
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -73,5 +84,8 @@ mod tests {
         assert_eq!(set.len(), 1);
         assert_eq!(upper.to_string(), "7F0A-B2");
         assert_eq!(upper.as_str(), "7F0A-B2");
+        let machine = MachineId::from("C5CB89");
+        assert!(machine == *"c5cb89");
+        assert_eq!(machine.to_string(), "C5CB89");
     }
 }

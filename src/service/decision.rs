@@ -20,7 +20,10 @@
 
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
-use crate::defender::models::{ActionStatus, ActionType, MachineAction};
+use crate::defender::{
+    ids::MachineId,
+    models::{ActionStatus, ActionType, MachineAction},
+};
 
 /// What the caller's request comes to, given the machine's actions.
 #[derive(Debug, Clone, PartialEq)]
@@ -48,13 +51,10 @@ pub struct Wanted {
 pub fn decide(machine_id: &str, actions: &[MachineAction], wanted: Wanted) -> Decision {
     // Only this machine's restrict/unrestrict actions, newest first. The
     // server's order and filter are not trusted with the decision.
+    let machine_id = MachineId::from(machine_id);
     let mut relevant: Vec<(&MachineAction, ActionType, ActionStatus)> = actions
         .iter()
-        .filter(|a| {
-            a.machine_id
-                .as_deref()
-                .is_none_or(|id| id.eq_ignore_ascii_case(machine_id))
-        })
+        .filter(|a| a.machine_id.as_deref().is_none_or(|id| machine_id == *id))
         .filter_map(|a| Some((a, a.action_type.known()?, a.status.known()?)))
         .collect();
     relevant.sort_by_key(|(a, _, _)| std::cmp::Reverse(created(a)));

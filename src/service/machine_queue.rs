@@ -13,10 +13,12 @@
 
 use std::{collections::HashMap, sync::Mutex};
 
-/// Queued jobs per machine (keys are lower-cased machine ids).
+use crate::defender::ids::MachineId;
+
+/// Queued jobs per machine.
 #[derive(Debug)]
 pub struct MachineQueues<J> {
-    queues: Mutex<HashMap<String, Vec<J>>>,
+    queues: Mutex<HashMap<MachineId, Vec<J>>>,
 }
 
 impl<J> Default for MachineQueues<J> {
@@ -30,7 +32,7 @@ impl<J> Default for MachineQueues<J> {
 impl<J> MachineQueues<J> {
     /// Queue `job`. `true` when no round runs for the machine: the caller
     /// must start one, which then [`take`](Self::take)s until it gets `None`.
-    pub fn push(&self, key: &str, job: J) -> bool {
+    pub fn push(&self, key: &MachineId, job: J) -> bool {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         match queues.get_mut(key) {
             Some(queue) => {
@@ -38,7 +40,7 @@ impl<J> MachineQueues<J> {
                 false
             }
             None => {
-                queues.insert(key.to_owned(), vec![job]);
+                queues.insert(key.clone(), vec![job]);
                 true
             }
         }
@@ -46,7 +48,7 @@ impl<J> MachineQueues<J> {
 
     /// Every job queued for the machine, in order; `None` when there is none,
     /// which also ends the machine's round.
-    pub fn take(&self, key: &str) -> Option<Vec<J>> {
+    pub fn take(&self, key: &MachineId) -> Option<Vec<J>> {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         match queues.get_mut(key) {
             Some(queue) if !queue.is_empty() => Some(std::mem::take(queue)),
@@ -59,7 +61,7 @@ impl<J> MachineQueues<J> {
 
     /// End the machine's round without serving what is queued (the round
     /// failed): the queued jobs are dropped, which their invocations notice.
-    pub fn abandon(&self, key: &str) {
+    pub fn abandon(&self, key: &MachineId) {
         let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         queues.remove(key);
     }
@@ -81,23 +83,29 @@ mod tests {
     #[test]
     fn the_first_job_starts_a_round_and_later_ones_join_it() {
         let queues = MachineQueues::default();
-        assert!(queues.push("aaa", 1));
-        assert!(!queues.push("aaa", 2), "a round is running");
-        assert!(queues.push("bbb", 3), "another machine has its own round");
-        assert_eq!(queues.take("aaa"), Some(vec![1, 2]));
-        assert!(!queues.push("aaa", 4), "still running until take says None");
-        assert_eq!(queues.take("aaa"), Some(vec![4]));
-        assert_eq!(queues.take("aaa"), None);
-        assert!(queues.push("aaa", 5), "the round ended: a new one starts");
+        let (aaa, bbb) = (MachineId::from("aaa"), MachineId::from("bbb"));
+        assert!(queues.push(&aaa, 1));
+        assert!(!queues.push(&aaa, 2), "a round is running");
+        assert!(
+            !queues.push(&MachineId::from("AAA"), 3),
+            "the same machine in another case joins it"
+        );
+        assert!(queues.push(&bbb, 4), "another machine has its own round");
+        assert_eq!(queues.take(&aaa), Some(vec![1, 2, 3]));
+        assert!(!queues.push(&aaa, 5), "still running until take says None");
+        assert_eq!(queues.take(&aaa), Some(vec![5]));
+        assert_eq!(queues.take(&aaa), None);
+        assert!(queues.push(&aaa, 6), "the round ended: a new one starts");
         assert_eq!(queues.len(), 2);
     }
 
     #[test]
     fn an_abandoned_round_lets_the_next_job_start_one() {
         let queues = MachineQueues::default();
-        assert!(queues.push("aaa", 1));
-        queues.abandon("aaa");
+        let aaa = MachineId::from("aaa");
+        assert!(queues.push(&aaa, 1));
+        queues.abandon(&aaa);
         assert!(queues.is_empty());
-        assert!(queues.push("aaa", 2));
+        assert!(queues.push(&aaa, 2));
     }
 }

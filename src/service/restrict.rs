@@ -58,7 +58,7 @@ use crate::{
     defender::{
         DefenderClient, DefenderError, Endpoint,
         client::{ActionListing, ActionRecord, Guard, WriteGuard},
-        ids::ActionId,
+        ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType, Machine, MachineAction, OrOther},
     },
     service::{
@@ -412,7 +412,7 @@ impl Restrictor {
             reply,
             departure: gone.shared(),
         };
-        let key = machine_id.to_ascii_lowercase();
+        let key = MachineId::from(machine_id);
         if self.inner.queues.push(&key, job) {
             // No round runs for this machine: start one. It is a task of its
             // own, so that an invocation giving up never stops a round
@@ -462,7 +462,8 @@ impl Restrictor {
         let found = self.inner.read_action(action_id, deadline).await?;
         // Answering with another action than the one asked for would tell
         // the caller the wrong device's state.
-        if ActionId::from(found.action.id.as_str()) != ActionId::from(action_id) {
+        let asked = ActionId::from(action_id);
+        if asked != *found.action.id {
             return Err(ServiceError::OtherActionAnswered {
                 asked: action_id.to_owned(),
                 answered: found.action.id,
@@ -591,7 +592,7 @@ impl Shared {
     /// in order, each deciding on the state the ones before it left behind.
     /// Duplicates arriving together thus cost one read and at most one POST,
     /// and a restrict and a release are still put in order.
-    async fn serve_machine(self: Arc<Self>, key: String, machine_id: String) {
+    async fn serve_machine(self: Arc<Self>, key: MachineId, machine_id: String) {
         let mut guard = RoundGuard {
             queues: &self.queues,
             key: &key,
@@ -1212,7 +1213,7 @@ impl Drop for AbandonIfQueued {
 /// so that later invocations start a new round instead of waiting forever.
 struct RoundGuard<'a> {
     queues: &'a MachineQueues<Job>,
-    key: &'a str,
+    key: &'a MachineId,
     armed: bool,
 }
 

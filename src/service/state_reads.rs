@@ -38,7 +38,8 @@ use tokio::time::Instant;
 
 use crate::{
     defender::{
-        DefenderClient, DefenderError, Endpoint, client::ActionListing, models::MachineAction,
+        DefenderClient, DefenderError, Endpoint, client::ActionListing, ids::MachineId,
+        models::MachineAction,
     },
     service::batch::{Answered, Batcher, Close, Source},
 };
@@ -68,13 +69,13 @@ impl StateReads {
     ) -> Result<Vec<MachineAction>, DefenderError> {
         let actions = self
             .batcher
-            .get(machine_id.to_ascii_lowercase(), deadline)
+            .get(MachineId::from(machine_id), deadline)
             .await?;
         Ok(actions.unwrap_or_default())
     }
 }
 
-/// Machine actions, by machine (lower-cased id).
+/// Machine actions, by machine.
 struct ActionSource {
     client: DefenderClient,
     /// Calls the last tenant-wide read took (two at least: one per type).
@@ -82,16 +83,16 @@ struct ActionSource {
 }
 
 impl Source for ActionSource {
-    type Key = String;
+    type Key = MachineId;
     type Value = Vec<MachineAction>;
     type Error = DefenderError;
 
     async fn read(
         &self,
-        machines: Vec<String>,
+        machines: Vec<MachineId>,
         deadline: Instant,
         close: Close<'_>,
-    ) -> Result<Answered<String, Vec<MachineAction>>, DefenderError> {
+    ) -> Result<Answered<MachineId, Vec<MachineAction>>, DefenderError> {
         let tenant_calls = self.tenant_read_calls.load(Ordering::Relaxed);
         let free = self.client.free_slots(Endpoint::ListActions);
         // Each machine by itself when that is cheaper, or while it takes at
@@ -99,9 +100,10 @@ impl Source for ActionSource {
         // tenant reads that serve everyone once the budget is tight.
         if machines.len() < tenant_calls.max(2) || machines.len() * 2 <= free {
             close();
-            let reads = machines
-                .iter()
-                .map(|machine| self.client.machine_actions(machine, deadline, None));
+            let reads = machines.iter().map(|machine| {
+                self.client
+                    .machine_actions(machine.as_str(), deadline, None)
+            });
             let listings = futures_util::future::try_join_all(reads).await?;
             return Ok(Answered {
                 values: machines
@@ -138,12 +140,12 @@ impl Source for ActionSource {
 }
 
 /// The tenant's restrict/unrestrict actions, per machine.
-fn group_by_machine(listing: ActionListing) -> HashMap<String, Vec<MachineAction>> {
-    let mut by_machine: HashMap<String, Vec<MachineAction>> = HashMap::new();
+fn group_by_machine(listing: ActionListing) -> HashMap<MachineId, Vec<MachineAction>> {
+    let mut by_machine: HashMap<MachineId, Vec<MachineAction>> = HashMap::new();
     for action in listing.actions {
         if let Some(machine) = action.machine_id.as_deref() {
             by_machine
-                .entry(machine.to_ascii_lowercase())
+                .entry(MachineId::from(machine))
                 .or_default()
                 .push(action);
         }
