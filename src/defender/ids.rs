@@ -3,6 +3,7 @@
 //! record), and shown exactly as Defender sent them.
 
 use std::{
+    cmp::Ordering,
     fmt,
     hash::{Hash, Hasher},
 };
@@ -33,6 +34,20 @@ macro_rules! case_insensitive_id {
         }
 
         impl Eq for $name {}
+
+        impl Ord for $name {
+            /// Orders as the lower-cased ids would.
+            fn cmp(&self, other: &Self) -> Ordering {
+                let fold = |b: u8| b.to_ascii_lowercase();
+                self.0.bytes().map(fold).cmp(other.0.bytes().map(fold))
+            }
+        }
+
+        impl PartialOrd for $name {
+            fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
+                Some(self.cmp(other))
+            }
+        }
 
         impl PartialEq<str> for $name {
             fn eq(&self, other: &str) -> bool {
@@ -87,5 +102,10 @@ mod tests {
         let machine = MachineId::from("C5CB89");
         assert!(machine == *"c5cb89");
         assert_eq!(machine.to_string(), "C5CB89");
+        // Ordered as the lower-cased ids: "a" < "b" and "_" < "z", although
+        // 'B' < 'a' and 'Z' < '_' as bytes.
+        let [a, b, underscore, z] = ["a", "B", "_", "Z"].map(MachineId::from);
+        assert!(a < b);
+        assert!(underscore < z);
     }
 }

@@ -14,7 +14,7 @@ use std::cmp::Ordering;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use uuid::Uuid;
 
-use crate::defender::models::Machine;
+use crate::defender::{ids::MachineId, models::Machine};
 
 /// The chosen record and how many records matched the device.
 #[derive(Debug, Clone)]
@@ -73,7 +73,7 @@ fn preference(a: &Machine, b: &Machine) -> Ordering {
     active(b)
         .cmp(&active(a))
         .then_with(|| last_seen(b).cmp(&last_seen(a)))
-        .then_with(|| a.id.to_ascii_lowercase().cmp(&b.id.to_ascii_lowercase()))
+        .then_with(|| MachineId::from(a.id.as_str()).cmp(&MachineId::from(b.id.as_str())))
 }
 
 /// Unknown or unparseable `lastSeen` sorts as the oldest.

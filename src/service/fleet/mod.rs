@@ -19,7 +19,10 @@ use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
-    defender::models::{ActionType, MachineAction},
+    defender::{
+        ids::MachineId,
+        models::{ActionType, MachineAction},
+    },
     service::{
         decision::{created, deciding_action, finished},
         runbook::RunbookError,
@@ -212,9 +215,9 @@ fn same_machine(a: &MachineAction, b: &MachineAction) -> bool {
     }
 }
 
-/// The lowercase machine id actions are grouped by.
-fn machine_key(action: &MachineAction) -> Option<String> {
-    action.machine_id.as_deref().map(str::to_ascii_lowercase)
+/// The machine id actions are grouped by.
+fn machine_key(action: &MachineAction) -> Option<MachineId> {
+    action.machine_id.as_deref().map(MachineId::from)
 }
 
 /// One machine's entry from its actions (all of one machine, typed, newest
