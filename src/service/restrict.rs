@@ -59,7 +59,7 @@ use crate::{
         DefenderClient, DefenderError, Endpoint,
         client::{ActionListing, ActionRecord, Guard, WriteGuard},
         ids::{ActionId, MachineId},
-        models::{ActionStatus, ActionType, Machine, MachineAction, OrOther},
+        models::{ActionStatus, ActionType, Machine, MachineAction},
     },
     service::{
         decision::{self, Decision, Wanted},
@@ -166,10 +166,8 @@ pub struct Success {
     pub machine: Machine,
     /// How many Defender records matched the device.
     pub candidates: usize,
-    /// The machine action exactly as Defender returned it.
-    pub action: Value,
-    pub action_id: String,
-    pub action_status: OrOther<ActionStatus>,
+    /// The machine action, typed and exactly as Defender returned it.
+    pub action: ActionRecord,
     /// Pending opposite-type actions cancelled first (`cancelPending`).
     pub cancelled: Vec<String>,
 }
@@ -192,6 +190,7 @@ impl Success {
             Outcome::AlreadyPending if !self.terminal() => {
                 let created = self
                     .action
+                    .raw
                     .get("creationDateTimeUtc")
                     .and_then(Value::as_str)
                     .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())?;
@@ -203,13 +202,13 @@ impl Success {
                          (microsoft-365-docs#5903). Cancel it with POST \
                          /api/restrict-code-execution/actions/{}/cancel, then send this request \
                          again.",
-                        self.action_id,
-                        self.action_status,
+                        self.action.action.id,
+                        self.action.action.status,
                         created
                             .format(&Rfc3339)
                             .unwrap_or_else(|_| created.to_string()),
                         stale_after.as_secs() / 3600,
-                        self.action_id
+                        self.action.action.id
                     )
                 })
             }
@@ -219,7 +218,9 @@ impl Success {
 
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
     pub fn terminal(&self) -> bool {
-        self.action_status
+        self.action
+            .action
+            .status
             .known()
             .is_some_and(ActionStatus::is_terminal)
     }
@@ -235,9 +236,7 @@ type JobResult = Result<Acted, JobError>;
 #[derive(Debug)]
 struct Acted {
     outcome: Outcome,
-    action: Value,
-    action_id: String,
-    action_status: OrOther<ActionStatus>,
+    action: ActionRecord,
     cancelled: Vec<String>,
 }
 
@@ -372,8 +371,6 @@ impl Restrictor {
                         machine,
                         candidates: lookup.found.candidates,
                         action: acted.action,
-                        action_id: acted.action_id,
-                        action_status: acted.action_status,
                         cancelled: acted.cancelled,
                     });
                 }
@@ -486,12 +483,11 @@ impl Restrictor {
             match self
                 .inner
                 .client
-                .action(&success.action_id, read_by)
+                .action(&success.action.action.id, read_by)
                 .await?
             {
                 Some(latest) => {
-                    success.action_status = latest.action.status.clone();
-                    success.action = latest.raw;
+                    success.action = latest;
                 }
                 None => break,
             }
@@ -1089,9 +1085,10 @@ fn answer_from_handoff(jobs: &mut Vec<Job>, handoff: &Handoff) -> bool {
             tracing::info!(action_id = %action.id, "answered with the action another instance just created for the machine");
             let _ = job.reply.send(Ok(Acted {
                 outcome: Outcome::AlreadyPending,
-                action_id: action.id.clone(),
-                action_status: action.status.clone(),
-                action: handoff.action.clone(),
+                action: ActionRecord {
+                    action: action.clone(),
+                    raw: handoff.action.clone(),
+                },
                 cancelled: Vec::new(),
             }));
         }
@@ -1230,9 +1227,7 @@ impl Acted {
     fn answered(outcome: Outcome, created: ActionRecord) -> Self {
         Self {
             outcome,
-            action_id: created.action.id,
-            action_status: created.action.status,
-            action: created.raw,
+            action: created,
             cancelled: Vec::new(),
         }
     }
@@ -1240,11 +1235,12 @@ impl Acted {
     fn from_listed(outcome: Outcome, action: MachineAction, cancelled: Vec<String>) -> Self {
         Self {
             outcome,
-            action_id: action.id.clone(),
-            action_status: action.status.clone(),
-            // The typed action keeps every field it was given (`extra`), so
-            // this is the record as Defender listed it.
-            action: serde_json::to_value(&action).unwrap_or(Value::Null),
+            action: ActionRecord {
+                // The typed action keeps every field it was given (`extra`),
+                // so this is the record as Defender listed it.
+                raw: serde_json::to_value(&action).unwrap_or(Value::Null),
+                action,
+            },
             cancelled,
         }
     }

@@ -72,13 +72,13 @@ async fn single(
     wait_for(state, request, &mut success, deadline).await;
     record.machine_id = Some(success.machine.id.clone());
     record.outcome = Some(success.outcome.as_str());
-    record.action_id = Some(success.action_id.clone());
-    record.action_status = Some(success.action_status.to_string());
+    record.action_id = Some(success.action.action.id.clone());
+    record.action_status = Some(success.action.action.status.to_string());
     let status = success_status(success.outcome);
 
     // Logic Apps' asynchronous pattern: 202 plus where to poll.
     let poll_at = if invocation.prefers_async() && !success.terminal() {
-        status_url(invocation, &success.action_id)
+        status_url(invocation, &success.action.action.id)
     } else {
         None
     };
@@ -367,7 +367,7 @@ impl SuccessBody {
             },
             candidates: success.candidates,
             terminal: success.terminal(),
-            action: success.action.clone(),
+            action: success.action.raw.clone(),
             cancelled_action_ids: success.cancelled.clone(),
             warning: success.warning(request.force, state.stale_pending()),
             invocation_id: invocation_id.to_owned(),
@@ -415,12 +415,12 @@ fn message(request: &RunbookRequest, success: &Success) -> String {
     let mut message = match success.outcome {
         Outcome::Requested => format!(
             "{what} requested for device {name} (machine {}); Defender action {} is {}.",
-            machine.id, success.action_id, success.action_status
+            machine.id, success.action.action.id, success.action.action.status
         ),
         Outcome::AlreadyPending => format!(
             "{what} was already requested for device {name} (machine {}); Defender action {} \
              is {}, so no new action was created.",
-            machine.id, success.action_id, success.action_status
+            machine.id, success.action.action.id, success.action.action.status
         ),
         Outcome::AlreadyInState => format!(
             "Device {name} (machine {}) is already {}: Defender action {} {}. Nothing was sent; \
@@ -431,8 +431,8 @@ fn message(request: &RunbookRequest, success: &Success) -> String {
             } else {
                 "restricted to Microsoft-signed apps"
             },
-            success.action_id,
-            success.action_status
+            success.action.action.id,
+            success.action.action.status
         ),
     };
     if !success.cancelled.is_empty() {
@@ -487,15 +487,15 @@ fn render_text(
     lines.push(match success.outcome {
         Outcome::Requested => format!(
             "Successfully requested: action {} is {}.",
-            success.action_id, success.action_status
+            success.action.action.id, success.action.action.status
         ),
         Outcome::AlreadyPending => format!(
             "Already requested: action {} is {}; nothing new was sent.",
-            success.action_id, success.action_status
+            success.action.action.id, success.action.action.status
         ),
         Outcome::AlreadyInState => format!(
             "Already done: action {} {}; nothing was sent (use force to act anyway).",
-            success.action_id, success.action_status
+            success.action.action.id, success.action.action.status
         ),
     });
     if let Some(warning) = warning {
@@ -546,8 +546,8 @@ fn log_device(device: &DeviceRef, result: &Result<Success, ApiError>, started: I
             device_id = %device,
             machine_id = %success.machine.id,
             outcome = success.outcome.as_str(),
-            action_id = %success.action_id,
-            action_status = %success.action_status,
+            action_id = %success.action.action.id,
+            action_status = %success.action.action.status,
             status = success_status(success.outcome).as_u16(),
             duration_ms,
             "device done"
