@@ -52,10 +52,14 @@ use tokio::{task::JoinHandle, time::Instant};
 
 use super::{
     CoordinationError,
+    shared_budget::unix_ms,
     store::{Refusal, Store},
 };
 
-/// First wait after finding the lease held, and the longest.
+/// First wait after finding the lease held, and the longest. Not sped up
+/// with `DEFENDER_RATE_CLOCK_SPEED` (benchmarks): the waits that clock
+/// scales, for the rate budget, are announced; what is left is storage and
+/// Defender round trips, which no clock speeds up.
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
@@ -105,8 +109,6 @@ struct LeaseState {
     valid_until: Mutex<Instant>,
     /// Storage said the lease is no longer ours.
     lost: AtomicBool,
-    /// Holds shorter than this are not announced: waiters poll that often anyway.
-    announce_beyond: Duration,
     /// The last time announced, so that a round announces each later one once.
     announced: Mutex<Option<Instant>>,
     /// The blob's metadata as this holder last wrote it. Writes hold the
@@ -145,14 +147,14 @@ impl MachineLease {
     /// Tell the instances waiting for this lease that it will be held until
     /// about `until` (the holder's next Defender call has its rate-budget slot
     /// then), so that they sleep instead of polling. Sent in the background,
-    /// best effort: without it, waiters only poll more. Waits shorter than a
-    /// waiter's longest poll interval are not worth the request.
+    /// best effort: without it, waiters only poll more. Waits shorter than
+    /// [`ANNOUNCE_BEYOND`] are not worth the request.
     pub fn announce(&self, until: Instant) {
         let now = Instant::now();
         let Some(ahead) = until.checked_duration_since(now) else {
             return;
         };
-        if ahead < self.state.announce_beyond || self.state.lost.load(Ordering::Relaxed) {
+        if ahead < ANNOUNCE_BEYOND || self.state.lost.load(Ordering::Relaxed) {
             return;
         }
         {
@@ -312,7 +314,9 @@ pub(crate) async fn lock_machine(
     let timed_out = || CoordinationError::LockTimeout {
         machine_id: machine_id.to_owned(),
     };
-    let polls = Polls::new(duration);
+    // The longest sleep on an announcement: a holder that dies after
+    // announcing a late time is noticed within this, once its lease expired.
+    let max_sleep = duration / 3;
     // Creating the container or the blob is done at most a few times; a
     // storage that keeps answering "not found" is not waited for.
     let mut creations = 0;
@@ -332,7 +336,6 @@ pub(crate) async fn lock_machine(
                     duration,
                     valid_until: Mutex::new(sent + duration),
                     lost: AtomicBool::new(false),
-                    announce_beyond: ANNOUNCE_BEYOND,
                     announced: Mutex::new(None),
                     metadata: tokio::sync::Mutex::default(),
                 });
@@ -368,7 +371,7 @@ pub(crate) async fn lock_machine(
                 });
             }
         }
-        match wait_while_held(store, &blob, &polls, deadline, answered).await? {
+        match wait_while_held(store, &blob, max_sleep, deadline, answered).await? {
             Waited::Free => {}
             Waited::Answered => return Ok(Locked::Answered),
             Waited::TimedOut => return Err(timed_out()),
@@ -383,28 +386,6 @@ enum Waited {
     TimedOut,
 }
 
-/// How a waiter paces its looks at a held lease.
-struct Polls {
-    first_backoff: Duration,
-    max_backoff: Duration,
-    /// The longest sleep on an announcement: a holder that dies after
-    /// announcing a late time is noticed within this, once its lease expired.
-    max_sleep: Duration,
-}
-
-impl Polls {
-    /// Not sped up with `DEFENDER_RATE_CLOCK_SPEED` (benchmarks): the waits
-    /// that clock scales, for the rate budget, are announced; what is left
-    /// is storage and Defender round trips, which no clock speeds up.
-    fn new(lease_duration: Duration) -> Self {
-        Self {
-            first_backoff: FIRST_BACKOFF,
-            max_backoff: MAX_BACKOFF,
-            max_sleep: lease_duration / 3,
-        }
-    }
-}
-
 /// Wait until the lease looks free, `deadline` passes, or a [`Handoff`]
 /// answers everyone who was waiting.
 ///
@@ -416,17 +397,17 @@ impl Polls {
 async fn wait_while_held(
     store: &Store,
     blob: &str,
-    polls: &Polls,
+    max_sleep: Duration,
     deadline: Instant,
     answered: &mut (dyn FnMut(&Handoff) -> bool + Send),
 ) -> Result<Waited, CoordinationError> {
-    let mut backoff = polls.first_backoff;
+    let mut backoff = FIRST_BACKOFF;
     // The holder was found a moment ago: it has not announced anything yet.
     tokio::time::sleep_until(
         (Instant::now() + backoff.mul_f64(0.5 + fastrand::f64())).min(deadline),
     )
     .await;
-    backoff = (backoff * 2).min(polls.max_backoff);
+    backoff = (backoff * 2).min(MAX_BACKOFF);
     loop {
         let Some(look) = store.lease_and_metadata(blob, deadline).await? else {
             return Ok(Waited::TimedOut);
@@ -437,7 +418,7 @@ async fn wait_while_held(
             Err(refusal) if refusal.status == 404 => return Ok(Waited::Free),
             Err(refusal) => {
                 return Err(CoordinationError::Unavailable {
-                    retry_after: polls.max_sleep,
+                    retry_after: max_sleep,
                     reason: format!(
                         "storage answered {} {} to reading a lease",
                         refusal.status,
@@ -458,12 +439,12 @@ async fn wait_while_held(
             .filter(|ahead| !ahead.is_zero());
         let pause = match announced {
             Some(ahead) => {
-                backoff = polls.first_backoff;
-                ahead.min(polls.max_sleep) + polls.first_backoff.mul_f64(fastrand::f64())
+                backoff = FIRST_BACKOFF;
+                ahead.min(max_sleep) + FIRST_BACKOFF.mul_f64(fastrand::f64())
             }
             None => {
                 let pause = backoff.mul_f64(0.5 + fastrand::f64());
-                backoff = (backoff * 2).min(polls.max_backoff);
+                backoff = (backoff * 2).min(MAX_BACKOFF);
                 pause
             }
         };
@@ -531,11 +512,6 @@ async fn write_metadata(
                 refusal.code.unwrap_or_default()
             ),
         })
-}
-
-fn unix_ms(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A container or blob someone else created first is what we wanted.

@@ -345,7 +345,8 @@ fn refused(refusal: &super::store::Refusal, blob: &str) -> CoordinationError {
     }
 }
 
-fn unix_ms(t: SystemTime) -> u64 {
+/// Wall-clock time as stored in blobs: Unix milliseconds.
+pub(crate) fn unix_ms(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
