@@ -173,47 +173,18 @@ pub struct Success {
 }
 
 impl Success {
-    /// What the caller should know beyond the outcome: with `force`, that a
-    /// repeated action can stay pending and finish after a later opposite
-    /// one; for an `already_pending` action pending longer than
-    /// `stale_after`, that it may be stuck and how to cancel it.
-    pub fn warning(&self, force: bool, stale_after: Duration) -> Option<String> {
-        match self.outcome {
-            Outcome::Requested if force => Some(
-                "\"force\" sent a repeated action: on a device already in this state, Defender \
-                 has been seen to keep such an action Pending and finish it after a later \
-                 opposite action, leaving the device in the wrong state \
-                 (microsoft-365-docs#5903). Follow it with the status route, and cancel it if it \
-                 is still pending before you send the opposite request."
-                    .to_owned(),
-            ),
-            Outcome::AlreadyPending if !self.terminal() => {
-                let created = self
-                    .action
-                    .raw
-                    .get("creationDateTimeUtc")
-                    .and_then(Value::as_str)
-                    .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())?;
-                let age = OffsetDateTime::now_utc() - created;
-                let stale = time::Duration::try_from(stale_after).unwrap_or(time::Duration::MAX);
-                (age > stale).then(|| {
-                    format!(
-                        "Action {} has been {} since {} (more than {} h): it may be stuck \
-                         (microsoft-365-docs#5903). Cancel it with POST \
-                         /api/restrict-code-execution/actions/{}/cancel, then send this request \
-                         again.",
-                        self.action.action.id,
-                        self.action.action.status,
-                        created
-                            .format(&Rfc3339)
-                            .unwrap_or_else(|_| created.to_string()),
-                        stale_after.as_secs() / 3600,
-                        self.action.action.id
-                    )
-                })
-            }
-            _ => None,
+    /// When Defender created the returned action, if it is an
+    /// `already_pending` action still pending: the caller may tell how long
+    /// it has been waiting (a stuck action; see microsoft-365-docs#5903).
+    pub fn pending_since(&self) -> Option<OffsetDateTime> {
+        if self.outcome != Outcome::AlreadyPending || self.terminal() {
+            return None;
         }
+        self.action
+            .raw
+            .get("creationDateTimeUtc")
+            .and_then(Value::as_str)
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
     }
 
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
