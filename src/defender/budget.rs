@@ -24,7 +24,7 @@ use std::{
 use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::api::Endpoint;
+use super::{api::Endpoint, error::Refusal};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -63,14 +63,12 @@ pub trait CallBudget: std::fmt::Debug + Send + Sync {
 }
 
 /// Why no slot was given.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum BudgetError {
     OverBudget(OverBudget),
-    /// The shared budget could not be reached: fail closed.
-    Unavailable {
-        retry_after: Duration,
-        reason: String,
-    },
+    /// A budget shared through another layer (storage) could not be
+    /// consulted: fail closed, with that layer's own error.
+    Refused(Refusal),
 }
 
 #[async_trait::async_trait]

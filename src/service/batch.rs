@@ -29,9 +29,23 @@ use std::{
 use parking_lot::Mutex;
 use tokio::{sync::watch, time::Instant};
 
+use crate::defender::{Endpoint, client::BeforeSend, error::Refusal};
+
 /// Closes the batch being read (idempotent): called right before the first
 /// request of the read is sent, or before a key-by-key read decides its keys.
 pub type Close<'a> = &'a (dyn Fn() + Sync);
+
+/// The hook a tenant-wide read hands to the Defender client: it closes the
+/// batch right before the read's first request goes out.
+pub struct CloseOnSend<'a>(pub Close<'a>);
+
+#[async_trait::async_trait]
+impl BeforeSend for CloseOnSend<'_> {
+    async fn before_send(&self, _: Endpoint) -> Result<Option<Instant>, Refusal> {
+        (self.0)();
+        Ok(None)
+    }
+}
 
 /// How one batch is read.
 pub trait Source: Send + Sync + 'static {

@@ -57,7 +57,8 @@ use crate::{
     coordination::{CoordinationError, Coordinator, Handoff, Locked, MachineLease},
     defender::{
         DefenderClient, DefenderError, Endpoint,
-        client::{ActionListing, ActionRecord, Guard, WriteGuard},
+        client::{ActionListing, ActionRecord, BeforeSend},
+        error::Refusal,
         ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType, Machine, MachineAction},
     },
@@ -724,7 +725,7 @@ impl Shared {
                             machine_id,
                             wanted.action,
                             &job.comment,
-                            SendGuard::new(lease, writes, Endpoint::create(wanted.action)),
+                            SendGuard::new(lease, writes),
                             actions,
                             deadline,
                         )
@@ -762,7 +763,7 @@ impl Shared {
                     let mut asked = Vec::new();
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
-                        let guard = SendGuard::new(lease, writes, Endpoint::Cancel);
+                        let guard = SendGuard::new(lease, writes);
                         if self
                             .cancel_opposite(&action, &why, &guard, deadline)
                             .await?
@@ -807,7 +808,7 @@ impl Shared {
             posts += 1;
             let error = match self
                 .client
-                .create_action_guarded(machine_id, action_type, comment, Some(&guard), deadline)
+                .create_action_with(machine_id, action_type, comment, &guard, deadline)
                 .await
             {
                 Ok(created) if existed_before(&created.action, &known, sent) => {
@@ -907,7 +908,7 @@ impl Shared {
         &self,
         action: &MachineAction,
         comment: &str,
-        guard: Guard<'_>,
+        guard: &dyn BeforeSend,
         deadline: Instant,
     ) -> Result<bool, ServiceError> {
         match self
@@ -928,12 +929,12 @@ impl Shared {
         &self,
         action_id: &str,
         comment: &str,
-        guard: Option<Guard<'_>>,
+        guard: Option<&dyn BeforeSend>,
         deadline: Instant,
     ) -> Result<CancelSent, DefenderError> {
         match self
             .client
-            .cancel_action_guarded(action_id, comment, guard, deadline)
+            .cancel_action_with(action_id, comment, guard, deadline)
             .await
         {
             Ok(cancelled) => Ok(CancelSent::Accepted(Box::new(cancelled))),
@@ -1100,16 +1101,11 @@ impl Writes {
 struct SendGuard<'a> {
     lease: Option<&'a MachineLease>,
     writes: &'a Writes,
-    endpoint: Endpoint,
 }
 
 impl<'a> SendGuard<'a> {
-    fn new(lease: Option<&'a MachineLease>, writes: &'a Writes, endpoint: Endpoint) -> Self {
-        Self {
-            lease,
-            writes,
-            endpoint,
-        }
+    fn new(lease: Option<&'a MachineLease>, writes: &'a Writes) -> Self {
+        Self { lease, writes }
     }
 }
 
@@ -1128,34 +1124,22 @@ impl SendGuard<'_> {
     }
 }
 
-impl WriteGuard for SendGuard<'_> {
+#[async_trait::async_trait]
+impl BeforeSend for SendGuard<'_> {
     fn slot(&self, at: Instant) {
         if let Some(lease) = self.lease {
             lease.announce(at);
         }
     }
 
-    fn check(&self) -> Result<Option<Instant>, DefenderError> {
+    async fn before_send(&self, _endpoint: Endpoint) -> Result<Option<Instant>, Refusal> {
         let until = match self.lease.map(MachineLease::check) {
             None => None,
             Some(Ok(until)) => Some(until),
-            Some(Err(CoordinationError::Unavailable {
-                retry_after,
-                reason,
-            })) => {
-                return Err(DefenderError::CoordinationUnavailable {
-                    endpoint: self.endpoint,
-                    retry_after,
-                    reason,
-                });
+            Some(Err(unavailable @ CoordinationError::Unavailable { .. })) => {
+                return Err(Refusal::new(unavailable));
             }
-            Some(Err(other)) => {
-                return Err(DefenderError::CoordinationUnavailable {
-                    endpoint: self.endpoint,
-                    retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
-                    reason: other.to_string(),
-                });
-            }
+            Some(Err(other)) => return Err(Refusal::new(other.into_unavailable())),
         };
         self.writes.sent();
         Ok(until)
