@@ -28,7 +28,58 @@ use thiserror::Error;
 
 use url::Url;
 
-use crate::config::CredentialSettings;
+/// How the service gets its Defender token.
+#[derive(Clone, PartialEq, Eq)]
+pub enum CredentialSettings {
+    /// Managed identity: system-assigned, or user-assigned by client id.
+    ManagedIdentity { client_id: Option<String> },
+    /// A client secret, for local development only.
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret: String,
+    },
+}
+
+// Written by hand so that the secret can never reach a log line.
+impl fmt::Debug for CredentialSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ManagedIdentity { client_id } => f
+                .debug_struct("ManagedIdentity")
+                .field("client_id", client_id)
+                .finish(),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                ..
+            } => f
+                .debug_struct("ClientSecret")
+                .field("tenant_id", tenant_id)
+                .field("client_id", client_id)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl CredentialSettings {
+    /// A short description for error details and logs: which credential was tried.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::ManagedIdentity { client_id: None } => {
+                "system-assigned managed identity".to_owned()
+            }
+            Self::ManagedIdentity {
+                client_id: Some(id),
+            } => format!("user-assigned managed identity (client id {id})"),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                ..
+            } => format!("client secret of app {client_id} in tenant {tenant_id}"),
+        }
+    }
+}
 
 /// What the token source needs to know: which credential, where it signs in,
 /// for which scope, and how long a caller may wait for a token.
