@@ -9,11 +9,9 @@
 //! caller can wait for one, because the crate's default retry policy can block
 //! for about 80 s while holding the cache's write lock.
 
-use std::{
-    fmt,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{fmt, sync::Arc, time::Duration};
+
+use parking_lot::RwLock;
 
 use azure_core::{
     cloud::{CloudConfiguration, CustomConfiguration},
@@ -284,21 +282,13 @@ impl TokenSource {
     }
 
     fn credential(&self) -> Arc<dyn TokenCredential> {
-        self.inner
-            .current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.current.read().clone()
     }
 
     fn replace_credential_or_keep(&self) {
         match (self.inner.factory)() {
             Ok(fresh) => {
-                *self
-                    .inner
-                    .current
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner()) = fresh;
+                *self.inner.current.write() = fresh;
             }
             Err(e) => tracing::warn!(error = %e, "could not rebuild the credential"),
         }

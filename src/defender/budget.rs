@@ -18,9 +18,10 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Mutex,
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use tokio::time::Instant;
 
@@ -157,7 +158,7 @@ impl RateBudget {
     /// reservations keep their slots (first come, first served); the freed
     /// room counts for every reservation made from now on, in both windows.
     fn release(&self, endpoint: Endpoint, slot: Instant) {
-        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut calls = self.calls.lock();
         if let Some(queue) = calls.get_mut(&endpoint)
             && let Some(index) = queue.iter().rposition(|&t| t == slot)
         {
@@ -173,7 +174,7 @@ impl RateBudget {
         now: Instant,
         deadline: Instant,
     ) -> Result<Instant, OverBudget> {
-        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut calls = self.calls.lock();
         let queue = calls.entry(endpoint).or_default();
         while queue.front().is_some_and(|&t| t + self.hour <= now) {
             queue.pop_front();
@@ -210,7 +211,7 @@ impl RateBudget {
     /// what both windows have left. Zero while calls queue for later slots.
     pub fn free_now(&self, endpoint: Endpoint) -> usize {
         let now = Instant::now();
-        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = self.calls.lock();
         let Some(queue) = calls.get(&endpoint) else {
             return self.per_minute.min(self.per_hour);
         };

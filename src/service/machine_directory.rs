@@ -25,11 +25,13 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use futures_util::{
     FutureExt,
@@ -179,7 +181,7 @@ impl MachineDirectory {
 
     /// Forget what is remembered for `device` (a POST for it answered 404).
     pub fn forget(&self, device: &DeviceRef) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock();
         if matches!(slots.get(device), Some(Slot::Found { .. })) {
             slots.remove(device);
         }
@@ -192,7 +194,7 @@ impl MachineDirectory {
         device: &DeviceRef,
         deadline: Instant,
     ) -> Result<Found, (Flight, bool)> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock();
         match slots.get(device) {
             Some(Slot::Found { found, at }) if at.elapsed() < self.ttl => {
                 return Ok(Found::clone(found));
@@ -232,7 +234,7 @@ impl MachineDirectory {
         started: Instant,
         result: &Result<Found, FindError>,
     ) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock();
         if !matches!(slots.get(device), Some(Slot::Loading { id: current, .. }) if *current == id) {
             return;
         }
