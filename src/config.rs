@@ -41,7 +41,9 @@ impl From<SettingError> for ConfigError {
 }
 
 /// The Defender for Endpoint cloud. It selects the API base URL, the token
-/// scope and the sign-in authority (see defender-api.md, "Base URLs, clouds").
+/// scope and the sign-in authority
+/// (<https://learn.microsoft.com/defender-endpoint/gov>,
+/// <https://learn.microsoft.com/defender-endpoint/api/exposed-apis-list>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefenderCloud {
     Public,

@@ -1,9 +1,9 @@
 //! Finding the Defender machine for a device: one lookup shared by every
 //! invocation that asks at the same time, remembered for a short while.
 //!
-//! In an outbreak, webhooks for one device arrive together; each used to look
-//! the machine up on its own and spend the machine APIs' budget (100 calls a
-//! minute) several times over. Here concurrent lookups of one device share one
+//! In an outbreak, webhooks for one device arrive together; were each to look
+//! the machine up on its own, they would spend the machine APIs' budget (100
+//! calls a minute) several times over. Here concurrent lookups of one device share one
 //! Defender call (single flight), and a found machine is remembered for at
 //! most `MACHINE_CACHE_SECONDS` (60 s at most) so that retries and duplicates
 //! need no call at all.
