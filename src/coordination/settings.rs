@@ -14,9 +14,10 @@
 
 use std::fmt;
 
+use thiserror::Error;
 use url::Url;
 
-use thiserror::Error;
+use crate::defender::auth::managed_identity;
 
 /// A coordination setting that could not be used. The message names the
 /// variable; the app's settings report it as theirs.
@@ -111,12 +112,7 @@ impl StorageAuth {
     /// A short description for logs: which way we sign, never the secret.
     pub fn describe(&self) -> String {
         match self {
-            Self::ManagedIdentity { client_id: None } => {
-                "system-assigned managed identity".to_owned()
-            }
-            Self::ManagedIdentity {
-                client_id: Some(id),
-            } => format!("user-assigned managed identity (client id {id})"),
+            Self::ManagedIdentity { client_id } => managed_identity(client_id.as_deref()),
             Self::AccountKey { account, .. } => {
                 format!("account SAS derived from the key of account {account}")
             }

@@ -64,18 +64,21 @@ impl CredentialSettings {
     /// A short description for error details and logs: which credential was tried.
     pub fn describe(&self) -> String {
         match self {
-            Self::ManagedIdentity { client_id: None } => {
-                "system-assigned managed identity".to_owned()
-            }
-            Self::ManagedIdentity {
-                client_id: Some(id),
-            } => format!("user-assigned managed identity (client id {id})"),
+            Self::ManagedIdentity { client_id } => managed_identity(client_id.as_deref()),
             Self::ClientSecret {
                 tenant_id,
                 client_id,
                 ..
             } => format!("client secret of app {client_id} in tenant {tenant_id}"),
         }
+    }
+}
+
+/// Which managed identity: system-assigned, or user-assigned by client id.
+pub fn managed_identity(client_id: Option<&str>) -> String {
+    match client_id {
+        None => "system-assigned managed identity".to_owned(),
+        Some(id) => format!("user-assigned managed identity (client id {id})"),
     }
 }
 
