@@ -671,6 +671,49 @@ fn every_problem_code_is_in_the_readme_troubleshooting_table() {
     }
 }
 
+#[test]
+fn the_readme_troubleshooting_table_lists_no_code_the_handler_does_not_answer() {
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .split("## Troubleshooting")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let codes = restrict_code_execution::host::error::CODES;
+    // A code in the first column is a backticked word followed by its status.
+    for row in table.lines().filter(|l| l.starts_with("| ")) {
+        let cell = row.split(" |").next().unwrap();
+        let mut parts = cell.split('`').skip(1);
+        while let (Some(word), Some(after)) = (parts.next(), parts.next()) {
+            let status = after.trim_start().get(..3).unwrap_or("");
+            if status.len() == 3 && status.bytes().all(|b| b.is_ascii_digit()) {
+                assert!(
+                    codes.contains(&word),
+                    "the README lists `{word}`, which no answer carries"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_problem_code_variant_has_its_own_code_status_and_title() {
+    use restrict_code_execution::host::error::{CODES, ProblemCode};
+    assert_eq!(CODES.len(), ProblemCode::ALL.len());
+    for (code, variant) in CODES.iter().zip(ProblemCode::ALL) {
+        assert_eq!(*code, variant.as_str());
+        assert!(variant.status().is_client_error() || variant.status().is_server_error());
+        assert!(!variant.title().is_empty());
+        assert_eq!(
+            CODES.iter().filter(|c| *c == code).count(),
+            1,
+            "{code} twice"
+        );
+    }
+}
+
 // --- Examples ------------------------------------------------------------------
 
 #[tokio::test]

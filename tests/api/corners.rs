@@ -1,7 +1,7 @@
-//! Defender corners the simulator models on request (issue 13, points 1, 2, 3
-//! and 5): a duplicate POST answered with the pending action, a cancel that
-//! takes effect late (or loses the race), stuck duplicates, and the fidelity
-//! of actions, tokens, roles and lookups. Each test asserts what Defender
+//! Defender corners the simulator models on request: a duplicate POST
+//! answered with the pending action, a cancel that takes effect late (or
+//! loses the race), stuck duplicates, and the fidelity of actions, tokens,
+//! roles and lookups. Each test asserts what Defender
 //! received, not only what the service answered.
 
 use std::time::Duration;

@@ -1,7 +1,8 @@
 //! A Functions host emulator: it calls the handler exactly as the host does
-//! (functions-host-protocol.md §3, §4, §6) and applies the host's rules to the
-//! handler's answers (§5), failing the test where a real host would fail the
-//! invocation.
+//! (launch, request payload and HTTP forwarding in
+//! <https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers>)
+//! and applies the host's rules to the handler's answers (its response
+//! payload), failing the test where a real host would fail the invocation.
 
 use std::time::Duration;
 

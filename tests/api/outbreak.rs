@@ -1,4 +1,4 @@
-//! Outbreak speed (issue 10): shared machine lookups, batched state reads
+//! Outbreak speed: shared machine lookups, batched state reads
 //! that are never older than the invocation, only documented OData, and a
 //! budget that holds in bursts. Each test asserts what Defender received.
 

@@ -173,7 +173,7 @@ async fn instances_never_hand_out_more_than_the_limit_per_window() {
         clock_speed: speed,
         ..Default::default()
     };
-    // Three instances, as issue 12's burst runs.
+    // Three instances, as the scaled-out benchmark's burst runs.
     let instances = [
         instance(&settings, options()),
         instance(&settings, options()),
