@@ -12,7 +12,9 @@ use restrict_code_execution::simulator::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, post, posts, spawn_app_with};
+use crate::helpers::{
+    AppOptions, TOKEN, TestApp, post, posts, spawn_app_with, spawn_in_process_with,
+};
 use crate::host_emulator::{CallerRequest, Route};
 use crate::restrict::ALPHA_AAD;
 
@@ -25,7 +27,7 @@ fn sim_config(change: impl FnOnce(&mut SimConfig)) -> SimConfig {
 }
 
 async fn app_with(sim: SimConfig, env: Vec<(&'static str, String)>) -> TestApp {
-    spawn_app_with(AppOptions {
+    spawn_in_process_with(AppOptions {
         sim,
         env,
         ..AppOptions::default()
@@ -455,13 +457,14 @@ async fn a_failed_action_does_not_count_as_restricted() {
 
 #[tokio::test]
 async fn a_token_for_another_api_is_refused_and_nothing_is_sent() {
-    let app = app_with(
-        AppOptions::default().sim,
-        vec![(
+    // The binary: the scope reaches the managed identity endpoint.
+    let app = spawn_app_with(AppOptions {
+        env: vec![(
             "DEFENDER_TOKEN_SCOPE",
             "https://graph.microsoft.com/.default".to_owned(),
         )],
-    )
+        ..AppOptions::default()
+    })
     .await;
 
     let answer = post(&app, json!({"deviceId": ALPHA_AAD})).await;
