@@ -4,8 +4,7 @@
 use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::spawn_in_process;
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, spawn_app, spawn_in_process};
 use crate::host_emulator::CallerRequest;
 use crate::host_emulator::Route;
 use crate::restrict::ALPHA_AAD;

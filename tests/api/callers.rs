@@ -9,8 +9,9 @@ use base64::Engine;
 use restrict_code_execution::simulator::SimConfig;
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, spawn_app, spawn_app_with};
-use crate::helpers::{spawn_in_process, spawn_in_process_with};
+use crate::helpers::{
+    AppOptions, TestApp, spawn_app, spawn_app_with, spawn_in_process, spawn_in_process_with,
+};
 use crate::host_emulator::{CallerRequest, ClientResponse, Route};
 use crate::restrict::{ALPHA_AAD, BRAVO_AAD, CHARLIE_AAD, LINUX_AAD};
 

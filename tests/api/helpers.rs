@@ -56,6 +56,36 @@ impl Default for AppOptions {
     }
 }
 
+/// A test app built from the defaults: `app().sim(|s| ...).env(NAME, value)`,
+/// then [`Fixture::in_process`] or [`Fixture::binary`].
+pub fn app() -> Fixture {
+    Fixture(AppOptions::default())
+}
+
+pub struct Fixture(AppOptions);
+
+impl Fixture {
+    /// Change the simulated tenant's configuration.
+    pub fn sim(mut self, change: impl FnOnce(&mut SimConfig)) -> Self {
+        change(&mut self.0.sim);
+        self
+    }
+
+    /// An app setting, as the handler reads it from its environment.
+    pub fn env(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.0.env.push((name, value.to_string()));
+        self
+    }
+
+    pub async fn in_process(self) -> TestApp {
+        spawn_in_process_with(self.0).await
+    }
+
+    pub async fn binary(self) -> TestApp {
+        spawn_app_with(self.0).await
+    }
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(AppOptions::default()).await
 }

@@ -5,8 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::spawn_in_process;
-use crate::helpers::{spawn_app, start_handler};
+use crate::helpers::{spawn_app, spawn_in_process, start_handler};
 use crate::host_emulator::CallerRequest;
 
 #[tokio::test]

@@ -21,8 +21,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::helpers::spawn_in_process_with;
-use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app_with};
+use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app_with, spawn_in_process_with};
 use crate::restrict::{ALPHA_AAD, BRAVO_AAD, CHARLIE_AAD};
 
 const ALPHA: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";

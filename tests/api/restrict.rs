@@ -4,8 +4,10 @@
 use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app, spawn_app_with};
-use crate::helpers::{spawn_in_process, spawn_in_process_with};
+use crate::helpers::{
+    AppOptions, TOKEN, TestApp, post, spawn_app, spawn_app_with, spawn_in_process,
+    spawn_in_process_with,
+};
 use crate::host_emulator::CallerRequest;
 
 pub const ALPHA_AAD: &str = "3f1c7a52-8d4e-4b6a-9c21-5e7f0a1b2c3d";

@@ -8,8 +8,7 @@ use std::time::Duration;
 use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, post, posts, spawn_app};
-use crate::helpers::{spawn_in_process, spawn_in_process_with};
+use crate::helpers::{TestApp, app, post, posts, spawn_app, spawn_in_process};
 use crate::host_emulator::CallerRequest;
 use crate::restrict::{ALPHA_AAD, CHARLIE_AAD};
 
@@ -329,11 +328,10 @@ async fn a_500_and_a_503_on_reads_are_retried() {
 
 #[tokio::test]
 async fn a_read_slower_than_the_timeout_is_retried() {
-    let app = spawn_in_process_with(AppOptions {
-        env: vec![("DEFENDER_TIMEOUT_SECONDS", "1".into())],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app()
+        .env("DEFENDER_TIMEOUT_SECONDS", "1")
+        .in_process()
+        .await;
     app.sim.inject(fault(
         "GET",
         "/api/machines",
@@ -459,11 +457,7 @@ async fn a_post_that_keeps_failing_says_no_action_was_created() {
 
 #[tokio::test]
 async fn a_post_whose_fate_cannot_be_checked_says_an_action_may_exist() {
-    let app = spawn_in_process_with(AppOptions {
-        env: vec![("REQUEST_TIMEOUT_SECONDS", "4".into())],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app().env("REQUEST_TIMEOUT_SECONDS", "4").in_process().await;
     app.sim.inject(fault(
         "POST",
         "restrictCodeExecution",
@@ -540,15 +534,12 @@ async fn a_401_after_refreshing_is_an_authentication_failure() {
 
 #[tokio::test]
 async fn the_rate_budget_answers_an_honest_429_before_defender_would() {
-    let app = spawn_in_process_with(AppOptions {
-        env: vec![
-            // Each invocation reads the machine's actions once.
-            ("DEFENDER_RATE_LIMIT_PER_MINUTE", "2".into()),
-            ("REQUEST_TIMEOUT_SECONDS", "5".into()),
-        ],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app()
+        // Each invocation reads the machine's actions once.
+        .env("DEFENDER_RATE_LIMIT_PER_MINUTE", "2")
+        .env("REQUEST_TIMEOUT_SECONDS", "5")
+        .in_process()
+        .await;
 
     let first = post(&app, json!({"deviceId": ALPHA_AAD})).await;
     let second = post(&app, json!({"deviceId": CHARLIE_AAD})).await;
@@ -628,11 +619,7 @@ async fn a_merged_machine_id_is_not_acted_on() {
 async fn device_ids_with_wait_act_on_every_device_before_waiting() {
     // 24 devices, eight at a time, each POST slow: acting takes three rounds.
     // Waiting inside each round would leave the last devices no time at all.
-    let app = spawn_in_process_with(AppOptions {
-        env: vec![("REQUEST_TIMEOUT_SECONDS", "6".into())],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app().env("REQUEST_TIMEOUT_SECONDS", "6").in_process().await;
     let devices = app.add_fleet(24);
     for i in 0..24 {
         app.sim.set_offline(&format!("{i:040x}"), true);

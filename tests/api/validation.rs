@@ -3,8 +3,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::spawn_app;
-use crate::helpers::spawn_in_process;
+use crate::helpers::{spawn_app, spawn_in_process};
 use crate::host_emulator::CallerRequest;
 
 const AAD: &str = "3f1c7a52-8d4e-4b6a-9c21-5e7f0a1b2c3d";
