@@ -19,9 +19,14 @@
 //!
 //! [`settings`] reads `COORDINATION` and the host's `AzureWebJobsStorage*`
 //! settings; [`store`] is the only place that talks to `azure_storage_blob`.
+//! Containment jobs keep their records through [`records`] and send their
+//! messages through [`queue`] (`azure_storage_queue`), in storage or, in
+//! local mode, in this process's memory.
 
 pub mod error;
 pub mod lock;
+pub mod queue;
+pub mod records;
 pub mod sas;
 pub mod settings;
 pub mod shared_budget;
@@ -198,6 +203,22 @@ impl Coordinator {
         deadline: Instant,
     ) -> Result<Slot, CoordinationError> {
         self.budget.reserve(&self.store, bucket, deadline).await
+    }
+
+    /// Job records in the coordination container.
+    pub fn records(&self) -> records::BlobRecords {
+        records::BlobRecords::new(self.store.clone())
+    }
+
+    /// The queue `name` of the same account, its requests counted with the
+    /// coordinator's.
+    pub fn queue(
+        &self,
+        settings: &StorageSettings,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<queue::StorageQueue, CoordinationError> {
+        queue::StorageQueue::new(settings, name, timeout, Some(self.store.counting_policy()))
     }
 
     /// HTTP requests this coordinator has sent to storage (benchmarks, tests).
