@@ -53,7 +53,8 @@ pub enum StartupError {
 #[derive(Debug, Clone)]
 pub enum Backend {
     Real,
-    Simulated(SimConfig),
+    /// Boxed: a tenant's configuration is large beside `Real`.
+    Simulated(Box<SimConfig>),
 }
 
 /// The one pooled HTTP client for Defender and the identity endpoint.
@@ -97,7 +98,7 @@ pub async fn prepare(
         ),
         Backend::Simulated(config) => {
             let tokens = TokenSource::fixed(&config.token, settings.token_timeout);
-            let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+            let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), *config)
                 .await
                 .map_err(StartupError::Simulator)?;
             settings.api_url = url::Url::parse(&sim.url()).map_err(|e| {
