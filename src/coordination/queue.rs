@@ -193,7 +193,10 @@ impl MessageQueue for StorageQueue {
                 // The queue is made on first use.
                 Err(404) if !created => {
                     created = true;
-                    match self.call("creating the job queue", client.create(None)).await? {
+                    match self
+                        .call("creating the job queue", client.create(None))
+                        .await?
+                    {
                         Ok(_) | Err(409) => {}
                         Err(status) => {
                             return Err(unavailable(format!(
@@ -342,7 +345,11 @@ impl LocalQueue {
                 return;
             };
             let next = {
-                let mut messages = self.inner.messages.lock().unwrap_or_else(|e| e.into_inner());
+                let mut messages = self
+                    .inner
+                    .messages
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
                 let now = Instant::now();
                 let visible = messages
                     .iter_mut()
@@ -393,7 +400,11 @@ impl LocalQueue {
     /// After an invocation: delete on success; on failure, visible again
     /// after the visibility timeout, or to the poison queue after the last try.
     fn settle(&self, message: &LocalMessage, result: Result<(), String>) {
-        let mut messages = self.inner.messages.lock().unwrap_or_else(|e| e.into_inner());
+        let mut messages = self
+            .inner
+            .messages
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         let Some(index) = messages.iter().position(|m| m.id == message.id) else {
             return;
         };

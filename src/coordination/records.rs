@@ -274,7 +274,9 @@ impl Records for MemoryRecords {
                 metadata: record.metadata.clone(),
             })
             .collect();
-        let next = (page.len() > max.max(1)).then(|| page.pop().map(|l| l.name)).flatten();
+        let next = (page.len() > max.max(1))
+            .then(|| page.pop().map(|l| l.name))
+            .flatten();
         Ok((page, next))
     }
 }
@@ -302,14 +304,24 @@ mod tests {
         );
         assert_eq!(
             records
-                .write("a/1", b"x".to_vec(), HashMap::new(), WriteIf::Matches("\"9\"".into()))
+                .write(
+                    "a/1",
+                    b"x".to_vec(),
+                    HashMap::new(),
+                    WriteIf::Matches("\"9\"".into())
+                )
                 .await
                 .unwrap(),
             Written::Lost
         );
         assert!(matches!(
             records
-                .write("a/1", b"three".to_vec(), HashMap::new(), WriteIf::Matches(etag))
+                .write(
+                    "a/1",
+                    b"three".to_vec(),
+                    HashMap::new(),
+                    WriteIf::Matches(etag)
+                )
                 .await
                 .unwrap(),
             Written::Done(_)

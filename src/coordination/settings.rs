@@ -81,7 +81,10 @@ impl fmt::Debug for StorageSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StorageSettings")
             .field("blob_endpoint", &self.blob_endpoint.as_str())
-            .field("queue_endpoint", &self.queue_endpoint.as_ref().map(Url::as_str))
+            .field(
+                "queue_endpoint",
+                &self.queue_endpoint.as_ref().map(Url::as_str),
+            )
             .field("auth", &self.auth)
             .field("container", &self.container)
             .finish()
@@ -182,9 +185,11 @@ fn identity_based(
                         .into(),
                 })?,
         ),
-        (None, Some(account)) => {
-            Url::parse(&format!("https://{}.queue.core.windows.net/", account.trim())).ok()
-        }
+        (None, Some(account)) => Url::parse(&format!(
+            "https://{}.queue.core.windows.net/",
+            account.trim()
+        ))
+        .ok(),
         (None, None) => None,
     };
     let endpoint = match (get(BLOB_SERVICE_URI), get(ACCOUNT_NAME)) {

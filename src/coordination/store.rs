@@ -605,9 +605,7 @@ impl Store {
         };
         match self.call("reading a blob", None, read).await? {
             Some(Ok((body, metadata, Some(etag)))) => Ok(Ok((body, metadata, etag))),
-            Some(Ok((_, _, None))) => {
-                Err(unavailable("storage answered a read without an ETag"))
-            }
+            Some(Ok((_, _, None))) => Err(unavailable("storage answered a read without an ETag")),
             Some(Err(refusal)) => Ok(Err(refusal)),
             None => Err(unavailable("reading a blob timed out")),
         }
@@ -646,10 +644,7 @@ impl Store {
                     .filter_map(|item| {
                         Some(ListedBlob {
                             name: item.name?,
-                            metadata: item
-                                .metadata
-                                .and_then(|m| m.values)
-                                .unwrap_or_default(),
+                            metadata: item.metadata.and_then(|m| m.values).unwrap_or_default(),
                         })
                     })
                     .collect();
