@@ -287,6 +287,26 @@ impl DefenderClient {
             .rows)
     }
 
+    /// `GET /api/machines?$filter=<filter>&$top=10000`, every page: the
+    /// machines a containment job selects (`machineTags/any(...)`,
+    /// `rbacGroupId eq N`). The caller builds the filter from checked values.
+    pub async fn machines_matching(
+        &self,
+        filter: &str,
+        deadline: Instant,
+    ) -> Result<Vec<Machine>, DefenderError> {
+        Ok(self
+            .list_all(
+                ListOf::Machines,
+                Some(filter),
+                MAX_LIST_PAGES,
+                deadline,
+                None,
+            )
+            .await?
+            .rows)
+    }
+
     /// `GET /api/machines/{id}`; `None` when Defender does not know the id.
     pub async fn machine(
         &self,

@@ -46,6 +46,9 @@ pub const CODES: &[&str] = &[
     "route_not_found",
     "method_not_allowed",
     "shutting_down",
+    "job_not_found",
+    "too_many_devices",
+    "no_devices_matched",
 ];
 
 /// An invocation that did not succeed.
@@ -155,6 +158,22 @@ pub enum ApiError {
          running instance."
     )]
     ShuttingDown,
+    #[error("no containment job with id {0}")]
+    JobNotFound(String),
+    #[error(
+        "{selector} matched {count} devices; a job takes at most {max}. Split it (for example by \
+         device group) and start one job for each part. Nothing was sent to Defender."
+    )]
+    TooManyDevices {
+        selector: String,
+        count: usize,
+        max: usize,
+    },
+    #[error(
+        "{0} matched no Defender machine: check the spelling (tags are matched exactly) and that \
+         the machines are onboarded. Nothing was sent to Defender."
+    )]
+    NoDevicesMatched(String),
 }
 
 fn conflict_detail(
@@ -261,6 +280,17 @@ impl ApiError {
                 "Method not allowed",
             ),
             Self::ShuttingDown => ("shutting_down", S::SERVICE_UNAVAILABLE, "Shutting down"),
+            Self::JobNotFound(_) => ("job_not_found", S::NOT_FOUND, "Job not found"),
+            Self::TooManyDevices { .. } => (
+                "too_many_devices",
+                S::UNPROCESSABLE_ENTITY,
+                "Too many devices for one job",
+            ),
+            Self::NoDevicesMatched(_) => (
+                "no_devices_matched",
+                S::UNPROCESSABLE_ENTITY,
+                "No devices matched",
+            ),
         }
     }
 
