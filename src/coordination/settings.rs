@@ -46,6 +46,10 @@ const AZURITE_QUEUE_ENDPOINT: &str = "http://127.0.0.1:10001/devstoreaccount1";
 // Read once at startup and kept in one place: the size difference costs nothing.
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "read once at start-up; boxing would buy nothing"
+)]
 pub enum CoordinationSettings {
     /// Today's per-process locks and budget: `--simulate`, one instance.
     Local,
