@@ -43,8 +43,6 @@ const AZURITE_BLOB_ENDPOINT: &str = "http://127.0.0.1:10000/devstoreaccount1";
 const AZURITE_QUEUE_ENDPOINT: &str = "http://127.0.0.1:10001/devstoreaccount1";
 
 /// `COORDINATION`: in-process (default) or through the storage account.
-// Read once at startup and kept in one place: the size difference costs nothing.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[allow(
     clippy::large_enum_variant,
