@@ -208,6 +208,11 @@ impl Jobs {
             return Ok(());
         };
         let storage = |e: CoordinationError| WorkFailed(e.to_string());
+        // A cancelled job's devices without an outcome are skipped, not failed.
+        let job = self.read_job(&message.job).await.map_err(storage)?;
+        if job.is_none_or(|job| job.cancelled_at.is_some()) {
+            return Ok(());
+        }
         for device in &message.devices {
             let last = self
                 .inner
