@@ -273,12 +273,23 @@ async fn slow_app(
     per_hour: u32,
     speed: u32,
 ) -> (TestApp, Vec<String>) {
+    slow_app_timing(devices, per_minute, per_hour, speed, 6).await
+}
+
+/// [`slow_app`] with invocations of `timeout_s` seconds.
+async fn slow_app_timing(
+    devices: usize,
+    per_minute: u32,
+    per_hour: u32,
+    speed: u32,
+    timeout_s: u32,
+) -> (TestApp, Vec<String>) {
     let options = AppOptions {
         env: vec![
             ("DEFENDER_RATE_LIMIT_PER_MINUTE", per_minute.to_string()),
             ("DEFENDER_RATE_LIMIT_PER_HOUR", per_hour.to_string()),
             ("DEFENDER_RATE_CLOCK_SPEED", speed.to_string()),
-            ("REQUEST_TIMEOUT_SECONDS", "6".to_owned()),
+            ("REQUEST_TIMEOUT_SECONDS", timeout_s.to_string()),
         ],
         ..AppOptions::default()
     };
@@ -395,4 +406,39 @@ async fn a_job_answers_in_payload_mode_too() {
     let done = finished(&app, &job, Duration::from_secs(30)).await;
     assert_eq!(done["devices"][0]["deviceId"], seed::ALPHA_AAD_DEVICE_ID);
     assert_eq!(done["devices"][0]["outcome"], "requested");
+}
+
+/// While a job waits for its budget, a single restrict still gets its
+/// lookup, read and POST at once: the job's devices never queue ahead of it
+/// more than a few at a time, so it does not wait for the job.
+#[tokio::test]
+async fn a_single_restrict_during_a_job_is_served_before_the_job_is_done() {
+    // Six calls a minute per API, a minute of 10 s: 30 devices take about
+    // 50 s. Invocations of 30 s, so a request can wait a window or two.
+    let (app, _) = slow_app_timing(30, 6, 1500, 6, 30).await;
+    let answer = start(&app, json!({"machineTag": "wave"})).await;
+    let job = answer.json()["jobId"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    let asked = Instant::now();
+    let single = app
+        .restrict(&json!({"deviceId": seed::ALPHA_AAD_DEVICE_ID}))
+        .await;
+    let took = asked.elapsed();
+    assert_eq!(single.status, 201, "{}", single.body);
+    let midway = status(&app, &job).await;
+    assert_eq!(midway.status, 202, "the job is still running");
+    let queued = midway.json()["counts"]["queued"].as_u64().unwrap();
+    assert!(
+        queued >= 10,
+        "served long before the job's end: {queued} devices still queued"
+    );
+    // At most the few job devices already waiting were served first: within
+    // two of the budget's minute windows (10 s each here), not the job's 50 s.
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let alpha_posts = posts(&app)
+        .iter()
+        .filter(|p| machine_of_post(p) == seed::ALPHA_MACHINE_ID)
+        .count();
+    assert_eq!(alpha_posts, 1);
 }
