@@ -300,13 +300,14 @@ async fn slow_app_timing(
     (app, ids)
 }
 
-/// The hour's budget is spent after two restricts: the other devices wait
-/// in a delayed message for the hour's next slot (no failure, no poison),
-/// then finish, each restricted once.
+/// The jobs' share of the hour (nine tenths of three restricts: two) is
+/// spent after two restricts: the other devices wait in a delayed message for
+/// the hour's next slots (no failure, no poison), then finish, each
+/// restricted once.
 #[tokio::test]
 async fn devices_past_the_hourly_budget_wait_for_it_instead_of_failing() {
     // An hour of 10 s; an invocation of 6 s cannot wait for it.
-    let (app, machines) = slow_app(4, 100, 2, 360).await;
+    let (app, machines) = slow_app(4, 100, 3, 360).await;
     let answer = start(&app, json!({"machineTag": "wave"})).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
     let job = answer.json()["jobId"].as_str().unwrap().to_owned();
