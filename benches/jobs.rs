@@ -416,7 +416,7 @@ async fn single_restrict(http: &reqwest::Client, base: &str, device: &Device) ->
     let latency = sent.elapsed();
     let status = response.status().as_u16();
     let body: Value = response.json().await?;
-    if status != 201 && status != 200 {
+    if !(200..300).contains(&status) {
         return Err(format!("a single restrict answered {status}: {body}").into());
     }
     Ok(latency)
