@@ -188,16 +188,24 @@ async fn run(plan: &Plan) -> Result<String> {
     let job_id = answer["jobId"].as_str().ok_or("no jobId")?.to_owned();
 
     // Single restricts while the job runs, and its status until it is done.
+    // A status answer that is not 200 or 202 (a 503 while storage is slow)
+    // is what a polling Logic App retries: counted, not fatal.
     let mut interactive = Vec::new();
+    let mut interactive_failures = Vec::new();
+    let mut status_errors: BTreeMap<u16, usize> = BTreeMap::new();
     let mut next_interactive = started;
-    let mut last_status: Value;
+    let mut last_status = Value::Null;
     let give_up = started + Duration::from_secs_f64(3.0 * 3600.0 / plan.speed + 120.0);
+    let mut sent = 0;
     let done_at = loop {
         let now = Instant::now();
-        if now >= next_interactive && interactive.len() < plan.interactive_max {
-            let i = interactive.len();
-            let base = &instances[i % INSTANCES].1;
-            interactive.push(single_restrict(&http, base, &devices.others[i]).await?);
+        if now >= next_interactive && sent < plan.interactive_max {
+            let base = &instances[sent % INSTANCES].1;
+            match single_restrict(&http, base, &devices.others[sent]).await? {
+                Ok(latency) => interactive.push(latency),
+                Err(answer) => interactive_failures.push(answer),
+            }
+            sent += 1;
             next_interactive +=
                 Duration::from_secs_f64(plan.interactive_every.as_secs_f64() / plan.speed);
         }
@@ -209,13 +217,18 @@ async fn run(plan: &Plan) -> Result<String> {
             .send()
             .await?;
         let code = response.status().as_u16();
-        last_status = response.json().await?;
-        if code == 200 {
-            break Instant::now();
+        let body: Value = response.json().await.unwrap_or(Value::Null);
+        match code {
+            200 => {
+                last_status = body;
+                break Instant::now();
+            }
+            202 => last_status = body,
+            other => *status_errors.entry(other).or_default() += 1,
         }
-        if code != 202 || Instant::now() > give_up {
+        if Instant::now() > give_up {
             return Err(format!(
-                "the job did not end (status {code}): {}",
+                "the job did not end: {}; status errors {status_errors:?}",
                 summary(&last_status)
             )
             .into());
@@ -248,7 +261,7 @@ async fn run(plan: &Plan) -> Result<String> {
 
     let checks = devices.check(&actions, &last_status)?;
     let calls = Calls::of(&log, &devices);
-    let posts_total = checks.job_posts + interactive.len();
+    let posts_total = checks.job_posts + sent;
     let minimum = minimum_makespan_secs(plan.devices as u64) as f64;
     let minimum_all = minimum_makespan_secs(posts_total as u64) as f64;
     let mut latencies: Vec<f64> = interactive
@@ -291,7 +304,7 @@ async fn run(plan: &Plan) -> Result<String> {
             plan.devices,
             minimum / 60.0,
             minimum_all / 60.0,
-            interactive.len()
+            sent
         ),
         "≤ 1.1× the minimum",
         (!plan.smoke).then_some(ratio <= 1.1),
@@ -405,8 +418,13 @@ async fn get_json<T: serde::de::DeserializeOwned>(http: &reqwest::Client, url: &
     Ok(response.json().await?)
 }
 
-/// One single restrict (forwarded HTTP); its real latency.
-async fn single_restrict(http: &reqwest::Client, base: &str, device: &Device) -> Result<Duration> {
+/// One single restrict (forwarded HTTP): its real latency, or the answer
+/// that was not a success.
+async fn single_restrict(
+    http: &reqwest::Client,
+    base: &str,
+    device: &Device,
+) -> Result<std::result::Result<Duration, String>> {
     let sent = Instant::now();
     let response = http
         .post(format!("{base}/api/restrict-code-execution"))
@@ -417,9 +435,9 @@ async fn single_restrict(http: &reqwest::Client, base: &str, device: &Device) ->
     let status = response.status().as_u16();
     let body: Value = response.json().await?;
     if !(200..300).contains(&status) {
-        return Err(format!("a single restrict answered {status}: {body}").into());
+        return Ok(Err(format!("{status} {}", body["code"])));
     }
-    Ok(latency)
+    Ok(Ok(latency))
 }
 
 #[derive(Debug, Clone)]
