@@ -49,6 +49,7 @@ use self::{
 use crate::defender::{
     Endpoint,
     budget::{BudgetError, CallBudget, OverBudget},
+    error::Refusal,
 };
 
 /// Tuning for a [`Coordinator`]; [`Default`] is what production uses.
@@ -239,6 +240,18 @@ impl Coordinator {
     }
 }
 
+impl CoordinationError {
+    /// This failure as a refusal to send to Defender: storage unavailable,
+    /// retry after what it says (5 s when it says nothing), with this error
+    /// as the reason.
+    pub(crate) fn into_unavailable(self) -> Self {
+        Self::Unavailable {
+            retry_after: self.retry_after().unwrap_or(Duration::from_secs(5)),
+            reason: self.to_string(),
+        }
+    }
+}
+
 /// The client draws its slots here with `COORDINATION=storage`.
 #[async_trait::async_trait]
 impl CallBudget for Coordinator {
@@ -258,10 +271,7 @@ impl CallBudget for Coordinator {
                 CoordinationError::OverBudget { wait, .. } => {
                     BudgetError::OverBudget(OverBudget { wait })
                 }
-                other => BudgetError::Unavailable {
-                    retry_after: other.retry_after().unwrap_or(Duration::from_secs(5)),
-                    reason: other.to_string(),
-                },
+                other => BudgetError::Refused(Refusal::new(other.into_unavailable())),
             })
     }
 

@@ -248,7 +248,7 @@ impl Default for DeliveryRules {
         Self {
             max_dequeue_count: 5,
             visibility_timeout: Duration::ZERO,
-            concurrency: 4,
+            concurrency: 6,
         }
     }
 }

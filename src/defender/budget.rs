@@ -18,13 +18,13 @@
 
 use std::{
     collections::{HashMap, VecDeque},
-    sync::Mutex,
     time::Duration,
 };
 
+use parking_lot::Mutex;
 use tokio::time::Instant;
 
-use super::api::Endpoint;
+use super::{api::Endpoint, error::Refusal};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -63,14 +63,12 @@ pub trait CallBudget: std::fmt::Debug + Send + Sync {
 }
 
 /// Why no slot was given.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum BudgetError {
     OverBudget(OverBudget),
-    /// The shared budget could not be reached: fail closed.
-    Unavailable {
-        retry_after: Duration,
-        reason: String,
-    },
+    /// A budget shared through another layer (storage) could not be
+    /// consulted: fail closed, with that layer's own error.
+    Refused(Refusal),
 }
 
 #[async_trait::async_trait]
@@ -157,7 +155,7 @@ impl RateBudget {
     /// reservations keep their slots (first come, first served); the freed
     /// room counts for every reservation made from now on, in both windows.
     fn release(&self, endpoint: Endpoint, slot: Instant) {
-        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut calls = self.calls.lock();
         if let Some(queue) = calls.get_mut(&endpoint)
             && let Some(index) = queue.iter().rposition(|&t| t == slot)
         {
@@ -173,7 +171,7 @@ impl RateBudget {
         now: Instant,
         deadline: Instant,
     ) -> Result<Instant, OverBudget> {
-        let mut calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let mut calls = self.calls.lock();
         let queue = calls.entry(endpoint).or_default();
         while queue.front().is_some_and(|&t| t + self.hour <= now) {
             queue.pop_front();
@@ -210,7 +208,7 @@ impl RateBudget {
     /// what both windows have left. Zero while calls queue for later slots.
     pub fn free_now(&self, endpoint: Endpoint) -> usize {
         let now = Instant::now();
-        let calls = self.calls.lock().unwrap_or_else(|e| e.into_inner());
+        let calls = self.calls.lock();
         let Some(queue) = calls.get(&endpoint) else {
             return self.per_minute.min(self.per_hour);
         };

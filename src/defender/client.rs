@@ -28,7 +28,7 @@ use super::{
     api::Endpoint,
     auth::TokenSource,
     budget::{BudgetError, CallBudget, RateBudget},
-    error::DefenderError,
+    error::{DefenderError, Refusal},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
 
@@ -195,35 +195,61 @@ struct Listing<T> {
     calls: usize,
 }
 
-/// Called right before each attempt of a call is sent, after any wait for
-/// the rate budget: a batched read closes its batch there, so that every
-/// invocation it answers joined before the read went out.
-pub type OnSend<'a> = &'a (dyn Fn() + Sync);
+/// The one hook a caller hands into a call, run for each attempt: told the
+/// attempt's rate-budget slot before the client waits for it, and asked
+/// right before the request leaves. Defender's client knows nothing of what
+/// it does (a batched read closes its batch; a write checks the machine's
+/// lease and notes that it was sent); a refusal comes back as
+/// [`DefenderError::Refused`], carrying the hook's own error.
+#[async_trait::async_trait]
+pub trait BeforeSend: Sync {
+    /// The rate budget gave the attempt its slot at `at`; the client waits
+    /// until then.
+    fn slot(&self, at: Instant) {
+        let _ = at;
+    }
 
-/// What a write is sent under: across instances, the machine's lease.
-pub trait WriteGuard: Sync {
-    /// The rate budget gave the write its slot at `at`; it waits until then.
-    fn slot(&self, at: Instant);
-
-    /// Checked right before each attempt is sent, after any wait for the rate
-    /// budget: a write that may no longer go out (the lease was lost
-    /// meanwhile) is not sent. `Ok(Some(until))`: this client stops waiting
-    /// for the attempt by then (its timeout is cut to fit), before someone
-    /// else may act on the machine. Defender may still process an attempt we
-    /// stopped waiting for; the re-read after an unclear answer is what
-    /// catches that. Once it answers `Ok`, the attempt is sent.
-    fn check(&self) -> Result<Option<Instant>, DefenderError>;
+    /// Right before the attempt at `endpoint` is sent, after any wait for the
+    /// rate budget. `Err`: it is not sent. `Ok(Some(until))`: the client
+    /// stops waiting for the attempt by then (its timeout is cut to fit).
+    /// Defender may still process an attempt we stopped waiting for; the
+    /// re-read after an unclear answer is what catches that. Once it answers
+    /// `Ok`, the attempt is sent.
+    async fn before_send(&self, endpoint: Endpoint) -> Result<Option<Instant>, Refusal>;
 }
 
-pub type Guard<'a> = &'a dyn WriteGuard;
+/// Notes when the first attempt of a list went out, then runs the caller's
+/// hook.
+struct FirstSent<'a> {
+    at: parking_lot::Mutex<Option<time::OffsetDateTime>>,
+    then: Option<&'a dyn BeforeSend>,
+}
+
+#[async_trait::async_trait]
+impl BeforeSend for FirstSent<'_> {
+    fn slot(&self, at: Instant) {
+        if let Some(hook) = self.then {
+            hook.slot(at);
+        }
+    }
+
+    async fn before_send(&self, endpoint: Endpoint) -> Result<Option<Instant>, Refusal> {
+        self.at
+            .lock()
+            .get_or_insert_with(time::OffsetDateTime::now_utc);
+        match self.then {
+            Some(hook) => hook.before_send(endpoint).await,
+            None => Ok(None),
+        }
+    }
+}
 
 /// One request to make; its method comes from the endpoint.
 struct Call<'a> {
     endpoint: Endpoint,
     url: Url,
     body: Option<&'a CommentBody>,
-    on_send: Option<OnSend<'a>>,
-    guard: Option<Guard<'a>>,
+    hook: Option<&'a dyn BeforeSend>,
 }
 
 impl<'a> Call<'a> {
@@ -232,8 +258,7 @@ impl<'a> Call<'a> {
             endpoint,
             url,
             body: None,
-            on_send: None,
-            guard: None,
+            hook: None,
         }
     }
 }
@@ -336,9 +361,9 @@ impl DefenderClient {
         &self,
         machine_id: &str,
         deadline: Instant,
-        on_send: Option<OnSend<'_>>,
+        hook: Option<&dyn BeforeSend>,
     ) -> Result<ActionListing, DefenderError> {
-        self.list_actions(&format!("machineId eq '{machine_id}'"), deadline, on_send)
+        self.list_actions(&format!("machineId eq '{machine_id}'"), deadline, hook)
             .await
     }
 
@@ -347,7 +372,7 @@ impl DefenderClient {
     pub async fn restrict_history(
         &self,
         deadline: Instant,
-        on_send: Option<OnSend<'_>>,
+        hook: Option<&dyn BeforeSend>,
     ) -> Result<ActionListing, DefenderError> {
         let [restrict_filter, release_filter] = [
             ActionType::RestrictCodeExecution,
@@ -355,8 +380,8 @@ impl DefenderClient {
         ]
         .map(|action| format!("type eq '{}'", action.as_str()));
         let (restricts, releases) = tokio::try_join!(
-            self.list_actions(&restrict_filter, deadline, on_send),
-            self.list_actions(&release_filter, deadline, on_send),
+            self.list_actions(&restrict_filter, deadline, hook),
+            self.list_actions(&release_filter, deadline, hook),
         )?;
         let mut listing = restricts;
         listing.sent_at = listing.sent_at.min(releases.sent_at);
@@ -370,7 +395,7 @@ impl DefenderClient {
         &self,
         filter: &str,
         deadline: Instant,
-        on_send: Option<OnSend<'_>>,
+        hook: Option<&dyn BeforeSend>,
     ) -> Result<ActionListing, DefenderError> {
         let listing = self
             .list_all(
@@ -378,7 +403,7 @@ impl DefenderClient {
                 Some(filter),
                 MAX_LIST_PAGES,
                 deadline,
-                on_send,
+                hook,
             )
             .await?;
         Ok(ActionListing {
@@ -394,10 +419,10 @@ impl DefenderClient {
     pub async fn all_machines(
         &self,
         deadline: Instant,
-        on_send: Option<OnSend<'_>>,
+        hook: Option<&dyn BeforeSend>,
     ) -> Result<(Vec<Machine>, usize), DefenderError> {
         let listing = self
-            .list_all(ListOf::Machines, None, MAX_LIST_PAGES, deadline, on_send)
+            .list_all(ListOf::Machines, None, MAX_LIST_PAGES, deadline, hook)
             .await?;
         Ok((listing.rows, listing.calls))
     }
@@ -411,7 +436,7 @@ impl DefenderClient {
         filter: Option<&str>,
         max_pages: usize,
         deadline: Instant,
-        on_send: Option<OnSend<'_>>,
+        hook: Option<&dyn BeforeSend>,
     ) -> Result<Listing<T>, DefenderError> {
         let endpoint = list.endpoint();
         let base = self.url(endpoint, "")?;
@@ -428,29 +453,24 @@ impl DefenderClient {
         let mut url = base.clone();
         url.set_query(Some(&query(0)));
 
-        let sent_at = std::sync::Mutex::new(None);
-        let mark_sent = || {
-            let mut first = sent_at.lock().unwrap_or_else(|e| e.into_inner());
-            first.get_or_insert_with(time::OffsetDateTime::now_utc);
-            if let Some(hook) = on_send {
-                hook();
-            }
+        let first_sent = FirstSent {
+            at: parking_lot::Mutex::new(None),
+            then: hook,
         };
         let mut rows: Vec<T> = Vec::new();
         let mut seen = std::collections::HashSet::new();
         let mut skip = 0;
-        let finished =
-            |rows, calls, sent_at: std::sync::Mutex<Option<time::OffsetDateTime>>| Listing {
-                rows,
-                sent_at: sent_at
-                    .into_inner()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .unwrap_or_else(time::OffsetDateTime::now_utc),
-                calls,
-            };
+        let finished = |rows, calls, first_sent: FirstSent<'_>| Listing {
+            rows,
+            sent_at: first_sent
+                .at
+                .into_inner()
+                .unwrap_or_else(time::OffsetDateTime::now_utc),
+            calls,
+        };
         for calls in 1..=max_pages {
             let call = Call {
-                on_send: Some(&mark_sent),
+                hook: Some(&first_sent),
                 ..Call::new(endpoint, url.clone())
             };
             let page: ODataPage<T> = match self.send(call, deadline).await {
@@ -459,7 +479,7 @@ impl DefenderClient {
                 Err(DefenderError::Status { status: 404, .. })
                     if matches!(list, ListOf::Machines) =>
                 {
-                    return Ok(finished(rows, calls, sent_at));
+                    return Ok(finished(rows, calls, first_sent));
                 }
                 other => other?,
             };
@@ -477,7 +497,7 @@ impl DefenderClient {
                     next.set_query(Some(&query(skip)));
                     next
                 }
-                None => return Ok(finished(rows, calls, sent_at)),
+                None => return Ok(finished(rows, calls, first_sent)),
             };
         }
         Err(DefenderError::Protocol {
@@ -513,39 +533,45 @@ impl DefenderClient {
         comment: &str,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
-        self.create_action_guarded(machine_id, action, comment, None, deadline)
-            .await
+        self.post(
+            Endpoint::create(action),
+            machine_id,
+            comment,
+            None,
+            deadline,
+        )
+        .await
     }
 
-    /// [`Self::create_action`], with `guard` checked right before it is sent.
-    pub async fn create_action_guarded(
+    /// [`Self::create_action`], with `hook` run before each attempt.
+    pub async fn create_action_with(
         &self,
         machine_id: &str,
         action: ActionType,
         comment: &str,
-        guard: Option<Guard<'_>>,
+        hook: &dyn BeforeSend,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
         self.post(
             Endpoint::create(action),
             machine_id,
             comment,
-            guard,
+            Some(hook),
             deadline,
         )
         .await
     }
 
-    /// `POST /api/machineactions/{id}/cancel`, with `guard` (if any) checked
-    /// right before it is sent. Never resent after an ambiguous failure.
-    pub async fn cancel_action_guarded(
+    /// `POST /api/machineactions/{id}/cancel`, with `hook` (if any) run
+    /// before each attempt. Never resent after an ambiguous failure.
+    pub async fn cancel_action_with(
         &self,
         action_id: &str,
         comment: &str,
-        guard: Option<Guard<'_>>,
+        hook: Option<&dyn BeforeSend>,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
-        self.post(Endpoint::Cancel, action_id, comment, guard, deadline)
+        self.post(Endpoint::Cancel, action_id, comment, hook, deadline)
             .await
     }
 
@@ -556,7 +582,7 @@ impl DefenderClient {
         endpoint: Endpoint,
         id: &str,
         comment: &str,
-        guard: Option<Guard<'_>>,
+        hook: Option<&dyn BeforeSend>,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
         let body = CommentBody {
@@ -564,7 +590,7 @@ impl DefenderClient {
         };
         let call = Call {
             body: Some(&body),
-            guard,
+            hook,
             ..Call::new(endpoint, self.url(endpoint, id)?)
         };
         let raw: Value = self.send(call, deadline).await?;
@@ -619,40 +645,34 @@ impl DefenderClient {
             if Instant::now() >= deadline {
                 return Err(DefenderError::OutOfTime { endpoint: op });
             }
-            let budget = match call.guard {
-                Some(guard) => {
+            let refused = |refusal| DefenderError::Refused {
+                endpoint: op,
+                refusal,
+            };
+            let budget = match call.hook {
+                Some(hook) => {
                     self.budget
-                        .acquire_announcing(call.endpoint, deadline, &|at| guard.slot(at))
+                        .acquire_announcing(op, deadline, &|at| hook.slot(at))
                         .await
                 }
-                None => self.budget.acquire(call.endpoint, deadline).await,
+                None => self.budget.acquire(op, deadline).await,
             };
             budget.map_err(|e| match e {
                 BudgetError::OverBudget(over) => DefenderError::OverBudget {
                     endpoint: op,
                     wait: over.wait,
                 },
-                BudgetError::Unavailable {
-                    retry_after,
-                    reason,
-                } => DefenderError::CoordinationUnavailable {
-                    endpoint: op,
-                    retry_after,
-                    reason,
-                },
+                BudgetError::Refused(refusal) => refused(refusal),
             })?;
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(DefenderError::OutOfTime { endpoint: op });
             }
             let mut timeout = self.timeout.min(remaining);
-            if let Some(guard) = call.guard
-                && let Some(until) = guard.check()?
+            if let Some(hook) = call.hook
+                && let Some(until) = hook.before_send(op).await.map_err(refused)?
             {
                 timeout = timeout.min(until.saturating_duration_since(Instant::now()));
-            }
-            if let Some(on_send) = call.on_send {
-                on_send();
             }
             let error = match self.attempt(&call, token.secret(), timeout).await {
                 Ok(value) => return Ok(value),

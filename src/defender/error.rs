@@ -1,6 +1,6 @@
 //! What can go wrong talking to Defender, before it is mapped to an HTTP answer.
 
-use std::time::Duration;
+use std::{error::Error as StdError, sync::Arc, time::Duration};
 
 use thiserror::Error;
 
@@ -68,15 +68,34 @@ pub enum DefenderError {
     /// The client-side rate budget has no slot before the invocation's deadline.
     #[error("the rate budget for {} has no free slot for {} s", endpoint.describe(), wait.as_secs())]
     OverBudget { endpoint: Endpoint, wait: Duration },
-    /// The budget shared by every instance (`COORDINATION=storage`) could not
-    /// be consulted, so the call was not sent.
-    #[error("the shared Defender budget could not be consulted before {}: {reason}", endpoint.describe())]
-    CoordinationUnavailable {
+    /// The caller's hook, or the rate budget, refused to let the call go
+    /// out ([`super::client::BeforeSend`]): nothing was sent. The refusal is
+    /// the caller's own error, for the caller to map.
+    #[error("{refusal} (before {})", endpoint.describe())]
+    Refused {
         endpoint: Endpoint,
-        retry_after: Duration,
-        reason: String,
+        refusal: Refusal,
     },
     /// The invocation's deadline passed before the call could be made.
     #[error("the invocation ran out of time before {}", endpoint.describe())]
     OutOfTime { endpoint: Endpoint },
+}
+
+/// Why a call was not sent: the error of the layer that refused it (its
+/// hook, or a budget shared through it), carried through the client
+/// untouched. The client neither reads nor words it; the layer that
+/// refused gets its own error back with [`Refusal::downcast_ref`].
+#[derive(Debug, Clone, Error)]
+#[error(transparent)]
+pub struct Refusal(Arc<dyn StdError + Send + Sync>);
+
+impl Refusal {
+    pub fn new(cause: impl StdError + Send + Sync + 'static) -> Self {
+        Self(Arc::new(cause))
+    }
+
+    /// The refusing layer's error, if it is an `E`.
+    pub fn downcast_ref<E: StdError + 'static>(&self) -> Option<&E> {
+        self.0.downcast_ref()
+    }
 }

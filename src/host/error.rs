@@ -529,14 +529,12 @@ impl From<CoordinationError> for ApiError {
 impl From<DefenderError> for ApiError {
     fn from(e: DefenderError) -> Self {
         match e {
-            DefenderError::CoordinationUnavailable {
-                retry_after,
-                reason,
-                ..
-            } => Self::CoordinationUnavailable {
-                retry_after,
-                reason,
-            },
+            DefenderError::Refused { ref refusal, .. } => {
+                match refusal.downcast_ref::<CoordinationError>() {
+                    Some(coordination) => coordination.clone().into(),
+                    None => Self::Defender(e.to_string()),
+                }
+            }
             DefenderError::Token(t) => Self::AuthenticationFailed(t),
             DefenderError::OverBudget { endpoint, wait } => Self::RateLimited {
                 retry_after: wait,

@@ -23,14 +23,29 @@ use std::{
     collections::{HashMap, HashSet},
     future::Future,
     hash::Hash,
-    sync::{Arc, Mutex},
+    sync::Arc,
 };
 
+use parking_lot::Mutex;
 use tokio::{sync::watch, time::Instant};
+
+use crate::defender::{Endpoint, client::BeforeSend, error::Refusal};
 
 /// Closes the batch being read (idempotent): called right before the first
 /// request of the read is sent, or before a key-by-key read decides its keys.
 pub type Close<'a> = &'a (dyn Fn() + Sync);
+
+/// The hook a tenant-wide read hands to the Defender client: it closes the
+/// batch right before the read's first request goes out.
+pub struct CloseOnSend<'a>(pub Close<'a>);
+
+#[async_trait::async_trait]
+impl BeforeSend for CloseOnSend<'_> {
+    async fn before_send(&self, _: Endpoint) -> Result<Option<Instant>, Refusal> {
+        (self.0)();
+        Ok(None)
+    }
+}
 
 /// How one batch is read.
 pub trait Source: Send + Sync + 'static {
@@ -144,7 +159,7 @@ impl<S: Source> Batcher<S> {
         key: &S::Key,
         deadline: Instant,
     ) -> watch::Receiver<Option<Answer<S>>> {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock();
         let batch = inner
             .open
             .get_or_insert_with(|| {
@@ -158,7 +173,7 @@ impl<S: Source> Batcher<S> {
             })
             .clone();
         {
-            let mut members = batch.members.lock().unwrap_or_else(|e| e.into_inner());
+            let mut members = batch.members.lock();
             members.keys.insert(key.clone());
             members.deadline = Some(members.deadline.map_or(deadline, |d| d.max(deadline)));
         }
@@ -178,7 +193,7 @@ impl<S: Source> Batcher<S> {
         let _reset = ReaderReset(&self);
         loop {
             let batch = {
-                let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+                let mut inner = self.inner.lock();
                 match inner.open.clone() {
                     Some(batch) => batch,
                     None => {
@@ -214,7 +229,7 @@ impl<S: Source> Batcher<S> {
 
     /// Stop new waiters from joining `batch`.
     fn close(&self, batch: &Arc<Batch<S>>) {
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut inner = self.inner.lock();
         if inner
             .open
             .as_ref()
@@ -233,7 +248,7 @@ struct ReaderReset<'a, S: Source>(&'a Batcher<S>);
 impl<S: Source> Drop for ReaderReset<'_, S> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            let mut inner = self.0.inner.lock().unwrap_or_else(|e| e.into_inner());
+            let mut inner = self.0.inner.lock();
             inner.open = None;
             inner.reader_running = false;
         }
@@ -242,7 +257,7 @@ impl<S: Source> Drop for ReaderReset<'_, S> {
 
 /// The batch's keys and the latest deadline among its waiters, as they are now.
 fn snapshot<S: Source>(batch: &Batch<S>) -> (Vec<S::Key>, Instant) {
-    let members = batch.members.lock().unwrap_or_else(|e| e.into_inner());
+    let members = batch.members.lock();
     (
         members.keys.iter().cloned().collect(),
         members.deadline.unwrap_or_else(Instant::now),
@@ -292,7 +307,7 @@ mod tests {
                             .await
                     });
                     tokio::task::yield_now().await;
-                    *self.late.lock().unwrap_or_else(|e| e.into_inner()) = Some(late);
+                    *self.late.lock() = Some(late);
                 }
             }
             close();
@@ -324,12 +339,7 @@ mod tests {
         let first = batcher.get("first".to_owned(), soon()).await;
 
         assert_eq!(first, Ok(Some("first".to_owned())));
-        let late = batcher
-            .source
-            .late
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let late = batcher.source.late.lock().take();
         let late = late
             .expect("the late waiter joined")
             .await

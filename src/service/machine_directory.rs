@@ -43,7 +43,7 @@ use uuid::Uuid;
 use crate::{
     defender::{DefenderClient, DefenderError, Endpoint, models::Machine},
     service::{
-        batch::{Answered, Batcher, Close, Source},
+        batch::{Answered, Batcher, Close, CloseOnSend, Source},
         runbook::DeviceRef,
         selection::{self, NoChoice},
     },
@@ -355,7 +355,10 @@ impl Source for MachineSource {
         }
         // The tenant's list answers every device, so lookups may keep joining
         // until its first request is sent.
-        let (machines, calls) = self.client.all_machines(deadline, Some(close)).await?;
+        let (machines, calls) = self
+            .client
+            .all_machines(deadline, Some(&CloseOnSend(close)))
+            .await?;
         self.list_calls.store(calls.max(1), Ordering::Relaxed);
         let mut by_device: HashMap<DeviceRef, Vec<Machine>> = HashMap::new();
         for machine in machines {

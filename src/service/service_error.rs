@@ -13,6 +13,23 @@ use crate::{
     },
 };
 
+/// A call the coordination refused to let go out (the shared budget or the
+/// machine's lease could not be used) is a coordination failure, not
+/// Defender's.
+impl From<DefenderError> for ServiceError {
+    fn from(e: DefenderError) -> Self {
+        match &e {
+            DefenderError::Refused { refusal, .. } => {
+                match refusal.downcast_ref::<CoordinationError>() {
+                    Some(coordination) => Self::Coordination(coordination.clone()),
+                    None => Self::Defender(e),
+                }
+            }
+            _ => Self::Defender(e),
+        }
+    }
+}
+
 /// Why the service did not do what was asked. `Clone`, because one failed
 /// round answers every job queued in it.
 #[derive(Debug, Clone, Error)]
@@ -21,7 +38,7 @@ pub enum ServiceError {
     #[error("{0}")]
     DeviceNotFound(String),
     #[error(transparent)]
-    Defender(#[from] DefenderError),
+    Defender(DefenderError),
     /// The instances' coordination through storage failed: nothing was sent.
     #[error(transparent)]
     Coordination(#[from] CoordinationError),

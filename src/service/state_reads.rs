@@ -41,7 +41,7 @@ use crate::{
         DefenderClient, DefenderError, Endpoint, client::ActionListing, ids::MachineId,
         models::MachineAction,
     },
-    service::batch::{Answered, Batcher, Close, Source},
+    service::batch::{Answered, Batcher, Close, CloseOnSend, Source},
 };
 
 /// Reads machine state for many invocations at once.
@@ -116,7 +116,10 @@ impl Source for ActionSource {
         }
         // The tenant read answers every machine, so waiters may keep joining
         // until its first request is sent.
-        let listing = self.client.restrict_history(deadline, Some(close)).await?;
+        let listing = self
+            .client
+            .restrict_history(deadline, Some(&CloseOnSend(close)))
+            .await?;
         self.tenant_read_calls
             .store(listing.calls.max(2), Ordering::Relaxed);
         Ok(Answered {

@@ -11,6 +11,7 @@ mod azurite;
 mod handler_process;
 mod host_triggers;
 mod instances;
+mod jobs;
 mod lease_edges;
 mod managed_identity;
 #[path = "../common/queue_host.rs"]

@@ -8,6 +8,7 @@ use futures_util::{StreamExt, stream};
 use http::StatusCode;
 use serde::Serialize;
 use serde_json::Value;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
 use super::{Record, status::status_url};
@@ -327,7 +328,7 @@ pub struct SuccessBody {
     action: Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     cancelled_action_ids: Vec<String>,
-    /// A hazard the caller should know about (see [`Success::warning`]).
+    /// A hazard the caller should know about (see [`warning`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     warning: Option<String>,
     invocation_id: String,
@@ -341,6 +342,39 @@ struct MachineSummary {
     aad_device_id: Option<String>,
     health_status: Option<String>,
     last_seen: Option<String>,
+}
+
+/// What the caller should know beyond the outcome: with `force`, that a
+/// repeated action can stay pending and finish after a later opposite one;
+/// for an `already_pending` action pending longer than `stale_after`, that
+/// it may be stuck and how to cancel it.
+fn warning(success: &Success, force: bool, stale_after: Duration) -> Option<String> {
+    if success.outcome == Outcome::Requested && force {
+        return Some(
+            "\"force\" sent a repeated action: on a device already in this state, Defender has \
+             been seen to keep such an action Pending and finish it after a later opposite \
+             action, leaving the device in the wrong state (microsoft-365-docs#5903). Follow it \
+             with the status route, and cancel it if it is still pending before you send the \
+             opposite request."
+                .to_owned(),
+        );
+    }
+    let created = success.pending_since()?;
+    let age = OffsetDateTime::now_utc() - created;
+    let stale = time::Duration::try_from(stale_after).unwrap_or(time::Duration::MAX);
+    (age > stale).then(|| {
+        let id = &success.action.action.id;
+        format!(
+            "Action {id} has been {} since {} (more than {} h): it may be stuck \
+             (microsoft-365-docs#5903). Cancel it with POST \
+             /api/restrict-code-execution/actions/{id}/cancel, then send this request again.",
+            success.action.action.status,
+            created
+                .format(&Rfc3339)
+                .unwrap_or_else(|_| created.to_string()),
+            stale_after.as_secs() / 3600,
+        )
+    })
 }
 
 impl SuccessBody {
@@ -369,7 +403,7 @@ impl SuccessBody {
             terminal: success.terminal(),
             action: success.action.raw.clone(),
             cancelled_action_ids: success.cancelled.clone(),
-            warning: success.warning(request.force, state.stale_pending()),
+            warning: warning(success, request.force, state.stale_pending()),
             invocation_id: invocation_id.to_owned(),
         }
     }

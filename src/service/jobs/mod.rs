@@ -194,6 +194,15 @@ impl Jobs {
         idempotency_key: Option<&str>,
         deadline: Instant,
     ) -> Result<Started, JobError> {
+        // A retry of a start that succeeded costs no Defender call.
+        if let Some(key) = idempotency_key
+            && let Some(earlier) = self.replay(key).await?
+        {
+            return Ok(Started {
+                job: earlier,
+                replayed: true,
+            });
+        }
         let devices = resolve::devices(&self.inner.client, &request.selector, deadline).await?;
         let now = OffsetDateTime::now_utc();
         let job_id = uuid::Uuid::new_v4().to_string();
@@ -268,6 +277,27 @@ impl Jobs {
             job,
             replayed: false,
         })
+    }
+
+    /// The job `key` started within the window, if its record is there.
+    async fn replay(&self, key: &str) -> Result<Option<JobRecord>, JobError> {
+        let Some(claim) = self
+            .inner
+            .records
+            .read(&model::idempotency_name(key))
+            .await?
+        else {
+            return Ok(None);
+        };
+        let at = meta(&claim.metadata, "at")
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(0);
+        let age = unix_ms(OffsetDateTime::now_utc()).saturating_sub(at);
+        if age >= IDEMPOTENCY_WINDOW.whole_milliseconds() as i64 {
+            return Ok(None);
+        }
+        let job = meta(&claim.metadata, "job").unwrap_or_default();
+        Ok(self.read_job(&job).await?)
     }
 
     /// Claim `key` for `job_id`; or the job it already started within the window.

@@ -44,7 +44,9 @@ pub type Explain = dyn Fn(&ServiceError) -> DeviceProblem + Send + Sync;
 #[error("{0}")]
 pub struct WorkFailed(pub String);
 
-/// Time a device needs at least; with less left, it goes to a new message.
+/// Time a device needs at least, at most: with less left, the rest of the
+/// message goes to a new one. A sixth of the invocation's time when that is
+/// shorter (the first device of a message always runs).
 const DEVICE_RESERVE: Duration = Duration::from_secs(20);
 /// Most a deferred message is spread beyond its slot, so that messages
 /// waiting for the same window do not all arrive at once.
@@ -123,7 +125,8 @@ impl Jobs {
             {
                 continue;
             }
-            if Instant::now() + DEVICE_RESERVE > deadline {
+            let reserve = DEVICE_RESERVE.min(self.inner.work_time / 6);
+            if k > 0 && Instant::now() + reserve > deadline {
                 self.hand_on(&job_id, &message.devices[k..], Duration::ZERO)
                     .await
                     .map_err(storage)?;
@@ -205,6 +208,11 @@ impl Jobs {
             return Ok(());
         };
         let storage = |e: CoordinationError| WorkFailed(e.to_string());
+        // A cancelled job's devices without an outcome are skipped, not failed.
+        let job = self.read_job(&message.job).await.map_err(storage)?;
+        if job.is_none_or(|job| job.cancelled_at.is_some()) {
+            return Ok(());
+        }
         for device in &message.devices {
             let last = self
                 .inner

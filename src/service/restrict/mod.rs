@@ -1,0 +1,444 @@
+//! Restrict or release one device: find its machine, read its actions,
+//! decide (see [`super::decision`]), and only then act.
+//!
+//! [`Restrictor`] owns a machine action's whole life: [`Restrictor::run`]
+//! creates it from an [`Intent`], [`Restrictor::wait`] follows it,
+//! [`Restrictor::status`] reads it and [`Restrictor::cancel`] cancels it.
+//! `run` is the one entry for every caller (an HTTP function, a queue
+//! worker, a timer); callers parse their input and word the answer.
+//!
+//! - [`protocol`]: what one device's request does (decide, cancel, act, see
+//!   an unclear answer through), as plain async functions;
+//! - [`round`]: when it runs: one round at a time per machine;
+//! - [`leased`]: the machine's lease around the writes, across instances,
+//!   and the answers a lease holder's handoff gives.
+//!
+//! Safety rules, each with a test in `tests/api/safety.rs`:
+//! - read before write, one round at a time per machine
+//!   ([`super::machine_queue`]), so duplicates coalesce and opposite actions
+//!   cannot finish out of order;
+//! - the state a request decides on comes from a read sent after it was
+//!   queued ([`super::state_reads`]), plus what the requests before it in
+//!   the same round did;
+//! - a POST is never blindly re-sent: after an ambiguous failure the machine's
+//!   actions are read again, and the POST is repeated only if no new action of
+//!   that type appeared;
+//! - `cancelPending` cancels only actions that existed when the request
+//!   arrived: an opposite action created after that (by this instance, or by
+//!   another one as Defender's creation time shows) is answered with 409.
+//!   Concurrent opposite requests would otherwise cancel each other's
+//!   actions in turn;
+//! - after cancelling, the request decides again only on a read that shows
+//!   the cancelled actions final (a cancel is not known to be immediate; reads
+//!   2 s apart, slowing to 5 s), or answers 409 when none does in time;
+//! - a 201 whose action Defender already had (its id was in the state read,
+//!   or it was created before the POST was sent) is a duplicate answered with
+//!   the pending action: `already_pending`, not a new action;
+//! - across instances (`COORDINATION=storage`), each round holds the
+//!   machine's lease from before its read until its last write is settled. A
+//!   round waiting for another instance's lease answers `already_pending`
+//!   only from that instance's handoff: a pending action of the same type
+//!   that a POST sent after the request arrived was answered with, with no
+//!   write sent under the lease for the machine since
+//!   ([`crate::coordination::Handoff`]);
+//! - a POST or cancel already sent is seen through even if its caller hangs
+//!   up, and one whose outcome is unknown is given 2 s before anyone reads
+//!   the machine again, so that the next read sees what it did.
+
+mod leased;
+mod protocol;
+mod round;
+
+use std::{sync::Arc, time::Duration};
+
+use serde::Serialize;
+use serde_json::Value;
+use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use tokio::time::Instant;
+
+use crate::{
+    coordination::Coordinator,
+    defender::{
+        DefenderClient,
+        client::{ActionListing, ActionRecord},
+        ids::ActionId,
+        models::{ActionStatus, ActionType, Machine},
+    },
+    service::{
+        decision::Wanted,
+        machine_directory::{FindError, MachineDirectory},
+        machine_queue::MachineQueues,
+        runbook::{CallerName, Comment, DeviceRef},
+        service_error::ServiceError,
+        state_reads::StateReads,
+    },
+};
+
+use self::{
+    protocol::{CancelSent, Created, ServeError, send_cancel},
+    round::Ticket,
+};
+
+/// Restricts and releases devices through one Defender client. Cheap to
+/// clone: the machine lookups, state reads and queues are shared.
+#[derive(Debug, Clone)]
+pub struct Restrictor {
+    inner: Arc<Shared>,
+}
+
+#[derive(Debug)]
+struct Shared {
+    client: DefenderClient,
+    /// Append `(requested by <caller>)` to the comment (setting `COMMENT_INCLUDE_CALLER`).
+    include_caller: bool,
+    directory: Arc<MachineDirectory>,
+    reads: StateReads,
+    /// One round at a time per machine.
+    queues: MachineQueues<Ticket>,
+    /// Actions created by this instance and when.
+    created: Created,
+    /// Leases across instances (`COORDINATION=storage`).
+    coordinator: Option<Arc<Coordinator>>,
+}
+
+/// What a caller wants done to a device, whichever edge it came through.
+#[derive(Debug, Clone)]
+pub struct Intent {
+    /// Restrict, or release (unrestrict).
+    pub action: ActionType,
+    /// Act even when the device is already in the wanted state.
+    pub force: bool,
+    /// Cancel a pending action of the opposite type instead of refusing.
+    pub cancel_pending: bool,
+    pub comment: Comment,
+    /// Who asked, kept in the comment sent to Defender unless turned off.
+    pub caller: Option<CallerName>,
+}
+
+/// What happened, as the caller sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A new machine action was created.
+    Requested,
+    /// A same-type action is still pending; it is returned, nothing was sent.
+    AlreadyPending,
+    /// The newest successful action already did what is asked; nothing was sent.
+    AlreadyInState,
+}
+
+impl Outcome {
+    /// The name used in answers and logs.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Requested => "requested",
+            Self::AlreadyPending => "already_pending",
+            Self::AlreadyInState => "already_in_state",
+        }
+    }
+}
+
+/// A successful invocation.
+#[derive(Debug, Clone)]
+pub struct Success {
+    pub outcome: Outcome,
+    pub machine: Machine,
+    /// How many Defender records matched the device.
+    pub candidates: usize,
+    /// The machine action, typed and exactly as Defender returned it.
+    pub action: ActionRecord,
+    /// Pending opposite-type actions cancelled first (`cancelPending`).
+    pub cancelled: Vec<String>,
+}
+
+impl Success {
+    /// When Defender created the returned action, if it is an
+    /// `already_pending` action still pending: the caller may tell how long
+    /// it has been waiting (a stuck action; see microsoft-365-docs#5903).
+    pub fn pending_since(&self) -> Option<OffsetDateTime> {
+        if self.outcome != Outcome::AlreadyPending || self.terminal() {
+            return None;
+        }
+        self.action
+            .raw
+            .get("creationDateTimeUtc")
+            .and_then(Value::as_str)
+            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+    }
+
+    /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
+    pub fn terminal(&self) -> bool {
+        self.action
+            .action
+            .status
+            .known()
+            .is_some_and(ActionStatus::is_terminal)
+    }
+}
+
+/// How often `wait` polls the action (Defender allows 100 reads a minute).
+pub const POLL_EVERY: Duration = Duration::from_secs(5);
+
+impl Restrictor {
+    /// `coordinator`: with `COORDINATION=storage`, each machine round also
+    /// holds the machine's blob lease, so rounds on other instances wait.
+    pub fn new(
+        client: DefenderClient,
+        include_caller: bool,
+        machine_cache: Duration,
+        coordinator: Option<Arc<Coordinator>>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Shared {
+                coordinator,
+                directory: MachineDirectory::new(client.clone(), machine_cache),
+                reads: StateReads::new(client.clone()),
+                client,
+                include_caller,
+                queues: MachineQueues::default(),
+                created: Created::default(),
+            }),
+        }
+    }
+
+    /// Restrict or release `device` as `intent` asks.
+    pub async fn run(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+    ) -> Result<Success, ServiceError> {
+        let arrived = Instant::now();
+        let wanted = Wanted {
+            action: intent.action,
+            force: intent.force,
+            cancel_pending: intent.cancel_pending,
+        };
+        let comment = self.comment(&intent.comment, intent.caller.as_ref());
+        // A remembered machine record is trusted for one attempt only: when
+        // Defender answers 404 for it, the device is looked up afresh.
+        let mut looked_up_again = false;
+        loop {
+            let lookup =
+                self.inner
+                    .directory
+                    .find(device, deadline)
+                    .await
+                    .map_err(|e| match e {
+                        FindError::NotFound(why) => ServiceError::DeviceNotFound(why),
+                        FindError::Defender(e) => e.into(),
+                    })?;
+            let machine = lookup.found.machine;
+            match round::submit(
+                &self.inner,
+                &machine.id,
+                wanted,
+                &comment,
+                arrived,
+                deadline,
+            )
+            .await
+            {
+                Ok(acted) => {
+                    return Ok(Success {
+                        outcome: acted.outcome,
+                        machine,
+                        candidates: lookup.found.candidates,
+                        action: acted.action,
+                        cancelled: acted.cancelled,
+                    });
+                }
+                Err(ServeError::MachineGone(_)) if lookup.cached && !looked_up_again => {
+                    tracing::info!(machine_id = %machine.id, "Defender no longer knows the remembered machine; looking the device up again");
+                    self.inner.directory.forget(device);
+                    looked_up_again = true;
+                }
+                Err(ServeError::MachineGone(e)) => return Err(e.into()),
+                Err(ServeError::Failed(e)) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Restrictor {
+    /// The machine action `action_id` as Defender has it now.
+    pub async fn status(
+        &self,
+        action_id: &str,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ServiceError> {
+        let found = self.inner.read_action(action_id, deadline).await?;
+        // Answering with another action than the one asked for would tell
+        // the caller the wrong device's state.
+        let asked = ActionId::from(action_id);
+        if asked != *found.action.id {
+            return Err(ServiceError::OtherActionAnswered {
+                asked: action_id.to_owned(),
+                answered: found.action.id,
+            });
+        }
+        Ok(found)
+    }
+
+    /// Poll `success`'s action until it is finished or `until` passes; keep
+    /// the last state. Polls every [`POLL_EVERY`]: reads draw from the same
+    /// hourly budget.
+    pub async fn wait(&self, success: &mut Success, until: Instant) -> Result<(), ServiceError> {
+        // The last poll is at `until`, so a wait shorter than the interval
+        // still reads the action once more before answering.
+        while !success.terminal() && Instant::now() < until {
+            let next = (Instant::now() + POLL_EVERY).min(until);
+            tokio::time::sleep_until(next).await;
+            // Give the read a second past `until` to come back.
+            let read_by = until + Duration::from_secs(1);
+            match self
+                .inner
+                .client
+                .action(&success.action.action.id, read_by)
+                .await?
+            {
+                Some(latest) => {
+                    success.action = latest;
+                }
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Cancel the pending restrict or unrestrict action `action_id`.
+    ///
+    /// Only those two types are cancelled (the permission would allow any
+    /// type; this tool does not), and a finished action is a 409 with its
+    /// status. The answer is the action as Defender reports it after the
+    /// cancel, which need not be final yet.
+    pub async fn cancel(
+        &self,
+        action_id: &str,
+        comment: &Comment,
+        caller: Option<&CallerName>,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ServiceError> {
+        let comment = self.comment(comment, caller);
+        let current = self.inner.read_action(action_id, deadline).await?;
+        if current.action.action_type.known().is_none() {
+            return Err(ServiceError::UnsupportedActionType {
+                action_id: action_id.to_owned(),
+                action_type: current.action.action_type,
+            });
+        }
+        check_pending(&current)?;
+
+        // Refused (finished meanwhile), or the answer was lost: read the
+        // action again.
+        let failed =
+            match send_cancel(&self.inner.client, action_id, &comment, None, deadline).await {
+                Ok(CancelSent::Accepted(cancelled)) => return Ok(*cancelled),
+                Ok(CancelSent::NoLongerPending { message }) => Ok(message),
+                Err(e) if e.is_ambiguous() => Err(e),
+                Err(e) => return Err(e.into()),
+            };
+        let latest = self.inner.read_action(action_id, deadline).await?;
+        if latest.action.status == ActionStatus::Cancelled {
+            return Ok(latest);
+        }
+        check_pending(&latest)?;
+        Err(match failed {
+            // Defender says it cannot be cancelled, while the read still
+            // shows it pending: it is being finished (reads lag behind).
+            Ok(message) => ServiceError::CancelRefused {
+                action_id: action_id.to_owned(),
+                status: latest.action.status,
+                message,
+            },
+            Err(e) => e.into(),
+        })
+    }
+
+    /// The tenant's restrict and unrestrict actions, for the fleet view.
+    pub async fn history(&self, deadline: Instant) -> Result<ActionListing, ServiceError> {
+        Ok(self.inner.client.restrict_history(deadline, None).await?)
+    }
+
+    /// The comment as sent to Defender: with the caller, unless turned off
+    /// (`COMMENT_INCLUDE_CALLER`).
+    fn comment(&self, comment: &Comment, caller: Option<&CallerName>) -> String {
+        comment_for_defender(comment, caller, self.inner.include_caller)
+    }
+}
+
+/// 409 when the action is already final.
+fn check_pending(found: &ActionRecord) -> Result<(), ServiceError> {
+    match found.action.status.known() {
+        Some(status) if status.is_terminal() => Err(ServiceError::ActionNotPending {
+            action_id: found.action.id.clone(),
+            status: found.action.status.clone(),
+        }),
+        _ => Ok(()),
+    }
+}
+
+impl Shared {
+    /// The machine action `action_id`; 404 `action_not_found` when Defender
+    /// does not know it.
+    async fn read_action(
+        &self,
+        action_id: &str,
+        deadline: Instant,
+    ) -> Result<ActionRecord, ServiceError> {
+        self.client
+            .action(action_id, deadline)
+            .await?
+            .ok_or_else(|| ServiceError::ActionNotFound(action_id.to_owned()))
+    }
+}
+
+/// At shutdown, the storage operations coordination took, for operators and
+/// the benchmark (`docs/benchmarks.md`).
+impl Drop for Shared {
+    fn drop(&mut self) {
+        if let Some(coordinator) = &self.coordinator {
+            tracing::info!(
+                storage_operations = coordinator.storage_operations(),
+                by_kind = %coordinator.storage_operations_by_kind(),
+                "coordination totals"
+            );
+        }
+    }
+}
+
+/// Defender records the app, not the person, as requestor; the comment is the
+/// only place the human caller can be kept.
+fn comment_for_defender(
+    comment: &Comment,
+    caller: Option<&CallerName>,
+    include_caller: bool,
+) -> String {
+    match caller {
+        Some(caller) if include_caller => {
+            format!("{} (requested by {})", comment.as_str(), caller.as_str())
+        }
+        _ => comment.as_str().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn caller_is_appended_unless_turned_off() {
+        let comment = Comment::parse(Some(&json!("Ticket 42"))).unwrap();
+        let caller = CallerName::parse(Some(&json!("alice@contoso.com"))).unwrap();
+        assert_eq!(
+            comment_for_defender(&comment, caller.as_ref(), true),
+            "Ticket 42 (requested by alice@contoso.com)"
+        );
+        assert_eq!(
+            comment_for_defender(&comment, caller.as_ref(), false),
+            "Ticket 42"
+        );
+        assert_eq!(comment_for_defender(&comment, None, true), "Ticket 42");
+    }
+}

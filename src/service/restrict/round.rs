@@ -1,0 +1,322 @@
+//! When, and under which lock, a device's request runs: one round at a time
+//! per machine.
+//!
+//! A caller's [`Ticket`] joins the machine's queue ([`MachineQueues`]); the
+//! first starts a round task that takes every ticket queued so far, holds the
+//! machine's lease across instances, reads the machine's actions once and
+//! serves the tickets in order through the per-device protocol
+//! ([`super::protocol`]). A caller that gives up before its ticket started
+//! leaves nothing behind; a write already sent is seen through.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU8, Ordering as AtomicOrdering},
+    },
+    time::Duration,
+};
+
+use futures_util::future::FutureExt as _;
+use parking_lot::Mutex;
+use time::OffsetDateTime;
+use tokio::{sync::oneshot, time::Instant};
+
+use crate::{
+    coordination::Locked,
+    defender::ids::MachineId,
+    service::{decision::Wanted, machine_queue::MachineQueues, service_error::ServiceError},
+};
+
+use super::{
+    Shared,
+    leased::{LeasedWriter, answer_from_handoff},
+    protocol::{Device, Order, SETTLE, ServeError, Served},
+};
+
+/// One caller's order for one machine, queued for the machine's round.
+#[derive(Debug)]
+pub(super) struct Ticket {
+    pub order: Order,
+    stage: Arc<AtomicU8>,
+    pub reply: oneshot::Sender<Served>,
+    /// Resolves when the caller went away (it hung up): the ticket is then
+    /// dropped, and a rate-budget slot it waited for is given back.
+    departure: Departure,
+}
+
+impl Ticket {
+    /// Claim the ticket for serving; `false` when its caller gave up first.
+    pub fn start(&self) -> bool {
+        self.stage
+            .compare_exchange(
+                QUEUED,
+                STARTED,
+                AtomicOrdering::AcqRel,
+                AtomicOrdering::Acquire,
+            )
+            .is_ok()
+    }
+
+    /// Still waiting for its round (its caller has not given up).
+    pub fn queued(&self) -> bool {
+        self.stage.load(AtomicOrdering::Acquire) == QUEUED
+    }
+}
+
+/// Resolves once the caller has gone away; clones can be waited for
+/// anywhere, and again after it resolved.
+type Departure = futures_util::future::Shared<oneshot::Receiver<()>>;
+
+/// Resolves once every one of the tickets' callers has gone away.
+fn all_departed(tickets: &[Ticket]) -> impl Future<Output = ()> + use<> {
+    let departures: Vec<Departure> = tickets
+        .iter()
+        .map(|ticket| ticket.departure.clone())
+        .collect();
+    async move {
+        futures_util::future::join_all(departures).await;
+    }
+}
+
+/// Where a ticket is: the caller and the round agree through it on whether
+/// an abandoned ticket may still have acted.
+const QUEUED: u8 = 0;
+const STARTED: u8 = 1;
+const ABANDONED: u8 = 2;
+
+/// Queue an order for the machine's next round and wait for its answer.
+pub(super) async fn submit(
+    shared: &Arc<Shared>,
+    machine_id: &str,
+    wanted: Wanted,
+    comment: &str,
+    arrived: Instant,
+    deadline: Instant,
+) -> Served {
+    let (reply, answer) = oneshot::channel();
+    // Dropped with this future: tells the round the caller is gone.
+    let (_alive, gone) = oneshot::channel::<()>();
+    let stage = Arc::new(AtomicU8::new(QUEUED));
+    let _abandon_if_dropped = AbandonIfQueued(Arc::clone(&stage));
+    let ticket = Ticket {
+        order: Order {
+            wanted,
+            comment: comment.to_owned(),
+            arrived,
+            arrived_utc: OffsetDateTime::now_utc() - arrived.elapsed(),
+            deadline,
+        },
+        stage: Arc::clone(&stage),
+        reply,
+        departure: gone.shared(),
+    };
+    let key = MachineId::from(machine_id);
+    if shared.queues.push(&key, ticket) {
+        // No round runs for this machine: start one. It is a task of its
+        // own, so that a caller giving up never stops a round half-way for
+        // the others queued with it.
+        let shared = Arc::clone(shared);
+        let machine_id = machine_id.to_owned();
+        tokio::spawn(async move { serve_machine(shared, key, machine_id).await });
+    }
+
+    let mut answer = answer;
+    let gone = || ServeError::Failed(ServiceError::RoundStopped);
+    if let Ok(result) = tokio::time::timeout_at(deadline, &mut answer).await {
+        return result.unwrap_or_else(|_| Err(gone()));
+    }
+    if stage
+        .compare_exchange(
+            QUEUED,
+            ABANDONED,
+            AtomicOrdering::AcqRel,
+            AtomicOrdering::Acquire,
+        )
+        .is_ok()
+    {
+        return Err(ServiceError::QueuedPastDeadline {
+            machine_id: machine_id.to_owned(),
+        }
+        .into());
+    }
+    // Started: its own calls end at the deadline; give its answer a moment.
+    match tokio::time::timeout(Duration::from_secs(1), answer).await {
+        Ok(result) => result.unwrap_or_else(|_| Err(gone())),
+        Err(_) => Err(ServiceError::ActingPastDeadline {
+            machine_id: machine_id.to_owned(),
+        }
+        .into()),
+    }
+}
+
+/// Serve the machine's queued tickets, a round at a time, until none is left.
+///
+/// A round takes every ticket queued so far, reads the machine's actions
+/// once (a read sent after all of them were queued), and serves the tickets
+/// in order, each deciding on the state the ones before it left behind.
+/// Duplicates arriving together thus cost one read and at most one POST,
+/// and a restrict and a release are still put in order.
+async fn serve_machine(shared: Arc<Shared>, key: MachineId, machine_id: String) {
+    let mut guard = RoundGuard {
+        queues: &shared.queues,
+        key: &key,
+        armed: true,
+    };
+    while let Some(tickets) = shared.queues.take(&key) {
+        // Tickets whose caller gave up are dropped before anything is read.
+        let mut tickets: Vec<Ticket> = tickets.into_iter().filter(Ticket::queued).collect();
+        let Some(read_by) = tickets.iter().map(|ticket| ticket.order.deadline).max() else {
+            continue;
+        };
+        // Across instances, the round holds the machine's lease from
+        // before the read until its last POST is settled. If every caller
+        // hangs up meanwhile, the round stops waiting and reads nothing.
+        let lease = match &shared.coordinator {
+            None => None,
+            Some(coordinator) => {
+                let departed = all_departed(&tickets);
+                let mut answer = |handoff: &_| answer_from_handoff(&mut tickets, handoff);
+                let locked = tokio::select! {
+                    locked = coordinator.lock_machine_unless(&machine_id, read_by, &mut answer) => Some(locked),
+                    () = departed => None,
+                };
+                match locked {
+                    Some(Ok(Locked::Held(lease))) => Some(lease),
+                    Some(Ok(Locked::Answered)) => continue,
+                    Some(Err(e)) => {
+                        for ticket in tickets {
+                            let _ = ticket.reply.send(Err(ServiceError::from(e.clone()).into()));
+                        }
+                        continue;
+                    }
+                    None => continue,
+                }
+            }
+        };
+        let read = tokio::select! {
+            read = shared.reads.read(&machine_id, read_by) => Some(read),
+            () = all_departed(&tickets) => None,
+        };
+        let Some(read) = read else {
+            continue; // Nobody left to answer; the lease is released on drop.
+        };
+        let mut state = Some(read);
+        let writes = Writes::default();
+        let writer = LeasedWriter::new(lease.as_ref(), &writes);
+        let device = Device {
+            client: &shared.client,
+            reads: &shared.reads,
+            created: &shared.created,
+            machine_id: &machine_id,
+            writer: &writer,
+        };
+        for ticket in tickets {
+            if !ticket.start() {
+                continue;
+            }
+            // A ticket that failed leaves the state unknown: the next one
+            // reads again.
+            let actions = match state.take() {
+                Some(Ok(actions)) => Ok(actions),
+                Some(Err(e)) => Err(e),
+                None => shared.reads.read(&machine_id, ticket.order.deadline).await,
+            };
+            let started = Instant::now();
+            let departure = ticket.departure.clone();
+            let result = match actions {
+                Ok(mut actions) => {
+                    let served = {
+                        let serve = device.serve(&ticket.order, &mut actions);
+                        tokio::pin!(serve);
+                        tokio::select! {
+                            result = &mut serve => Some(result),
+                            _ = departure => {
+                                // Stopped where it stood, unless it already sent a
+                                // POST or cancel: its outcome is then waited for,
+                                // so that the next read knows what it did.
+                                if writes.sent_since(started).is_some() {
+                                    Some(serve.await)
+                                } else {
+                                    None
+                                }
+                            }
+                        }
+                    };
+                    if matches!(served, Some(Ok(_))) {
+                        state = Some(Ok(actions));
+                    }
+                    served
+                }
+                Err(e) => Some(Err(ServeError::from(e))),
+            };
+            // A write whose outcome is unknown (it failed, or timed out)
+            // may still be recorded by Defender: give it time to show
+            // before anyone reads this machine again, here or elsewhere.
+            if !matches!(result, Some(Ok(_)))
+                && let Some(sent) = writes.sent_since(started)
+            {
+                tokio::time::sleep_until(sent + SETTLE).await;
+            }
+            if let Some(result) = result {
+                let _ = ticket.reply.send(result);
+            }
+        }
+        // Released before the next round (here or elsewhere) asks for it.
+        if let Some(lease) = lease
+            && let Err(e) = lease.release().await
+        {
+            tracing::warn!(machine_id = %machine_id, error = %e, "could not release the machine lease; it expires by itself");
+        }
+    }
+    guard.armed = false;
+}
+
+/// When a round last sent a POST or cancel to Defender.
+#[derive(Debug, Default)]
+pub(super) struct Writes(Mutex<Option<Instant>>);
+
+impl Writes {
+    pub fn sent(&self) {
+        *self.0.lock() = Some(Instant::now());
+    }
+
+    pub fn last(&self) -> Option<Instant> {
+        *self.0.lock()
+    }
+
+    /// When the last write was sent, if that was at or after `since`.
+    fn sent_since(&self, since: Instant) -> Option<Instant> {
+        self.0.lock().filter(|&sent| sent >= since)
+    }
+}
+
+/// Marks a ticket abandoned when its caller goes away before the round
+/// started it, so that the round skips it and reads and sends nothing for it.
+struct AbandonIfQueued(Arc<AtomicU8>);
+
+impl Drop for AbandonIfQueued {
+    fn drop(&mut self) {
+        let _ = self.0.compare_exchange(
+            QUEUED,
+            ABANDONED,
+            AtomicOrdering::AcqRel,
+            AtomicOrdering::Acquire,
+        );
+    }
+}
+
+/// Clears a machine's queue if its round ends without emptying it (a panic),
+/// so that later callers start a new round instead of waiting forever.
+struct RoundGuard<'a> {
+    queues: &'a MachineQueues<Ticket>,
+    key: &'a MachineId,
+    armed: bool,
+}
+
+impl Drop for RoundGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.queues.abandon(self.key);
+        }
+    }
+}
