@@ -73,7 +73,9 @@ fn disposition(error: &ServiceError) -> Disposition {
                 ..
             } => Later(retry_after.unwrap_or(Duration::from_secs(60))),
             DefenderError::OutOfTime { .. } => Later(Duration::ZERO),
-            DefenderError::CoordinationUnavailable { .. } | DefenderError::Token(_) => Retry,
+            // Storage unavailable, or the lease lost before the send: nothing was
+            // sent, and it may well work on the next delivery.
+            DefenderError::Refused { .. } | DefenderError::Token(_) => Retry,
             DefenderError::Status { status: 401, .. } => Retry,
             e if e.is_transient() => Retry,
             _ => Failed,
