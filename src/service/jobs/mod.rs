@@ -265,13 +265,14 @@ impl Jobs {
             )
             .await?;
         let pending: Vec<(usize, &DeviceEntry)> = devices.iter().enumerate().collect();
-        // A send that fails leaves the job to its repair: the records say
-        // which devices still wait.
+        // A send that fails leaves the job to its repair (the records say
+        // which devices still wait), and the caller gets the failure: a retry
+        // with the same Idempotency-Key answers this job.
         if let Err(error) = self.send_devices(&job_id, &pending).await {
             tracing::warn!(job_id = %job_id, error = %error, "not every message of the job was sent; the job is re-driven when its status is read");
-        } else {
-            self.mark_progress(&job_id, None).await;
+            return Err(error.into());
         }
+        self.mark_progress(&job_id, None).await;
         tracing::info!(job_id = %job_id, devices = devices.len(), release = job.release, "job started");
         Ok(Started {
             job,
