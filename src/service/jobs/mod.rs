@@ -429,8 +429,15 @@ impl Jobs {
             return Err(JobError::NotFound(job_id.to_owned()));
         };
         let mut state = self.state(job).await?;
-        if !state.finished() && self.repair(&state).await? {
-            state.repaired = true;
+        if !state.finished() {
+            // The state is the answer; a repair that fails is tried again at
+            // the next read.
+            match self.repair(&state).await {
+                Ok(repaired) => state.repaired = repaired,
+                Err(error) => {
+                    tracing::warn!(job_id = %job_id, error = %error, "the stalled job could not be re-driven");
+                }
+            }
         }
         Ok(state)
     }
