@@ -443,3 +443,30 @@ async fn a_single_restrict_during_a_job_is_served_before_the_job_is_done() {
         .count();
     assert_eq!(alpha_posts, 1);
 }
+
+/// Ten thousand ids (about half a MiB) fit the forwarded body limit and the
+/// host's payload-mode envelope; nothing is asked of Defender to start.
+#[tokio::test]
+async fn ten_thousand_ids_start_a_job_in_both_modes() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..10_000).map(|i| format!("{:040x}", i + 1)).collect();
+    let body = json!({"deviceIds": ids, "comment": "mass"}).to_string();
+    for payload in [false, true] {
+        let request = CallerRequest::json(body.clone());
+        let answer = if payload {
+            app.host.payload_to(&start_route(), &request).await
+        } else {
+            app.host.forwarded_to(&start_route(), &request).await
+        };
+        assert_eq!(
+            answer.status, 202,
+            "payload mode {payload}: {}",
+            answer.body
+        );
+        assert_eq!(answer.json()["devices"], 10_000);
+    }
+    assert!(
+        machine_lists(&app).is_empty(),
+        "listed ids are not resolved when the job starts"
+    );
+}
