@@ -75,6 +75,8 @@ EXPECTED_FUNCTIONS = {
 ANONYMOUS_FUNCTIONS = {
     "openapi": "serves the static API description (openapi.json) for Logic Apps; no Defender call",
 }
+# Queue-triggered functions (containment jobs): the queue each reads, from the app's storage.
+QUEUE_FUNCTIONS = {"job-worker": "restrict-jobs", "job-poison": "restrict-jobs-poison"}
 # Error codes that mean "the handler does not serve this" (README Troubleshooting).
 NOT_SERVED = {"route_not_found", "method_not_allowed"}
 # Seeded simulator devices (README "The simulator").
@@ -208,6 +210,7 @@ def check_host_json(c: Checks, zf: zipfile.ZipFile, entries: dict) -> tuple[str,
 def check_functions(c: Checks, zf: zipfile.ZipFile, entries: dict) -> tuple[dict[str, dict], list[str]]:
     """Check every function.json; return ({function name: {route, methods}}, other files)."""
     found: dict[str, dict] = {}
+    queued: list[str] = []
     for name in sorted(entries):
         parts = PurePosixPath(name).parts
         if len(parts) == 2 and parts[1] == "function.json":
@@ -226,6 +229,16 @@ def check_functions(c: Checks, zf: zipfile.ZipFile, entries: dict) -> tuple[dict
             outs = [b for b in bindings if isinstance(b, dict) and b.get("direction") == "out"]
             trig = triggers[0] if len(triggers) == 1 else {}
             out = outs[0] if len(outs) == 1 else {}
+            if fn in QUEUE_FUNCTIONS:
+                c.check(
+                    len(triggers) == 1 and not outs and trig.get("type") == "queueTrigger"
+                    and trig.get("name") == "message" and trig.get("queueName") == QUEUE_FUNCTIONS[fn]
+                    and trig.get("connection") == "AzureWebJobsStorage",
+                    f"{fn}: one queueTrigger named message on {QUEUE_FUNCTIONS[fn]} (AzureWebJobsStorage)",
+                    failure=json.dumps(bindings),
+                )
+                queued.append(fn)
+                continue
             methods = sorted(m.lower() for m in trig.get("methods", []) or [])
             route = trig.get("route") or fn
             c.check(
@@ -261,8 +274,9 @@ def check_functions(c: Checks, zf: zipfile.ZipFile, entries: dict) -> tuple[dict
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     in_repo = {d for d in os.listdir(repo) if os.path.isfile(os.path.join(repo, d, "function.json"))}
     if in_repo:
-        c.check(in_repo == set(found), "every */function.json of the repository is in the package",
-                ", ".join(sorted(found)), failure=f"repository {sorted(in_repo)}, package {sorted(found)}")
+        packaged = set(found) | set(queued)
+        c.check(in_repo == packaged, "every */function.json of the repository is in the package",
+                ", ".join(sorted(packaged)), failure=f"repository {sorted(in_repo)}, package {sorted(packaged)}")
     others = [
         n
         for n, i in entries.items()

@@ -124,7 +124,10 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let port = args.port.unwrap_or(settings.port);
     let read_timeout = settings.http_read_timeout;
     let backend = if args.simulate {
-        Backend::Simulated(sim_config(args.sim_speed, args.sim_no_rate_limits))
+        Backend::Simulated(Box::new(sim_config(
+            args.sim_speed,
+            args.sim_no_rate_limits,
+        )))
     } else {
         Backend::Real
     };
@@ -161,7 +164,7 @@ async fn simulator(args: SimulatorArgs) -> Result<(), StartupError> {
 
 async fn invoke(args: InvokeArgs) -> ExitCode {
     let backend = if args.simulate {
-        Backend::Simulated(SimConfig::default())
+        Backend::Simulated(Box::default())
     } else {
         Backend::Real
     };

@@ -8,15 +8,23 @@ use tokio::net::TcpListener;
 
 use crate::{
     config::{ConfigError, Settings},
-    coordination::{CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions},
+    coordination::{
+        CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions,
+        queue::{Delivery, DeliveryRules, LocalQueue, MessageQueue, MissingQueue},
+        records::MemoryRecords,
+    },
     defender::{
         DefenderClient, DefenderClientOptions,
         auth::{CredentialOptions, TokenError, TokenSource},
         budget::{CallBudget, RateBudget},
         client::RetryPolicy,
     },
-    host::{app_state::AppState, routes, server},
-    service::restrict::Restrictor,
+    host::{app_state::AppState, error::ApiError, routes, server},
+    service::{
+        jobs::{DeviceProblem, Explain, Jobs, QUEUE_NAME},
+        restrict::Restrictor,
+        service_error::ServiceError,
+    },
     simulator::{SimConfig, SimHandle, Simulator},
 };
 
@@ -45,7 +53,8 @@ pub enum StartupError {
 #[derive(Debug, Clone)]
 pub enum Backend {
     Real,
-    Simulated(SimConfig),
+    /// Boxed: a tenant's configuration is large beside `Real`.
+    Simulated(Box<SimConfig>),
 }
 
 /// The one pooled HTTP client for Defender and the identity endpoint.
@@ -89,7 +98,7 @@ pub async fn prepare(
         ),
         Backend::Simulated(config) => {
             let tokens = TokenSource::fixed(&config.token, settings.token_timeout);
-            let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), config)
+            let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), *config)
                 .await
                 .map_err(StartupError::Simulator)?;
             settings.api_url = url::Url::parse(&sim.url()).map_err(|e| {
@@ -137,18 +146,99 @@ pub async fn prepare(
             page_top: settings.page_size,
         }),
     );
+    let restrictor = Restrictor::new(
+        client.clone(),
+        settings.comment_include_caller,
+        settings.machine_cache,
+        coordinator.clone(),
+    );
+    let jobs = jobs(
+        &settings,
+        restrictor.clone(),
+        client,
+        coordinator.as_deref(),
+    )?;
     let state = AppState::new(
-        Restrictor::new(
-            client,
-            settings.comment_include_caller,
-            settings.machine_cache,
-            coordinator,
-        ),
+        restrictor,
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
     )
-    .with_stale_pending(settings.stale_pending);
+    .with_stale_pending(settings.stale_pending)
+    .with_jobs(jobs);
     Ok((state, sim))
+}
+
+/// How long one job-worker invocation runs devices: well inside the host's
+/// `functionTimeout` (5 minutes in host.json), which restarts the handler
+/// when an invocation outlives it.
+const JOB_WORK_TIME: Duration = Duration::from_secs(120);
+
+/// Containment jobs: records and messages in the storage account with
+/// `COORDINATION=storage`; otherwise in this process, its in-process queue
+/// delivering to the same worker and poison functions as the host would.
+fn jobs(
+    settings: &Settings,
+    restrictor: Restrictor,
+    client: DefenderClient,
+    coordinator: Option<&Coordinator>,
+) -> Result<Jobs, StartupError> {
+    let work_time = JOB_WORK_TIME.min(settings.request_timeout);
+    let explain: Arc<Explain> = Arc::new(|error: &ServiceError| {
+        let error = ApiError::from(error.clone());
+        DeviceProblem {
+            code: error.code().to_owned(),
+            detail: error.problem("").detail,
+        }
+    });
+    match (&settings.coordination, coordinator) {
+        (CoordinationSettings::Storage(storage), Some(coordinator)) => {
+            // Without a queue endpoint only jobs are unavailable (503 naming
+            // the setting); single requests run as before.
+            let queue: Arc<dyn MessageQueue> =
+                match coordinator.queue(storage, QUEUE_NAME, Duration::from_secs(10)) {
+                    Ok(queue) => Arc::new(queue),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "containment jobs cannot send messages");
+                        Arc::new(MissingQueue(error))
+                    }
+                };
+            Ok(Jobs::new(
+                restrictor,
+                client,
+                Arc::new(coordinator.records()),
+                queue,
+                work_time,
+                explain,
+            ))
+        }
+        _ => {
+            let queue = LocalQueue::new(DeliveryRules::default());
+            let jobs = Jobs::new(
+                restrictor,
+                client,
+                Arc::new(MemoryRecords::new()),
+                Arc::new(queue.clone()),
+                work_time,
+                explain,
+            );
+            let (worker, poison) = (jobs.clone(), jobs.clone());
+            queue.start(
+                Arc::new(move |delivery: Delivery| {
+                    let jobs = worker.clone();
+                    Box::pin(async move {
+                        jobs.work(&delivery.text, delivery.dequeue_count)
+                            .await
+                            .map_err(|e| e.0)
+                    })
+                }),
+                Arc::new(move |delivery: Delivery| {
+                    let jobs = poison.clone();
+                    Box::pin(async move { jobs.poison(&delivery.text).await.map_err(|e| e.0) })
+                }),
+            );
+            Ok(jobs)
+        }
+    }
 }
 
 /// Bind the loopback address the host connects to (IPv4: the host always

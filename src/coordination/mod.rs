@@ -19,9 +19,14 @@
 //!
 //! [`settings`] reads `COORDINATION` and the host's `AzureWebJobsStorage*`
 //! settings; [`store`] is the only place that talks to `azure_storage_blob`.
+//! Containment jobs keep their records through [`records`] and send their
+//! messages through [`queue`] (`azure_storage_queue`), in storage or, in
+//! local mode, in this process's memory.
 
 pub mod error;
 pub mod lock;
+pub mod queue;
+pub mod records;
 pub mod sas;
 pub mod settings;
 pub mod shared_budget;
@@ -43,7 +48,7 @@ use self::{
 };
 use crate::defender::{
     Endpoint,
-    budget::{BudgetError, CallBudget, OverBudget},
+    budget::{BudgetError, CallBudget, OverBudget, Share},
     error::Refusal,
 };
 
@@ -201,6 +206,22 @@ impl Coordinator {
         self.budget.reserve(&self.store, bucket, deadline).await
     }
 
+    /// Job records in the coordination container.
+    pub fn records(&self) -> records::BlobRecords {
+        records::BlobRecords::new(self.store.clone())
+    }
+
+    /// The queue `name` of the same account, its requests counted with the
+    /// coordinator's.
+    pub fn queue(
+        &self,
+        settings: &StorageSettings,
+        name: &str,
+        timeout: Duration,
+    ) -> Result<queue::StorageQueue, CoordinationError> {
+        queue::StorageQueue::new(settings, name, timeout, Some(self.store.counting_policy()))
+    }
+
     /// HTTP requests this coordinator has sent to storage (benchmarks, tests).
     pub fn storage_operations(&self) -> u64 {
         self.store.operations().total()
@@ -252,6 +273,17 @@ impl CallBudget for Coordinator {
                 }
                 other => BudgetError::Refused(Refusal::new(other.into_unavailable())),
             })
+    }
+
+    async fn wait_for_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Duration, BudgetError> {
+        self.budget
+            .wait_for_share(&self.store, endpoint.bucket(), share)
+            .await
+            .map_err(|e| BudgetError::Refused(Refusal::new(e.into_unavailable())))
     }
 
     /// The shared budget lives in storage; without asking it, this instance

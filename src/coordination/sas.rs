@@ -8,7 +8,7 @@
 //! derive an account SAS the way Azure documents it ("Create an account
 //! SAS", version 2020-12-06 and later): HMAC-SHA256 with the decoded key over
 //! the string to sign, from the maintained RustCrypto `hmac` and `sha2`
-//! crates. The SAS is scoped to the blob service, lasts a few hours and is
+//! crates. The SAS is scoped to the blob and queue services, lasts a few hours and is
 //! derived again before it expires.
 
 use base64::Engine as _;
@@ -18,12 +18,14 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 /// The signed version; Azurite and Azure both accept it.
 const SIGNED_VERSION: &str = "2021-08-06";
-/// Blob service only.
-const SERVICES: &str = "b";
+/// The blob service (leases, budgets, job records) and the queue service
+/// (containment jobs' messages).
+const SERVICES: &str = "bq";
 /// Service, container and object level (the container is created if missing).
 const RESOURCE_TYPES: &str = "sco";
-/// Read, write, delete, list, add, create: leases and conditional writes.
-const PERMISSIONS: &str = "rwdlac";
+/// Read, write, delete, list, add, create: leases and conditional writes;
+/// update and process: the queue's messages.
+const PERMISSIONS: &str = "rwdlacup";
 
 /// A SAS query string (without `?`), valid from `start` to `expiry`.
 pub fn account_sas(
@@ -86,10 +88,11 @@ mod tests {
                 .collect();
         assert_eq!(pairs["st"], "2026-12-01T02:00:00Z");
         assert_eq!(pairs["se"], "2026-12-01T08:00:00Z");
-        assert_eq!(pairs["sp"], "rwdlac");
+        assert_eq!(pairs["sp"], "rwdlacup");
+        assert_eq!(pairs["ss"], "bq");
         // Computed independently (Python hmac/hashlib) over
-        // "acct\nrwdlac\nb\nsco\n<st>\n<se>\n\n\n2021-08-06\n\n"; Azurite
+        // "acct\nrwdlacup\nbq\nsco\n<st>\n<se>\n\n\n2021-08-06\n\n"; Azurite
         // accepting our SAS is the end-to-end check (tests/coordination).
-        assert_eq!(pairs["sig"], "2z8r/sSzgzgOE2E59e3dsuSkzRnJ/1kUfV8HCrhIXqI=");
+        assert_eq!(pairs["sig"], "10jTlMJAk5mgIwawJifCW8QacOQ/2cqZq8UFmZpP3ww=");
     }
 }

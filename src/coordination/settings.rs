@@ -34,6 +34,8 @@ pub const MODE_SETTING: &str = "COORDINATION";
 /// The host's storage connection (string or identity-based prefix).
 pub const STORAGE_SETTING: &str = "AzureWebJobsStorage";
 const BLOB_SERVICE_URI: &str = "AzureWebJobsStorage__blobServiceUri";
+/// Identity-based: the queue service, which containment jobs send to.
+pub const QUEUE_SERVICE_URI: &str = "AzureWebJobsStorage__queueServiceUri";
 const ACCOUNT_NAME: &str = "AzureWebJobsStorage__accountName";
 const CREDENTIAL: &str = "AzureWebJobsStorage__credential";
 const CLIENT_ID: &str = "AzureWebJobsStorage__clientId";
@@ -49,9 +51,14 @@ pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
 pub const AZURITE_KEY: &str =
     "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
 const AZURITE_BLOB_ENDPOINT: &str = "http://127.0.0.1:10000/devstoreaccount1";
+const AZURITE_QUEUE_ENDPOINT: &str = "http://127.0.0.1:10001/devstoreaccount1";
 
 /// `COORDINATION`: in-process (default) or through the storage account.
 #[derive(Debug, Clone, PartialEq, Eq)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "read once at start-up; boxing would buy nothing"
+)]
 pub enum CoordinationSettings {
     /// Today's per-process locks and budget: `--simulate`, one instance.
     Local,
@@ -65,6 +72,9 @@ pub struct StorageSettings {
     /// The blob service endpoint, e.g. `https://acct.blob.core.windows.net/`
     /// or Azurite's `http://127.0.0.1:10000/devstoreaccount1`.
     pub blob_endpoint: Url,
+    /// The queue service endpoint (containment jobs), when the settings
+    /// name or imply one.
+    pub queue_endpoint: Option<Url>,
     pub auth: StorageAuth,
     pub container: String,
 }
@@ -86,6 +96,10 @@ impl fmt::Debug for StorageSettings {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("StorageSettings")
             .field("blob_endpoint", &self.blob_endpoint.as_str())
+            .field(
+                "queue_endpoint",
+                &self.queue_endpoint.as_ref().map(Url::as_str),
+            )
             .field("auth", &self.auth)
             .field("container", &self.container)
             .finish()
@@ -152,12 +166,13 @@ impl CoordinationSettings {
             })?,
         };
 
-        let (blob_endpoint, auth) = match get(STORAGE_SETTING) {
+        let (blob_endpoint, queue_endpoint, auth) = match get(STORAGE_SETTING) {
             Some(connection) => parse_connection_string(&connection)?,
             None => identity_based(&get)?,
         };
         Ok(Self::Storage(StorageSettings {
             blob_endpoint,
+            queue_endpoint,
             auth,
             container,
         }))
@@ -166,7 +181,27 @@ impl CoordinationSettings {
 
 fn identity_based(
     get: &impl Fn(&str) -> Option<String>,
-) -> Result<(Url, StorageAuth), SettingError> {
+) -> Result<(Url, Option<Url>, StorageAuth), SettingError> {
+    let queue_endpoint = match (get(QUEUE_SERVICE_URI), get(ACCOUNT_NAME)) {
+        (Some(uri), _) => Some(
+            Url::parse(uri.trim())
+                .ok()
+                .filter(|u| u.scheme() == "https" && u.host_str().is_some())
+                .ok_or_else(|| SettingError {
+                    name: QUEUE_SERVICE_URI,
+                    value: uri.clone(),
+                    reason: "expected the queue service's https URL, e.g. \
+                             https://<account>.queue.core.windows.net"
+                        .into(),
+                })?,
+        ),
+        (None, Some(account)) => Url::parse(&format!(
+            "https://{}.queue.core.windows.net/",
+            account.trim()
+        ))
+        .ok(),
+        (None, None) => None,
+    };
     let endpoint = match (get(BLOB_SERVICE_URI), get(ACCOUNT_NAME)) {
         (Some(uri), _) => {
             let url = Url::parse(uri.trim())
@@ -241,7 +276,11 @@ fn identity_based(
         }
     }
     let client_id = get(CLIENT_ID).map(|v| v.trim().to_owned());
-    Ok((endpoint, StorageAuth::ManagedIdentity { client_id }))
+    Ok((
+        endpoint,
+        queue_endpoint,
+        StorageAuth::ManagedIdentity { client_id },
+    ))
 }
 
 /// An error about the connection string: it holds a key or a SAS, so the
@@ -256,7 +295,7 @@ fn bad_connection_string(reason: impl Into<String>) -> SettingError {
 
 /// `Key=Value;…` as the host and the storage SDKs write it. Keys are matched
 /// without regard to case; values may contain `=` (base64 keys, SAS tokens).
-fn parse_connection_string(value: &str) -> Result<(Url, StorageAuth), SettingError> {
+fn parse_connection_string(value: &str) -> Result<(Url, Option<Url>, StorageAuth), SettingError> {
     let mut parts = std::collections::HashMap::new();
     for part in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, val) = part
@@ -271,6 +310,7 @@ fn parse_connection_string(value: &str) -> Result<(Url, StorageAuth), SettingErr
             Url::parse(AZURITE_BLOB_ENDPOINT).map_err(|e| bad_connection_string(e.to_string()))?;
         return Ok((
             endpoint,
+            Url::parse(AZURITE_QUEUE_ENDPOINT).ok(),
             StorageAuth::AccountKey {
                 account: AZURITE_ACCOUNT.to_owned(),
                 key: decode_key(AZURITE_KEY)?,
@@ -303,6 +343,21 @@ fn parse_connection_string(value: &str) -> Result<(Url, StorageAuth), SettingErr
         }
     };
 
+    let queue_endpoint = match (part("queueendpoint"), &account) {
+        (Some(endpoint), _) => Some(
+            Url::parse(&endpoint)
+                .ok()
+                .filter(|u| matches!(u.scheme(), "https" | "http") && u.host_str().is_some())
+                .ok_or_else(|| bad_connection_string("QueueEndpoint is not an http(s) URL"))?,
+        ),
+        // Derived only when the blob endpoint is too, from the same parts.
+        (None, Some(account)) if part("blobendpoint").is_none() => {
+            let protocol = part("defaultendpointsprotocol").unwrap_or_else(|| "https".into());
+            let suffix = part("endpointsuffix").unwrap_or_else(|| "core.windows.net".into());
+            Url::parse(&format!("{protocol}://{account}.queue.{suffix}/")).ok()
+        }
+        _ => None,
+    };
     let auth = match (part("accountkey"), part("sharedaccesssignature")) {
         (Some(key), _) => StorageAuth::AccountKey {
             account: account
@@ -316,7 +371,7 @@ fn parse_connection_string(value: &str) -> Result<(Url, StorageAuth), SettingErr
             ));
         }
     };
-    Ok((endpoint, auth))
+    Ok((endpoint, queue_endpoint, auth))
 }
 
 fn decode_key(key: &str) -> Result<Vec<u8>, SettingError> {

@@ -35,7 +35,8 @@ use azure_storage_blob::{
     models::{
         BlobClientAcquireLeaseOptions, BlobClientDownloadOptions,
         BlobClientGetPropertiesResultHeaders, BlobClientSetMetadataOptions,
-        BlockBlobClientUploadOptions, LeaseStatus,
+        BlobContainerClientListBlobsOptions, BlockBlobClientUploadOptions, LeaseStatus,
+        ListBlobsIncludeItem,
     },
 };
 use time::OffsetDateTime;
@@ -297,6 +298,12 @@ impl Store {
         &self.operations
     }
 
+    /// A pipeline policy that counts requests into this store's totals, for
+    /// other storage clients (the jobs' queue).
+    pub(crate) fn counting_policy(&self) -> Arc<dyn Policy> {
+        Arc::new(CountRequests(self.operations.clone()))
+    }
+
     pub fn describe(&self) -> &str {
         &self.description
     }
@@ -522,7 +529,137 @@ impl Store {
     }
 }
 
-fn unavailable(reason: impl Into<String>) -> CoordinationError {
+/// When a [`Store::put`] may write.
+#[derive(Debug, Clone)]
+pub(crate) enum PutIf {
+    /// Only if the blob does not exist yet (`If-None-Match: *`).
+    Absent,
+    /// Only if the blob still has this ETag.
+    Matches(Etag),
+    /// Whatever is there.
+    Always,
+}
+
+/// One blob of a listing: its name and metadata.
+#[derive(Debug, Clone)]
+pub(crate) struct ListedBlob {
+    pub name: String,
+    pub metadata: std::collections::HashMap<String, String>,
+}
+
+impl Store {
+    /// Write `body` with `metadata` under `condition`; a 409 or 412 refusal
+    /// means someone else wrote first.
+    pub async fn put(
+        &self,
+        blob: &str,
+        body: Vec<u8>,
+        metadata: std::collections::HashMap<String, String>,
+        condition: PutIf,
+    ) -> Outcome<Etag> {
+        let client = self.blob(blob)?;
+        let options = BlockBlobClientUploadOptions {
+            blob_content_type: Some("application/json".into()),
+            metadata: Some(metadata),
+            ..Default::default()
+        };
+        let options = match condition {
+            PutIf::Absent => options.if_not_exists(),
+            PutIf::Matches(etag) => BlockBlobClientUploadOptions {
+                if_match: Some(etag),
+                ..options
+            },
+            PutIf::Always => options,
+        };
+        let content: RequestContent<azure_core::Bytes, azure_core::http::NoFormat> =
+            azure_core::Bytes::from(body).into();
+        let answer = self
+            .call(
+                "writing a blob",
+                None,
+                client.upload(content, Some(options)),
+            )
+            .await?;
+        match answer {
+            Some(Ok(result)) => result
+                .etag
+                .map(Ok)
+                .ok_or_else(|| unavailable("storage answered a write without an ETag")),
+            Some(Err(refusal)) => Ok(Err(refusal)),
+            None => Err(unavailable("writing a blob timed out")),
+        }
+    }
+
+    /// The blob's content, metadata and ETag; `Ok(Err(refusal))` with 404 when absent.
+    pub async fn read_with_metadata(
+        &self,
+        blob: &str,
+    ) -> Outcome<(Vec<u8>, std::collections::HashMap<String, String>, Etag)> {
+        let client = self.blob(blob)?;
+        let read = async {
+            let download = client
+                .download(Some(BlobClientDownloadOptions::default()))
+                .await?;
+            let etag = download.properties.etag.clone();
+            let metadata = download.properties.metadata.clone();
+            let body = download.body.collect().await?;
+            Ok((body.to_vec(), metadata, etag))
+        };
+        match self.call("reading a blob", None, read).await? {
+            Some(Ok((body, metadata, Some(etag)))) => Ok(Ok((body, metadata, etag))),
+            Some(Ok((_, _, None))) => Err(unavailable("storage answered a read without an ETag")),
+            Some(Err(refusal)) => Ok(Err(refusal)),
+            None => Err(unavailable("reading a blob timed out")),
+        }
+    }
+
+    /// One page of the blobs whose names start with `prefix`, in name order,
+    /// with their metadata, from `marker` on; and the marker of the next page.
+    pub async fn list_page(
+        &self,
+        prefix: &str,
+        max: usize,
+        marker: Option<String>,
+    ) -> Outcome<(Vec<ListedBlob>, Option<String>)> {
+        use futures_util::StreamExt as _;
+        let client = self.container()?;
+        let options = BlobContainerClientListBlobsOptions {
+            include: Some(vec![ListBlobsIncludeItem::Metadata]),
+            marker,
+            maxresults: Some(i32::try_from(max.clamp(1, 5000)).unwrap_or(5000)),
+            prefix: Some(prefix.to_owned()),
+            ..Default::default()
+        };
+        let list = async {
+            let mut pages = client.list_blobs(Some(options))?.into_pages();
+            match pages.next().await {
+                Some(page) => page?.into_model().map(Some),
+                None => Ok(None),
+            }
+        };
+        match self.call("listing blobs", None, list).await? {
+            Some(Ok(None)) => Ok(Ok((Vec::new(), None))),
+            Some(Ok(Some(page))) => {
+                let blobs = page
+                    .blob_items
+                    .into_iter()
+                    .filter_map(|item| {
+                        Some(ListedBlob {
+                            name: item.name?,
+                            metadata: item.metadata.and_then(|m| m.values).unwrap_or_default(),
+                        })
+                    })
+                    .collect();
+                let next = page.next_marker.filter(|m| !m.is_empty());
+                Ok(Ok((blobs, next)))
+            }
+            Some(Err(refusal)) => Ok(Err(refusal)),
+            None => Err(unavailable("listing blobs timed out")),
+        }
+    }
+}
+
+pub(crate) fn unavailable(reason: impl Into<String>) -> CoordinationError {
     CoordinationError::Unavailable {
         retry_after: DEFAULT_RETRY_AFTER,
         reason: reason.into(),
@@ -530,7 +667,7 @@ fn unavailable(reason: impl Into<String>) -> CoordinationError {
 }
 
 /// 404, 409 and 412 are answers; everything else fails closed.
-fn classify(
+pub(crate) fn classify(
     what: &str,
     auth: &str,
     error: &azure_core::Error,

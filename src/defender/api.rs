@@ -24,11 +24,15 @@ pub enum Endpoint {
     Restrict,
     Unrestrict,
     Cancel,
+    /// Add or remove one tag on one machine.
+    TagMachine,
+    /// Add or remove one tag on up to 500 machines.
+    TagMachines,
 }
 
 impl Endpoint {
     /// Every endpoint, in the order above.
-    pub const ALL: [Self; 7] = [
+    pub const ALL: [Self; 9] = [
         Self::ListMachines,
         Self::GetMachine,
         Self::ListActions,
@@ -36,6 +40,8 @@ impl Endpoint {
         Self::Restrict,
         Self::Unrestrict,
         Self::Cancel,
+        Self::TagMachine,
+        Self::TagMachines,
     ];
 
     /// The endpoint that creates `action` on a machine.
@@ -60,7 +66,11 @@ impl Endpoint {
             Self::ListMachines | Self::GetMachine | Self::ListActions | Self::GetAction => {
                 Method::GET
             }
-            Self::Restrict | Self::Unrestrict | Self::Cancel => Method::POST,
+            Self::Restrict
+            | Self::Unrestrict
+            | Self::Cancel
+            | Self::TagMachine
+            | Self::TagMachines => Method::POST,
         }
     }
 
@@ -74,6 +84,8 @@ impl Endpoint {
             Self::Restrict => &["machines", ID, "restrictCodeExecution"],
             Self::Unrestrict => &["machines", ID, "unrestrictCodeExecution"],
             Self::Cancel => &["machineactions", ID, "cancel"],
+            Self::TagMachine => &["machines", ID, "tags"],
+            Self::TagMachines => &["machines", "AddOrRemoveTagForMultipleMachines"],
         }
     }
 
@@ -136,6 +148,8 @@ impl Endpoint {
             Self::Restrict => "restrict",
             Self::Unrestrict => "unrestrict",
             Self::Cancel => "cancel",
+            Self::TagMachine => "machine-tags",
+            Self::TagMachines => "machine-tags-bulk",
         }
     }
 
@@ -148,6 +162,8 @@ impl Endpoint {
             Self::ListActions => "listing the machine's actions",
             Self::Cancel => "cancelling the pending action",
             Self::GetAction => "reading the machine action",
+            Self::TagMachine => "tagging the machine",
+            Self::TagMachines => "tagging the machines",
         }
     }
 
@@ -186,6 +202,11 @@ mod tests {
         );
         assert_eq!(Endpoint::Cancel.path("a1"), "api/machineactions/a1/cancel");
         assert_eq!(Endpoint::ListActions.path(""), "api/machineactions");
+        assert_eq!(Endpoint::TagMachine.path("m1"), "api/machines/m1/tags");
+        assert_eq!(
+            Endpoint::TagMachines.path(""),
+            "api/machines/AddOrRemoveTagForMultipleMachines"
+        );
     }
 
     #[test]
@@ -232,6 +253,8 @@ mod tests {
                 "restrict",
                 "unrestrict",
                 "cancel",
+                "machine-tags",
+                "machine-tags-bulk",
             ]
         );
     }
@@ -244,7 +267,13 @@ mod tests {
             .collect();
         assert_eq!(
             writes,
-            [Endpoint::Restrict, Endpoint::Unrestrict, Endpoint::Cancel]
+            [
+                Endpoint::Restrict,
+                Endpoint::Unrestrict,
+                Endpoint::Cancel,
+                Endpoint::TagMachine,
+                Endpoint::TagMachines
+            ]
         );
         for action in [
             ActionType::RestrictCodeExecution,

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::{
     api::Endpoint,
     auth::TokenSource,
-    budget::{BudgetError, CallBudget, RateBudget},
+    budget::{BudgetError, CallBudget, RateBudget, Share},
     error::{DefenderError, Refusal},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -291,6 +291,26 @@ impl DefenderClient {
         }
     }
 
+    /// How long until `endpoint`'s budget has a slot within `share` of each
+    /// window (nothing reserved): what a lower-priority caller waits for
+    /// before it starts.
+    pub async fn wait_for_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Duration, DefenderError> {
+        self.budget
+            .wait_for_share(endpoint, share)
+            .await
+            .map_err(|e| match e {
+                BudgetError::OverBudget(over) => DefenderError::OverBudget {
+                    endpoint,
+                    wait: over.wait,
+                },
+                BudgetError::Refused(refusal) => DefenderError::Refused { endpoint, refusal },
+            })
+    }
+
     /// Calls to `endpoint` the rate budget allows at once, now.
     pub fn free_slots(&self, endpoint: Endpoint) -> usize {
         self.budget.free_now(endpoint)
@@ -308,6 +328,26 @@ impl DefenderClient {
         let filter = format!("aadDeviceId eq {}", id.hyphenated());
         Ok(self
             .list_all(ListOf::Machines, Some(&filter), MAX_PAGES, deadline, None)
+            .await?
+            .rows)
+    }
+
+    /// `GET /api/machines?$filter=<filter>&$top=10000`, every page: the
+    /// machines a containment job selects (`machineTags/any(...)`,
+    /// `rbacGroupId eq N`). The caller builds the filter from checked values.
+    pub async fn machines_matching(
+        &self,
+        filter: &str,
+        deadline: Instant,
+    ) -> Result<Vec<Machine>, DefenderError> {
+        Ok(self
+            .list_all(
+                ListOf::Machines,
+                Some(filter),
+                MAX_LIST_PAGES,
+                deadline,
+                None,
+            )
             .await?
             .rows)
     }

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::service::restrict::Restrictor;
+use crate::service::{jobs::Jobs, restrict::Restrictor};
 
 /// `STALE_PENDING_HOURS`' default: a day.
 const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);
@@ -24,6 +24,8 @@ struct Inner {
     allowed_roles: Vec<String>,
     /// `STALE_PENDING_HOURS`: when an `already_pending` action may be stuck.
     stale_pending: Duration,
+    /// Containment jobs.
+    jobs: Option<Jobs>,
 }
 
 impl AppState {
@@ -38,6 +40,7 @@ impl AppState {
                 request_timeout,
                 allowed_roles,
                 stale_pending: DEFAULT_STALE_PENDING,
+                jobs: None,
             }),
         }
     }
@@ -48,6 +51,19 @@ impl AppState {
             inner.stale_pending = after;
         }
         self
+    }
+
+    /// Sets the containment jobs; called at startup, before the state is shared.
+    pub fn with_jobs(mut self, jobs: Jobs) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.jobs = Some(jobs);
+        }
+        self
+    }
+
+    /// Containment jobs (always set by the composition root).
+    pub fn jobs(&self) -> Option<&Jobs> {
+        self.inner.jobs.as_ref()
     }
 
     /// How long an `already_pending` action may be pending before the answer

@@ -89,6 +89,9 @@ problem_codes! {
     RouteNotFound => "route_not_found", NOT_FOUND, "Not found";
     MethodNotAllowed => "method_not_allowed", METHOD_NOT_ALLOWED, "Method not allowed";
     ShuttingDown => "shutting_down", SERVICE_UNAVAILABLE, "Shutting down";
+    JobNotFound => "job_not_found", NOT_FOUND, "Job not found";
+    TooManyDevices => "too_many_devices", UNPROCESSABLE_ENTITY, "Too many devices for one job";
+    NoDevicesMatched => "no_devices_matched", UNPROCESSABLE_ENTITY, "No devices matched";
 }
 
 /// Every `code` an answer can carry, as text.
@@ -162,6 +165,22 @@ pub enum ApiError {
          running instance."
     )]
     ShuttingDown,
+    #[error("no containment job with id {0}")]
+    JobNotFound(String),
+    #[error(
+        "{selector} matched {count} devices; a job takes at most {max}. Split it (for example by \
+         device group) and start one job for each part. Nothing was sent to Defender."
+    )]
+    TooManyDevices {
+        selector: String,
+        count: usize,
+        max: usize,
+    },
+    #[error(
+        "{0} matched no Defender machine: check the spelling (tags are matched exactly) and that \
+         the machines are onboarded. Nothing was sent to Defender."
+    )]
+    NoDevicesMatched(String),
 }
 
 /// The code of a service error's answer.
@@ -311,6 +330,9 @@ impl ApiError {
             Self::RouteNotFound(_) => P::RouteNotFound,
             Self::MethodNotAllowed { .. } => P::MethodNotAllowed,
             Self::ShuttingDown => P::ShuttingDown,
+            Self::JobNotFound(_) => P::JobNotFound,
+            Self::TooManyDevices { .. } => P::TooManyDevices,
+            Self::NoDevicesMatched(_) => P::NoDevicesMatched,
         }
     }
 

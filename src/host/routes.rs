@@ -7,6 +7,9 @@
 //! - Payload mode, the host's envelope: `POST /{FunctionName}` for each
 //!   function folder ([`Function::payload_route`]).
 //!
+//! - Queue triggers (the containment jobs' worker and poison functions):
+//!   payload mode only, `POST /job-worker` and `POST /job-poison`.
+//!
 //! Both modes build the same [`Invocation`] and run [`functions::invoke`].
 
 use std::collections::BTreeMap;
@@ -17,7 +20,7 @@ use axum::{
     extract::{RawPathParams, Request, State},
     http::{HeaderMap, HeaderValue, Method, header, request::Parts},
     response::{IntoResponse, Response},
-    routing::{MethodFilter, MethodRouter, get, on, post},
+    routing::{MethodFilter, MethodRouter, get, post},
 };
 use http_body_util::BodyExt;
 use tokio::time::Instant;
@@ -29,26 +32,40 @@ use crate::{
         app_state::AppState,
         envelope,
         error::ApiError,
-        functions::{self, Function, Record, answer},
+        functions::{self, Function, Record, answer, job_queue, job_queue::QueueFunction},
         invocation::{self, Invocation},
         reply::{Format, Reply},
     },
-    service::runbook::{MAX_PAYLOAD_BYTES, RunbookError},
+    service::runbook::RunbookError,
 };
 
 /// The router, without a socket, so tests can drive it in-process.
 pub fn router(state: AppState) -> Router {
     let mut router = Router::new().route("/", get(ready).fallback(not_allowed(Method::GET)));
+    let mut routes: Vec<&'static str> = Function::ALL.iter().map(|f| f.route()).collect();
+    routes.sort_unstable();
+    routes.dedup();
+    for route in routes {
+        router = router.route(route, forwarded_route(route));
+    }
     for function in Function::ALL {
-        router = router
-            .route(function.route(), forwarded_route(function))
-            .route(
-                &function.payload_route(),
-                post(move |state: State<AppState>, request: Request| {
-                    payload_mode(state, function, request)
-                })
-                .fallback(not_allowed(Method::POST)),
-            );
+        router = router.route(
+            &function.payload_route(),
+            post(move |state: State<AppState>, request: Request| {
+                payload_mode(state, function, request)
+            })
+            .fallback(not_allowed(Method::POST)),
+        );
+    }
+    // The queue-triggered functions: payload mode only.
+    for function in QueueFunction::ALL {
+        router = router.route(
+            &format!("/{}", function.name()),
+            post(move |state: State<AppState>, request: Request| {
+                job_queue::invoke(state, function, request)
+            })
+            .fallback(not_allowed(Method::POST)),
+        );
     }
     router
         .fallback(route_not_found)
@@ -87,14 +104,21 @@ pub fn normalize_path(mut request: Request) -> Request {
     request
 }
 
-/// A forwarded-mode route for `function`, answering other methods with 405.
-fn forwarded_route(function: Function) -> MethodRouter<AppState> {
-    let handler = move |state: State<AppState>, params: RawPathParams, request: Request| {
-        forwarded(state, function, params, request)
-    };
-    // Function methods are GET or POST, which always convert.
-    let filter = MethodFilter::try_from(function.method()).unwrap_or(MethodFilter::POST);
-    on(filter, handler).fallback(not_allowed(function.method()))
+/// A forwarded-mode route: each function on `route` under its method (the
+/// jobs' collection takes GET and POST), other methods answered with 405.
+fn forwarded_route(route: &'static str) -> MethodRouter<AppState> {
+    let mut router = MethodRouter::new();
+    let mut allowed = Method::POST;
+    for function in Function::ALL.into_iter().filter(|f| f.route() == route) {
+        let handler = move |state: State<AppState>, params: RawPathParams, request: Request| {
+            forwarded(state, function, params, request)
+        };
+        // Function methods are GET or POST, which always convert.
+        let filter = MethodFilter::try_from(function.method()).unwrap_or(MethodFilter::POST);
+        router = router.on(filter, handler);
+        allowed = function.method();
+    }
+    router.fallback(not_allowed(allowed))
 }
 
 /// Answers at once: the host only needs a response to count us as ready.
@@ -112,7 +136,7 @@ async fn forwarded(
     let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let format = Format::from_accept(header_str(&parts.headers, header::ACCEPT));
-    let body = match read_limited(&parts, body, MAX_PAYLOAD_BYTES, |reason| {
+    let body = match read_limited(&parts, body, function.max_body(), |reason| {
         ApiError::InvalidRequest(RunbookError::Unreadable(reason))
     })
     .await
@@ -157,7 +181,7 @@ async fn payload_mode(
     let read = read_limited(
         &parts,
         body,
-        envelope::MAX_ENVELOPE_BYTES,
+        function.max_envelope(),
         ApiError::InvalidEnvelope,
     )
     .await;
@@ -322,7 +346,7 @@ fn caller_url(parts: &Parts) -> Option<Url> {
 /// A `Content-Length` over the limit is refused before the body is touched:
 /// hyper sends `100 Continue` only once the body is read, so a client that
 /// asked for it (`Expect: 100-continue`) gets the 413 without sending the body.
-async fn read_limited(
+pub(crate) async fn read_limited(
     parts: &Parts,
     body: Body,
     limit: usize,

@@ -11,13 +11,15 @@
 //! by one [`read_policy`]), serves one round at a time
 //! per machine ([`machine_queue`]) and decides with [`decision`]. [`fleet`]
 //! derives every machine's state at once (the fleet view, with its text and
-//! page renderings). It talks to Defender through [`crate::defender`] and to
+//! page renderings); [`jobs`] runs the same protocol for whole groups of
+//! devices on the host's queue trigger. It talks to Defender through [`crate::defender`] and to
 //! other instances through [`crate::coordination`]; turning its errors into
 //! problem answers is the host's ([`crate::host::error`]).
 
 pub mod batch;
 pub mod decision;
 pub mod fleet;
+pub mod jobs;
 pub mod machine_directory;
 pub mod machine_queue;
 pub(crate) mod read_policy;

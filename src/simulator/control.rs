@@ -21,6 +21,7 @@ use serde_json::json;
 use super::clock::timestamp;
 use super::faults::Fault;
 use super::respond::{envelope, json};
+use super::seed::Fleet;
 use super::state::Sim;
 use crate::defender::models::Machine;
 
@@ -34,6 +35,7 @@ const ENDPOINTS: &str = "  GET    /_sim                          this banner
   DELETE /_sim/faults                   clear faults
   GET    /_sim/machines                 machines
   POST   /_sim/machines                 add or replace a machine (Machine JSON)
+  POST   /_sim/fleets                   add a generated fleet {\"name\":\"f1\",\"tag\":\"outbreak-7\",\"devices\":2000,\"staleRecords\":5,\"mergedRecords\":2,\"rbacGroupId\":201}
   POST   /_sim/machines/{id}/offline    {\"offline\": true|false}
   POST   /_sim/machines/{id}/outcome    {\"outcome\": \"Failed\"|\"Succeeded\"} for its new actions
   GET    /_sim/actions                  machine actions, newest first
@@ -50,6 +52,7 @@ pub(crate) fn router() -> Router<Arc<Sim>> {
             get(faults).post(add_fault).delete(clear_faults),
         )
         .route("/_sim/machines", get(machines).post(add_machine))
+        .route("/_sim/fleets", post(add_fleet))
         .route("/_sim/machines/{id}/offline", post(set_offline))
         .route("/_sim/machines/{id}/outcome", post(set_outcome))
         .route("/_sim/actions", get(actions))
@@ -171,6 +174,30 @@ async fn add_machine(State(sim): SimState, body: Bytes) -> Response {
         Ok(machine) => {
             sim.add_machine(machine.clone());
             json(StatusCode::CREATED, &machine)
+        }
+        Err(response) => *response,
+    }
+}
+
+/// Adds a [`Fleet`]'s records and answers `201` with its devices' ids.
+async fn add_fleet(State(sim): SimState, body: Bytes) -> Response {
+    match parse::<Fleet>(&body) {
+        Ok(fleet) => {
+            sim.add_fleet(&fleet);
+            let devices: Vec<_> = fleet
+                .devices()
+                .into_iter()
+                .map(|d| {
+                    json!({
+                        "aadDeviceId": d.aad_device_id,
+                        "machineId": d.machine_id,
+                        "computerDnsName": d.computer_dns_name,
+                        "staleMachineId": d.stale_machine_id,
+                        "mergedMachineId": d.merged_machine_id,
+                    })
+                })
+                .collect();
+            json(StatusCode::CREATED, &json!({"devices": devices}))
         }
         Err(response) => *response,
     }

@@ -4,9 +4,13 @@
 //! amount of whitespace between tokens. Literals are single-quoted strings
 //! (`''` escapes a quote) or, for GUID properties, bare GUIDs: Defender accepts
 //! `aadDeviceId eq 1234...` (what RealmJoin sends) as well as the quoted form.
+//! `rbacGroupId` (a device group, a number) takes a bare integer, as Defender's
+//! docs write it (`rbacGroupId eq 7`). The collection `machineTags` is only
+//! reachable through the `any` lambda Defender documents for it
+//! (`machineTags/any(tag: tag eq 'x')`, any variable name).
 //!
 //! Everything else that is valid OData (`or`, `not`, other operators,
-//! functions, parentheses, lambda paths, other properties, `null`) is reported
+//! functions, parentheses, other lambdas and paths, other properties, `null`) is reported
 //! as [`FilterError::NotImplemented`], so a test hitting it fails loudly
 //! instead of getting an invented answer. Text that is not a valid expression
 //! is [`FilterError::Malformed`], like Defender's `400 ODataError`.
@@ -31,6 +35,10 @@ pub(crate) enum FieldType {
     String,
     /// A quoted string, or a bare GUID (machine action ids are GUIDs).
     GuidOrString,
+    /// A bare integer (`Edm.Int64`).
+    Integer,
+    /// A collection of strings: only `property/any(v: v eq 'x')` compares it.
+    StringCollection,
 }
 
 /// A filterable property of an entity.
@@ -56,6 +64,14 @@ pub(crate) const MACHINE_FIELDS: &[Field] = &[
     Field {
         name: "healthStatus",
         ty: FieldType::String,
+    },
+    Field {
+        name: "rbacGroupId",
+        ty: FieldType::Integer,
+    },
+    Field {
+        name: "machineTags",
+        ty: FieldType::StringCollection,
     },
 ];
 
@@ -119,6 +135,7 @@ enum Token {
     Open,
     Close,
     Comma,
+    Colon,
 }
 
 fn tokenize(input: &str) -> Result<Vec<Token>, FilterError> {
@@ -129,11 +146,12 @@ fn tokenize(input: &str) -> Result<Vec<Token>, FilterError> {
             c if c.is_whitespace() => {
                 chars.next();
             }
-            '(' | ')' | ',' => {
+            '(' | ')' | ',' | ':' => {
                 chars.next();
                 tokens.push(match c {
                     '(' => Token::Open,
                     ')' => Token::Close,
+                    ':' => Token::Colon,
                     _ => Token::Comma,
                 });
             }
@@ -161,7 +179,7 @@ fn tokenize(input: &str) -> Result<Vec<Token>, FilterError> {
             _ => {
                 let mut word = String::new();
                 while let Some(&c) = chars.peek() {
-                    if c.is_whitespace() || matches!(c, '(' | ')' | ',' | '\'') {
+                    if c.is_whitespace() || matches!(c, '(' | ')' | ',' | ':' | '\'') {
                         break;
                     }
                     word.push(c);
@@ -184,6 +202,8 @@ enum Literal {
 struct Comparison {
     property: String,
     literal: Literal,
+    /// Written as `property/any(v: v eq literal)`.
+    any: bool,
 }
 
 const OTHER_OPERATORS: &[&str] = &[
@@ -233,6 +253,14 @@ fn parse_syntax(tokens: &[Token]) -> Result<Vec<Comparison>, FilterError> {
 fn parse_comparison(tokens: &[Token]) -> Result<(Comparison, &[Token]), FilterError> {
     let (property, rest) = match tokens {
         [Token::Word(w), ..] if w == "not" => return Err(not_implemented("the 'not' operator")),
+        [Token::Word(w), Token::Open, rest @ ..] if w.ends_with("/any") => {
+            return parse_any(&w[..w.len() - "/any".len()], rest);
+        }
+        [Token::Word(w), Token::Open, ..] if w.contains('/') => {
+            return Err(not_implemented(format_args!(
+                "the property path or lambda '{w}()'"
+            )));
+        }
         [Token::Word(w), Token::Open, ..] => {
             return Err(not_implemented(format_args!("the function {w}()")));
         }
@@ -274,7 +302,23 @@ fn parse_comparison(tokens: &[Token]) -> Result<(Comparison, &[Token]), FilterEr
             )));
         }
     };
-    let (literal, rest) = match rest {
+    let (literal, rest) = parse_literal(&property, rest)?;
+    Ok((
+        Comparison {
+            property,
+            literal,
+            any: false,
+        },
+        rest,
+    ))
+}
+
+/// The literal after `property eq`, and the tokens after it.
+fn parse_literal<'t>(
+    property: &str,
+    rest: &'t [Token],
+) -> Result<(Literal, &'t [Token]), FilterError> {
+    Ok(match rest {
         [Token::Quoted(s), rest @ ..] => (Literal::Quoted(s.clone()), rest),
         [Token::Word(w), Token::Open, ..] => {
             return Err(not_implemented(format_args!("the function {w}()")));
@@ -288,8 +332,71 @@ fn parse_comparison(tokens: &[Token]) -> Result<(Comparison, &[Token]), FilterEr
             )));
         }
         [] => return Err(malformed(format!("missing value after '{property} eq'"))),
+    })
+}
+
+/// `collection/any(v: v eq literal)`, from the tokens after `any(`. Only the
+/// one comparison Defender documents is modelled inside the lambda.
+fn parse_any<'t>(
+    collection: &str,
+    tokens: &'t [Token],
+) -> Result<(Comparison, &'t [Token]), FilterError> {
+    if !is_identifier(collection) {
+        return Err(not_implemented(format_args!(
+            "the property path '{collection}/any'"
+        )));
+    }
+    let (variable, rest) = match tokens {
+        [Token::Word(v), Token::Colon, rest @ ..] if is_identifier(v) => (v, rest),
+        [Token::Close, ..] => {
+            return Err(not_implemented(format_args!(
+                "{collection}/any() without a lambda"
+            )));
+        }
+        _ => {
+            return Err(malformed(format!(
+                "{collection}/any( must be followed by a variable and ':'"
+            )));
+        }
     };
-    Ok((Comparison { property, literal }, rest))
+    let rest = match rest {
+        [Token::Word(v), Token::Word(op), rest @ ..] if v == variable && op == "eq" => rest,
+        [Token::Word(v), Token::Word(op), ..] if v == variable => {
+            return Err(not_implemented(format_args!(
+                "the '{op}' operator inside {collection}/any()"
+            )));
+        }
+        [Token::Word(v), Token::Open, ..] => {
+            return Err(not_implemented(format_args!(
+                "the function {v}() inside {collection}/any()"
+            )));
+        }
+        [Token::Word(v), ..] => {
+            return Err(malformed(format!(
+                "'{v}' is not the lambda variable '{variable}' of {collection}/any()"
+            )));
+        }
+        _ => {
+            return Err(malformed(format!(
+                "expected '{variable} eq <value>' inside {collection}/any()"
+            )));
+        }
+    };
+    let (literal, rest) = parse_literal(variable, rest)?;
+    match rest {
+        [Token::Close, rest @ ..] => Ok((
+            Comparison {
+                property: collection.to_owned(),
+                literal,
+                any: true,
+            },
+            rest,
+        )),
+        [Token::Word(w), ..] if w == "and" || w == "or" => Err(not_implemented(format_args!(
+            "'{w}' inside {collection}/any()"
+        ))),
+        _ => Err(malformed(format!("{collection}/any( is not closed"))),
+    }
 }
 
 fn is_identifier(s: &str) -> bool {
@@ -307,6 +414,7 @@ fn describe(token: &Token) -> String {
         Token::Open => "'('".to_owned(),
         Token::Close => "')'".to_owned(),
         Token::Comma => "','".to_owned(),
+        Token::Colon => "':'".to_owned(),
     }
 }
 
@@ -323,6 +431,19 @@ fn check(c: Comparison, entity: &str, fields: &[Field]) -> Result<Condition, Fil
         )));
     };
     let prop = field.name;
+    match (field.ty == FieldType::StringCollection, c.any) {
+        (true, false) => {
+            return Err(malformed(format!(
+                "{prop} is a collection: compare its items with {prop}/any(tag: tag eq 'value')"
+            )));
+        }
+        (false, true) => {
+            return Err(malformed(format!(
+                "{prop} is not a collection: any() needs one"
+            )));
+        }
+        _ => {}
+    }
     let value = match (field.ty, c.literal) {
         (_, Literal::Bare(b)) if b == "null" => {
             return Err(not_implemented(format_args!("comparing {prop} with null")));
@@ -337,9 +458,23 @@ fn check(c: Comparison, entity: &str, fields: &[Field]) -> Result<Condition, Fil
             s
         }
         (FieldType::String | FieldType::GuidOrString, Literal::Quoted(s)) => s,
-        (FieldType::String, Literal::Bare(s)) => {
+        (FieldType::String | FieldType::StringCollection, Literal::Bare(s)) => {
             return Err(malformed(format!(
                 "{prop} must be compared with a quoted string literal, found {s}"
+            )));
+        }
+        (FieldType::StringCollection, Literal::Quoted(s)) => s,
+        (FieldType::Integer, Literal::Bare(s)) => match s.parse::<i64>() {
+            Ok(n) => n.to_string(),
+            Err(_) => {
+                return Err(malformed(format!(
+                    "'{s}' is not a valid Int64 literal for {prop}"
+                )));
+            }
+        },
+        (FieldType::Integer, Literal::Quoted(s)) => {
+            return Err(malformed(format!(
+                "{prop} is a number: compare it with a bare integer, not the string '{s}'"
             )));
         }
     };
@@ -450,7 +585,6 @@ mod tests {
             "(id eq 'a')",
             "id ne 'a'",
             "lastSeen gt 2024-01-01Z",
-            "machineTags/any(t: t eq 'x')",
             "aadDeviceId eq null",
             "id eq tolower('A')",
             "'a' eq id",
@@ -465,6 +599,82 @@ mod tests {
             panic!("expected not implemented");
         };
         assert!(message.contains("osPlatform"), "{message}");
+    }
+
+    #[test]
+    fn machine_tags_through_the_any_lambda() {
+        let tag = |t: &str| Ok(vec![cond("machineTags", t)]);
+        assert_eq!(
+            machines("machineTags/any(tag: tag eq 'outbreak-42')"),
+            tag("outbreak-42")
+        );
+        // Any variable name, any spacing; '' is an escaped quote.
+        assert_eq!(
+            machines("machineTags/any(t:t eq 'O''Brien lab')"),
+            tag("O'Brien lab")
+        );
+        assert_eq!(
+            machines(" machineTags/any( x : x eq 'a:b' ) and healthStatus eq 'Active'"),
+            Ok(vec![
+                cond("machineTags", "a:b"),
+                cond("healthStatus", "Active")
+            ])
+        );
+        for input in [
+            "machineTags eq 'x'",
+            "machineTags/any(tag: other eq 'x')",
+            "machineTags/any(tag: tag eq 'x'",
+            "machineTags/any(tag tag eq 'x')",
+            "machineTags/any(tag: tag eq x)",
+            "machineTags/any(tag: tag eq 'x') tag",
+            "healthStatus/any(t: t eq 'Active')",
+        ] {
+            assert!(
+                is_malformed(machines(input)),
+                "{input:?} -> {:?}",
+                machines(input)
+            );
+        }
+        for input in [
+            "machineTags/all(t: t eq 'x')",
+            "machineTags/any()",
+            "machineTags/any(t: startswith(t,'x'))",
+            "machineTags/any(t: t ne 'x')",
+            "machineTags/any(t: t eq 'a' or t eq 'b')",
+            "machineTags/any(t: t eq 'a') or id eq 'b'",
+            "vmMetadata/vmId eq 'x'",
+        ] {
+            assert!(
+                is_not_implemented(machines(input)),
+                "{input:?} -> {:?}",
+                machines(input)
+            );
+        }
+    }
+
+    #[test]
+    fn device_group_is_a_bare_integer() {
+        assert_eq!(
+            machines("rbacGroupId eq 7"),
+            Ok(vec![cond("rbacGroupId", "7")])
+        );
+        assert_eq!(
+            machines("rbacGroupId eq 0101 and machineTags/any(t: t eq 'x')"),
+            Ok(vec![cond("rbacGroupId", "101"), cond("machineTags", "x")])
+        );
+        for input in [
+            "rbacGroupId eq '7'",
+            "rbacGroupId eq seven",
+            "rbacGroupId eq 7.5",
+            "rbacGroupId eq 99999999999999999999",
+        ] {
+            assert!(
+                is_malformed(machines(input)),
+                "{input:?} -> {:?}",
+                machines(input)
+            );
+        }
+        assert!(is_not_implemented(machines("rbacGroupId gt 7")));
     }
 
     #[test]

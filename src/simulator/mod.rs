@@ -18,13 +18,15 @@
 //!
 //! | Call | Notes |
 //! |---|---|
-//! | `GET /api/machines` | `$filter` on `aadDeviceId` (quoted or bare GUID), `id`, `computerDnsName`, `healthStatus`, joined with `and`; `$top`, `$skip`, `@odata.nextLink` paging |
+//! | `GET /api/machines` | `$filter` on `aadDeviceId` (quoted or bare GUID), `id`, `computerDnsName`, `healthStatus`, `rbacGroupId` (bare integer) and `machineTags/any(tag: tag eq '...')`, joined with `and`; `$top`, `$skip`, `@odata.nextLink` paging |
 //! | `GET /api/machines/{id}` | by machine id or computer name |
 //! | `POST /api/machines/{id}/restrictCodeExecution` | body `{"Comment": "..."}`, `201` with a `MachineAction` |
 //! | `POST /api/machines/{id}/unrestrictCodeExecution` | same |
 //! | `GET /api/machineactions` | `$filter` on `machineId`, `type`, `status`, `id`, `requestor`; newest first |
 //! | `GET /api/machineactions/{id}` | |
 //! | `POST /api/machineactions/{id}/cancel` | body `{"Comment": "..."}` |
+//! | `POST /api/machines/{id}/tags` | body `{"Value": "tag", "Action": "Add"\|"Remove"}`, `200` with the machine; needs `Machine.ReadWrite.All` |
+//! | `POST /api/machines/AddOrRemoveTagForMultipleMachines` | adds `"MachineIds"` (1 to 500), `200` with the machines |
 //!
 //! Actions move `Pending` → `InProgress` → `Succeeded` on the simulated clock
 //! ([`SimConfig::speed`]), computed lazily on every read. An action on an
@@ -50,6 +52,7 @@
 //! | `GET /_sim/faults`, `POST /_sim/faults`, `DELETE /_sim/faults` | list, inject ([`Fault`] JSON, camelCase) or clear faults |
 //! | `GET /_sim/machines`, `POST /_sim/machines` | list machines, add or replace one ([`Machine`] JSON) |
 //! | `GET /_sim/actions` | all machine actions, newest first |
+//! | `POST /_sim/fleets` | add a generated fleet ([`seed::Fleet`] JSON, camelCase); answers its devices' ids |
 //! | `POST /_sim/machines/{id}/offline` | body `{"offline": true}` or `false` |
 //! | `POST /_sim/machines/{id}/outcome` | body `{"outcome": "Failed"}` or `"Succeeded"`: how its new actions end |
 //! | `GET /_sim/clock`, `POST /_sim/clock` | read the simulated clock, or move it on with `{"advanceSeconds": 3600}` |
@@ -84,6 +87,9 @@ mod respond;
 mod routes;
 pub mod seed;
 mod state;
+mod tags;
+#[cfg(test)]
+mod tags_tests;
 #[cfg(test)]
 mod tests;
 
@@ -95,6 +101,7 @@ use crate::defender::models::{Machine, MachineAction};
 
 pub use faults::{Fault, FaultKind};
 pub use requests::RecordedRequest;
+pub use tags::{BulkTagUnknown, MAX_BULK_MACHINES};
 
 use state::Sim;
 
@@ -154,6 +161,11 @@ pub struct SimConfig {
     /// How far behind the wall clock the simulated clock starts, so that
     /// actions created now look old to the service (stale pending actions).
     pub clock_behind: Duration,
+    /// What a bulk tag call naming an unknown machine id gets (undocumented).
+    pub bulk_tag_unknown: BulkTagUnknown,
+    /// Generated fleets seeded beside (or, with `seed: false`, instead of)
+    /// the demo devices ([`seed::Fleet`]).
+    pub fleets: Vec<seed::Fleet>,
 }
 
 /// When an action carries `computerDnsName` and `lastUpdateDateTimeUtc`.
@@ -236,6 +248,8 @@ impl Default for SimConfig {
             roles: DEFAULT_ROLES.iter().map(|r| (*r).to_owned()).collect(),
             no_match: NoMatch::default(),
             clock_behind: Duration::ZERO,
+            bulk_tag_unknown: BulkTagUnknown::default(),
+            fleets: Vec::new(),
         }
     }
 }
@@ -375,6 +389,12 @@ impl SimHandle {
     /// Adds a machine, replacing one with the same id (ids compare case-insensitively).
     pub fn add_machine(&self, machine: Machine) {
         self.sim.add_machine(machine);
+    }
+
+    /// Adds a generated fleet's records ([`seed::Fleet`]), replacing records
+    /// with the same ids.
+    pub fn add_fleet(&self, fleet: &seed::Fleet) {
+        self.sim.add_fleet(fleet);
     }
 
     /// All machines, in insertion order.

@@ -31,6 +31,7 @@ use super::odata::{self, QueryError, QueryOptions, Shape};
 use super::ratelimit::retry_after_secs;
 use super::respond::{ApiError, json, odata_json};
 use super::state::{CancelError, Created, Lookup, Sim};
+use super::tags;
 use super::{ListOrder, NoMatch, OrderBy};
 use crate::defender::{
     Endpoint,
@@ -133,17 +134,19 @@ async fn handle(sim: &Sim, request: Request) -> Result<Response, ApiError> {
         Endpoint::ListActions => list_actions(&call),
         Endpoint::GetAction => get_action(&call, &id),
         Endpoint::Cancel => cancel(&call, &id),
+        Endpoint::TagMachine => tags::tag_machine(&call, &id),
+        Endpoint::TagMachines => tags::tag_machines(&call),
     }
 }
 
 /// One accepted call, as the endpoint functions see it.
-struct Call<'a> {
-    sim: &'a Sim,
+pub(super) struct Call<'a> {
+    pub(super) sim: &'a Sim,
     /// Sim time of the call; one instant for the whole call.
     now: OffsetDateTime,
     query: QueryOptions,
-    headers: &'a HeaderMap,
-    body: &'a [u8],
+    pub(super) headers: &'a HeaderMap,
+    pub(super) body: &'a [u8],
 }
 
 fn list_machines(call: &Call<'_>) -> Result<Response, ApiError> {
@@ -276,6 +279,8 @@ fn authorize(headers: &HeaderMap) -> Result<&str, ApiError> {
 /// Roles that allow reads; restrict and unrestrict need their own.
 const READ_ROLES: &[&str] = &["Machine.Read.All", "Machine.ReadWrite.All"];
 const RESTRICT_ROLES: &[&str] = &["Machine.RestrictExecution"];
+/// Adding or removing machine tags needs the write role.
+const TAG_ROLES: &[&str] = &["Machine.ReadWrite.All"];
 /// Cancel accepts any response role. Defender's message misspells
 /// `Machine.CollectForensics` (microsoft-365-docs#6062).
 const CANCEL_ROLES: &[&str] = &[
@@ -294,6 +299,7 @@ fn check_roles(endpoint: Endpoint, roles: &[String]) -> Result<(), ApiError> {
     let required = match endpoint {
         Endpoint::Restrict | Endpoint::Unrestrict => RESTRICT_ROLES,
         Endpoint::Cancel => CANCEL_ROLES,
+        Endpoint::TagMachine | Endpoint::TagMachines => TAG_ROLES,
         _ => READ_ROLES,
     };
     let held = |r: &str| {
@@ -327,6 +333,25 @@ fn route(method: &str, path: &str) -> Result<(Endpoint, String), ApiError> {
 /// The `Comment` of a restrict, unrestrict or cancel body. Defender's body
 /// parameter names are case-sensitive: `comment` does not count.
 fn comment(headers: &HeaderMap, body: &[u8]) -> Result<String, ApiError> {
+    let fields = json_object(headers, body)?;
+    match fields.get("Comment") {
+        Some(Value::String(comment)) => Ok(comment.clone()),
+        Some(_) => Err(ApiError::bad_request(
+            "MissingRequiredParameter",
+            "The required parameter 'Comment' must be a string",
+        )),
+        None => Err(ApiError::bad_request(
+            "MissingRequiredParameter",
+            "The required parameter 'Comment' is missing (parameter names are case-sensitive)",
+        )),
+    }
+}
+
+/// A write's body: a JSON object sent as `application/json`.
+pub(super) fn json_object(
+    headers: &HeaderMap,
+    body: &[u8],
+) -> Result<serde_json::Map<String, Value>, ApiError> {
     let json_content = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -353,17 +378,7 @@ fn comment(headers: &HeaderMap, body: &[u8]) -> Result<String, ApiError> {
             "The request body must be a JSON object",
         ));
     };
-    match fields.get("Comment") {
-        Some(Value::String(comment)) => Ok(comment.clone()),
-        Some(_) => Err(ApiError::bad_request(
-            "MissingRequiredParameter",
-            "The required parameter 'Comment' must be a string",
-        )),
-        None => Err(ApiError::bad_request(
-            "MissingRequiredParameter",
-            "The required parameter 'Comment' is missing (parameter names are case-sensitive)",
-        )),
-    }
+    Ok(fields)
 }
 
 fn conditions(
@@ -387,7 +402,7 @@ fn query_error(err: QueryError) -> ApiError {
     }
 }
 
-fn machine_not_found(id: &str) -> ApiError {
+pub(super) fn machine_not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("Machine {id} was not found"))
 }
 
@@ -395,7 +410,7 @@ fn action_not_found(id: &str) -> ApiError {
     ApiError::not_found(format!("MachineAction {id} was not found"))
 }
 
-fn ambiguous(name: &str, count: usize) -> ApiError {
+pub(super) fn ambiguous(name: &str, count: usize) -> ApiError {
     ApiError::not_implemented(format!(
         "{count} machines are named {name}; which one Defender returns for a name is not modelled \
          by the simulator (use the machine id)"
@@ -404,7 +419,12 @@ fn ambiguous(name: &str, count: usize) -> ApiError {
 
 /// A collection page with its `@odata.context` and, if more rows remain,
 /// `@odata.nextLink`.
-fn collection<T: Serialize>(call: &Call<'_>, rows: Vec<T>, path: &str, set: &str) -> Response {
+pub(super) fn collection<T: Serialize>(
+    call: &Call<'_>,
+    rows: Vec<T>,
+    path: &str,
+    set: &str,
+) -> Response {
     let sim = call.sim;
     let (value, next_link) = odata::page(
         rows,
@@ -423,7 +443,12 @@ fn collection<T: Serialize>(call: &Call<'_>, rows: Vec<T>, path: &str, set: &str
 }
 
 /// A single entity with its `@odata.context`, as Defender sends it.
-fn entity<T: Serialize>(call: &Call<'_>, status: StatusCode, set: &str, value: &T) -> Response {
+pub(super) fn entity<T: Serialize>(
+    call: &Call<'_>,
+    status: StatusCode,
+    set: &str,
+    value: &T,
+) -> Response {
     #[derive(Serialize)]
     struct Entity<'a, T> {
         #[serde(rename = "@odata.context")]

@@ -13,8 +13,23 @@
 //!    responses), so it is only reachable by machine id.
 //!
 //! Times (`lastSeen`, `firstSeen`) are relative to the simulator's start.
+//!
+//! Machine tags and device groups, for selecting devices as a group:
+//!
+//! | tag or group | records |
+//! |---|---|
+//! | tag [`OUTBREAK_TAG`] | ALPHA, all three BRAVO records (one stale, one merged), SRV-LINUX-01 |
+//! | tag [`QUOTED_TAG`] (a `'` to escape in OData) | CHARLIE |
+//! | group [`WORKSTATIONS_GROUP_ID`] `Workstations` | every Windows device |
+//! | group [`SERVERS_GROUP_ID`] `Servers` | SRV-LINUX-01 |
+//!
+//! [`Fleet`] generates many more devices under one tag and group, with stale
+//! and merged extra records, for jobs and benchmarks.
+
+use std::fmt::Write as _;
 
 use serde_json::{Map, Value, json};
+use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use super::clock::timestamp;
@@ -49,11 +64,39 @@ pub const LINUX_NAME: &str = "SRV-LINUX-01";
 pub const LINUX_AAD_DEVICE_ID: &str = "9a8b7c6d-5e4f-4321-8fed-cba987654321";
 pub const LINUX_MACHINE_ID: &str = "ac8f82e498ebeac50ade1cfd34f944abd6c662ac";
 
+/// A tag on ALPHA, the three BRAVO records and SRV-LINUX-01: an outbreak
+/// job over it acts on ALPHA and BRAVO's live record, finds Linux
+/// unsupported, and must skip BRAVO's stale and merged records.
+pub const OUTBREAK_TAG: &str = "outbreak-42";
+/// A tag with a single quote, which an OData literal writes as `''`.
+pub const QUOTED_TAG: &str = "O'Brien lab";
+/// The device group (`rbacGroupId`) of the Windows devices.
+pub const WORKSTATIONS_GROUP_ID: i64 = 101;
+/// The device group of the Linux server.
+pub const SERVERS_GROUP_ID: i64 = 102;
+
 pub const KIOSK_NAME: &str = "KIOSK-DELTA";
 pub const KIOSK_MACHINE_ID: &str = "327e13c6bfe7466bcd0564fd94d1bedf29ac2659";
 
 /// The seeded machines as of `now` (the simulator's start time).
 pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
+    let mut machines = untagged(now);
+    for machine in &mut machines {
+        let tags: &[&str] = match machine.id.as_str() {
+            ALPHA_MACHINE_ID => &[OUTBREAK_TAG, "Finance"],
+            BRAVO_STALE_MACHINE_ID
+            | BRAVO_MACHINE_ID
+            | BRAVO_MERGED_MACHINE_ID
+            | LINUX_MACHINE_ID => &[OUTBREAK_TAG],
+            CHARLIE_MACHINE_ID => &[QUOTED_TAG],
+            _ => &[],
+        };
+        machine.extra.insert("machineTags".to_owned(), json!(tags));
+    }
+    machines
+}
+
+fn untagged(now: OffsetDateTime) -> Vec<Machine> {
     let ago = |d: Duration| Some(timestamp(now - d));
     vec![
         Machine {
@@ -135,7 +178,7 @@ pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
                     "lastIpAddress": "10.0.9.5",
                     "agentVersion": "101.24082.0004",
                     "rbacGroupName": "Servers",
-                    "rbacGroupId": 102,
+                    "rbacGroupId": SERVERS_GROUP_ID,
                     "exposureLevel": "Low",
                 }),
             ),
@@ -170,7 +213,7 @@ fn windows_extra(
             "lastIpAddress": ip,
             "agentVersion": format!("10.8760.{build}.1011"),
             "rbacGroupName": "Workstations",
-            "rbacGroupId": 101,
+            "rbacGroupId": WORKSTATIONS_GROUP_ID,
             "exposureLevel": "Medium",
         }),
     )
@@ -204,6 +247,152 @@ fn extra(first_seen: OffsetDateTime, specific: Value) -> Map<String, Value> {
     map
 }
 
+/// Many generated devices under one tag and one device group, as an
+/// outbreak's worth of machines: `devices` Windows 11 devices, each with one
+/// live record (Active, seen an hour ago) carrying `tag`; the first
+/// `stale_records` of them also have an older Inactive record with the same
+/// Entra device id and tag (re-onboarding leaves those behind), and the first
+/// `merged_records` a record merged into the live one. Ids are derived from
+/// `name` and the device's index, so the same fleet has the same ids in every
+/// run and two fleets with different names never share one.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Fleet {
+    /// Distinguishes fleets: ids and computer names derive from it.
+    pub name: String,
+    /// The `machineTags` value every record carries.
+    pub tag: String,
+    /// Devices (distinct Entra device ids), each with one live record.
+    pub devices: usize,
+    #[serde(default)]
+    pub stale_records: usize,
+    #[serde(default)]
+    pub merged_records: usize,
+    #[serde(default = "Fleet::default_group_id")]
+    pub rbac_group_id: i64,
+    #[serde(default = "Fleet::default_group_name")]
+    pub rbac_group_name: String,
+}
+
+/// One generated device: its Entra id and the records it has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FleetDevice {
+    pub aad_device_id: String,
+    /// The record to act on.
+    pub machine_id: String,
+    pub computer_dns_name: String,
+    /// The Inactive record left by a re-onboarding, if any.
+    pub stale_machine_id: Option<String>,
+    /// The record merged into [`Self::machine_id`], if any.
+    pub merged_machine_id: Option<String>,
+}
+
+impl Fleet {
+    /// `devices` devices under `tag`, in group 201 "Outbreak", no extra records.
+    pub fn new(name: &str, tag: &str, devices: usize) -> Self {
+        Self {
+            name: name.to_owned(),
+            tag: tag.to_owned(),
+            devices,
+            stale_records: 0,
+            merged_records: 0,
+            rbac_group_id: Self::default_group_id(),
+            rbac_group_name: Self::default_group_name(),
+        }
+    }
+
+    fn default_group_id() -> i64 {
+        201
+    }
+
+    fn default_group_name() -> String {
+        "Outbreak".to_owned()
+    }
+
+    /// Every device's ids, in index order.
+    pub fn devices(&self) -> Vec<FleetDevice> {
+        (0..self.devices)
+            .map(|i| FleetDevice {
+                aad_device_id: self.guid(i),
+                machine_id: self.machine_id(i, "live"),
+                computer_dns_name: format!("{}-{i:05}.contoso.local", self.name.to_uppercase()),
+                stale_machine_id: (i < self.stale_records).then(|| self.machine_id(i, "stale")),
+                merged_machine_id: (i < self.merged_records).then(|| self.machine_id(i, "merged")),
+            })
+            .collect()
+    }
+
+    /// Every record (live, then stale, then merged per device) as of `now`.
+    pub fn machines(&self, now: OffsetDateTime) -> Vec<Machine> {
+        let mut out = Vec::with_capacity(self.devices + self.stale_records + self.merged_records);
+        for (i, device) in self.devices().into_iter().enumerate() {
+            let octet = |n: usize| n % 250 + 1;
+            let ip = format!(
+                "10.{}.{}.{}",
+                20 + i / 62_500 % 200,
+                octet(i / 250),
+                octet(i)
+            );
+            let record = |id: &str, health: &str, seen: Duration, merged: Option<&str>| Machine {
+                id: id.to_owned(),
+                computer_dns_name: Some(device.computer_dns_name.clone()),
+                aad_device_id: Some(device.aad_device_id.clone()),
+                health_status: Some(health.to_owned()),
+                last_seen: Some(timestamp(now - seen)),
+                os_platform: Some("Windows11".to_owned()),
+                onboarding_status: Some("Onboarded".to_owned()),
+                merged_into_machine_id: merged.map(str::to_owned),
+                is_potential_duplication: Some(health == "Inactive"),
+                extra: {
+                    let mut extra = windows_extra(now - Duration::days(120), "26100", "24H2", &ip);
+                    extra.insert("machineTags".to_owned(), json!([self.tag]));
+                    extra.insert("rbacGroupId".to_owned(), json!(self.rbac_group_id));
+                    extra.insert("rbacGroupName".to_owned(), json!(self.rbac_group_name));
+                    extra
+                },
+            };
+            out.push(record(
+                &device.machine_id,
+                "Active",
+                Duration::hours(1),
+                None,
+            ));
+            if let Some(stale) = &device.stale_machine_id {
+                out.push(record(stale, "Inactive", Duration::days(40), None));
+            }
+            if let Some(merged) = &device.merged_machine_id {
+                out.push(record(
+                    merged,
+                    "Active",
+                    Duration::minutes(5),
+                    Some(&device.machine_id),
+                ));
+            }
+        }
+        out
+    }
+
+    /// A 40-hex machine id.
+    fn machine_id(&self, i: usize, kind: &str) -> String {
+        let digest = Sha256::digest(format!("fleet:{}:{i}:{kind}", self.name));
+        let mut hex = String::with_capacity(40);
+        for b in &digest[..20] {
+            let _ = write!(hex, "{b:02x}");
+        }
+        hex
+    }
+
+    /// A version-4-shaped GUID for the device's Entra id.
+    fn guid(&self, i: usize) -> String {
+        let digest = Sha256::digest(format!("fleet:{}:{i}:aad", self.name));
+        let mut bytes = [0u8; 16];
+        bytes.copy_from_slice(&digest[..16]);
+        uuid::Builder::from_random_bytes(bytes)
+            .into_uuid()
+            .to_string()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +416,55 @@ mod tests {
             assert!(is_guid(aad), "{aad}");
         }
         assert!(is_guid(IDENTITY_CLIENT_ID));
+    }
+
+    #[test]
+    fn a_fleet_has_stable_distinct_ids_and_its_extra_records() {
+        let now = OffsetDateTime::now_utc();
+        let fleet = Fleet {
+            stale_records: 3,
+            merged_records: 2,
+            ..Fleet::new("f1", "outbreak-7", 10)
+        };
+        let machines = fleet.machines(now);
+        assert_eq!(machines.len(), 15);
+        let mut ids: Vec<&str> = machines.iter().map(|m| m.id.as_str()).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        assert_eq!(ids.len(), 15);
+        assert_eq!(fleet.devices(), fleet.devices(), "stable");
+        let other = Fleet::new("f2", "outbreak-7", 10).devices();
+        assert!(fleet.devices().iter().all(|d| {
+            other
+                .iter()
+                .all(|o| o.machine_id != d.machine_id && o.aad_device_id != d.aad_device_id)
+        }));
+        for m in &machines {
+            assert!(is_guid(m.aad_device_id.as_deref().unwrap_or("")));
+            assert_eq!(m.extra["machineTags"], json!(["outbreak-7"]));
+            assert_eq!(m.extra["rbacGroupId"], 201);
+        }
+        let first = &fleet.devices()[0];
+        let records: Vec<&Machine> = machines
+            .iter()
+            .filter(|m| m.aad_device_id.as_deref() == Some(first.aad_device_id.as_str()))
+            .collect();
+        assert_eq!(records.len(), 3);
+        let stale = records
+            .iter()
+            .find(|m| Some(&m.id) == first.stale_machine_id.as_ref());
+        assert_eq!(
+            stale.and_then(|m| m.health_status.as_deref()),
+            Some("Inactive")
+        );
+        let merged = records
+            .iter()
+            .find(|m| Some(&m.id) == first.merged_machine_id.as_ref());
+        assert_eq!(
+            merged.and_then(|m| m.merged_into_machine_id.as_deref()),
+            Some(first.machine_id.as_str())
+        );
+        assert!(fleet.devices()[9].stale_machine_id.is_none());
     }
 
     #[test]

@@ -18,6 +18,7 @@ use super::faults::{Fault, FaultKind, FaultList};
 use super::filter::Condition;
 use super::ratelimit::RateLimiter;
 use super::requests::{RecordedRequest, RequestLog};
+use super::tags::TagAction;
 use super::{ActionOutcome, DuplicateBehaviour, SimConfig, seed};
 use crate::defender::Endpoint;
 use crate::defender::models::{ActionStatus, ActionType, Machine, MachineAction};
@@ -45,11 +46,14 @@ impl Sim {
             .checked_sub(sim_duration(config.clock_behind))
             .unwrap_or(OffsetDateTime::UNIX_EPOCH);
         let clock = SimClock::starting_at(start, config.speed);
-        let machines = if config.seed {
+        let mut machines = if config.seed {
             seed::machines(clock.now())
         } else {
             Vec::new()
         };
+        for fleet in &config.fleets {
+            machines.extend(fleet.machines(clock.now()));
+        }
         let life = Life {
             pending_for: sim_duration(config.pending_for),
             in_progress_for: sim_duration(config.in_progress_for),
@@ -163,6 +167,14 @@ impl Sim {
 
     pub(crate) fn add_machine(&self, machine: Machine) {
         self.tenant().upsert_machine(machine);
+    }
+
+    pub(crate) fn add_fleet(&self, fleet: &seed::Fleet) {
+        let now = self.clock.now();
+        let mut tenant = self.tenant();
+        for machine in fleet.machines(now) {
+            tenant.upsert_machine(machine);
+        }
     }
 
     pub(crate) fn machines(&self) -> Vec<Machine> {
@@ -466,6 +478,39 @@ impl Tenant {
         };
     }
 
+    /// Whether a machine has this id (ids compare case-insensitively).
+    pub(crate) fn has_machine_id(&self, machine_id: &str) -> bool {
+        self.machine_index
+            .by_id
+            .contains_key(&machine_id.to_ascii_lowercase())
+    }
+
+    /// Adds or removes one tag on the machine with this id; the updated
+    /// machine, or `None` if there is none.
+    pub(crate) fn set_tag(
+        &mut self,
+        machine_id: &str,
+        value: &str,
+        action: TagAction,
+    ) -> Option<Machine> {
+        let at = *self
+            .machine_index
+            .by_id
+            .get(&machine_id.to_ascii_lowercase())?;
+        let machine = &mut self.machines[at];
+        let tags = machine
+            .extra
+            .entry("machineTags")
+            .or_insert_with(|| serde_json::Value::Array(Vec::new()));
+        if !tags.is_array() {
+            *tags = serde_json::Value::Array(Vec::new());
+        }
+        if let serde_json::Value::Array(tags) = tags {
+            super::tags::apply(tags, value, action);
+        }
+        Some(machine.clone())
+    }
+
     pub(crate) fn is_offline(&self, machine_id: &str) -> bool {
         self.offline.contains(&machine_id.to_ascii_lowercase())
     }
@@ -502,7 +547,8 @@ fn newest_first(mut actions: Vec<&ActionRecord>) -> Vec<&ActionRecord> {
 }
 
 /// Ids, GUIDs and DNS names compare case-insensitively; enum-like values
-/// (`healthStatus`) exactly, as OData string comparison does.
+/// (`healthStatus`) exactly, as OData string comparison does. Tags too: how
+/// Defender compares them is not documented, and exact is OData's `eq`.
 fn machine_matches(m: &Machine, c: &Condition) -> bool {
     let ci = |v: Option<&str>| v.is_some_and(|v| v.eq_ignore_ascii_case(&c.value));
     match c.field {
@@ -510,9 +556,26 @@ fn machine_matches(m: &Machine, c: &Condition) -> bool {
         "id" => m.id.eq_ignore_ascii_case(&c.value),
         "computerDnsName" => ci(m.computer_dns_name.as_deref()),
         "healthStatus" => m.health_status.as_deref() == Some(c.value.as_str()),
+        "machineTags" => machine_tags(m).any(|t| t == c.value),
+        // The parser normalised the literal to an i64's text.
+        "rbacGroupId" => m
+            .extra
+            .get("rbacGroupId")
+            .and_then(serde_json::Value::as_i64)
+            .is_some_and(|g| g.to_string() == c.value),
         // The filter parser only lets modelled fields through.
         _ => false,
     }
+}
+
+/// A machine's `machineTags` (kept in its untyped fields, as Defender sends them).
+pub(crate) fn machine_tags(m: &Machine) -> impl Iterator<Item = &str> {
+    m.extra
+        .get("machineTags")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
 }
 
 fn action_matches(a: &MachineAction, c: &Condition) -> bool {

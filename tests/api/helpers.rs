@@ -131,7 +131,7 @@ pub async fn spawn_in_process_with(options: AppOptions) -> TestApp {
         HashMap::from([("TOKEN_TIMEOUT_SECONDS".to_owned(), "10".to_owned())]);
     env.extend(options.env.into_iter().map(|(k, v)| (k.to_owned(), v)));
     let settings = Settings::from_map(&env).expect("valid settings");
-    let (state, sim) = startup::prepare(settings, Backend::Simulated(options.sim))
+    let (state, sim) = startup::prepare(settings, Backend::Simulated(Box::new(options.sim)))
         .await
         .expect("the service starts");
     TestApp {

@@ -1,12 +1,13 @@
-//! Azurite, the storage emulator, as a child process on a free loopback port
-//! with in-memory persistence.
+//! Azurite, the storage emulator, as a child process serving its blob and
+//! queue services on free loopback ports, with in-memory persistence.
 //!
 //! The pinned package is installed by `scripts/azurite.sh` (shared with
 //! `.ci/run`) on first use, so `cargo test` works on a fresh machine with
-//! Node 20 and npm. Tests that never stop storage share one Azurite
-//! ([`Azurite::shared`], each in its own container); a test that stops or
-//! restarts it, or needs other options, starts its own, and dropping it kills
-//! the process.
+//! Node 20 and npm. One `azurite` process serves both services (its table
+//! service listens too, on a port the OS picks, unused). Tests that never
+//! stop storage share one Azurite ([`Azurite::shared`], each in its own
+//! container); a test that stops or restarts it, or needs other options,
+//! starts its own, and dropping it kills the process.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -18,7 +19,8 @@ use std::{
 
 use restrict_code_execution::coordination::{CoordinationSettings, StorageSettings};
 
-/// The launcher, installed once per test run.
+/// The launcher of every service (`azurite`; the script prints the path of
+/// `azurite-blob`, which sits beside it), installed once per test run.
 fn launcher() -> &'static PathBuf {
     static LAUNCHER: OnceLock<PathBuf> = OnceLock::new();
     LAUNCHER.get_or_init(|| {
@@ -32,14 +34,25 @@ fn launcher() -> &'static PathBuf {
             out.status.success(),
             "scripts/azurite.sh failed: is npm installed?"
         );
-        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())
+        PathBuf::from(String::from_utf8(out.stdout).unwrap().trim()).with_file_name("azurite")
     })
 }
 
 pub struct Azurite {
     child: Option<Child>,
+    /// The blob service's port.
     pub port: u16,
+    /// The queue service's port.
+    pub queue_port: u16,
     workspace: PathBuf,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Azurite {
@@ -54,24 +67,25 @@ impl Azurite {
     /// from us, closes).
     pub fn shared() -> &'static Self {
         static SHARED: OnceLock<Azurite> = OnceLock::new();
-        SHARED.get_or_init(|| Self::spawn(free_port(), &[], true))
+        SHARED.get_or_init(|| Self::spawn(free_port(), free_port(), &[], true))
     }
 
-    /// Start on `port` (a restart after [`Self::stop`] reuses it).
+    /// Start with the blob service on `port` (a restart after [`Self::stop`]
+    /// reuses it) and the queue service on a free port.
     pub fn start_on(port: u16) -> Self {
-        Self::start_with(port, &[])
+        Self::start_with(port, free_port(), &[])
     }
 
-    /// Start on a free port with extra options (`--cert`, `--oauth basic`, …).
+    /// Start on free ports with extra options (`--cert`, `--oauth basic`, …).
     pub fn start_with_options(extra: &[&std::ffi::OsStr]) -> Self {
-        Self::start_with(free_port(), extra)
+        Self::start_with(free_port(), free_port(), extra)
     }
 
-    fn start_with(port: u16, extra: &[&std::ffi::OsStr]) -> Self {
-        Self::spawn(port, extra, false)
+    fn start_with(port: u16, queue_port: u16, extra: &[&std::ffi::OsStr]) -> Self {
+        Self::spawn(port, queue_port, extra, false)
     }
 
-    fn spawn(port: u16, extra: &[&std::ffi::OsStr], watchdog: bool) -> Self {
+    fn spawn(port: u16, queue_port: u16, extra: &[&std::ffi::OsStr], watchdog: bool) -> Self {
         let workspace = std::env::temp_dir().join(format!("azurite-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&workspace).unwrap();
         let mut command = if watchdog {
@@ -91,6 +105,9 @@ impl Azurite {
         let child = command
             .args(["--blobHost", "127.0.0.1", "--blobPort"])
             .arg(port.to_string())
+            .args(["--queueHost", "127.0.0.1", "--queuePort"])
+            .arg(queue_port.to_string())
+            .args(["--tableHost", "127.0.0.1", "--tablePort", "0"])
             .args([
                 "--inMemoryPersistence",
                 // The SDK speaks a newer API version than Azurite knows.
@@ -104,10 +121,11 @@ impl Azurite {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
-            .expect("start azurite-blob");
+            .expect("start azurite");
         let mut azurite = Self {
             child: Some(child),
             port,
+            queue_port,
             workspace,
         };
         azurite.wait_ready();
@@ -115,16 +133,18 @@ impl Azurite {
     }
 
     fn wait_ready(&mut self) {
-        let addr = SocketAddr::from(([127, 0, 0, 1], self.port));
         let until = Instant::now() + Duration::from_secs(60);
-        while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
-            let exited = self
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten());
-            assert!(exited.is_none(), "Azurite exited: {exited:?}");
-            assert!(Instant::now() < until, "Azurite did not listen on {addr}");
-            std::thread::sleep(Duration::from_millis(50));
+        for port in [self.port, self.queue_port] {
+            let addr = SocketAddr::from(([127, 0, 0, 1], port));
+            while TcpStream::connect_timeout(&addr, Duration::from_millis(200)).is_err() {
+                let exited = self
+                    .child
+                    .as_mut()
+                    .and_then(|c| c.try_wait().ok().flatten());
+                assert!(exited.is_none(), "Azurite exited: {exited:?}");
+                assert!(Instant::now() < until, "Azurite did not listen on {addr}");
+                std::thread::sleep(Duration::from_millis(50));
+            }
         }
     }
 
@@ -137,13 +157,15 @@ impl Azurite {
     }
 
     /// `AzureWebJobsStorage` as the host would have it for this Azurite:
-    /// Azurite's well-known account and key, on our port.
+    /// Azurite's well-known account and key, on our ports.
     pub fn connection_string(&self) -> String {
         format!(
             "DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={};\
-             BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
+             BlobEndpoint=http://127.0.0.1:{}/devstoreaccount1;\
+             QueueEndpoint=http://127.0.0.1:{}/devstoreaccount1;",
             restrict_code_execution::coordination::settings::AZURITE_KEY,
-            self.port
+            self.port,
+            self.queue_port
         )
     }
 
@@ -163,13 +185,6 @@ impl Azurite {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 impl Drop for Azurite {
     fn drop(&mut self) {

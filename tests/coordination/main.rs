@@ -9,9 +9,13 @@
 mod azurite;
 #[path = "../common/handler_process.rs"]
 mod handler_process;
+mod host_triggers;
 mod instances;
+mod jobs;
 mod lease_edges;
 mod managed_identity;
+#[path = "../common/queue_host.rs"]
+mod queue_host;
 
 use std::{
     sync::Arc,

@@ -9,6 +9,8 @@
 pub mod answer;
 pub mod cancel;
 pub mod devices;
+pub mod job_queue;
+pub mod jobs;
 pub mod openapi;
 pub mod restrict;
 pub mod status;
@@ -37,15 +39,27 @@ pub enum Function {
     OpenApi,
     /// `list-devices`: the fleet view, every machine's restrict state.
     ListDevices,
+    /// `start-job`: restrict or release a group of devices as a job.
+    StartJob,
+    /// `job-status`: a job's state and its devices' outcomes.
+    JobStatus,
+    /// `list-jobs`: recent jobs, newest first.
+    ListJobs,
+    /// `cancel-job`: stop sending a job's devices.
+    CancelJob,
 }
 
 impl Function {
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 9] = [
         Self::Restrict,
         Self::ActionStatus,
         Self::CancelAction,
         Self::OpenApi,
         Self::ListDevices,
+        Self::StartJob,
+        Self::JobStatus,
+        Self::ListJobs,
+        Self::CancelJob,
     ];
 
     /// The function's name: its folder and its payload-mode path.
@@ -56,14 +70,22 @@ impl Function {
             Self::CancelAction => "cancel-action",
             Self::OpenApi => "openapi",
             Self::ListDevices => "list-devices",
+            Self::StartJob => "start-job",
+            Self::JobStatus => "job-status",
+            Self::ListJobs => "list-jobs",
+            Self::CancelJob => "cancel-job",
         }
     }
 
     /// The one method its trigger accepts (`methods` in its `function.json`).
     pub fn method(self) -> Method {
         match self {
-            Self::ActionStatus | Self::OpenApi | Self::ListDevices => Method::GET,
-            Self::Restrict | Self::CancelAction => Method::POST,
+            Self::ActionStatus
+            | Self::OpenApi
+            | Self::ListDevices
+            | Self::JobStatus
+            | Self::ListJobs => Method::GET,
+            Self::Restrict | Self::CancelAction | Self::StartJob | Self::CancelJob => Method::POST,
         }
     }
 
@@ -75,6 +97,27 @@ impl Function {
             Self::CancelAction => "/api/restrict-code-execution/actions/{actionId}/cancel",
             Self::OpenApi => "/api/openapi.json",
             Self::ListDevices => "/api/restrict-code-execution/devices",
+            Self::StartJob | Self::ListJobs => "/api/restrict-code-execution/jobs",
+            Self::JobStatus => "/api/restrict-code-execution/jobs/{jobId}",
+            Self::CancelJob => "/api/restrict-code-execution/jobs/{jobId}/cancel",
+        }
+    }
+
+    /// The largest request body it reads: a job's list of up to 10,000 ids
+    /// needs more than a runbook payload.
+    pub fn max_body(self) -> usize {
+        match self {
+            Self::StartJob => crate::service::jobs::request::MAX_JOB_BODY_BYTES,
+            _ => crate::service::runbook::MAX_PAYLOAD_BYTES,
+        }
+    }
+
+    /// The largest payload-mode envelope it reads: the body travels as a JSON
+    /// string, whose escaping can make it up to six times longer.
+    pub fn max_envelope(self) -> usize {
+        match self {
+            Self::StartJob => 8 * crate::service::jobs::request::MAX_JOB_BODY_BYTES,
+            _ => crate::host::envelope::MAX_ENVELOPE_BYTES,
         }
     }
 
@@ -98,7 +141,7 @@ pub async fn invoke(state: &AppState, function: Function, invocation: Invocation
         let mut record = Record::default();
         let result = run(state, function, &invocation, &mut record).await;
         let format = match function {
-            Function::ListDevices => devices::error_format(&invocation),
+            Function::ListDevices | Function::JobStatus => devices::error_format(&invocation),
             _ => invocation.format(),
         };
         answer::finish(
@@ -135,6 +178,10 @@ async fn run(
         Function::CancelAction => cancel::run(state, invocation, record).await,
         Function::OpenApi => Ok(openapi::run(invocation, record)),
         Function::ListDevices => devices::run(state, invocation, record).await,
+        Function::StartJob => jobs::start(state, invocation, record).await,
+        Function::JobStatus => jobs::status(state, invocation, record).await,
+        Function::ListJobs => jobs::list(state, invocation, record).await,
+        Function::CancelJob => jobs::cancel(state, invocation, record).await,
     }
 }
 

@@ -6,7 +6,7 @@
 //! must be a 400 that names it, never a silent restrict.
 
 mod device;
-mod fields;
+pub(crate) mod fields;
 mod text;
 
 use std::time::Duration;
