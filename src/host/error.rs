@@ -636,3 +636,41 @@ fn consequence(endpoint: Endpoint) -> &'static str {
         "No action was created."
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::defender::error::Refusal;
+
+    /// A write the machine's lease (or the shared budget) refused to let go
+    /// out reaches the caller through the client's hook as
+    /// `DefenderError::Refused`; it is answered exactly as a coordination
+    /// failure: 503, `coordination_unavailable`, its Retry-After, "nothing
+    /// was sent".
+    #[test]
+    fn a_write_the_coordination_refused_is_a_503_with_retry_after() {
+        let refused = DefenderError::Refused {
+            endpoint: Endpoint::create(ActionType::RestrictCodeExecution),
+            refusal: Refusal::new(CoordinationError::Unavailable {
+                retry_after: Duration::from_secs(15),
+                reason: "the lease on machine m could not be renewed".to_owned(),
+            }),
+        };
+        for error in [
+            ApiError::from(ServiceError::from(refused.clone())),
+            ApiError::from(refused),
+        ] {
+            let problem = error.problem("inv");
+            assert_eq!(problem.status, 503);
+            assert_eq!(problem.code, "coordination_unavailable");
+            assert_eq!(problem.retry_after, Some(15));
+            assert!(
+                problem
+                    .detail
+                    .contains("(the lease on machine m could not be renewed), so nothing was sent"),
+                "{}",
+                problem.detail
+            );
+        }
+    }
+}

@@ -46,7 +46,7 @@ use crate::{
     defender::{DefenderClient, DefenderError, Endpoint, models::Machine},
     service::{
         batch::{Answered, Batcher, Close, CloseOnSend, Source},
-        read_policy::ReadPolicy,
+        read_policy::{ReadPolicy, Tie},
         runbook::DeviceRef,
         selection::{self, NoChoice},
     },
@@ -131,7 +131,7 @@ impl MachineDirectory {
         Arc::new(Self {
             records: Batcher::new(MachineSource {
                 client,
-                policy: ReadPolicy::new(1),
+                policy: ReadPolicy::new(1, Tie::KeyByKey),
             }),
             ttl: ttl.min(MAX_CACHE),
             slots: Mutex::new(Swept::default()),

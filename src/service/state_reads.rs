@@ -10,8 +10,9 @@
 //! - a batch for several machines reads each machine the same way, or one
 //!   read of the tenant's restrict and unrestrict actions answers them all
 //!   (two type-filtered calls, every page), as [`super::read_policy`] says:
-//!   each machine while that takes no more calls than the tenant read (its
-//!   size is remembered) or at most half of what the rate budget has left.
+//!   each machine while that takes fewer calls than the tenant read (its
+//!   size is remembered) or at most half of what the rate budget has left;
+//!   at equal cost the tenant read, which waiters may join until it is sent.
 //!
 //! The safety rule: a waiter's state comes only from a read **sent after** it
 //! joined, and a waiter joins only once it holds its machine's lock. The open
@@ -35,7 +36,7 @@ use crate::{
     },
     service::{
         batch::{Answered, Batcher, Close, CloseOnSend, Source},
-        read_policy::ReadPolicy,
+        read_policy::{ReadPolicy, Tie},
     },
 };
 
@@ -50,7 +51,7 @@ impl StateReads {
         Self {
             batcher: Batcher::new(ActionSource {
                 client,
-                policy: ReadPolicy::new(2),
+                policy: ReadPolicy::new(2, Tie::TenantWide),
             }),
         }
     }

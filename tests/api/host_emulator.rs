@@ -144,6 +144,9 @@ impl ClientResponse {
     }
 }
 
+/// How long the host's client waits for the handler's answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct HostEmulator {
     /// The handler's port; 0 for an in-process app, which has none.
     pub port: u16,
@@ -170,7 +173,7 @@ enum Outbody {
 impl HostEmulator {
     pub fn new(port: u16) -> Self {
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
+            .timeout(CLIENT_TIMEOUT)
             .build()
             .unwrap();
         Self {
@@ -253,15 +256,22 @@ impl HostEmulator {
                 ))
             }
         };
-        let response = app
-            .clone()
-            .oneshot(builder.body(body).unwrap())
+        let exchange = async {
+            let response = app
+                .clone()
+                .oneshot(builder.body(body).unwrap())
+                .await
+                .expect("the service answered");
+            let status = response.status().as_u16();
+            let headers = lower_headers(response.headers());
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+        };
+        // As long as the client over a socket waits (`Self::new`): a service
+        // that never answers fails the test rather than hanging the run.
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange)
             .await
-            .expect("the service answered");
-        let status = response.status().as_u16();
-        let headers = lower_headers(response.headers());
-        let bytes = response.into_body().collect().await.unwrap().to_bytes();
-        (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+            .expect("the service answered within the client's timeout")
     }
 
     /// §3.2: `GET /` every 25 ms until any HTTP response, for up to 30 s.

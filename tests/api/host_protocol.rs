@@ -240,3 +240,29 @@ async fn sigterm_lets_an_in_flight_invocation_finish_then_exits_cleanly() {
             .is_empty()
     );
 }
+
+/// The host's HTTP client gives up on a handler that never answers; so must
+/// the emulator when it calls the service in this process, or a hung
+/// invocation hangs the test run instead of failing its test.
+#[tokio::test(start_paused = true)]
+async fn an_in_process_invocation_that_never_answers_fails_its_test_instead_of_hanging() {
+    use crate::host_emulator::HostEmulator;
+    type Request = axum::extract::Request;
+    let never: restrict_code_execution::startup::App = tower::ServiceBuilder::new()
+        .map_request(std::convert::identity as fn(Request) -> Request)
+        .service(axum::Router::new().fallback(|| async { std::future::pending::<()>().await }));
+    let host = HostEmulator::in_process(never);
+
+    let call = tokio::spawn(async move {
+        host.forwarded(&CallerRequest::json("{}")).await;
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(600), call).await;
+
+    let Ok(ended) = ended else {
+        panic!("the emulator waited for the service forever");
+    };
+    assert!(
+        ended.is_err_and(|e| e.is_panic()),
+        "a call the service never answers fails"
+    );
+}

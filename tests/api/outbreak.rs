@@ -182,6 +182,73 @@ async fn waiters_queued_behind_a_read_share_one_tenant_read() {
 }
 
 #[tokio::test]
+async fn with_no_slot_free_two_waiting_machines_share_a_tenant_read_that_later_waiters_join() {
+    // Reading two machines one by one costs as many calls as the tenant read
+    // (two type filters). With no slot free, the tenant read is the one to
+    // make: it waits for its slot with the batch still open, so the waiters
+    // arriving meanwhile are answered by it too, instead of waiting for a
+    // read of their own after it.
+    let sim = simulator(SimConfig {
+        seed: false,
+        ..AppOptions::default().sim
+    })
+    .await;
+    let machines: Vec<String> = (0..6)
+        .map(|i| {
+            let machine: Machine = serde_json::from_value(json!({
+                "id": format!("{:040x}", i + 200),
+                "healthStatus": "Active",
+                "osPlatform": "Windows11",
+            }))
+            .unwrap();
+            sim.add_machine(machine.clone());
+            machine.id
+        })
+        .collect();
+    // One call per (sped-up, two-second) minute: after the first read, no
+    // slot is free until the next window.
+    let client = DefenderClient::new(
+        Url::parse(&sim.url()).unwrap(),
+        TokenSource::fixed(TOKEN, Duration::from_secs(5)),
+        Some(DefenderClientOptions {
+            timeout: Duration::from_secs(10),
+            budget: Arc::new(RateBudget::new(1, 1500).with_clock_speed(30.0)),
+            ..DefenderClientOptions::default()
+        }),
+    );
+    let reads = StateReads::new(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 100 }).method("GET"));
+
+    let read = |machine: &String| {
+        let (reads, machine) = (reads.clone(), machine.clone());
+        tokio::spawn(async move { reads.read(&machine, deadline).await })
+    };
+    let first = read(&machines[0]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Two machines wait behind the first read; three more arrive once it is
+    // done, while the next read waits for its slot.
+    let pair: Vec<_> = machines[1..3].iter().map(read).collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let later: Vec<_> = machines[3..].iter().map(read).collect();
+    first.await.unwrap().unwrap();
+    for waiter in pair.into_iter().chain(later) {
+        waiter.await.unwrap().unwrap();
+    }
+
+    let filters: Vec<String> = list_reads(&sim)
+        .iter()
+        .filter_map(|r| r.filter.clone())
+        .collect();
+    assert_eq!(
+        filters.len(),
+        3,
+        "one read for the first machine, one tenant read for the other five: {filters:#?}"
+    );
+    assert_eq!(filters[0], format!("machineId eq '{}'", machines[0]));
+}
+
+#[tokio::test]
 async fn with_slots_free_each_waiting_machine_is_read_by_itself() {
     let sim = simulator(AppOptions::default().sim).await;
     let reads = StateReads::new(client_for(&sim));

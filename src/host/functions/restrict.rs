@@ -108,7 +108,6 @@ async fn single(
     Ok(reply)
 }
 
-/// Act on one device, then wait for the action when asked to.
 /// What the caller wants done to each device, for the domain service.
 fn intent(request: &RunbookRequest) -> Intent {
     Intent {
@@ -124,6 +123,7 @@ fn intent(request: &RunbookRequest) -> Intent {
     }
 }
 
+/// Act on one device, then wait for the action when asked to.
 async fn act(
     state: &AppState,
     request: &RunbookRequest,
