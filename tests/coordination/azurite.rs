@@ -185,7 +185,6 @@ impl Azurite {
     }
 }
 
-
 impl Drop for Azurite {
     fn drop(&mut self) {
         self.stop();
