@@ -399,14 +399,14 @@ impl From<ServiceError> for ApiError {
                 created_meanwhile,
             } => Self::ConflictingActionPending {
                 machine_id,
-                action_id: action.id,
+                action_id: action.id.to_string(),
                 action_type: action.action_type,
                 status: action.status,
                 created_meanwhile,
             },
             ServiceError::CancelNotFinal { machine_id, action } => Self::CancelNotFinal {
                 machine_id,
-                action_id: action.id,
+                action_id: action.id.to_string(),
                 action_type: action.action_type,
                 status: action.status,
             },

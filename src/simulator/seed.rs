@@ -18,7 +18,7 @@ use serde_json::{Map, Value, json};
 use time::{Duration, OffsetDateTime};
 
 use super::clock::timestamp;
-use crate::defender::models::Machine;
+use crate::defender::{models::Machine, timestamp::Timestamp};
 
 /// `requestor` of every action the simulator creates: with an app identity
 /// Defender records the app, as `"<app name> (<tenant>.onmicrosoft.com)"`.
@@ -54,10 +54,10 @@ pub const KIOSK_MACHINE_ID: &str = "327e13c6bfe7466bcd0564fd94d1bedf29ac2659";
 
 /// The seeded machines as of `now` (the simulator's start time).
 pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
-    let ago = |d: Duration| Some(timestamp(now - d));
+    let ago = |d: Duration| Some(Timestamp::defender_style(now - d));
     vec![
         Machine {
-            id: ALPHA_MACHINE_ID.to_owned(),
+            id: ALPHA_MACHINE_ID.into(),
             computer_dns_name: Some(ALPHA_NAME.to_owned()),
             aad_device_id: Some(ALPHA_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -69,7 +69,7 @@ pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(210), "22631", "23H2", "10.0.1.21"),
         },
         Machine {
-            id: BRAVO_STALE_MACHINE_ID.to_owned(),
+            id: BRAVO_STALE_MACHINE_ID.into(),
             computer_dns_name: Some(BRAVO_NAME.to_owned()),
             aad_device_id: Some(BRAVO_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Inactive".to_owned()),
@@ -81,7 +81,7 @@ pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(400), "19045", "22H2", "10.0.2.57"),
         },
         Machine {
-            id: BRAVO_MACHINE_ID.to_owned(),
+            id: BRAVO_MACHINE_ID.into(),
             computer_dns_name: Some(BRAVO_NAME.to_owned()),
             aad_device_id: Some(BRAVO_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -93,19 +93,19 @@ pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(29), "19045", "22H2", "10.0.2.58"),
         },
         Machine {
-            id: BRAVO_MERGED_MACHINE_ID.to_owned(),
+            id: BRAVO_MERGED_MACHINE_ID.into(),
             computer_dns_name: Some(BRAVO_NAME.to_owned()),
             aad_device_id: Some(BRAVO_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
             last_seen: ago(Duration::ZERO),
             os_platform: Some("Windows10".to_owned()),
             onboarding_status: Some("Onboarded".to_owned()),
-            merged_into_machine_id: Some(BRAVO_MACHINE_ID.to_owned()),
+            merged_into_machine_id: Some(BRAVO_MACHINE_ID.into()),
             is_potential_duplication: Some(false),
             extra: windows_extra(now - Duration::days(3), "19045", "22H2", "10.0.2.58"),
         },
         Machine {
-            id: CHARLIE_MACHINE_ID.to_owned(),
+            id: CHARLIE_MACHINE_ID.into(),
             computer_dns_name: Some(CHARLIE_NAME.to_owned()),
             aad_device_id: Some(CHARLIE_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -117,7 +117,7 @@ pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(90), "26100", "24H2", "10.0.3.14"),
         },
         Machine {
-            id: LINUX_MACHINE_ID.to_owned(),
+            id: LINUX_MACHINE_ID.into(),
             computer_dns_name: Some(LINUX_NAME.to_owned()),
             aad_device_id: Some(LINUX_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -141,7 +141,7 @@ pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
             ),
         },
         Machine {
-            id: KIOSK_MACHINE_ID.to_owned(),
+            id: KIOSK_MACHINE_ID.into(),
             computer_dns_name: Some(KIOSK_NAME.to_owned()),
             aad_device_id: None,
             health_status: Some("Active".to_owned()),
