@@ -1,7 +1,9 @@
 //! Deciding what to do from a machine's recent actions, before acting.
 //!
 //! Defender has no "is this device restricted" property; the state follows
-//! from the machine's restrict/unrestrict actions (defender-api.md, A5). And
+//! from the machine's restrict/unrestrict actions (the machine entity,
+//! <https://learn.microsoft.com/defender-endpoint/api/machine>, has no
+//! restriction property; the portal only changes its button). And
 //! Defender itself is unsafe with duplicates: a pending action can finish
 //! *after* a later opposite one and leave the device in the wrong state. So,
 //! before any POST:

@@ -1,13 +1,14 @@
 //! The simulator's in-memory state: the tenant (machines, actions, offline
 //! devices, rate-limit windows), the injected faults and the request log.
 //!
-//! Each part sits behind its own `std::sync::Mutex`, held only for short,
-//! synchronous sections (never across an `.await`). A poisoned lock is
-//! recovered rather than propagated: the data is plain values, and a test
+//! Each part sits behind its own `parking_lot::Mutex`, held only for short,
+//! synchronous sections (never across an `.await`). Such a lock is not
+//! poisoned by a panicking holder: the data is plain values, and a test
 //! simulator that panics on every later request would hide the first failure.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use time::{Duration, OffsetDateTime};
 
@@ -20,11 +21,6 @@ use super::requests::{RecordedRequest, RequestLog};
 use super::{ActionOutcome, DuplicateBehaviour, SimConfig, seed};
 use crate::defender::Endpoint;
 use crate::defender::models::{ActionStatus, ActionType, Machine, MachineAction};
-
-/// Locks a mutex, recovering the data if a previous holder panicked.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Everything a running simulator shares between its handlers and handles.
 pub(crate) struct Sim {
@@ -100,38 +96,40 @@ impl Sim {
             return self.config.token.clone();
         }
         let token = format!("foreign-{}", uuid::Uuid::new_v4().simple());
-        lock(&self.foreign_tokens).insert(token.clone(), resource.to_owned());
+        self.foreign_tokens
+            .lock()
+            .insert(token.clone(), resource.to_owned());
         token
     }
 
     /// Runs `check` on the app's current roles.
     pub(crate) fn with_roles<T>(&self, check: impl FnOnce(&[String]) -> T) -> T {
-        check(&lock(&self.roles))
+        check(&self.roles.lock())
     }
 
     pub(crate) fn set_roles(&self, roles: Vec<String>) {
-        *lock(&self.roles) = roles;
+        *self.roles.lock() = roles;
     }
 
     /// The resource a token was issued for, when it is not Defender's.
     pub(crate) fn foreign_audience(&self, token: &str) -> Option<String> {
-        lock(&self.foreign_tokens).get(token).cloned()
+        self.foreign_tokens.lock().get(token).cloned()
     }
 
     pub(crate) fn tenant(&self) -> MutexGuard<'_, Tenant> {
-        lock(&self.tenant)
+        self.tenant.lock()
     }
 
     pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
-        lock(&self.log).completed()
+        self.log.lock().completed()
     }
 
     pub(crate) fn clear_requests(&self) {
-        lock(&self.log).clear();
+        self.log.lock().clear();
     }
 
     pub(crate) fn log_begin(&self, request: RecordedRequest) -> u64 {
-        lock(&self.log).begin(request)
+        self.log.lock().begin(request)
     }
 
     pub(crate) fn log_finish(
@@ -142,23 +140,25 @@ impl Sim {
         handling: std::time::Duration,
     ) {
         let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        lock(&self.log).finish(seq, status, micros(total), micros(handling));
+        self.log
+            .lock()
+            .finish(seq, status, micros(total), micros(handling));
     }
 
     pub(crate) fn inject(&self, fault: Fault) {
-        lock(&self.faults).push(fault);
+        self.faults.lock().push(fault);
     }
 
     pub(crate) fn clear_faults(&self) {
-        lock(&self.faults).clear();
+        self.faults.lock().clear();
     }
 
     pub(crate) fn faults(&self) -> Vec<Fault> {
-        lock(&self.faults).list()
+        self.faults.lock().list()
     }
 
     pub(crate) fn take_fault(&self, method: &str, path: &str) -> Option<FaultKind> {
-        lock(&self.faults).take_match(method, path)
+        self.faults.lock().take_match(method, path)
     }
 
     pub(crate) fn add_machine(&self, machine: Machine) {

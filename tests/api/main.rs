@@ -20,6 +20,7 @@ mod corners;
 mod defender_answers;
 mod devices;
 mod host_protocol;
+mod layers;
 mod outbreak;
 mod parsers;
 mod restrict;

@@ -1,4 +1,4 @@
-//! Outbreak speed (issue 10): shared machine lookups, batched state reads
+//! Outbreak speed: shared machine lookups, batched state reads
 //! that are never older than the invocation, only documented OData, and a
 //! budget that holds in bursts. Each test asserts what Defender received.
 
@@ -22,7 +22,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app_with};
+use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app_with, spawn_in_process_with};
 use crate::restrict::{ALPHA_AAD, BRAVO_AAD, CHARLIE_AAD};
 
 const ALPHA: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
@@ -215,7 +215,7 @@ async fn with_slots_free_each_waiting_machine_is_read_by_itself() {
 
 #[tokio::test]
 async fn a_failed_shared_read_fails_every_waiter_alike_and_nothing_is_sent() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
     let devices = app.add_fleet(6);
     app.sim.inject(Fault {
         method: Some("GET".into()),
@@ -254,7 +254,7 @@ async fn a_failed_shared_read_fails_every_waiter_alike_and_nothing_is_sent() {
 
 #[tokio::test]
 async fn a_waiter_whose_deadline_passes_gets_504_not_a_hang() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         env: vec![("REQUEST_TIMEOUT_SECONDS", "2".into())],
         ..AppOptions::default()
     })
@@ -287,7 +287,7 @@ async fn a_waiter_whose_deadline_passes_gets_504_not_a_hang() {
 
 #[tokio::test]
 async fn a_remembered_machine_is_looked_up_again_when_a_post_answers_404() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
 
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await;
     assert_eq!(restrict.status, 201, "{}", restrict.body);
@@ -334,7 +334,7 @@ async fn a_remembered_machine_is_looked_up_again_when_a_post_answers_404() {
 
 #[tokio::test]
 async fn a_duplicate_storm_costs_one_lookup_one_post_and_a_few_reads() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
 
     let answers = join_all((0..120).map(|_| post(&app, json!({"deviceId": ALPHA_AAD})))).await;
 
@@ -389,7 +389,7 @@ async fn a_caller_hanging_up_while_its_post_is_in_flight_does_not_let_the_next_r
 
 #[tokio::test]
 async fn concurrent_opposite_requests_that_all_cancel_make_one_action() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
 
     let answers = join_all((0..40).map(|i| {
         post(
@@ -430,7 +430,7 @@ async fn concurrent_opposite_requests_that_all_cancel_make_one_action() {
 
 #[tokio::test]
 async fn a_tenant_that_refuses_orderby_and_lists_oldest_first_gets_right_decisions() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         sim: SimConfig {
             orderby: OrderBy::Refuse,
             list_order: ListOrder::OldestFirst,
@@ -468,7 +468,7 @@ async fn every_page_of_actions_is_read_with_next_links_or_skip() {
     for (sim_page, next_link_with_top, client_page, calls) in
         [(1, true, "10000", 3), (10_000, false, "1", 4)]
     {
-        let app = spawn_app_with(AppOptions {
+        let app = spawn_in_process_with(AppOptions {
             sim: SimConfig {
                 page_size: sim_page,
                 next_link_with_top,

@@ -3,8 +3,10 @@
 //!
 //! The pinned package is installed by `scripts/azurite.sh` (shared with
 //! `.ci/run`) on first use, so `cargo test` works on a fresh machine with
-//! Node 20 and npm. Each test starts its own Azurite; dropping it kills the
-//! process.
+//! Node 20 and npm. Tests that never stop storage share one Azurite
+//! ([`Azurite::shared`], each in its own container); a test that stops or
+//! restarts it, or needs other options, starts its own, and dropping it kills
+//! the process.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -46,6 +48,15 @@ impl Azurite {
         Self::start_with_options(&[])
     }
 
+    /// The Azurite shared by the tests that never stop it, started on first
+    /// use. A static is never dropped, so it is started under a watchdog
+    /// shell that kills it once this test process is gone (its stdin, a pipe
+    /// from us, closes).
+    pub fn shared() -> &'static Self {
+        static SHARED: OnceLock<Azurite> = OnceLock::new();
+        SHARED.get_or_init(|| Self::spawn(free_port(), &[], true))
+    }
+
     /// Start on `port` (a restart after [`Self::stop`] reuses it).
     pub fn start_on(port: u16) -> Self {
         Self::start_with(port, &[])
@@ -53,18 +64,31 @@ impl Azurite {
 
     /// Start on a free port with extra options (`--cert`, `--oauth basic`, …).
     pub fn start_with_options(extra: &[&std::ffi::OsStr]) -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        Self::start_with(port, extra)
+        Self::start_with(free_port(), extra)
     }
 
     fn start_with(port: u16, extra: &[&std::ffi::OsStr]) -> Self {
+        Self::spawn(port, extra, false)
+    }
+
+    fn spawn(port: u16, extra: &[&std::ffi::OsStr], watchdog: bool) -> Self {
         let workspace = std::env::temp_dir().join(format!("azurite-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&workspace).unwrap();
-        let child = Command::new(launcher())
+        let mut command = if watchdog {
+            // `sh` runs Azurite in the background (its stdin /dev/null) and
+            // kills it when `cat` sees the end of our pipe.
+            let mut command = Command::new("sh");
+            command
+                .args(["-c", "\"$@\" & child=$!; cat >/dev/null; kill $child", "sh"])
+                .arg(launcher())
+                .stdin(Stdio::piped());
+            command
+        } else {
+            let mut command = Command::new(launcher());
+            command.stdin(Stdio::null());
+            command
+        };
+        let child = command
             .args(["--blobHost", "127.0.0.1", "--blobPort"])
             .arg(port.to_string())
             .args([
@@ -77,7 +101,6 @@ impl Azurite {
             .args(extra)
             // Anything Azurite writes despite in-memory persistence lands here.
             .current_dir(&workspace)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()
@@ -138,6 +161,14 @@ impl Azurite {
             CoordinationSettings::Local => unreachable!(),
         }
     }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 impl Drop for Azurite {

@@ -11,10 +11,14 @@ use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
-use super::{Record, status::status_url};
+use super::{
+    Record,
+    status::{POLL_AFTER_SECONDS, status_url},
+};
 use crate::{
     defender::{
         ids::{ActionId, MachineId},
+        models::ActionType,
         timestamp::Timestamp,
     },
     host::{
@@ -24,7 +28,7 @@ use crate::{
         reply::Reply,
     },
     service::{
-        restrict::{Outcome, Success},
+        restrict::{Intent, Outcome, Success},
         runbook::{CallerName, DeviceRef, RunbookRequest, Target},
     },
 };
@@ -32,9 +36,6 @@ use crate::{
 /// Devices acted on at the same time in a `deviceIds` call; the shared rate
 /// budget paces them further.
 const BULK_CONCURRENCY: usize = 8;
-/// What a Logic App is told to wait between polls of the status route: reads
-/// of actions share Defender's 1500-per-hour budget with every other caller.
-pub const POLL_AFTER_SECONDS: u64 = 10;
 /// Time kept back from the invocation's budget to answer after `wait`.
 const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
@@ -112,6 +113,21 @@ async fn single(
 }
 
 /// Act on one device, then wait for the action when asked to.
+/// What the caller wants done to each device, for the domain service.
+fn intent(request: &RunbookRequest) -> Intent {
+    Intent {
+        action: if request.release {
+            ActionType::UnrestrictCodeExecution
+        } else {
+            ActionType::RestrictCodeExecution
+        },
+        force: request.force,
+        cancel_pending: request.cancel_pending,
+        comment: request.comment.clone(),
+        caller: request.caller.clone(),
+    }
+}
+
 async fn act(
     state: &AppState,
     request: &RunbookRequest,
@@ -121,7 +137,7 @@ async fn act(
     let restrictor = state.restrictor();
     // The deadline bounds every wait inside; this outer bound is a backstop.
     let backstop = deadline + Duration::from_secs(1);
-    let intent = request.intent();
+    let intent = intent(request);
     let success = tokio::time::timeout_at(backstop, restrictor.run(device, &intent, deadline))
         .await
         .map_err(|_| {

@@ -20,11 +20,15 @@ use crate::{
     host::{
         app_state::AppState,
         error::ApiError,
-        functions::{Function, Record, action_id, restrict::POLL_AFTER_SECONDS},
+        functions::{Function, Record, action_id},
         invocation::Invocation,
         reply::Reply,
     },
 };
+
+/// What a Logic App is told to wait between polls of the status route: reads
+/// of actions share Defender's 1500-per-hour budget with every other caller.
+pub const POLL_AFTER_SECONDS: u64 = 10;
 
 pub async fn run(
     state: &AppState,

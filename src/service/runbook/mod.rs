@@ -14,8 +14,6 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::{defender::models::ActionType, service::restrict::Intent};
-
 pub use device::DeviceRef;
 pub use text::{CallerName, Comment};
 
@@ -90,21 +88,6 @@ impl RunbookError {
 }
 
 impl RunbookRequest {
-    /// What the caller wants done to each device, for the domain service.
-    pub fn intent(&self) -> Intent {
-        Intent {
-            action: if self.release {
-                ActionType::UnrestrictCodeExecution
-            } else {
-                ActionType::RestrictCodeExecution
-            },
-            force: self.force,
-            cancel_pending: self.cancel_pending,
-            comment: self.comment.clone(),
-            caller: self.caller.clone(),
-        }
-    }
-
     /// Parse a raw request body.
     pub fn parse(body: &[u8]) -> Result<Self, RunbookError> {
         if body.len() > MAX_PAYLOAD_BYTES {
