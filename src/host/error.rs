@@ -407,7 +407,7 @@ impl ApiError {
             Self::Service(
                 ServiceError::ConflictingActionPending { action, .. }
                 | ServiceError::CancelNotFinal { action, .. },
-            ) => Some(action.id.clone()),
+            ) => Some(action.id.to_string()),
             Self::Service(
                 ServiceError::ActionNotPending { action_id, .. }
                 | ServiceError::CancelRefused { action_id, .. }

@@ -43,7 +43,7 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    defender::{DefenderClient, DefenderError, Endpoint, models::Machine},
+    defender::{DefenderClient, DefenderError, Endpoint, ids::MachineId, models::Machine},
     service::{
         batch::{Answered, Batcher, Close, CloseOnSend, Source},
         read_policy::{ReadPolicy, Tie},
@@ -287,7 +287,11 @@ impl MachineDirectory {
                 Err(NoChoice::AllMerged { merged_into }) => Err(FindError::NotFound(format!(
                     "every Defender record for aadDeviceId {id} was merged into another \
                      machine ({}); pass the surviving machine id as deviceId.",
-                    merged_into.join(", ")
+                    merged_into
+                        .iter()
+                        .map(MachineId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))),
             },
             DeviceRef::Machine(id) => match records.into_iter().next() {
@@ -295,16 +299,16 @@ impl MachineDirectory {
                     "Defender has no machine with id {id}."
                 ))),
                 // GET /machines/{id} also matches computer names; insist on the id.
-                Some(m) if !m.id.eq_ignore_ascii_case(id) => {
-                    Err(FindError::Defender(DefenderError::Protocol {
-                        endpoint: Endpoint::GetMachine,
-                        reason: format!("asked for machine {id}, got machine {}", m.id),
-                    }))
-                }
+                Some(m) if m.id != *id => Err(FindError::Defender(DefenderError::Protocol {
+                    endpoint: Endpoint::GetMachine,
+                    reason: format!("asked for machine {id}, got machine {}", m.id),
+                })),
                 // A merged record is stale: acting on it would not reach the device.
                 Some(m) if is_merged(&m) => Err(FindError::NotFound(format!(
                     "Defender machine {id} was merged into machine {}; pass that id as deviceId.",
-                    m.merged_into_machine_id.unwrap_or_default()
+                    m.merged_into_machine_id
+                        .map(|into| into.to_string())
+                        .unwrap_or_default()
                 ))),
                 Some(m) => Ok(Found {
                     machine: m,
@@ -376,7 +380,7 @@ impl Source for MachineSource {
                     .push(machine.clone());
             }
             by_device
-                .entry(DeviceRef::Machine(machine.id.to_ascii_lowercase()))
+                .entry(DeviceRef::Machine(machine.id.as_str().to_ascii_lowercase()))
                 .or_default()
                 .push(machine);
         }
@@ -471,8 +475,8 @@ fn lookup(device: &DeviceRef) -> Endpoint {
 fn is_merged(machine: &Machine) -> bool {
     machine
         .merged_into_machine_id
-        .as_deref()
-        .is_some_and(|s| !s.trim().is_empty())
+        .as_ref()
+        .is_some_and(|id| !id.as_str().trim().is_empty())
 }
 
 /// Only an active, unmerged record may be remembered.

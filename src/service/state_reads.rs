@@ -60,13 +60,10 @@ impl StateReads {
     /// began. Call it only from the machine's round.
     pub async fn read(
         &self,
-        machine_id: &str,
+        machine_id: &MachineId,
         deadline: Instant,
     ) -> Result<Vec<MachineAction>, DefenderError> {
-        let actions = self
-            .batcher
-            .get(MachineId::from(machine_id), deadline)
-            .await?;
+        let actions = self.batcher.get(machine_id.clone(), deadline).await?;
         Ok(actions.unwrap_or_default())
     }
 }
@@ -140,11 +137,8 @@ impl Source for ActionSource {
 fn group_by_machine(listing: ActionListing) -> HashMap<MachineId, Vec<MachineAction>> {
     let mut by_machine: HashMap<MachineId, Vec<MachineAction>> = HashMap::new();
     for action in listing.actions {
-        if let Some(machine) = action.machine_id.as_deref() {
-            by_machine
-                .entry(MachineId::from(machine))
-                .or_default()
-                .push(action);
+        if let Some(machine) = action.machine_id.clone() {
+            by_machine.entry(machine).or_default().push(action);
         }
     }
     by_machine

@@ -258,7 +258,7 @@ impl Tenant {
 
     pub(crate) fn upsert_machine(&mut self, machine: Machine) {
         let index = &mut self.machine_index;
-        match index.by_id.get(&machine.id.to_ascii_lowercase()) {
+        match index.by_id.get(&machine.id.as_str().to_ascii_lowercase()) {
             Some(&at) => {
                 index.unlink_aad(self.machines[at].aad_device_id.as_deref(), at);
                 index.link_aad(machine.aad_device_id.as_deref(), at);
@@ -266,7 +266,9 @@ impl Tenant {
             }
             None => {
                 let at = self.machines.len();
-                index.by_id.insert(machine.id.to_ascii_lowercase(), at);
+                index
+                    .by_id
+                    .insert(machine.id.as_str().to_ascii_lowercase(), at);
                 index.link_aad(machine.aad_device_id.as_deref(), at);
                 self.machines.push(machine);
             }
@@ -379,7 +381,7 @@ impl Tenant {
         duplicate: DuplicateBehaviour,
     ) -> Created {
         let running = self
-            .machine_actions_newest_first(&machine.id)
+            .machine_actions_newest_first(machine.id.as_str())
             .into_iter()
             .find(|a| a.kind == kind && !a.phase(now, life).status.is_terminal())
             .map(|a| a.to_wire(now, life));
@@ -389,19 +391,23 @@ impl Tenant {
                 DuplicateBehaviour::ReturnPending => Created::Existing(running),
             };
         }
-        let offline = self.offline.contains(&machine.id.to_ascii_lowercase());
+        let offline = self
+            .offline
+            .contains(&machine.id.as_str().to_ascii_lowercase());
         let record = ActionRecord {
             seq: self.next_seq,
             id: uuid::Uuid::new_v4().to_string(),
             kind,
-            machine_id: machine.id.clone(),
+            machine_id: machine.id.to_string(),
             machine_name: machine.computer_dns_name.clone(),
             requestor: seed::REQUESTOR.to_owned(),
             comment,
             created: now,
             countdown_from: (!offline).then_some(now),
             cancellation: None,
-            fails: self.failing.contains(&machine.id.to_ascii_lowercase()),
+            fails: self
+                .failing
+                .contains(&machine.id.as_str().to_ascii_lowercase()),
         };
         self.next_seq += 1;
         let wire = record.to_wire(now, life);
@@ -553,7 +559,7 @@ fn machine_matches(m: &Machine, c: &Condition) -> bool {
     let ci = |v: Option<&str>| v.is_some_and(|v| v.eq_ignore_ascii_case(&c.value));
     match c.field {
         "aadDeviceId" => ci(m.aad_device_id.as_deref()),
-        "id" => m.id.eq_ignore_ascii_case(&c.value),
+        "id" => m.id == c.value,
         "computerDnsName" => ci(m.computer_dns_name.as_deref()),
         "healthStatus" => m.health_status.as_deref() == Some(c.value.as_str()),
         "machineTags" => machine_tags(m).any(|t| t == c.value),
@@ -580,13 +586,10 @@ pub(crate) fn machine_tags(m: &Machine) -> impl Iterator<Item = &str> {
 
 fn action_matches(a: &MachineAction, c: &Condition) -> bool {
     match c.field {
-        "machineId" => a
-            .machine_id
-            .as_deref()
-            .is_some_and(|v| v.eq_ignore_ascii_case(&c.value)),
+        "machineId" => a.machine_id.as_ref().is_some_and(|v| *v == c.value),
         "type" => a.action_type.as_str() == c.value,
         "status" => a.status.as_str() == c.value,
-        "id" => a.id.eq_ignore_ascii_case(&c.value),
+        "id" => a.id == c.value,
         "requestor" => a.requestor.as_deref() == Some(c.value.as_str()),
         _ => false,
     }

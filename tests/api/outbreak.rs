@@ -10,6 +10,7 @@ use restrict_code_execution::{
         DefenderClient, DefenderClientOptions,
         auth::TokenSource,
         budget::RateBudget,
+        ids::MachineId,
         models::{ActionType, Machine},
     },
     service::{machine_directory::MachineDirectory, runbook::DeviceRef, state_reads::StateReads},
@@ -82,7 +83,7 @@ async fn a_read_already_in_flight_is_never_used() {
 
     let first = tokio::spawn({
         let reads = reads.clone();
-        async move { reads.read(ALPHA, deadline).await }
+        async move { reads.read(&ALPHA.into(), deadline).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // An action appears while that read is in flight (as if the invocation
@@ -91,7 +92,7 @@ async fn a_read_already_in_flight_is_never_used() {
         .create_action(ALPHA, ActionType::RestrictCodeExecution, "test", deadline)
         .await
         .unwrap();
-    let second = reads.read(ALPHA, deadline).await.unwrap();
+    let second = reads.read(&ALPHA.into(), deadline).await.unwrap();
     let first = first.await.unwrap().unwrap();
 
     assert!(
@@ -120,7 +121,7 @@ async fn waiters_queued_behind_a_read_share_one_tenant_read() {
     })
     .await;
     let client = client_for(&sim);
-    let machines: Vec<String> = (0..6)
+    let machines: Vec<MachineId> = (0..6)
         .map(|i| {
             let machine: Machine = serde_json::from_value(json!({
                 "id": format!("{i:040x}"),
@@ -193,7 +194,7 @@ async fn with_no_slot_free_two_waiting_machines_share_a_tenant_read_that_later_w
         ..AppOptions::default().sim
     })
     .await;
-    let machines: Vec<String> = (0..6)
+    let machines: Vec<MachineId> = (0..6)
         .map(|i| {
             let machine: Machine = serde_json::from_value(json!({
                 "id": format!("{:040x}", i + 200),
@@ -220,7 +221,7 @@ async fn with_no_slot_free_two_waiting_machines_share_a_tenant_read_that_later_w
     let deadline = Instant::now() + Duration::from_secs(30);
     sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 100 }).method("GET"));
 
-    let read = |machine: &String| {
+    let read = |machine: &MachineId| {
         let (reads, machine) = (reads.clone(), machine.clone());
         tokio::spawn(async move { reads.read(&machine, deadline).await })
     };
@@ -252,7 +253,7 @@ async fn with_no_slot_free_two_waiting_machines_share_a_tenant_read_that_later_w
 async fn with_slots_free_each_waiting_machine_is_read_by_itself() {
     let sim = simulator(AppOptions::default().sim).await;
     let reads = StateReads::new(client_for(&sim));
-    let machines: Vec<String> = sim.machines().into_iter().take(4).map(|m| m.id).collect();
+    let machines: Vec<MachineId> = sim.machines().into_iter().take(4).map(|m| m.id).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 500 }).method("GET"));
 
@@ -575,7 +576,7 @@ async fn when_the_budget_is_tight_one_list_of_machines_answers_every_waiting_loo
         ..AppOptions::default().sim
     })
     .await;
-    let devices: Vec<(DeviceRef, String)> = (0..6)
+    let devices: Vec<(DeviceRef, MachineId)> = (0..6)
         .map(|i| {
             let aad = format!("5c000000-0000-4000-8000-{i:012}");
             let machine: Machine = serde_json::from_value(json!({

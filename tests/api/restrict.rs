@@ -28,6 +28,7 @@ fn machine_id(app: &TestApp, name_prefix: &str) -> String {
         })
         .unwrap_or_else(|| panic!("seeded machine {name_prefix}"))
         .id
+        .to_string()
 }
 
 #[tokio::test]

@@ -28,7 +28,7 @@ use restrict_code_execution::{
         CoordinationError, Coordinator, CoordinatorOptions, Handoff, Locked, StorageAuth,
         StorageSettings,
     },
-    defender::Endpoint,
+    defender::{Endpoint, models::MachineAction},
 };
 use tokio::time::Instant;
 
@@ -406,7 +406,7 @@ fn a_holder_that_dies_after_announcing_a_late_time_delays_the_others_only_until_
     });
 }
 
-type Seen = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+type Seen = Arc<std::sync::Mutex<Vec<MachineAction>>>;
 
 /// Wait for `machine`'s lease on `instance`, noting every handoff seen, each
 /// answered with `answers`.
@@ -446,8 +446,10 @@ async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() 
         instance(&settings, Default::default()),
     );
     let soon = || Instant::now() + Duration::from_secs(20);
-    let action =
-        serde_json::json!({"id": "w-1", "type": "RestrictCodeExecution", "status": "Pending"});
+    let action: MachineAction = serde_json::from_value(
+        serde_json::json!({"id": "w-1", "type": "RestrictCodeExecution", "status": "Pending"}),
+    )
+    .unwrap();
 
     // A's POST was answered: it hands the action off, then releases.
     let held = a.lock_machine("m", soon()).await.unwrap();

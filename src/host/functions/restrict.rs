@@ -16,7 +16,11 @@ use super::{
     status::{POLL_AFTER_SECONDS, status_url},
 };
 use crate::{
-    defender::models::ActionType,
+    defender::{
+        ids::{ActionId, MachineId},
+        models::ActionType,
+        timestamp::Timestamp,
+    },
     host::{
         app_state::AppState,
         error::{ApiError, Problem},
@@ -72,15 +76,15 @@ async fn single(
     record.headline = Some(headline(request, device));
     let mut success = act(state, request, device, deadline).await?;
     wait_for(state, request, &mut success, deadline).await;
-    record.machine_id = Some(success.machine.id.clone());
+    record.machine_id = Some(success.machine.id.to_string());
     record.outcome = Some(success.outcome.as_str());
-    record.action_id = Some(success.action.action.id.clone());
+    record.action_id = Some(success.action.action.id.to_string());
     record.action_status = Some(success.action.action.status.to_string());
     let status = success_status(success.outcome);
 
     // Logic Apps' asynchronous pattern: 202 plus where to poll.
     let poll_at = if invocation.prefers_async() && !success.terminal() {
-        status_url(invocation, &success.action.action.id)
+        status_url(invocation, success.action.action.id.as_str())
     } else {
         None
     };
@@ -341,9 +345,11 @@ pub struct SuccessBody {
     candidates: usize,
     /// Whether the action is finished (Succeeded, Failed, TimeOut, Cancelled).
     terminal: bool,
+    /// [`crate::defender::ActionRecord::to_json`]: Defender's own JSON when
+    /// it answered with this one action.
     action: Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    cancelled_action_ids: Vec<String>,
+    cancelled_action_ids: Vec<ActionId>,
     /// A hazard the caller should know about (see [`warning`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     warning: Option<String>,
@@ -353,11 +359,11 @@ pub struct SuccessBody {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct MachineSummary {
-    id: String,
+    id: MachineId,
     computer_dns_name: Option<String>,
     aad_device_id: Option<String>,
     health_status: Option<String>,
-    last_seen: Option<String>,
+    last_seen: Option<Timestamp>,
 }
 
 /// What the caller should know beyond the outcome: with `force`, that a
@@ -413,11 +419,11 @@ impl SuccessBody {
                 computer_dns_name: machine.computer_dns_name.clone(),
                 aad_device_id: machine.aad_device_id.clone(),
                 health_status: machine.health_status.clone(),
-                last_seen: machine.last_seen.clone(),
+                last_seen: machine.last_seen,
             },
             candidates: success.candidates,
             terminal: success.terminal(),
-            action: success.action.raw.clone(),
+            action: success.action.to_json(),
             cancelled_action_ids: success.cancelled.clone(),
             warning: warning(success, request.force, state.stale_pending()),
             invocation_id: invocation_id.to_owned(),
@@ -488,7 +494,12 @@ fn message(request: &RunbookRequest, success: &Success) -> String {
     if !success.cancelled.is_empty() {
         message.push_str(&format!(
             " Cancelled the pending opposite action(s) {} first.",
-            success.cancelled.join(", ")
+            success
+                .cancelled
+                .iter()
+                .map(ActionId::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     message

@@ -181,7 +181,7 @@ impl Jobs {
                 Ok(success) => {
                     let record = OutcomeRecord {
                         outcome: success.outcome.as_str().to_owned(),
-                        machine_id: Some(success.machine.id.clone()),
+                        machine_id: Some(success.machine.id.to_string()),
                         computer_dns_name: success.machine.computer_dns_name.clone(),
                         action_id: Some(success.action.action.id.to_string()),
                         problem: None,

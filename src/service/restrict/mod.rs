@@ -52,8 +52,7 @@ mod round;
 use std::{sync::Arc, time::Duration};
 
 use serde::Serialize;
-use serde_json::Value;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::{
@@ -63,6 +62,7 @@ use crate::{
         client::{ActionListing, ActionRecord},
         ids::ActionId,
         models::{ActionStatus, ActionType, Machine},
+        timestamp::Timestamp,
     },
     service::{
         decision::Wanted,
@@ -145,10 +145,11 @@ pub struct Success {
     pub machine: Machine,
     /// How many Defender records matched the device.
     pub candidates: usize,
-    /// The machine action, typed and exactly as Defender returned it.
+    /// The machine action, typed, and as Defender sent it when it answered
+    /// with this one action (see [`ActionRecord`]).
     pub action: ActionRecord,
     /// Pending opposite-type actions cancelled first (`cancelPending`).
-    pub cancelled: Vec<String>,
+    pub cancelled: Vec<ActionId>,
 }
 
 impl Success {
@@ -159,11 +160,7 @@ impl Success {
         if self.outcome != Outcome::AlreadyPending || self.terminal() {
             return None;
         }
-        self.action
-            .raw
-            .get("creationDateTimeUtc")
-            .and_then(Value::as_str)
-            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        self.action.action.creation_date_time_utc.map(Timestamp::at)
     }
 
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
@@ -270,11 +267,10 @@ impl Restrictor {
         let found = self.inner.read_action(action_id, deadline).await?;
         // Answering with another action than the one asked for would tell
         // the caller the wrong device's state.
-        let asked = ActionId::from(action_id);
-        if asked != *found.action.id {
+        if found.action.id != *action_id {
             return Err(ServiceError::OtherActionAnswered {
                 asked: action_id.to_owned(),
-                answered: found.action.id,
+                answered: found.action.id.to_string(),
             });
         }
         Ok(found)
@@ -294,7 +290,7 @@ impl Restrictor {
             match self
                 .inner
                 .client
-                .action(&success.action.action.id, read_by)
+                .action(success.action.action.id.as_str(), read_by)
                 .await?
             {
                 Some(latest) => {
@@ -371,7 +367,7 @@ impl Restrictor {
 fn check_pending(found: &ActionRecord) -> Result<(), ServiceError> {
     match found.action.status.known() {
         Some(status) if status.is_terminal() => Err(ServiceError::ActionNotPending {
-            action_id: found.action.id.clone(),
+            action_id: found.action.id.to_string(),
             status: found.action.status.clone(),
         }),
         _ => Ok(()),
