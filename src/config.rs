@@ -167,6 +167,15 @@ pub struct Settings {
     pub page_size: usize,
     /// An `already_pending` action older than this may be stuck; the answer says so.
     pub stale_pending: Duration,
+    /// `RESTRICTED_TAG`: the Defender tag kept on restricted machines (off when unset).
+    pub restricted_tag: Option<String>,
+    /// `TAG_RECONCILE_MINUTES`: the least time between two full reads for the tag.
+    pub tag_reconcile: Duration,
+    /// `RECONCILE_BUDGET_PERCENT`: the reconciler's share of each API's hourly budget.
+    pub reconcile_budget_percent: u32,
+    /// `RECONCILE_INTERVAL_SECONDS`: how often the handler runs the reconciler
+    /// itself where no host runs its timer (local mode).
+    pub reconcile_interval: Duration,
     /// `COORDINATION` and, with `storage`, the host's storage account
     /// (parsed in [`crate::coordination::settings`]).
     pub coordination: CoordinationSettings,
@@ -283,6 +292,40 @@ impl Settings {
                     "a whole number of hours between 1 and 8760",
                 )?,
             ),
+            restricted_tag: match get("RESTRICTED_TAG") {
+                None => None,
+                Some(tag) if tag.trim().chars().count() <= 200 => Some(tag.trim().to_owned()),
+                Some(tag) => {
+                    return Err(ConfigError {
+                        name: "RESTRICTED_TAG",
+                        value: tag,
+                        reason: "expected a Defender tag value of at most 200 characters".into(),
+                    });
+                }
+            },
+            tag_reconcile: Duration::from_secs(
+                60 * ranged(
+                    &get,
+                    "TAG_RECONCILE_MINUTES",
+                    15,
+                    1..=1440,
+                    "a whole number of minutes between 1 and 1440",
+                )?,
+            ),
+            reconcile_budget_percent: ranged(
+                &get,
+                "RECONCILE_BUDGET_PERCENT",
+                20,
+                1..=50,
+                "a whole number between 1 and 50 (percent)",
+            )?,
+            reconcile_interval: Duration::from_secs(ranged(
+                &get,
+                "RECONCILE_INTERVAL_SECONDS",
+                60,
+                1..=3600,
+                "a whole number of seconds between 1 and 3600",
+            )?),
             coordination: CoordinationSettings::from_lookup(&lookup)?,
         })
     }

@@ -22,6 +22,7 @@ use crate::{
     host::{app_state::AppState, error::ApiError, routes, server},
     service::{
         jobs::{DeviceProblem, Explain, Jobs, QUEUE_NAME},
+        reconcile::{ReconcileSettings, Reconciler},
         restrict::Restrictor,
         service_error::ServiceError,
     },
@@ -155,16 +156,23 @@ pub async fn prepare(
     let jobs = jobs(
         &settings,
         restrictor.clone(),
-        client,
+        client.clone(),
         coordinator.as_deref(),
     )?;
+    let reconciler = reconciler(
+        &settings,
+        restrictor.clone(),
+        client,
+        coordinator.as_deref(),
+    );
     let state = AppState::new(
         restrictor,
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
     )
     .with_stale_pending(settings.stale_pending)
-    .with_jobs(jobs);
+    .with_jobs(jobs)
+    .with_reconciler(reconciler);
     Ok((state, sim))
 }
 
@@ -228,6 +236,62 @@ fn jobs(
                 }),
             );
             Ok(jobs)
+        }
+    }
+}
+
+/// How long one reconcile run may take: well inside `functionTimeout`.
+const RECONCILE_RUN_TIME: Duration = Duration::from_secs(120);
+
+/// The reconciler: its records in the storage account with
+/// `COORDINATION=storage`, where the host's timer runs it; otherwise in this
+/// process's memory, run here every `RECONCILE_INTERVAL_SECONDS` (no host
+/// runs a timer for `--simulate` or `COORDINATION=local`).
+fn reconciler(
+    settings: &Settings,
+    restrictor: Restrictor,
+    client: DefenderClient,
+    coordinator: Option<&Coordinator>,
+) -> Reconciler {
+    let options = ReconcileSettings {
+        restricted_tag: settings.restricted_tag.clone(),
+        tag_every: time::Duration::try_from(settings.tag_reconcile)
+            .unwrap_or(time::Duration::minutes(15)),
+        budget_percent: settings.reconcile_budget_percent,
+        per_hour: settings.rate_limit_per_hour,
+        run_time: RECONCILE_RUN_TIME.min(settings.request_timeout),
+    };
+    match coordinator {
+        Some(coordinator) => Reconciler::new(
+            restrictor,
+            client,
+            Arc::new(coordinator.records()),
+            false,
+            options,
+        ),
+        None => {
+            let reconciler = Reconciler::new(
+                restrictor,
+                client,
+                Arc::new(MemoryRecords::new()),
+                true,
+                options,
+            );
+            let every = settings.reconcile_interval;
+            let local = reconciler.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // The first tick is at once: wait a whole interval first, as a timer would.
+                ticks.tick().await;
+                loop {
+                    ticks.tick().await;
+                    let started = tokio::time::Instant::now();
+                    let report = local.run(time::OffsetDateTime::now_utc()).await;
+                    crate::service::reconcile::log(&report, started.elapsed(), true);
+                }
+            });
+            reconciler
         }
     }
 }

@@ -4,7 +4,7 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::service::{jobs::Jobs, restrict::Restrictor};
+use crate::service::{jobs::Jobs, reconcile::Reconciler, restrict::Restrictor};
 
 /// `STALE_PENDING_HOURS`' default: a day.
 const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);
@@ -26,6 +26,8 @@ struct Inner {
     stale_pending: Duration,
     /// Containment jobs.
     jobs: Option<Jobs>,
+    /// The reconciler (expiries, the Defender tag) and its records.
+    reconciler: Option<Reconciler>,
 }
 
 impl AppState {
@@ -41,6 +43,7 @@ impl AppState {
                 allowed_roles,
                 stale_pending: DEFAULT_STALE_PENDING,
                 jobs: None,
+                reconciler: None,
             }),
         }
     }
@@ -59,6 +62,19 @@ impl AppState {
             inner.jobs = Some(jobs);
         }
         self
+    }
+
+    /// Sets the reconciler; called at startup, before the state is shared.
+    pub fn with_reconciler(mut self, reconciler: Reconciler) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.reconciler = Some(reconciler);
+        }
+        self
+    }
+
+    /// The reconciler (always set by the composition root).
+    pub fn reconciler(&self) -> Option<&Reconciler> {
+        self.inner.reconciler.as_ref()
     }
 
     /// Containment jobs (always set by the composition root).

@@ -17,10 +17,12 @@
 
 pub mod batch;
 pub mod decision;
+pub mod expiry;
 pub mod fleet;
 pub mod jobs;
 pub mod machine_directory;
 pub mod machine_queue;
+pub mod reconcile;
 pub mod restrict;
 pub mod runbook;
 pub mod selection;

@@ -14,6 +14,7 @@ pub mod jobs;
 pub mod openapi;
 pub mod restrict;
 pub mod status;
+pub mod timer;
 
 use http::Method;
 use tokio::time::Instant;

@@ -20,6 +20,7 @@ use crate::{
         reply::Reply,
     },
     service::{
+        expiry::{ExpiryNote, rfc3339},
         restrict::{Outcome, Success},
         runbook::{CallerName, DeviceRef, RunbookRequest, Target},
     },
@@ -69,7 +70,7 @@ async fn single(
     let format = invocation.format();
     record.device_id = Some(device.to_string());
     record.headline = Some(headline(request, device));
-    let mut success = act(state, request, device, deadline).await?;
+    let (mut success, expiry) = act(state, request, device, deadline).await?;
     wait_for(state, request, &mut success, deadline).await;
     record.machine_id = Some(success.machine.id.clone());
     record.outcome = Some(success.outcome.as_str());
@@ -88,7 +89,7 @@ async fn single(
     } else {
         status
     };
-    let mut body = SuccessBody::new(state, request, device, &success, &invocation.id);
+    let mut body = SuccessBody::new(state, request, device, &success, &expiry, &invocation.id);
     // The body's status is the answer's, 202 included.
     body.status = status.as_u16();
     let mut reply = Reply::new(
@@ -107,17 +108,19 @@ async fn single(
     Ok(reply)
 }
 
-/// Act on one device, then wait for the action when asked to.
+/// Act on one device, and keep the record of what it did (the expiry of a
+/// restriction this service creates).
 async fn act(
     state: &AppState,
     request: &RunbookRequest,
     device: &DeviceRef,
     deadline: Instant,
-) -> Result<Success, ApiError> {
+) -> Result<(Success, ExpiryNote), ApiError> {
     let restrictor = state.restrictor();
     // The deadline bounds every wait inside; this outer bound is a backstop.
     let backstop = deadline + Duration::from_secs(1);
-    let intent = request.intent();
+    let mut intent = request.intent();
+    intent.release_at = request.release_at;
     let success = tokio::time::timeout_at(backstop, restrictor.run(device, &intent, deadline))
         .await
         .map_err(|_| {
@@ -128,7 +131,24 @@ async fn act(
                 state.request_timeout().as_secs()
             ))
         })??;
-    Ok(success)
+    let expiry = match state.reconciler() {
+        None => ExpiryNote::Untouched,
+        Some(reconciler) => match reconciler
+            .restrictions()
+            .after(&success, request.release_after, request.release_at)
+            .await
+        {
+            Ok(note) => note,
+            Err(e) => {
+                tracing::warn!(error = %e, machine_id = %success.machine.id, "the restriction record could not be written");
+                match request.release_after {
+                    Some(_) => ExpiryNote::Failed(e.to_string()),
+                    None => ExpiryNote::Untouched,
+                }
+            }
+        },
+    };
+    Ok((success, expiry))
 }
 
 /// Why `wait` stopped before the action finished and before the time asked for.
@@ -214,22 +234,26 @@ async fn bulk(
     // Act on every device first (eight at a time), then wait for all of
     // them together: waiting inside each slot would hold back the devices
     // still queued behind it.
-    let mut acted: Vec<(usize, DeviceRef, Instant, Result<Success, ApiError>)> =
-        stream::iter(devices.iter().cloned().enumerate())
-            .map(|(index, device)| async move {
-                let device_started = Instant::now();
-                let result = act(state, request, &device, deadline).await;
-                (index, device, device_started, result)
-            })
-            .buffer_unordered(BULK_CONCURRENCY)
-            .collect()
-            .await;
+    let mut acted: Vec<(
+        usize,
+        DeviceRef,
+        Instant,
+        Result<(Success, ExpiryNote), ApiError>,
+    )> = stream::iter(devices.iter().cloned().enumerate())
+        .map(|(index, device)| async move {
+            let device_started = Instant::now();
+            let result = act(state, request, &device, deadline).await;
+            (index, device, device_started, result)
+        })
+        .buffer_unordered(BULK_CONCURRENCY)
+        .collect()
+        .await;
     let cuts: Vec<CutShort> =
         futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
             result
                 .as_mut()
                 .ok()
-                .map(|success| wait_for(state, request, success, deadline))
+                .map(|(success, _)| wait_for(state, request, success, deadline))
         }))
         .await
         .into_iter()
@@ -241,11 +265,12 @@ async fn bulk(
         .map(|(index, device, device_started, result)| {
             log_device(&device, &result, device_started);
             let item = match result {
-                Ok(success) => DeviceResult::Ok(Box::new(SuccessBody::new(
+                Ok((success, expiry)) => DeviceResult::Ok(Box::new(SuccessBody::new(
                     state,
                     request,
                     &device,
                     &success,
+                    &expiry,
                     &invocation.id,
                 ))),
                 Err(error) => DeviceResult::Failed {
@@ -328,6 +353,9 @@ pub struct SuccessBody {
     action: Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     cancelled_action_ids: Vec<String>,
+    /// When the restriction is released automatically (`releaseAfter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    release_at: Option<String>,
     /// A hazard the caller should know about (see [`warning`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     warning: Option<String>,
@@ -383,9 +411,20 @@ impl SuccessBody {
         request: &RunbookRequest,
         device: &DeviceRef,
         success: &Success,
+        expiry: &ExpiryNote,
         invocation_id: &str,
     ) -> Self {
         let machine = &success.machine;
+        let in_memory = state
+            .reconciler()
+            .is_some_and(|r| r.restrictions().in_memory());
+        let warning = [
+            warning(success, request.force, state.stale_pending()),
+            expiry.warning(in_memory),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<String>>();
         Self {
             outcome: success.outcome,
             status: success_status(success.outcome).as_u16(),
@@ -403,7 +442,8 @@ impl SuccessBody {
             terminal: success.terminal(),
             action: success.action.raw.clone(),
             cancelled_action_ids: success.cancelled.clone(),
-            warning: warning(success, request.force, state.stale_pending()),
+            release_at: expiry.release_at().map(rfc3339),
+            warning: (!warning.is_empty()).then(|| warning.join(" ")),
             invocation_id: invocation_id.to_owned(),
         }
     }
@@ -573,10 +613,14 @@ fn render_bulk_text(request: &RunbookRequest, results: &[DeviceResult], summary:
 
 /// A bulk invocation's line per device; the invocation's own line (see
 /// [`super::answer`]) has the totals and the caller.
-fn log_device(device: &DeviceRef, result: &Result<Success, ApiError>, started: Instant) {
+fn log_device(
+    device: &DeviceRef,
+    result: &Result<(Success, ExpiryNote), ApiError>,
+    started: Instant,
+) {
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match result {
-        Ok(success) => tracing::info!(
+        Ok((success, _)) => tracing::info!(
             device_id = %device,
             machine_id = %success.machine.id,
             outcome = success.outcome.as_str(),

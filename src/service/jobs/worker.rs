@@ -326,5 +326,6 @@ fn intent(job: &model::JobRecord) -> Result<Intent, RunbookError> {
             .as_ref()
             .and_then(|c| CallerName::parse(Some(&serde_json::Value::String(c.clone()))).ok())
             .flatten(),
+        release_at: None,
     })
 }

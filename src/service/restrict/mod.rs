@@ -113,6 +113,9 @@ pub struct Intent {
     pub comment: Comment,
     /// Who asked, kept in the comment sent to Defender unless turned off.
     pub caller: Option<CallerName>,
+    /// When a restriction this creates is released automatically
+    /// (`releaseAfter`): the comment ends with a readable marker saying so.
+    pub release_at: Option<OffsetDateTime>,
 }
 
 /// What happened, as the caller sees it.
@@ -214,7 +217,10 @@ impl Restrictor {
             force: intent.force,
             cancel_pending: intent.cancel_pending,
         };
-        let comment = self.comment(&intent.comment, intent.caller.as_ref());
+        let mut comment = self.comment(&intent.comment, intent.caller.as_ref());
+        if let Some(at) = intent.release_at {
+            comment = format!("{comment} {}", super::expiry::marker(at));
+        }
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
         let mut looked_up_again = false;

@@ -19,6 +19,7 @@ pub const FORCE: &str = "force";
 pub const CANCEL_PENDING: &str = "cancelPending";
 pub const DEVICE_IDS: &str = "deviceIds";
 pub const WAIT: &str = "wait";
+pub const RELEASE_AFTER: &str = "releaseAfter";
 
 /// Every field the runbook payload may carry, in their documented spelling.
 pub const ACCEPTED: &[&str] = &[
@@ -30,6 +31,7 @@ pub const ACCEPTED: &[&str] = &[
     FORCE,
     CANCEL_PENDING,
     WAIT,
+    RELEASE_AFTER,
 ];
 
 /// Known fields, keyed by their canonical name.

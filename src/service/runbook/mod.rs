@@ -14,7 +14,10 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::{defender::models::ActionType, service::restrict::Intent};
+use crate::{
+    defender::models::ActionType,
+    service::{expiry::ReleaseAfter, restrict::Intent},
+};
 
 pub use device::DeviceRef;
 pub use text::{CallerName, Comment};
@@ -49,6 +52,12 @@ pub struct RunbookRequest {
     pub cancel_pending: bool,
     /// Poll the action until it is finished, for at most this long.
     pub wait: Option<Duration>,
+    /// `releaseAfter`: lift the restriction this creates after a while (or
+    /// move or remove the expiry of ours).
+    pub release_after: Option<ReleaseAfter>,
+    /// When a restriction this request creates is released: `releaseAfter`
+    /// counted from when the request was parsed.
+    pub release_at: Option<time::OffsetDateTime>,
 }
 
 /// Why a payload was rejected. Each message names the field and what is accepted.
@@ -102,6 +111,7 @@ impl RunbookRequest {
             cancel_pending: self.cancel_pending,
             comment: self.comment.clone(),
             caller: self.caller.clone(),
+            release_at: None,
         }
     }
 
@@ -131,6 +141,7 @@ impl RunbookRequest {
         let cancel_pending = flag(fields::CANCEL_PENDING)?;
         let comment = Comment::parse(fields.get(fields::COMMENT))?;
         let caller = CallerName::parse(fields.get(fields::CALLER_NAME))?;
+        let release_after = parse_release_after(fields.get(fields::RELEASE_AFTER), release)?;
 
         Ok(Self {
             target,
@@ -140,6 +151,8 @@ impl RunbookRequest {
             force,
             cancel_pending,
             wait,
+            release_after,
+            release_at: release_after.and_then(|r| r.release_at(time::OffsetDateTime::now_utc())),
         })
     }
 
@@ -150,6 +163,29 @@ impl RunbookRequest {
             Target::Many(_) => None,
         }
     }
+}
+
+/// `releaseAfter` belongs to a restrict: on a release it would mean nothing,
+/// and saying nothing about it would hide the caller's mistake.
+pub fn parse_release_after(
+    value: Option<&Value>,
+    release: bool,
+) -> Result<Option<ReleaseAfter>, RunbookError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if release {
+        return Err(RunbookError::Invalid {
+            field: fields::RELEASE_AFTER,
+            reason: "applies to a restrict only; a release has no expiry".into(),
+        });
+    }
+    ReleaseAfter::parse(value)
+        .map(Some)
+        .map_err(|reason| RunbookError::Invalid {
+            field: fields::RELEASE_AFTER,
+            reason,
+        })
 }
 
 /// The comment-only body of the cancel function: `{"comment": "..."}`.
