@@ -16,6 +16,7 @@ mod lease_edges;
 mod managed_identity;
 #[path = "../common/queue_host.rs"]
 mod queue_host;
+mod reconcile;
 
 use std::{
     sync::Arc,

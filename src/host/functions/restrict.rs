@@ -108,6 +108,9 @@ async fn single(
     Ok(reply)
 }
 
+/// A device's action, and what became of its expiry.
+type Acted = (Success, ExpiryNote);
+
 /// Act on one device, and keep the record of what it did (the expiry of a
 /// restriction this service creates).
 async fn act(
@@ -115,7 +118,7 @@ async fn act(
     request: &RunbookRequest,
     device: &DeviceRef,
     deadline: Instant,
-) -> Result<(Success, ExpiryNote), ApiError> {
+) -> Result<Acted, ApiError> {
     let restrictor = state.restrictor();
     // The deadline bounds every wait inside; this outer bound is a backstop.
     let backstop = deadline + Duration::from_secs(1);
@@ -234,20 +237,16 @@ async fn bulk(
     // Act on every device first (eight at a time), then wait for all of
     // them together: waiting inside each slot would hold back the devices
     // still queued behind it.
-    let mut acted: Vec<(
-        usize,
-        DeviceRef,
-        Instant,
-        Result<(Success, ExpiryNote), ApiError>,
-    )> = stream::iter(devices.iter().cloned().enumerate())
-        .map(|(index, device)| async move {
-            let device_started = Instant::now();
-            let result = act(state, request, &device, deadline).await;
-            (index, device, device_started, result)
-        })
-        .buffer_unordered(BULK_CONCURRENCY)
-        .collect()
-        .await;
+    let mut acted: Vec<(usize, DeviceRef, Instant, Result<Acted, ApiError>)> =
+        stream::iter(devices.iter().cloned().enumerate())
+            .map(|(index, device)| async move {
+                let device_started = Instant::now();
+                let result = act(state, request, &device, deadline).await;
+                (index, device, device_started, result)
+            })
+            .buffer_unordered(BULK_CONCURRENCY)
+            .collect()
+            .await;
     let cuts: Vec<CutShort> =
         futures_util::future::join_all(acted.iter_mut().filter_map(|(_, _, _, result)| {
             result
@@ -613,11 +612,7 @@ fn render_bulk_text(request: &RunbookRequest, results: &[DeviceResult], summary:
 
 /// A bulk invocation's line per device; the invocation's own line (see
 /// [`super::answer`]) has the totals and the caller.
-fn log_device(
-    device: &DeviceRef,
-    result: &Result<(Success, ExpiryNote), ApiError>,
-    started: Instant,
-) {
+fn log_device(device: &DeviceRef, result: &Result<Acted, ApiError>, started: Instant) {
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match result {
         Ok((success, _)) => tracing::info!(
