@@ -16,11 +16,13 @@
 //! problem answers is the host's ([`crate::host::error`]).
 
 pub mod batch;
+pub mod callbacks;
 pub mod decision;
 pub mod fleet;
 pub mod jobs;
 pub mod machine_directory;
 pub mod machine_queue;
+pub mod platform;
 pub mod restrict;
 pub mod runbook;
 pub mod selection;
