@@ -422,6 +422,17 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::DeviceNotFound(why) => Self::DeviceNotFound(why),
             ServiceError::Defender(e) => e.into(),
+            ServiceError::UnsupportedPlatform {
+                machine_id,
+                os_platform,
+            } => Self::UnsupportedDevice {
+                code: "OsPlatformNotSupported".into(),
+                message: format!(
+                    "machine {machine_id} runs {os_platform}; restrict app execution needs \
+                     Windows 10 1709 or later, Windows 11 or Windows Server 2019 or later. \
+                     Nothing was sent to Defender."
+                ),
+            },
             ServiceError::Coordination(e) => e.into(),
             ServiceError::ConflictingActionPending {
                 machine_id,

@@ -16,12 +16,14 @@
 //! problem answers is the host's ([`crate::host::error`]).
 
 pub mod batch;
+pub mod callbacks;
 pub mod decision;
 pub mod expiry;
 pub mod fleet;
 pub mod jobs;
 pub mod machine_directory;
 pub mod machine_queue;
+pub mod platform;
 pub mod reconcile;
 pub mod restrict;
 pub mod runbook;
