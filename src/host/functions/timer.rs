@@ -92,7 +92,7 @@ pub async fn invoke(State(state): State<AppState>, request: Request) -> Response
         reconcile::log(&report, started.elapsed(), local);
         let line = format!(
             "{NAME}: due {}, released {}, already released {}, ended {}, waiting {}, deferred {}, \
-             failed {}, tags +{} -{}, {} Defender call(s){}",
+             failed {}, tags +{} -{}, callbacks delivered {}, {} Defender call(s){}",
             report.due,
             report.released,
             report.already_released,
@@ -102,6 +102,7 @@ pub async fn invoke(State(state): State<AppState>, request: Request) -> Response
             report.failed,
             report.tags_added,
             report.tags_removed,
+            report.callbacks.as_ref().map_or(0, |c| c.delivered),
             report.calls.total(),
             if run.is_past_due { " (past due)" } else { "" },
         );

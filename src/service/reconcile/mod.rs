@@ -35,6 +35,7 @@ use crate::{
         models::{ActionStatus, ActionType, MachineAction},
     },
     service::{
+        callbacks::{DeliveryReport, Outbox},
         decision::created,
         expiry::{self, Restriction, Restrictions, State},
         restrict::{Intent, Outcome, Restrictor},
@@ -102,6 +103,9 @@ pub struct RunReport {
     pub tags_removed: usize,
     /// Defender calls this run made, per API.
     pub calls: Calls,
+    /// What the callback delivery did (when callbacks are configured).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub callbacks: Option<DeliveryReport>,
     /// The first errors, for the log line.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<String>,
@@ -135,6 +139,10 @@ impl RunReport {
     /// Whether the run changed nothing.
     pub fn idle(&self) -> bool {
         self.released == 0
+            && self
+                .callbacks
+                .as_ref()
+                .is_none_or(|c| c.delivered == 0 && c.retrying == 0 && c.abandoned == 0)
             && self.ended == 0
             && self.already_released == 0
             && self.tags_added == 0
@@ -204,6 +212,8 @@ struct Inner {
     restrictions: Restrictions,
     records: Arc<dyn Records>,
     settings: ReconcileSettings,
+    /// The pending completion callbacks, delivered on each run.
+    callbacks: Option<Outbox>,
 }
 
 impl Reconciler {
@@ -221,8 +231,19 @@ impl Reconciler {
                 restrictions: Restrictions::new(records.clone(), in_memory),
                 records,
                 settings,
+                callbacks: None,
             }),
         }
+    }
+
+    /// Deliver due completion callbacks on each run; called at startup,
+    /// before the reconciler is shared.
+    #[must_use]
+    pub fn with_callbacks(mut self, outbox: Outbox) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.callbacks = Some(outbox);
+        }
+        self
     }
 
     /// The restriction records (the restrict function keeps them).
@@ -240,6 +261,9 @@ impl Reconciler {
         let deadline = Instant::now() + self.inner.settings.run_time;
         let mut report = RunReport::default();
         self.expiries(now, deadline, &mut report).await;
+        if let Some(outbox) = &self.inner.callbacks {
+            report.callbacks = Some(outbox.deliver_due(now, deadline).await);
+        }
         if let Some(tag) = &self.inner.settings.restricted_tag {
             tags::reconcile(self, tag, now, deadline, &mut report).await;
         }
@@ -405,6 +429,7 @@ fn is_due(r: &Restriction, now: OffsetDateTime) -> bool {
 pub fn log(report: &RunReport, duration: Duration, local: bool) {
     let calls = serde_json::to_string(&report.calls).unwrap_or_default();
     let errors = report.errors.join("; ");
+    let callbacks = report.callbacks.clone().unwrap_or_default();
     tracing::info!(
         due = report.due,
         released = report.released,
@@ -414,6 +439,11 @@ pub fn log(report: &RunReport, duration: Duration, local: bool) {
         claimed_elsewhere = report.claimed_elsewhere,
         deferred = report.deferred,
         failed = report.failed,
+        callbacks_delivered = callbacks.delivered,
+        callbacks_retrying = callbacks.retrying,
+        callbacks_abandoned = callbacks.abandoned,
+        callbacks_waiting = callbacks.waiting,
+        callback_machines_read = callbacks.machines_read,
         tags_read = report.tags_read,
         tags_added = report.tags_added,
         tags_removed = report.tags_removed,
