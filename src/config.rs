@@ -70,6 +70,18 @@ impl DefenderCloud {
         }
     }
 
+    /// The cloud's Defender portal, where a device's page is
+    /// `/machines/v2/<machine id>` (learn.microsoft.com, "Microsoft Defender
+    /// for Endpoint for US Government customers": GCC uses the commercial
+    /// portal; GCC High `security.microsoft.us`; DoD `security.apps.mil`).
+    pub fn portal(self) -> &'static str {
+        match self {
+            Self::Public | Self::Gcc => "https://security.microsoft.com",
+            Self::GccHigh => "https://security.microsoft.us",
+            Self::Dod => "https://security.apps.mil",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Public => "public",

@@ -172,7 +172,8 @@ pub async fn prepare(
     )
     .with_stale_pending(settings.stale_pending)
     .with_jobs(jobs)
-    .with_reconciler(reconciler);
+    .with_reconciler(reconciler)
+    .with_portal(settings.cloud.portal());
     Ok((state, sim))
 }
 

@@ -28,6 +28,8 @@ struct Inner {
     jobs: Option<Jobs>,
     /// The reconciler (expiries, the Defender tag) and its records.
     reconciler: Option<Reconciler>,
+    /// The Defender portal of the configured cloud (device links).
+    portal: &'static str,
 }
 
 impl AppState {
@@ -44,6 +46,7 @@ impl AppState {
                 stale_pending: DEFAULT_STALE_PENDING,
                 jobs: None,
                 reconciler: None,
+                portal: "https://security.microsoft.com",
             }),
         }
     }
@@ -70,6 +73,19 @@ impl AppState {
             inner.reconciler = Some(reconciler);
         }
         self
+    }
+
+    /// Sets the Defender portal the device links point at; called at startup.
+    pub fn with_portal(mut self, portal: &'static str) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.portal = portal;
+        }
+        self
+    }
+
+    /// The Defender portal of the configured cloud.
+    pub fn portal(&self) -> &'static str {
+        self.inner.portal
     }
 
     /// The reconciler (always set by the composition root).

@@ -128,6 +128,9 @@ pub struct Device {
     pub last_action: Option<MachineAction>,
     /// The newest `Pending`/`InProgress` restrict or unrestrict action.
     pub pending_action: Option<MachineAction>,
+    /// When this service releases the restriction (`releaseAfter`), UTC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_at: Option<String>,
     /// `since`, parsed, to sort by.
     #[serde(skip)]
     since_at: Option<OffsetDateTime>,
@@ -255,6 +258,7 @@ fn device(actions: &mut Vec<MachineAction>) -> Device {
         state,
         since,
         since_at: last_action.as_ref().and_then(finished),
+        release_at: None,
         last_action,
         pending_action,
     }
