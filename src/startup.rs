@@ -11,7 +11,7 @@ use crate::{
     coordination::{
         CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions,
         queue::{Delivery, DeliveryRules, LocalQueue},
-        records::MemoryRecords,
+        records::{MemoryRecords, Records},
     },
     defender::{
         DefenderClient, DefenderClientOptions,
@@ -21,6 +21,7 @@ use crate::{
     },
     host::{app_state::AppState, error::ApiError, routes, server},
     service::{
+        callbacks::Outbox,
         jobs::{DeviceProblem, Explain, Jobs, QUEUE_NAME},
         restrict::Restrictor,
         service_error::ServiceError,
@@ -158,13 +159,26 @@ pub async fn prepare(
         client,
         coordinator.as_deref(),
     )?;
+    // Pending callbacks live beside the job records: blobs in the storage
+    // account with `COORDINATION=storage`, this process's memory otherwise.
+    let callback_records: Arc<dyn Records> = match coordinator.as_deref() {
+        Some(coordinator) => Arc::new(coordinator.records()),
+        None => Arc::new(MemoryRecords::new()),
+    };
+    let callbacks = Outbox::new(
+        callback_records,
+        settings.callbacks.clone(),
+        restrictor.clone(),
+        Some(jobs.clone()),
+    );
     let state = AppState::new(
         restrictor,
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
     )
     .with_stale_pending(settings.stale_pending)
-    .with_jobs(jobs);
+    .with_jobs(jobs)
+    .with_callbacks(callbacks);
     Ok((state, sim))
 }
 

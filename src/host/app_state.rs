@@ -4,7 +4,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::service::{jobs::Jobs, restrict::Restrictor};
+use crate::{
+    coordination::records::MemoryRecords,
+    service::{callbacks::Outbox, jobs::Jobs, restrict::Restrictor},
+};
 
 /// `STALE_PENDING_HOURS`' default: a day.
 const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);
@@ -26,6 +29,8 @@ struct Inner {
     stale_pending: Duration,
     /// Containment jobs.
     jobs: Option<Jobs>,
+    /// Pending completion callbacks.
+    callbacks: Outbox,
 }
 
 impl AppState {
@@ -34,8 +39,17 @@ impl AppState {
         request_timeout: Duration,
         allowed_roles: Vec<String>,
     ) -> Self {
+        // In this process's memory, with the default settings, until the
+        // composition root sets the real ones.
+        let callbacks = Outbox::new(
+            Arc::new(MemoryRecords::new()),
+            Default::default(),
+            restrictor.clone(),
+            None,
+        );
         Self {
             inner: Arc::new(Inner {
+                callbacks,
                 restrictor,
                 request_timeout,
                 allowed_roles,
@@ -59,6 +73,19 @@ impl AppState {
             inner.jobs = Some(jobs);
         }
         self
+    }
+
+    /// Sets the callback outbox; called at startup, before the state is shared.
+    pub fn with_callbacks(mut self, callbacks: Outbox) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.callbacks = callbacks;
+        }
+        self
+    }
+
+    /// The pending completion callbacks.
+    pub fn callbacks(&self) -> &Outbox {
+        &self.inner.callbacks
     }
 
     /// Containment jobs (always set by the composition root).
