@@ -10,7 +10,7 @@ use crate::{
     config::{ConfigError, Settings},
     coordination::{
         CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions,
-        queue::{Delivery, DeliveryRules, LocalQueue},
+        queue::{Delivery, DeliveryRules, LocalQueue, MessageQueue, MissingQueue},
         records::{MemoryRecords, Records},
     },
     defender::{
@@ -206,12 +206,21 @@ fn jobs(
     });
     match (&settings.coordination, coordinator) {
         (CoordinationSettings::Storage(storage), Some(coordinator)) => {
-            let queue = coordinator.queue(storage, QUEUE_NAME, Duration::from_secs(10))?;
+            // Without a queue endpoint only jobs are unavailable (503 naming
+            // the setting); single requests run as before.
+            let queue: Arc<dyn MessageQueue> =
+                match coordinator.queue(storage, QUEUE_NAME, Duration::from_secs(10)) {
+                    Ok(queue) => Arc::new(queue),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "containment jobs cannot send messages");
+                        Arc::new(MissingQueue(error))
+                    }
+                };
             Ok(Jobs::new(
                 restrictor,
                 client,
                 Arc::new(coordinator.records()),
-                Arc::new(queue),
+                queue,
                 work_time,
                 explain,
             ))
