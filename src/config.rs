@@ -191,6 +191,26 @@ pub struct Settings {
     /// `COORDINATION` and, with `storage`, the host's storage account
     /// (parsed in [`crate::coordination::settings`]).
     pub coordination: CoordinationSettings,
+    /// `CALLBACK_ALLOWED_HOSTS`, `CALLBACK_ALLOW_LOOPBACK`, `CALLBACK_SIGNING_KEY`.
+    pub callbacks: crate::service::callbacks::CallbackPolicy,
+}
+
+/// Where callbacks may go and how they are signed.
+fn callback_policy(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<crate::service::callbacks::CallbackPolicy, ConfigError> {
+    use crate::service::callbacks::{CallbackPolicy, policy::DEFAULT_ALLOWED_HOSTS};
+    let hosts = get("CALLBACK_ALLOWED_HOSTS").unwrap_or_else(|| DEFAULT_ALLOWED_HOSTS.to_owned());
+    CallbackPolicy::new(
+        &hosts,
+        boolean(get, "CALLBACK_ALLOW_LOOPBACK", false)?,
+        get("CALLBACK_SIGNING_KEY").map(String::into_bytes),
+    )
+    .map_err(|reason| ConfigError {
+        name: "CALLBACK_ALLOWED_HOSTS",
+        value: hosts.clone(),
+        reason,
+    })
 }
 
 impl Settings {
@@ -339,6 +359,7 @@ impl Settings {
                 "a whole number of seconds between 1 and 3600",
             )?),
             coordination: CoordinationSettings::from_lookup(&lookup)?,
+            callbacks: callback_policy(&get)?,
         })
     }
 }

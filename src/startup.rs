@@ -10,8 +10,8 @@ use crate::{
     config::{ConfigError, Settings},
     coordination::{
         CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions,
-        queue::{Delivery, DeliveryRules, LocalQueue},
-        records::MemoryRecords,
+        queue::{Delivery, DeliveryRules, LocalQueue, MessageQueue, MissingQueue},
+        records::{MemoryRecords, Records},
     },
     defender::{
         DefenderClient, DefenderClientOptions,
@@ -21,6 +21,7 @@ use crate::{
     },
     host::{app_state::AppState, error::ApiError, routes, server},
     service::{
+        callbacks::Outbox,
         jobs::{DeviceProblem, Explain, Jobs, QUEUE_NAME},
         reconcile::{ReconcileSettings, Reconciler},
         restrict::Restrictor,
@@ -159,11 +160,25 @@ pub async fn prepare(
         client.clone(),
         coordinator.as_deref(),
     )?;
+    // Pending callbacks live beside the job records: blobs in the storage
+    // account with `COORDINATION=storage`, this process's memory otherwise.
+    let callback_records: Arc<dyn Records> = match coordinator.as_deref() {
+        Some(coordinator) => Arc::new(coordinator.records()),
+        None => Arc::new(MemoryRecords::new()),
+    };
+    let callbacks = Outbox::new(
+        callback_records,
+        settings.callbacks.clone(),
+        restrictor.clone(),
+        Some(jobs.clone()),
+    );
+    // The reconciler delivers the due callbacks on each of its runs.
     let reconciler = reconciler(
         &settings,
         restrictor.clone(),
         client,
         coordinator.as_deref(),
+        callbacks.clone(),
     );
     let state = AppState::new(
         restrictor,
@@ -173,7 +188,8 @@ pub async fn prepare(
     .with_stale_pending(settings.stale_pending)
     .with_jobs(jobs)
     .with_reconciler(reconciler)
-    .with_portal(settings.cloud.portal());
+    .with_portal(settings.cloud.portal())
+    .with_callbacks(callbacks);
     Ok((state, sim))
 }
 
@@ -201,12 +217,21 @@ fn jobs(
     });
     match (&settings.coordination, coordinator) {
         (CoordinationSettings::Storage(storage), Some(coordinator)) => {
-            let queue = coordinator.queue(storage, QUEUE_NAME, Duration::from_secs(10))?;
+            // Without a queue endpoint only jobs are unavailable (503 naming
+            // the setting); single requests run as before.
+            let queue: Arc<dyn MessageQueue> =
+                match coordinator.queue(storage, QUEUE_NAME, Duration::from_secs(10)) {
+                    Ok(queue) => Arc::new(queue),
+                    Err(error) => {
+                        tracing::warn!(error = %error, "containment jobs cannot send messages");
+                        Arc::new(MissingQueue(error))
+                    }
+                };
             Ok(Jobs::new(
                 restrictor,
                 client,
                 Arc::new(coordinator.records()),
-                Arc::new(queue),
+                queue,
                 work_time,
                 explain,
             ))
@@ -253,6 +278,7 @@ fn reconciler(
     restrictor: Restrictor,
     client: DefenderClient,
     coordinator: Option<&Coordinator>,
+    callbacks: Outbox,
 ) -> Reconciler {
     let options = ReconcileSettings {
         restricted_tag: settings.restricted_tag.clone(),
@@ -269,7 +295,8 @@ fn reconciler(
             Arc::new(coordinator.records()),
             false,
             options,
-        ),
+        )
+        .with_callbacks(callbacks),
         None => {
             let reconciler = Reconciler::new(
                 restrictor,
@@ -277,7 +304,8 @@ fn reconciler(
                 Arc::new(MemoryRecords::new()),
                 true,
                 options,
-            );
+            )
+            .with_callbacks(callbacks);
             let every = settings.reconcile_interval;
             let local = reconciler.clone();
             tokio::spawn(async move {

@@ -104,9 +104,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
   resource appSettings 'config' = {
     name: 'appsettings'
     properties: union({
-        // Host storage with the identity, no connection string. The blob URI (not the account
-        // name) keeps it right in sovereign clouds. HTTP-only: blob is all the host uses.
+        // Host storage with the identity, no connection string. The service URIs (not the
+        // account name) keep it right in sovereign clouds. The queue: containment jobs' messages
+        // and the host's queue triggers (job-worker, job-poison).
         AzureWebJobsStorage__blobServiceUri: storage.properties.primaryEndpoints.blob
+        AzureWebJobsStorage__queueServiceUri: storage.properties.primaryEndpoints.queue
         AzureWebJobsStorage__credential: 'managedidentity'
         AzureWebJobsStorage__clientId: identityClientId
         APPLICATIONINSIGHTS_CONNECTION_STRING: applicationInsights.properties.ConnectionString

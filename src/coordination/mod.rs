@@ -48,7 +48,7 @@ use self::{
 };
 use crate::defender::{
     Endpoint,
-    budget::{BudgetError, CallBudget, OverBudget},
+    budget::{BudgetError, CallBudget, OverBudget, Share},
     error::Refusal,
 };
 
@@ -273,6 +273,17 @@ impl CallBudget for Coordinator {
                 }
                 other => BudgetError::Refused(Refusal::new(other.into_unavailable())),
             })
+    }
+
+    async fn wait_for_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Duration, BudgetError> {
+        self.budget
+            .wait_for_share(&self.store, endpoint.bucket(), share)
+            .await
+            .map_err(|e| BudgetError::Refused(Refusal::new(e.into_unavailable())))
     }
 
     /// The shared budget lives in storage; without asking it, this instance

@@ -219,6 +219,22 @@ impl MessageQueue for StorageQueue {
     }
 }
 
+/// A queue the settings do not name: every send fails with the reason, so
+/// that jobs answer 503 naming the missing setting while everything else runs.
+#[derive(Debug)]
+pub struct MissingQueue(pub CoordinationError);
+
+#[async_trait]
+impl MessageQueue for MissingQueue {
+    async fn send(&self, _text: &str, _delay: Duration) -> Result<(), CoordinationError> {
+        Err(self.0.clone())
+    }
+
+    fn in_memory(&self) -> bool {
+        false
+    }
+}
+
 /// One delivery of a message, as the host gives it to a function.
 #[derive(Debug, Clone)]
 pub struct Delivery {

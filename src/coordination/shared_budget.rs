@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use tokio::{sync::oneshot, time::Instant};
 
 use super::{CoordinationError, store::Store};
-use crate::defender::budget::LATENCY_ALLOWANCE;
+use crate::defender::budget::{LATENCY_ALLOWANCE, Share, next_within};
 
 const MINUTE: Duration = Duration::from_secs(60);
 const HOUR: Duration = Duration::from_secs(3600);
@@ -167,6 +167,35 @@ impl SharedBudget {
                 reason: "the budget reservation was abandoned".into(),
             })
         })
+    }
+}
+
+impl SharedBudget {
+    /// How long until `bucket` has a slot within `share` of each window,
+    /// from the reservations every instance made (one read; nothing reserved).
+    pub async fn wait_for_share(
+        &self,
+        store: &Store,
+        bucket: &str,
+        share: Share,
+    ) -> Result<Duration, CoordinationError> {
+        let (reservations, _) = read(store, &format!("budget/{bucket}")).await?;
+        let now = unix_ms(SystemTime::now());
+        let at = next_within(
+            &reservations.slots,
+            now,
+            [
+                (
+                    Share::of(self.limits.per_minute, share.minute),
+                    self.limits.minute_ms,
+                ),
+                (
+                    Share::of(self.limits.per_hour, share.hour),
+                    self.limits.hour_ms,
+                ),
+            ],
+        );
+        Ok(Duration::from_millis(at.saturating_sub(now)))
     }
 }
 

@@ -60,6 +60,76 @@ pub trait CallBudget: std::fmt::Debug + Send + Sync {
     /// Calls `endpoint` could make at once, now, as far as this instance
     /// knows without asking anyone (0 when it cannot tell).
     fn free_now(&self, endpoint: Endpoint) -> usize;
+
+    /// How long until `endpoint` has a slot that leaves every window at
+    /// most `share` full, counting every reservation made so far; nothing
+    /// is reserved. A lower-priority caller waits for this before it asks
+    /// for its slot, so the rest of each window stays free for the callers
+    /// above it.
+    async fn wait_for_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Duration, BudgetError>;
+}
+
+/// The part of each rate window a class of callers may fill: interactive
+/// requests all of it, background work less, so that it never takes the
+/// slots an interactive request needs next.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Share {
+    /// Of the per-minute limit, 0 to 1.
+    pub minute: f64,
+    /// Of the per-hour limit, 0 to 1.
+    pub hour: f64,
+}
+
+impl Share {
+    /// Interactive requests: the whole window.
+    pub const ALL: Self = Self {
+        minute: 1.0,
+        hour: 1.0,
+    };
+    /// Containment jobs: four fifths of each minute and nine tenths of each
+    /// hour, leaving the rest to interactive requests (and the reconciler).
+    pub const JOBS: Self = Self {
+        minute: 0.8,
+        hour: 0.9,
+    };
+
+    /// `limit` scaled by `fraction`, at least one call.
+    pub fn of(limit: usize, fraction: f64) -> usize {
+        let scaled = (limit as f64 * fraction.clamp(0.0, 1.0)).floor();
+        (scaled as usize).clamp(1, limit.max(1))
+    }
+}
+
+/// The earliest time at or after `now` at which one more call keeps both
+/// windows within `limits`, given the ascending call times `calls` (which
+/// may lie in the future: reservations not sent yet).
+pub fn next_within<T, W>(calls: &[T], now: T, limits: [(usize, W); 2]) -> T
+where
+    T: Copy + Ord + std::ops::Add<W, Output = T>,
+    W: Copy,
+{
+    let mut slot = now;
+    loop {
+        let mut moved = false;
+        for (limit, window) in limits {
+            let limit = limit.max(1);
+            let in_window = calls.len() - calls.partition_point(|&t| t + window <= slot);
+            if in_window >= limit {
+                let leaving = calls[calls.len() - limit] + window;
+                if leaving > slot {
+                    slot = leaving;
+                    moved = true;
+                }
+            }
+        }
+        if !moved {
+            return slot;
+        }
+    }
 }
 
 /// Why no slot was given.
@@ -81,6 +151,28 @@ impl CallBudget for RateBudget {
 
     fn free_now(&self, endpoint: Endpoint) -> usize {
         RateBudget::free_now(self, endpoint)
+    }
+
+    async fn wait_for_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Duration, BudgetError> {
+        let now = Instant::now();
+        let calls = self.calls.lock();
+        let Some(queue) = calls.get(&endpoint) else {
+            return Ok(Duration::ZERO);
+        };
+        let queue: Vec<Instant> = queue.iter().copied().collect();
+        let at = next_within(
+            &queue,
+            now,
+            [
+                (Share::of(self.per_minute, share.minute), self.minute),
+                (Share::of(self.per_hour, share.hour), self.hour),
+            ],
+        );
+        Ok(at.saturating_duration_since(now))
     }
 }
 
@@ -250,6 +342,29 @@ impl Drop for Reservation<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_share_leaves_the_rest_of_each_window_to_the_callers_above() {
+        assert_eq!(Share::of(100, Share::JOBS.minute), 80);
+        assert_eq!(Share::of(1500, Share::JOBS.hour), 1350);
+        assert_eq!(Share::of(1, 0.5), 1, "never nothing at all");
+        // Ten calls in the last minute (ms): the jobs' share of a limit of 10
+        // (8) is full until the third call leaves the window; the whole
+        // window (10) is full until the first leaves it.
+        let calls: Vec<u64> = (0..10).map(|i| 1_000 + i * 100).collect();
+        let now = 2_000;
+        let minute = 60_000;
+        let hour = 3_600_000;
+        assert_eq!(
+            next_within(&calls, now, [(Share::of(10, 0.8), minute), (1000, hour)]),
+            calls[2] + minute
+        );
+        assert_eq!(
+            next_within(&calls, now, [(10, minute), (1000, hour)]),
+            calls[0] + minute
+        );
+        assert_eq!(next_within(&calls, now, [(11, minute), (1000, hour)]), now);
+    }
 
     /// The windows the budget keeps, allowance included.
     const M: Duration = MINUTE.saturating_add(LATENCY_ALLOWANCE);

@@ -27,7 +27,7 @@ use uuid::Uuid;
 use super::{
     api::Endpoint,
     auth::TokenSource,
-    budget::{BudgetError, CallBudget, RateBudget},
+    budget::{BudgetError, CallBudget, RateBudget, Share},
     error::{DefenderError, Refusal},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -291,6 +291,26 @@ impl DefenderClient {
             retry,
             page_top: page_top.clamp(1, PAGE_TOP),
         }
+    }
+
+    /// How long until `endpoint`'s budget has a slot within `share` of each
+    /// window (nothing reserved): what a lower-priority caller waits for
+    /// before it starts.
+    pub async fn wait_for_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Duration, DefenderError> {
+        self.budget
+            .wait_for_share(endpoint, share)
+            .await
+            .map_err(|e| match e {
+                BudgetError::OverBudget(over) => DefenderError::OverBudget {
+                    endpoint,
+                    wait: over.wait,
+                },
+                BudgetError::Refused(refusal) => DefenderError::Refused { endpoint, refusal },
+            })
     }
 
     /// Calls to `endpoint` the rate budget allows at once, now.

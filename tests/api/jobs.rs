@@ -300,13 +300,14 @@ async fn slow_app_timing(
     (app, ids)
 }
 
-/// The hour's budget is spent after two restricts: the other devices wait
-/// in a delayed message for the hour's next slot (no failure, no poison),
-/// then finish, each restricted once.
+/// The jobs' share of the hour (nine tenths of three restricts: two) is
+/// spent after two restricts: the other devices wait in a delayed message for
+/// the hour's next slots (no failure, no poison), then finish, each
+/// restricted once.
 #[tokio::test]
 async fn devices_past_the_hourly_budget_wait_for_it_instead_of_failing() {
     // An hour of 10 s; an invocation of 6 s cannot wait for it.
-    let (app, machines) = slow_app(4, 100, 2, 360).await;
+    let (app, machines) = slow_app(4, 100, 3, 360).await;
     let answer = start(&app, json!({"machineTag": "wave"})).await;
     assert_eq!(answer.status, 202, "{}", answer.body);
     let job = answer.json()["jobId"].as_str().unwrap().to_owned();
@@ -441,4 +442,31 @@ async fn a_single_restrict_during_a_job_is_served_before_the_job_is_done() {
         .filter(|p| machine_of_post(p) == seed::ALPHA_MACHINE_ID)
         .count();
     assert_eq!(alpha_posts, 1);
+}
+
+/// Ten thousand ids (about half a MiB) fit the forwarded body limit and the
+/// host's payload-mode envelope; nothing is asked of Defender to start.
+#[tokio::test]
+async fn ten_thousand_ids_start_a_job_in_both_modes() {
+    let app = spawn_app().await;
+    let ids: Vec<String> = (0..10_000).map(|i| format!("{:040x}", i + 1)).collect();
+    let body = json!({"deviceIds": ids, "comment": "mass"}).to_string();
+    for payload in [false, true] {
+        let request = CallerRequest::json(body.clone());
+        let answer = if payload {
+            app.host.payload_to(&start_route(), &request).await
+        } else {
+            app.host.forwarded_to(&start_route(), &request).await
+        };
+        assert_eq!(
+            answer.status, 202,
+            "payload mode {payload}: {}",
+            answer.body
+        );
+        assert_eq!(answer.json()["devices"], 10_000);
+    }
+    assert!(
+        machine_lists(&app).is_empty(),
+        "listed ids are not resolved when the job starts"
+    );
 }

@@ -72,7 +72,7 @@ async fn peek_texts(queue: &QueueClient) -> Vec<String> {
 }
 
 struct Storage {
-    _azurite: Azurite,
+    azurite: Azurite,
     connection: String,
     account: StorageAccount,
 }
@@ -83,7 +83,7 @@ impl Storage {
         let connection = azurite.connection_string();
         let account = StorageAccount::from_connection_string(&connection).unwrap();
         Self {
-            _azurite: azurite,
+            azurite,
             connection,
             account,
         }
@@ -158,7 +158,7 @@ async fn azure_storage_queue_talks_to_azurite() {
     assert!(peek_texts(&queue).await.is_empty());
 
     // The service's own queue writer sends what the trigger decodes.
-    let settings = _settings_for(&storage, "svc");
+    let settings = storage_settings(&storage, "svc");
     let sender = restrict_code_execution::coordination::queue::StorageQueue::new(
         &settings,
         "svc-queue",
@@ -173,11 +173,11 @@ async fn azure_storage_queue_talks_to_azurite() {
     assert_eq!(texts, [b64(r#"{"k":"v"}"#)]);
 }
 
-fn _settings_for(
+fn storage_settings(
     storage: &Storage,
     container: &str,
 ) -> restrict_code_execution::coordination::StorageSettings {
-    storage._azurite.settings(container)
+    storage.azurite.settings(container)
 }
 
 /// What the recording handler does with a message (by its text).

@@ -7,8 +7,10 @@
 //! from it, and a test checks them against each `function.json`.
 
 pub mod answer;
+pub mod callback;
 pub mod cancel;
 pub mod devices;
+pub mod dry_run;
 pub mod job_queue;
 pub mod jobs;
 pub mod openapi;

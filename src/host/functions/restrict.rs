@@ -11,7 +11,7 @@ use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
-use super::{Record, status::status_url};
+use super::{Record, callback, dry_run, status::status_url};
 use crate::{
     host::{
         app_state::AppState,
@@ -20,6 +20,7 @@ use crate::{
         reply::Reply,
     },
     service::{
+        callbacks::{CallbackUrl, Subject, Watched},
         expiry::{ExpiryNote, rfc3339},
         restrict::{Outcome, Success},
         runbook::{CallerName, DeviceRef, RunbookRequest, Target},
@@ -50,12 +51,37 @@ pub async fn run(
     }
     record.release = Some(request.release);
     record.caller_name = request.caller.as_ref().map(|c| c.as_str().to_owned());
+    // Before anything reaches Defender: a callback that may not go where it
+    // points is a 400.
+    let callback = callback::check(state, request.callback_url.as_deref())?;
+    if request.dry_run {
+        return dry_run::answer(state, invocation, &request, deadline, record).await;
+    }
 
     match request.target.clone() {
-        Target::One(device) => single(state, invocation, &request, &device, deadline, record).await,
-        Target::Many(devices) => {
-            Ok(bulk(state, invocation, &request, &devices, deadline, record).await)
+        Target::One(device) => {
+            let mut reply = single(state, invocation, &request, &device, deadline, record).await;
+            if let (Some(url), Ok((_, success))) = (&callback, &mut reply) {
+                let subject = Subject::Action {
+                    release: request.release,
+                    device: callback::watched(&device, Ok(success)),
+                };
+                if let Some(warning) = callback::record(state, invocation, url, subject).await {
+                    tracing::warn!(%warning, "no callback for this request");
+                }
+            }
+            reply.map(|(reply, _)| reply)
         }
+        Target::Many(devices) => Ok(bulk(
+            state,
+            invocation,
+            &request,
+            &devices,
+            deadline,
+            record,
+            callback.as_ref(),
+        )
+        .await),
     }
 }
 
@@ -66,7 +92,7 @@ async fn single(
     device: &DeviceRef,
     deadline: Instant,
     record: &mut Record,
-) -> Result<Reply, ApiError> {
+) -> Result<(Reply, Success), ApiError> {
     let format = invocation.format();
     record.device_id = Some(device.to_string());
     record.headline = Some(headline(request, device));
@@ -105,7 +131,7 @@ async fn single(
             .with_header("Retry-After", POLL_AFTER_SECONDS.to_string())
             .with_header("Preference-Applied", "respond-async".to_owned());
     }
-    Ok(reply)
+    Ok((reply, success))
 }
 
 /// A device's action, and what became of its expiry.
@@ -232,6 +258,7 @@ async fn bulk(
     devices: &[DeviceRef],
     deadline: Instant,
     record: &mut Record,
+    callback_url: Option<&CallbackUrl>,
 ) -> Reply {
     let format = invocation.format();
     // Act on every device first (eight at a time), then wait for all of
@@ -259,6 +286,25 @@ async fn bulk(
         .flatten()
         .collect();
     let warning = cut_short_warning(&cuts, devices.len(), state.request_timeout());
+    if let Some(url) = callback_url {
+        let mut watched: Vec<(usize, Watched)> = acted
+            .iter()
+            .map(|(index, device, _, result)| {
+                (
+                    *index,
+                    callback::watched(device, result.as_ref().map(|(success, _)| success)),
+                )
+            })
+            .collect();
+        watched.sort_by_key(|(index, _)| *index);
+        let subject = Subject::Devices {
+            release: request.release,
+            devices: watched.into_iter().map(|(_, w)| w).collect(),
+        };
+        if let Some(warning) = callback::record(state, invocation, url, subject).await {
+            tracing::warn!(%warning, "no callback for this request");
+        }
+    }
     let mut results: Vec<(usize, DeviceResult)> = acted
         .into_iter()
         .map(|(index, device, device_started, result)| {

@@ -271,23 +271,20 @@ impl Outbox {
                 report.left_for_next_run += 1;
                 continue;
             }
-            let body = match self.body(&pending, now).await {
-                Some(body) => body,
-                None => {
-                    let age = now.unix_timestamp() - pending.created;
-                    if age > WAIT_FOR_FINAL.whole_seconds() {
-                        pending.last_error = Some("the action never became final".into());
-                        report.abandoned += 1;
-                        report.storage_operations += 1;
-                        let _ = self
-                            .write(&name, &pending, "abandoned", 0, WriteIf::Matches(etag))
-                            .await;
-                        tracing::warn!(callback_key = %pending.key, "callback abandoned: its action never became final");
-                    } else {
-                        report.waiting += 1;
-                    }
-                    continue;
+            let Some(body) = self.body(&pending, now).await else {
+                let age = now.unix_timestamp() - pending.created;
+                if age > WAIT_FOR_FINAL.whole_seconds() {
+                    pending.last_error = Some("the action never became final".into());
+                    report.abandoned += 1;
+                    report.storage_operations += 1;
+                    let _ = self
+                        .write(&name, &pending, "abandoned", 0, WriteIf::Matches(etag))
+                        .await;
+                    tracing::warn!(callback_key = %pending.key, "callback abandoned: its action never became final");
+                } else {
+                    report.waiting += 1;
                 }
+                continue;
             };
             self.attempt(&name, etag, pending, &body, now, &mut report)
                 .await;

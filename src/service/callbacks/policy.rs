@@ -56,8 +56,9 @@ impl Default for CallbackPolicy {
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum HostPattern {
     Exact(String),
-    /// `*.logic.azure.com`: any host ending in `.logic.azure.com` (not the
-    /// bare suffix itself).
+    /// `*.logic.azure.com`: any host ending in `.logic.azure.com`, with one
+    /// label or more before it (Logic Apps hosts are
+    /// `prod-NN.<region>.logic.azure.com`); not the bare suffix itself.
     Suffix(String),
 }
 
@@ -67,7 +68,7 @@ impl HostPattern {
             Self::Exact(exact) => exact == host,
             Self::Suffix(suffix) => host
                 .strip_suffix(suffix.as_str())
-                .is_some_and(|label| label.len() > 1 && label.ends_with('.')),
+                .is_some_and(|labels| !labels.is_empty()),
         }
     }
 }

@@ -29,9 +29,8 @@ pub enum Attempt {
 /// `sha256=<hex HMAC-SHA256 of body>` for `X-Signature-256`.
 pub fn signature(key: &[u8], body: &[u8]) -> String {
     // HMAC takes a key of any length; `new_from_slice` cannot fail for it.
-    let mut mac = match Hmac::<Sha256>::new_from_slice(key) {
-        Ok(mac) => mac,
-        Err(_) => return String::new(),
+    let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(key) else {
+        return String::new();
     };
     mac.update(body);
     let digest = mac.finalize().into_bytes();

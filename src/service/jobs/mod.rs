@@ -265,13 +265,14 @@ impl Jobs {
             )
             .await?;
         let pending: Vec<(usize, &DeviceEntry)> = devices.iter().enumerate().collect();
-        // A send that fails leaves the job to its repair: the records say
-        // which devices still wait.
+        // A send that fails leaves the job to its repair (the records say
+        // which devices still wait), and the caller gets the failure: a retry
+        // with the same Idempotency-Key answers this job.
         if let Err(error) = self.send_devices(&job_id, &pending).await {
             tracing::warn!(job_id = %job_id, error = %error, "not every message of the job was sent; the job is re-driven when its status is read");
-        } else {
-            self.mark_progress(&job_id, None).await;
+            return Err(error.into());
         }
+        self.mark_progress(&job_id, None).await;
         tracing::info!(job_id = %job_id, devices = devices.len(), release = job.release, "job started");
         Ok(Started {
             job,
@@ -428,8 +429,15 @@ impl Jobs {
             return Err(JobError::NotFound(job_id.to_owned()));
         };
         let mut state = self.state(job).await?;
-        if !state.finished() && self.repair(&state).await? {
-            state.repaired = true;
+        if !state.finished() {
+            // The state is the answer; a repair that fails is tried again at
+            // the next read.
+            match self.repair(&state).await {
+                Ok(repaired) => state.repaired = repaired,
+                Err(error) => {
+                    tracing::warn!(job_id = %job_id, error = %error, "the stalled job could not be re-driven");
+                }
+            }
         }
         Ok(state)
     }
@@ -635,4 +643,210 @@ fn unix_ms(t: OffsetDateTime) -> i64 {
 fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.replace_nanosecond(0).unwrap_or(t);
     t.format(&Rfc3339).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::{
+        coordination::records::MemoryRecords,
+        defender::{DefenderClient, auth::TokenSource},
+    };
+
+    /// Keeps what was sent; nothing is delivered.
+    #[derive(Debug, Default)]
+    struct Sent(Mutex<Vec<String>>);
+
+    #[async_trait::async_trait]
+    impl MessageQueue for Sent {
+        async fn send(&self, text: &str, _delay: Duration) -> Result<(), CoordinationError> {
+            self.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(text.to_owned());
+            Ok(())
+        }
+        fn in_memory(&self) -> bool {
+            true
+        }
+    }
+
+    /// Jobs over memory records and a queue that only records; Defender is
+    /// never called by what these tests do.
+    fn jobs() -> (Jobs, Arc<MemoryRecords>, Arc<Sent>) {
+        let client = DefenderClient::new(
+            url::Url::parse("http://127.0.0.1:9/").unwrap(),
+            TokenSource::fixed("unused", Duration::from_secs(1)),
+            None,
+        );
+        let restrictor = Restrictor::new(client.clone(), false, Duration::ZERO, None);
+        let records = Arc::new(MemoryRecords::new());
+        let sent = Arc::new(Sent::default());
+        let explain: Arc<Explain> =
+            Arc::new(
+                |e: &crate::service::service_error::ServiceError| DeviceProblem {
+                    code: "x".into(),
+                    detail: e.to_string(),
+                },
+            );
+        let jobs = Jobs::new(
+            restrictor,
+            client,
+            records.clone(),
+            sent.clone(),
+            Duration::from_secs(60),
+            explain,
+        );
+        (jobs, records, sent)
+    }
+
+    /// A job of three devices started `age` ago, the first with an outcome.
+    async fn seed(records: &MemoryRecords, id: &str, age: time::Duration) {
+        let created = OffsetDateTime::now_utc() - age;
+        let devices: Vec<DeviceEntry> = (0..3)
+            .map(|i| DeviceEntry {
+                device_id: format!("{i:040x}"),
+                machine_id: Some(format!("{i:040x}")),
+                computer_dns_name: None,
+            })
+            .collect();
+        let job = JobRecord {
+            job_id: id.to_owned(),
+            created_at: rfc3339(created),
+            release: false,
+            selector: SelectorRecord::MachineTag("t".into()),
+            comment: "c".into(),
+            caller_name: None,
+            force: false,
+            devices: 3,
+            cancelled_at: None,
+        };
+        let write = |name: String, body: Vec<u8>| async move {
+            records
+                .write(&name, body, Default::default(), WriteIf::Always)
+                .await
+                .unwrap()
+        };
+        write(
+            model::devices_name(id),
+            serde_json::to_vec(&devices).unwrap(),
+        )
+        .await;
+        write(model::job_name(id), serde_json::to_vec(&job).unwrap()).await;
+        let outcome = OutcomeRecord {
+            outcome: "requested".into(),
+            machine_id: None,
+            computer_dns_name: None,
+            action_id: Some("a".into()),
+            problem: None,
+            at: unix_ms(created),
+        };
+        records
+            .write(
+                &model::outcome_name(id, 0),
+                Vec::new(),
+                to_metadata(&outcome, &[]),
+                WriteIf::Absent,
+            )
+            .await
+            .unwrap();
+    }
+
+    fn sent_devices(sent: &Sent) -> Vec<usize> {
+        sent.0
+            .lock()
+            .unwrap()
+            .iter()
+            .flat_map(|t| serde_json::from_str::<JobMessage>(t).unwrap().devices)
+            .map(|d| d.i)
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn a_start_that_died_before_its_messages_is_re_driven_once() {
+        let (jobs, records, sent) = jobs();
+        seed(&records, "j1", time::Duration::minutes(3)).await;
+        let state = jobs.status("j1").await.unwrap();
+        assert!(state.repaired);
+        assert_eq!(state.status, "running");
+        assert_eq!(state.counts["queued"], 2);
+        // Only the devices without an outcome are sent again.
+        assert_eq!(sent_devices(&sent), [1, 2]);
+        // The repair is recorded: the next read does not send them again.
+        assert!(!jobs.status("j1").await.unwrap().repaired);
+        assert_eq!(sent_devices(&sent).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn a_young_start_and_a_job_making_progress_are_left_alone() {
+        let (jobs, records, sent) = jobs();
+        seed(&records, "young", time::Duration::seconds(30)).await;
+        assert!(!jobs.status("young").await.unwrap().repaired);
+        seed(&records, "busy", time::Duration::minutes(30)).await;
+        jobs.mark_progress("busy", None).await;
+        assert!(!jobs.status("busy").await.unwrap().repaired);
+        // Waiting for the hour's slots: quiet until then, not stalled, though
+        // the last send is long ago.
+        seed(&records, "waiting", time::Duration::minutes(30)).await;
+        let now = OffsetDateTime::now_utc();
+        let progress: std::collections::HashMap<String, String> = [
+            (
+                "at".to_owned(),
+                unix_ms(now - time::Duration::minutes(20)).to_string(),
+            ),
+            (
+                "quiet".to_owned(),
+                unix_ms(now + time::Duration::minutes(40)).to_string(),
+            ),
+        ]
+        .into_iter()
+        .collect();
+        records
+            .write(
+                &model::progress_name("waiting"),
+                Vec::new(),
+                progress,
+                WriteIf::Always,
+            )
+            .await
+            .unwrap();
+        assert!(!jobs.status("waiting").await.unwrap().repaired);
+        assert!(sent_devices(&sent).is_empty());
+    }
+
+    #[tokio::test]
+    async fn messages_lost_while_devices_wait_are_re_driven_after_the_stall() {
+        let (jobs, records, sent) = jobs();
+        seed(&records, "lost", time::Duration::hours(1)).await;
+        let old = unix_ms(OffsetDateTime::now_utc() - time::Duration::minutes(16));
+        records
+            .write(
+                &model::progress_name("lost"),
+                Vec::new(),
+                [("at".to_owned(), old.to_string())].into_iter().collect(),
+                WriteIf::Always,
+            )
+            .await
+            .unwrap();
+        assert!(jobs.status("lost").await.unwrap().repaired);
+        assert_eq!(sent_devices(&sent), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_job_ends_with_its_unsent_devices_skipped() {
+        let (jobs, records, _) = jobs();
+        seed(&records, "c", time::Duration::minutes(1)).await;
+        let cancelled = jobs.cancel("c").await.unwrap();
+        assert_eq!(cancelled.actions_created, 1);
+        assert_eq!(cancelled.skipped, 2);
+        let state = jobs.status("c").await.unwrap();
+        assert_eq!(state.status, "cancelled");
+        assert!(state.finished());
+        assert!(matches!(
+            jobs.status("nope").await,
+            Err(JobError::NotFound(_))
+        ));
+    }
 }

@@ -28,7 +28,7 @@ use super::{
 };
 use crate::{
     coordination::{CoordinationError, records::WriteIf},
-    defender::{DefenderError, models::ActionType},
+    defender::{DefenderError, Endpoint, budget::Share, models::ActionType},
     service::{
         restrict::Intent,
         runbook::{CallerName, Comment, DeviceRef, RunbookError},
@@ -51,6 +51,13 @@ const DEVICE_RESERVE: Duration = Duration::from_secs(20);
 /// Most a deferred message is spread beyond its slot, so that messages
 /// waiting for the same window do not all arrive at once.
 const DEFER_SPREAD: Duration = Duration::from_secs(30);
+
+/// Whether a job's device may start.
+enum Admission {
+    Now,
+    /// Not within this invocation: its slot is this far away.
+    Later(Duration),
+}
 
 /// What to do about a device's error.
 enum Disposition {
@@ -152,6 +159,23 @@ impl Jobs {
                     continue;
                 }
             };
+            // Jobs come last: a device starts only once every API it uses
+            // has room within the jobs' share of its windows, waited for here,
+            // before the protocol takes the machine's lease or reads anything.
+            match self.admission(&job, deadline, reserve).await {
+                Ok(Admission::Now) => {}
+                Ok(Admission::Later(wait)) => {
+                    self.defer(&job_id, &message.devices[k..], wait)
+                        .await
+                        .map_err(storage)?;
+                    return Ok(());
+                }
+                Err(e) => {
+                    return Err(WorkFailed(format!(
+                        "the budget could not be consulted for job {job_id}: {e}"
+                    )));
+                }
+            }
             let result = self.inner.restrictor.run(&target, &intent, deadline).await;
             match result {
                 Ok(success) => {
@@ -175,17 +199,9 @@ impl Jobs {
                             .map_err(storage)?;
                     }
                     Disposition::Later(wait) => {
-                        let spread = Duration::from_millis(fastrand::u64(
-                            0..=u64::try_from(DEFER_SPREAD.min(wait / 10).as_millis()).unwrap_or(0),
-                        ));
-                        let delay = wait + spread;
-                        tracing::info!(job_id = %job_id, devices = message.devices.len() - k, wait_s = delay.as_secs(), "no budget slot within this invocation; the devices wait in a delayed message");
-                        self.hand_on(&job_id, &message.devices[k..], delay)
+                        self.defer(&job_id, &message.devices[k..], wait)
                             .await
                             .map_err(storage)?;
-                        let quiet = OffsetDateTime::now_utc()
-                            + time::Duration::try_from(delay).unwrap_or(time::Duration::ZERO);
-                        self.mark_progress(&job_id, Some(quiet)).await;
                         return Ok(());
                     }
                     Disposition::Retry => {
@@ -199,6 +215,58 @@ impl Jobs {
                 },
             }
         }
+        Ok(())
+    }
+
+    /// Whether a device of `job` may start now, waiting here (outside any
+    /// lease) for the jobs' share of the budget when it comes within this
+    /// invocation; or how long it would have to wait.
+    async fn admission(
+        &self,
+        job: &model::JobRecord,
+        deadline: Instant,
+        reserve: Duration,
+    ) -> Result<Admission, DefenderError> {
+        let write = if job.release {
+            Endpoint::Unrestrict
+        } else {
+            Endpoint::Restrict
+        };
+        let client = &self.inner.client;
+        let (write, lookup, read) = tokio::try_join!(
+            client.wait_for_share(write, Share::JOBS),
+            client.wait_for_share(Endpoint::GetMachine, Share::JOBS),
+            client.wait_for_share(Endpoint::ListActions, Share::JOBS),
+        )?;
+        let wait = write.max(lookup).max(read);
+        if wait.is_zero() {
+            return Ok(Admission::Now);
+        }
+        if Instant::now() + wait + reserve > deadline {
+            return Ok(Admission::Later(wait));
+        }
+        tokio::time::sleep(wait).await;
+        Ok(Admission::Now)
+    }
+
+    /// Hand `devices` on to a message that becomes visible when the budget
+    /// has a slot for them (`wait`, spread a little), and note the wait in
+    /// the job's progress so that the repair does not mistake it for a stall.
+    async fn defer(
+        &self,
+        job_id: &str,
+        devices: &[MessageDevice],
+        wait: Duration,
+    ) -> Result<(), CoordinationError> {
+        let spread = Duration::from_millis(fastrand::u64(
+            0..=u64::try_from(DEFER_SPREAD.min(wait / 10).as_millis()).unwrap_or(0),
+        ));
+        let delay = wait + spread;
+        tracing::info!(job_id = %job_id, devices = devices.len(), wait_s = delay.as_secs(), "no budget slot within this invocation; the devices wait in a delayed message");
+        self.hand_on(job_id, devices, delay).await?;
+        let quiet = OffsetDateTime::now_utc()
+            + time::Duration::try_from(delay).unwrap_or(time::Duration::ZERO);
+        self.mark_progress(job_id, Some(quiet)).await;
         Ok(())
     }
 
