@@ -180,6 +180,7 @@ pub async fn prepare(
         coordinator.as_deref(),
         callbacks.clone(),
     );
+    jobs.keep_restrictions(reconciler.restrictions().clone());
     let state = AppState::new(
         restrictor,
         settings.request_timeout,

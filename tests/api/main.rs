@@ -21,6 +21,7 @@ mod connections;
 mod corners;
 mod defender_answers;
 mod devices;
+mod expiry;
 mod host_protocol;
 mod jobs;
 mod outbreak;

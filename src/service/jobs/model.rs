@@ -53,6 +53,10 @@ pub struct JobRecord {
     pub devices: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled_at: Option<String>,
+    /// `releaseAfter` counted from the start: when each restriction the
+    /// job creates is released (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_at: Option<String>,
 }
 
 /// One entry of `jobs/<id>/devices`.

@@ -5,6 +5,7 @@
 
 use serde_json::Value;
 
+use crate::service::expiry::ReleaseAfter;
 use crate::service::runbook::{
     CallerName, Comment, DeviceRef, RunbookError,
     fields::{self, Fields},
@@ -29,6 +30,7 @@ const ACCEPTED: &[&str] = &[
     fields::COMMENT,
     fields::CALLER_NAME,
     fields::FORCE,
+    fields::RELEASE_AFTER,
 ];
 
 /// Which devices a job acts on.
@@ -50,6 +52,8 @@ pub struct JobRequest {
     pub comment: Comment,
     pub caller: Option<CallerName>,
     pub force: bool,
+    /// `releaseAfter`: each restriction the job creates is released after this.
+    pub release_after: Option<ReleaseAfter>,
 }
 
 impl JobRequest {
@@ -70,9 +74,15 @@ impl JobRequest {
             None => Ok(false),
             Some(value) => boolean(name, value),
         };
+        let release = flag(fields::RELEASE)?;
+        let release_after = crate::service::runbook::parse_release_after(
+            fields.get(fields::RELEASE_AFTER),
+            release,
+        )?;
         Ok(Self {
             selector,
-            release: flag(fields::RELEASE)?,
+            release_after,
+            release,
             force: flag(fields::FORCE)?,
             comment: Comment::parse(fields.get(fields::COMMENT))?,
             caller: CallerName::parse(fields.get(fields::CALLER_NAME))?,

@@ -179,6 +179,19 @@ impl Jobs {
             let result = self.inner.restrictor.run(&target, &intent, deadline).await;
             match result {
                 Ok(success) => {
+                    // The restriction record, and the job's expiry; a
+                    // storage failure fails the delivery (retried).
+                    if let Some(restrictions) = self.inner.restrictions.get() {
+                        let asked = intent.release_at.map(|at| {
+                            crate::service::expiry::ReleaseAfter::After(
+                                at - OffsetDateTime::now_utc(),
+                            )
+                        });
+                        restrictions
+                            .after(&success, asked, intent.release_at)
+                            .await
+                            .map_err(storage)?;
+                    }
                     let record = OutcomeRecord {
                         outcome: success.outcome.as_str().to_owned(),
                         machine_id: Some(success.machine.id.clone()),
@@ -394,6 +407,8 @@ fn intent(job: &model::JobRecord) -> Result<Intent, RunbookError> {
             .as_ref()
             .and_then(|c| CallerName::parse(Some(&serde_json::Value::String(c.clone()))).ok())
             .flatten(),
-        release_at: None,
+        release_at: job.release_at.as_deref().and_then(|at| {
+            OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+        }),
     })
 }
