@@ -228,6 +228,7 @@ impl Jobs {
             force: request.force,
             devices: devices.len(),
             cancelled_at: None,
+            dry_run: request.dry_run,
         };
         let records = &self.inner.records;
         // The devices and the job before any message: a worker that finds
@@ -720,6 +721,7 @@ mod tests {
             comment: "c".into(),
             caller_name: None,
             force: false,
+            dry_run: false,
             devices: 3,
             cancelled_at: None,
         };

@@ -29,6 +29,8 @@ const ACCEPTED: &[&str] = &[
     fields::COMMENT,
     fields::CALLER_NAME,
     fields::FORCE,
+    fields::DRY_RUN,
+    fields::CALLBACK_URL,
 ];
 
 /// Which devices a job acts on.
@@ -50,6 +52,10 @@ pub struct JobRequest {
     pub comment: Comment,
     pub caller: Option<CallerName>,
     pub force: bool,
+    /// Look up and read every device, send nothing (`dryRun`).
+    pub dry_run: bool,
+    /// `callbackUrl` as given; the host checks where it may go.
+    pub callback_url: Option<String>,
 }
 
 impl JobRequest {
@@ -74,6 +80,10 @@ impl JobRequest {
             selector,
             release: flag(fields::RELEASE)?,
             force: flag(fields::FORCE)?,
+            dry_run: flag(fields::DRY_RUN)?,
+            callback_url: crate::service::runbook::parse_callback_url(
+                fields.get(fields::CALLBACK_URL),
+            )?,
             comment: Comment::parse(fields.get(fields::COMMENT))?,
             caller: CallerName::parse(fields.get(fields::CALLER_NAME))?,
         })

@@ -176,14 +176,37 @@ impl Jobs {
                     )));
                 }
             }
-            let result = self.inner.restrictor.run(&target, &intent, deadline).await;
+            let restrictor = &self.inner.restrictor;
+            let result = if job.dry_run {
+                restrictor
+                    .plan(&target, &intent, deadline)
+                    .await
+                    .map(|plan| {
+                        (
+                            plan.outcome.as_str(),
+                            plan.machine,
+                            plan.action.map(|a| a.action.id),
+                        )
+                    })
+            } else {
+                restrictor
+                    .run(&target, &intent, deadline)
+                    .await
+                    .map(|success| {
+                        (
+                            success.outcome.as_str(),
+                            success.machine,
+                            Some(success.action.action.id),
+                        )
+                    })
+            };
             match result {
-                Ok(success) => {
+                Ok((outcome, machine, action_id)) => {
                     let record = OutcomeRecord {
-                        outcome: success.outcome.as_str().to_owned(),
-                        machine_id: Some(success.machine.id.clone()),
-                        computer_dns_name: success.machine.computer_dns_name.clone(),
-                        action_id: Some(success.action.action.id.to_string()),
+                        outcome: outcome.to_owned(),
+                        machine_id: Some(machine.id.clone()),
+                        computer_dns_name: machine.computer_dns_name.clone(),
+                        action_id,
                         problem: None,
                         at: unix_ms(OffsetDateTime::now_utc()),
                     };
