@@ -336,3 +336,72 @@ async fn a_dry_run_reads_and_decides_but_sends_nothing() {
     assert_eq!(body["results"][1]["outcome"], "would_request", "{body}");
     assert_eq!(app.defender_posts(), 1, "only the real restrict was sent");
 }
+
+fn add_mac(sim: &SimHandle) -> &'static str {
+    let aad = "9e000000-0000-4000-8000-000000000002";
+    let mac: restrict_code_execution::defender::models::Machine = serde_json::from_value(json!({
+        "id": "e00e00e00e00e00e00e00e00e00e00e00e00e00e",
+        "computerDnsName": "MACBOOK-ECHO",
+        "aadDeviceId": aad,
+        "healthStatus": "Active",
+        "osPlatform": "macOS",
+        "onboardingStatus": "Onboarded",
+        "lastSeen": "2026-11-28T08:00:00Z",
+    }))
+    .unwrap();
+    sim.add_machine(mac);
+    aad
+}
+
+#[tokio::test]
+async fn a_dry_run_job_counts_what_it_would_do_sends_nothing_and_calls_back_when_done() {
+    let app = app().await;
+    let receiver = Receiver::start().await;
+    let mac = add_mac(&app.sim);
+    let start = crate::host_emulator::Route {
+        function: "start-job",
+        method: "POST",
+        path: "/api/restrict-code-execution/jobs".to_owned(),
+        params: Vec::new(),
+    };
+    let answer = app
+        .host
+        .forwarded_to(
+            &start,
+            &CallerRequest::json(
+                json!({
+                    "deviceIds": [ALPHA_AAD_DEVICE_ID, mac],
+                    "dryRun": true,
+                    "callbackUrl": receiver.url("/job"),
+                })
+                .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let job_id = answer.json()["jobId"].as_str().unwrap().to_owned();
+
+    // Wait for the in-process worker, delivering as the reconciler would.
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        app.deliver(OffsetDateTime::now_utc()).await;
+        if let Some(got) = receiver.received().first() {
+            break serde_json::from_slice::<Value>(&got.body).unwrap();
+        }
+        assert!(std::time::Instant::now() < until, "no job callback");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(body["event"], "job.finished", "{body}");
+    assert_eq!(body["jobId"], job_id.as_str());
+    assert_eq!(body["status"], "done");
+    assert_eq!(body["counts"]["would_request"], 1, "{body}");
+    assert_eq!(body["counts"]["failed"], 1, "the macOS device: {body}");
+    assert!(
+        body["statusUrl"]
+            .as_str()
+            .unwrap()
+            .ends_with(&format!("/api/restrict-code-execution/jobs/{job_id}"))
+    );
+    assert_eq!(app.defender_posts(), 0, "{:?}", app.sim.requests());
+    assert_eq!(receiver.received().len(), 1);
+}

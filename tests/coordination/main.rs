@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod azurite;
+mod callbacks;
 #[path = "../common/handler_process.rs"]
 mod handler_process;
 mod host_triggers;

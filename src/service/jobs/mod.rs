@@ -241,6 +241,7 @@ impl Jobs {
                 .release_after
                 .and_then(|r| r.release_at(now))
                 .map(crate::service::expiry::rfc3339),
+            dry_run: request.dry_run,
         };
         let records = &self.inner.records;
         // The devices and the job before any message: a worker that finds
@@ -733,6 +734,7 @@ mod tests {
             comment: "c".into(),
             caller_name: None,
             force: false,
+            dry_run: false,
             devices: 3,
             cancelled_at: None,
             release_at: None,

@@ -31,6 +31,8 @@ const ACCEPTED: &[&str] = &[
     fields::CALLER_NAME,
     fields::FORCE,
     fields::RELEASE_AFTER,
+    fields::DRY_RUN,
+    fields::CALLBACK_URL,
 ];
 
 /// Which devices a job acts on.
@@ -54,6 +56,10 @@ pub struct JobRequest {
     pub force: bool,
     /// `releaseAfter`: each restriction the job creates is released after this.
     pub release_after: Option<ReleaseAfter>,
+    /// Look up and read every device, send nothing (`dryRun`).
+    pub dry_run: bool,
+    /// `callbackUrl` as given; the host checks where it may go.
+    pub callback_url: Option<String>,
 }
 
 impl JobRequest {
@@ -84,6 +90,10 @@ impl JobRequest {
             release_after,
             release,
             force: flag(fields::FORCE)?,
+            dry_run: flag(fields::DRY_RUN)?,
+            callback_url: crate::service::runbook::parse_callback_url(
+                fields.get(fields::CALLBACK_URL),
+            )?,
             comment: Comment::parse(fields.get(fields::COMMENT))?,
             caller: CallerName::parse(fields.get(fields::CALLER_NAME))?,
         })

@@ -176,27 +176,50 @@ impl Jobs {
                     )));
                 }
             }
-            let result = self.inner.restrictor.run(&target, &intent, deadline).await;
-            match result {
-                Ok(success) => {
-                    // The restriction record, and the job's expiry; a
-                    // storage failure fails the delivery (retried).
-                    if let Some(restrictions) = self.inner.restrictions.get() {
-                        let asked = intent.release_at.map(|at| {
-                            crate::service::expiry::ReleaseAfter::After(
-                                at - OffsetDateTime::now_utc(),
-                            )
-                        });
-                        restrictions
-                            .after(&success, asked, intent.release_at)
-                            .await
-                            .map_err(storage)?;
+            let restrictor = &self.inner.restrictor;
+            let result = if job.dry_run {
+                restrictor
+                    .plan(&target, &intent, deadline)
+                    .await
+                    .map(|plan| {
+                        (
+                            plan.outcome.as_str(),
+                            plan.machine,
+                            plan.action.map(|a| a.action.id),
+                        )
+                    })
+            } else {
+                match restrictor.run(&target, &intent, deadline).await {
+                    Ok(success) => {
+                        // The restriction record, and the job's expiry; a
+                        // storage failure fails the delivery (retried).
+                        if let Some(restrictions) = self.inner.restrictions.get() {
+                            let asked = intent.release_at.map(|at| {
+                                crate::service::expiry::ReleaseAfter::After(
+                                    at - OffsetDateTime::now_utc(),
+                                )
+                            });
+                            restrictions
+                                .after(&success, asked, intent.release_at)
+                                .await
+                                .map_err(storage)?;
+                        }
+                        Ok((
+                            success.outcome.as_str(),
+                            success.machine,
+                            Some(success.action.action.id),
+                        ))
                     }
+                    Err(e) => Err(e),
+                }
+            };
+            match result {
+                Ok((outcome, machine, action_id)) => {
                     let record = OutcomeRecord {
-                        outcome: success.outcome.as_str().to_owned(),
-                        machine_id: Some(success.machine.id.clone()),
-                        computer_dns_name: success.machine.computer_dns_name.clone(),
-                        action_id: Some(success.action.action.id.to_string()),
+                        outcome: outcome.to_owned(),
+                        machine_id: Some(machine.id.clone()),
+                        computer_dns_name: machine.computer_dns_name.clone(),
+                        action_id,
                         problem: None,
                         at: unix_ms(OffsetDateTime::now_utc()),
                     };

@@ -272,7 +272,7 @@ fn parse_target(one: Option<&Value>, many: Option<&Value>) -> Result<Target, Run
 }
 
 /// A string, or absent; `null` is absent.
-pub(crate) fn parse_callback_url(value: Option<&Value>) -> Result<Option<String>, RunbookError> {
+pub fn parse_callback_url(value: Option<&Value>) -> Result<Option<String>, RunbookError> {
     match value {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
