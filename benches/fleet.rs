@@ -1,5 +1,5 @@
-//! Benchmark of the fleet view (`GET /api/restrict-code-execution/devices`,
-//! issue 11) on a large tenant: the release `handler` and `handler simulator`
+//! Benchmark of the fleet view (`GET /api/restrict-code-execution/devices`)
+//! on a large tenant: the release `handler` and `handler simulator`
 //! as separate processes on loopback, as in `benches/e2e.rs`.
 //!
 //! `cargo bench --bench fleet` seeds 10,000 machines and 20,000 restrict and

@@ -145,7 +145,7 @@ def main() -> int:
         c.check(setting in api_bicep, f"app/api.bicep: {setting}")
     c.check("allowSharedKeyAccess: false" in read("infra/app/storage.bicep"), "app/storage.bicep: shared-key access off")
 
-    # Coordination (issue 12): on, through the host's storage, with a role that covers it.
+    # Coordination: on, through the host's storage, with a role that covers it.
     c.check(re.search(r"^\s*COORDINATION:\s*'storage'", main_bicep, re.M) is not None,
             "main.bicep sets COORDINATION=storage on the app")
     c.check("AzureWebJobsStorage__blobServiceUri:" in api_bicep,
@@ -206,7 +206,7 @@ def main() -> int:
     c.check("module" not in re.sub(r"//.*", "", main_bicep).split("mde-roles")[0] or "mde-roles.bicep'" not in main_bicep,
             "main.bicep does not deploy the grant (it is a separate, privileged step)")
 
-    # Optional App Service Authentication (issue 13 point 9).
+    # Optional App Service Authentication.
     c.check(params.get("authClientId") == ("string", "") and params.get("authTokenAudience") == ("string", ""),
             "main.bicep: authClientId and authTokenAudience, empty (authentication off) by default",
             repr((params.get("authClientId"), params.get("authTokenAudience"))))
@@ -225,7 +225,7 @@ def main() -> int:
             and "appRoleAssignedTo" in readme.split("### Who called", 1)[-1],
             "README: enabling App Service Authentication (azd and az) and assigning the app role to callers")
 
-    # Which grant route needs what (issue 13 point 8).
+    # Which grant route needs what.
     readme_grant = read("README.md").split("### Grant the Defender permissions", 1)[-1].split("\n### ", 1)[0]
     for needle in ["deployment\nrights on the resource group", "GCC High and DoD", "public cloud only"]:
         flat = " ".join(needle.split())
@@ -252,7 +252,7 @@ def main() -> int:
                 c.check(bool(scripts) and all(os.access(os.path.join(ROOT, s), os.X_OK) for s in scripts),
                         f"azure.yaml hook runs executable scripts: {run}")
 
-    # The azd alpha feature `language.custom` (issue 13 point 6): the first hook checks it.
+    # The azd alpha feature `language.custom`: the first hook checks it.
     def hook_run(hooks: dict, name: str) -> str:
         return str(((hooks.get(name) or {}).get("posix") or {}).get("run", ""))
     preprovision = hook_run(azure.get("hooks", {}), "preprovision")

@@ -3,7 +3,8 @@
 
 Usage: python3 scripts/check_package.py [dist/app.zip] [--self-test] [--rootfs DIR]
 
-Static checks (functions-host-protocol.md sections 1-3):
+Static checks (the application structure, host.json and function.json of
+https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers):
   - the layout: host.json at the root, one folder per function with its function.json, the
     executable; nothing else (no sources, no local.settings.json, no target/), and every
     */function.json of the repository;

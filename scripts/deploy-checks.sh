@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The deploy checks of issue 5, run by .ci/run (and on their own: bash scripts/deploy-checks.sh).
+# The deploy checks, run by .ci/run (and on their own: bash scripts/deploy-checks.sh).
 # Everything they need is installed here, pinned, into target/tools/ (Python venvs from PyPI,
 # a Debian bullseye root file system from Debian's mirror); nothing needs Azure or a network
 # beyond the package registries.

@@ -5,12 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-VENV=target/openapi-venv
-if [ ! -x "$VENV/bin/schemathesis" ]; then
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check \
-    openapi-spec-validator==0.7.1 schemathesis==4.32.5
-fi
+# Pinned in scripts/requirements-openapi.txt.
+VENV=$(scripts/venv.sh openapi scripts/requirements-openapi.txt)
 
 echo "== openapi-spec-validator"
 "$VENV/bin/openapi-spec-validator" openapi/openapi.json

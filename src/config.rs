@@ -4,12 +4,13 @@
 //! through a lookup function rather than `std::env` directly, so tests can
 //! build settings from a map without touching the process environment.
 
-use std::{collections::HashMap, fmt, time::Duration};
+use std::{collections::HashMap, time::Duration};
 
 use thiserror::Error;
 use url::Url;
 
-use crate::coordination::CoordinationSettings;
+use crate::coordination::{CoordinationSettings, settings::SettingError};
+pub use crate::defender::auth::CredentialSettings;
 
 /// The port the host gives us; the Functions sample convention when unset.
 pub const DEFAULT_PORT: u16 = 3000;
@@ -23,8 +24,26 @@ pub struct ConfigError {
     pub reason: String,
 }
 
+impl From<SettingError> for ConfigError {
+    fn from(
+        SettingError {
+            name,
+            value,
+            reason,
+        }: SettingError,
+    ) -> Self {
+        Self {
+            name,
+            value,
+            reason,
+        }
+    }
+}
+
 /// The Defender for Endpoint cloud. It selects the API base URL, the token
-/// scope and the sign-in authority (see defender-api.md, "Base URLs, clouds").
+/// scope and the sign-in authority
+/// (<https://learn.microsoft.com/defender-endpoint/gov>,
+/// <https://learn.microsoft.com/defender-endpoint/api/exposed-apis-list>).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefenderCloud {
     Public,
@@ -88,59 +107,6 @@ impl DefenderCloud {
             Self::Gcc => "gcc",
             Self::GccHigh => "gcc-high",
             Self::Dod => "dod",
-        }
-    }
-}
-
-/// How the service gets its Defender token.
-#[derive(Clone, PartialEq, Eq)]
-pub enum CredentialSettings {
-    /// Managed identity: system-assigned, or user-assigned by client id.
-    ManagedIdentity { client_id: Option<String> },
-    /// A client secret, for local development only.
-    ClientSecret {
-        tenant_id: String,
-        client_id: String,
-        secret: String,
-    },
-}
-
-// Written by hand so that the secret can never reach a log line.
-impl fmt::Debug for CredentialSettings {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::ManagedIdentity { client_id } => f
-                .debug_struct("ManagedIdentity")
-                .field("client_id", client_id)
-                .finish(),
-            Self::ClientSecret {
-                tenant_id,
-                client_id,
-                ..
-            } => f
-                .debug_struct("ClientSecret")
-                .field("tenant_id", tenant_id)
-                .field("client_id", client_id)
-                .finish_non_exhaustive(),
-        }
-    }
-}
-
-impl CredentialSettings {
-    /// A short description for error details and logs: which credential was tried.
-    pub fn describe(&self) -> String {
-        match self {
-            Self::ManagedIdentity { client_id: None } => {
-                "system-assigned managed identity".to_owned()
-            }
-            Self::ManagedIdentity {
-                client_id: Some(id),
-            } => format!("user-assigned managed identity (client id {id})"),
-            Self::ClientSecret {
-                tenant_id,
-                client_id,
-                ..
-            } => format!("client secret of app {client_id} in tenant {tenant_id}"),
         }
     }
 }

@@ -335,6 +335,19 @@ pub async fn bind(port: u16) -> Result<TcpListener, StartupError> {
         .map_err(|source| StartupError::Bind { addr, source })
 }
 
+/// The service the server runs: paths matched as the host matches them
+/// ([`routes::normalize_path`], before routing), then the router. Tests
+/// drive it in-process with `tower::ServiceExt::oneshot`.
+pub fn app(state: AppState) -> App {
+    tower::ServiceBuilder::new()
+        .map_request(routes::normalize_path as fn(axum::extract::Request) -> axum::extract::Request)
+        .service(routes::router(state))
+}
+
+/// What [`app`] builds.
+pub type App =
+    tower::util::MapRequest<axum::Router, fn(axum::extract::Request) -> axum::extract::Request>;
+
 /// Serve until SIGTERM or Ctrl-C, then let in-flight invocations finish
 /// (see [`server`] for what happens to the other connections).
 pub async fn serve(
@@ -342,10 +355,7 @@ pub async fn serve(
     state: AppState,
     read_timeout: Duration,
 ) -> Result<(), StartupError> {
-    let app = tower::ServiceBuilder::new()
-        .map_request(routes::normalize_path)
-        .service(routes::router(state));
-    server::serve(listener, app, read_timeout, shutdown_signal())
+    server::serve(listener, app(state), read_timeout, shutdown_signal())
         .await
         .map_err(StartupError::Serve)
 }

@@ -41,14 +41,17 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicBool, Ordering},
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use base64::Engine as _;
+use parking_lot::Mutex;
 use tokio::{task::JoinHandle, time::Instant};
+
+use crate::defender::models::MachineAction;
 
 use super::{
     CoordinationError,
@@ -124,11 +127,7 @@ impl MachineLease {
     /// lease is surely ours until then, even if no renewal succeeds from now
     /// on; a request sent under it must be over by then.
     pub fn check(&self) -> Result<Instant, CoordinationError> {
-        let valid_until = *self
-            .state
-            .valid_until
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let valid_until = *self.state.valid_until.lock();
         let margin = self.state.duration / 3;
         if self.state.lost.load(Ordering::Relaxed) || Instant::now() + margin > valid_until {
             return Err(CoordinationError::Unavailable {
@@ -158,11 +157,7 @@ impl MachineLease {
             return;
         }
         {
-            let mut announced = self
-                .state
-                .announced
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
+            let mut announced = self.state.announced.lock();
             if *announced == Some(until) {
                 return;
             }
@@ -200,7 +195,7 @@ impl MachineLease {
     /// the instances waiting for this lease ([`Handoff`]). Best effort:
     /// without it, they take the lease in turn and read the machine's
     /// actions themselves.
-    pub async fn hand_off(&self, action: &serde_json::Value, sent: SystemTime) {
+    pub async fn hand_off(&self, action: &MachineAction, sent: SystemTime) {
         let encoded = base64::engine::general_purpose::STANDARD
             .encode(serde_json::to_vec(action).unwrap_or_default());
         if encoded.len() > MAX_HANDOFF_BYTES {
@@ -271,7 +266,6 @@ async fn withdraw_stale_announcement(store: &Store, state: &LeaseState) {
     let ahead = state
         .announced
         .lock()
-        .unwrap_or_else(|e| e.into_inner())
         .take()
         .is_some_and(|until| until > Instant::now());
     if ahead {
@@ -465,7 +459,8 @@ fn busy_until(metadata: &HashMap<String, String>) -> Option<SystemTime> {
 }
 
 /// What the last POST under a machine's lease left for the instances waiting
-/// for it: the action as Defender answered it, and when the POST was sent
+/// for it: the action Defender answered it with (typed: every field
+/// Defender sent, written out and read back), and when the POST was sent
 /// (the holder's wall clock). A holder removes it before it sends anything
 /// else ([`MachineLease::withdraw_handoff`]), so while it is there, no write
 /// was sent under the lease for the machine after it. (The cancel function
@@ -475,7 +470,7 @@ fn busy_until(metadata: &HashMap<String, String>) -> Option<SystemTime> {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Handoff {
     pub sent: SystemTime,
-    pub action: serde_json::Value,
+    pub action: MachineAction,
 }
 
 impl Handoff {
@@ -597,8 +592,7 @@ async fn renew(store: Arc<Store>, state: Arc<LeaseState>) {
         let sent = Instant::now();
         match store.renew_lease(&state.blob, &state.lease_id).await {
             Ok(Ok(())) => {
-                *state.valid_until.lock().unwrap_or_else(|e| e.into_inner()) =
-                    sent + state.duration;
+                *state.valid_until.lock() = sent + state.duration;
                 next = sent + every;
             }
             Ok(Err(refusal)) => {
@@ -610,7 +604,7 @@ async fn renew(store: Arc<Store>, state: Arc<LeaseState>) {
             Err(error) => {
                 tracing::warn!(machine_id = %state.machine_id, %error,
                     "could not renew the machine lease; trying again");
-                let valid_until = *state.valid_until.lock().unwrap_or_else(|e| e.into_inner());
+                let valid_until = *state.valid_until.lock();
                 if Instant::now() >= valid_until {
                     state.lost.store(true, Ordering::Relaxed);
                     return;
@@ -627,7 +621,8 @@ mod tests {
 
     #[test]
     fn a_handoff_time_no_calendar_holds_is_no_handoff() {
-        let action = base64::engine::general_purpose::STANDARD.encode(br#"{"id":"a"}"#);
+        let action = base64::engine::general_purpose::STANDARD
+            .encode(br#"{"id":"a","type":"RestrictCodeExecution","status":"Pending"}"#);
         let metadata = |sent: &str| {
             HashMap::from([
                 (HANDOFF_ACTION.to_owned(), action.clone()),
@@ -637,5 +632,25 @@ mod tests {
         assert!(Handoff::from_metadata(&metadata("1764547200000")).is_some());
         assert!(Handoff::from_metadata(&metadata("99999999999999999")).is_none());
         assert!(Handoff::from_metadata(&metadata("soon")).is_none());
+    }
+
+    #[test]
+    fn a_handoff_that_is_not_a_machine_action_is_no_handoff() {
+        let metadata = |json: &str| {
+            HashMap::from([
+                (
+                    HANDOFF_ACTION.to_owned(),
+                    base64::engine::general_purpose::STANDARD.encode(json),
+                ),
+                (HANDOFF_SENT.to_owned(), "1764547200000".to_owned()),
+            ])
+        };
+        assert!(Handoff::from_metadata(&metadata(r#"{"id":"a"}"#)).is_none());
+        let handoff = Handoff::from_metadata(&metadata(
+            r#"{"id":"A-1","type":"RestrictCodeExecution","status":"Pending","scope":"x"}"#,
+        ))
+        .unwrap();
+        assert_eq!(handoff.action.id, "a-1");
+        assert_eq!(handoff.action.extra.to_map()["scope"], "x");
     }
 }

@@ -9,14 +9,25 @@
 //!   `__accountName`, public cloud) with `__credential=managedidentity` and,
 //!   for a user-assigned identity, `__clientId`.
 //!
-//! A missing or malformed setting is a [`ConfigError`] naming it. A
+//! A missing or malformed setting is a [`SettingError`] naming it. A
 //! connection string holds a secret, so its errors never quote the value.
 
 use std::fmt;
 
+use thiserror::Error;
 use url::Url;
 
-use crate::config::ConfigError;
+use crate::defender::auth::managed_identity;
+
+/// A coordination setting that could not be used. The message names the
+/// variable; the app's settings report it as theirs.
+#[derive(Debug, Error)]
+#[error("invalid setting {name}={value:?}: {reason}")]
+pub struct SettingError {
+    pub name: &'static str,
+    pub value: String,
+    pub reason: String,
+}
 
 /// `COORDINATION`.
 pub const MODE_SETTING: &str = "COORDINATION";
@@ -115,12 +126,7 @@ impl StorageAuth {
     /// A short description for logs: which way we sign, never the secret.
     pub fn describe(&self) -> String {
         match self {
-            Self::ManagedIdentity { client_id: None } => {
-                "system-assigned managed identity".to_owned()
-            }
-            Self::ManagedIdentity {
-                client_id: Some(id),
-            } => format!("user-assigned managed identity (client id {id})"),
+            Self::ManagedIdentity { client_id } => managed_identity(client_id.as_deref()),
             Self::AccountKey { account, .. } => {
                 format!("account SAS derived from the key of account {account}")
             }
@@ -130,9 +136,9 @@ impl StorageAuth {
 }
 
 impl CoordinationSettings {
-    /// Read the settings; `lookup` is the environment or a test map, as in
-    /// [`crate::config::Settings::from_lookup`].
-    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, ConfigError> {
+    /// Read the settings; `lookup` is the environment or a test map, the
+    /// same lookup the app's other settings are read with.
+    pub fn from_lookup(lookup: impl Fn(&str) -> Option<String>) -> Result<Self, SettingError> {
         let get = |name: &str| lookup(name).filter(|v| !v.trim().is_empty());
         match get(MODE_SETTING)
             .map(|v| v.trim().to_ascii_lowercase())
@@ -141,7 +147,7 @@ impl CoordinationSettings {
             None | Some("local") => return Ok(Self::Local),
             Some("storage") => {}
             Some(other) => {
-                return Err(ConfigError {
+                return Err(SettingError {
                     name: MODE_SETTING,
                     value: other.to_owned(),
                     reason: "expected local or storage".into(),
@@ -151,7 +157,7 @@ impl CoordinationSettings {
 
         let container = match get(CONTAINER_SETTING) {
             None => DEFAULT_CONTAINER.to_owned(),
-            Some(v) => container_name(&v).ok_or_else(|| ConfigError {
+            Some(v) => container_name(&v).ok_or_else(|| SettingError {
                 name: CONTAINER_SETTING,
                 value: v.clone(),
                 reason: "expected a container name: 3 to 63 lower-case letters, digits and \
@@ -175,13 +181,13 @@ impl CoordinationSettings {
 
 fn identity_based(
     get: &impl Fn(&str) -> Option<String>,
-) -> Result<(Url, Option<Url>, StorageAuth), ConfigError> {
+) -> Result<(Url, Option<Url>, StorageAuth), SettingError> {
     let queue_endpoint = match (get(QUEUE_SERVICE_URI), get(ACCOUNT_NAME)) {
         (Some(uri), _) => Some(
             Url::parse(uri.trim())
                 .ok()
                 .filter(|u| u.scheme() == "https" && u.host_str().is_some())
-                .ok_or_else(|| ConfigError {
+                .ok_or_else(|| SettingError {
                     name: QUEUE_SERVICE_URI,
                     value: uri.clone(),
                     reason: "expected the queue service's https URL, e.g. \
@@ -201,7 +207,7 @@ fn identity_based(
             let url = Url::parse(uri.trim())
                 .ok()
                 .filter(|u| matches!(u.scheme(), "https" | "http") && u.host_str().is_some());
-            url.ok_or_else(|| ConfigError {
+            url.ok_or_else(|| SettingError {
                 name: BLOB_SERVICE_URI,
                 value: uri.clone(),
                 reason:
@@ -217,7 +223,7 @@ fn identity_based(
                     .chars()
                     .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
             {
-                return Err(ConfigError {
+                return Err(SettingError {
                     name: ACCOUNT_NAME,
                     value: account.to_owned(),
                     reason:
@@ -227,7 +233,7 @@ fn identity_based(
             }
             // Public cloud; other clouds set __blobServiceUri.
             Url::parse(&format!("https://{account}.blob.core.windows.net/")).map_err(|e| {
-                ConfigError {
+                SettingError {
                     name: ACCOUNT_NAME,
                     value: account.to_owned(),
                     reason: e.to_string(),
@@ -235,7 +241,7 @@ fn identity_based(
             })?
         }
         (None, None) => {
-            return Err(ConfigError {
+            return Err(SettingError {
                 name: STORAGE_SETTING,
                 value: String::new(),
                 reason: format!(
@@ -249,7 +255,7 @@ fn identity_based(
     if endpoint.scheme() != "https" {
         // The SDK sends tokens over https only; say so at start, not at the
         // first invocation.
-        return Err(ConfigError {
+        return Err(SettingError {
             name: BLOB_SERVICE_URI,
             value: endpoint.to_string(),
             reason: "a managed identity token is only sent over https".into(),
@@ -260,7 +266,7 @@ fn identity_based(
         None => {}
         Some(v) if v == "managedidentity" => {}
         Some(v) => {
-            return Err(ConfigError {
+            return Err(SettingError {
                 name: CREDENTIAL,
                 value: v,
                 reason: "expected managedidentity (the only identity-based credential the \
@@ -279,8 +285,8 @@ fn identity_based(
 
 /// An error about the connection string: it holds a key or a SAS, so the
 /// value is never quoted.
-fn bad_connection_string(reason: impl Into<String>) -> ConfigError {
-    ConfigError {
+fn bad_connection_string(reason: impl Into<String>) -> SettingError {
+    SettingError {
         name: STORAGE_SETTING,
         value: "<redacted>".into(),
         reason: reason.into(),
@@ -289,7 +295,7 @@ fn bad_connection_string(reason: impl Into<String>) -> ConfigError {
 
 /// `Key=Value;…` as the host and the storage SDKs write it. Keys are matched
 /// without regard to case; values may contain `=` (base64 keys, SAS tokens).
-fn parse_connection_string(value: &str) -> Result<(Url, Option<Url>, StorageAuth), ConfigError> {
+fn parse_connection_string(value: &str) -> Result<(Url, Option<Url>, StorageAuth), SettingError> {
     let mut parts = std::collections::HashMap::new();
     for part in value.split(';').map(str::trim).filter(|p| !p.is_empty()) {
         let (key, val) = part
@@ -368,7 +374,7 @@ fn parse_connection_string(value: &str) -> Result<(Url, Option<Url>, StorageAuth
     Ok((endpoint, queue_endpoint, auth))
 }
 
-fn decode_key(key: &str) -> Result<Vec<u8>, ConfigError> {
+fn decode_key(key: &str) -> Result<Vec<u8>, SettingError> {
     use base64::Engine as _;
     base64::engine::general_purpose::STANDARD
         .decode(key.trim())
@@ -393,7 +399,7 @@ fn container_name(value: &str) -> Option<String> {
 mod tests {
     use super::*;
 
-    fn parse(pairs: &[(&str, &str)]) -> Result<CoordinationSettings, ConfigError> {
+    fn parse(pairs: &[(&str, &str)]) -> Result<CoordinationSettings, SettingError> {
         let map: std::collections::HashMap<String, String> = pairs
             .iter()
             .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))

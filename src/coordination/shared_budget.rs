@@ -22,9 +22,11 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
+
+use parking_lot::Mutex;
 
 use azure_core::http::Etag;
 use serde::{Deserialize, Serialize};
@@ -149,12 +151,12 @@ impl SharedBudget {
         deadline: Instant,
     ) -> Result<Slot, CoordinationError> {
         let queue = {
-            let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+            let mut buckets = self.buckets.lock();
             buckets.entry(bucket.to_owned()).or_default().clone()
         };
         let (reply, answer) = oneshot::channel();
         let start = {
-            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = queue.lock();
             q.waiting.push(Request { deadline, reply });
             !std::mem::replace(&mut q.serving, true)
         };
@@ -203,7 +205,7 @@ impl SharedBudget {
 async fn serve(store: Arc<Store>, queue: Arc<Mutex<Queue>>, bucket: String, limits: Limits) {
     loop {
         let batch = {
-            let mut q = queue.lock().unwrap_or_else(|e| e.into_inner());
+            let mut q = queue.lock();
             if q.waiting.is_empty() {
                 q.serving = false;
                 return;

@@ -11,11 +11,13 @@
 
 use std::{
     sync::{
-        Arc, RwLock,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
+
+use parking_lot::RwLock;
 
 use async_trait::async_trait;
 use azure_core::{
@@ -320,10 +322,10 @@ impl Store {
             }
             _ => None,
         };
-        if let Some(client) = fresh(&self.current.read().unwrap_or_else(|e| e.into_inner())) {
+        if let Some(client) = fresh(&self.current.read()) {
             return Ok(client);
         }
-        let mut current = self.current.write().unwrap_or_else(|e| e.into_inner());
+        let mut current = self.current.write();
         if let Some(client) = fresh(&current) {
             return Ok(client);
         }

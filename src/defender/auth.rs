@@ -9,11 +9,9 @@
 //! caller can wait for one, because the crate's default retry policy can block
 //! for about 80 s while holding the cache's write lock.
 
-use std::{
-    fmt,
-    sync::{Arc, RwLock},
-    time::Duration,
-};
+use std::{fmt, sync::Arc, time::Duration};
+
+use parking_lot::RwLock;
 
 use azure_core::{
     cloud::{CloudConfiguration, CustomConfiguration},
@@ -28,7 +26,61 @@ use thiserror::Error;
 
 use url::Url;
 
-use crate::config::CredentialSettings;
+/// How the service gets its Defender token.
+#[derive(Clone, PartialEq, Eq)]
+pub enum CredentialSettings {
+    /// Managed identity: system-assigned, or user-assigned by client id.
+    ManagedIdentity { client_id: Option<String> },
+    /// A client secret, for local development only.
+    ClientSecret {
+        tenant_id: String,
+        client_id: String,
+        secret: String,
+    },
+}
+
+// Written by hand so that the secret can never reach a log line.
+impl fmt::Debug for CredentialSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ManagedIdentity { client_id } => f
+                .debug_struct("ManagedIdentity")
+                .field("client_id", client_id)
+                .finish(),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                ..
+            } => f
+                .debug_struct("ClientSecret")
+                .field("tenant_id", tenant_id)
+                .field("client_id", client_id)
+                .finish_non_exhaustive(),
+        }
+    }
+}
+
+impl CredentialSettings {
+    /// A short description for error details and logs: which credential was tried.
+    pub fn describe(&self) -> String {
+        match self {
+            Self::ManagedIdentity { client_id } => managed_identity(client_id.as_deref()),
+            Self::ClientSecret {
+                tenant_id,
+                client_id,
+                ..
+            } => format!("client secret of app {client_id} in tenant {tenant_id}"),
+        }
+    }
+}
+
+/// Which managed identity: system-assigned, or user-assigned by client id.
+pub fn managed_identity(client_id: Option<&str>) -> String {
+    match client_id {
+        None => "system-assigned managed identity".to_owned(),
+        Some(id) => format!("user-assigned managed identity (client id {id})"),
+    }
+}
 
 /// What the token source needs to know: which credential, where it signs in,
 /// for which scope, and how long a caller may wait for a token.
@@ -233,21 +285,13 @@ impl TokenSource {
     }
 
     fn credential(&self) -> Arc<dyn TokenCredential> {
-        self.inner
-            .current
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.current.read().clone()
     }
 
     fn replace_credential_or_keep(&self) {
         match (self.inner.factory)() {
             Ok(fresh) => {
-                *self
-                    .inner
-                    .current
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner()) = fresh;
+                *self.inner.current.write() = fresh;
             }
             Err(e) => tracing::warn!(error = %e, "could not rebuild the credential"),
         }

@@ -18,7 +18,7 @@ use std::{sync::Arc, time::Duration};
 
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::{Method, StatusCode, header};
-use serde::de::DeserializeOwned;
+use serde::{Deserialize as _, de::DeserializeOwned};
 use serde_json::Value;
 use tokio::time::Instant;
 use url::Url;
@@ -136,12 +136,46 @@ pub struct DefenderClient {
     page_top: usize,
 }
 
-/// A machine action: typed for our decisions, raw to hand back exactly as
-/// Defender sent it.
+/// A machine action: typed for our decisions and, when Defender sent it on
+/// its own (the answer to a GET, POST or cancel of that one action), the
+/// JSON it sent, to hand back exactly so. An action read from a list, or
+/// handed over by another instance, is known only typed: written back from
+/// its typed fields, which keep every field Defender listed
+/// ([`MachineAction::extra`]), a time that was not RFC 3339 as `null`.
 #[derive(Debug, Clone)]
 pub struct ActionRecord {
     pub action: MachineAction,
-    pub raw: Value,
+    /// Defender's own JSON for this action, when it sent it on its own.
+    received: Option<Value>,
+}
+
+impl ActionRecord {
+    /// The action Defender answered a call with, typed and as sent.
+    fn received(endpoint: Endpoint, json: Value) -> Result<Self, DefenderError> {
+        Ok(Self {
+            action: typed_action(endpoint, &json)?,
+            received: Some(json),
+        })
+    }
+
+    /// The action as JSON: exactly as Defender sent it when it sent it on
+    /// its own, else written from the typed fields.
+    pub fn to_json(&self) -> Value {
+        match &self.received {
+            Some(json) => json.clone(),
+            None => serde_json::to_value(&self.action).unwrap_or(Value::Null),
+        }
+    }
+}
+
+/// An action known only typed (listed, or handed over by another instance).
+impl From<MachineAction> for ActionRecord {
+    fn from(action: MachineAction) -> Self {
+        Self {
+            action,
+            received: None,
+        }
+    }
 }
 
 /// Machine actions read in one go, and when.
@@ -178,13 +212,13 @@ trait Listed: DeserializeOwned {
 
 impl Listed for Machine {
     fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 }
 
 impl Listed for MachineAction {
     fn id(&self) -> &str {
-        &self.id
+        self.id.as_str()
     }
 }
 
@@ -537,10 +571,7 @@ impl DefenderClient {
         let endpoint = Endpoint::GetAction;
         let url = self.url(endpoint, action_id)?;
         match self.send::<Value>(Call::new(endpoint, url), deadline).await {
-            Ok(raw) => Ok(Some(ActionRecord {
-                action: typed_action(endpoint, &raw)?,
-                raw,
-            })),
+            Ok(json) => ActionRecord::received(endpoint, json).map(Some),
             Err(DefenderError::Status { status: 404, .. }) => Ok(None),
             Err(e) => Err(e),
         }
@@ -649,9 +680,8 @@ impl DefenderClient {
             hook,
             ..Call::new(endpoint, self.url(endpoint, id)?)
         };
-        let raw: Value = self.send(call, deadline).await?;
-        let action = typed_action(endpoint, &raw)?;
-        Ok(ActionRecord { action, raw })
+        let json: Value = self.send(call, deadline).await?;
+        ActionRecord::received(endpoint, json)
     }
 
     /// The URL of `endpoint` for the machine or action `id` (ignored by lists).
@@ -821,8 +851,8 @@ impl DefenderClient {
     }
 }
 
-fn typed_action(op: Endpoint, raw: &Value) -> Result<MachineAction, DefenderError> {
-    serde_json::from_value(raw.clone()).map_err(|e| DefenderError::Decode {
+fn typed_action(op: Endpoint, json: &Value) -> Result<MachineAction, DefenderError> {
+    MachineAction::deserialize(json).map_err(|e| DefenderError::Decode {
         endpoint: op,
         reason: format!("not a MachineAction: {e}"),
     })

@@ -1,12 +1,14 @@
 //! Ids Defender hands out, compared and hashed ignoring ASCII case (Defender
 //! matches them so: a machine id or action id in any case names the same
-//! record), and shown exactly as Defender sent them.
+//! record), and shown and serialized exactly as Defender sent them.
 
 use std::{
     cmp::Ordering,
     fmt,
     hash::{Hash, Hasher},
 };
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 macro_rules! case_insensitive_id {
     ($(#[$doc:meta])* $name:ident) => {
@@ -21,9 +23,25 @@ macro_rules! case_insensitive_id {
             }
         }
 
+        /// The text as sent, to read it as a string (`==` between ids
+        /// ignores case; between the texts it does not).
+        impl std::ops::Deref for $name {
+            type Target = str;
+
+            fn deref(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl From<&str> for $name {
             fn from(id: &str) -> Self {
                 Self(id.to_owned())
+            }
+        }
+
+        impl From<String> for $name {
+            fn from(id: String) -> Self {
+                Self(id)
             }
         }
 
@@ -55,6 +73,18 @@ macro_rules! case_insensitive_id {
             }
         }
 
+        impl PartialEq<&str> for $name {
+            fn eq(&self, other: &&str) -> bool {
+                self.0.eq_ignore_ascii_case(other)
+            }
+        }
+
+        impl PartialEq<String> for $name {
+            fn eq(&self, other: &String) -> bool {
+                self.0.eq_ignore_ascii_case(other)
+            }
+        }
+
         impl Hash for $name {
             /// Hashes the lower-cased bytes, so equal ids hash alike.
             fn hash<H: Hasher>(&self, state: &mut H) {
@@ -68,6 +98,19 @@ macro_rules! case_insensitive_id {
         impl fmt::Display for $name {
             fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str(&self.0)
+            }
+        }
+
+        /// On the wire: the plain string, as sent.
+        impl Serialize for $name {
+            fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                serializer.serialize_str(&self.0)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $name {
+            fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                String::deserialize(deserializer).map(Self)
             }
         }
     };
@@ -107,5 +150,13 @@ mod tests {
         let [a, b, underscore, z] = ["a", "B", "_", "Z"].map(MachineId::from);
         assert!(a < b);
         assert!(underscore < z);
+    }
+
+    #[test]
+    fn ids_read_and_write_the_plain_string_as_sent() {
+        let id: ActionId = serde_json::from_value(serde_json::json!("7F0A-b2")).unwrap();
+        assert_eq!(id, "7f0a-B2");
+        assert_eq!(serde_json::to_value(&id).unwrap(), "7F0A-b2");
+        assert!(serde_json::from_value::<MachineId>(serde_json::json!(7)).is_err());
     }
 }

@@ -1,26 +1,33 @@
 //! Wire types of the Defender for Endpoint API, shared by the client and the simulator.
 //!
-//! Only the fields this service reasons about are typed; everything else the API
+//! Only the fields this service reasons about are typed, ids as [`MachineId`]
+//! and [`ActionId`] and times as [`Timestamp`]; everything else the API
 //! returns is kept in `extra`, so a record round-trips unchanged (the simulator
-//! serves the same types the client reads).
+//! serves the same types the client reads). A time that is not RFC 3339 is
+//! read as none ([`crate::defender::timestamp`]).
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{Map, Value};
+
+use super::{
+    ids::{ActionId, MachineId},
+    timestamp::{Timestamp, lenient},
+};
 
 /// A machine record (`GET /api/machines`, `GET /api/machines/{id}`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Machine {
-    pub id: String,
+    pub id: MachineId,
     #[serde(default)]
     pub computer_dns_name: Option<String>,
     #[serde(default)]
     pub aad_device_id: Option<String>,
     #[serde(default)]
     pub health_status: Option<String>,
-    /// Time of the last full device report (RFC 3339), roughly daily.
-    #[serde(default)]
-    pub last_seen: Option<String>,
+    /// Time of the last full device report, roughly daily.
+    #[serde(default, deserialize_with = "lenient")]
+    pub last_seen: Option<Timestamp>,
     #[serde(default)]
     pub os_platform: Option<String>,
     #[serde(default)]
@@ -28,7 +35,7 @@ pub struct Machine {
     /// Undocumented but returned by the live API: set on a record that was merged
     /// into another one (re-onboarding, reimaging).
     #[serde(default)]
-    pub merged_into_machine_id: Option<String>,
+    pub merged_into_machine_id: Option<MachineId>,
     #[serde(default)]
     pub is_potential_duplication: Option<bool>,
     #[serde(flatten)]
@@ -199,22 +206,22 @@ impl<'de, T: WireName> Deserialize<'de> for OrOther<T> {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct MachineAction {
-    pub id: String,
+    pub id: ActionId,
     #[serde(rename = "type")]
     pub action_type: OrOther<ActionType>,
     pub status: OrOther<ActionStatus>,
     #[serde(default)]
-    pub machine_id: Option<String>,
+    pub machine_id: Option<MachineId>,
     #[serde(default)]
     pub computer_dns_name: Option<String>,
     #[serde(default)]
     pub requestor: Option<String>,
     #[serde(default)]
     pub requestor_comment: Option<String>,
-    #[serde(default)]
-    pub creation_date_time_utc: Option<String>,
-    #[serde(default)]
-    pub last_update_date_time_utc: Option<String>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub creation_date_time_utc: Option<Timestamp>,
+    #[serde(default, deserialize_with = "lenient")]
+    pub last_update_date_time_utc: Option<Timestamp>,
     #[serde(flatten)]
     pub extra: OtherFields,
 }
@@ -346,6 +353,41 @@ mod tests {
             serde_json::from_str::<MachineAction>(&text).unwrap(),
             action
         );
+    }
+
+    #[test]
+    fn a_time_that_is_not_rfc_3339_is_read_as_none_and_the_listing_still_reads() {
+        let page = json!({"value": [
+            {"id": "A1", "type": "RestrictCodeExecution", "status": "Succeeded",
+             "machineId": "M1", "creationDateTimeUtc": "2026-12-01T09:59:58.5000000Z",
+             "lastUpdateDateTimeUtc": "01/12/2026 10:00"},
+            {"id": "a2", "type": "RestrictCodeExecution", "status": "Pending",
+             "creationDateTimeUtc": "soon", "lastUpdateDateTimeUtc": null},
+        ]});
+        let page: ODataPage<MachineAction> = serde_json::from_value(page).unwrap();
+        let [first, second] = &page.value[..] else {
+            panic!("two actions");
+        };
+        assert_eq!(first.id, "a1");
+        assert_eq!(first.machine_id.as_deref(), Some("M1"));
+        assert_eq!(
+            first
+                .creation_date_time_utc
+                .map(|t| t.to_string())
+                .as_deref(),
+            Some("2026-12-01T09:59:58.5000000Z")
+        );
+        assert_eq!(first.last_update_date_time_utc, None);
+        assert_eq!(second.creation_date_time_utc, None);
+        // Written back: the time as sent, the unreadable one as null.
+        let back = serde_json::to_value(first).unwrap();
+        assert_eq!(back["creationDateTimeUtc"], "2026-12-01T09:59:58.5000000Z");
+        assert_eq!(back["lastUpdateDateTimeUtc"], Value::Null);
+        assert_eq!(back["id"], "A1");
+        // A mistyped time still fails the record, as any mistyped field does.
+        let mistyped = json!({"id": "a", "type": "Isolate", "status": "Pending", "lastSeen": 5,
+                              "creationDateTimeUtc": 5});
+        assert!(serde_json::from_value::<MachineAction>(mistyped).is_err());
     }
 
     #[test]

@@ -1,9 +1,11 @@
 //! Payload mode: the host's invocation envelope in, the output envelope out.
 //!
 //! The host POSTs `/{FunctionName}` with `{"Data":{"req":{...,"Body":"<text>"}},
-//! "Metadata":{...}}` (see functions-host-protocol.md §4) and expects HTTP 200
+//! "Metadata":{...}}` (see "Request payload" in
+//! <https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers>)
+//! and expects HTTP 200
 //! `application/json` `{"Outputs":{"res":{statusCode, headers, body}}, "Logs",
-//! "ReturnValue"}` back (§5). The host turns any non-2xx into a bare 500 and
+//! "ReturnValue"}` back ("Response payload"). The host turns any non-2xx into a bare 500 and
 //! drops our body, so even a malformed envelope is answered 200 with a
 //! well-formed envelope whose `res` carries the 400.
 

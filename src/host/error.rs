@@ -24,32 +24,86 @@ use crate::{
 /// The two app roles the identity needs on WindowsDefenderATP.
 pub const REQUIRED_ROLES: &str = "Machine.Read.All and Machine.RestrictExecution";
 
-/// Every `code` an answer can carry (the OpenAPI document and the README's
-/// troubleshooting table list the same; a test checks they agree).
-pub const CODES: &[&str] = &[
-    "invalid_request",
-    "payload_too_large",
-    "invalid_envelope",
-    "device_not_found",
-    "conflicting_action_pending",
-    "unsupported_device",
-    "rate_limited",
-    "defender_forbidden",
-    "defender_feature_disabled",
-    "authentication_failed",
-    "defender_error",
-    "defender_timeout",
-    "action_not_found",
-    "action_not_pending",
-    "unsupported_action_type",
-    "caller_forbidden",
-    "route_not_found",
-    "method_not_allowed",
-    "shutting_down",
-    "job_not_found",
-    "too_many_devices",
-    "no_devices_matched",
-];
+/// Declares [`ProblemCode`] from one table: each code's variant, wire text,
+/// HTTP status and title, written nowhere else.
+macro_rules! problem_codes {
+    ($($(#[$doc:meta])* $variant:ident => $code:literal, $status:ident, $title:literal;)+) => {
+        /// A stable, machine-readable problem `code`, with the status and title
+        /// every answer carrying it has. The OpenAPI document's `Problem.code`
+        /// enum and the README's troubleshooting table list the same codes;
+        /// tests check both against [`ProblemCode::ALL`].
+        #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+        pub enum ProblemCode {
+            $($(#[$doc])* $variant,)+
+        }
+
+        impl ProblemCode {
+            /// Every code, in the order the OpenAPI document lists them.
+            pub const ALL: &'static [Self] = &[$(Self::$variant),+];
+
+            /// The code as answered.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $code,)+
+                }
+            }
+
+            pub const fn status(self) -> StatusCode {
+                match self {
+                    $(Self::$variant => StatusCode::$status,)+
+                }
+            }
+
+            pub const fn title(self) -> &'static str {
+                match self {
+                    $(Self::$variant => $title,)+
+                }
+            }
+        }
+    };
+}
+
+problem_codes! {
+    InvalidRequest => "invalid_request", BAD_REQUEST, "Invalid request";
+    PayloadTooLarge => "payload_too_large", PAYLOAD_TOO_LARGE, "Payload too large";
+    InvalidEnvelope => "invalid_envelope", BAD_REQUEST, "Invalid invocation envelope";
+    DeviceNotFound => "device_not_found", NOT_FOUND, "Device not found in Defender";
+    ConflictingActionPending => "conflicting_action_pending", CONFLICT, "Opposite action pending";
+    UnsupportedDevice => "unsupported_device", UNPROCESSABLE_ENTITY,
+        "Device does not support restricting app execution";
+    RateLimited => "rate_limited", TOO_MANY_REQUESTS, "Rate limited by Defender";
+    CoordinationUnavailable => "coordination_unavailable", SERVICE_UNAVAILABLE,
+        "Coordination storage unavailable";
+    // Upstream failures are a bad gateway: the caller's request was fine.
+    DefenderForbidden => "defender_forbidden", BAD_GATEWAY, "Defender permission missing";
+    DefenderFeatureDisabled => "defender_feature_disabled", BAD_GATEWAY,
+        "Defender feature disabled or operation disallowed";
+    AuthenticationFailed => "authentication_failed", BAD_GATEWAY, "Authentication failed";
+    DefenderError => "defender_error", BAD_GATEWAY, "Defender error";
+    DefenderTimeout => "defender_timeout", GATEWAY_TIMEOUT, "Defender timeout";
+    ActionNotFound => "action_not_found", NOT_FOUND, "Machine action not found";
+    ActionNotPending => "action_not_pending", CONFLICT, "Machine action already finished";
+    UnsupportedActionType => "unsupported_action_type", UNPROCESSABLE_ENTITY,
+        "Machine action type not supported";
+    CallerForbidden => "caller_forbidden", FORBIDDEN, "Caller not allowed";
+    RouteNotFound => "route_not_found", NOT_FOUND, "Not found";
+    MethodNotAllowed => "method_not_allowed", METHOD_NOT_ALLOWED, "Method not allowed";
+    ShuttingDown => "shutting_down", SERVICE_UNAVAILABLE, "Shutting down";
+    JobNotFound => "job_not_found", NOT_FOUND, "Job not found";
+    TooManyDevices => "too_many_devices", UNPROCESSABLE_ENTITY, "Too many devices for one job";
+    NoDevicesMatched => "no_devices_matched", UNPROCESSABLE_ENTITY, "No devices matched";
+}
+
+/// Every `code` an answer can carry, as text.
+pub const CODES: &[&str] = &{
+    let mut codes = [""; ProblemCode::ALL.len()];
+    let mut i = 0;
+    while i < codes.len() {
+        codes[i] = ProblemCode::ALL[i].as_str();
+        i += 1;
+    }
+    codes
+};
 
 /// An invocation that did not succeed.
 #[derive(Debug, Error)]
@@ -58,31 +112,11 @@ pub enum ApiError {
     InvalidRequest(#[from] RunbookError),
     #[error("the host's invocation envelope is malformed: {0}")]
     InvalidEnvelope(String),
-    #[error("{0}")]
-    DeviceNotFound(String),
-    #[error("{}", conflict_detail(machine_id, action_id, action_type, status, *created_meanwhile))]
-    ConflictingActionPending {
-        machine_id: String,
-        action_id: String,
-        action_type: OrOther<ActionType>,
-        status: OrOther<ActionStatus>,
-        /// The action was created by another request after this one arrived,
-        /// which `cancelPending` does not cancel.
-        created_meanwhile: bool,
-    },
-    /// `cancelPending` cancelled the opposite action, but no read showed it
-    /// final before the invocation's time ran out.
-    #[error(
-        "the {action_type} action {action_id} on machine {machine_id} was cancelled, but Defender \
-         still reports it {status}: a cancel is not final until Defender says so. No action was \
-         created; send the request again once the action is Cancelled (the status route shows it)."
-    )]
-    CancelNotFinal {
-        machine_id: String,
-        action_id: String,
-        action_type: OrOther<ActionType>,
-        status: OrOther<ActionStatus>,
-    },
+    /// The domain service's answer about the device or its actions
+    /// (never its `Defender` or `Coordination` wrappers, which `From`
+    /// unwraps into the variants below).
+    #[error("{}", service_detail(.0))]
+    Service(ServiceError),
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
     #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs())]
@@ -116,33 +150,6 @@ pub enum ApiError {
     Defender(String),
     #[error("{0}")]
     Timeout(String),
-    #[error("Defender has no machine action with id {0}")]
-    ActionNotFound(String),
-    #[error("action {action_id} is {status}, which is final; there is nothing to cancel")]
-    ActionNotPending {
-        action_id: String,
-        status: OrOther<ActionStatus>,
-    },
-    /// Defender answered 400 to the cancel of an action a read still shows
-    /// as pending.
-    #[error(
-        "Defender refused to cancel action {action_id} (400: {message}); it read as {status} just \
-         before, so it is most likely finishing. Read it again with the status function; to undo a \
-         finished action, send the opposite request."
-    )]
-    CancelRefused {
-        action_id: String,
-        status: OrOther<ActionStatus>,
-        message: String,
-    },
-    #[error(
-        "action {action_id} is of type {action_type}; only RestrictCodeExecution and \
-         UnrestrictCodeExecution actions can be cancelled here"
-    )]
-    UnsupportedActionType {
-        action_id: String,
-        action_type: OrOther<ActionType>,
-    },
     #[error("{0}")]
     CallerForbidden(String),
     #[error("no route {0}")]
@@ -176,6 +183,118 @@ pub enum ApiError {
     NoDevicesMatched(String),
 }
 
+/// The code of a service error's answer.
+fn service_code(e: &ServiceError) -> ProblemCode {
+    use ProblemCode as P;
+    match e {
+        ServiceError::DeviceNotFound(_) => P::DeviceNotFound,
+        // Refused before any POST, as Defender would refuse it.
+        ServiceError::UnsupportedPlatform { .. } => P::UnsupportedDevice,
+        ServiceError::ConflictingActionPending { .. } | ServiceError::CancelNotFinal { .. } => {
+            P::ConflictingActionPending
+        }
+        ServiceError::ActionNotFound(_) => P::ActionNotFound,
+        // A 400 to the cancel of an action that read as pending: it is most
+        // likely finishing.
+        ServiceError::ActionNotPending { .. } | ServiceError::CancelRefused { .. } => {
+            P::ActionNotPending
+        }
+        ServiceError::UnsupportedActionType { .. } => P::UnsupportedActionType,
+        ServiceError::NotCreated(DefenderError::Timeout { .. })
+        | ServiceError::QueuedPastDeadline { .. }
+        | ServiceError::ActingPastDeadline { .. } => P::DefenderTimeout,
+        ServiceError::Coordination(_) => P::CoordinationUnavailable,
+        ServiceError::Defender(_)
+        | ServiceError::OtherActionAnswered { .. }
+        | ServiceError::InProgressNoneListed { .. }
+        | ServiceError::NotCreated(_)
+        | ServiceError::RoundStopped => P::DefenderError,
+    }
+}
+
+/// The prose a caller reads for a service error.
+fn service_detail(e: &ServiceError) -> String {
+    match e {
+        ServiceError::DeviceNotFound(why) => why.clone(),
+        ServiceError::UnsupportedPlatform {
+            machine_id,
+            os_platform,
+        } => format!(
+            "Defender does not support this action on the device: machine {machine_id} runs \
+             {os_platform}; restrict app execution needs Windows 10 1709 or later, Windows 11 or \
+             Windows Server 2019 or later. Nothing was sent to Defender."
+        ),
+        ServiceError::ConflictingActionPending {
+            machine_id,
+            action,
+            created_meanwhile,
+        } => conflict_detail(
+            machine_id,
+            &action.id,
+            &action.action_type,
+            &action.status,
+            *created_meanwhile,
+        ),
+        ServiceError::CancelNotFinal { machine_id, action } => format!(
+            "the {} action {} on machine {machine_id} was cancelled, but Defender still reports \
+             it {}: a cancel is not final until Defender says so. No action was created; send \
+             the request again once the action is Cancelled (the status route shows it).",
+            action.action_type, action.id, action.status
+        ),
+        ServiceError::ActionNotFound(id) => format!("Defender has no machine action with id {id}"),
+        ServiceError::ActionNotPending { action_id, status } => {
+            format!("action {action_id} is {status}, which is final; there is nothing to cancel")
+        }
+        ServiceError::CancelRefused {
+            action_id,
+            status,
+            message,
+        } => format!(
+            "Defender refused to cancel action {action_id} (400: {message}); it read as {status} \
+             just before, so it is most likely finishing. Read it again with the status function; \
+             to undo a finished action, send the opposite request."
+        ),
+        ServiceError::UnsupportedActionType {
+            action_id,
+            action_type,
+        } => format!(
+            "action {action_id} is of type {action_type}; only RestrictCodeExecution and \
+             UnrestrictCodeExecution actions can be cancelled here"
+        ),
+        ServiceError::OtherActionAnswered { asked, answered } => format!(
+            "Defender answered the read of action {asked} with action {}; the answer was not \
+             used. Retry later.",
+            answered.chars().take(64).collect::<String>()
+        ),
+        ServiceError::InProgressNoneListed { machine_id, action } => format!(
+            "Defender answered \"Action is already in progress\" for {} on machine \
+             {machine_id}, but lists no pending {} action for it. No action was created; \
+             retry in a minute.",
+            action.as_str(),
+            action.as_str()
+        ),
+        ServiceError::NotCreated(error) => format!(
+            "{error}. Re-reading the machine's actions showed that no action was created; it is \
+             safe to retry."
+        ),
+        ServiceError::RoundStopped => "the round serving this machine stopped unexpectedly; no \
+             answer was received. Check the device's action history before retrying."
+            .to_owned(),
+        ServiceError::QueuedPastDeadline { machine_id } => format!(
+            "other invocations for machine {machine_id} held it until the time budget ran out. \
+             No action was created by this invocation."
+        ),
+        ServiceError::ActingPastDeadline { machine_id } => format!(
+            "the invocation did not finish in time while acting on machine {machine_id}. A \
+             machine action may or may not have been created: check the device's action history \
+             before retrying."
+        ),
+        // `From<ServiceError>` unwraps these into their own answers.
+        ServiceError::Defender(e) => ApiError::from(e.clone()).detail(),
+        ServiceError::Coordination(e) => ApiError::from(e.clone()).detail(),
+    }
+}
+
 fn conflict_detail(
     machine_id: &str,
     action_id: &str,
@@ -201,110 +320,43 @@ fn conflict_detail(
 }
 
 impl ApiError {
-    /// Code, status and title, decided in one place.
-    fn kind(&self) -> (&'static str, StatusCode, &'static str) {
-        use StatusCode as S;
+    /// The problem code, which decides the status and title.
+    pub fn kind(&self) -> ProblemCode {
+        use ProblemCode as P;
         match self {
-            Self::InvalidRequest(RunbookError::TooLarge { .. }) => (
-                "payload_too_large",
-                S::PAYLOAD_TOO_LARGE,
-                "Payload too large",
-            ),
-            Self::InvalidRequest(_) => ("invalid_request", S::BAD_REQUEST, "Invalid request"),
-            Self::InvalidEnvelope(_) => (
-                "invalid_envelope",
-                S::BAD_REQUEST,
-                "Invalid invocation envelope",
-            ),
-            Self::DeviceNotFound(_) => (
-                "device_not_found",
-                S::NOT_FOUND,
-                "Device not found in Defender",
-            ),
-            Self::ConflictingActionPending { .. } | Self::CancelNotFinal { .. } => (
-                "conflicting_action_pending",
-                S::CONFLICT,
-                "Opposite action pending",
-            ),
-            Self::UnsupportedDevice { .. } => (
-                "unsupported_device",
-                S::UNPROCESSABLE_ENTITY,
-                "Device does not support restricting app execution",
-            ),
-            Self::RateLimited { .. } => (
-                "rate_limited",
-                S::TOO_MANY_REQUESTS,
-                "Rate limited by Defender",
-            ),
-            Self::CoordinationUnavailable { .. } => (
-                "coordination_unavailable",
-                S::SERVICE_UNAVAILABLE,
-                "Coordination storage unavailable",
-            ),
-            // Upstream failures are a bad gateway: the caller's request was fine.
-            Self::DefenderForbidden { .. } => (
-                "defender_forbidden",
-                S::BAD_GATEWAY,
-                "Defender permission missing",
-            ),
-            Self::DefenderFeatureDisabled { .. } => (
-                "defender_feature_disabled",
-                S::BAD_GATEWAY,
-                "Defender feature disabled or operation disallowed",
-            ),
-            Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => (
-                "authentication_failed",
-                S::BAD_GATEWAY,
-                "Authentication failed",
-            ),
-            Self::Defender(_) => ("defender_error", S::BAD_GATEWAY, "Defender error"),
-            Self::Timeout(_) => ("defender_timeout", S::GATEWAY_TIMEOUT, "Defender timeout"),
-            Self::ActionNotFound(_) => {
-                ("action_not_found", S::NOT_FOUND, "Machine action not found")
-            }
-            Self::ActionNotPending { .. } | Self::CancelRefused { .. } => (
-                "action_not_pending",
-                S::CONFLICT,
-                "Machine action already finished",
-            ),
-            Self::UnsupportedActionType { .. } => (
-                "unsupported_action_type",
-                S::UNPROCESSABLE_ENTITY,
-                "Machine action type not supported",
-            ),
-            Self::CallerForbidden(_) => ("caller_forbidden", S::FORBIDDEN, "Caller not allowed"),
-            Self::RouteNotFound(_) => ("route_not_found", S::NOT_FOUND, "Not found"),
-            Self::MethodNotAllowed { .. } => (
-                "method_not_allowed",
-                S::METHOD_NOT_ALLOWED,
-                "Method not allowed",
-            ),
-            Self::ShuttingDown => ("shutting_down", S::SERVICE_UNAVAILABLE, "Shutting down"),
-            Self::JobNotFound(_) => ("job_not_found", S::NOT_FOUND, "Job not found"),
-            Self::TooManyDevices { .. } => (
-                "too_many_devices",
-                S::UNPROCESSABLE_ENTITY,
-                "Too many devices for one job",
-            ),
-            Self::NoDevicesMatched(_) => (
-                "no_devices_matched",
-                S::UNPROCESSABLE_ENTITY,
-                "No devices matched",
-            ),
+            Self::InvalidRequest(RunbookError::TooLarge { .. }) => P::PayloadTooLarge,
+            Self::InvalidRequest(_) => P::InvalidRequest,
+            Self::InvalidEnvelope(_) => P::InvalidEnvelope,
+            Self::Service(e) => service_code(e),
+            Self::UnsupportedDevice { .. } => P::UnsupportedDevice,
+            Self::RateLimited { .. } => P::RateLimited,
+            Self::CoordinationUnavailable { .. } => P::CoordinationUnavailable,
+            Self::DefenderForbidden { .. } => P::DefenderForbidden,
+            Self::DefenderFeatureDisabled { .. } => P::DefenderFeatureDisabled,
+            Self::AuthenticationFailed(_) | Self::TokenRejected { .. } => P::AuthenticationFailed,
+            Self::Defender(_) => P::DefenderError,
+            Self::Timeout(_) => P::DefenderTimeout,
+            Self::CallerForbidden(_) => P::CallerForbidden,
+            Self::RouteNotFound(_) => P::RouteNotFound,
+            Self::MethodNotAllowed { .. } => P::MethodNotAllowed,
+            Self::ShuttingDown => P::ShuttingDown,
+            Self::JobNotFound(_) => P::JobNotFound,
+            Self::TooManyDevices { .. } => P::TooManyDevices,
+            Self::NoDevicesMatched(_) => P::NoDevicesMatched,
         }
     }
 
     /// The stable, machine-readable code.
     pub fn code(&self) -> &'static str {
-        self.kind().0
+        self.kind().as_str()
     }
 
     pub fn status(&self) -> StatusCode {
-        self.kind().1
+        self.kind().status()
     }
 
     fn title(&self) -> &'static str {
-        self.kind().2
+        self.kind().title()
     }
 
     fn detail(&self) -> String {
@@ -362,19 +414,27 @@ impl ApiError {
             _ => None,
         };
         let action_id = match self {
-            Self::ConflictingActionPending { action_id, .. }
-            | Self::CancelNotFinal { action_id, .. }
-            | Self::ActionNotPending { action_id, .. }
-            | Self::CancelRefused { action_id, .. }
-            | Self::UnsupportedActionType { action_id, .. } => Some(action_id.clone()),
-            Self::ActionNotFound(id) => Some(id.clone()),
+            Self::Service(
+                ServiceError::ConflictingActionPending { action, .. }
+                | ServiceError::CancelNotFinal { action, .. },
+            ) => Some(action.id.to_string()),
+            Self::Service(
+                ServiceError::ActionNotPending { action_id, .. }
+                | ServiceError::CancelRefused { action_id, .. }
+                | ServiceError::UnsupportedActionType { action_id, .. }
+                | ServiceError::ActionNotFound(action_id),
+            ) => Some(action_id.clone()),
             _ => None,
         };
         let action_status = match self {
-            Self::ConflictingActionPending { status, .. }
-            | Self::CancelNotFinal { status, .. }
-            | Self::ActionNotPending { status, .. }
-            | Self::CancelRefused { status, .. } => Some(status.clone()),
+            Self::Service(
+                ServiceError::ConflictingActionPending { action, .. }
+                | ServiceError::CancelNotFinal { action, .. },
+            ) => Some(action.status.clone()),
+            Self::Service(
+                ServiceError::ActionNotPending { status, .. }
+                | ServiceError::CancelRefused { status, .. },
+            ) => Some(status.clone()),
             _ => None,
         };
         Problem {
@@ -416,97 +476,15 @@ pub struct Problem {
     pub retry_after: Option<u64>,
 }
 
-/// The one place the domain service's errors get their answer and prose.
+/// The domain service's errors: the two wrappers of lower layers get those
+/// layers' answers; every other one is answered as itself ([`service_code`],
+/// [`service_detail`]).
 impl From<ServiceError> for ApiError {
     fn from(e: ServiceError) -> Self {
         match e {
-            ServiceError::DeviceNotFound(why) => Self::DeviceNotFound(why),
             ServiceError::Defender(e) => e.into(),
-            ServiceError::UnsupportedPlatform {
-                machine_id,
-                os_platform,
-            } => Self::UnsupportedDevice {
-                code: "OsPlatformNotSupported".into(),
-                message: format!(
-                    "machine {machine_id} runs {os_platform}; restrict app execution needs \
-                     Windows 10 1709 or later, Windows 11 or Windows Server 2019 or later. \
-                     Nothing was sent to Defender."
-                ),
-            },
             ServiceError::Coordination(e) => e.into(),
-            ServiceError::ConflictingActionPending {
-                machine_id,
-                action,
-                created_meanwhile,
-            } => Self::ConflictingActionPending {
-                machine_id,
-                action_id: action.id,
-                action_type: action.action_type,
-                status: action.status,
-                created_meanwhile,
-            },
-            ServiceError::CancelNotFinal { machine_id, action } => Self::CancelNotFinal {
-                machine_id,
-                action_id: action.id,
-                action_type: action.action_type,
-                status: action.status,
-            },
-            ServiceError::ActionNotFound(id) => Self::ActionNotFound(id),
-            ServiceError::ActionNotPending { action_id, status } => {
-                Self::ActionNotPending { action_id, status }
-            }
-            ServiceError::CancelRefused {
-                action_id,
-                status,
-                message,
-            } => Self::CancelRefused {
-                action_id,
-                status,
-                message,
-            },
-            ServiceError::UnsupportedActionType {
-                action_id,
-                action_type,
-            } => Self::UnsupportedActionType {
-                action_id,
-                action_type,
-            },
-            ServiceError::OtherActionAnswered { asked, answered } => Self::Defender(format!(
-                "Defender answered the read of action {asked} with action {}; the answer was not \
-                 used. Retry later.",
-                answered.chars().take(64).collect::<String>()
-            )),
-            ServiceError::InProgressNoneListed { machine_id, action } => Self::Defender(format!(
-                "Defender answered \"Action is already in progress\" for {} on machine \
-                 {machine_id}, but lists no pending {} action for it. No action was created; \
-                 retry in a minute.",
-                action.as_str(),
-                action.as_str()
-            )),
-            ServiceError::NotCreated(error) => {
-                let detail = format!(
-                    "{error}. Re-reading the machine's actions showed that no action was \
-                     created; it is safe to retry."
-                );
-                match error {
-                    DefenderError::Timeout { .. } => Self::Timeout(detail),
-                    _ => Self::Defender(detail),
-                }
-            }
-            ServiceError::RoundStopped => Self::Defender(
-                "the round serving this machine stopped unexpectedly; no answer was received. \
-                 Check the device's action history before retrying."
-                    .to_owned(),
-            ),
-            ServiceError::QueuedPastDeadline { machine_id } => Self::Timeout(format!(
-                "other invocations for machine {machine_id} held it until the time budget ran \
-                 out. No action was created by this invocation."
-            )),
-            ServiceError::ActingPastDeadline { machine_id } => Self::Timeout(format!(
-                "the invocation did not finish in time while acting on machine {machine_id}. A \
-                 machine action may or may not have been created: check the device's action \
-                 history before retrying."
-            )),
+            e => Self::Service(e),
         }
     }
 }
@@ -666,5 +644,43 @@ fn consequence(endpoint: Endpoint) -> &'static str {
          Defender before retrying."
     } else {
         "No action was created."
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::defender::error::Refusal;
+
+    /// A write the machine's lease (or the shared budget) refused to let go
+    /// out reaches the caller through the client's hook as
+    /// `DefenderError::Refused`; it is answered exactly as a coordination
+    /// failure: 503, `coordination_unavailable`, its Retry-After, "nothing
+    /// was sent".
+    #[test]
+    fn a_write_the_coordination_refused_is_a_503_with_retry_after() {
+        let refused = DefenderError::Refused {
+            endpoint: Endpoint::create(ActionType::RestrictCodeExecution),
+            refusal: Refusal::new(CoordinationError::Unavailable {
+                retry_after: Duration::from_secs(15),
+                reason: "the lease on machine m could not be renewed".to_owned(),
+            }),
+        };
+        for error in [
+            ApiError::from(ServiceError::from(refused.clone())),
+            ApiError::from(refused),
+        ] {
+            let problem = error.problem("inv");
+            assert_eq!(problem.status, 503);
+            assert_eq!(problem.code, "coordination_unavailable");
+            assert_eq!(problem.retry_after, Some(15));
+            assert!(
+                problem
+                    .detail
+                    .contains("(the lease on machine m could not be renewed), so nothing was sent"),
+                "{}",
+                problem.detail
+            );
+        }
     }
 }

@@ -61,8 +61,17 @@ pub fn router(state: AppState) -> Router {
     for function in QueueFunction::ALL {
         router = router.route(
             &format!("/{}", function.name()),
-            post(move |state: State<AppState>, request: Request| {
-                job_queue::invoke(state, function, request)
+            post(move |state: State<AppState>, request: Request| async move {
+                let (parts, body) = request.into_parts();
+                let read = read_limited(
+                    &parts,
+                    body,
+                    job_queue::MAX_ENVELOPE,
+                    ApiError::InvalidEnvelope,
+                )
+                .await
+                .map_err(|e| e.to_string());
+                job_queue::invoke(state, function, parts, read).await
             })
             .fallback(not_allowed(Method::POST)),
         );

@@ -1,7 +1,9 @@
 //! Deciding what to do from a machine's recent actions, before acting.
 //!
 //! Defender has no "is this device restricted" property; the state follows
-//! from the machine's restrict/unrestrict actions (defender-api.md, A5). And
+//! from the machine's restrict/unrestrict actions (the machine entity,
+//! <https://learn.microsoft.com/defender-endpoint/api/machine>, has no
+//! restriction property; the portal only changes its button). And
 //! Defender itself is unsafe with duplicates: a pending action can finish
 //! *after* a later opposite one and leave the device in the wrong state. So,
 //! before any POST:
@@ -18,11 +20,12 @@
 //! Succeeded action at all the state is unknown (history is not kept forever),
 //! so the service acts rather than assume.
 
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 
 use crate::defender::{
     ids::MachineId,
     models::{ActionStatus, ActionType, MachineAction},
+    timestamp::Timestamp,
 };
 
 /// What the caller's request comes to, given the machine's actions.
@@ -48,13 +51,17 @@ pub struct Wanted {
     pub cancel_pending: bool,
 }
 
-pub fn decide(machine_id: &str, actions: &[MachineAction], wanted: Wanted) -> Decision {
+/// `machine_id`: the machine deciding for, as a [`MachineId`] or the text of one.
+pub fn decide<M>(machine_id: &M, actions: &[MachineAction], wanted: Wanted) -> Decision
+where
+    M: ?Sized,
+    MachineId: PartialEq<M>,
+{
     // Only this machine's restrict/unrestrict actions, newest first. The
     // server's order and filter are not trusted with the decision.
-    let machine_id = MachineId::from(machine_id);
     let mut relevant: Vec<(&MachineAction, ActionType, ActionStatus)> = actions
         .iter()
-        .filter(|a| a.machine_id.as_deref().is_none_or(|id| machine_id == *id))
+        .filter(|a| a.machine_id.as_ref().is_none_or(|id| *id == *machine_id))
         .filter_map(|a| Some((a, a.action_type.known()?, a.status.known()?)))
         .collect();
     relevant.sort_by_key(|(a, _, _)| std::cmp::Reverse(created(a)));
@@ -101,17 +108,13 @@ pub(crate) fn deciding_action<'a>(
 pub(crate) fn finished(action: &MachineAction) -> Option<OffsetDateTime> {
     action
         .last_update_date_time_utc
-        .as_deref()
-        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+        .map(Timestamp::at)
         .or_else(|| created(action))
 }
 
-/// Unknown or unparseable creation times sort as the oldest.
+/// Unknown creation times (absent, or not RFC 3339) sort as the oldest.
 pub(crate) fn created(action: &MachineAction) -> Option<OffsetDateTime> {
-    action
-        .creation_date_time_utc
-        .as_deref()
-        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+    action.creation_date_time_utc.map(Timestamp::at)
 }
 
 #[cfg(test)]
@@ -208,9 +211,9 @@ mod tests {
         // A restrict for an offline device, created at :00, finished at :30;
         // a release created at :05 finished at :06. The device is restricted.
         let mut restrict = action("r", R, "Succeeded", 0);
-        restrict.last_update_date_time_utc = Some("2026-11-28T10:30:00Z".into());
+        restrict.last_update_date_time_utc = Timestamp::parse("2026-11-28T10:30:00Z");
         let mut release = action("u", U, "Succeeded", 5);
-        release.last_update_date_time_utc = Some("2026-11-28T10:06:00Z".into());
+        release.last_update_date_time_utc = Timestamp::parse("2026-11-28T10:06:00Z");
         let actions = [release, restrict];
         assert_eq!(decide(M, &actions, wanted(U)), Decision::Act);
         assert_eq!(

@@ -1,18 +1,18 @@
 //! Finding the Defender machine for a device: one lookup shared by every
 //! invocation that asks at the same time, remembered for a short while.
 //!
-//! In an outbreak, webhooks for one device arrive together; each used to look
-//! the machine up on its own and spend the machine APIs' budget (100 calls a
-//! minute) several times over. Here concurrent lookups of one device share one
+//! In an outbreak, webhooks for one device arrive together; were each to look
+//! the machine up on its own, they would spend the machine APIs' budget (100
+//! calls a minute) several times over. Here concurrent lookups of one device share one
 //! Defender call (single flight), and a found machine is remembered for at
 //! most `MACHINE_CACHE_SECONDS` (60 s at most) so that retries and duplicates
 //! need no call at all.
 //!
-//! Lookups of different devices are batched ([`super::batch`]): a device
-//! alone, or several while that takes at most half of what the budget has
-//! left, are looked up one by one (`aadDeviceId eq <guid>` or `GET /api/machines/{id}`); when the
-//! budget is tight (or shared by several instances), one list of the tenant's
-//! machines (`GET /api/machines?$top=10000`, every page) answers them all.
+//! Lookups of different devices are batched ([`super::batch`]) and read as
+//! [`super::read_policy`] says: one by one (`aadDeviceId eq <guid>` or
+//! `GET /api/machines/{id}`), or, when the budget is tight (or shared by
+//! several instances), one list of the tenant's machines
+//! (`GET /api/machines?$top=10000`, every page) that answers them all.
 //!
 //! The rule that keeps the cache from acting on a stale record:
 //! - only a record that is `Active` and not merged into another is
@@ -25,11 +25,13 @@
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
-        atomic::{AtomicU64, AtomicUsize, Ordering},
+        Arc,
+        atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
+
+use parking_lot::Mutex;
 
 use futures_util::{
     FutureExt,
@@ -41,9 +43,10 @@ use tokio::time::Instant;
 use uuid::Uuid;
 
 use crate::{
-    defender::{DefenderClient, DefenderError, Endpoint, models::Machine},
+    defender::{DefenderClient, DefenderError, Endpoint, ids::MachineId, models::Machine},
     service::{
         batch::{Answered, Batcher, Close, CloseOnSend, Source},
+        read_policy::{ReadPolicy, Tie},
         runbook::DeviceRef,
         selection::{self, NoChoice},
     },
@@ -128,7 +131,7 @@ impl MachineDirectory {
         Arc::new(Self {
             records: Batcher::new(MachineSource {
                 client,
-                list_calls: AtomicUsize::new(1),
+                policy: ReadPolicy::new(1, Tie::KeyByKey),
             }),
             ttl: ttl.min(MAX_CACHE),
             slots: Mutex::new(Swept::default()),
@@ -179,7 +182,7 @@ impl MachineDirectory {
 
     /// Forget what is remembered for `device` (a POST for it answered 404).
     pub fn forget(&self, device: &DeviceRef) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock();
         if matches!(slots.get(device), Some(Slot::Found { .. })) {
             slots.remove(device);
         }
@@ -192,7 +195,7 @@ impl MachineDirectory {
         device: &DeviceRef,
         deadline: Instant,
     ) -> Result<Found, (Flight, bool)> {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock();
         match slots.get(device) {
             Some(Slot::Found { found, at }) if at.elapsed() < self.ttl => {
                 return Ok(Found::clone(found));
@@ -232,7 +235,7 @@ impl MachineDirectory {
         started: Instant,
         result: &Result<Found, FindError>,
     ) {
-        let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let mut slots = self.slots.lock();
         if !matches!(slots.get(device), Some(Slot::Loading { id: current, .. }) if *current == id) {
             return;
         }
@@ -284,7 +287,11 @@ impl MachineDirectory {
                 Err(NoChoice::AllMerged { merged_into }) => Err(FindError::NotFound(format!(
                     "every Defender record for aadDeviceId {id} was merged into another \
                      machine ({}); pass the surviving machine id as deviceId.",
-                    merged_into.join(", ")
+                    merged_into
+                        .iter()
+                        .map(MachineId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ))),
             },
             DeviceRef::Machine(id) => match records.into_iter().next() {
@@ -292,16 +299,16 @@ impl MachineDirectory {
                     "Defender has no machine with id {id}."
                 ))),
                 // GET /machines/{id} also matches computer names; insist on the id.
-                Some(m) if !m.id.eq_ignore_ascii_case(id) => {
-                    Err(FindError::Defender(DefenderError::Protocol {
-                        endpoint: Endpoint::GetMachine,
-                        reason: format!("asked for machine {id}, got machine {}", m.id),
-                    }))
-                }
+                Some(m) if m.id != *id => Err(FindError::Defender(DefenderError::Protocol {
+                    endpoint: Endpoint::GetMachine,
+                    reason: format!("asked for machine {id}, got machine {}", m.id),
+                })),
                 // A merged record is stale: acting on it would not reach the device.
                 Some(m) if is_merged(&m) => Err(FindError::NotFound(format!(
                     "Defender machine {id} was merged into machine {}; pass that id as deviceId.",
-                    m.merged_into_machine_id.unwrap_or_default()
+                    m.merged_into_machine_id
+                        .map(|into| into.to_string())
+                        .unwrap_or_default()
                 ))),
                 Some(m) => Ok(Found {
                     machine: m,
@@ -315,8 +322,8 @@ impl MachineDirectory {
 /// Machine records per device: one by one, or the tenant's whole list.
 struct MachineSource {
     client: DefenderClient,
-    /// Calls the last list of the tenant's machines took (pages).
-    list_calls: AtomicUsize,
+    /// One by one or the tenant's list (a call per 10,000 machines).
+    policy: ReadPolicy,
 }
 
 impl Source for MachineSource {
@@ -335,14 +342,14 @@ impl Source for MachineSource {
             .iter()
             .filter(|d| matches!(d, DeviceRef::AadDevice(_)))
             .count();
-        // One by one while that takes at most half of what the budget has
-        // left now: the rest stays for the lists that serve everyone.
-        let fits = by_aad * 2 <= self.client.free_slots(Endpoint::ListMachines)
-            && (devices.len() - by_aad) * 2 <= self.client.free_slots(Endpoint::GetMachine);
-        // The tenant's list takes a call per 10,000 machines: on a large
-        // tenant, a few devices are cheaper one by one even when it is tight.
-        let list_calls = self.list_calls.load(Ordering::Relaxed);
-        if devices.len() <= list_calls || fits {
+        let needs = [
+            (by_aad, self.client.free_slots(Endpoint::ListMachines)),
+            (
+                devices.len() - by_aad,
+                self.client.free_slots(Endpoint::GetMachine),
+            ),
+        ];
+        if self.policy.key_by_key(devices.len(), &needs) {
             close();
             let lookups = devices
                 .iter()
@@ -359,7 +366,7 @@ impl Source for MachineSource {
             .client
             .all_machines(deadline, Some(&CloseOnSend(close)))
             .await?;
-        self.list_calls.store(calls.max(1), Ordering::Relaxed);
+        self.policy.tenant_read_took(calls);
         let mut by_device: HashMap<DeviceRef, Vec<Machine>> = HashMap::new();
         for machine in machines {
             if let Some(aad) = machine
@@ -373,7 +380,7 @@ impl Source for MachineSource {
                     .push(machine.clone());
             }
             by_device
-                .entry(DeviceRef::Machine(machine.id.to_ascii_lowercase()))
+                .entry(DeviceRef::Machine(machine.id.as_str().to_ascii_lowercase()))
                 .or_default()
                 .push(machine);
         }
@@ -468,8 +475,8 @@ fn lookup(device: &DeviceRef) -> Endpoint {
 fn is_merged(machine: &Machine) -> bool {
     machine
         .merged_into_machine_id
-        .as_deref()
-        .is_some_and(|s| !s.trim().is_empty())
+        .as_ref()
+        .is_some_and(|id| !id.as_str().trim().is_empty())
 }
 
 /// Only an active, unmerged record may be remembered.

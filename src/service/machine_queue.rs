@@ -11,7 +11,9 @@
 //!
 //! A machine has an entry here exactly while a round is running for it.
 
-use std::{collections::HashMap, sync::Mutex};
+use std::collections::HashMap;
+
+use parking_lot::Mutex;
 
 use crate::defender::ids::MachineId;
 
@@ -33,7 +35,7 @@ impl<J> MachineQueues<J> {
     /// Queue `job`. `true` when no round runs for the machine: the caller
     /// must start one, which then [`take`](Self::take)s until it gets `None`.
     pub fn push(&self, key: &MachineId, job: J) -> bool {
-        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queues = self.queues.lock();
         match queues.get_mut(key) {
             Some(queue) => {
                 queue.push(job);
@@ -49,7 +51,7 @@ impl<J> MachineQueues<J> {
     /// Every job queued for the machine, in order; `None` when there is none,
     /// which also ends the machine's round.
     pub fn take(&self, key: &MachineId) -> Option<Vec<J>> {
-        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queues = self.queues.lock();
         match queues.get_mut(key) {
             Some(queue) if !queue.is_empty() => Some(std::mem::take(queue)),
             _ => {
@@ -62,13 +64,13 @@ impl<J> MachineQueues<J> {
     /// End the machine's round without serving what is queued (the round
     /// failed): the queued jobs are dropped, which their invocations notice.
     pub fn abandon(&self, key: &MachineId) {
-        let mut queues = self.queues.lock().unwrap_or_else(|e| e.into_inner());
+        let mut queues = self.queues.lock();
         queues.remove(key);
     }
 
     /// Machines with a running round.
     pub fn len(&self) -> usize {
-        self.queues.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.queues.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {

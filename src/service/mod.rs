@@ -7,7 +7,8 @@
 //! the domain types it takes. It finds the machine through
 //! [`machine_directory`] (shared, briefly remembered lookups; [`selection`]
 //! picks one record among several), reads its actions through
-//! [`state_reads`] (both batched on [`batch`]), serves one round at a time
+//! [`state_reads`] (both batched on [`batch`], key by key or tenant-wide
+//! by one [`read_policy`]), serves one round at a time
 //! per machine ([`machine_queue`]) and decides with [`decision`]. [`fleet`]
 //! derives every machine's state at once (the fleet view, with its text and
 //! page renderings); [`jobs`] runs the same protocol for whole groups of
@@ -24,6 +25,7 @@ pub mod jobs;
 pub mod machine_directory;
 pub mod machine_queue;
 pub mod platform;
+pub(crate) mod read_policy;
 pub mod reconcile;
 pub mod restrict;
 pub mod runbook;

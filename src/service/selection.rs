@@ -11,10 +11,10 @@
 
 use std::cmp::Ordering;
 
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 use uuid::Uuid;
 
-use crate::defender::{ids::MachineId, models::Machine};
+use crate::defender::{ids::MachineId, models::Machine, timestamp::Timestamp};
 
 /// The chosen record and how many records matched the device.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub enum NoChoice {
     /// Defender returned no record for the device.
     NoRecords,
     /// Every record was merged into another machine.
-    AllMerged { merged_into: Vec<String> },
+    AllMerged { merged_into: Vec<MachineId> },
 }
 
 pub fn choose(aad_device_id: Uuid, records: Vec<Machine>) -> Result<Choice, NoChoice> {
@@ -49,8 +49,8 @@ pub fn choose(aad_device_id: Uuid, records: Vec<Machine>) -> Result<Choice, NoCh
 
     let (merged, live): (Vec<Machine>, Vec<Machine>) = matching.into_iter().partition(|m| {
         m.merged_into_machine_id
-            .as_deref()
-            .is_some_and(|s| !s.trim().is_empty())
+            .as_ref()
+            .is_some_and(|id| !id.as_str().trim().is_empty())
     });
     let best = live.into_iter().min_by(preference);
     match best {
@@ -73,14 +73,12 @@ fn preference(a: &Machine, b: &Machine) -> Ordering {
     active(b)
         .cmp(&active(a))
         .then_with(|| last_seen(b).cmp(&last_seen(a)))
-        .then_with(|| MachineId::from(a.id.as_str()).cmp(&MachineId::from(b.id.as_str())))
+        .then_with(|| a.id.cmp(&b.id))
 }
 
-/// Unknown or unparseable `lastSeen` sorts as the oldest.
+/// Unknown `lastSeen` (absent, or not RFC 3339) sorts as the oldest.
 fn last_seen(m: &Machine) -> Option<OffsetDateTime> {
-    m.last_seen
-        .as_deref()
-        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+    m.last_seen.map(Timestamp::at)
 }
 
 #[cfg(test)]

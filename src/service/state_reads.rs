@@ -7,13 +7,12 @@
 //! machine's actions join the open batch, and one read answers them all:
 //! - a batch for one machine reads that machine's actions (one call:
 //!   `machineId eq '<id>'`, every page);
-//! - a batch for several machines reads each machine the same way while that
-//!   takes at most half of what the rate budget has left right now: small
-//!   answers, no wait, and slots kept for the tenant reads;
-//! - otherwise (the budget is tight, which is when it matters) one read of
-//!   the tenant's restrict and unrestrict actions answers them all (two
-//!   type-filtered calls, every page), unless reading each machine would
-//!   still take fewer calls (the tenant read's size is remembered).
+//! - a batch for several machines reads each machine the same way, or one
+//!   read of the tenant's restrict and unrestrict actions answers them all
+//!   (two type-filtered calls, every page), as [`super::read_policy`] says:
+//!   each machine while that takes fewer calls than the tenant read (its
+//!   size is remembered) or at most half of what the rate budget has left;
+//!   at equal cost the tenant read, which waiters may join until it is sent.
 //!
 //! The safety rule: a waiter's state comes only from a read **sent after** it
 //! joined, and a waiter joins only once it holds its machine's lock. The open
@@ -26,13 +25,7 @@
 //! waiter whose deadline passes stops waiting (504) and the read goes on for
 //! the others.
 
-use std::{
-    collections::HashMap,
-    sync::{
-        Arc,
-        atomic::{AtomicUsize, Ordering},
-    },
-};
+use std::{collections::HashMap, sync::Arc};
 
 use tokio::time::Instant;
 
@@ -41,7 +34,10 @@ use crate::{
         DefenderClient, DefenderError, Endpoint, client::ActionListing, ids::MachineId,
         models::MachineAction,
     },
-    service::batch::{Answered, Batcher, Close, CloseOnSend, Source},
+    service::{
+        batch::{Answered, Batcher, Close, CloseOnSend, Source},
+        read_policy::{ReadPolicy, Tie},
+    },
 };
 
 /// Reads machine state for many invocations at once.
@@ -55,7 +51,7 @@ impl StateReads {
         Self {
             batcher: Batcher::new(ActionSource {
                 client,
-                tenant_read_calls: AtomicUsize::new(2),
+                policy: ReadPolicy::new(2, Tie::TenantWide),
             }),
         }
     }
@@ -64,13 +60,10 @@ impl StateReads {
     /// began. Call it only from the machine's round.
     pub async fn read(
         &self,
-        machine_id: &str,
+        machine_id: &MachineId,
         deadline: Instant,
     ) -> Result<Vec<MachineAction>, DefenderError> {
-        let actions = self
-            .batcher
-            .get(MachineId::from(machine_id), deadline)
-            .await?;
+        let actions = self.batcher.get(machine_id.clone(), deadline).await?;
         Ok(actions.unwrap_or_default())
     }
 }
@@ -78,8 +71,8 @@ impl StateReads {
 /// Machine actions, by machine.
 struct ActionSource {
     client: DefenderClient,
-    /// Calls the last tenant-wide read took (two at least: one per type).
-    tenant_read_calls: AtomicUsize,
+    /// Each machine or the tenant's actions (two calls at least: one per type).
+    policy: ReadPolicy,
 }
 
 impl Source for ActionSource {
@@ -93,12 +86,11 @@ impl Source for ActionSource {
         deadline: Instant,
         close: Close<'_>,
     ) -> Result<Answered<MachineId, Vec<MachineAction>>, DefenderError> {
-        let tenant_calls = self.tenant_read_calls.load(Ordering::Relaxed);
-        let free = self.client.free_slots(Endpoint::ListActions);
-        // Each machine by itself when that is cheaper, or while it takes at
-        // most half of what the budget has left now: the rest stays for the
-        // tenant reads that serve everyone once the budget is tight.
-        if machines.len() < tenant_calls.max(2) || machines.len() * 2 <= free {
+        let needs = [(
+            machines.len(),
+            self.client.free_slots(Endpoint::ListActions),
+        )];
+        if self.policy.key_by_key(machines.len(), &needs) {
             close();
             let reads = machines.iter().map(|machine| {
                 self.client
@@ -120,8 +112,7 @@ impl Source for ActionSource {
             .client
             .restrict_history(deadline, Some(&CloseOnSend(close)))
             .await?;
-        self.tenant_read_calls
-            .store(listing.calls.max(2), Ordering::Relaxed);
+        self.policy.tenant_read_took(listing.calls);
         Ok(Answered {
             values: group_by_machine(listing),
             complete: true,
@@ -146,11 +137,8 @@ impl Source for ActionSource {
 fn group_by_machine(listing: ActionListing) -> HashMap<MachineId, Vec<MachineAction>> {
     let mut by_machine: HashMap<MachineId, Vec<MachineAction>> = HashMap::new();
     for action in listing.actions {
-        if let Some(machine) = action.machine_id.as_deref() {
-            by_machine
-                .entry(MachineId::from(machine))
-                .or_default()
-                .push(action);
+        if let Some(machine) = action.machine_id.clone() {
+            by_machine.entry(machine).or_default().push(action);
         }
     }
     by_machine

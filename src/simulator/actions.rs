@@ -23,7 +23,10 @@ use time::{Duration, OffsetDateTime};
 
 use super::ActionFields;
 use super::clock::{END_OF_TIME, timestamp};
-use crate::defender::models::{ActionStatus, ActionType, MachineAction};
+use crate::defender::{
+    models::{ActionStatus, ActionType, MachineAction},
+    timestamp::Timestamp,
+};
 
 /// How long an action waits for an offline device before `TimeOut`.
 pub(crate) const OFFLINE_TIMEOUT: Duration = Duration::days(3);
@@ -172,10 +175,10 @@ impl ActionRecord {
             extra.extend(fields);
         }
         MachineAction {
-            id: self.id.clone(),
+            id: self.id.as_str().into(),
             action_type: self.kind.into(),
             status: phase.status.into(),
-            machine_id: Some(self.machine_id.clone()),
+            machine_id: Some(self.machine_id.as_str().into()),
             computer_dns_name: if phase.picked_up || life.fields == ActionFields::FromCreation {
                 self.machine_name.clone()
             } else {
@@ -183,10 +186,10 @@ impl ActionRecord {
             },
             requestor: Some(self.requestor.clone()),
             requestor_comment: Some(self.comment.clone()),
-            creation_date_time_utc: Some(timestamp(self.created)),
+            creation_date_time_utc: Some(Timestamp::defender_style(self.created)),
             last_update_date_time_utc: match (phase.updated, life.fields) {
-                (Some(updated), _) => Some(timestamp(updated)),
-                (None, ActionFields::FromCreation) => Some(timestamp(self.created)),
+                (Some(updated), _) => Some(Timestamp::defender_style(updated)),
+                (None, ActionFields::FromCreation) => Some(Timestamp::defender_style(self.created)),
                 (None, ActionFields::WhenPickedUp) => None,
             },
             extra: extra.into(),
@@ -251,7 +254,9 @@ mod tests {
         assert_eq!(done.status, "Succeeded");
         assert_eq!(done.computer_dns_name.as_deref(), Some("DESKTOP"));
         assert_eq!(
-            done.last_update_date_time_utc.as_deref(),
+            done.last_update_date_time_utc
+                .map(|t| t.to_string())
+                .as_deref(),
             Some("2024-01-01T00:00:05.0000000Z")
         );
     }
@@ -310,7 +315,10 @@ mod tests {
         assert_eq!(pending.status, "Pending");
         assert_eq!(pending.computer_dns_name.as_deref(), Some("DESKTOP"));
         assert_eq!(
-            pending.last_update_date_time_utc.as_deref(),
+            pending
+                .last_update_date_time_utc
+                .map(|t| t.to_string())
+                .as_deref(),
             Some("2024-01-01T00:00:00.0000000Z")
         );
     }

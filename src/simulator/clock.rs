@@ -5,14 +5,12 @@
 //! token expiry excepted) reads this clock, so a test can run a 5-second action
 //! life in 50 ms with `speed = 100.0`, or skip three days with one call.
 
-use std::sync::Mutex;
+use parking_lot::Mutex;
 use std::time::Instant;
 
 use time::format_description::FormatItem;
 use time::macros::{datetime, format_description};
 use time::{Duration, OffsetDateTime};
-
-use super::state::lock;
 
 /// Latest instant the clock reports; saturating here keeps absurd speeds or
 /// jumps from overflowing (and panicking) date arithmetic.
@@ -52,7 +50,7 @@ impl SimClock {
     pub(crate) fn now(&self) -> OffsetDateTime {
         let real = self.real_origin.elapsed().as_secs_f64();
         let scaled = Duration::checked_seconds_f64(real * self.speed).unwrap_or(Duration::MAX);
-        let elapsed = scaled.saturating_add(*lock(&self.skipped));
+        let elapsed = scaled.saturating_add(*self.skipped.lock());
         self.sim_origin
             .checked_add(elapsed)
             .map_or(END_OF_TIME, |t| t.min(END_OF_TIME))
@@ -61,7 +59,7 @@ impl SimClock {
     /// Jumps the simulated clock forward.
     pub(crate) fn advance(&self, by: std::time::Duration) {
         let by = Duration::try_from(by).unwrap_or(Duration::MAX);
-        let mut skipped = lock(&self.skipped);
+        let mut skipped = self.skipped.lock();
         *skipped = skipped.saturating_add(by);
     }
 }

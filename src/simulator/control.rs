@@ -107,7 +107,7 @@ pub(crate) fn banner(sim: &Sim) -> String {
             if let Some(into) = &m.merged_into_machine_id {
                 note.push(format!("merged into {into}"));
             }
-            if tenant.is_offline(&m.id) {
+            if tenant.is_offline(m.id.as_str()) {
                 note.push("offline".to_owned());
             }
             let line = format!(
@@ -218,10 +218,7 @@ async fn set_offline(State(sim): SimState, Path(id): Path<String>, body: Bytes) 
         Ok(body) => body,
         Err(response) => return *response,
     };
-    let known = sim
-        .machines()
-        .iter()
-        .any(|m| m.id.eq_ignore_ascii_case(&id));
+    let known = sim.machines().iter().any(|m| m.id == id);
     if !known {
         return control_error(StatusCode::NOT_FOUND, format!("Machine {id} was not found"));
     }
@@ -240,10 +237,7 @@ async fn set_outcome(State(sim): SimState, Path(id): Path<String>, body: Bytes) 
         Ok(body) => body,
         Err(response) => return *response,
     };
-    let known = sim
-        .machines()
-        .iter()
-        .any(|m| m.id.eq_ignore_ascii_case(&id));
+    let known = sim.machines().iter().any(|m| m.id == id);
     if !known {
         return control_error(StatusCode::NOT_FOUND, format!("Machine {id} was not found"));
     }

@@ -4,7 +4,10 @@
 //! `SimHandle::identity_endpoint()` and `IDENTITY_HEADER` to
 //! `SimConfig::identity_header`.
 //!
-//! The contract follows `shared/reference/azure-identity.md` §4: `expires_on`
+//! The contract is App Service's managed identity REST protocol
+//! (<https://learn.microsoft.com/azure/app-service/overview-managed-identity#rest-endpoint-reference>)
+//! as `azure_identity` 1.x reads it (Azure/azure-sdk-for-rust,
+//! `sdk/identity/azure_identity`): `expires_on`
 //! is unix seconds **as a string** (a JSON number fails `azure_identity`), and
 //! it is an hour ahead in real time (not sim time: the credential compares it
 //! with the wall clock, and anything under 5 minutes defeats its cache).

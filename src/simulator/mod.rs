@@ -2,8 +2,10 @@
 //!
 //! The simulator is an axum server over in-memory state. It serves the same
 //! paths and the same serde wire types ([`crate::defender::models`]) that the
-//! real client reads, following the facts collected in
-//! `shared/reference/defender-api.md`. It is **not** a fidelity guarantee: where
+//! real client reads, following Microsoft's documentation of the API
+//! (<https://learn.microsoft.com/defender-endpoint/api/exposed-apis-list>: the
+//! machine and machine action entities, their list, get and action calls,
+//! common errors and rate limits). It is **not** a fidelity guarantee: where
 //! the real API's behaviour is unknown or not modelled, the simulator answers
 //! `501` with code `NotImplementedInSimulator` and a message naming what is
 //! missing, instead of guessing quietly.
@@ -34,7 +36,7 @@
 //! **Fake managed identity endpoint** (`GET /_identity/token`), speaking the
 //! App Service 2019-08-01 protocol that `azure_identity`'s
 //! `ManagedIdentityCredential` uses when `IDENTITY_ENDPOINT` and
-//! `IDENTITY_HEADER` are set (`shared/reference/azure-identity.md` §4).
+//! `IDENTITY_HEADER` are set (see [`identity`]).
 //!
 //! Every request to `/api/*` and `/_identity/*` is recorded
 //! ([`SimHandle::requests`]) and may be hit by an injected [`Fault`].
@@ -195,7 +197,8 @@ pub enum ActionOutcome {
 }
 
 /// The documented token resources for the Defender API (commercial, legacy
-/// and government hosts; `shared/reference/defender-api.md` A4).
+/// and government hosts: <https://learn.microsoft.com/defender-endpoint/api/exposed-apis-create-app-webapp>
+/// and <https://learn.microsoft.com/defender-endpoint/gov>).
 pub const DEFENDER_AUDIENCES: &[&str] = &[
     "https://api.securitycenter.microsoft.com",
     "https://api.securitycenter.windows.com",

@@ -35,7 +35,7 @@ use sha2::{Digest, Sha256};
 use time::{Duration, OffsetDateTime};
 
 use super::clock::timestamp;
-use crate::defender::models::Machine;
+use crate::defender::{ids::MachineId, models::Machine, timestamp::Timestamp};
 
 /// `requestor` of every action the simulator creates: with an app identity
 /// Defender records the app, as `"<app name> (<tenant>.onmicrosoft.com)"`.
@@ -99,10 +99,10 @@ pub fn machines(now: OffsetDateTime) -> Vec<Machine> {
 }
 
 fn untagged(now: OffsetDateTime) -> Vec<Machine> {
-    let ago = |d: Duration| Some(timestamp(now - d));
+    let ago = |d: Duration| Some(Timestamp::defender_style(now - d));
     vec![
         Machine {
-            id: ALPHA_MACHINE_ID.to_owned(),
+            id: ALPHA_MACHINE_ID.into(),
             computer_dns_name: Some(ALPHA_NAME.to_owned()),
             aad_device_id: Some(ALPHA_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -114,7 +114,7 @@ fn untagged(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(210), "22631", "23H2", "10.0.1.21"),
         },
         Machine {
-            id: BRAVO_STALE_MACHINE_ID.to_owned(),
+            id: BRAVO_STALE_MACHINE_ID.into(),
             computer_dns_name: Some(BRAVO_NAME.to_owned()),
             aad_device_id: Some(BRAVO_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Inactive".to_owned()),
@@ -126,7 +126,7 @@ fn untagged(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(400), "19045", "22H2", "10.0.2.57"),
         },
         Machine {
-            id: BRAVO_MACHINE_ID.to_owned(),
+            id: BRAVO_MACHINE_ID.into(),
             computer_dns_name: Some(BRAVO_NAME.to_owned()),
             aad_device_id: Some(BRAVO_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -138,19 +138,19 @@ fn untagged(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(29), "19045", "22H2", "10.0.2.58"),
         },
         Machine {
-            id: BRAVO_MERGED_MACHINE_ID.to_owned(),
+            id: BRAVO_MERGED_MACHINE_ID.into(),
             computer_dns_name: Some(BRAVO_NAME.to_owned()),
             aad_device_id: Some(BRAVO_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
             last_seen: ago(Duration::ZERO),
             os_platform: Some("Windows10".to_owned()),
             onboarding_status: Some("Onboarded".to_owned()),
-            merged_into_machine_id: Some(BRAVO_MACHINE_ID.to_owned()),
+            merged_into_machine_id: Some(BRAVO_MACHINE_ID.into()),
             is_potential_duplication: Some(false),
             extra: windows_extra(now - Duration::days(3), "19045", "22H2", "10.0.2.58"),
         },
         Machine {
-            id: CHARLIE_MACHINE_ID.to_owned(),
+            id: CHARLIE_MACHINE_ID.into(),
             computer_dns_name: Some(CHARLIE_NAME.to_owned()),
             aad_device_id: Some(CHARLIE_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -162,7 +162,7 @@ fn untagged(now: OffsetDateTime) -> Vec<Machine> {
             extra: windows_extra(now - Duration::days(90), "26100", "24H2", "10.0.3.14"),
         },
         Machine {
-            id: LINUX_MACHINE_ID.to_owned(),
+            id: LINUX_MACHINE_ID.into(),
             computer_dns_name: Some(LINUX_NAME.to_owned()),
             aad_device_id: Some(LINUX_AAD_DEVICE_ID.to_owned()),
             health_status: Some("Active".to_owned()),
@@ -186,7 +186,7 @@ fn untagged(now: OffsetDateTime) -> Vec<Machine> {
             ),
         },
         Machine {
-            id: KIOSK_MACHINE_ID.to_owned(),
+            id: KIOSK_MACHINE_ID.into(),
             computer_dns_name: Some(KIOSK_NAME.to_owned()),
             aad_device_id: None,
             health_status: Some("Active".to_owned()),
@@ -336,14 +336,14 @@ impl Fleet {
                 octet(i)
             );
             let record = |id: &str, health: &str, seen: Duration, merged: Option<&str>| Machine {
-                id: id.to_owned(),
+                id: id.into(),
                 computer_dns_name: Some(device.computer_dns_name.clone()),
                 aad_device_id: Some(device.aad_device_id.clone()),
                 health_status: Some(health.to_owned()),
-                last_seen: Some(timestamp(now - seen)),
+                last_seen: Some(Timestamp::defender_style(now - seen)),
                 os_platform: Some("Windows11".to_owned()),
                 onboarding_status: Some("Onboarded".to_owned()),
-                merged_into_machine_id: merged.map(str::to_owned),
+                merged_into_machine_id: merged.map(MachineId::from),
                 is_potential_duplication: Some(health == "Inactive"),
                 extra: {
                     let mut extra = windows_extra(now - Duration::days(120), "26100", "24H2", &ip);
@@ -454,14 +454,14 @@ mod tests {
         assert_eq!(records.len(), 3);
         let stale = records
             .iter()
-            .find(|m| Some(&m.id) == first.stale_machine_id.as_ref());
+            .find(|m| first.stale_machine_id.as_deref() == Some(&*m.id));
         assert_eq!(
             stale.and_then(|m| m.health_status.as_deref()),
             Some("Inactive")
         );
         let merged = records
             .iter()
-            .find(|m| Some(&m.id) == first.merged_machine_id.as_ref());
+            .find(|m| first.merged_machine_id.as_deref() == Some(&*m.id));
         assert_eq!(
             merged.and_then(|m| m.merged_into_machine_id.as_deref()),
             Some(first.machine_id.as_str())

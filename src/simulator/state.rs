@@ -1,13 +1,14 @@
 //! The simulator's in-memory state: the tenant (machines, actions, offline
 //! devices, rate-limit windows), the injected faults and the request log.
 //!
-//! Each part sits behind its own `std::sync::Mutex`, held only for short,
-//! synchronous sections (never across an `.await`). A poisoned lock is
-//! recovered rather than propagated: the data is plain values, and a test
+//! Each part sits behind its own `parking_lot::Mutex`, held only for short,
+//! synchronous sections (never across an `.await`). Such a lock is not
+//! poisoned by a panicking holder: the data is plain values, and a test
 //! simulator that panics on every later request would hide the first failure.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+
+use parking_lot::{Mutex, MutexGuard};
 
 use time::{Duration, OffsetDateTime};
 
@@ -21,11 +22,6 @@ use super::tags::TagAction;
 use super::{ActionOutcome, DuplicateBehaviour, SimConfig, seed};
 use crate::defender::Endpoint;
 use crate::defender::models::{ActionStatus, ActionType, Machine, MachineAction};
-
-/// Locks a mutex, recovering the data if a previous holder panicked.
-pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
-}
 
 /// Everything a running simulator shares between its handlers and handles.
 pub(crate) struct Sim {
@@ -104,38 +100,40 @@ impl Sim {
             return self.config.token.clone();
         }
         let token = format!("foreign-{}", uuid::Uuid::new_v4().simple());
-        lock(&self.foreign_tokens).insert(token.clone(), resource.to_owned());
+        self.foreign_tokens
+            .lock()
+            .insert(token.clone(), resource.to_owned());
         token
     }
 
     /// Runs `check` on the app's current roles.
     pub(crate) fn with_roles<T>(&self, check: impl FnOnce(&[String]) -> T) -> T {
-        check(&lock(&self.roles))
+        check(&self.roles.lock())
     }
 
     pub(crate) fn set_roles(&self, roles: Vec<String>) {
-        *lock(&self.roles) = roles;
+        *self.roles.lock() = roles;
     }
 
     /// The resource a token was issued for, when it is not Defender's.
     pub(crate) fn foreign_audience(&self, token: &str) -> Option<String> {
-        lock(&self.foreign_tokens).get(token).cloned()
+        self.foreign_tokens.lock().get(token).cloned()
     }
 
     pub(crate) fn tenant(&self) -> MutexGuard<'_, Tenant> {
-        lock(&self.tenant)
+        self.tenant.lock()
     }
 
     pub(crate) fn requests(&self) -> Vec<RecordedRequest> {
-        lock(&self.log).completed()
+        self.log.lock().completed()
     }
 
     pub(crate) fn clear_requests(&self) {
-        lock(&self.log).clear();
+        self.log.lock().clear();
     }
 
     pub(crate) fn log_begin(&self, request: RecordedRequest) -> u64 {
-        lock(&self.log).begin(request)
+        self.log.lock().begin(request)
     }
 
     pub(crate) fn log_finish(
@@ -146,23 +144,25 @@ impl Sim {
         handling: std::time::Duration,
     ) {
         let micros = |d: std::time::Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
-        lock(&self.log).finish(seq, status, micros(total), micros(handling));
+        self.log
+            .lock()
+            .finish(seq, status, micros(total), micros(handling));
     }
 
     pub(crate) fn inject(&self, fault: Fault) {
-        lock(&self.faults).push(fault);
+        self.faults.lock().push(fault);
     }
 
     pub(crate) fn clear_faults(&self) {
-        lock(&self.faults).clear();
+        self.faults.lock().clear();
     }
 
     pub(crate) fn faults(&self) -> Vec<Fault> {
-        lock(&self.faults).list()
+        self.faults.lock().list()
     }
 
     pub(crate) fn take_fault(&self, method: &str, path: &str) -> Option<FaultKind> {
-        lock(&self.faults).take_match(method, path)
+        self.faults.lock().take_match(method, path)
     }
 
     pub(crate) fn add_machine(&self, machine: Machine) {
@@ -258,7 +258,7 @@ impl Tenant {
 
     pub(crate) fn upsert_machine(&mut self, machine: Machine) {
         let index = &mut self.machine_index;
-        match index.by_id.get(&machine.id.to_ascii_lowercase()) {
+        match index.by_id.get(&machine.id.as_str().to_ascii_lowercase()) {
             Some(&at) => {
                 index.unlink_aad(self.machines[at].aad_device_id.as_deref(), at);
                 index.link_aad(machine.aad_device_id.as_deref(), at);
@@ -266,7 +266,9 @@ impl Tenant {
             }
             None => {
                 let at = self.machines.len();
-                index.by_id.insert(machine.id.to_ascii_lowercase(), at);
+                index
+                    .by_id
+                    .insert(machine.id.as_str().to_ascii_lowercase(), at);
                 index.link_aad(machine.aad_device_id.as_deref(), at);
                 self.machines.push(machine);
             }
@@ -379,7 +381,7 @@ impl Tenant {
         duplicate: DuplicateBehaviour,
     ) -> Created {
         let running = self
-            .machine_actions_newest_first(&machine.id)
+            .machine_actions_newest_first(machine.id.as_str())
             .into_iter()
             .find(|a| a.kind == kind && !a.phase(now, life).status.is_terminal())
             .map(|a| a.to_wire(now, life));
@@ -389,19 +391,23 @@ impl Tenant {
                 DuplicateBehaviour::ReturnPending => Created::Existing(running),
             };
         }
-        let offline = self.offline.contains(&machine.id.to_ascii_lowercase());
+        let offline = self
+            .offline
+            .contains(&machine.id.as_str().to_ascii_lowercase());
         let record = ActionRecord {
             seq: self.next_seq,
             id: uuid::Uuid::new_v4().to_string(),
             kind,
-            machine_id: machine.id.clone(),
+            machine_id: machine.id.to_string(),
             machine_name: machine.computer_dns_name.clone(),
             requestor: seed::REQUESTOR.to_owned(),
             comment,
             created: now,
             countdown_from: (!offline).then_some(now),
             cancellation: None,
-            fails: self.failing.contains(&machine.id.to_ascii_lowercase()),
+            fails: self
+                .failing
+                .contains(&machine.id.as_str().to_ascii_lowercase()),
         };
         self.next_seq += 1;
         let wire = record.to_wire(now, life);
@@ -553,7 +559,7 @@ fn machine_matches(m: &Machine, c: &Condition) -> bool {
     let ci = |v: Option<&str>| v.is_some_and(|v| v.eq_ignore_ascii_case(&c.value));
     match c.field {
         "aadDeviceId" => ci(m.aad_device_id.as_deref()),
-        "id" => m.id.eq_ignore_ascii_case(&c.value),
+        "id" => m.id == c.value,
         "computerDnsName" => ci(m.computer_dns_name.as_deref()),
         "healthStatus" => m.health_status.as_deref() == Some(c.value.as_str()),
         "machineTags" => machine_tags(m).any(|t| t == c.value),
@@ -580,13 +586,10 @@ pub(crate) fn machine_tags(m: &Machine) -> impl Iterator<Item = &str> {
 
 fn action_matches(a: &MachineAction, c: &Condition) -> bool {
     match c.field {
-        "machineId" => a
-            .machine_id
-            .as_deref()
-            .is_some_and(|v| v.eq_ignore_ascii_case(&c.value)),
+        "machineId" => a.machine_id.as_ref().is_some_and(|v| *v == c.value),
         "type" => a.action_type.as_str() == c.value,
         "status" => a.status.as_str() == c.value,
-        "id" => a.id.eq_ignore_ascii_case(&c.value),
+        "id" => a.id == c.value,
         "requestor" => a.requestor.as_deref() == Some(c.value.as_str()),
         _ => false,
     }

@@ -55,7 +55,7 @@ impl Api {
     async fn filtered(&self, filter: &str) -> Vec<String> {
         let page = self.page(&list_path(filter)).await;
         assert_eq!(page.next_link, None, "{filter}");
-        page.value.into_iter().map(|m| m.id).collect()
+        page.value.into_iter().map(|m| m.id.to_string()).collect()
     }
 
     async fn page(&self, url_or_path: &str) -> ODataPage<Machine> {
@@ -220,7 +220,7 @@ async fn a_fleet_under_a_tag_pages_with_next_links_and_counts_against_the_rate_l
     let expected: Vec<String> = fleet
         .machines(time::OffsetDateTime::now_utc())
         .into_iter()
-        .map(|m| m.id)
+        .map(|m| m.id.to_string())
         .collect();
     assert_eq!(ids, expected);
 
@@ -237,7 +237,7 @@ async fn a_fleet_under_a_tag_pages_with_next_links_and_counts_against_the_rate_l
             list_path("rbacGroupId eq 7")
         ))
         .await;
-    let window: Vec<String> = page.value.into_iter().map(|m| m.id).collect();
+    let window: Vec<String> = page.value.into_iter().map(|m| m.id.to_string()).collect();
     assert_eq!(window, expected[20..25]);
 }
 

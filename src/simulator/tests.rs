@@ -68,7 +68,7 @@ impl Api {
         let response = self.get(path).await;
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         let page: ODataPage<Machine> = response.json().await.expect("page");
-        page.value.into_iter().map(|m| m.id).collect()
+        page.value.into_iter().map(|m| m.id.to_string()).collect()
     }
 }
 
@@ -502,7 +502,12 @@ async fn paging_follows_next_link() {
             None => break,
         }
     }
-    let all: Vec<String> = api.sim.machines().into_iter().map(|m| m.id).collect();
+    let all: Vec<String> = api
+        .sim
+        .machines()
+        .into_iter()
+        .map(|m| m.id.to_string())
+        .collect();
     assert_eq!(ids, all);
 
     // nextLink keeps the filter and honours $top.

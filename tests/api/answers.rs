@@ -4,7 +4,7 @@
 use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, spawn_app, spawn_in_process};
 use crate::host_emulator::CallerRequest;
 use crate::host_emulator::Route;
 use crate::restrict::ALPHA_AAD;
@@ -93,7 +93,7 @@ async fn a_405_names_the_method_the_route_allows_and_post_to_the_root_gets_a_pro
 
 #[tokio::test]
 async fn payload_mode_checks_the_envelopes_method_against_the_function() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let action = "9c2f4f8e-3b1a-4c7d-8e6f-0a1b2c3d4e5f";
     let mut status_by_post = Route::status(action);
     status_by_post.method = "POST";
@@ -286,7 +286,7 @@ async fn a_bulk_wait_cut_short_by_the_time_budget_says_so() {
     };
     // Actions stay pending far longer than the invocation may take.
     options.sim.pending_for = std::time::Duration::from_secs(3600);
-    let app = crate::helpers::spawn_app_with(options).await;
+    let app = crate::helpers::spawn_in_process_with(options).await;
 
     let response = app
         .host
@@ -335,7 +335,7 @@ async fn a_bulk_wait_cut_short_by_the_time_budget_says_so() {
 
 #[tokio::test]
 async fn a_bulk_wait_cut_short_by_failing_polls_says_so() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     // Every read of one action (the polls) is refused with a Retry-After far
     // beyond the invocation's time; the listing reads are not affected.
     app.sim.inject(Fault {

@@ -9,7 +9,9 @@ use base64::Engine;
 use restrict_code_execution::simulator::SimConfig;
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, spawn_app, spawn_app_with};
+use crate::helpers::{
+    AppOptions, TestApp, spawn_app, spawn_app_with, spawn_in_process, spawn_in_process_with,
+};
 use crate::host_emulator::{CallerRequest, ClientResponse, Route};
 use crate::restrict::{ALPHA_AAD, BRAVO_AAD, CHARLIE_AAD, LINUX_AAD};
 
@@ -46,7 +48,7 @@ fn action_id(answer: &Value) -> String {
 
 #[tokio::test]
 async fn the_status_function_answers_202_while_pending_and_200_once_finished() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let id = action_id(&restrict(&app, json!({"deviceId": ALPHA_AAD})).await);
 
     for mode in MODES {
@@ -90,7 +92,7 @@ async fn the_status_function_answers_202_while_pending_and_200_once_finished() {
 
 #[tokio::test]
 async fn the_status_function_rejects_bad_ids_and_reports_unknown_ones() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     for mode in MODES {
         let bad = call(
             &app,
@@ -122,7 +124,7 @@ async fn the_status_function_rejects_bad_ids_and_reports_unknown_ones() {
 
 #[tokio::test]
 async fn the_cancel_function_cancels_a_pending_action_once() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let alpha = action_id(&restrict(&app, json!({"deviceId": ALPHA_AAD})).await);
     let charlie = action_id(&restrict(&app, json!({"deviceId": CHARLIE_AAD})).await);
 
@@ -154,7 +156,7 @@ async fn the_cancel_function_cancels_a_pending_action_once() {
 
 #[tokio::test]
 async fn the_cancel_function_rejects_unknown_fields() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let id = action_id(&restrict(&app, json!({"deviceId": ALPHA_AAD})).await);
 
     let response = app
@@ -191,7 +193,7 @@ fn fast_sim() -> AppOptions {
 #[tokio::test]
 async fn wait_polls_the_action_until_it_is_finished() {
     // At 20x, the simulated action finishes in a quarter of a second.
-    let app = spawn_app_with(fast_sim()).await;
+    let app = spawn_in_process_with(fast_sim()).await;
 
     let response = app
         .host
@@ -215,7 +217,7 @@ async fn wait_polls_the_action_until_it_is_finished() {
 
 #[tokio::test]
 async fn wait_returns_the_last_state_when_time_runs_out() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim
         .set_offline("c5cb89852ce0d21636c0491709a4571b5f190e75", true);
 
@@ -241,7 +243,7 @@ async fn wait_returns_the_last_state_when_time_runs_out() {
 
 #[tokio::test]
 async fn respond_async_answers_202_with_a_location_that_keeps_the_code() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     for (mode, device) in [(Mode::Forwarded, ALPHA_AAD), (Mode::Payload, CHARLIE_AAD)] {
         let request = CallerRequest::json(json!({"deviceId": device}).to_string())
             .header("Prefer", "respond-async")
@@ -373,7 +375,7 @@ async fn examples_logic_app_workflow_follows_the_async_pattern() {
 
 #[tokio::test]
 async fn device_ids_act_on_each_device_once_and_answer_per_device_in_order() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let body = json!({"deviceIds": [ALPHA_AAD, "0f0e0d0c-0b0a-4908-8706-050403020100", LINUX_AAD, ALPHA_AAD.to_uppercase(), CHARLIE_AAD]});
 
     for mode in MODES {
@@ -426,7 +428,7 @@ async fn device_ids_act_on_each_device_once_and_answer_per_device_in_order() {
 
 #[tokio::test]
 async fn device_ids_that_all_succeed_answer_200() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
 
     let response = app
         .host
@@ -510,7 +512,7 @@ async fn with_allowed_roles_a_caller_without_one_is_refused_and_nothing_is_sent(
 
 #[tokio::test]
 async fn an_authenticated_caller_with_a_role_is_recorded_as_the_caller() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         env: vec![("ALLOWED_CALLER_ROLES", "Device.Restrict".into())],
         ..AppOptions::default()
     })
@@ -536,7 +538,7 @@ async fn an_authenticated_caller_with_a_role_is_recorded_as_the_caller() {
 
 #[tokio::test]
 async fn without_allowed_roles_the_principal_only_names_the_caller() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let request =
         CallerRequest::json(json!({"deviceId": ALPHA_AAD, "callerName": "explicit"}).to_string())
             .header(
@@ -558,7 +560,7 @@ async fn without_allowed_roles_the_principal_only_names_the_caller() {
 
 #[tokio::test]
 async fn accept_text_plain_gives_runbook_lines_with_the_same_status_codes() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     for (mode, device) in [(Mode::Forwarded, ALPHA_AAD), (Mode::Payload, CHARLIE_AAD)] {
         let request = CallerRequest::json(json!({"deviceId": device}).to_string())
             .header("Accept", "text/plain");
@@ -616,7 +618,7 @@ async fn accept_text_plain_gives_runbook_lines_with_the_same_status_codes() {
 
 #[tokio::test]
 async fn the_openapi_document_is_served_in_both_modes_and_covers_the_surface() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     for mode in MODES {
         let response = call(&app, mode, &Route::openapi(), &CallerRequest::empty()).await;
         assert_eq!(response.status, 200, "{mode:?}");
@@ -671,11 +673,54 @@ fn every_problem_code_is_in_the_readme_troubleshooting_table() {
     }
 }
 
+#[test]
+fn the_readme_troubleshooting_table_lists_no_code_the_handler_does_not_answer() {
+    let readme = include_str!("../../README.md");
+    let table = readme
+        .split("## Troubleshooting")
+        .nth(1)
+        .unwrap()
+        .split("\n## ")
+        .next()
+        .unwrap();
+    let codes = restrict_code_execution::host::error::CODES;
+    // A code in the first column is a backticked word followed by its status.
+    for row in table.lines().filter(|l| l.starts_with("| ")) {
+        let cell = row.split(" |").next().unwrap();
+        let mut parts = cell.split('`').skip(1);
+        while let (Some(word), Some(after)) = (parts.next(), parts.next()) {
+            let status = after.trim_start().get(..3).unwrap_or("");
+            if status.len() == 3 && status.bytes().all(|b| b.is_ascii_digit()) {
+                assert!(
+                    codes.contains(&word),
+                    "the README lists `{word}`, which no answer carries"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn every_problem_code_variant_has_its_own_code_status_and_title() {
+    use restrict_code_execution::host::error::{CODES, ProblemCode};
+    assert_eq!(CODES.len(), ProblemCode::ALL.len());
+    for (code, variant) in CODES.iter().zip(ProblemCode::ALL) {
+        assert_eq!(*code, variant.as_str());
+        assert!(variant.status().is_client_error() || variant.status().is_server_error());
+        assert!(!variant.title().is_empty());
+        assert_eq!(
+            CODES.iter().filter(|c| *c == code).count(),
+            1,
+            "{code} twice"
+        );
+    }
+}
+
 // --- Examples ------------------------------------------------------------------
 
 #[tokio::test]
 async fn examples_realmjoin_invocation_restricts_with_the_caller_recorded() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let body = include_str!("../../examples/realmjoin/invocation.json");
 
     let response = app
@@ -699,7 +744,7 @@ async fn examples_realmjoin_invocation_restricts_with_the_caller_recorded() {
 
 #[tokio::test]
 async fn examples_servicenow_webhook_restricts_the_incident_device() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let body = include_str!("../../examples/webhooks/servicenow-outbound-rest.json");
 
     let response = app.host.forwarded(&CallerRequest::json(body)).await;
@@ -722,7 +767,7 @@ async fn examples_servicenow_webhook_restricts_the_incident_device() {
 
 #[tokio::test]
 async fn examples_jira_webhook_releases_several_devices() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let body = include_str!("../../examples/webhooks/jira-automation.json");
 
     let response = app.host.forwarded(&CallerRequest::json(body)).await;

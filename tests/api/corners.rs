@@ -1,7 +1,7 @@
-//! Defender corners the simulator models on request (issue 13, points 1, 2, 3
-//! and 5): a duplicate POST answered with the pending action, a cancel that
-//! takes effect late (or loses the race), stuck duplicates, and the fidelity
-//! of actions, tokens, roles and lookups. Each test asserts what Defender
+//! Defender corners the simulator models on request: a duplicate POST
+//! answered with the pending action, a cancel that takes effect late (or
+//! loses the race), stuck duplicates, and the fidelity of actions, tokens,
+//! roles and lookups. Each test asserts what Defender
 //! received, not only what the service answered.
 
 use std::time::Duration;
@@ -12,26 +12,11 @@ use restrict_code_execution::simulator::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, post, posts, spawn_app_with};
+use crate::helpers::{TOKEN, TestApp, app, post, posts};
 use crate::host_emulator::{CallerRequest, Route};
 use crate::restrict::ALPHA_AAD;
 
 const ALPHA: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
-
-fn sim_config(change: impl FnOnce(&mut SimConfig)) -> SimConfig {
-    let mut sim = AppOptions::default().sim;
-    change(&mut sim);
-    sim
-}
-
-async fn app_with(sim: SimConfig, env: Vec<(&'static str, String)>) -> TestApp {
-    spawn_app_with(AppOptions {
-        sim,
-        env,
-        ..AppOptions::default()
-    })
-    .await
-}
 
 /// The actions Defender holds for ALPHA, oldest first, as (type, status).
 fn history(app: &TestApp) -> Vec<(String, String)> {
@@ -76,14 +61,13 @@ fn reads_of_actions(app: &TestApp) -> usize {
 
 #[tokio::test]
 async fn a_201_with_an_action_created_before_the_post_is_already_pending() {
-    let app = app_with(
-        sim_config(|s| {
+    let app = app()
+        .sim(|s| {
             s.duplicate = DuplicateBehaviour::ReturnPending;
             s.pending_for = Duration::from_secs(600);
-        }),
-        Vec::new(),
-    )
-    .await;
+        })
+        .in_process()
+        .await;
     // The state read is answered late: the action another caller creates
     // meanwhile is not in it, so the service POSTs, and Defender answers 201
     // with that action.
@@ -129,14 +113,13 @@ async fn a_201_with_an_action_created_before_the_post_is_already_pending() {
 
 #[tokio::test]
 async fn a_201_with_an_action_the_state_read_held_is_already_pending() {
-    let app = app_with(
-        sim_config(|s| {
+    let app = app()
+        .sim(|s| {
             s.duplicate = DuplicateBehaviour::ReturnPending;
             s.pending_for = Duration::from_secs(600);
-        }),
-        Vec::new(),
-    )
-    .await;
+        })
+        .in_process()
+        .await;
     let existing = restrict_directly(&app).await;
     // The read lists that action as Succeeded (a stale or inconsistent
     // listing), so with `force` the service POSTs; Defender answers 201 with
@@ -172,11 +155,10 @@ async fn a_201_with_an_action_the_state_read_held_is_already_pending() {
 
 #[tokio::test]
 async fn a_201_with_a_new_action_is_still_requested_with_return_pending() {
-    let app = app_with(
-        sim_config(|s| s.duplicate = DuplicateBehaviour::ReturnPending),
-        Vec::new(),
-    )
-    .await;
+    let app = app()
+        .sim(|s| s.duplicate = DuplicateBehaviour::ReturnPending)
+        .in_process()
+        .await;
     let answer = post(&app, json!({"deviceId": ALPHA_AAD})).await;
     assert_eq!(answer.status, 201, "{}", answer.body);
     assert_eq!(answer.json()["outcome"], "requested");
@@ -187,14 +169,13 @@ async fn a_201_with_a_new_action_is_still_requested_with_return_pending() {
 
 #[tokio::test]
 async fn cancel_pending_waits_until_the_cancel_took_effect_then_acts() {
-    let app = app_with(
-        sim_config(|s| {
+    let app = app()
+        .sim(|s| {
             s.pending_for = Duration::from_secs(600);
             s.cancel_takes = Duration::from_secs(3);
-        }),
-        Vec::new(),
-    )
-    .await;
+        })
+        .in_process()
+        .await;
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     let restrict_id = restrict["action"]["id"].as_str().unwrap().to_owned();
     let reads_before = reads_of_actions(&app);
@@ -234,14 +215,14 @@ async fn cancel_pending_waits_until_the_cancel_took_effect_then_acts() {
 
 #[tokio::test]
 async fn a_cancel_not_final_in_time_is_a_409_naming_the_action() {
-    let app = app_with(
-        sim_config(|s| {
+    let app = app()
+        .sim(|s| {
             s.pending_for = Duration::from_secs(600);
             s.cancel_takes = Duration::from_secs(3600);
-        }),
-        vec![("REQUEST_TIMEOUT_SECONDS", "8".to_owned())],
-    )
-    .await;
+        })
+        .env("REQUEST_TIMEOUT_SECONDS", "8")
+        .in_process()
+        .await;
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     let restrict_id = restrict["action"]["id"].as_str().unwrap().to_owned();
     let reads_before = reads_of_actions(&app);
@@ -277,15 +258,14 @@ async fn a_cancel_not_final_in_time_is_a_409_naming_the_action() {
 
 #[tokio::test]
 async fn a_cancel_that_loses_the_race_leaves_the_restrict_finished_before_the_release() {
-    let app = app_with(
-        sim_config(|s| {
+    let app = app()
+        .sim(|s| {
             s.pending_for = Duration::from_secs(1);
             s.in_progress_for = Duration::from_secs(2);
             s.cancel_takes = Duration::from_secs(30);
-        }),
-        Vec::new(),
-    )
-    .await;
+        })
+        .in_process()
+        .await;
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     let restrict_id = restrict["action"]["id"].as_str().unwrap().to_owned();
 
@@ -318,14 +298,13 @@ async fn a_cancel_that_loses_the_race_leaves_the_restrict_finished_before_the_re
 
 #[tokio::test]
 async fn the_cancel_function_reports_the_status_defender_reports() {
-    let app = app_with(
-        sim_config(|s| {
+    let app = app()
+        .sim(|s| {
             s.pending_for = Duration::from_secs(600);
             s.cancel_takes = Duration::from_secs(5);
-        }),
-        Vec::new(),
-    )
-    .await;
+        })
+        .in_process()
+        .await;
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     let id = restrict["action"]["id"].as_str().unwrap().to_owned();
 
@@ -359,7 +338,7 @@ async fn the_cancel_function_reports_the_status_defender_reports() {
 
 #[tokio::test]
 async fn force_warns_that_a_repeated_action_can_finish_out_of_order() {
-    let app = app_with(AppOptions::default().sim, Vec::new()).await;
+    let app = app().in_process().await;
     let first = post(&app, json!({"deviceId": ALPHA_AAD})).await;
     assert!(first.json().get("warning").is_none(), "{}", first.body);
     app.sim.advance(Duration::from_secs(60));
@@ -377,13 +356,11 @@ async fn force_warns_that_a_repeated_action_can_finish_out_of_order() {
 async fn an_old_pending_action_is_reported_as_possibly_stuck() {
     // Defender's clock 30 h behind: the action another caller creates now
     // has been pending for 30 h as far as the service can tell.
-    let sim = || {
-        sim_config(|s| {
-            s.clock_behind = Duration::from_secs(30 * 3600);
-            s.pending_for = Duration::from_secs(3600);
-        })
+    let stale = |s: &mut SimConfig| {
+        s.clock_behind = Duration::from_secs(30 * 3600);
+        s.pending_for = Duration::from_secs(3600);
     };
-    let app = app_with(sim(), Vec::new()).await;
+    let app = app().sim(stale).in_process().await;
     let stuck = restrict_directly(&app).await;
 
     let answer = post(&app, json!({"deviceId": ALPHA_AAD})).await;
@@ -402,7 +379,11 @@ async fn an_old_pending_action_is_reported_as_possibly_stuck() {
     assert_eq!(posts(&app).len(), 1, "only the other caller's POST");
 
     // Under the configured threshold: no warning.
-    let patient = app_with(sim(), vec![("STALE_PENDING_HOURS", "48".to_owned())]).await;
+    let patient = crate::helpers::app()
+        .sim(stale)
+        .env("STALE_PENDING_HOURS", "48")
+        .in_process()
+        .await;
     restrict_directly(&patient).await;
     let answer = post(&patient, json!({"deviceId": ALPHA_AAD})).await;
     assert_eq!(answer.json()["outcome"], "already_pending");
@@ -417,7 +398,7 @@ async fn actions_carry_name_and_last_update_from_creation_or_only_once_picked_up
         (ActionFields::FromCreation, true),
         (ActionFields::WhenPickedUp, false),
     ] {
-        let app = app_with(sim_config(|s| s.action_fields = fields), Vec::new()).await;
+        let app = app().sim(|s| s.action_fields = fields).in_process().await;
         let created = post(&app, json!({"deviceId": ALPHA_AAD})).await;
         assert_eq!(created.status, 201, "{}", created.body);
         let action = &created.json()["action"];
@@ -439,7 +420,7 @@ async fn actions_carry_name_and_last_update_from_creation_or_only_once_picked_up
 
 #[tokio::test]
 async fn a_failed_action_does_not_count_as_restricted() {
-    let app = app_with(AppOptions::default().sim, Vec::new()).await;
+    let app = app().in_process().await;
     app.sim.set_outcome(ALPHA, ActionOutcome::Failed);
     let first = post(&app, json!({"deviceId": ALPHA_AAD, "wait": 30})).await;
     assert_eq!(first.status, 201, "{}", first.body);
@@ -455,14 +436,14 @@ async fn a_failed_action_does_not_count_as_restricted() {
 
 #[tokio::test]
 async fn a_token_for_another_api_is_refused_and_nothing_is_sent() {
-    let app = app_with(
-        AppOptions::default().sim,
-        vec![(
+    // The binary: the scope reaches the managed identity endpoint.
+    let app = app()
+        .env(
             "DEFENDER_TOKEN_SCOPE",
-            "https://graph.microsoft.com/.default".to_owned(),
-        )],
-    )
-    .await;
+            "https://graph.microsoft.com/.default",
+        )
+        .binary()
+        .await;
 
     let answer = post(&app, json!({"deviceId": ALPHA_AAD})).await;
 
@@ -486,11 +467,10 @@ async fn a_token_for_another_api_is_refused_and_nothing_is_sent() {
 
 #[tokio::test]
 async fn without_the_restrict_role_the_post_is_forbidden_with_defenders_message() {
-    let app = app_with(
-        sim_config(|s| s.roles = vec!["Machine.Read.All".to_owned()]),
-        Vec::new(),
-    )
-    .await;
+    let app = app()
+        .sim(|s| s.roles = vec!["Machine.Read.All".to_owned()])
+        .in_process()
+        .await;
 
     let answer = post(&app, json!({"deviceId": ALPHA_AAD})).await;
 
@@ -516,7 +496,7 @@ async fn without_the_restrict_role_the_post_is_forbidden_with_defenders_message(
 
 #[tokio::test]
 async fn without_a_response_role_the_cancel_is_forbidden() {
-    let app = app_with(AppOptions::default().sim, Vec::new()).await;
+    let app = app().in_process().await;
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     let id = restrict["action"]["id"].as_str().unwrap().to_owned();
     app.sim.set_roles(&["Machine.Read.All"]);
@@ -550,7 +530,10 @@ async fn without_a_response_role_the_cancel_is_forbidden() {
 
 #[tokio::test]
 async fn a_tenant_answering_404_for_no_match_gives_device_not_found() {
-    let app = app_with(sim_config(|s| s.no_match = NoMatch::NotFound), Vec::new()).await;
+    let app = app()
+        .sim(|s| s.no_match = NoMatch::NotFound)
+        .in_process()
+        .await;
     let unknown = "0e0e0e0e-1111-4222-8333-444444444444";
 
     let answer = post(&app, json!({"deviceId": unknown})).await;

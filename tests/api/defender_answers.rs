@@ -4,7 +4,7 @@
 use restrict_code_execution::simulator::{Fault, FaultKind, RecordedRequest};
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, spawn_app};
+use crate::helpers::{TestApp, spawn_app, spawn_in_process};
 use crate::host_emulator::CallerRequest;
 use crate::restrict::ALPHA_AAD;
 
@@ -68,7 +68,7 @@ async fn a_403_for_a_disabled_feature_is_not_called_a_missing_permission() {
 
 #[tokio::test]
 async fn a_403_for_missing_roles_keeps_the_permissions_advice() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim.inject(Fault {
         method: Some("POST".into()),
         path_contains: "restrictCodeExecution".into(),
@@ -96,7 +96,7 @@ async fn a_403_for_missing_roles_keeps_the_permissions_advice() {
 
 #[tokio::test]
 async fn defender_refusing_to_cancel_an_action_it_still_lists_as_pending_is_action_not_pending() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let created = app.restrict(&json!({"deviceId": ALPHA_AAD})).await;
     let id = created.json()["action"]["id"].as_str().unwrap().to_owned();
     // Defender has finished it, but its reads still show it pending.

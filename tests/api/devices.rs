@@ -13,7 +13,9 @@ use restrict_code_execution::simulator::{
 };
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, IDENTITY_HEADER, TOKEN, TestApp, spawn_app_with};
+use crate::helpers::{
+    AppOptions, IDENTITY_HEADER, TOKEN, TestApp, spawn_app_with, spawn_in_process_with,
+};
 use crate::host_emulator::{CallerRequest, ClientResponse, Route};
 
 /// A comment a browser must show as text, never run.
@@ -29,15 +31,18 @@ async fn small_pages() -> TestApp {
 }
 
 async fn tenant(sim: SimConfig) -> TestApp {
-    spawn_app_with(AppOptions {
+    spawn_in_process_with(tenant_options(sim)).await
+}
+
+fn tenant_options(sim: SimConfig) -> AppOptions {
+    AppOptions {
         sim: SimConfig {
             identity_header: IDENTITY_HEADER.to_owned(),
             token: TOKEN.to_owned(),
             ..sim
         },
         ..AppOptions::default()
-    })
-    .await
+    }
 }
 
 async fn act(app: &TestApp, device: &str, release: bool, comment: &str) {
@@ -284,7 +289,12 @@ async fn a_browser_gets_a_page_with_every_defender_string_escaped() {
 
 #[tokio::test]
 async fn an_unknown_state_is_a_400_naming_the_parameter_and_nothing_is_sent() {
-    let app = small_pages().await;
+    // The binary: "nothing is sent" includes no token request.
+    let app = spawn_app_with(tenant_options(SimConfig {
+        page_size: 2,
+        ..SimConfig::default()
+    }))
+    .await;
     for state in ["restrict", "", "RESTRICTED; DROP"] {
         let response = devices(&app, Some(state), None).await;
         assert_eq!(response.status, 400, "{state:?}: {}", response.body);

@@ -1,13 +1,23 @@
-//! Test harness: a simulator in this process, the handler as a child process.
+//! Test harness: a simulator in this process, and the handler either as a
+//! child process started as the Functions host starts it ([`spawn_app`]), or
+//! in this process ([`spawn_in_process`]): the library's own composition root
+//! and service, called without a socket. The binary is for what only a
+//! process shows (its log lines, the managed identity path, signals,
+//! connections); routing, validation and answers run in-process.
 
 use std::{
+    collections::HashMap,
     net::{SocketAddr, TcpListener},
     process::{Child, Command},
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use restrict_code_execution::simulator::{RecordedRequest, SimConfig, SimHandle, Simulator};
+use restrict_code_execution::{
+    config::Settings,
+    simulator::{RecordedRequest, SimConfig, SimHandle, Simulator},
+    startup::{self, Backend},
+};
 use serde_json::Value;
 
 pub use crate::host_emulator::HostEmulator;
@@ -19,8 +29,8 @@ pub const TOKEN: &str = "test-access-token-3b1f";
 pub struct TestApp {
     pub sim: SimHandle,
     pub host: HostEmulator,
-    handler: Child,
-    logs: Arc<Mutex<Vec<String>>>,
+    /// The child process and its output; `None` in-process.
+    process: Option<(Child, Arc<Mutex<Vec<String>>>)>,
 }
 
 /// Options for one test app.
@@ -43,6 +53,36 @@ impl Default for AppOptions {
             env: Vec::new(),
             max_open_files: None,
         }
+    }
+}
+
+/// A test app built from the defaults: `app().sim(|s| ...).env(NAME, value)`,
+/// then [`Fixture::in_process`] or [`Fixture::binary`].
+pub fn app() -> Fixture {
+    Fixture(AppOptions::default())
+}
+
+pub struct Fixture(AppOptions);
+
+impl Fixture {
+    /// Change the simulated tenant's configuration.
+    pub fn sim(mut self, change: impl FnOnce(&mut SimConfig)) -> Self {
+        change(&mut self.0.sim);
+        self
+    }
+
+    /// An app setting, as the handler reads it from its environment.
+    pub fn env(mut self, name: &'static str, value: impl ToString) -> Self {
+        self.0.env.push((name, value.to_string()));
+        self
+    }
+
+    pub async fn in_process(self) -> TestApp {
+        spawn_in_process_with(self.0).await
+    }
+
+    pub async fn binary(self) -> TestApp {
+        spawn_app_with(self.0).await
     }
 }
 
@@ -70,8 +110,34 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     TestApp {
         sim,
         host,
-        handler,
-        logs,
+        process: Some((handler, logs)),
+    }
+}
+
+pub async fn spawn_in_process() -> TestApp {
+    spawn_in_process_with(AppOptions::default()).await
+}
+
+/// The service in this process: the settings read from `options.env` as the
+/// binary reads its environment, and [`startup::prepare`] with a simulated
+/// tenant (which takes the simulator's fixed token instead of going through
+/// the managed identity endpoint; that path is tested on the binary).
+pub async fn spawn_in_process_with(options: AppOptions) -> TestApp {
+    assert!(
+        options.max_open_files.is_none(),
+        "a file descriptor limit needs the binary (spawn_app_with)"
+    );
+    let mut env: HashMap<String, String> =
+        HashMap::from([("TOKEN_TIMEOUT_SECONDS".to_owned(), "10".to_owned())]);
+    env.extend(options.env.into_iter().map(|(k, v)| (k.to_owned(), v)));
+    let settings = Settings::from_map(&env).expect("valid settings");
+    let (state, sim) = startup::prepare(settings, Backend::Simulated(Box::new(options.sim)))
+        .await
+        .expect("the service starts");
+    TestApp {
+        sim: sim.expect("a simulated tenant"),
+        host: HostEmulator::in_process(startup::app(state)),
+        process: None,
     }
 }
 
@@ -136,6 +202,7 @@ impl TestApp {
 
     /// Requests the identity endpoint received.
     pub fn token_requests(&self) -> Vec<RecordedRequest> {
+        self.process();
         self.sim
             .requests()
             .into_iter()
@@ -146,8 +213,19 @@ impl TestApp {
     /// Every line the handler printed so far (stdout and stderr).
     pub async fn logs(&self) -> Vec<String> {
         // Give the reader threads a moment to catch up with the pipe.
+        let (_, logs) = self.process();
         tokio::time::sleep(Duration::from_millis(100)).await;
-        self.logs.lock().unwrap().clone()
+        logs.lock().unwrap().clone()
+    }
+
+    /// The child process: what only the binary has (its output, its token
+    /// requests through managed identity, signals). An in-process app takes
+    /// the simulator's fixed token and its logs go nowhere, so asking it
+    /// would make such an assertion vacuous.
+    fn process(&self) -> &(Child, Arc<Mutex<Vec<String>>>) {
+        self.process
+            .as_ref()
+            .expect("only the binary has process logs and token requests: use spawn_app")
     }
 
     /// The JSON log lines with a given message.
@@ -174,7 +252,7 @@ impl TestApp {
     /// Send SIGTERM, as the platform does when it stops an instance.
     pub fn terminate(&self) {
         let status = Command::new("kill")
-            .args(["-TERM", &self.handler.id().to_string()])
+            .args(["-TERM", &self.process().0.id().to_string()])
             .status()
             .expect("kill runs");
         assert!(status.success());
@@ -182,8 +260,12 @@ impl TestApp {
 
     /// Wait for the handler to exit.
     pub async fn exit_status(&mut self) -> std::process::ExitStatus {
+        let (handler, _) = self
+            .process
+            .as_mut()
+            .expect("only the binary exits: use spawn_app");
         for _ in 0..200 {
-            if let Some(status) = self.handler.try_wait().unwrap() {
+            if let Some(status) = handler.try_wait().unwrap() {
                 return status;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
@@ -194,8 +276,10 @@ impl TestApp {
 
 impl Drop for TestApp {
     fn drop(&mut self) {
-        let _ = self.handler.kill();
-        let _ = self.handler.wait();
+        if let Some((handler, _)) = &mut self.process {
+            let _ = handler.kill();
+            let _ = handler.wait();
+        }
         self.sim.shutdown();
     }
 }

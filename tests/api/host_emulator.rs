@@ -1,12 +1,16 @@
 //! A Functions host emulator: it calls the handler exactly as the host does
-//! (functions-host-protocol.md §3, §4, §6) and applies the host's rules to the
-//! handler's answers (§5), failing the test where a real host would fail the
-//! invocation.
+//! (launch, request payload and HTTP forwarding in
+//! <https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers>)
+//! and applies the host's rules to the handler's answers (its response
+//! payload), failing the test where a real host would fail the invocation.
 
 use std::time::Duration;
 
 use futures_util::stream;
+use http_body_util::BodyExt;
+use restrict_code_execution::startup::App;
 use serde_json::{Map, Value, json};
+use tower::ServiceExt;
 
 pub const HOST_VERSION: &str = "4.1037.0.0";
 pub const FUNCTION_NAME: &str = "restrict-code-execution";
@@ -140,22 +144,134 @@ impl ClientResponse {
     }
 }
 
+/// How long the host's client waits for the handler's answer.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
+
 pub struct HostEmulator {
+    /// The handler's port; 0 for an in-process app, which has none.
     pub port: u16,
     client: reqwest::Client,
+    /// The service itself, called in this process instead of over a socket.
+    in_process: Option<App>,
+}
+
+/// What the host sends, before it goes over a socket or into the service.
+struct Outgoing {
+    method: reqwest::Method,
+    url: reqwest::Url,
+    headers: Vec<(String, String)>,
+    body: Outbody,
+}
+
+enum Outbody {
+    None,
+    Full(String),
+    /// Sent chunked (no length), as the host sends the envelope.
+    Chunked(Vec<Vec<u8>>),
 }
 
 impl HostEmulator {
     pub fn new(port: u16) -> Self {
         let client = reqwest::Client::builder()
-            .timeout(Duration::from_secs(60))
+            .timeout(CLIENT_TIMEOUT)
             .build()
             .unwrap();
-        Self { port, client }
+        Self {
+            port,
+            client,
+            in_process: None,
+        }
+    }
+
+    /// A host whose calls go straight into `app` (the library's own service,
+    /// path normalisation and router), in this process.
+    pub fn in_process(app: App) -> Self {
+        Self {
+            in_process: Some(app),
+            ..Self::new(0)
+        }
     }
 
     pub fn base(&self) -> String {
+        assert!(
+            self.in_process.is_none(),
+            "an in-process app has no address: start the binary (spawn_app) for socket-level tests"
+        );
         format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Send as the host would: over loopback to the binary, or into the
+    /// in-process service with the headers a client puts on the wire.
+    async fn send(&self, out: Outgoing) -> (u16, Vec<(String, String)>, String) {
+        let Some(app) = &self.in_process else {
+            let mut url = out.url;
+            url.set_host(Some("127.0.0.1")).unwrap();
+            url.set_port(Some(self.port)).unwrap();
+            let mut builder = self.client.request(out.method, url);
+            for (k, v) in &out.headers {
+                builder = builder.header(k, v);
+            }
+            builder = match out.body {
+                Outbody::None => builder,
+                Outbody::Full(body) => builder.body(body),
+                // A stream body has no length, so reqwest sends it chunked, as the host does.
+                Outbody::Chunked(chunks) => builder.body(reqwest::Body::wrap_stream(stream::iter(
+                    chunks.into_iter().map(Ok::<_, std::io::Error>),
+                ))),
+            };
+            let response = builder.send().await.expect("the handler answered");
+            let status = response.status().as_u16();
+            let headers = lower_headers(response.headers());
+            let body = response.text().await.unwrap();
+            return (status, headers, body);
+        };
+        let mut builder = axum::http::Request::builder()
+            .method(out.method.as_str())
+            .uri(&out.url[url::Position::BeforePath..]);
+        let has = |name: &str| {
+            out.headers
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case(name))
+        };
+        // What reqwest and hyper add on the wire when the caller did not.
+        if !has("host") {
+            builder = builder.header("host", format!("127.0.0.1:{}", self.port));
+        }
+        if !has("accept") {
+            builder = builder.header("accept", "*/*");
+        }
+        for (k, v) in &out.headers {
+            builder = builder.header(k, v);
+        }
+        let body = match out.body {
+            Outbody::None => axum::body::Body::empty(),
+            Outbody::Full(body) => {
+                builder = builder.header("content-length", body.len());
+                axum::body::Body::from(body)
+            }
+            Outbody::Chunked(chunks) => {
+                builder = builder.header("transfer-encoding", "chunked");
+                axum::body::Body::from_stream(stream::iter(
+                    chunks.into_iter().map(Ok::<_, std::io::Error>),
+                ))
+            }
+        };
+        let exchange = async {
+            let response = app
+                .clone()
+                .oneshot(builder.body(body).unwrap())
+                .await
+                .expect("the service answered");
+            let status = response.status().as_u16();
+            let headers = lower_headers(response.headers());
+            let bytes = response.into_body().collect().await.unwrap().to_bytes();
+            (status, headers, String::from_utf8(bytes.to_vec()).unwrap())
+        };
+        // As long as the client over a socket waits (`Self::new`): a service
+        // that never answers fails the test rather than hanging the run.
+        tokio::time::timeout(CLIENT_TIMEOUT, exchange)
+            .await
+            .expect("the service answered within the client's timeout")
     }
 
     /// §3.2: `GET /` every 25 ms until any HTTP response, for up to 30 s.
@@ -182,30 +298,38 @@ impl HostEmulator {
     /// Forwarded mode for any function.
     pub async fn forwarded_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
         let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
-        let mut url = reqwest::Url::parse(&format!("{}{}", self.base(), route.path)).unwrap();
+        let mut url = reqwest::Url::parse(&format!("http://127.0.0.1{}", route.path)).unwrap();
         if !request.query.is_empty() {
             url.query_pairs_mut().extend_pairs(request.query.iter());
         }
-        let mut builder = self
-            .client
-            .request(method, url)
-            .header("Host", "localhost:7071")
-            .header("X-Azure-Functions-HostVersion", HOST_VERSION)
-            .header("X-Azure-Functions-InvocationId", &request.invocation_id)
-            .header(
-                "User-Agent",
+        let mut headers = vec![
+            ("Host".to_owned(), "localhost:7071".to_owned()),
+            (
+                "X-Azure-Functions-HostVersion".to_owned(),
+                HOST_VERSION.to_owned(),
+            ),
+            (
+                "X-Azure-Functions-InvocationId".to_owned(),
+                request.invocation_id.clone(),
+            ),
+            (
+                "User-Agent".to_owned(),
                 format!("curl/8.5.0 Azure-Functions-Host/{HOST_VERSION}"),
-            );
-        for (k, v) in &request.headers {
-            builder = builder.header(k, v);
-        }
-        if let Some(body) = &request.body {
-            builder = builder.body(body.clone());
-        }
-        let response = builder.send().await.expect("forwarded call answered");
-        let status = response.status().as_u16();
-        let headers = lower_headers(response.headers());
-        let body = response.text().await.unwrap();
+            ),
+        ];
+        headers.extend(request.headers.iter().cloned());
+        let body = match &request.body {
+            Some(body) => Outbody::Full(body.clone()),
+            None => Outbody::None,
+        };
+        let (status, headers, body) = self
+            .send(Outgoing {
+                method,
+                url,
+                headers,
+                body,
+            })
+            .await;
         ClientResponse {
             status,
             headers,
@@ -239,36 +363,47 @@ impl HostEmulator {
         envelope: String,
         invocation_id: &str,
     ) -> ClientResponse {
-        // A stream body has no length, so reqwest sends it chunked, as the host does.
-        let chunks: Vec<Result<Vec<u8>, std::io::Error>> = envelope
+        let chunks: Vec<Vec<u8>> = envelope
             .into_bytes()
             .chunks(512)
-            .map(|c| Ok(c.to_vec()))
+            .map(<[u8]>::to_vec)
             .collect();
-        let response = self
-            .client
-            .post(format!("{}/{function}", self.base()))
-            .header("X-Azure-Functions-HostVersion", HOST_VERSION)
-            .header("X-Azure-Functions-InvocationId", invocation_id)
-            .header("User-Agent", format!("Azure-Functions-Host/{HOST_VERSION}"))
-            .header("Content-Type", "application/json; charset=utf-8")
-            .header(
-                "traceparent",
-                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-            )
-            .body(reqwest::Body::wrap_stream(stream::iter(chunks)))
-            .send()
-            .await
-            .expect("payload call answered");
-        let status = response.status();
-        let content_type = response
-            .headers()
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
+        let headers = vec![
+            (
+                "X-Azure-Functions-HostVersion".to_owned(),
+                HOST_VERSION.to_owned(),
+            ),
+            (
+                "X-Azure-Functions-InvocationId".to_owned(),
+                invocation_id.to_owned(),
+            ),
+            (
+                "User-Agent".to_owned(),
+                format!("Azure-Functions-Host/{HOST_VERSION}"),
+            ),
+            (
+                "Content-Type".to_owned(),
+                "application/json; charset=utf-8".to_owned(),
+            ),
+            (
+                "traceparent".to_owned(),
+                "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01".to_owned(),
+            ),
+        ];
+        let (status, headers, text) = self
+            .send(Outgoing {
+                method: reqwest::Method::POST,
+                url: reqwest::Url::parse(&format!("http://127.0.0.1/{function}")).unwrap(),
+                headers,
+                body: Outbody::Chunked(chunks),
+            })
+            .await;
+        let content_type = headers
+            .iter()
+            .find(|(k, _)| k == "content-type")
+            .map_or("", |(_, v)| v.as_str())
             .to_owned();
-        let text = response.text().await.unwrap();
-        render_host_result(status.as_u16(), &content_type, &text)
+        render_host_result(status, &content_type, &text)
     }
 }
 

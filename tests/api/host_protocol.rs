@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::helpers::{spawn_app, start_handler};
+use crate::helpers::{spawn_app, spawn_in_process, start_handler};
 use crate::host_emulator::CallerRequest;
 
 #[tokio::test]
@@ -26,7 +26,7 @@ async fn the_readiness_probe_gets_an_answer_and_the_bound_address_is_logged() {
 
 #[tokio::test]
 async fn both_modes_give_the_same_answer_for_the_same_invocation() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     // Two devices, so that the second call is not a duplicate of the first.
     let alpha = json!({"deviceId": crate::restrict::ALPHA_AAD, "callerName": "ops"}).to_string();
     let charlie =
@@ -109,7 +109,7 @@ async fn routes_match_case_insensitively_and_with_a_trailing_slash_as_the_host_d
 
 #[tokio::test]
 async fn a_malformed_envelope_gets_a_well_formed_envelope_carrying_a_400() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     for envelope in [
         "this is not json".to_owned(),
         json!({"Data": {}}).to_string(),
@@ -126,7 +126,7 @@ async fn a_malformed_envelope_gets_a_well_formed_envelope_carrying_a_400() {
 
 #[tokio::test]
 async fn payload_mode_reads_a_chunked_envelope_with_double_encoded_metadata() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     // A long comment makes the envelope span many chunks.
     let body = json!({
         "DeviceId": crate::restrict::ALPHA_AAD,
@@ -238,5 +238,31 @@ async fn sigterm_lets_an_in_flight_invocation_finish_then_exits_cleanly() {
         !app.log_events("shutdown signal received; finishing in-flight invocations")
             .await
             .is_empty()
+    );
+}
+
+/// The host's HTTP client gives up on a handler that never answers; so must
+/// the emulator when it calls the service in this process, or a hung
+/// invocation hangs the test run instead of failing its test.
+#[tokio::test(start_paused = true)]
+async fn an_in_process_invocation_that_never_answers_fails_its_test_instead_of_hanging() {
+    use crate::host_emulator::HostEmulator;
+    type Request = axum::extract::Request;
+    let never: restrict_code_execution::startup::App = tower::ServiceBuilder::new()
+        .map_request(std::convert::identity as fn(Request) -> Request)
+        .service(axum::Router::new().fallback(|| async { std::future::pending::<()>().await }));
+    let host = HostEmulator::in_process(never);
+
+    let call = tokio::spawn(async move {
+        host.forwarded(&CallerRequest::json("{}")).await;
+    });
+    let ended = tokio::time::timeout(Duration::from_secs(600), call).await;
+
+    let Ok(ended) = ended else {
+        panic!("the emulator waited for the service forever");
+    };
+    assert!(
+        ended.is_err_and(|e| e.is_panic()),
+        "a call the service never answers fails"
     );
 }

@@ -24,6 +24,7 @@ mod devices;
 mod expiry;
 mod host_protocol;
 mod jobs;
+mod layers;
 mod outbreak;
 mod parsers;
 mod restrict;

@@ -1,4 +1,4 @@
-//! Outbreak speed (issue 10): shared machine lookups, batched state reads
+//! Outbreak speed: shared machine lookups, batched state reads
 //! that are never older than the invocation, only documented OData, and a
 //! budget that holds in bursts. Each test asserts what Defender received.
 
@@ -10,6 +10,7 @@ use restrict_code_execution::{
         DefenderClient, DefenderClientOptions,
         auth::TokenSource,
         budget::RateBudget,
+        ids::MachineId,
         models::{ActionType, Machine},
     },
     service::{machine_directory::MachineDirectory, runbook::DeviceRef, state_reads::StateReads},
@@ -21,7 +22,7 @@ use serde_json::json;
 use tokio::time::Instant;
 use url::Url;
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app_with};
+use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app_with, spawn_in_process_with};
 use crate::restrict::{ALPHA_AAD, BRAVO_AAD, CHARLIE_AAD};
 
 const ALPHA: &str = "c5cb89852ce0d21636c0491709a4571b5f190e75";
@@ -82,7 +83,7 @@ async fn a_read_already_in_flight_is_never_used() {
 
     let first = tokio::spawn({
         let reads = reads.clone();
-        async move { reads.read(ALPHA, deadline).await }
+        async move { reads.read(&ALPHA.into(), deadline).await }
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
     // An action appears while that read is in flight (as if the invocation
@@ -91,7 +92,7 @@ async fn a_read_already_in_flight_is_never_used() {
         .create_action(ALPHA, ActionType::RestrictCodeExecution, "test", deadline)
         .await
         .unwrap();
-    let second = reads.read(ALPHA, deadline).await.unwrap();
+    let second = reads.read(&ALPHA.into(), deadline).await.unwrap();
     let first = first.await.unwrap().unwrap();
 
     assert!(
@@ -120,7 +121,7 @@ async fn waiters_queued_behind_a_read_share_one_tenant_read() {
     })
     .await;
     let client = client_for(&sim);
-    let machines: Vec<String> = (0..6)
+    let machines: Vec<MachineId> = (0..6)
         .map(|i| {
             let machine: Machine = serde_json::from_value(json!({
                 "id": format!("{i:040x}"),
@@ -182,10 +183,77 @@ async fn waiters_queued_behind_a_read_share_one_tenant_read() {
 }
 
 #[tokio::test]
+async fn with_no_slot_free_two_waiting_machines_share_a_tenant_read_that_later_waiters_join() {
+    // Reading two machines one by one costs as many calls as the tenant read
+    // (two type filters). With no slot free, the tenant read is the one to
+    // make: it waits for its slot with the batch still open, so the waiters
+    // arriving meanwhile are answered by it too, instead of waiting for a
+    // read of their own after it.
+    let sim = simulator(SimConfig {
+        seed: false,
+        ..AppOptions::default().sim
+    })
+    .await;
+    let machines: Vec<MachineId> = (0..6)
+        .map(|i| {
+            let machine: Machine = serde_json::from_value(json!({
+                "id": format!("{:040x}", i + 200),
+                "healthStatus": "Active",
+                "osPlatform": "Windows11",
+            }))
+            .unwrap();
+            sim.add_machine(machine.clone());
+            machine.id
+        })
+        .collect();
+    // One call per (sped-up, two-second) minute: after the first read, no
+    // slot is free until the next window.
+    let client = DefenderClient::new(
+        Url::parse(&sim.url()).unwrap(),
+        TokenSource::fixed(TOKEN, Duration::from_secs(5)),
+        Some(DefenderClientOptions {
+            timeout: Duration::from_secs(10),
+            budget: Arc::new(RateBudget::new(1, 1500).with_clock_speed(30.0)),
+            ..DefenderClientOptions::default()
+        }),
+    );
+    let reads = StateReads::new(client);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 100 }).method("GET"));
+
+    let read = |machine: &MachineId| {
+        let (reads, machine) = (reads.clone(), machine.clone());
+        tokio::spawn(async move { reads.read(&machine, deadline).await })
+    };
+    let first = read(&machines[0]);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Two machines wait behind the first read; three more arrive once it is
+    // done, while the next read waits for its slot.
+    let pair: Vec<_> = machines[1..3].iter().map(read).collect();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let later: Vec<_> = machines[3..].iter().map(read).collect();
+    first.await.unwrap().unwrap();
+    for waiter in pair.into_iter().chain(later) {
+        waiter.await.unwrap().unwrap();
+    }
+
+    let filters: Vec<String> = list_reads(&sim)
+        .iter()
+        .filter_map(|r| r.filter.clone())
+        .collect();
+    assert_eq!(
+        filters.len(),
+        3,
+        "one read for the first machine, one tenant read for the other five: {filters:#?}"
+    );
+    assert_eq!(filters[0], format!("machineId eq '{}'", machines[0]));
+}
+
+#[tokio::test]
 async fn with_slots_free_each_waiting_machine_is_read_by_itself() {
     let sim = simulator(AppOptions::default().sim).await;
     let reads = StateReads::new(client_for(&sim));
-    let machines: Vec<String> = sim.machines().into_iter().take(4).map(|m| m.id).collect();
+    let machines: Vec<MachineId> = sim.machines().into_iter().take(4).map(|m| m.id).collect();
     let deadline = Instant::now() + Duration::from_secs(20);
     sim.inject(Fault::new("/api/machineactions", FaultKind::Delay { millis: 500 }).method("GET"));
 
@@ -214,7 +282,7 @@ async fn with_slots_free_each_waiting_machine_is_read_by_itself() {
 
 #[tokio::test]
 async fn a_failed_shared_read_fails_every_waiter_alike_and_nothing_is_sent() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
     let devices = app.add_fleet(6);
     app.sim.inject(Fault {
         method: Some("GET".into()),
@@ -253,7 +321,7 @@ async fn a_failed_shared_read_fails_every_waiter_alike_and_nothing_is_sent() {
 
 #[tokio::test]
 async fn a_waiter_whose_deadline_passes_gets_504_not_a_hang() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         env: vec![("REQUEST_TIMEOUT_SECONDS", "2".into())],
         ..AppOptions::default()
     })
@@ -286,7 +354,7 @@ async fn a_waiter_whose_deadline_passes_gets_504_not_a_hang() {
 
 #[tokio::test]
 async fn a_remembered_machine_is_looked_up_again_when_a_post_answers_404() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
 
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await;
     assert_eq!(restrict.status, 201, "{}", restrict.body);
@@ -333,7 +401,7 @@ async fn a_remembered_machine_is_looked_up_again_when_a_post_answers_404() {
 
 #[tokio::test]
 async fn a_duplicate_storm_costs_one_lookup_one_post_and_a_few_reads() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
 
     let answers = join_all((0..120).map(|_| post(&app, json!({"deviceId": ALPHA_AAD})))).await;
 
@@ -388,7 +456,7 @@ async fn a_caller_hanging_up_while_its_post_is_in_flight_does_not_let_the_next_r
 
 #[tokio::test]
 async fn concurrent_opposite_requests_that_all_cancel_make_one_action() {
-    let app = spawn_app_with(AppOptions::default()).await;
+    let app = spawn_in_process_with(AppOptions::default()).await;
 
     let answers = join_all((0..40).map(|i| {
         post(
@@ -429,7 +497,7 @@ async fn concurrent_opposite_requests_that_all_cancel_make_one_action() {
 
 #[tokio::test]
 async fn a_tenant_that_refuses_orderby_and_lists_oldest_first_gets_right_decisions() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         sim: SimConfig {
             orderby: OrderBy::Refuse,
             list_order: ListOrder::OldestFirst,
@@ -467,7 +535,7 @@ async fn every_page_of_actions_is_read_with_next_links_or_skip() {
     for (sim_page, next_link_with_top, client_page, calls) in
         [(1, true, "10000", 3), (10_000, false, "1", 4)]
     {
-        let app = spawn_app_with(AppOptions {
+        let app = spawn_in_process_with(AppOptions {
             sim: SimConfig {
                 page_size: sim_page,
                 next_link_with_top,
@@ -508,7 +576,7 @@ async fn when_the_budget_is_tight_one_list_of_machines_answers_every_waiting_loo
         ..AppOptions::default().sim
     })
     .await;
-    let devices: Vec<(DeviceRef, String)> = (0..6)
+    let devices: Vec<(DeviceRef, MachineId)> = (0..6)
         .map(|i| {
             let aad = format!("5c000000-0000-4000-8000-{i:012}");
             let machine: Machine = serde_json::from_value(json!({

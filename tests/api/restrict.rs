@@ -4,7 +4,10 @@
 use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TOKEN, TestApp, post, spawn_app, spawn_app_with};
+use crate::helpers::{
+    AppOptions, TOKEN, TestApp, post, spawn_app, spawn_app_with, spawn_in_process,
+    spawn_in_process_with,
+};
 use crate::host_emulator::CallerRequest;
 
 pub const ALPHA_AAD: &str = "3f1c7a52-8d4e-4b6a-9c21-5e7f0a1b2c3d";
@@ -25,12 +28,13 @@ fn machine_id(app: &TestApp, name_prefix: &str) -> String {
         })
         .unwrap_or_else(|| panic!("seeded machine {name_prefix}"))
         .id
+        .to_string()
 }
 
 #[tokio::test]
 async fn restrict_by_entra_device_id_looks_the_machine_up_and_posts_the_action() {
     // Arrange
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let alpha = machine_id(&app, "DESKTOP-ALPHA");
 
     // Act
@@ -96,7 +100,7 @@ async fn restrict_by_entra_device_id_looks_the_machine_up_and_posts_the_action()
 
 #[tokio::test]
 async fn release_posts_unrestrict_with_the_given_comment() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let alpha = machine_id(&app, "DESKTOP-ALPHA");
 
     let response = post(
@@ -141,7 +145,7 @@ async fn the_caller_is_recorded_in_the_comment() {
 
 #[tokio::test]
 async fn recording_the_caller_can_be_turned_off() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         env: vec![("COMMENT_INCLUDE_CALLER", "false".into())],
         ..AppOptions::default()
     })
@@ -159,7 +163,7 @@ async fn recording_the_caller_can_be_turned_off() {
 
 #[tokio::test]
 async fn realmjoin_pascal_case_keys_and_string_booleans_release() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
 
     let response = app
         .host
@@ -185,7 +189,7 @@ async fn realmjoin_pascal_case_keys_and_string_booleans_release() {
 
 #[tokio::test]
 async fn several_records_for_one_device_pick_the_active_newest_unmerged_one() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let records: Vec<_> = app
         .sim
         .machines()
@@ -217,7 +221,7 @@ async fn several_records_for_one_device_pick_the_active_newest_unmerged_one() {
 
 #[tokio::test]
 async fn an_unknown_device_is_a_404_and_nothing_is_posted() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
 
     let response = post(
         &app,
@@ -234,7 +238,7 @@ async fn an_unknown_device_is_a_404_and_nothing_is_posted() {
 
 #[tokio::test]
 async fn a_defender_machine_id_is_used_directly() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let kiosk = app
         .sim
         .machines()
@@ -265,7 +269,7 @@ async fn a_defender_machine_id_is_used_directly() {
 
 #[tokio::test]
 async fn an_unsupported_os_is_a_422() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
 
     let response = post(&app, json!({"deviceId": LINUX_AAD})).await;
 
@@ -276,7 +280,7 @@ async fn an_unsupported_os_is_a_422() {
 
 #[tokio::test]
 async fn defender_403_names_the_app_roles_to_grant() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim.inject(Fault {
         method: Some("POST".into()),
         path_contains: "restrictCodeExecution".into(),
@@ -302,7 +306,7 @@ async fn defender_403_names_the_app_roles_to_grant() {
 
 #[tokio::test]
 async fn a_defender_429_longer_than_the_time_budget_is_passed_on_with_retry_after() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         env: vec![("REQUEST_TIMEOUT_SECONDS", "5".into())],
         ..AppOptions::default()
     })
@@ -328,7 +332,7 @@ async fn a_defender_429_longer_than_the_time_budget_is_passed_on_with_retry_afte
 
 #[tokio::test]
 async fn a_defender_that_stays_slow_is_a_504_once_the_budget_is_spent() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         env: vec![
             ("DEFENDER_TIMEOUT_SECONDS", "1".into()),
             ("REQUEST_TIMEOUT_SECONDS", "3".into()),
@@ -505,7 +509,7 @@ async fn no_token_or_identity_secret_appears_in_the_logs_even_at_trace_level() {
 }
 #[tokio::test]
 async fn machine_lookups_follow_next_links_across_pages() {
-    let app = spawn_app_with(AppOptions {
+    let app = spawn_in_process_with(AppOptions {
         sim: restrict_code_execution::simulator::SimConfig {
             page_size: 1,
             ..AppOptions::default().sim

@@ -8,7 +8,7 @@ use std::time::Duration;
 use restrict_code_execution::simulator::{Fault, FaultKind};
 use serde_json::{Value, json};
 
-use crate::helpers::{AppOptions, TestApp, post, posts, spawn_app, spawn_app_with};
+use crate::helpers::{TestApp, app, post, posts, spawn_app, spawn_in_process};
 use crate::host_emulator::CallerRequest;
 use crate::restrict::{ALPHA_AAD, CHARLIE_AAD};
 
@@ -62,7 +62,7 @@ fn restrict_pending() -> Vec<(String, String)> {
 
 #[tokio::test]
 async fn the_same_request_twice_in_a_row_returns_the_pending_action_without_a_second_post() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
 
     let first = post(&app, json!({"deviceId": ALPHA_AAD})).await;
     let second = post(&app, json!({"deviceId": ALPHA_AAD})).await;
@@ -77,7 +77,7 @@ async fn the_same_request_twice_in_a_row_returns_the_pending_action_without_a_se
 
 #[tokio::test]
 async fn an_opposite_pending_action_is_a_409_naming_it_and_nothing_is_posted() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
 
     let release = post(&app, json!({"deviceId": ALPHA_AAD, "release": true})).await;
@@ -98,7 +98,7 @@ async fn an_opposite_pending_action_is_a_409_naming_it_and_nothing_is_posted() {
 
 #[tokio::test]
 async fn cancel_pending_cancels_the_opposite_action_then_acts() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let restrict = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     let restrict_id = restrict["action"]["id"].as_str().unwrap().to_owned();
 
@@ -138,7 +138,7 @@ async fn cancel_pending_cancels_the_opposite_action_then_acts() {
 
 #[tokio::test]
 async fn a_device_already_in_the_wanted_state_is_left_alone_unless_forced() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let first = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     app.sim.advance(Duration::from_secs(60));
 
@@ -159,7 +159,7 @@ async fn a_device_already_in_the_wanted_state_is_left_alone_unless_forced() {
 
 #[tokio::test]
 async fn release_after_a_finished_restrict_acts() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     post(&app, json!({"deviceId": ALPHA_AAD})).await;
     app.sim.advance(Duration::from_secs(60));
 
@@ -177,7 +177,7 @@ async fn release_after_a_finished_restrict_acts() {
 
 #[tokio::test]
 async fn defenders_already_in_progress_answer_becomes_already_pending() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let first = post(&app, json!({"deviceId": ALPHA_AAD})).await.json();
     // The state read misses the pending action once (a lagging list), so the
     // second call POSTs and Defender refuses the duplicate.
@@ -207,7 +207,7 @@ async fn defenders_already_in_progress_answer_becomes_already_pending() {
 
 #[tokio::test]
 async fn the_same_request_twice_at_once_in_both_modes_makes_one_action() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let body = json!({"deviceId": ALPHA_AAD}).to_string();
 
     let (first, second) = (CallerRequest::json(body.clone()), CallerRequest::json(body));
@@ -227,7 +227,7 @@ async fn the_same_request_twice_at_once_in_both_modes_makes_one_action() {
 
 #[tokio::test]
 async fn restrict_and_release_racing_for_one_device_never_leave_two_pending_actions() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
 
     let (restrict, release) = tokio::join!(
         post(&app, json!({"deviceId": ALPHA_AAD})),
@@ -249,7 +249,7 @@ async fn restrict_and_release_racing_for_one_device_never_leave_two_pending_acti
 
 #[tokio::test]
 async fn fifty_concurrent_invocations_over_ten_devices_make_ten_actions() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let devices = app.add_fleet(10);
 
     let calls = (0..50).map(|n| {
@@ -287,7 +287,7 @@ async fn fifty_concurrent_invocations_over_ten_devices_make_ten_actions() {
 
 #[tokio::test]
 async fn a_429_with_retry_after_is_waited_out_then_succeeds() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim.inject(fault(
         "GET",
         "/api/machines",
@@ -314,7 +314,7 @@ async fn a_429_with_retry_after_is_waited_out_then_succeeds() {
 
 #[tokio::test]
 async fn a_500_and_a_503_on_reads_are_retried() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim
         .inject(fault("GET", "/api/machineactions", status(500), 1));
     app.sim
@@ -328,11 +328,10 @@ async fn a_500_and_a_503_on_reads_are_retried() {
 
 #[tokio::test]
 async fn a_read_slower_than_the_timeout_is_retried() {
-    let app = spawn_app_with(AppOptions {
-        env: vec![("DEFENDER_TIMEOUT_SECONDS", "1".into())],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app()
+        .env("DEFENDER_TIMEOUT_SECONDS", "1")
+        .in_process()
+        .await;
     app.sim.inject(fault(
         "GET",
         "/api/machines",
@@ -348,7 +347,7 @@ async fn a_read_slower_than_the_timeout_is_retried() {
 
 #[tokio::test]
 async fn a_malformed_body_on_a_read_is_retried() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim
         .inject(fault("GET", "/api/machines", FaultKind::MalformedBody, 1));
 
@@ -360,7 +359,7 @@ async fn a_malformed_body_on_a_read_is_retried() {
 #[tokio::test]
 async fn a_connection_dropped_after_defender_accepted_the_post_finds_the_action_instead_of_reposting()
  {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim.inject(fault(
         "POST",
         "restrictCodeExecution",
@@ -382,7 +381,7 @@ async fn a_connection_dropped_after_defender_accepted_the_post_finds_the_action_
 
 #[tokio::test]
 async fn a_malformed_answer_to_the_post_finds_the_action_instead_of_reposting() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim.inject(fault(
         "POST",
         "restrictCodeExecution",
@@ -399,7 +398,7 @@ async fn a_malformed_answer_to_the_post_finds_the_action_instead_of_reposting() 
 
 #[tokio::test]
 async fn a_post_that_failed_before_defender_acted_is_sent_again_after_checking() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim.inject(fault(
         "POST",
         "restrictCodeExecution",
@@ -432,7 +431,7 @@ async fn a_post_that_failed_before_defender_acted_is_sent_again_after_checking()
 
 #[tokio::test]
 async fn a_post_that_keeps_failing_says_no_action_was_created() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim
         .inject(fault("POST", "restrictCodeExecution", status(500), 10));
 
@@ -458,11 +457,7 @@ async fn a_post_that_keeps_failing_says_no_action_was_created() {
 
 #[tokio::test]
 async fn a_post_whose_fate_cannot_be_checked_says_an_action_may_exist() {
-    let app = spawn_app_with(AppOptions {
-        env: vec![("REQUEST_TIMEOUT_SECONDS", "4".into())],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app().env("REQUEST_TIMEOUT_SECONDS", "4").in_process().await;
     app.sim.inject(fault(
         "POST",
         "restrictCodeExecution",
@@ -492,7 +487,7 @@ async fn a_post_whose_fate_cannot_be_checked_says_an_action_may_exist() {
 
 #[tokio::test]
 async fn a_403_is_not_retried() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim
         .inject(fault("GET", "/api/machines", status(403), 5));
 
@@ -539,15 +534,12 @@ async fn a_401_after_refreshing_is_an_authentication_failure() {
 
 #[tokio::test]
 async fn the_rate_budget_answers_an_honest_429_before_defender_would() {
-    let app = spawn_app_with(AppOptions {
-        env: vec![
-            // Each invocation reads the machine's actions once.
-            ("DEFENDER_RATE_LIMIT_PER_MINUTE", "2".into()),
-            ("REQUEST_TIMEOUT_SECONDS", "5".into()),
-        ],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app()
+        // Each invocation reads the machine's actions once.
+        .env("DEFENDER_RATE_LIMIT_PER_MINUTE", "2")
+        .env("REQUEST_TIMEOUT_SECONDS", "5")
+        .in_process()
+        .await;
 
     let first = post(&app, json!({"deviceId": ALPHA_AAD})).await;
     let second = post(&app, json!({"deviceId": CHARLIE_AAD})).await;
@@ -571,7 +563,7 @@ async fn the_rate_budget_answers_an_honest_429_before_defender_would() {
 
 #[tokio::test]
 async fn a_huge_retry_after_is_passed_on_not_waited_for() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim.inject(fault(
         "GET",
         "/api/machines",
@@ -597,7 +589,7 @@ async fn a_huge_retry_after_is_passed_on_not_waited_for() {
 #[tokio::test]
 async fn a_404_listing_machines_means_the_device_is_not_found() {
     // Defender's docs: the list answers 404 when there are "no recent machines".
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     app.sim
         .inject(fault("GET", "/api/machines", status(404), 1));
 
@@ -609,7 +601,7 @@ async fn a_404_listing_machines_means_the_device_is_not_found() {
 
 #[tokio::test]
 async fn a_merged_machine_id_is_not_acted_on() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let merged = "afa46e97642135c484467090b4f32bc9a5e9b21e";
 
     let response = post(&app, json!({"deviceId": merged})).await;
@@ -627,11 +619,7 @@ async fn a_merged_machine_id_is_not_acted_on() {
 async fn device_ids_with_wait_act_on_every_device_before_waiting() {
     // 24 devices, eight at a time, each POST slow: acting takes three rounds.
     // Waiting inside each round would leave the last devices no time at all.
-    let app = spawn_app_with(AppOptions {
-        env: vec![("REQUEST_TIMEOUT_SECONDS", "6".into())],
-        ..AppOptions::default()
-    })
-    .await;
+    let app = app().env("REQUEST_TIMEOUT_SECONDS", "6").in_process().await;
     let devices = app.add_fleet(24);
     for i in 0..24 {
         app.sim.set_offline(&format!("{i:040x}"), true);

@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 
-use crate::helpers::spawn_app;
+use crate::helpers::{spawn_app, spawn_in_process};
 use crate::host_emulator::CallerRequest;
 
 const AAD: &str = "3f1c7a52-8d4e-4b6a-9c21-5e7f0a1b2c3d";
@@ -320,7 +320,7 @@ async fn invalid_payloads_are_rejected_in_both_modes_and_nothing_reaches_defende
 
 #[tokio::test]
 async fn a_request_without_a_body_is_a_400_in_both_modes() {
-    let app = spawn_app().await;
+    let app = spawn_in_process().await;
     let request = CallerRequest::empty();
 
     let forwarded = app.host.forwarded(&request).await;

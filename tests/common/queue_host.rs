@@ -635,7 +635,9 @@ async fn process(shared: &Shared, message: ReceivedMessage) {
             }
         }
     };
-    if dequeue_count > shared.options.max_dequeue_count {
+    // A poison queue's own messages are not checked (extension 5.3.8 fixed
+    // that): they have nowhere to go.
+    if dequeue_count > shared.options.max_dequeue_count && shared.poison.is_some() {
         poison(
             shared,
             &id,
@@ -969,10 +971,13 @@ pub async fn invoke(
             }),
         }
     };
-    match tokio::time::timeout(function_timeout, call).await {
+    let deadline = tokio::time::Instant::now() + function_timeout;
+    match tokio::time::timeout_at(deadline, call).await {
         Err(_) => Outcome::TimedOut,
         Ok(Ok(Outcome::TimedOut)) => {
-            // The host would wait for the rest of functionTimeout.
+            // Nothing completes the invocation: the host waits out the rest
+            // of functionTimeout, the message still invisible.
+            tokio::time::sleep_until(deadline).await;
             Outcome::TimedOut
         }
         Ok(Ok(outcome) | Err(outcome)) => outcome,

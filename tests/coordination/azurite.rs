@@ -3,10 +3,11 @@
 //!
 //! The pinned package is installed by `scripts/azurite.sh` (shared with
 //! `.ci/run`) on first use, so `cargo test` works on a fresh machine with
-//! Node 20 and npm. Each test starts its own Azurite; dropping it kills the
-//! process. One `azurite` process serves both services (its table service
-//! listens too, on a port the OS picks, unused), which costs one Node start
-//! instead of two.
+//! Node 20 and npm. One `azurite` process serves both services (its table
+//! service listens too, on a port the OS picks, unused). Tests that never
+//! stop storage share one Azurite ([`Azurite::shared`], each in its own
+//! container); a test that stops or restarts it, or needs other options,
+//! starts its own, and dropping it kills the process.
 
 use std::{
     net::{SocketAddr, TcpListener, TcpStream},
@@ -60,6 +61,15 @@ impl Azurite {
         Self::start_with_options(&[])
     }
 
+    /// The Azurite shared by the tests that never stop it, started on first
+    /// use. A static is never dropped, so it is started under a watchdog
+    /// shell that kills it once this test process is gone (its stdin, a pipe
+    /// from us, closes).
+    pub fn shared() -> &'static Self {
+        static SHARED: OnceLock<Azurite> = OnceLock::new();
+        SHARED.get_or_init(|| Self::spawn(free_port(), free_port(), &[], true))
+    }
+
     /// Start with the blob service on `port` (a restart after [`Self::stop`]
     /// reuses it) and the queue service on a free port.
     pub fn start_on(port: u16) -> Self {
@@ -72,9 +82,27 @@ impl Azurite {
     }
 
     fn start_with(port: u16, queue_port: u16, extra: &[&std::ffi::OsStr]) -> Self {
+        Self::spawn(port, queue_port, extra, false)
+    }
+
+    fn spawn(port: u16, queue_port: u16, extra: &[&std::ffi::OsStr], watchdog: bool) -> Self {
         let workspace = std::env::temp_dir().join(format!("azurite-{port}-{}", std::process::id()));
         std::fs::create_dir_all(&workspace).unwrap();
-        let child = Command::new(launcher())
+        let mut command = if watchdog {
+            // `sh` runs Azurite in the background (its stdin /dev/null) and
+            // kills it when `cat` sees the end of our pipe.
+            let mut command = Command::new("sh");
+            command
+                .args(["-c", "\"$@\" & child=$!; cat >/dev/null; kill $child", "sh"])
+                .arg(launcher())
+                .stdin(Stdio::piped());
+            command
+        } else {
+            let mut command = Command::new(launcher());
+            command.stdin(Stdio::null());
+            command
+        };
+        let child = command
             .args(["--blobHost", "127.0.0.1", "--blobPort"])
             .arg(port.to_string())
             .args(["--queueHost", "127.0.0.1", "--queuePort"])
@@ -90,7 +118,6 @@ impl Azurite {
             .args(extra)
             // Anything Azurite writes despite in-memory persistence lands here.
             .current_dir(&workspace)
-            .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()

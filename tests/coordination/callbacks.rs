@@ -9,6 +9,7 @@ use axum::{Router, body::Bytes, extract::State, http::HeaderMap, http::StatusCod
 use parking_lot::Mutex;
 use restrict_code_execution::{
     config::Settings,
+    defender::timestamp::Timestamp,
     host::app_state::AppState,
     service::callbacks::{Subject, Watched},
     simulator::SimConfig,
@@ -74,7 +75,7 @@ fn finished_action() -> Subject {
             computer_dns_name: Some("DESKTOP-ALPHA".into()),
             action_id: Some("a1".into()),
             status: Some("Succeeded".into()),
-            finished_at: Some("2026-12-05T22:00:00Z".into()),
+            finished_at: Timestamp::parse("2026-12-05T22:00:00Z"),
             problem: None,
         },
     }

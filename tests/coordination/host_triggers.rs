@@ -309,9 +309,9 @@ fn fast_options() -> QueueOptions {
     }
 }
 
-/// Waits until `done` holds for the host's events, or panics after 30 s.
+/// Waits until `done` holds for the host's events, or panics after 60 s.
 async fn until(host: &QueueHost, what: &str, done: impl Fn(&[HostEvent]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let events = host.events();
         if done(&events) {
@@ -546,6 +546,22 @@ async fn failures_are_redelivered_then_poisoned_and_undecodable_messages_go_stra
         }
     }
 
+    // A `null` body holds the message until functionTimeout (2 s here).
+    let nulls: Vec<Instant> = recorder
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|r| r.text() == "null-body")
+        .map(|r| r.at)
+        .collect();
+    assert!(
+        nulls
+            .windows(2)
+            .all(|w| w[1] - w[0] >= Duration::from_millis(1900)),
+        "{nulls:?}"
+    );
+
     let mut in_poison = peek_texts(&poison_queue).await;
     in_poison.sort();
     let mut expected = vec![
@@ -568,13 +584,10 @@ async fn failures_are_redelivered_then_poisoned_and_undecodable_messages_go_stra
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_message_dequeued_too_often_is_poisoned_before_any_invocation() {
-    let storage = Storage::start();
-    let queue = storage.queue(QUEUE).await;
-    let id = send_raw(&queue, &b64("crashed every time")).await;
-    // Five deliveries that never completed (an instance died each time).
-    for _ in 0..5 {
+/// Receives the message `id` and makes it visible again, `times` times, as
+/// deliveries that crashed before completing would.
+async fn dequeue_without_completing(queue: &QueueClient, id: &str, times: usize) {
+    for _ in 0..times {
         let got = queue
             .receive_messages(Some(QueueClientReceiveMessagesOptions {
                 number_of_messages: Some(1),
@@ -588,8 +601,22 @@ async fn a_message_dequeued_too_often_is_poisoned_before_any_invocation() {
             .items
             .unwrap();
         let receipt = got[0].pop_receipt.clone().unwrap();
-        queue.update_message(&id, &receipt, 0, None).await.unwrap();
+        queue.update_message(id, &receipt, 0, None).await.unwrap();
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_dequeued_too_often_is_poisoned_before_any_invocation() {
+    let storage = Storage::start();
+    let queue = storage.queue(QUEUE).await;
+    let id = send_raw(&queue, &b64("crashed every time")).await;
+    dequeue_without_completing(&queue, &id, 5).await;
+    // The same on the poison queue, which has no poison queue of its own.
+    let poison_name = format!("{QUEUE}-poison");
+    let poison_queue = storage.queue(&poison_name).await;
+    let in_poison = send_raw(&poison_queue, &b64("fail-always")).await;
+    dequeue_without_completing(&poison_queue, &in_poison, 5).await;
+
     let (handler, recorder) = recording_handler().await;
     let settings = storage.settings();
     let host = QueueHost::start(
@@ -599,10 +626,54 @@ async fn a_message_dequeued_too_often_is_poisoned_before_any_invocation() {
         &settings,
     )
     .unwrap();
+    let function_json = json!({"bindings": [{
+        "type": "queueTrigger", "direction": "in", "name": "message",
+        "queueName": poison_name, "connection": "AzureWebJobsStorage"
+    }]});
+    let trigger =
+        QueueTrigger::from_function_json("job-poison", &function_json, &settings).unwrap();
+    let poison_host = QueueHost::start(&handler, trigger, fast_options(), &settings).unwrap();
     until(&host, "poisoned", |e| !poisoned(e).is_empty()).await;
+    until(&poison_host, "abandoned", |e| {
+        e.iter().any(|e| matches!(e, HostEvent::Abandoned { .. }))
+    })
+    .await;
     let events = host.stop().await;
     assert_eq!(poisoned(&events), [(id, 6, PoisonReason::DequeuedTooOften)]);
-    assert!(recorder.received.lock().unwrap().is_empty());
+    // The poison queue's message is still invoked (dequeue count 6), and when
+    // it fails it stays invisible for the rest of its lease: no poison queue.
+    let events: Vec<HostEvent> = poison_host
+        .stop()
+        .await
+        .into_iter()
+        .filter(|e| match e {
+            HostEvent::Invoked { message_id, .. } | HostEvent::Abandoned { message_id } => {
+                *message_id == in_poison
+            }
+            _ => false,
+        })
+        .collect();
+    assert!(
+        matches!(
+            &events[..],
+            [
+                HostEvent::Invoked {
+                    dequeue_count: 6,
+                    outcome: Outcome::Failed { .. },
+                    ..
+                },
+                HostEvent::Abandoned { .. },
+            ]
+        ),
+        "{events:#?}"
+    );
+    // The worker was never invoked for the message it poisoned.
+    let received = recorder.received.lock().unwrap().clone();
+    assert!(
+        received
+            .iter()
+            .all(|r| r.path == "/job-poison" || r.text() != "crashed every time")
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

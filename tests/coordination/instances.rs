@@ -152,6 +152,15 @@ fn posts(sim: &SimHandle) -> Vec<RecordedRequest> {
         .collect()
 }
 
+/// Each test here starts three handler processes: at most two such tests run
+/// at once (the harness's default on two cores), so that the pauses they
+/// rely on ("its lookup and lease take well under 3 s") hold when the other
+/// coordination tests run alongside.
+async fn turn() -> tokio::sync::SemaphorePermit<'static> {
+    static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+    TURNS.acquire().await.unwrap()
+}
+
 fn three(sim: &SimHandle, azurite: &Azurite, container: &str) -> Vec<Instance> {
     let storage = azurite.connection_string();
     (0..3)
@@ -161,9 +170,10 @@ fn three(sim: &SimHandle, azurite: &Azurite, container: &str) -> Vec<Instance> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_burst_spread_over_three_instances_makes_one_action_per_device_and_no_429() {
-    let azurite = Azurite::start();
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
     let (sim, devices) = tenant(12, SimConfig::default()).await;
-    let instances = three(&sim, &azurite, "burst");
+    let instances = three(&sim, azurite, "burst");
 
     // Each device's three duplicates land on three different instances.
     let answers = join_all(devices.iter().enumerate().flat_map(|(d, device)| {
@@ -192,9 +202,10 @@ async fn a_burst_spread_over_three_instances_makes_one_action_per_device_and_no_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restrict_on_one_instance_racing_a_release_on_another_makes_one_action_and_one_409() {
-    let azurite = Azurite::start();
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
     let (sim, devices) = tenant(1, SimConfig::default()).await;
-    let instances = three(&sim, &azurite, "race");
+    let instances = three(&sim, azurite, "race");
 
     for round in 0..3 {
         let (restrict, release) = tokio::join!(
@@ -216,9 +227,10 @@ async fn a_restrict_on_one_instance_racing_a_release_on_another_makes_one_action
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_instance_killed_holding_the_lease_delays_the_others_only_until_it_expires() {
-    let azurite = Azurite::start();
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
     let (sim, devices) = tenant(1, SimConfig::default()).await;
-    let mut instances = three(&sim, &azurite, "killed");
+    let mut instances = three(&sim, azurite, "killed");
     // The first instance's state read hangs: it holds the lease meanwhile.
     sim.inject(
         Fault::new("/api/machineactions", FaultKind::Delay { millis: 60_000 }).method("GET"),
@@ -255,6 +267,7 @@ async fn an_instance_killed_holding_the_lease_delays_the_others_only_until_it_ex
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_stopped_mid_run_answers_503_and_sends_nothing_then_recovers() {
+    let _turn = turn().await;
     let mut azurite = Azurite::start();
     let port = azurite.port;
     let (sim, devices) = tenant(3, SimConfig::default()).await;
@@ -284,7 +297,8 @@ async fn storage_stopped_mid_run_answers_503_and_sends_nothing_then_recovers() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_round_whose_callers_all_hung_up_stops_waiting_for_the_lease_and_reads_nothing() {
-    let azurite = Azurite::start();
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
     let (sim, devices) = tenant(1, SimConfig::default()).await;
     let instance = Instance::start(&sim, &azurite.connection_string(), "departed", &[]);
     // Another instance holds the machine's lease (its round is deciding).
@@ -326,7 +340,8 @@ async fn a_round_whose_callers_all_hung_up_stops_waiting_for_the_lease_and_reads
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_duplicate_waiting_on_another_instance_is_answered_from_its_handoff_without_a_read() {
-    let azurite = Azurite::start();
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
     let (sim, devices) = tenant(1, SimConfig::default()).await;
     let storage = azurite.connection_string();
     let (a, b) = (

@@ -214,7 +214,7 @@ async fn a_tag_job_on_three_instances_with_one_killed_restricts_every_device_onc
     let actions = sim.actions();
     let mut machines: Vec<String> = actions
         .iter()
-        .filter_map(|a| a.machine_id.clone())
+        .filter_map(|a| a.machine_id.as_ref().map(ToString::to_string))
         .collect();
     machines.sort();
     let mut live: Vec<String> = fleet.devices().into_iter().map(|d| d.machine_id).collect();

@@ -58,7 +58,7 @@ async fn delaying_relay(upstream: std::net::SocketAddr, delay: Duration) -> std:
 /// storage grants a lease nobody knows: every other instance waits for it to expire.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lock_wait_dropped_while_acquiring_leaves_no_lease_behind() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let direct = azurite.settings("edge-drop");
     let mut relayed = direct.clone();
     let upstream: std::net::SocketAddr = format!(
@@ -108,7 +108,7 @@ async fn a_lock_wait_dropped_while_acquiring_leaves_no_lease_behind() {
 /// keeps its waiters asleep for up to a third of the lease duration.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stale_announcement_does_not_put_the_next_holders_waiters_to_sleep() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("edge-stale");
     let (a, b, c) = (
         instance(&settings, Default::default()),

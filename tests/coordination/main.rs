@@ -30,7 +30,7 @@ use restrict_code_execution::{
         CoordinationError, Coordinator, CoordinatorOptions, Handoff, Locked, StorageAuth,
         StorageSettings,
     },
-    defender::Endpoint,
+    defender::{Endpoint, models::MachineAction},
 };
 use tokio::time::Instant;
 
@@ -47,7 +47,7 @@ fn short_leases() -> CoordinatorOptions {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_instance_waits_for_the_machine_lease_and_gets_it_after_release() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("locks-contend");
     let (a, b) = (
         instance(&settings, Default::default()),
@@ -100,7 +100,7 @@ async fn a_second_instance_waits_for_the_machine_lease_and_gets_it_after_release
 
 #[test]
 fn a_holder_that_dies_keeps_the_others_waiting_at_most_the_lease_duration() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("locks-crash");
     let lease = short_leases().lease_duration;
 
@@ -170,7 +170,7 @@ fn assert_windows(slots: &[SystemTime], limit: usize, window: Duration) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn instances_never_hand_out_more_than_the_limit_per_window() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("budget-shared");
     let speed = 60.0;
     let options = || CoordinatorOptions {
@@ -179,7 +179,7 @@ async fn instances_never_hand_out_more_than_the_limit_per_window() {
         clock_speed: speed,
         ..Default::default()
     };
-    // Three instances, as issue 12's burst runs.
+    // Three instances, as the scaled-out benchmark's burst runs.
     let instances = [
         instance(&settings, options()),
         instance(&settings, options()),
@@ -243,7 +243,7 @@ async fn instances_never_hand_out_more_than_the_limit_per_window() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_waits_for_its_slot() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("budget-wait");
     let c = instance(
         &settings,
@@ -263,7 +263,7 @@ async fn reserve_waits_for_its_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_operations_per_lock_and_per_reservation() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let c = instance(&azurite.settings("ops-count"), Default::default());
     let deadline = || Instant::now() + Duration::from_secs(10);
     let ops = |c: &Coordinator, before: u64| c.storage_operations() - before;
@@ -312,7 +312,7 @@ async fn storage_operations_per_lock_and_per_reservation() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_sleeps_until_the_time_the_holder_announced_instead_of_polling() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("announce");
     let (a, b) = (
         instance(&settings, Default::default()),
@@ -373,7 +373,7 @@ async fn a_waiter_sleeps_until_the_time_the_holder_announced_instead_of_polling(
 #[test]
 fn a_holder_that_dies_after_announcing_a_late_time_delays_the_others_only_until_its_lease_expires()
 {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("announce-crash");
     let lease = short_leases().lease_duration;
     let dying = tokio::runtime::Builder::new_multi_thread()
@@ -408,7 +408,7 @@ fn a_holder_that_dies_after_announcing_a_late_time_delays_the_others_only_until_
     });
 }
 
-type Seen = Arc<std::sync::Mutex<Vec<serde_json::Value>>>;
+type Seen = Arc<std::sync::Mutex<Vec<MachineAction>>>;
 
 /// Wait for `machine`'s lease on `instance`, noting every handoff seen, each
 /// answered with `answers`.
@@ -440,7 +440,7 @@ fn wait_recording_handoffs(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("handoff");
     let (a, b, c) = (
         instance(&settings, Default::default()),
@@ -448,8 +448,10 @@ async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() 
         instance(&settings, Default::default()),
     );
     let soon = || Instant::now() + Duration::from_secs(20);
-    let action =
-        serde_json::json!({"id": "w-1", "type": "RestrictCodeExecution", "status": "Pending"});
+    let action: MachineAction = serde_json::from_value(
+        serde_json::json!({"id": "w-1", "type": "RestrictCodeExecution", "status": "Pending"}),
+    )
+    .unwrap();
 
     // A's POST was answered: it hands the action off, then releases.
     let held = a.lock_machine("m", soon()).await.unwrap();
@@ -474,7 +476,7 @@ async fn a_handoff_reaches_waiters_and_is_gone_once_the_next_holder_may_write() 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_caller_that_goes_away_before_its_slot_comes_gives_it_back_to_every_instance() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let settings = azurite.settings("give-back");
     let one_a_minute = CoordinatorOptions {
         per_minute: 1,
@@ -566,7 +568,7 @@ async fn storage_down_fails_closed_at_once_and_recovers_when_it_is_back() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_sas_connection_string_is_used_as_given() {
-    let azurite = Azurite::start();
+    let azurite = Azurite::shared();
     let mut settings = azurite.settings("sas-given");
     let StorageAuth::AccountKey { account, key } = settings.auth.clone() else {
         panic!("expected a key")
@@ -632,6 +634,9 @@ async fn no_key_or_sas_reaches_the_log_even_at_trace_level() {
         .with_writer(log.clone())
         .finish();
     let _capture = tracing::subscriber::set_default(subscriber);
+    // A callsite first hit by another test's thread before this scoped
+    // subscriber existed may have cached "never"; recompute every interest.
+    tracing::callsite::rebuild_interest_cache();
 
     let mut azurite = Azurite::start();
     let settings = azurite.settings("log-capture");

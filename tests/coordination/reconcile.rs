@@ -12,10 +12,10 @@ use restrict_code_execution::{
     coordination::{Coordinator, CoordinatorOptions, StorageSettings},
     defender::{DefenderClient, DefenderClientOptions, auth::TokenSource},
     service::{
-        expiry::{ExpiryNote, ReleaseAfter},
+        expiry::ExpiryNote,
         reconcile::{ReconcileSettings, Reconciler},
         restrict::{Intent, Outcome, Restrictor, Success},
-        runbook::{Comment, DeviceRef},
+        runbook::{Comment, DeviceRef, ReleaseAfter},
     },
     simulator::{RecordedRequest, SimConfig, SimHandle, Simulator, seed::Fleet},
 };

@@ -48,9 +48,7 @@ pub fn watched(device: &DeviceRef, result: Result<&Success, &ApiError>) -> Watch
                 // `already_in_state` and a finished `wait`: final already,
                 // sent at the next run without reading Defender again.
                 status: done.then(|| action.status.to_string()),
-                finished_at: done
-                    .then(|| action.last_update_date_time_utc.clone())
-                    .flatten(),
+                finished_at: done.then_some(action.last_update_date_time_utc).flatten(),
                 problem: None,
             }
         }

@@ -9,6 +9,7 @@ use tokio::time::Instant;
 
 use super::Record;
 use crate::{
+    defender::ids::{ActionId, MachineId},
     host::{
         app_state::AppState,
         error::{ApiError, Problem},
@@ -32,13 +33,13 @@ struct PlanBody {
     message: String,
     device_id: String,
     release: bool,
-    machine_id: String,
+    machine_id: MachineId,
     computer_dns_name: Option<String>,
     candidates: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     action: Option<Value>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    would_cancel_action_ids: Vec<String>,
+    would_cancel_action_ids: Vec<ActionId>,
 }
 
 #[derive(Debug, Serialize)]
@@ -88,7 +89,7 @@ fn plan_body(request: &RunbookRequest, device: &DeviceRef, plan: Plan) -> PlanBo
         machine_id: plan.machine.id,
         computer_dns_name: plan.machine.computer_dns_name,
         candidates: plan.candidates,
-        action: plan.action.map(|a| a.raw),
+        action: plan.action.map(|a| a.to_json()),
         would_cancel_action_ids: plan.would_cancel,
     }
 }
@@ -100,13 +101,13 @@ pub async fn answer(
     deadline: Instant,
     record: &mut Record,
 ) -> Result<Reply, ApiError> {
-    let intent = request.intent();
+    let intent = super::restrict::intent(request);
     let restrictor = state.restrictor();
     match &request.target {
         Target::One(device) => {
             record.device_id = Some(device.to_string());
             let plan = restrictor.plan(device, &intent, deadline).await?;
-            record.machine_id = Some(plan.machine.id.clone());
+            record.machine_id = Some(plan.machine.id.to_string());
             record.outcome = Some(plan.outcome.as_str());
             let body = plan_body(request, device, plan);
             let summary = body.message.clone();

@@ -11,8 +11,9 @@
 //! last delivery, moves it to the poison queue. See docs/jobs.md.
 
 use axum::{
-    body::Body,
-    extract::{Request, State},
+    body::{Body, Bytes},
+    extract::State,
+    http::request::Parts,
     http::{HeaderValue, StatusCode, header},
     response::{IntoResponse, Response},
 };
@@ -20,13 +21,13 @@ use serde_json::{Value, json};
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::host::{app_state::AppState, error::ApiError, invocation, routes::read_limited};
+use crate::host::{app_state::AppState, invocation};
 
 /// The queue trigger's binding name in each folder's `function.json`.
 pub const TRIGGER_BINDING: &str = "message";
 /// The largest envelope read: a message is at most 64 KiB, and metadata
 /// repeats its top-level fields.
-const MAX_ENVELOPE: usize = 512 * 1024;
+pub const MAX_ENVELOPE: usize = 512 * 1024;
 
 /// The queue-triggered functions.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -102,21 +103,20 @@ pub fn parse(envelope: &[u8]) -> Result<QueueDelivery, String> {
     })
 }
 
-/// One invocation: 200 completes the message, 500 fails it.
+/// One invocation: 200 completes the message, 500 fails it. The routes
+/// read the envelope (at most [`MAX_ENVELOPE`] bytes) and hand it over, or
+/// why it could not be read.
 pub async fn invoke(
     State(state): State<AppState>,
     function: QueueFunction,
-    request: Request,
+    parts: Parts,
+    body: Result<Bytes, String>,
 ) -> Response {
     let started = Instant::now();
-    let (parts, body) = request.into_parts();
     let id = invocation::invocation_id(&parts.headers);
     let span = tracing::info_span!("invocation", invocation_id = %id, function = function.name());
     async move {
-        let read = read_limited(&parts, body, MAX_ENVELOPE, ApiError::InvalidEnvelope)
-            .await
-            .map_err(|e| e.to_string())
-            .and_then(|bytes| parse(&bytes));
+        let read = body.and_then(|bytes| parse(&bytes));
         let delivery = match read {
             Ok(delivery) => delivery,
             Err(reason) => return finish(function, &id, started, Err(reason), None),

@@ -11,8 +11,16 @@ use serde_json::Value;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
-use super::{Record, callback, dry_run, status::status_url};
+use super::{
+    Record, callback, dry_run,
+    status::{POLL_AFTER_SECONDS, status_url},
+};
 use crate::{
+    defender::{
+        ids::{ActionId, MachineId},
+        models::ActionType,
+        timestamp::Timestamp,
+    },
     host::{
         app_state::AppState,
         error::{ApiError, Problem},
@@ -22,7 +30,7 @@ use crate::{
     service::{
         callbacks::{CallbackUrl, Subject, Watched},
         expiry::{ExpiryNote, rfc3339},
-        restrict::{Outcome, Success},
+        restrict::{Intent, Outcome, Success},
         runbook::{CallerName, DeviceRef, RunbookRequest, Target},
     },
 };
@@ -30,9 +38,6 @@ use crate::{
 /// Devices acted on at the same time in a `deviceIds` call; the shared rate
 /// budget paces them further.
 const BULK_CONCURRENCY: usize = 8;
-/// What a Logic App is told to wait between polls of the status route: reads
-/// of actions share Defender's 1500-per-hour budget with every other caller.
-pub const POLL_AFTER_SECONDS: u64 = 10;
 /// Time kept back from the invocation's budget to answer after `wait`.
 const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
@@ -98,15 +103,15 @@ async fn single(
     record.headline = Some(headline(request, device));
     let (mut success, expiry) = act(state, request, device, deadline).await?;
     wait_for(state, request, &mut success, deadline).await;
-    record.machine_id = Some(success.machine.id.clone());
+    record.machine_id = Some(success.machine.id.to_string());
     record.outcome = Some(success.outcome.as_str());
-    record.action_id = Some(success.action.action.id.clone());
+    record.action_id = Some(success.action.action.id.to_string());
     record.action_status = Some(success.action.action.status.to_string());
     let status = success_status(success.outcome);
 
     // Logic Apps' asynchronous pattern: 202 plus where to poll.
     let poll_at = if invocation.prefers_async() && !success.terminal() {
-        status_url(invocation, &success.action.action.id)
+        status_url(invocation, success.action.action.id.as_str())
     } else {
         None
     };
@@ -134,6 +139,23 @@ async fn single(
     Ok((reply, success))
 }
 
+/// What the caller wants done to each device, for the domain service (a dry
+/// run plans the same intent).
+pub(super) fn intent(request: &RunbookRequest) -> Intent {
+    Intent {
+        action: if request.release {
+            ActionType::UnrestrictCodeExecution
+        } else {
+            ActionType::RestrictCodeExecution
+        },
+        force: request.force,
+        cancel_pending: request.cancel_pending,
+        comment: request.comment.clone(),
+        caller: request.caller.clone(),
+        release_at: request.release_at,
+    }
+}
+
 /// A device's action, and what became of its expiry.
 type Acted = (Success, ExpiryNote);
 
@@ -148,8 +170,7 @@ async fn act(
     let restrictor = state.restrictor();
     // The deadline bounds every wait inside; this outer bound is a backstop.
     let backstop = deadline + Duration::from_secs(1);
-    let mut intent = request.intent();
-    intent.release_at = request.release_at;
+    let intent = intent(request);
     let success = tokio::time::timeout_at(backstop, restrictor.run(device, &intent, deadline))
         .await
         .map_err(|_| {
@@ -395,9 +416,11 @@ pub struct SuccessBody {
     candidates: usize,
     /// Whether the action is finished (Succeeded, Failed, TimeOut, Cancelled).
     terminal: bool,
+    /// [`crate::defender::ActionRecord::to_json`]: Defender's own JSON when
+    /// it answered with this one action.
     action: Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
-    cancelled_action_ids: Vec<String>,
+    cancelled_action_ids: Vec<ActionId>,
     /// When the restriction is released automatically (`releaseAfter`).
     #[serde(skip_serializing_if = "Option::is_none")]
     release_at: Option<String>,
@@ -410,11 +433,11 @@ pub struct SuccessBody {
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 struct MachineSummary {
-    id: String,
+    id: MachineId,
     computer_dns_name: Option<String>,
     aad_device_id: Option<String>,
     health_status: Option<String>,
-    last_seen: Option<String>,
+    last_seen: Option<Timestamp>,
 }
 
 /// What the caller should know beyond the outcome: with `force`, that a
@@ -481,11 +504,11 @@ impl SuccessBody {
                 computer_dns_name: machine.computer_dns_name.clone(),
                 aad_device_id: machine.aad_device_id.clone(),
                 health_status: machine.health_status.clone(),
-                last_seen: machine.last_seen.clone(),
+                last_seen: machine.last_seen,
             },
             candidates: success.candidates,
             terminal: success.terminal(),
-            action: success.action.raw.clone(),
+            action: success.action.to_json(),
             cancelled_action_ids: success.cancelled.clone(),
             release_at: expiry.release_at().map(rfc3339),
             warning: (!warning.is_empty()).then(|| warning.join(" ")),
@@ -557,7 +580,12 @@ fn message(request: &RunbookRequest, success: &Success) -> String {
     if !success.cancelled.is_empty() {
         message.push_str(&format!(
             " Cancelled the pending opposite action(s) {} first.",
-            success.cancelled.join(", ")
+            success
+                .cancelled
+                .iter()
+                .map(ActionId::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
         ));
     }
     message

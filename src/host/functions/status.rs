@@ -13,16 +13,22 @@ use tokio::time::Instant;
 use crate::{
     defender::{
         ActionRecord,
+        ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType, OrOther},
+        timestamp::Timestamp,
     },
     host::{
         app_state::AppState,
         error::ApiError,
-        functions::{Function, Record, action_id, restrict::POLL_AFTER_SECONDS},
+        functions::{Function, Record, action_id},
         invocation::Invocation,
         reply::Reply,
     },
 };
+
+/// What a Logic App is told to wait between polls of the status route: reads
+/// of actions share Defender's 1500-per-hour budget with every other caller.
+pub const POLL_AFTER_SECONDS: u64 = 10;
 
 pub async fn run(
     state: &AppState,
@@ -76,19 +82,20 @@ async fn read(
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct StatusBody {
-    pub action_id: String,
+    pub action_id: ActionId,
     #[serde(rename = "type")]
     pub action_type: OrOther<ActionType>,
     pub status: OrOther<ActionStatus>,
     /// Succeeded, Failed, TimeOut and Cancelled are final.
     pub terminal: bool,
-    pub machine_id: Option<String>,
+    pub machine_id: Option<MachineId>,
     pub computer_dns_name: Option<String>,
     pub requestor_comment: Option<String>,
-    pub creation_date_time_utc: Option<String>,
-    pub last_update_date_time_utc: Option<String>,
+    pub creation_date_time_utc: Option<Timestamp>,
+    pub last_update_date_time_utc: Option<Timestamp>,
     pub message: String,
-    /// The machine action exactly as Defender returned it.
+    /// The machine action exactly as Defender returned it (the status and
+    /// cancel routes always read or cancel the one action).
     pub action: Value,
     pub invocation_id: String,
 }
@@ -97,9 +104,9 @@ impl StatusBody {
     /// Notes the action in the invocation's log line.
     pub(crate) fn note(&self, record: &mut Record, outcome: &'static str) {
         record.outcome = Some(outcome);
-        record.action_id = Some(self.action_id.clone());
+        record.action_id = Some(self.action_id.to_string());
         record.action_status = Some(self.status.to_string());
-        record.machine_id.clone_from(&self.machine_id);
+        record.machine_id = self.machine_id.as_ref().map(MachineId::to_string);
     }
 
     pub fn new(found: &ActionRecord, invocation_id: &str) -> Self {
@@ -111,7 +118,7 @@ impl StatusBody {
             a.action_type,
             a.computer_dns_name
                 .as_deref()
-                .or(a.machine_id.as_deref())
+                .or(a.machine_id.as_ref().map(MachineId::as_str))
                 .unwrap_or("(unknown)"),
             a.status,
             if terminal {
@@ -128,10 +135,10 @@ impl StatusBody {
             machine_id: a.machine_id.clone(),
             computer_dns_name: a.computer_dns_name.clone(),
             requestor_comment: a.requestor_comment.clone(),
-            creation_date_time_utc: a.creation_date_time_utc.clone(),
-            last_update_date_time_utc: a.last_update_date_time_utc.clone(),
+            creation_date_time_utc: a.creation_date_time_utc,
+            last_update_date_time_utc: a.last_update_date_time_utc,
             message,
-            action: found.raw.clone(),
+            action: found.to_json(),
             invocation_id: invocation_id.to_owned(),
         }
     }

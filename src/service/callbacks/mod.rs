@@ -39,8 +39,9 @@ use crate::{
         records::{Records, WriteIf, Written},
     },
     defender::{
-        ids::ActionId,
+        ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType},
+        timestamp::{Timestamp, lenient},
     },
     service::{jobs::Jobs, restrict::Restrictor},
 };
@@ -82,16 +83,21 @@ pub enum Subject {
 pub struct Watched {
     pub device_id: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub machine_id: Option<String>,
+    pub machine_id: Option<MachineId>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub computer_dns_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub action_id: Option<String>,
+    pub action_id: Option<ActionId>,
     /// The action's final status once known (`already_in_state`: at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub finished_at: Option<String>,
+    /// As Defender wrote it (`lastUpdateDateTimeUtc`).
+    #[serde(
+        default,
+        deserialize_with = "lenient",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub finished_at: Option<Timestamp>,
     /// The device failed before any action (its problem code and detail).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub problem: Option<Value>,
@@ -253,6 +259,11 @@ impl Outbox {
             }
             report.storage_operations += 1;
             match self.inner.records.read(&name).await {
+                // Claimed (or settled) by another run since the listing: the
+                // claim's conditional write only guards against the etag read
+                // here, so a record read after another run's claim must not
+                // be claimed again.
+                Ok(Some(record)) if !is_due(&record.metadata, now) => {}
                 Ok(Some(record)) => match serde_json::from_slice::<Pending>(&record.body) {
                     Ok(pending) => loaded.push((name, record.etag, pending)),
                     Err(e) => {
@@ -304,13 +315,7 @@ impl Outbox {
             let prefix = format!("{PREFIX}{}/", day(now - time::Duration::days(back)));
             report.storage_operations += 1;
             for listed in self.inner.records.list_all(&prefix).await? {
-                let pending = listed.metadata.get("state").is_some_and(|s| s == "pending");
-                let at = listed
-                    .metadata
-                    .get("due")
-                    .and_then(|d| d.parse::<i64>().ok())
-                    .unwrap_or(0);
-                if pending && at <= now.unix_timestamp() {
+                if is_due(&listed.metadata, now) {
                     due.push(listed.name);
                 }
             }
@@ -328,7 +333,7 @@ impl Outbox {
         deadline: Instant,
         report: &mut DeliveryReport,
     ) {
-        let mut machines: Vec<String> = loaded
+        let mut machines: Vec<MachineId> = loaded
             .iter()
             .flat_map(|(_, _, p)| watched(&p.subject))
             .filter(|w| !w.is_final())
@@ -349,18 +354,15 @@ impl Outbox {
                 )
             }
         });
-        let mut found: HashMap<ActionId, (String, Option<String>)> = HashMap::new();
+        let mut found: HashMap<ActionId, (String, Option<Timestamp>)> = HashMap::new();
         for (machine, read) in futures_util::future::join_all(reads).await {
             match read {
                 Ok(actions) => {
                     for action in actions {
                         if action.status.known().is_some_and(ActionStatus::is_terminal) {
                             found.insert(
-                                ActionId::from(action.id.as_str()),
-                                (
-                                    action.status.to_string(),
-                                    action.last_update_date_time_utc.clone(),
-                                ),
+                                action.id,
+                                (action.status.to_string(), action.last_update_date_time_utc),
                             );
                         }
                     }
@@ -376,10 +378,10 @@ impl Outbox {
                     continue;
                 }
                 if let Some(id) = &w.action_id
-                    && let Some((status, at)) = found.get(&ActionId::from(id.as_str()))
+                    && let Some((status, at)) = found.get(id)
                 {
                     w.status = Some(status.clone());
-                    w.finished_at = at.clone();
+                    w.finished_at = *at;
                 }
             }
         }
@@ -549,6 +551,16 @@ impl Outbox {
             .write(name, body, metadata, condition)
             .await
     }
+}
+
+/// Whether a callback record's metadata says it is pending and due at `now`.
+fn is_due(metadata: &HashMap<String, String>, now: OffsetDateTime) -> bool {
+    let pending = metadata.get("state").is_some_and(|s| s == "pending");
+    let at = metadata
+        .get("due")
+        .and_then(|d| d.parse::<i64>().ok())
+        .unwrap_or(0);
+    pending && at <= now.unix_timestamp()
 }
 
 /// The pause after the `attempts`th attempt failed: 1 min, doubling, at most 1 h.

@@ -22,9 +22,10 @@ use crate::{
     defender::{
         ids::MachineId,
         models::{ActionType, MachineAction},
+        timestamp::Timestamp,
     },
     service::{
-        decision::{created, deciding_action, finished},
+        decision::{created, deciding_action},
         runbook::RunbookError,
     },
 };
@@ -116,24 +117,22 @@ impl StateFilter {
 #[derive(Debug, Clone, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Device {
-    pub machine_id: String,
+    pub machine_id: MachineId,
     /// From the machine's newest action that names it (Defender fills the
     /// name in once the device has picked an action up).
     pub computer_dns_name: Option<String>,
     pub state: DeviceState,
     /// The deciding action's `lastUpdateDateTimeUtc` (its creation time if
     /// Defender sent none), as Defender wrote it.
-    pub since: Option<String>,
-    /// The deciding action, as Defender returned it.
+    pub since: Option<Timestamp>,
+    /// The deciding action, as Defender returned it (every field it listed;
+    /// a time that was not RFC 3339 as `null`).
     pub last_action: Option<MachineAction>,
     /// The newest `Pending`/`InProgress` restrict or unrestrict action.
     pub pending_action: Option<MachineAction>,
     /// When this service releases the restriction (`releaseAfter`), UTC.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub release_at: Option<String>,
-    /// `since`, parsed, to sort by.
-    #[serde(skip)]
-    since_at: Option<OffsetDateTime>,
 }
 
 /// How many machines are in each state (of all machines, not only those shown).
@@ -165,7 +164,7 @@ impl Fleet {
         // Each machine's actions together, newest created first: the order
         // the restrict decision sorts by, so that both break ties alike.
         // Grouped in place: no second copy of the tenant's history.
-        actions.sort_by_cached_key(|a| (machine_key(a), std::cmp::Reverse(created(a))));
+        actions.sort_by_cached_key(|a| (a.machine_id.clone(), std::cmp::Reverse(created(a))));
         let mut devices = Vec::new();
         let mut group: Vec<MachineAction> = Vec::new();
         for action in actions {
@@ -173,19 +172,20 @@ impl Fleet {
                 .last()
                 .is_some_and(|last| !same_machine(last, &action))
             {
-                devices.push(device(&mut group));
+                devices.extend(device(&mut group));
             }
             group.push(action);
         }
         if !group.is_empty() {
-            devices.push(device(&mut group));
+            devices.extend(device(&mut group));
         }
         // Newest `since` first; machines with none last; ties by machine id,
         // so the same tenant always gives the same order.
         devices.sort_by(|a, b| {
-            b.since_at
-                .cmp(&a.since_at)
-                .then_with(|| a.machine_id.cmp(&b.machine_id))
+            let since = |d: &Device| d.since.map(Timestamp::at);
+            since(b)
+                .cmp(&since(a))
+                .then_with(|| a.machine_id.as_str().cmp(b.machine_id.as_str()))
         });
         let mut counts = Counts::default();
         for d in &devices {
@@ -212,29 +212,22 @@ impl Fleet {
 
 /// Machine ids compare case-insensitively (every action here has one).
 fn same_machine(a: &MachineAction, b: &MachineAction) -> bool {
-    match (a.machine_id.as_deref(), b.machine_id.as_deref()) {
-        (Some(x), Some(y)) => x.eq_ignore_ascii_case(y),
-        _ => false,
-    }
-}
-
-/// The machine id actions are grouped by.
-fn machine_key(action: &MachineAction) -> Option<MachineId> {
-    action.machine_id.as_deref().map(MachineId::from)
+    a.machine_id.is_some() && a.machine_id == b.machine_id
 }
 
 /// One machine's entry from its actions (all of one machine, typed, newest
 /// created first), which it takes, leaving `actions` empty for the next one.
-fn device(actions: &mut Vec<MachineAction>) -> Device {
+fn device(actions: &mut Vec<MachineAction>) -> Option<Device> {
     let deciding = deciding_action(actions.iter()).map(|(a, t)| (a.id.clone(), t));
     let pending = actions
         .iter()
         .position(|a| a.status.known().is_some_and(|s| !s.is_terminal()));
     let computer_dns_name = actions.iter().find_map(|a| a.computer_dns_name.clone());
-    let machine_id = actions
-        .first()
-        .and_then(|a| a.machine_id.clone())
-        .unwrap_or_default();
+    // Every action here has the machine's id (`from_actions` keeps no other).
+    let Some(machine_id) = actions.first().and_then(|a| a.machine_id.clone()) else {
+        actions.clear();
+        return None;
+    };
 
     let pending_action = pending.map(|at| actions.swap_remove(at));
     let last_action = deciding
@@ -247,21 +240,19 @@ fn device(actions: &mut Vec<MachineAction>) -> Device {
         Some((_, ActionType::UnrestrictCodeExecution)) => DeviceState::Released,
         None => DeviceState::Unknown,
     };
-    let since = last_action.as_ref().and_then(|a| {
-        a.last_update_date_time_utc
-            .clone()
-            .or_else(|| a.creation_date_time_utc.clone())
-    });
-    Device {
+    // The time `finished` decides by, as Defender wrote it.
+    let since = last_action
+        .as_ref()
+        .and_then(|a| a.last_update_date_time_utc.or(a.creation_date_time_utc));
+    Some(Device {
         machine_id,
         computer_dns_name,
         state,
         since,
-        since_at: last_action.as_ref().and_then(finished),
         release_at: None,
         last_action,
         pending_action,
-    }
+    })
 }
 
 /// The JSON answer.
@@ -374,7 +365,10 @@ mod tests {
         assert_eq!(ids(&fleet.devices), [A, B], "newest since first");
         let a = &fleet.devices[0];
         assert_eq!(a.state, DeviceState::Restricted);
-        assert_eq!(a.since.as_deref(), Some("2026-11-28T10:30:00.1234567Z"));
+        assert_eq!(
+            a.since.map(|t| t.to_string()).as_deref(),
+            Some("2026-11-28T10:30:00.1234567Z")
+        );
         assert_eq!(a.last_action.as_ref().map(|x| x.id.as_str()), Some("r1"));
         assert_eq!(a.pending_action.as_ref().map(|x| x.id.as_str()), Some("u2"));
         let b = &fleet.devices[1];

@@ -10,14 +10,13 @@
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
-use time::{
-    OffsetDateTime, UtcOffset,
-    format_description::{FormatItem, well_known::Rfc3339},
-    macros::format_description,
-};
+use time::{UtcOffset, format_description::FormatItem, macros::format_description};
 
 use super::{Counts, Device, DeviceState, StateFilter};
-use crate::defender::models::{ActionType, MachineAction};
+use crate::defender::{
+    models::{ActionType, MachineAction},
+    timestamp::Timestamp,
+};
 
 /// The `Content-Security-Policy` the page is served with.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; style-src 'unsafe-inline'; \
@@ -88,7 +87,7 @@ pub fn render(
                 h1 { (heading) }
                 p.meta {
                     span #count { (devices.len()) } " shown, as of "
-                    time #as-of datetime=(as_of) { (readable(as_of)) }
+                    time #as-of datetime=(as_of) { (readable_text(as_of)) }
                     " (when Defender's actions were read). "
                     (counts.unknown) " with no successful action (state unknown)."
                 }
@@ -150,7 +149,7 @@ fn row(d: &Device, portal: &str) -> Markup {
                 span.state.(d.state.as_str()) { (state_label(d.state)) }
                 @if let Some(at) = &d.release_at {
                     br;
-                    "auto-release " time.release-at datetime=(at) { (readable(at)) }
+                    "auto-release " time.release-at datetime=(at) { (readable_text(at)) }
                 }
             }
             td data-label="Since" {
@@ -202,15 +201,18 @@ fn kind_label(action: &MachineAction) -> &str {
     }
 }
 
-/// `2026-11-28 10:05:00 UTC` for an RFC 3339 time (the `datetime` attribute
-/// keeps Defender's own text); anything else as it is.
-fn readable(timestamp: &str) -> String {
+/// `2026-11-28 10:05:00 UTC` (the `datetime` attribute keeps Defender's own
+/// text).
+fn readable(timestamp: &Timestamp) -> String {
     const SHOWN: &[FormatItem<'_>] =
         format_description!("[year]-[month]-[day] [hour]:[minute]:[second] UTC");
-    OffsetDateTime::parse(timestamp, &Rfc3339)
-        .ok()
-        .and_then(|t| t.to_offset(UtcOffset::UTC).format(SHOWN).ok())
-        .unwrap_or_else(|| timestamp.to_owned())
+    let utc = timestamp.at().to_offset(UtcOffset::UTC);
+    utc.format(SHOWN).unwrap_or_else(|_| timestamp.to_string())
+}
+
+/// [`readable`] for an RFC 3339 text; anything else as it is.
+fn readable_text(text: &str) -> String {
+    Timestamp::parse(text).map_or_else(|| text.to_owned(), |t| readable(&t))
 }
 
 fn state_label(state: DeviceState) -> &'static str {

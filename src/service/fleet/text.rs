@@ -26,11 +26,11 @@ pub fn render(devices: &[Device], filter: StateFilter, as_of: &str) -> String {
             out,
             "{} ({}) {}",
             clean(d.computer_dns_name.as_deref().unwrap_or("(no name)")),
-            clean(&d.machine_id),
+            clean(d.machine_id.as_str()),
             d.state.as_str()
         );
         if let Some(since) = &d.since {
-            let _ = write!(out, " since {}", clean(since));
+            let _ = write!(out, " since {since}");
         }
         if let Some(a) = &d.last_action {
             let _ = write!(out, " by {}", who_and_why(a));
@@ -41,7 +41,7 @@ pub fn render(devices: &[Device], filter: StateFilter, as_of: &str) -> String {
                 "; pending {} {} ({}) by {}",
                 clean(p.action_type.as_str()),
                 clean(p.status.as_str()),
-                clean(&p.id),
+                clean(p.id.as_str()),
                 who_and_why(p)
             );
         }

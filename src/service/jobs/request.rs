@@ -5,7 +5,7 @@
 
 use serde_json::Value;
 
-use crate::service::expiry::ReleaseAfter;
+use crate::service::runbook::ReleaseAfter;
 use crate::service::runbook::{
     CallerName, Comment, DeviceRef, RunbookError,
     fields::{self, Fields},

@@ -114,14 +114,14 @@ pub fn choose(machines: Vec<Machine>) -> Vec<DeviceEntry> {
             let choice = selection::choose(aad, records).ok()?;
             Some(DeviceEntry {
                 device_id: aad.hyphenated().to_string(),
-                machine_id: Some(choice.machine.id),
+                machine_id: Some(choice.machine.id.to_string()),
                 computer_dns_name: choice.machine.computer_dns_name,
             })
         })
         .collect();
     devices.extend(alone.into_values().map(|machine| DeviceEntry {
         device_id: machine.id.to_ascii_lowercase(),
-        machine_id: Some(machine.id),
+        machine_id: Some(machine.id.to_string()),
         computer_dns_name: machine.computer_dns_name,
     }));
     devices

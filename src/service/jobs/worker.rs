@@ -195,7 +195,7 @@ impl Jobs {
                         // storage failure fails the delivery (retried).
                         if let Some(restrictions) = self.inner.restrictions.get() {
                             let asked = intent.release_at.map(|at| {
-                                crate::service::expiry::ReleaseAfter::After(
+                                crate::service::runbook::ReleaseAfter::After(
                                     at - OffsetDateTime::now_utc(),
                                 )
                             });
@@ -217,9 +217,9 @@ impl Jobs {
                 Ok((outcome, machine, action_id)) => {
                     let record = OutcomeRecord {
                         outcome: outcome.to_owned(),
-                        machine_id: Some(machine.id.clone()),
+                        machine_id: Some(machine.id.to_string()),
                         computer_dns_name: machine.computer_dns_name.clone(),
-                        action_id,
+                        action_id: action_id.map(|id| id.to_string()),
                         problem: None,
                         at: unix_ms(OffsetDateTime::now_utc()),
                     };

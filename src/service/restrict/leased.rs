@@ -13,7 +13,6 @@ use crate::{
         Endpoint,
         client::{ActionRecord, BeforeSend},
         error::Refusal,
-        models::MachineAction,
     },
     service::service_error::ServiceError,
 };
@@ -90,7 +89,7 @@ impl Writer for LeasedWriter<'_> {
             .is_some_and(|s| !s.is_terminal());
         if let (Some(lease), Some(sent), true) = (self.lease, self.writes.last(), pending) {
             let sent = SystemTime::now() - sent.elapsed();
-            lease.hand_off(&created.raw, sent).await;
+            lease.hand_off(&created.action, sent).await;
         }
     }
 }
@@ -107,9 +106,7 @@ impl Writer for LeasedWriter<'_> {
 /// ([`crate::service::decision::decide`]). So it is answered so, without the
 /// lease or a read of its own. Every other ticket keeps waiting.
 pub(super) fn answer_from_handoff(tickets: &mut Vec<Ticket>, handoff: &Handoff) -> bool {
-    let Ok(action) = serde_json::from_value::<MachineAction>(handoff.action.clone()) else {
-        return false;
-    };
+    let action = &handoff.action;
     let sent = OffsetDateTime::from(handoff.sent);
     let pending = action.status.known().is_some_and(|s| !s.is_terminal());
     let answers = |ticket: &Ticket| {
@@ -129,12 +126,11 @@ pub(super) fn answer_from_handoff(tickets: &mut Vec<Ticket>, handoff: &Handoff) 
     for ticket in answered {
         if ticket.start() {
             tracing::info!(action_id = %action.id, "answered with the action another instance just created for the machine");
+            // Known only typed: the other instance passed on the action
+            // Defender answered its POST with, not the bytes it was sent.
             let _ = ticket.reply.send(Ok(Acted::answered(
                 Outcome::AlreadyPending,
-                ActionRecord {
-                    action: action.clone(),
-                    raw: handoff.action.clone(),
-                },
+                ActionRecord::from(action.clone()),
             )));
         }
     }

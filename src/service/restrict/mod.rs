@@ -52,8 +52,7 @@ mod round;
 use std::{sync::Arc, time::Duration};
 
 use serde::Serialize;
-use serde_json::Value;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::{
@@ -61,8 +60,9 @@ use crate::{
     defender::{
         DefenderClient,
         client::{ActionListing, ActionRecord},
-        ids::ActionId,
+        ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType, Machine, MachineAction},
+        timestamp::Timestamp,
     },
     service::{
         decision::{self, Decision, Wanted},
@@ -149,10 +149,11 @@ pub struct Success {
     pub machine: Machine,
     /// How many Defender records matched the device.
     pub candidates: usize,
-    /// The machine action, typed and exactly as Defender returned it.
+    /// The machine action, typed, and as Defender sent it when it answered
+    /// with this one action (see [`ActionRecord`]).
     pub action: ActionRecord,
     /// Pending opposite-type actions cancelled first (`cancelPending`).
-    pub cancelled: Vec<String>,
+    pub cancelled: Vec<ActionId>,
 }
 
 impl Success {
@@ -163,11 +164,7 @@ impl Success {
         if self.outcome != Outcome::AlreadyPending || self.terminal() {
             return None;
         }
-        self.action
-            .raw
-            .get("creationDateTimeUtc")
-            .and_then(Value::as_str)
-            .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        self.action.action.creation_date_time_utc.map(Timestamp::at)
     }
 
     /// Whether the returned action is finished (Succeeded, Failed, TimeOut, Cancelled).
@@ -216,7 +213,7 @@ impl Restrictor {
         let wanted = intent.wanted();
         let mut comment = self.comment(&intent.comment, intent.caller.as_ref());
         if let Some(at) = intent.release_at {
-            comment = format!("{comment} {}", super::expiry::marker(at));
+            comment = format!("{comment} {}", super::runbook::release_after::marker(at));
         }
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
@@ -268,10 +265,7 @@ impl Restrictor {
     ) -> Result<Plan, ServiceError> {
         let (machine, candidates, _) = self.find(device, deadline).await?;
         let actions = self.inner.reads.read(&machine.id, deadline).await?;
-        let listed = |action: MachineAction| ActionRecord {
-            raw: serde_json::to_value(&action).unwrap_or(Value::Null),
-            action,
-        };
+        let listed = ActionRecord::from;
         let (outcome, action, would_cancel) =
             match decision::decide(&machine.id, &actions, intent.wanted()) {
                 Decision::Act => (Planned::WouldRequest, None, Vec::new()),
@@ -288,7 +282,7 @@ impl Restrictor {
                 }
                 Decision::Conflict(action) => {
                     return Err(ServiceError::ConflictingActionPending {
-                        machine_id: machine.id.clone(),
+                        machine_id: machine.id.to_string(),
                         action: Box::new(action),
                         created_meanwhile: false,
                     });
@@ -323,7 +317,7 @@ impl Restrictor {
         let machine = lookup.found.machine;
         if let Some(os) = platform::known_unsupported(machine.os_platform.as_deref()) {
             return Err(ServiceError::UnsupportedPlatform {
-                machine_id: machine.id.clone(),
+                machine_id: machine.id.to_string(),
                 os_platform: os.to_owned(),
             });
         }
@@ -363,7 +357,7 @@ pub struct Plan {
     /// The action found (`already_*`), as Defender listed it.
     pub action: Option<ActionRecord>,
     /// Pending opposite actions `cancelPending` would cancel first.
-    pub would_cancel: Vec<String>,
+    pub would_cancel: Vec<ActionId>,
 }
 
 impl Intent {
@@ -386,11 +380,10 @@ impl Restrictor {
         let found = self.inner.read_action(action_id, deadline).await?;
         // Answering with another action than the one asked for would tell
         // the caller the wrong device's state.
-        let asked = ActionId::from(action_id);
-        if asked != *found.action.id {
+        if found.action.id != *action_id {
             return Err(ServiceError::OtherActionAnswered {
                 asked: action_id.to_owned(),
-                answered: found.action.id,
+                answered: found.action.id.to_string(),
             });
         }
         Ok(found)
@@ -410,7 +403,7 @@ impl Restrictor {
             match self
                 .inner
                 .client
-                .action(&success.action.action.id, read_by)
+                .action(success.action.action.id.as_str(), read_by)
                 .await?
             {
                 Some(latest) => {
@@ -475,7 +468,7 @@ impl Restrictor {
     /// reads: callers that ask at once share one read.
     pub async fn machine_actions(
         &self,
-        machine_id: &str,
+        machine_id: &MachineId,
         deadline: Instant,
     ) -> Result<Vec<MachineAction>, ServiceError> {
         Ok(self.inner.reads.read(machine_id, deadline).await?)
@@ -497,7 +490,7 @@ impl Restrictor {
 fn check_pending(found: &ActionRecord) -> Result<(), ServiceError> {
     match found.action.status.known() {
         Some(status) if status.is_terminal() => Err(ServiceError::ActionNotPending {
-            action_id: found.action.id.clone(),
+            action_id: found.action.id.to_string(),
             status: found.action.status.clone(),
         }),
         _ => Ok(()),

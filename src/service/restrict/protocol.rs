@@ -10,16 +10,16 @@
 use std::{collections::HashSet, time::Duration};
 
 use parking_lot::Mutex;
-use serde_json::Value;
-use time::{OffsetDateTime, format_description::well_known::Rfc3339};
+use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use crate::{
     defender::{
         DefenderClient, DefenderError,
         client::{ActionRecord, BeforeSend},
-        ids::ActionId,
+        ids::{ActionId, MachineId},
         models::{ActionType, MachineAction},
+        timestamp::Timestamp,
     },
     service::{
         decision::{self, Decision, Wanted},
@@ -79,7 +79,7 @@ pub(super) struct Order {
 pub(super) struct Acted {
     pub outcome: Outcome,
     pub action: ActionRecord,
-    pub cancelled: Vec<String>,
+    pub cancelled: Vec<ActionId>,
 }
 
 /// Why an order did not succeed.
@@ -129,18 +129,15 @@ pub(super) struct Created(Mutex<Swept<ActionId, Instant>>);
 
 impl Created {
     /// Whether this instance created the action after `arrived`.
-    fn after(&self, action_id: &str, arrived: Instant) -> bool {
-        self.0
-            .lock()
-            .get(&ActionId::from(action_id))
-            .is_some_and(|at| *at > arrived)
+    fn after(&self, action_id: &ActionId, arrived: Instant) -> bool {
+        self.0.lock().get(action_id).is_some_and(|at| *at > arrived)
     }
 
     /// Remember an action this instance created, for a while.
-    fn remember(&self, action_id: &str) {
+    fn remember(&self, action_id: &ActionId) {
         let mut created = self.0.lock();
         created.sweep(|_, at| at.elapsed() < CREATED_MEMORY);
-        created.insert(ActionId::from(action_id), Instant::now());
+        created.insert(action_id.clone(), Instant::now());
     }
 }
 
@@ -149,7 +146,7 @@ pub(super) struct Device<'a, W> {
     pub client: &'a DefenderClient,
     pub reads: &'a StateReads,
     pub created: &'a Created,
-    pub machine_id: &'a str,
+    pub machine_id: &'a MachineId,
     pub writer: &'a W,
 }
 
@@ -179,7 +176,7 @@ impl<W: Writer> Device<'_, W> {
             match decision {
                 Decision::Conflict(action) => {
                     return Err(ServiceError::ConflictingActionPending {
-                        machine_id: machine_id.to_owned(),
+                        machine_id: machine_id.to_string(),
                         action: Box::new(action),
                         created_meanwhile: false,
                     }
@@ -209,7 +206,7 @@ impl<W: Writer> Device<'_, W> {
                             || created_after_utc(a, order.arrived_utc)
                     }) {
                         return Err(ServiceError::ConflictingActionPending {
-                            machine_id: machine_id.to_owned(),
+                            machine_id: machine_id.to_string(),
                             action: Box::new(young.clone()),
                             created_meanwhile: true,
                         }
@@ -226,7 +223,7 @@ impl<W: Writer> Device<'_, W> {
                     for action in pending {
                         // `false`: it finished meanwhile; the re-read decides.
                         if self.cancel_opposite(&action, &why, deadline).await? {
-                            asked.push(ActionId::from(action.id.as_str()));
+                            asked.push(action.id.clone());
                             cancelled.push(action.id);
                         }
                     }
@@ -249,10 +246,7 @@ impl<W: Writer> Device<'_, W> {
         deadline: Instant,
     ) -> Served {
         let machine_id = self.machine_id;
-        let mut known: HashSet<ActionId> = actions
-            .iter()
-            .map(|a| ActionId::from(a.id.as_str()))
-            .collect();
+        let mut known: HashSet<ActionId> = actions.iter().map(|a| a.id.clone()).collect();
         // When the first POST was sent: an action a re-sent POST is answered
         // with that is younger than this may be the first POST's own.
         let sent = OffsetDateTime::now_utc();
@@ -262,7 +256,13 @@ impl<W: Writer> Device<'_, W> {
             posts += 1;
             let error = match self
                 .client
-                .create_action_with(machine_id, action_type, comment, self.writer, deadline)
+                .create_action_with(
+                    machine_id.as_str(),
+                    action_type,
+                    comment,
+                    self.writer,
+                    deadline,
+                )
                 .await
             {
                 Ok(created) if existed_before(&created.action, &known, sent) => {
@@ -270,7 +270,7 @@ impl<W: Writer> Device<'_, W> {
                     // A duplicate answered with the action already under
                     // way: nothing new was created.
                     tracing::info!(action_id = %created.action.id, created = ?created.action.creation_date_time_utc, "Defender answered the POST with an action that already existed");
-                    if !known.contains(&ActionId::from(created.action.id.as_str())) {
+                    if !known.contains(&created.action.id) {
                         actions.push(created.action.clone());
                     }
                     return Ok(Acted::answered(Outcome::AlreadyPending, created));
@@ -308,10 +308,10 @@ impl<W: Writer> Device<'_, W> {
                     return Err(error.into());
                 }
             }
-            if let Some(landed) = actions.iter().find(|a| {
-                a.action_type.known() == Some(action_type)
-                    && !known.contains(&ActionId::from(a.id.as_str()))
-            }) {
+            if let Some(landed) = actions
+                .iter()
+                .find(|a| a.action_type.known() == Some(action_type) && !known.contains(&a.id))
+            {
                 tracing::info!(action_id = %landed.id, "the action was created despite the failed answer");
                 self.created.remember(&landed.id);
                 return Ok(Acted::from_listed(
@@ -323,7 +323,7 @@ impl<W: Writer> Device<'_, W> {
             if posts >= MAX_POSTS || Instant::now() >= deadline {
                 return Err(ServiceError::NotCreated(error).into());
             }
-            known.extend(actions.iter().map(|a| ActionId::from(a.id.as_str())));
+            known.extend(actions.iter().map(|a| a.id.clone()));
         }
     }
 
@@ -346,7 +346,7 @@ impl<W: Writer> Device<'_, W> {
                 Vec::new(),
             )),
             None => Err(ServiceError::InProgressNoneListed {
-                machine_id: self.machine_id.to_owned(),
+                machine_id: self.machine_id.to_string(),
                 action: action_type,
             }
             .into()),
@@ -363,7 +363,7 @@ impl<W: Writer> Device<'_, W> {
     ) -> Result<bool, ServiceError> {
         match send_cancel(
             self.client,
-            &action.id,
+            action.id.as_str(),
             comment,
             Some(self.writer),
             deadline,
@@ -391,8 +391,7 @@ impl<W: Writer> Device<'_, W> {
         loop {
             let actions = self.reads.read(self.machine_id, deadline).await?;
             let unfinished = actions.iter().find(|a| {
-                ids.contains(&ActionId::from(a.id.as_str()))
-                    && a.status.known().is_some_and(|s| !s.is_terminal())
+                ids.contains(&a.id) && a.status.known().is_some_and(|s| !s.is_terminal())
             });
             let Some(unfinished) = unfinished else {
                 return Ok(actions);
@@ -401,7 +400,7 @@ impl<W: Writer> Device<'_, W> {
             pause = (pause * 3 / 2).min(POLL_EVERY);
             if next + ACT_RESERVE > deadline {
                 return Err(ServiceError::CancelNotFinal {
-                    machine_id: self.machine_id.to_owned(),
+                    machine_id: self.machine_id.to_string(),
                     action: Box::new(unfinished.clone()),
                 });
             }
@@ -455,15 +454,11 @@ impl Acted {
         }
     }
 
-    fn from_listed(outcome: Outcome, action: MachineAction, cancelled: Vec<String>) -> Self {
+    /// An action read from the machine's list: known only typed.
+    fn from_listed(outcome: Outcome, action: MachineAction, cancelled: Vec<ActionId>) -> Self {
         Self {
             outcome,
-            action: ActionRecord {
-                // The typed action keeps every field it was given (`extra`),
-                // so this is the record as Defender listed it.
-                raw: serde_json::to_value(&action).unwrap_or(Value::Null),
-                action,
-            },
+            action: action.into(),
             cancelled,
         }
     }
@@ -474,8 +469,7 @@ impl Acted {
 fn created_after_utc(action: &MachineAction, arrived: OffsetDateTime) -> bool {
     action
         .creation_date_time_utc
-        .as_deref()
-        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        .map(Timestamp::at)
         .and_then(|created| created.checked_sub(CLOCK_SKEW))
         .is_some_and(|created| created > arrived)
 }
@@ -483,13 +477,12 @@ fn created_after_utc(action: &MachineAction, arrived: OffsetDateTime) -> bool {
 /// Whether a 201's action is one Defender already had: the state read held
 /// its id, or it was created before the POST was sent (beyond clock skew).
 fn existed_before(action: &MachineAction, known: &HashSet<ActionId>, sent: OffsetDateTime) -> bool {
-    if known.contains(&ActionId::from(action.id.as_str())) {
+    if known.contains(&action.id) {
         return true;
     }
     action
         .creation_date_time_utc
-        .as_deref()
-        .and_then(|t| OffsetDateTime::parse(t, &Rfc3339).ok())
+        .map(Timestamp::at)
         .and_then(|created| created.checked_add(CLOCK_SKEW))
         .is_some_and(|created| created < sent)
 }
@@ -498,6 +491,7 @@ fn existed_before(action: &MachineAction, known: &HashSet<ActionId>, sent: Offse
 mod tests {
     use super::*;
     use serde_json::json;
+    use time::format_description::well_known::Rfc3339;
 
     fn action_created(id: &str, created: &str) -> MachineAction {
         serde_json::from_value(json!({

@@ -87,7 +87,7 @@ const ABANDONED: u8 = 2;
 /// Queue an order for the machine's next round and wait for its answer.
 pub(super) async fn submit(
     shared: &Arc<Shared>,
-    machine_id: &str,
+    machine_id: &MachineId,
     wanted: Wanted,
     comment: &str,
     arrived: Instant,
@@ -110,14 +110,13 @@ pub(super) async fn submit(
         reply,
         departure: gone.shared(),
     };
-    let key = MachineId::from(machine_id);
-    if shared.queues.push(&key, ticket) {
+    if shared.queues.push(machine_id, ticket) {
         // No round runs for this machine: start one. It is a task of its
         // own, so that a caller giving up never stops a round half-way for
         // the others queued with it.
         let shared = Arc::clone(shared);
-        let machine_id = machine_id.to_owned();
-        tokio::spawn(async move { serve_machine(shared, key, machine_id).await });
+        let machine_id = machine_id.clone();
+        tokio::spawn(async move { serve_machine(shared, machine_id).await });
     }
 
     let mut answer = answer;
@@ -135,7 +134,7 @@ pub(super) async fn submit(
         .is_ok()
     {
         return Err(ServiceError::QueuedPastDeadline {
-            machine_id: machine_id.to_owned(),
+            machine_id: machine_id.to_string(),
         }
         .into());
     }
@@ -143,7 +142,7 @@ pub(super) async fn submit(
     match tokio::time::timeout(Duration::from_secs(1), answer).await {
         Ok(result) => result.unwrap_or_else(|_| Err(gone())),
         Err(_) => Err(ServiceError::ActingPastDeadline {
-            machine_id: machine_id.to_owned(),
+            machine_id: machine_id.to_string(),
         }
         .into()),
     }
@@ -156,13 +155,13 @@ pub(super) async fn submit(
 /// in order, each deciding on the state the ones before it left behind.
 /// Duplicates arriving together thus cost one read and at most one POST,
 /// and a restrict and a release are still put in order.
-async fn serve_machine(shared: Arc<Shared>, key: MachineId, machine_id: String) {
+async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
     let mut guard = RoundGuard {
         queues: &shared.queues,
-        key: &key,
+        key: &machine_id,
         armed: true,
     };
-    while let Some(tickets) = shared.queues.take(&key) {
+    while let Some(tickets) = shared.queues.take(&machine_id) {
         // Tickets whose caller gave up are dropped before anything is read.
         let mut tickets: Vec<Ticket> = tickets.into_iter().filter(Ticket::queued).collect();
         let Some(read_by) = tickets.iter().map(|ticket| ticket.order.deadline).max() else {
@@ -177,7 +176,7 @@ async fn serve_machine(shared: Arc<Shared>, key: MachineId, machine_id: String) 
                 let departed = all_departed(&tickets);
                 let mut answer = |handoff: &_| answer_from_handoff(&mut tickets, handoff);
                 let locked = tokio::select! {
-                    locked = coordinator.lock_machine_unless(&machine_id, read_by, &mut answer) => Some(locked),
+                    locked = coordinator.lock_machine_unless(machine_id.as_str(), read_by, &mut answer) => Some(locked),
                     () = departed => None,
                 };
                 match locked {

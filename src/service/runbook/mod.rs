@@ -7,6 +7,7 @@
 
 mod device;
 pub(crate) mod fields;
+pub mod release_after;
 mod text;
 
 use std::time::Duration;
@@ -14,12 +15,8 @@ use std::time::Duration;
 use serde_json::Value;
 use thiserror::Error;
 
-use crate::{
-    defender::models::ActionType,
-    service::{expiry::ReleaseAfter, restrict::Intent},
-};
-
 pub use device::DeviceRef;
+pub use release_after::ReleaseAfter;
 pub use text::{CallerName, Comment};
 
 /// Largest accepted payload. Real payloads are a few hundred bytes.
@@ -104,22 +101,6 @@ impl RunbookError {
 }
 
 impl RunbookRequest {
-    /// What the caller wants done to each device, for the domain service.
-    pub fn intent(&self) -> Intent {
-        Intent {
-            action: if self.release {
-                ActionType::UnrestrictCodeExecution
-            } else {
-                ActionType::RestrictCodeExecution
-            },
-            force: self.force,
-            cancel_pending: self.cancel_pending,
-            comment: self.comment.clone(),
-            caller: self.caller.clone(),
-            release_at: None,
-        }
-    }
-
     /// Parse a raw request body.
     pub fn parse(body: &[u8]) -> Result<Self, RunbookError> {
         if body.len() > MAX_PAYLOAD_BYTES {
