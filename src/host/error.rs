@@ -157,7 +157,9 @@ pub enum ApiError {
     #[error("method {method} is not allowed here; use {allowed}")]
     MethodNotAllowed {
         method: String,
-        allowed: http::Method,
+        /// The methods the route serves, as the `Allow` header lists them
+        /// (`GET, POST`).
+        allowed: String,
     },
     #[error(
         "the handler is shutting down (the instance is being stopped or recycled) and takes no \

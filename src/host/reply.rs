@@ -148,7 +148,7 @@ impl Reply {
                 .push(("Retry-After", seconds.to_string()));
         }
         if let ApiError::MethodNotAllowed { allowed, .. } = error {
-            reply.extra_headers.push(("Allow", allowed.to_string()));
+            reply.extra_headers.push(("Allow", allowed.clone()));
         }
         reply
     }

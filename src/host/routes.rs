@@ -41,7 +41,8 @@ use crate::{
 
 /// The router, without a socket, so tests can drive it in-process.
 pub fn router(state: AppState) -> Router {
-    let mut router = Router::new().route("/", get(ready).fallback(not_allowed(Method::GET)));
+    let mut router =
+        Router::new().route("/", get(ready).fallback(not_allowed(Method::GET.as_str())));
     let mut routes: Vec<&'static str> = Function::ALL.iter().map(|f| f.route()).collect();
     routes.sort_unstable();
     routes.dedup();
@@ -54,7 +55,7 @@ pub fn router(state: AppState) -> Router {
             post(move |state: State<AppState>, request: Request| {
                 payload_mode(state, function, request)
             })
-            .fallback(not_allowed(Method::POST)),
+            .fallback(not_allowed(Method::POST.as_str())),
         );
     }
     // The queue-triggered functions: payload mode only.
@@ -73,13 +74,13 @@ pub fn router(state: AppState) -> Router {
                 .map_err(|e| e.to_string());
                 job_queue::invoke(state, function, parts, read).await
             })
-            .fallback(not_allowed(Method::POST)),
+            .fallback(not_allowed(Method::POST.as_str())),
         );
     }
     // The timer-triggered reconciler: payload mode only.
     router = router.route(
         &format!("/{}", functions::timer::NAME),
-        post(functions::timer::invoke).fallback(not_allowed(Method::POST)),
+        post(functions::timer::invoke).fallback(not_allowed(Method::POST.as_str())),
     );
     router
         .fallback(route_not_found)
@@ -122,7 +123,7 @@ pub fn normalize_path(mut request: Request) -> Request {
 /// jobs' collection takes GET and POST), other methods answered with 405.
 fn forwarded_route(route: &'static str) -> MethodRouter<AppState> {
     let mut router = MethodRouter::new();
-    let mut allowed = Method::POST;
+    let mut allowed: Vec<Method> = Vec::new();
     for function in Function::ALL.into_iter().filter(|f| f.route() == route) {
         let handler = move |state: State<AppState>, params: RawPathParams, request: Request| {
             forwarded(state, function, params, request)
@@ -130,8 +131,16 @@ fn forwarded_route(route: &'static str) -> MethodRouter<AppState> {
         // Function methods are GET or POST, which always convert.
         let filter = MethodFilter::try_from(function.method()).unwrap_or(MethodFilter::POST);
         router = router.on(filter, handler);
-        allowed = function.method();
+        if !allowed.contains(&function.method()) {
+            allowed.push(function.method());
+        }
     }
+    // One route can serve several functions (the jobs list and start).
+    let allowed = allowed
+        .iter()
+        .map(Method::as_str)
+        .collect::<Vec<_>>()
+        .join(", ");
     router.fallback(not_allowed(allowed))
 }
 
@@ -210,7 +219,7 @@ async fn payload_mode(
             } else {
                 Err(ApiError::MethodNotAllowed {
                     method: invocation.method,
-                    allowed: function.method(),
+                    allowed: function.method().to_string(),
                 })
             }
         });
@@ -259,8 +268,9 @@ pub(crate) fn closing(mut response: Response) -> Response {
 
 /// The 405 fallback of a route that accepts only `allowed`.
 fn not_allowed(
-    allowed: Method,
+    allowed: impl Into<String>,
 ) -> impl Fn(HeaderMap, Request) -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    let allowed: String = allowed.into();
     move |headers: HeaderMap, request: Request| {
         let error = ApiError::MethodNotAllowed {
             method: request.method().to_string(),

@@ -274,7 +274,7 @@ impl HostEmulator {
             .expect("the service answered within the client's timeout")
     }
 
-    /// §3.2: `GET /` every 25 ms until any HTTP response, for up to 30 s.
+    /// `GET /` every 25 ms until any HTTP response, for up to 30 s.
     pub async fn wait_until_ready(&self) {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
         loop {
@@ -288,7 +288,7 @@ impl HostEmulator {
         }
     }
 
-    /// §6: forwarded mode. The original request goes to `/api/<route>` with the
+    /// forwarded mode. The original request goes to `/api/<route>` with the
     /// host's headers added; the handler's answer reaches the caller as is.
     /// The host forwards a body only when it had a Content-Length.
     pub async fn forwarded(&self, request: &CallerRequest) -> ClientResponse {
@@ -338,8 +338,8 @@ impl HostEmulator {
         }
     }
 
-    /// §4: payload mode. The host POSTs the envelope (chunked) to
-    /// `/<FunctionName>` and renders the `res` output for the caller (§5).
+    /// payload mode. The host POSTs the envelope (chunked) to
+    /// `/<FunctionName>` and renders the `res` output for the caller.
     pub async fn payload(&self, request: &CallerRequest) -> ClientResponse {
         self.payload_to(&Route::restrict(), request).await
     }
@@ -451,12 +451,12 @@ pub fn envelope_for_route(route: &Route, request: &CallerRequest) -> Value {
     );
 
     let mut metadata = Map::new();
-    // §4.1: Body only when the request had a Content-Length > 0.
+    // Body only when the request had a Content-Length > 0.
     if let Some(body) = request.body.as_ref().filter(|b| !b.is_empty()) {
         headers.insert("Content-Length".into(), json!([body.len().to_string()]));
         meta_headers.insert("Content-Length".into(), json!(body.len().to_string()));
         req.insert("Body".into(), json!(body));
-        // §4.2: top-level non-array properties of an object body, double-encoded.
+        // top-level non-array properties of an object body, double-encoded.
         if let Ok(Value::Object(fields)) = serde_json::from_str::<Value>(body) {
             for (k, v) in fields {
                 let encoded = match v {
@@ -470,7 +470,7 @@ pub fn envelope_for_route(route: &Route, request: &CallerRequest) -> Value {
         }
     }
     req.insert("Headers".into(), Value::Object(headers));
-    // §4.2: route params and query keys (except code) also arrive double-encoded.
+    // route params and query keys (except code) also arrive double-encoded.
     for (k, v) in &params {
         metadata.insert(k.clone(), json!(v.to_string()));
     }
@@ -483,7 +483,7 @@ pub fn envelope_for_route(route: &Route, request: &CallerRequest) -> Value {
     json!({"Data": {"req": Value::Object(req)}, "Metadata": Value::Object(metadata)})
 }
 
-/// §5: how the host treats the handler's answer, strictly. Anything a real
+/// how the host treats the handler's answer, strictly. Anything a real
 /// host would turn into a failed invocation fails the test here.
 pub fn render_host_result(status: u16, content_type: &str, text: &str) -> ClientResponse {
     assert!(

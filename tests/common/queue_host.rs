@@ -908,7 +908,7 @@ pub fn queue_envelope(
 }
 
 /// One payload-mode POST with the host's headers and a chunked body, judged
-/// as the host judges the answer (§5 of the protocol notes).
+/// as the host judges the answer.
 pub async fn invoke(
     http: &reqwest::Client,
     handler: &str,
