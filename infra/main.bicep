@@ -145,6 +145,22 @@ param authClientId string = ''
 @description('App Service Authentication: the token audience accepted (the app registration\'s Application ID URI). Empty: api://<authClientId>.')
 param authTokenAudience string = ''
 
+@description('RECONCILE_SCHEDULE: the reconcile timer function\'s schedule (NCRONTAB with seconds). Every minute: the reconciler releases expired restrictions and delivers callbacks within a minute of their time.')
+param reconcileSchedule string = '0 */1 * * * *'
+
+@description('RESTRICTED_TAG: the Defender machine tag the reconciler keeps on every restricted device (and removes from every other). Empty (the default): off. When set, the identity also needs Machine.ReadWrite.All (scripts/grant-defender-roles.sh adds it).')
+param restrictedTag string = ''
+
+@description('TAG_RECONCILE_MINUTES: the least time between two full reads of the restrict history for RESTRICTED_TAG.')
+@minValue(1)
+@maxValue(1440)
+param tagReconcileMinutes int = 15
+
+@description('RECONCILE_BUDGET_PERCENT: the share of each Defender API\'s hourly budget the reconciler may spend.')
+@minValue(1)
+@maxValue(50)
+param reconcileBudgetPercent int = 20
+
 @description('RUST_LOG: log filter (tracing EnvFilter syntax).')
 param rustLog string = 'info'
 
@@ -170,7 +186,14 @@ var requiredSettings = {
   DEFENDER_RATE_LIMIT_PER_MINUTE: string(defenderRateLimitPerMinute)
   DEFENDER_RATE_LIMIT_PER_HOUR: string(defenderRateLimitPerHour)
   STALE_PENDING_HOURS: string(stalePendingHours)
+  // An unset %RECONCILE_SCHEDULE% breaks the reconcile function's binding: always set.
+  RECONCILE_SCHEDULE: reconcileSchedule
+  TAG_RECONCILE_MINUTES: string(tagReconcileMinutes)
+  RECONCILE_BUDGET_PERCENT: string(reconcileBudgetPercent)
   RUST_LOG: rustLog
+}
+var restrictedTagSetting = empty(restrictedTag) ? {} : {
+  RESTRICTED_TAG: restrictedTag
 }
 var apiUrlSetting = empty(defenderApiUrl) ? {} : {
   DEFENDER_API_URL: defenderApiUrl
@@ -184,7 +207,7 @@ var authorityHostSetting = empty(azureAuthorityHost) ? {} : {
 var allowedCallerRolesSetting = empty(allowedCallerRoles) ? {} : {
   ALLOWED_CALLER_ROLES: allowedCallerRoles
 }
-var handlerSettings = union(requiredSettings, apiUrlSetting, tokenScopeSetting, authorityHostSetting, allowedCallerRolesSetting)
+var handlerSettings = union(requiredSettings, apiUrlSetting, tokenScopeSetting, authorityHostSetting, allowedCallerRolesSetting, restrictedTagSetting)
 
 resource rg 'Microsoft.Resources/resourceGroups@2021-04-01' = {
   name: !empty(resourceGroupName) ? resourceGroupName : '${abbrs.resourcesResourceGroups}${environmentName}'

@@ -77,6 +77,9 @@ ANONYMOUS_FUNCTIONS = {
 }
 # Queue-triggered functions (containment jobs): the queue each reads, from the app's storage.
 QUEUE_FUNCTIONS = {"job-worker": "restrict-jobs", "job-poison": "restrict-jobs-poison"}
+# Timer-triggered functions and the app setting their schedule comes from (an unset %...%
+# setting breaks the binding, so infra and local.settings.json.example set it).
+TIMER_FUNCTIONS = {"reconcile": "RECONCILE_SCHEDULE"}
 # Error codes that mean "the handler does not serve this" (README Troubleshooting).
 NOT_SERVED = {"route_not_found", "method_not_allowed"}
 # Seeded simulator devices (README "The simulator").
@@ -229,6 +232,16 @@ def check_functions(c: Checks, zf: zipfile.ZipFile, entries: dict) -> tuple[dict
             outs = [b for b in bindings if isinstance(b, dict) and b.get("direction") == "out"]
             trig = triggers[0] if len(triggers) == 1 else {}
             out = outs[0] if len(outs) == 1 else {}
+            if fn in TIMER_FUNCTIONS:
+                c.check(
+                    len(triggers) == 1 and not outs and trig.get("type") == "timerTrigger"
+                    and trig.get("name") == "timer"
+                    and trig.get("schedule") == f"%{TIMER_FUNCTIONS[fn]}%",
+                    f"{fn}: one timerTrigger named timer on %{TIMER_FUNCTIONS[fn]}%",
+                    failure=json.dumps(bindings),
+                )
+                queued.append(fn)
+                continue
             if fn in QUEUE_FUNCTIONS:
                 c.check(
                     len(triggers) == 1 and not outs and trig.get("type") == "queueTrigger"

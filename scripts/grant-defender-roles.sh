@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Grant the function app's managed identity the WindowsDefenderATP application permissions
-# Machine.Read.All and Machine.RestrictExecution. Idempotent: it reads the identity's existing
+# Machine.Read.All and Machine.RestrictExecution (and Machine.ReadWrite.All when the environment
+# sets RESTRICTED_TAG, for the reconciler's Defender tag). Idempotent: it reads the identity's existing
 # app role assignments first and adds only the missing ones, so it is safe to run again.
 #
 # Usage:
@@ -27,7 +28,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 readonly defender_app_id=fc780465-2017-40d4-a0c5-307022471b92 # WindowsDefenderATP
-readonly roles=(Machine.Read.All Machine.RestrictExecution)
+roles=(Machine.Read.All Machine.RestrictExecution)
+# The reconciler's Defender tag (RESTRICTED_TAG, off by default) adds and removes a machine tag,
+# which needs Machine.ReadWrite.All; only then is it granted.
+if [[ -n ${RESTRICTED_TAG:-} ]]; then
+    roles+=(Machine.ReadWrite.All)
+fi
+readonly roles
+role_values=$(printf '"%s",' "${roles[@]}")
+readonly role_values="[${role_values%,}]"
 
 principal_id=${AZURE_FUNCTION_IDENTITY_PRINCIPAL_ID:-}
 resource_group=${AZURE_RESOURCE_GROUP:-}
@@ -81,7 +90,8 @@ case $method in
 $cloud (GCC High and DoD tenants are in AzureUSGovernment): use the default --method rest" ;;
         esac
         args=(--resource-group "$resource_group" --name mde-roles
-            --template-file infra/app/mde-roles.bicep --parameters "principalId=$principal_id")
+            --template-file infra/app/mde-roles.bicep --parameters "principalId=$principal_id"
+            "appRoleValues=$role_values")
         if $dry_run; then
             echo "would run: az deployment group create ${args[*]}"
             exit 0
@@ -156,5 +166,5 @@ elif [[ $added -gt 0 ]]; then
     echo "Assigned $added role(s). New roles can take a while (up to hours) to appear in the"
     echo "identity's tokens; until then Defender answers 403 (defender_forbidden)."
 else
-    echo "Nothing to do: both roles were already assigned."
+    echo "Nothing to do: every role was already assigned."
 fi

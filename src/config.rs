@@ -89,6 +89,18 @@ impl DefenderCloud {
         }
     }
 
+    /// The cloud's Defender portal, where a device's page is
+    /// `/machines/v2/<machine id>` (learn.microsoft.com, "Microsoft Defender
+    /// for Endpoint for US Government customers": GCC uses the commercial
+    /// portal; GCC High `security.microsoft.us`; DoD `security.apps.mil`).
+    pub fn portal(self) -> &'static str {
+        match self {
+            Self::Public | Self::Gcc => "https://security.microsoft.com",
+            Self::GccHigh => "https://security.microsoft.us",
+            Self::Dod => "https://security.apps.mil",
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Public => "public",
@@ -133,9 +145,38 @@ pub struct Settings {
     pub page_size: usize,
     /// An `already_pending` action older than this may be stuck; the answer says so.
     pub stale_pending: Duration,
+    /// `RESTRICTED_TAG`: the Defender tag kept on restricted machines (off when unset).
+    pub restricted_tag: Option<String>,
+    /// `TAG_RECONCILE_MINUTES`: the least time between two full reads for the tag.
+    pub tag_reconcile: Duration,
+    /// `RECONCILE_BUDGET_PERCENT`: the reconciler's share of each API's hourly budget.
+    pub reconcile_budget_percent: u32,
+    /// `RECONCILE_INTERVAL_SECONDS`: how often the handler runs the reconciler
+    /// itself where no host runs its timer (local mode).
+    pub reconcile_interval: Duration,
     /// `COORDINATION` and, with `storage`, the host's storage account
     /// (parsed in [`crate::coordination::settings`]).
     pub coordination: CoordinationSettings,
+    /// `CALLBACK_ALLOWED_HOSTS`, `CALLBACK_ALLOW_LOOPBACK`, `CALLBACK_SIGNING_KEY`.
+    pub callbacks: crate::service::callbacks::CallbackPolicy,
+}
+
+/// Where callbacks may go and how they are signed.
+fn callback_policy(
+    get: &impl Fn(&str) -> Option<String>,
+) -> Result<crate::service::callbacks::CallbackPolicy, ConfigError> {
+    use crate::service::callbacks::{CallbackPolicy, policy::DEFAULT_ALLOWED_HOSTS};
+    let hosts = get("CALLBACK_ALLOWED_HOSTS").unwrap_or_else(|| DEFAULT_ALLOWED_HOSTS.to_owned());
+    CallbackPolicy::new(
+        &hosts,
+        boolean(get, "CALLBACK_ALLOW_LOOPBACK", false)?,
+        get("CALLBACK_SIGNING_KEY").map(String::into_bytes),
+    )
+    .map_err(|reason| ConfigError {
+        name: "CALLBACK_ALLOWED_HOSTS",
+        value: hosts.clone(),
+        reason,
+    })
 }
 
 impl Settings {
@@ -249,7 +290,42 @@ impl Settings {
                     "a whole number of hours between 1 and 8760",
                 )?,
             ),
+            restricted_tag: match get("RESTRICTED_TAG") {
+                None => None,
+                Some(tag) if tag.trim().chars().count() <= 200 => Some(tag.trim().to_owned()),
+                Some(tag) => {
+                    return Err(ConfigError {
+                        name: "RESTRICTED_TAG",
+                        value: tag,
+                        reason: "expected a Defender tag value of at most 200 characters".into(),
+                    });
+                }
+            },
+            tag_reconcile: Duration::from_secs(
+                60 * ranged(
+                    &get,
+                    "TAG_RECONCILE_MINUTES",
+                    15,
+                    1..=1440,
+                    "a whole number of minutes between 1 and 1440",
+                )?,
+            ),
+            reconcile_budget_percent: ranged(
+                &get,
+                "RECONCILE_BUDGET_PERCENT",
+                20,
+                1..=50,
+                "a whole number between 1 and 50 (percent)",
+            )?,
+            reconcile_interval: Duration::from_secs(ranged(
+                &get,
+                "RECONCILE_INTERVAL_SECONDS",
+                60,
+                1..=3600,
+                "a whole number of seconds between 1 and 3600",
+            )?),
             coordination: CoordinationSettings::from_lookup(&lookup)?,
+            callbacks: callback_policy(&get)?,
         })
     }
 }

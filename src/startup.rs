@@ -11,7 +11,7 @@ use crate::{
     coordination::{
         CoordinationError, CoordinationSettings, Coordinator, CoordinatorOptions,
         queue::{Delivery, DeliveryRules, LocalQueue, MessageQueue, MissingQueue},
-        records::MemoryRecords,
+        records::{MemoryRecords, Records},
     },
     defender::{
         DefenderClient, DefenderClientOptions,
@@ -21,7 +21,9 @@ use crate::{
     },
     host::{app_state::AppState, error::ApiError, routes, server},
     service::{
+        callbacks::Outbox,
         jobs::{DeviceProblem, Explain, Jobs, QUEUE_NAME},
+        reconcile::{ReconcileSettings, Reconciler},
         restrict::Restrictor,
         service_error::ServiceError,
     },
@@ -155,16 +157,40 @@ pub async fn prepare(
     let jobs = jobs(
         &settings,
         restrictor.clone(),
-        client,
+        client.clone(),
         coordinator.as_deref(),
     )?;
+    // Pending callbacks live beside the job records: blobs in the storage
+    // account with `COORDINATION=storage`, this process's memory otherwise.
+    let callback_records: Arc<dyn Records> = match coordinator.as_deref() {
+        Some(coordinator) => Arc::new(coordinator.records()),
+        None => Arc::new(MemoryRecords::new()),
+    };
+    let callbacks = Outbox::new(
+        callback_records,
+        settings.callbacks.clone(),
+        restrictor.clone(),
+        Some(jobs.clone()),
+    );
+    // The reconciler delivers the due callbacks on each of its runs.
+    let reconciler = reconciler(
+        &settings,
+        restrictor.clone(),
+        client,
+        coordinator.as_deref(),
+        callbacks.clone(),
+    );
+    jobs.keep_restrictions(reconciler.restrictions().clone());
     let state = AppState::new(
         restrictor,
         settings.request_timeout,
         settings.allowed_caller_roles.clone(),
     )
     .with_stale_pending(settings.stale_pending)
-    .with_jobs(jobs);
+    .with_jobs(jobs)
+    .with_reconciler(reconciler)
+    .with_portal(settings.cloud.portal())
+    .with_callbacks(callbacks);
     Ok((state, sim))
 }
 
@@ -237,6 +263,65 @@ fn jobs(
                 }),
             );
             Ok(jobs)
+        }
+    }
+}
+
+/// How long one reconcile run may take: well inside `functionTimeout`.
+const RECONCILE_RUN_TIME: Duration = Duration::from_secs(120);
+
+/// The reconciler: its records in the storage account with
+/// `COORDINATION=storage`, where the host's timer runs it; otherwise in this
+/// process's memory, run here every `RECONCILE_INTERVAL_SECONDS` (no host
+/// runs a timer for `--simulate` or `COORDINATION=local`).
+fn reconciler(
+    settings: &Settings,
+    restrictor: Restrictor,
+    client: DefenderClient,
+    coordinator: Option<&Coordinator>,
+    callbacks: Outbox,
+) -> Reconciler {
+    let options = ReconcileSettings {
+        restricted_tag: settings.restricted_tag.clone(),
+        tag_every: time::Duration::try_from(settings.tag_reconcile)
+            .unwrap_or(time::Duration::minutes(15)),
+        budget_percent: settings.reconcile_budget_percent,
+        per_hour: settings.rate_limit_per_hour,
+        run_time: RECONCILE_RUN_TIME.min(settings.request_timeout),
+    };
+    match coordinator {
+        Some(coordinator) => Reconciler::new(
+            restrictor,
+            client,
+            Arc::new(coordinator.records()),
+            false,
+            options,
+        )
+        .with_callbacks(callbacks),
+        None => {
+            let reconciler = Reconciler::new(
+                restrictor,
+                client,
+                Arc::new(MemoryRecords::new()),
+                true,
+                options,
+            )
+            .with_callbacks(callbacks);
+            let every = settings.reconcile_interval;
+            let local = reconciler.clone();
+            tokio::spawn(async move {
+                let mut ticks = tokio::time::interval(every);
+                ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                // The first tick is at once: wait a whole interval first, as a timer would.
+                ticks.tick().await;
+                loop {
+                    ticks.tick().await;
+                    let started = tokio::time::Instant::now();
+                    let report = local.run(time::OffsetDateTime::now_utc()).await;
+                    crate::service::reconcile::log(&report, started.elapsed(), true);
+                }
+            });
+            reconciler
         }
     }
 }

@@ -282,7 +282,9 @@ impl BeforeSend for FirstSent<'_> {
 struct Call<'a> {
     endpoint: Endpoint,
     url: Url,
-    body: Option<&'a CommentBody>,
+    /// A JSON body (restrict, unrestrict and cancel send a comment; the
+    /// tags API its tag and action).
+    body: Option<&'a Value>,
     hook: Option<&'a dyn BeforeSend>,
 }
 
@@ -626,6 +628,39 @@ impl DefenderClient {
             .await
     }
 
+    /// Add or remove the tag `value` on `machine_ids`: one machine through
+    /// `POST /api/machines/{id}/tags`, more (up to 500) through
+    /// `POST /api/machines/AddOrRemoveTagForMultipleMachines`. Safe to send
+    /// again (adding a tag a machine has changes nothing), so a GET's
+    /// retries apply to neither, and the caller sends again at its next run.
+    pub async fn tag_machines(
+        &self,
+        value: &str,
+        add: bool,
+        machine_ids: &[String],
+        deadline: Instant,
+    ) -> Result<(), DefenderError> {
+        let action = if add { "Add" } else { "Remove" };
+        let (endpoint, id, body) = match machine_ids {
+            [one] => (
+                Endpoint::TagMachine,
+                one.as_str(),
+                serde_json::json!({"Value": value, "Action": action}),
+            ),
+            many => (
+                Endpoint::TagMachines,
+                "",
+                serde_json::json!({"Value": value, "Action": action, "MachineIds": many}),
+            ),
+        };
+        let call = Call {
+            body: Some(&body),
+            ..Call::new(endpoint, self.url(endpoint, id)?)
+        };
+        let _: Value = self.send(call, deadline).await?;
+        Ok(())
+    }
+
     /// `POST` a comment to `endpoint` for the machine or action `id`, and
     /// read back the machine action it answers with.
     async fn post(
@@ -636,9 +671,10 @@ impl DefenderClient {
         hook: Option<&dyn BeforeSend>,
         deadline: Instant,
     ) -> Result<ActionRecord, DefenderError> {
-        let body = CommentBody {
+        let body = serde_json::to_value(CommentBody {
             comment: comment.to_owned(),
-        };
+        })
+        .unwrap_or_default();
         let call = Call {
             body: Some(&body),
             hook,

@@ -4,7 +4,10 @@
 
 use std::{sync::Arc, time::Duration};
 
-use crate::service::{jobs::Jobs, restrict::Restrictor};
+use crate::{
+    coordination::records::MemoryRecords,
+    service::{callbacks::Outbox, jobs::Jobs, reconcile::Reconciler, restrict::Restrictor},
+};
 
 /// `STALE_PENDING_HOURS`' default: a day.
 const DEFAULT_STALE_PENDING: Duration = Duration::from_secs(24 * 3600);
@@ -26,6 +29,12 @@ struct Inner {
     stale_pending: Duration,
     /// Containment jobs.
     jobs: Option<Jobs>,
+    /// The reconciler (expiries, the Defender tag) and its records.
+    reconciler: Option<Reconciler>,
+    /// The Defender portal of the configured cloud (device links).
+    portal: &'static str,
+    /// Pending completion callbacks.
+    callbacks: Outbox,
 }
 
 impl AppState {
@@ -34,13 +43,24 @@ impl AppState {
         request_timeout: Duration,
         allowed_roles: Vec<String>,
     ) -> Self {
+        // In this process's memory, with the default settings, until the
+        // composition root sets the real ones.
+        let callbacks = Outbox::new(
+            Arc::new(MemoryRecords::new()),
+            Default::default(),
+            restrictor.clone(),
+            None,
+        );
         Self {
             inner: Arc::new(Inner {
+                callbacks,
                 restrictor,
                 request_timeout,
                 allowed_roles,
                 stale_pending: DEFAULT_STALE_PENDING,
                 jobs: None,
+                reconciler: None,
+                portal: "https://security.microsoft.com",
             }),
         }
     }
@@ -59,6 +79,45 @@ impl AppState {
             inner.jobs = Some(jobs);
         }
         self
+    }
+
+    /// Sets the reconciler; called at startup, before the state is shared.
+    pub fn with_reconciler(mut self, reconciler: Reconciler) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.reconciler = Some(reconciler);
+        }
+        self
+    }
+
+    /// Sets the callback outbox; called at startup, before the state is shared.
+    pub fn with_callbacks(mut self, callbacks: Outbox) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.callbacks = callbacks;
+        }
+        self
+    }
+
+    /// Sets the Defender portal the device links point at; called at startup.
+    pub fn with_portal(mut self, portal: &'static str) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.portal = portal;
+        }
+        self
+    }
+
+    /// The Defender portal of the configured cloud.
+    pub fn portal(&self) -> &'static str {
+        self.inner.portal
+    }
+
+    /// The reconciler (always set by the composition root).
+    pub fn reconciler(&self) -> Option<&Reconciler> {
+        self.inner.reconciler.as_ref()
+    }
+
+    /// The pending completion callbacks.
+    pub fn callbacks(&self) -> &Outbox {
+        &self.inner.callbacks
     }
 
     /// Containment jobs (always set by the composition root).

@@ -190,6 +190,8 @@ fn service_code(e: &ServiceError) -> ProblemCode {
     use ProblemCode as P;
     match e {
         ServiceError::DeviceNotFound(_) => P::DeviceNotFound,
+        // Refused before any POST, as Defender would refuse it.
+        ServiceError::UnsupportedPlatform { .. } => P::UnsupportedDevice,
         ServiceError::ConflictingActionPending { .. } | ServiceError::CancelNotFinal { .. } => {
             P::ConflictingActionPending
         }
@@ -216,6 +218,14 @@ fn service_code(e: &ServiceError) -> ProblemCode {
 fn service_detail(e: &ServiceError) -> String {
     match e {
         ServiceError::DeviceNotFound(why) => why.clone(),
+        ServiceError::UnsupportedPlatform {
+            machine_id,
+            os_platform,
+        } => format!(
+            "Defender does not support this action on the device: machine {machine_id} runs \
+             {os_platform}; restrict app execution needs Windows 10 1709 or later, Windows 11 or \
+             Windows Server 2019 or later. Nothing was sent to Defender."
+        ),
         ServiceError::ConflictingActionPending {
             machine_id,
             action,

@@ -77,6 +77,11 @@ pub fn router(state: AppState) -> Router {
             .fallback(not_allowed(Method::POST.as_str())),
         );
     }
+    // The timer-triggered reconciler: payload mode only.
+    router = router.route(
+        &format!("/{}", functions::timer::NAME),
+        post(functions::timer::invoke).fallback(not_allowed(Method::POST.as_str())),
+    );
     router
         .fallback(route_not_found)
         // The span records the path only: the query can hold the function key.

@@ -17,12 +17,16 @@
 //! problem answers is the host's ([`crate::host::error`]).
 
 pub mod batch;
+pub mod callbacks;
 pub mod decision;
+pub mod expiry;
 pub mod fleet;
 pub mod jobs;
 pub mod machine_directory;
 pub mod machine_queue;
+pub mod platform;
 pub(crate) mod read_policy;
+pub mod reconcile;
 pub mod restrict;
 pub mod runbook;
 pub mod selection;

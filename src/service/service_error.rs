@@ -39,6 +39,13 @@ pub enum ServiceError {
     DeviceNotFound(String),
     #[error(transparent)]
     Defender(DefenderError),
+    /// The machine's `osPlatform` is known not to support the action:
+    /// nothing was sent ([`super::platform`]).
+    #[error("machine {machine_id} runs {os_platform}, which cannot restrict app execution")]
+    UnsupportedPlatform {
+        machine_id: String,
+        os_platform: String,
+    },
     /// The instances' coordination through storage failed: nothing was sent.
     #[error(transparent)]
     Coordination(#[from] CoordinationError),

@@ -8,7 +8,9 @@
 //!    the one to act on), and a newer-looking record that was merged into the
 //!    live one (`mergedIntoMachineId` set; must be skipped).
 //! 3. `WIN11-CHARLIE`: a second plain Windows 11 device.
-//! 4. `SRV-LINUX-01`: Linux, so restrict answers `400 OsPlatformNotSupported`.
+//! 4. `SRV-LINUX-01`: Linux: the service refuses it by its `osPlatform` before
+//!    any POST; a restrict that reached the simulator would answer `400
+//!    OsPlatformNotSupported`, as Defender does.
 //! 5. `KIOSK-DELTA`: `isAadJoined: true` but `aadDeviceId: null` (seen in real
 //!    responses), so it is only reachable by machine id.
 //!

@@ -274,10 +274,17 @@ async fn a_browser_gets_a_page_with_every_defender_string_escaped() {
         body.contains(r#"href="?state=all&amp;code=the-function-key""#),
         "{body}"
     );
+    // No external assets; the only absolute URLs are the links to each
+    // device's page in the Defender portal.
     assert!(
-        !body.contains("http://") && !body.contains("https://"),
+        !body.contains("src=") && !body.contains("<link") && !body.contains("http://"),
         "no external assets"
     );
+    let links = body
+        .matches(r#"href="https://security.microsoft.com/machines/v2/"#)
+        .count();
+    assert_eq!(links, 2, "one portal link per device: {body}");
+    assert_eq!(body.matches("https://").count(), links, "{body}");
 }
 
 #[tokio::test]

@@ -7,18 +7,21 @@
 // Test helpers, not only #[test] functions, may unwrap: a panic is a failed test.
 #![allow(clippy::unwrap_used)]
 
+mod callback_receiver;
 #[path = "../common/handler_process.rs"]
 mod handler_process;
 mod helpers;
 mod host_emulator;
 
 mod answers;
+mod callbacks;
 mod callers;
 mod cli;
 mod connections;
 mod corners;
 mod defender_answers;
 mod devices;
+mod expiry;
 mod host_protocol;
 mod jobs;
 mod layers;

@@ -226,6 +226,27 @@ fn cases() -> Vec<(
             "payload_too_large",
             None,
         ),
+        (
+            "releaseAfter below a minute",
+            format!(r#"{{"deviceId":"{AAD}","releaseAfter":"PT30S"}}"#),
+            400,
+            "invalid_request",
+            Some("releaseAfter"),
+        ),
+        (
+            "releaseAfter in months",
+            format!(r#"{{"deviceId":"{AAD}","releaseAfter":"P1M"}}"#),
+            400,
+            "invalid_request",
+            Some("releaseAfter"),
+        ),
+        (
+            "releaseAfter on a release",
+            format!(r#"{{"deviceId":"{AAD}","release":true,"releaseAfter":"PT4H"}}"#),
+            400,
+            "invalid_request",
+            Some("releaseAfter"),
+        ),
     ]
 }
 

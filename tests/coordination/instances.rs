@@ -19,8 +19,8 @@ use serde_json::{Value, json};
 
 use crate::{azurite::Azurite, handler_process::start_handler_with};
 
-const IDENTITY_HEADER: &str = "instances-identity-header";
-const TOKEN: &str = "instances-access-token";
+pub const IDENTITY_HEADER: &str = "instances-identity-header";
+pub const TOKEN: &str = "instances-access-token";
 
 /// One instance: the handler as the Functions host starts it.
 pub struct Instance {
@@ -85,6 +85,11 @@ impl Instance {
             .map(str::to_owned);
         let body = response.json().await.unwrap_or(Value::Null);
         (status, body, retry_after)
+    }
+
+    /// The handler's log lines so far.
+    pub fn logs(&self) -> Vec<String> {
+        self.logs.lock().unwrap().clone()
     }
 
     /// SIGKILL: no clean-up, the lease is left to expire.

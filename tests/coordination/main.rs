@@ -7,6 +7,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod azurite;
+mod callbacks;
 #[path = "../common/handler_process.rs"]
 mod handler_process;
 mod host_triggers;
@@ -16,6 +17,7 @@ mod lease_edges;
 mod managed_identity;
 #[path = "../common/queue_host.rs"]
 mod queue_host;
+mod reconcile;
 
 use std::{
     sync::Arc,

@@ -17,7 +17,7 @@ use crate::{
         invocation::Invocation,
         reply::{self, Format, Reply},
     },
-    service::fleet::{Answer, Fleet, StateFilter, page, rfc3339, text},
+    service::fleet::{Answer, DeviceState, Fleet, StateFilter, page, rfc3339, text},
 };
 
 /// What the caller reads the answer with.
@@ -68,7 +68,25 @@ async fn list(
     let deadline = Instant::now() + state.request_timeout();
     let listing = state.restrictor().history(deadline).await?;
     let read_actions = listing.actions.len();
-    let (devices, counts) = Fleet::from_actions(listing.actions).select(filter);
+    let (mut devices, counts) = Fleet::from_actions(listing.actions).select(filter);
+    // The expiries this service keeps (one listing of its records; a
+    // storage failure leaves them out rather than failing the view).
+    if let Some(reconciler) = state.reconciler() {
+        match reconciler.restrictions().release_times().await {
+            Ok(times) => {
+                for device in &mut devices {
+                    if device.state == DeviceState::Restricted {
+                        device.release_at = times
+                            .get(&device.machine_id.to_string().to_ascii_lowercase())
+                            .map(|at| rfc3339(*at));
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the expiries could not be read for the fleet view")
+            }
+        }
+    }
     let as_of = rfc3339(listing.sent_at);
     let summary = format!(
         "{} device(s) {}, as of {as_of}, from {read_actions} action(s) in {} Defender call(s)",
@@ -91,7 +109,7 @@ async fn list(
                 status: StatusCode::OK,
                 content_type: "text/html; charset=utf-8",
                 extra_headers: Vec::new(),
-                body: page::render(&devices, filter, counts, &as_of, code),
+                body: page::render(&devices, filter, counts, &as_of, code, state.portal()),
                 summary,
             }
             .with_header(

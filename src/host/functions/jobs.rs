@@ -134,9 +134,22 @@ pub async fn start(
     record.release = Some(request.release);
     record.caller_name = request.caller.as_ref().map(|c| c.as_str().to_owned());
     let key = idempotency_key(invocation)?;
+    // Before anything reaches Defender: a callback that may not go where it
+    // points is a 400.
+    let callback = super::callback::check(state, request.callback_url.as_deref())?;
     let jobs = jobs(state)?;
     let started = jobs.start(&request, key.as_deref(), deadline).await?;
     let job = &started.job;
+    // A replayed start answers the first request's job, whose callback (if
+    // it asked for one) is already recorded.
+    if let (Some(url), false) = (&callback, started.replayed) {
+        let subject = crate::service::callbacks::Subject::Job {
+            job_id: job.job_id.clone(),
+        };
+        if let Some(warning) = super::callback::record(state, invocation, url, subject).await {
+            tracing::warn!(%warning, "no callback for this job");
+        }
+    }
     record.devices = Some(job.devices);
     record.outcome = Some(if started.replayed {
         "replayed"

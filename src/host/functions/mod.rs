@@ -7,13 +7,16 @@
 //! from it, and a test checks them against each `function.json`.
 
 pub mod answer;
+pub mod callback;
 pub mod cancel;
 pub mod devices;
+pub mod dry_run;
 pub mod job_queue;
 pub mod jobs;
 pub mod openapi;
 pub mod restrict;
 pub mod status;
+pub mod timer;
 
 use http::Method;
 use tokio::time::Instant;

@@ -12,7 +12,7 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
 use super::{
-    Record,
+    Record, callback, dry_run,
     status::{POLL_AFTER_SECONDS, status_url},
 };
 use crate::{
@@ -28,6 +28,8 @@ use crate::{
         reply::Reply,
     },
     service::{
+        callbacks::{CallbackUrl, Subject, Watched},
+        expiry::{ExpiryNote, rfc3339},
         restrict::{Intent, Outcome, Success},
         runbook::{CallerName, DeviceRef, RunbookRequest, Target},
     },
@@ -54,12 +56,37 @@ pub async fn run(
     }
     record.release = Some(request.release);
     record.caller_name = request.caller.as_ref().map(|c| c.as_str().to_owned());
+    // Before anything reaches Defender: a callback that may not go where it
+    // points is a 400.
+    let callback = callback::check(state, request.callback_url.as_deref())?;
+    if request.dry_run {
+        return dry_run::answer(state, invocation, &request, deadline, record).await;
+    }
 
     match request.target.clone() {
-        Target::One(device) => single(state, invocation, &request, &device, deadline, record).await,
-        Target::Many(devices) => {
-            Ok(bulk(state, invocation, &request, &devices, deadline, record).await)
+        Target::One(device) => {
+            let mut reply = single(state, invocation, &request, &device, deadline, record).await;
+            if let (Some(url), Ok((_, success))) = (&callback, &mut reply) {
+                let subject = Subject::Action {
+                    release: request.release,
+                    device: callback::watched(&device, Ok(success)),
+                };
+                if let Some(warning) = callback::record(state, invocation, url, subject).await {
+                    tracing::warn!(%warning, "no callback for this request");
+                }
+            }
+            reply.map(|(reply, _)| reply)
         }
+        Target::Many(devices) => Ok(bulk(
+            state,
+            invocation,
+            &request,
+            &devices,
+            deadline,
+            record,
+            callback.as_ref(),
+        )
+        .await),
     }
 }
 
@@ -70,11 +97,11 @@ async fn single(
     device: &DeviceRef,
     deadline: Instant,
     record: &mut Record,
-) -> Result<Reply, ApiError> {
+) -> Result<(Reply, Success), ApiError> {
     let format = invocation.format();
     record.device_id = Some(device.to_string());
     record.headline = Some(headline(request, device));
-    let mut success = act(state, request, device, deadline).await?;
+    let (mut success, expiry) = act(state, request, device, deadline).await?;
     wait_for(state, request, &mut success, deadline).await;
     record.machine_id = Some(success.machine.id.to_string());
     record.outcome = Some(success.outcome.as_str());
@@ -93,7 +120,7 @@ async fn single(
     } else {
         status
     };
-    let mut body = SuccessBody::new(state, request, device, &success, &invocation.id);
+    let mut body = SuccessBody::new(state, request, device, &success, &expiry, &invocation.id);
     // The body's status is the answer's, 202 included.
     body.status = status.as_u16();
     let mut reply = Reply::new(
@@ -109,11 +136,12 @@ async fn single(
             .with_header("Retry-After", POLL_AFTER_SECONDS.to_string())
             .with_header("Preference-Applied", "respond-async".to_owned());
     }
-    Ok(reply)
+    Ok((reply, success))
 }
 
-/// What the caller wants done to each device, for the domain service.
-fn intent(request: &RunbookRequest) -> Intent {
+/// What the caller wants done to each device, for the domain service (a dry
+/// run plans the same intent).
+pub(super) fn intent(request: &RunbookRequest) -> Intent {
     Intent {
         action: if request.release {
             ActionType::UnrestrictCodeExecution
@@ -124,16 +152,21 @@ fn intent(request: &RunbookRequest) -> Intent {
         cancel_pending: request.cancel_pending,
         comment: request.comment.clone(),
         caller: request.caller.clone(),
+        release_at: request.release_at,
     }
 }
 
-/// Act on one device, then wait for the action when asked to.
+/// A device's action, and what became of its expiry.
+type Acted = (Success, ExpiryNote);
+
+/// Act on one device, and keep the record of what it did (the expiry of a
+/// restriction this service creates).
 async fn act(
     state: &AppState,
     request: &RunbookRequest,
     device: &DeviceRef,
     deadline: Instant,
-) -> Result<Success, ApiError> {
+) -> Result<Acted, ApiError> {
     let restrictor = state.restrictor();
     // The deadline bounds every wait inside; this outer bound is a backstop.
     let backstop = deadline + Duration::from_secs(1);
@@ -148,7 +181,24 @@ async fn act(
                 state.request_timeout().as_secs()
             ))
         })??;
-    Ok(success)
+    let expiry = match state.reconciler() {
+        None => ExpiryNote::Untouched,
+        Some(reconciler) => match reconciler
+            .restrictions()
+            .after(&success, request.release_after, request.release_at)
+            .await
+        {
+            Ok(note) => note,
+            Err(e) => {
+                tracing::warn!(error = %e, machine_id = %success.machine.id, "the restriction record could not be written");
+                match request.release_after {
+                    Some(_) => ExpiryNote::Failed(e.to_string()),
+                    None => ExpiryNote::Untouched,
+                }
+            }
+        },
+    };
+    Ok((success, expiry))
 }
 
 /// Why `wait` stopped before the action finished and before the time asked for.
@@ -229,12 +279,13 @@ async fn bulk(
     devices: &[DeviceRef],
     deadline: Instant,
     record: &mut Record,
+    callback_url: Option<&CallbackUrl>,
 ) -> Reply {
     let format = invocation.format();
     // Act on every device first (eight at a time), then wait for all of
     // them together: waiting inside each slot would hold back the devices
     // still queued behind it.
-    let mut acted: Vec<(usize, DeviceRef, Instant, Result<Success, ApiError>)> =
+    let mut acted: Vec<(usize, DeviceRef, Instant, Result<Acted, ApiError>)> =
         stream::iter(devices.iter().cloned().enumerate())
             .map(|(index, device)| async move {
                 let device_started = Instant::now();
@@ -249,23 +300,43 @@ async fn bulk(
             result
                 .as_mut()
                 .ok()
-                .map(|success| wait_for(state, request, success, deadline))
+                .map(|(success, _)| wait_for(state, request, success, deadline))
         }))
         .await
         .into_iter()
         .flatten()
         .collect();
     let warning = cut_short_warning(&cuts, devices.len(), state.request_timeout());
+    if let Some(url) = callback_url {
+        let mut watched: Vec<(usize, Watched)> = acted
+            .iter()
+            .map(|(index, device, _, result)| {
+                (
+                    *index,
+                    callback::watched(device, result.as_ref().map(|(success, _)| success)),
+                )
+            })
+            .collect();
+        watched.sort_by_key(|(index, _)| *index);
+        let subject = Subject::Devices {
+            release: request.release,
+            devices: watched.into_iter().map(|(_, w)| w).collect(),
+        };
+        if let Some(warning) = callback::record(state, invocation, url, subject).await {
+            tracing::warn!(%warning, "no callback for this request");
+        }
+    }
     let mut results: Vec<(usize, DeviceResult)> = acted
         .into_iter()
         .map(|(index, device, device_started, result)| {
             log_device(&device, &result, device_started);
             let item = match result {
-                Ok(success) => DeviceResult::Ok(Box::new(SuccessBody::new(
+                Ok((success, expiry)) => DeviceResult::Ok(Box::new(SuccessBody::new(
                     state,
                     request,
                     &device,
                     &success,
+                    &expiry,
                     &invocation.id,
                 ))),
                 Err(error) => DeviceResult::Failed {
@@ -350,6 +421,9 @@ pub struct SuccessBody {
     action: Value,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     cancelled_action_ids: Vec<ActionId>,
+    /// When the restriction is released automatically (`releaseAfter`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    release_at: Option<String>,
     /// A hazard the caller should know about (see [`warning`]).
     #[serde(skip_serializing_if = "Option::is_none")]
     warning: Option<String>,
@@ -405,9 +479,20 @@ impl SuccessBody {
         request: &RunbookRequest,
         device: &DeviceRef,
         success: &Success,
+        expiry: &ExpiryNote,
         invocation_id: &str,
     ) -> Self {
         let machine = &success.machine;
+        let in_memory = state
+            .reconciler()
+            .is_some_and(|r| r.restrictions().in_memory());
+        let warning = [
+            warning(success, request.force, state.stale_pending()),
+            expiry.warning(in_memory),
+        ]
+        .into_iter()
+        .flatten()
+        .collect::<Vec<String>>();
         Self {
             outcome: success.outcome,
             status: success_status(success.outcome).as_u16(),
@@ -425,7 +510,8 @@ impl SuccessBody {
             terminal: success.terminal(),
             action: success.action.to_json(),
             cancelled_action_ids: success.cancelled.clone(),
-            warning: warning(success, request.force, state.stale_pending()),
+            release_at: expiry.release_at().map(rfc3339),
+            warning: (!warning.is_empty()).then(|| warning.join(" ")),
             invocation_id: invocation_id.to_owned(),
         }
     }
@@ -600,10 +686,10 @@ fn render_bulk_text(request: &RunbookRequest, results: &[DeviceResult], summary:
 
 /// A bulk invocation's line per device; the invocation's own line (see
 /// [`super::answer`]) has the totals and the caller.
-fn log_device(device: &DeviceRef, result: &Result<Success, ApiError>, started: Instant) {
+fn log_device(device: &DeviceRef, result: &Result<Acted, ApiError>, started: Instant) {
     let duration_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
     match result {
-        Ok(success) => tracing::info!(
+        Ok((success, _)) => tracing::info!(
             device_id = %device,
             machine_id = %success.machine.id,
             outcome = success.outcome.as_str(),

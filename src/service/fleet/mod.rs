@@ -130,6 +130,9 @@ pub struct Device {
     pub last_action: Option<MachineAction>,
     /// The newest `Pending`/`InProgress` restrict or unrestrict action.
     pub pending_action: Option<MachineAction>,
+    /// When this service releases the restriction (`releaseAfter`), UTC.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub release_at: Option<String>,
 }
 
 /// How many machines are in each state (of all machines, not only those shown).
@@ -246,6 +249,7 @@ fn device(actions: &mut Vec<MachineAction>) -> Option<Device> {
         computer_dns_name,
         state,
         since,
+        release_at: None,
         last_action,
         pending_action,
     })

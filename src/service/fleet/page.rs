@@ -59,6 +59,7 @@ pub fn render(
     counts: Counts,
     as_of: &str,
     code: Option<&str>,
+    portal: &str,
 ) -> String {
     let heading = match filter {
         StateFilter::Restricted => "Restricted devices",
@@ -109,7 +110,7 @@ pub fn render(
                     }
                     tbody {
                         @for d in devices {
-                            (row(d))
+                            (row(d, portal))
                         }
                         @if devices.is_empty() {
                             tr { td.none colspan="5" { "No devices match." } }
@@ -122,16 +123,34 @@ pub fn render(
     .into_string()
 }
 
-fn row(d: &Device) -> Markup {
+/// The device's page in the Defender portal (`portal`: the cloud's portal
+/// origin, such as `https://security.microsoft.com`).
+pub fn portal_link(portal: &str, machine_id: &str) -> String {
+    format!(
+        "{}/machines/v2/{}",
+        portal.trim_end_matches('/'),
+        percent_encoding::utf8_percent_encode(machine_id, percent_encoding::NON_ALPHANUMERIC)
+    )
+}
+
+fn row(d: &Device, portal: &str) -> Markup {
     html! {
         tr data-machine-id=(d.machine_id) data-state=(d.state.as_str()) {
             td data-label="Device" {
                 strong { (d.computer_dns_name.as_deref().unwrap_or("(no name)")) }
                 br;
                 code { (d.machine_id) }
+                br;
+                a.portal href=(portal_link(portal, &d.machine_id)) rel="noreferrer noopener" target="_blank" {
+                    "Open in Defender"
+                }
             }
             td data-label="State" {
                 span.state.(d.state.as_str()) { (state_label(d.state)) }
+                @if let Some(at) = &d.release_at {
+                    br;
+                    "auto-release " time.release-at datetime=(at) { (readable_text(at)) }
+                }
             }
             td data-label="Since" {
                 @match &d.since {
@@ -235,6 +254,13 @@ mod tests {
             counts,
             "2026-11-28T11:00:00Z",
             Some("k&y=\"1"),
+            "https://security.microsoft.us",
+        );
+        assert!(
+            page.contains(
+                r#"href="https://security.microsoft.us/machines/v2/m1%22%3E%3Cscript%3Ex%28%29%3C%2Fscript%3E""#
+            ),
+            "{page}"
         );
         assert!(!page.contains("<script"), "{page}");
         assert!(!page.contains("<img"), "{page}");

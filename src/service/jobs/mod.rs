@@ -147,6 +147,8 @@ struct Inner {
     /// to a new message.
     work_time: Duration,
     explain: Arc<Explain>,
+    /// The restriction records an expiry attaches to (set at startup).
+    restrictions: std::sync::OnceLock<crate::service::expiry::Restrictions>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -178,8 +180,15 @@ impl Jobs {
                 queue,
                 work_time,
                 explain,
+                restrictions: std::sync::OnceLock::new(),
             }),
         }
+    }
+
+    /// Keep the restriction records (and a job's `releaseAfter`) in
+    /// `restrictions`, the records the reconciler reads.
+    pub fn keep_restrictions(&self, restrictions: crate::service::expiry::Restrictions) {
+        let _ = self.inner.restrictions.set(restrictions);
     }
 
     /// Whether jobs live in this process's memory only (local mode).
@@ -228,6 +237,11 @@ impl Jobs {
             force: request.force,
             devices: devices.len(),
             cancelled_at: None,
+            release_at: request
+                .release_after
+                .and_then(|r| r.release_at(now))
+                .map(crate::service::expiry::rfc3339),
+            dry_run: request.dry_run,
         };
         let records = &self.inner.records;
         // The devices and the job before any message: a worker that finds
@@ -720,8 +734,10 @@ mod tests {
             comment: "c".into(),
             caller_name: None,
             force: false,
+            dry_run: false,
             devices: 3,
             cancelled_at: None,
+            release_at: None,
         };
         let write = |name: String, body: Vec<u8>| async move {
             records

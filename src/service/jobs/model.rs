@@ -53,6 +53,14 @@ pub struct JobRecord {
     pub devices: usize,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cancelled_at: Option<String>,
+    /// `releaseAfter` counted from the start: when each restriction the
+    /// job creates is released (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub release_at: Option<String>,
+    /// `dryRun`: each device is looked up and read, nothing is sent; its
+    /// outcome is what would have been done (`would_request`, `already_*`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub dry_run: bool,
 }
 
 /// One entry of `jobs/<id>/devices`.

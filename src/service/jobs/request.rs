@@ -5,6 +5,7 @@
 
 use serde_json::Value;
 
+use crate::service::runbook::ReleaseAfter;
 use crate::service::runbook::{
     CallerName, Comment, DeviceRef, RunbookError,
     fields::{self, Fields},
@@ -29,6 +30,9 @@ const ACCEPTED: &[&str] = &[
     fields::COMMENT,
     fields::CALLER_NAME,
     fields::FORCE,
+    fields::RELEASE_AFTER,
+    fields::DRY_RUN,
+    fields::CALLBACK_URL,
 ];
 
 /// Which devices a job acts on.
@@ -50,6 +54,12 @@ pub struct JobRequest {
     pub comment: Comment,
     pub caller: Option<CallerName>,
     pub force: bool,
+    /// `releaseAfter`: each restriction the job creates is released after this.
+    pub release_after: Option<ReleaseAfter>,
+    /// Look up and read every device, send nothing (`dryRun`).
+    pub dry_run: bool,
+    /// `callbackUrl` as given; the host checks where it may go.
+    pub callback_url: Option<String>,
 }
 
 impl JobRequest {
@@ -70,10 +80,20 @@ impl JobRequest {
             None => Ok(false),
             Some(value) => boolean(name, value),
         };
+        let release = flag(fields::RELEASE)?;
+        let release_after = crate::service::runbook::parse_release_after(
+            fields.get(fields::RELEASE_AFTER),
+            release,
+        )?;
         Ok(Self {
             selector,
-            release: flag(fields::RELEASE)?,
+            release_after,
+            release,
             force: flag(fields::FORCE)?,
+            dry_run: flag(fields::DRY_RUN)?,
+            callback_url: crate::service::runbook::parse_callback_url(
+                fields.get(fields::CALLBACK_URL),
+            )?,
             comment: Comment::parse(fields.get(fields::COMMENT))?,
             caller: CallerName::parse(fields.get(fields::CALLER_NAME))?,
         })

@@ -176,14 +176,50 @@ impl Jobs {
                     )));
                 }
             }
-            let result = self.inner.restrictor.run(&target, &intent, deadline).await;
+            let restrictor = &self.inner.restrictor;
+            let result = if job.dry_run {
+                restrictor
+                    .plan(&target, &intent, deadline)
+                    .await
+                    .map(|plan| {
+                        (
+                            plan.outcome.as_str(),
+                            plan.machine,
+                            plan.action.map(|a| a.action.id),
+                        )
+                    })
+            } else {
+                match restrictor.run(&target, &intent, deadline).await {
+                    Ok(success) => {
+                        // The restriction record, and the job's expiry; a
+                        // storage failure fails the delivery (retried).
+                        if let Some(restrictions) = self.inner.restrictions.get() {
+                            let asked = intent.release_at.map(|at| {
+                                crate::service::runbook::ReleaseAfter::After(
+                                    at - OffsetDateTime::now_utc(),
+                                )
+                            });
+                            restrictions
+                                .after(&success, asked, intent.release_at)
+                                .await
+                                .map_err(storage)?;
+                        }
+                        Ok((
+                            success.outcome.as_str(),
+                            success.machine,
+                            Some(success.action.action.id),
+                        ))
+                    }
+                    Err(e) => Err(e),
+                }
+            };
             match result {
-                Ok(success) => {
+                Ok((outcome, machine, action_id)) => {
                     let record = OutcomeRecord {
-                        outcome: success.outcome.as_str().to_owned(),
-                        machine_id: Some(success.machine.id.to_string()),
-                        computer_dns_name: success.machine.computer_dns_name.clone(),
-                        action_id: Some(success.action.action.id.to_string()),
+                        outcome: outcome.to_owned(),
+                        machine_id: Some(machine.id.to_string()),
+                        computer_dns_name: machine.computer_dns_name.clone(),
+                        action_id: action_id.map(|id| id.to_string()),
                         problem: None,
                         at: unix_ms(OffsetDateTime::now_utc()),
                     };
@@ -394,5 +430,8 @@ fn intent(job: &model::JobRecord) -> Result<Intent, RunbookError> {
             .as_ref()
             .and_then(|c| CallerName::parse(Some(&serde_json::Value::String(c.clone()))).ok())
             .flatten(),
+        release_at: job.release_at.as_deref().and_then(|at| {
+            OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
+        }),
     })
 }

@@ -60,14 +60,15 @@ use crate::{
     defender::{
         DefenderClient,
         client::{ActionListing, ActionRecord},
-        ids::ActionId,
-        models::{ActionStatus, ActionType, Machine},
+        ids::{ActionId, MachineId},
+        models::{ActionStatus, ActionType, Machine, MachineAction},
         timestamp::Timestamp,
     },
     service::{
-        decision::Wanted,
+        decision::{self, Decision, Wanted},
         machine_directory::{FindError, MachineDirectory},
         machine_queue::MachineQueues,
+        platform,
         runbook::{CallerName, Comment, DeviceRef},
         service_error::ServiceError,
         state_reads::StateReads,
@@ -113,6 +114,9 @@ pub struct Intent {
     pub comment: Comment,
     /// Who asked, kept in the comment sent to Defender unless turned off.
     pub caller: Option<CallerName>,
+    /// When a restriction this creates is released automatically
+    /// (`releaseAfter`): the comment ends with a readable marker saying so.
+    pub release_at: Option<OffsetDateTime>,
 }
 
 /// What happened, as the caller sees it.
@@ -206,26 +210,16 @@ impl Restrictor {
         deadline: Instant,
     ) -> Result<Success, ServiceError> {
         let arrived = Instant::now();
-        let wanted = Wanted {
-            action: intent.action,
-            force: intent.force,
-            cancel_pending: intent.cancel_pending,
-        };
-        let comment = self.comment(&intent.comment, intent.caller.as_ref());
+        let wanted = intent.wanted();
+        let mut comment = self.comment(&intent.comment, intent.caller.as_ref());
+        if let Some(at) = intent.release_at {
+            comment = format!("{comment} {}", super::runbook::release_after::marker(at));
+        }
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
         let mut looked_up_again = false;
         loop {
-            let lookup =
-                self.inner
-                    .directory
-                    .find(device, deadline)
-                    .await
-                    .map_err(|e| match e {
-                        FindError::NotFound(why) => ServiceError::DeviceNotFound(why),
-                        FindError::Defender(e) => e.into(),
-                    })?;
-            let machine = lookup.found.machine;
+            let (machine, candidates, cached) = self.find(device, deadline).await?;
             match round::submit(
                 &self.inner,
                 &machine.id,
@@ -240,12 +234,12 @@ impl Restrictor {
                     return Ok(Success {
                         outcome: acted.outcome,
                         machine,
-                        candidates: lookup.found.candidates,
+                        candidates,
                         action: acted.action,
                         cancelled: acted.cancelled,
                     });
                 }
-                Err(ServeError::MachineGone(_)) if lookup.cached && !looked_up_again => {
+                Err(ServeError::MachineGone(_)) if cached && !looked_up_again => {
                     tracing::info!(machine_id = %machine.id, "Defender no longer knows the remembered machine; looking the device up again");
                     self.inner.directory.forget(device);
                     looked_up_again = true;
@@ -253,6 +247,125 @@ impl Restrictor {
                 Err(ServeError::MachineGone(e)) => return Err(e.into()),
                 Err(ServeError::Failed(e)) => return Err(e),
             }
+        }
+    }
+
+    /// What [`Self::run`] would do for `device`, without sending anything:
+    /// the same lookup, platform check, state read and decision (`dryRun`).
+    ///
+    /// The read runs outside the machine's round: the round's rule (decide
+    /// only on a read sent after the previous write settled) protects
+    /// writes, and a plan writes nothing. It may therefore miss an action a
+    /// round is creating at this moment, as any read may.
+    pub async fn plan(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+    ) -> Result<Plan, ServiceError> {
+        let (machine, candidates, _) = self.find(device, deadline).await?;
+        let actions = self.inner.reads.read(&machine.id, deadline).await?;
+        let listed = ActionRecord::from;
+        let (outcome, action, would_cancel) =
+            match decision::decide(&machine.id, &actions, intent.wanted()) {
+                Decision::Act => (Planned::WouldRequest, None, Vec::new()),
+                Decision::Cancel(pending) => (
+                    Planned::WouldRequest,
+                    None,
+                    pending.into_iter().map(|a| a.id).collect(),
+                ),
+                Decision::AlreadyPending(a) => {
+                    (Planned::AlreadyPending, Some(listed(a)), Vec::new())
+                }
+                Decision::AlreadyInState(a) => {
+                    (Planned::AlreadyInState, Some(listed(a)), Vec::new())
+                }
+                Decision::Conflict(action) => {
+                    return Err(ServiceError::ConflictingActionPending {
+                        machine_id: machine.id.to_string(),
+                        action: Box::new(action),
+                        created_meanwhile: false,
+                    });
+                }
+            };
+        Ok(Plan {
+            outcome,
+            machine,
+            candidates,
+            action,
+            would_cancel,
+        })
+    }
+
+    /// The device's machine, how many records matched, and whether the
+    /// record was remembered; refused before any POST when its platform is
+    /// known not to support the action.
+    async fn find(
+        &self,
+        device: &DeviceRef,
+        deadline: Instant,
+    ) -> Result<(Machine, usize, bool), ServiceError> {
+        let lookup = self
+            .inner
+            .directory
+            .find(device, deadline)
+            .await
+            .map_err(|e| match e {
+                FindError::NotFound(why) => ServiceError::DeviceNotFound(why),
+                FindError::Defender(e) => e.into(),
+            })?;
+        let machine = lookup.found.machine;
+        if let Some(os) = platform::known_unsupported(machine.os_platform.as_deref()) {
+            return Err(ServiceError::UnsupportedPlatform {
+                machine_id: machine.id.to_string(),
+                os_platform: os.to_owned(),
+            });
+        }
+        Ok((machine, lookup.found.candidates, lookup.cached))
+    }
+}
+
+/// What a dry run found would be done.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Planned {
+    /// A POST would be sent (after cancelling `would_cancel`, if any).
+    WouldRequest,
+    /// A same-type action is pending: nothing would be sent.
+    AlreadyPending,
+    /// The device is already in the wanted state: nothing would be sent.
+    AlreadyInState,
+}
+
+impl Planned {
+    /// The name used in answers, logs and job counts.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::WouldRequest => "would_request",
+            Self::AlreadyPending => "already_pending",
+            Self::AlreadyInState => "already_in_state",
+        }
+    }
+}
+
+/// A dry run's answer ([`Restrictor::plan`]).
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub outcome: Planned,
+    pub machine: Machine,
+    pub candidates: usize,
+    /// The action found (`already_*`), as Defender listed it.
+    pub action: Option<ActionRecord>,
+    /// Pending opposite actions `cancelPending` would cancel first.
+    pub would_cancel: Vec<ActionId>,
+}
+
+impl Intent {
+    fn wanted(&self) -> Wanted {
+        Wanted {
+            action: self.action,
+            force: self.force,
+            cancel_pending: self.cancel_pending,
         }
     }
 }
@@ -349,6 +462,16 @@ impl Restrictor {
             },
             Err(e) => e.into(),
         })
+    }
+
+    /// A machine's actions (every type), through the shared batched state
+    /// reads: callers that ask at once share one read.
+    pub async fn machine_actions(
+        &self,
+        machine_id: &MachineId,
+        deadline: Instant,
+    ) -> Result<Vec<MachineAction>, ServiceError> {
+        Ok(self.inner.reads.read(machine_id, deadline).await?)
     }
 
     /// The tenant's restrict and unrestrict actions, for the fleet view.

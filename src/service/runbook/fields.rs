@@ -19,6 +19,9 @@ pub const FORCE: &str = "force";
 pub const CANCEL_PENDING: &str = "cancelPending";
 pub const DEVICE_IDS: &str = "deviceIds";
 pub const WAIT: &str = "wait";
+pub const RELEASE_AFTER: &str = "releaseAfter";
+pub const DRY_RUN: &str = "dryRun";
+pub const CALLBACK_URL: &str = "callbackUrl";
 
 /// Every field the runbook payload may carry, in their documented spelling.
 pub const ACCEPTED: &[&str] = &[
@@ -30,6 +33,9 @@ pub const ACCEPTED: &[&str] = &[
     FORCE,
     CANCEL_PENDING,
     WAIT,
+    RELEASE_AFTER,
+    DRY_RUN,
+    CALLBACK_URL,
 ];
 
 /// Known fields, keyed by their canonical name.

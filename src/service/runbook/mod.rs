@@ -7,6 +7,7 @@
 
 mod device;
 pub(crate) mod fields;
+pub mod release_after;
 mod text;
 
 use std::time::Duration;
@@ -15,6 +16,7 @@ use serde_json::Value;
 use thiserror::Error;
 
 pub use device::DeviceRef;
+pub use release_after::ReleaseAfter;
 pub use text::{CallerName, Comment};
 
 /// Largest accepted payload. Real payloads are a few hundred bytes.
@@ -47,6 +49,17 @@ pub struct RunbookRequest {
     pub cancel_pending: bool,
     /// Poll the action until it is finished, for at most this long.
     pub wait: Option<Duration>,
+    /// `releaseAfter`: lift the restriction this creates after a while (or
+    /// move or remove the expiry of ours).
+    pub release_after: Option<ReleaseAfter>,
+    /// When a restriction this request creates is released: `releaseAfter`
+    /// counted from when the request was parsed.
+    pub release_at: Option<time::OffsetDateTime>,
+    /// Look and decide, send nothing (`dryRun`).
+    pub dry_run: bool,
+    /// Where to POST when the action is final (`callbackUrl`), as given:
+    /// where it may go is the host's check, against the settings.
+    pub callback_url: Option<String>,
 }
 
 /// Why a payload was rejected. Each message names the field and what is accepted.
@@ -114,6 +127,16 @@ impl RunbookRequest {
         let cancel_pending = flag(fields::CANCEL_PENDING)?;
         let comment = Comment::parse(fields.get(fields::COMMENT))?;
         let caller = CallerName::parse(fields.get(fields::CALLER_NAME))?;
+        let release_after = parse_release_after(fields.get(fields::RELEASE_AFTER), release)?;
+        let dry_run = flag(fields::DRY_RUN)?;
+        let callback_url = parse_callback_url(fields.get(fields::CALLBACK_URL))?;
+        if dry_run && callback_url.is_some() {
+            return Err(RunbookError::Invalid {
+                field: fields::CALLBACK_URL,
+                reason: "cannot be combined with dryRun: a dry run creates no action to wait for"
+                    .into(),
+            });
+        }
 
         Ok(Self {
             target,
@@ -123,6 +146,10 @@ impl RunbookRequest {
             force,
             cancel_pending,
             wait,
+            release_after,
+            release_at: release_after.and_then(|r| r.release_at(time::OffsetDateTime::now_utc())),
+            dry_run,
+            callback_url,
         })
     }
 
@@ -133,6 +160,29 @@ impl RunbookRequest {
             Target::Many(_) => None,
         }
     }
+}
+
+/// `releaseAfter` belongs to a restrict: on a release it would mean nothing,
+/// and saying nothing about it would hide the caller's mistake.
+pub fn parse_release_after(
+    value: Option<&Value>,
+    release: bool,
+) -> Result<Option<ReleaseAfter>, RunbookError> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    if release {
+        return Err(RunbookError::Invalid {
+            field: fields::RELEASE_AFTER,
+            reason: "applies to a restrict only; a release has no expiry".into(),
+        });
+    }
+    ReleaseAfter::parse(value)
+        .map(Some)
+        .map_err(|reason| RunbookError::Invalid {
+            field: fields::RELEASE_AFTER,
+            reason,
+        })
 }
 
 /// The comment-only body of the cancel function: `{"comment": "..."}`.
@@ -199,6 +249,34 @@ fn parse_target(one: Option<&Value>, many: Option<&Value>) -> Result<Target, Run
         (_, Some(other)) => Err(wrong_type(fields::DEVICE_IDS, "an array of strings", other)),
         (Some(Value::String(s)), None) => Ok(Target::One(DeviceRef::parse(s)?)),
         (Some(other), None) => Err(wrong_type(fields::DEVICE_ID, "a string", other)),
+    }
+}
+
+/// A string, or absent; `null` is absent.
+pub fn parse_callback_url(value: Option<&Value>) -> Result<Option<String>, RunbookError> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) if !s.trim().is_empty() => Ok(Some(s.trim().to_owned())),
+        Some(Value::String(_)) => Err(RunbookError::Invalid {
+            field: fields::CALLBACK_URL,
+            reason: "must be an https URL, got an empty string".into(),
+        }),
+        // Never echo the value: a callback URL carries a secret.
+        Some(other) => Err(RunbookError::Invalid {
+            field: fields::CALLBACK_URL,
+            reason: format!("must be a string (an https URL), got {}", kind(other)),
+        }),
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
     }
 }
 
