@@ -84,6 +84,9 @@ param maximumInstanceCount int = 40
 //   AZURE_CLIENT_ID                       always the user-assigned identity's client id (below)
 //   AZURE_TENANT_ID, AZURE_CLIENT_SECRET  local development only; the deployed app uses its identity
 //   DEFENDER_RATE_CLOCK_SPEED             benchmarks only; must stay unset in production
+//   CALLBACK_ALLOW_LOOPBACK               local runs and tests only
+//   CALLBACK_SIGNING_KEY                  a secret: an app setting or Key Vault reference, set after deployment
+//   CALLBACK_ALLOWED_HOSTS                the default (*.logic.azure.com) serves; widen it as an app setting
 
 @description('DEFENDER_CLOUD: public, gcc, gcc-high or dod. Selects API URL, token scope and authority.')
 @allowed([
