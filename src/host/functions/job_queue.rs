@@ -166,6 +166,13 @@ fn finish(
             )
         }
     };
+    payload_answer(status, invocation_id, log)
+}
+
+/// A non-HTTP function's payload-mode answer: a JSON object whose `Logs`
+/// carry the invocation's line. The host reads a 2xx as success (a queue
+/// message is deleted) and anything else as failure.
+pub(super) fn payload_answer(status: StatusCode, invocation_id: &str, log: String) -> Response {
     let body = json!({"Outputs": {}, "Logs": [log], "ReturnValue": null});
     let mut response = (status, Body::from(body.to_string())).into_response();
     response.headers_mut().insert(

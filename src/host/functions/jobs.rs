@@ -13,7 +13,6 @@ use std::collections::BTreeMap;
 use http::StatusCode;
 use maud::{DOCTYPE, html};
 use serde::Serialize;
-use serde_json::Value;
 use tokio::time::Instant;
 
 use super::{Function, Record};
@@ -30,7 +29,7 @@ use crate::{
             model::OUTCOMES,
             request::{JobRequest, MAX_JOB_DEVICES},
         },
-        runbook::{CallerName, RunbookError},
+        runbook::RunbookError,
     },
 };
 
@@ -126,11 +125,7 @@ pub async fn start(
 ) -> Result<Reply, ApiError> {
     let deadline = Instant::now() + state.request_timeout();
     let mut request = JobRequest::parse(&invocation.body)?;
-    if request.caller.is_none() {
-        let name = invocation.principal().and_then(|p| p.name);
-        request.caller =
-            name.and_then(|n| CallerName::parse(Some(&Value::String(n))).ok().flatten());
-    }
+    request.caller = super::restrict::caller_or_principal(request.caller.take(), invocation);
     record.release = Some(request.release);
     record.caller_name = request.caller.as_ref().map(|c| c.as_str().to_owned());
     let key = idempotency_key(invocation)?;

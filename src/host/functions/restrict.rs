@@ -41,6 +41,18 @@ const BULK_CONCURRENCY: usize = 8;
 /// Time kept back from the invocation's budget to answer after `wait`.
 const ANSWER_MARGIN: Duration = Duration::from_secs(2);
 
+/// The caller named in the payload or else, for an authenticated caller who
+/// did not name themselves, the principal's name: either way it is recorded.
+pub(super) fn caller_or_principal(
+    named: Option<CallerName>,
+    invocation: &Invocation,
+) -> Option<CallerName> {
+    named.or_else(|| {
+        let name = invocation.principal().and_then(|p| p.name)?;
+        CallerName::parse(Some(&Value::String(name))).ok().flatten()
+    })
+}
+
 pub async fn run(
     state: &AppState,
     invocation: &Invocation,
@@ -48,12 +60,7 @@ pub async fn run(
 ) -> Result<Reply, ApiError> {
     let deadline = Instant::now() + state.request_timeout();
     let mut request = RunbookRequest::parse(&invocation.body)?;
-    // An authenticated caller who did not name themselves is still recorded.
-    if request.caller.is_none() {
-        let name = invocation.principal().and_then(|p| p.name);
-        request.caller =
-            name.and_then(|n| CallerName::parse(Some(&Value::String(n))).ok().flatten());
-    }
+    request.caller = caller_or_principal(request.caller.take(), invocation);
     record.release = Some(request.release);
     record.caller_name = request.caller.as_ref().map(|c| c.as_str().to_owned());
     // Before anything reaches Defender: a callback that may not go where it

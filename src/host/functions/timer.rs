@@ -12,17 +12,19 @@
 //! runs at once release an expiry once (see `service::reconcile`).
 
 use axum::{
-    body::Body,
     extract::{Request, State},
-    http::{HeaderValue, StatusCode, header},
-    response::{IntoResponse, Response},
+    http::{HeaderValue, StatusCode},
+    response::Response,
 };
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::{
-    host::{app_state::AppState, error::ApiError, invocation, routes::read_limited},
+    host::{
+        app_state::AppState, error::ApiError, functions::job_queue::payload_answer, invocation,
+        routes::read_limited,
+    },
     service::reconcile,
 };
 
@@ -77,11 +79,11 @@ pub async fn invoke(State(state): State<AppState>, request: Request) -> Response
             Ok(run) => run,
             Err(reason) => {
                 tracing::warn!(reason = %reason, "the timer invocation could not be read");
-                return answer(StatusCode::BAD_REQUEST, &id, format!("{NAME}: {reason}"));
+                return payload_answer(StatusCode::BAD_REQUEST, &id, format!("{NAME}: {reason}"));
             }
         };
         let Some(reconciler) = state.reconciler() else {
-            return answer(
+            return payload_answer(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 &id,
                 format!("{NAME}: the reconciler is not configured in this process"),
@@ -106,7 +108,7 @@ pub async fn invoke(State(state): State<AppState>, request: Request) -> Response
             report.calls.total(),
             if run.is_past_due { " (past due)" } else { "" },
         );
-        let mut response = answer(StatusCode::OK, &id, line);
+        let mut response = payload_answer(StatusCode::OK, &id, line);
         if let Ok(value) = serde_json::to_string(&report)
             .ok()
             .map(HeaderValue::try_from)
@@ -121,23 +123,10 @@ pub async fn invoke(State(state): State<AppState>, request: Request) -> Response
     .await
 }
 
-/// The payload-mode answer: a JSON object, `Logs` with the run's line.
-fn answer(status: StatusCode, invocation_id: &str, log: String) -> Response {
-    let body = json!({"Outputs": {}, "Logs": [log], "ReturnValue": null});
-    let mut response = (status, Body::from(body.to_string())).into_response();
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json; charset=utf-8"),
-    );
-    if let Ok(value) = HeaderValue::from_str(invocation_id) {
-        response.headers_mut().insert("x-invocation-id", value);
-    }
-    response
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn the_timer_info_is_an_object_and_is_past_due_is_read() {
