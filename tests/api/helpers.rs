@@ -7,7 +7,7 @@
 
 use std::{
     collections::HashMap,
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     process::{Child, Command},
     sync::{Arc, Mutex},
     time::Duration,
@@ -94,9 +94,7 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
     let sim = Simulator::start(SocketAddr::from(([127, 0, 0, 1], 0)), options.sim)
         .await
         .expect("simulator starts");
-    let port = free_port();
     let mut env: Vec<(&'static str, String)> = vec![
-        ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
         ("DEFENDER_API_URL", sim.url()),
         ("IDENTITY_ENDPOINT", sim.identity_endpoint()),
         ("IDENTITY_HEADER", IDENTITY_HEADER.to_owned()),
@@ -104,13 +102,14 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         ("RUST_LOG", "info".to_owned()),
     ];
     env.extend(options.env);
-    let (handler, logs) = start_handler_with(&env, &[], options.max_open_files);
+    let crate::handler_process::Listening { child, logs, port } =
+        crate::handler_process::start_listening(&env, options.max_open_files);
     let host = HostEmulator::new(port);
     host.wait_until_ready().await;
     TestApp {
         sim,
         host,
-        process: Some((handler, logs)),
+        process: Some((child, logs)),
     }
 }
 
@@ -151,14 +150,8 @@ pub fn start_handler(env: &[(&str, String)], args: &[&str]) -> (Child, Arc<Mutex
 /// `sh -c 'ulimit -n N; exec handler'`, so the handler itself is the child).
 pub use crate::handler_process::start_handler_with;
 
-/// A free loopback port, picked the way the host picks one (bind :0, release).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+/// A free loopback port, picked the way the host picks one (bind `:0`, release).
+pub use crate::handler_process::free_port;
 
 impl TestApp {
     /// Add `n` healthy Windows 11 machines; returns their Entra device ids.

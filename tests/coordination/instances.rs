@@ -3,7 +3,7 @@
 //! function app does. Every test asserts what Defender received.
 
 use std::{
-    net::{SocketAddr, TcpListener},
+    net::SocketAddr,
     process::Child,
     sync::{Arc, Mutex},
     time::Duration,
@@ -17,7 +17,10 @@ use restrict_code_execution::{
 };
 use serde_json::{Value, json};
 
-use crate::{azurite::Azurite, handler_process::start_handler_with};
+use crate::{
+    azurite::Azurite,
+    handler_process::{Listening, start_listening},
+};
 
 pub const IDENTITY_HEADER: &str = "instances-identity-header";
 pub const TOKEN: &str = "instances-access-token";
@@ -31,9 +34,7 @@ pub struct Instance {
 
 impl Instance {
     pub fn start(sim: &SimHandle, storage: &str, container: &str, extra: &[(&str, &str)]) -> Self {
-        let port = free_port();
         let mut env: Vec<(&str, String)> = vec![
-            ("FUNCTIONS_CUSTOMHANDLER_PORT", port.to_string()),
             ("DEFENDER_API_URL", sim.url()),
             ("IDENTITY_ENDPOINT", sim.identity_endpoint()),
             ("IDENTITY_HEADER", IDENTITY_HEADER.to_owned()),
@@ -43,22 +44,8 @@ impl Instance {
             ("RUST_LOG", "info".to_owned()),
         ];
         env.extend(extra.iter().map(|(k, v)| (*k, (*v).to_owned())));
-        let (child, logs) = start_handler_with(&env, &[], None);
-        let instance = Self { child, port, logs };
-        instance.wait_ready();
-        instance
-    }
-
-    fn wait_ready(&self) {
-        let until = std::time::Instant::now() + Duration::from_secs(20);
-        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                std::time::Instant::now() < until,
-                "the handler did not listen: {:?}",
-                self.logs.lock().unwrap()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let Listening { child, logs, port } = start_listening(&env, None);
+        Self { child, port, logs }
     }
 
     /// `POST /api/restrict-code-execution` in forwarded mode.
@@ -103,14 +90,6 @@ impl Drop for Instance {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// A simulator with `n` healthy Windows 11 machines; their Entra device ids.
