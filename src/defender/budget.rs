@@ -96,6 +96,12 @@ impl Share {
         minute: 0.8,
         hour: 0.9,
     };
+    /// The reconciler's reads (callbacks): below interactive requests,
+    /// above jobs.
+    pub const RECONCILER: Self = Self {
+        minute: 0.9,
+        hour: 0.95,
+    };
 
     /// `limit` scaled by `fraction`, at least one call.
     pub fn of(limit: usize, fraction: f64) -> usize {

@@ -39,6 +39,7 @@ use crate::{
         records::{Records, WriteIf, Written},
     },
     defender::{
+        budget::Share,
         ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType},
         timestamp::{Timestamp, lenient},
@@ -343,6 +344,27 @@ impl Outbox {
         machines.dedup();
         if machines.is_empty() {
             return;
+        }
+        // Reconciler priority: wait (within this run) for the reads' share of
+        // the list-actions budget; otherwise leave them to the next run.
+        match self.inner.restrictor.read_room(Share::RECONCILER).await {
+            Ok(wait) if Instant::now() + wait < deadline => {
+                if !wait.is_zero() {
+                    tokio::time::sleep(wait).await;
+                }
+            }
+            Ok(wait) => {
+                tracing::info!(
+                    wait_s = wait.as_secs(),
+                    machines = machines.len(),
+                    "no room in the list-actions budget for the callbacks' reads in this run"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "the callbacks' reads cannot be budgeted now; trying again next run");
+                return;
+            }
         }
         report.machines_read = machines.len();
         let reads = machines.iter().map(|machine| {

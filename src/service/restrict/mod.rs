@@ -58,7 +58,8 @@ use tokio::time::Instant;
 use crate::{
     coordination::Coordinator,
     defender::{
-        DefenderClient,
+        DefenderClient, Endpoint,
+        budget::Share,
         client::{ActionListing, ActionRecord},
         ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType, Machine, MachineAction},
@@ -462,6 +463,17 @@ impl Restrictor {
             },
             Err(e) => e.into(),
         })
+    }
+
+    /// How long until the list-actions budget has room within `share` of
+    /// each window (nothing reserved): a background caller waits for this
+    /// before its reads, so interactive requests keep the rest.
+    pub async fn read_room(&self, share: Share) -> Result<Duration, ServiceError> {
+        Ok(self
+            .inner
+            .client
+            .wait_for_share(Endpoint::ListActions, share)
+            .await?)
     }
 
     /// A machine's actions (every type), through the shared batched state
