@@ -141,6 +141,9 @@ pub struct Settings {
     pub allowed_caller_roles: Vec<String>,
     /// How long a found machine is remembered (0 to 60 s; 0 turns it off).
     pub machine_cache: Duration,
+    /// How old a read of the fleet may be and still answer a fleet view
+    /// (0 to 300 s; 0: only views asked while a read is in flight share it).
+    pub fleet_view_max_age: Duration,
     /// `$top` for lists of machine actions (Defender's largest page unless lowered).
     pub page_size: usize,
     /// An `already_pending` action older than this may be stuck; the answer says so.
@@ -273,6 +276,13 @@ impl Settings {
                 60,
                 0..=60,
                 "a whole number of seconds between 0 and 60",
+            )?),
+            fleet_view_max_age: Duration::from_secs(ranged(
+                &get,
+                "FLEET_VIEW_MAX_AGE_SECONDS",
+                5,
+                0..=300,
+                "a whole number of seconds between 0 and 300",
             )?),
             page_size: ranged(
                 &get,

@@ -153,7 +153,8 @@ pub async fn prepare(
         settings.comment_include_caller,
         settings.machine_cache,
         coordinator.clone(),
-    );
+    )
+    .with_fleet_view_max_age(settings.fleet_view_max_age);
     let jobs = jobs(
         &settings,
         restrictor.clone(),

@@ -102,6 +102,13 @@ impl Share {
         minute: 0.9,
         hour: 0.95,
     };
+    /// The fleet view's reads: below every caller that contains or
+    /// releases a device, jobs included. Anyone with the view's key can
+    /// repeat it; it must never take the slots a restrict needs next.
+    pub const VIEWS: Self = Self {
+        minute: 0.5,
+        hour: 0.5,
+    };
 
     /// `limit` scaled by `fraction`, at least one call.
     pub fn of(limit: usize, fraction: f64) -> usize {

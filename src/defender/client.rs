@@ -189,6 +189,16 @@ pub struct ActionListing {
     pub calls: usize,
 }
 
+/// A read of the restrict history whose pages were handed on as they came.
+#[derive(Debug, Clone, Copy)]
+pub struct HistoryRead {
+    /// When the first request of the read was sent (after any wait for the
+    /// rate budget): nothing older than this is missing.
+    pub sent_at: time::OffsetDateTime,
+    /// Defender calls the read took (pages included).
+    pub calls: usize,
+}
+
 /// The lists read page by page.
 #[derive(Debug, Clone, Copy)]
 enum ListOf {
@@ -446,6 +456,40 @@ impl DefenderClient {
         Ok(listing)
     }
 
+    /// The tenant's restrict and unrestrict actions (two type-filtered
+    /// lists, side by side), each page handed to `on_page` as it arrives
+    /// and dropped after it: for a caller that folds the history instead
+    /// of holding it. A page of one list may come between pages of the
+    /// other; an action may come twice (a page boundary moved).
+    pub async fn restrict_history_pages(
+        &self,
+        deadline: Instant,
+        hook: Option<&dyn BeforeSend>,
+        on_page: &(dyn Fn(Vec<MachineAction>) + Sync),
+    ) -> Result<HistoryRead, DefenderError> {
+        let [restrict_filter, release_filter] = [
+            ActionType::RestrictCodeExecution,
+            ActionType::UnrestrictCodeExecution,
+        ]
+        .map(|action| format!("type eq '{}'", action.as_str()));
+        let list = |filter| {
+            self.list_pages(
+                ListOf::Actions,
+                Some(filter),
+                MAX_LIST_PAGES,
+                deadline,
+                hook,
+                on_page,
+            )
+        };
+        let ((restricts_sent, restrict_calls), (releases_sent, release_calls)) =
+            tokio::try_join!(list(&restrict_filter), list(&release_filter))?;
+        Ok(HistoryRead {
+            sent_at: restricts_sent.min(releases_sent),
+            calls: restrict_calls + release_calls,
+        })
+    }
+
     /// `GET /api/machineactions?$filter=<filter>`, every page.
     async fn list_actions(
         &self,
@@ -483,8 +527,7 @@ impl DefenderClient {
         Ok((listing.rows, listing.calls))
     }
 
-    /// `GET <list>?$filter=<filter>&$top=<page>`, following `@odata.nextLink`
-    /// (same origin only) or, when a full page comes without one, `$skip`.
+    /// `GET <list>?$filter=<filter>&$top=<page>`, every page, kept whole.
     /// Rows seen twice (a page boundary moved) are kept once.
     async fn list_all<T: Listed>(
         &self,
@@ -494,6 +537,39 @@ impl DefenderClient {
         deadline: Instant,
         hook: Option<&dyn BeforeSend>,
     ) -> Result<Listing<T>, DefenderError> {
+        let mut rows: Vec<T> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        let (sent_at, calls) = self
+            .list_pages(list, filter, max_pages, deadline, hook, |page: Vec<T>| {
+                for row in page {
+                    if seen.insert(row.id().to_ascii_lowercase()) {
+                        rows.push(row);
+                    }
+                }
+            })
+            .await?;
+        Ok(Listing {
+            rows,
+            sent_at,
+            calls,
+        })
+    }
+
+    /// `GET <list>?$filter=<filter>&$top=<page>`, following `@odata.nextLink`
+    /// (same origin only) or, when a full page comes without one, `$skip`.
+    /// Each page is handed to `on_page` as it arrives and dropped after it,
+    /// so a caller that folds the rows never holds more than one page; a
+    /// row may come twice when a page boundary moved. Returns when the first
+    /// request was sent and how many calls the list took.
+    async fn list_pages<T: Listed>(
+        &self,
+        list: ListOf,
+        filter: Option<&str>,
+        max_pages: usize,
+        deadline: Instant,
+        hook: Option<&dyn BeforeSend>,
+        mut on_page: impl FnMut(Vec<T>),
+    ) -> Result<(time::OffsetDateTime, usize), DefenderError> {
         let endpoint = list.endpoint();
         let base = self.url(endpoint, "")?;
         let query = |skip: usize| {
@@ -513,16 +589,13 @@ impl DefenderClient {
             at: parking_lot::Mutex::new(None),
             then: hook,
         };
-        let mut rows: Vec<T> = Vec::new();
-        let mut seen = std::collections::HashSet::new();
         let mut skip = 0;
-        let finished = |rows, calls, first_sent: FirstSent<'_>| Listing {
-            rows,
-            sent_at: first_sent
+        let finished = |calls, first_sent: FirstSent<'_>| {
+            let sent_at = first_sent
                 .at
                 .into_inner()
-                .unwrap_or_else(time::OffsetDateTime::now_utc),
-            calls,
+                .unwrap_or_else(time::OffsetDateTime::now_utc);
+            (sent_at, calls)
         };
         for calls in 1..=max_pages {
             let call = Call {
@@ -535,17 +608,13 @@ impl DefenderClient {
                 Err(DefenderError::Status { status: 404, .. })
                     if matches!(list, ListOf::Machines) =>
                 {
-                    return Ok(finished(rows, calls, first_sent));
+                    return Ok(finished(calls, first_sent));
                 }
                 other => other?,
             };
             let count = page.value.len();
             skip += count;
-            for row in page.value {
-                if seen.insert(row.id().to_ascii_lowercase()) {
-                    rows.push(row);
-                }
-            }
+            on_page(page.value);
             url = match page.next_link {
                 Some(next) => self.same_origin(endpoint, &next)?,
                 None if count >= self.page_top => {
@@ -553,7 +622,7 @@ impl DefenderClient {
                     next.set_query(Some(&query(skip)));
                     next
                 }
-                None => return Ok(finished(rows, calls, first_sent)),
+                None => return Ok(finished(calls, first_sent)),
             };
         }
         Err(DefenderError::Protocol {

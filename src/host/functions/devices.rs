@@ -17,7 +17,9 @@ use crate::{
         invocation::Invocation,
         reply::{self, Format, Reply},
     },
-    service::fleet::{Answer, DeviceState, Fleet, StateFilter, page, rfc3339, text},
+    service::fleet::{
+        Answer, Cursor, DeviceState, PageRequest, StateFilter, page, read::Source, rfc3339, text,
+    },
 };
 
 /// What the caller reads the answer with.
@@ -65,16 +67,18 @@ async fn list(
     record: &mut Record,
 ) -> Result<Reply, ApiError> {
     let filter = StateFilter::from_query(&invocation.query)?;
+    let wanted = PageRequest::from_query(&invocation.query)?;
     let deadline = Instant::now() + state.request_timeout();
-    let listing = state.restrictor().history(deadline).await?;
-    let read_actions = listing.actions.len();
-    let (mut devices, counts) = Fleet::from_actions(listing.actions).select(filter);
+    let view = state.restrictor().fleet_view(deadline).await?;
+    let read = &view.read;
+    let mut page = read.fleet.page(filter, &wanted);
+    let counts = read.fleet.counts;
     // The expiries this service keeps (one listing of its records; a
     // storage failure leaves them out rather than failing the view).
     if let Some(reconciler) = state.reconciler() {
         match reconciler.restrictions().release_times().await {
             Ok(times) => {
-                for device in &mut devices {
+                for device in &mut page.devices {
                     if device.state == DeviceState::Restricted {
                         device.release_at = times
                             .get(&device.machine_id.to_string().to_ascii_lowercase())
@@ -87,18 +91,31 @@ async fn list(
             }
         }
     }
-    let as_of = rfc3339(listing.sent_at);
+    let as_of = rfc3339(read.sent_at);
+    let calls = if view.source == Source::Read {
+        read.calls
+    } else {
+        0
+    };
     let summary = format!(
-        "{} device(s) {}, as of {as_of}, from {read_actions} action(s) in {} Defender call(s)",
-        devices.len(),
+        "{} of {} device(s) {}, as of {as_of} ({} read: {} action(s) in {} Defender call(s))",
+        page.devices.len(),
+        page.matching,
         filter.as_str(),
-        listing.calls
+        view.source.as_str(),
+        read.actions,
+        read.calls
     );
     record.outcome = Some("listed");
-    record.devices = Some(devices.len());
-    record.actions = Some(read_actions);
-    record.defender_calls = Some(listing.calls);
-    Ok(match shape {
+    record.devices = Some(page.devices.len());
+    record.actions = Some(read.actions);
+    record.defender_calls = Some(calls);
+    let continuation = page.next.as_ref().map(Cursor::token);
+    // The next page, relative to this one, without the caller's key.
+    let next_link = continuation
+        .as_deref()
+        .map(|token| next_page(filter, wanted.size, token, None));
+    let reply = match shape {
         Shape::Html => {
             let code = invocation
                 .query
@@ -109,7 +126,20 @@ async fn list(
                 status: StatusCode::OK,
                 content_type: "text/html; charset=utf-8",
                 extra_headers: Vec::new(),
-                body: page::render(&devices, filter, counts, &as_of, code, state.portal()),
+                body: page::render(
+                    &page::Shown {
+                        devices: &page.devices,
+                        filter,
+                        counts,
+                        matching: page.matching,
+                        as_of: &as_of,
+                        next: continuation
+                            .as_deref()
+                            .map(|token| next_page(filter, wanted.size, token, code)),
+                    },
+                    code,
+                    state.portal(),
+                ),
                 summary,
             }
             .with_header(
@@ -125,11 +155,11 @@ async fn list(
             status: StatusCode::OK,
             content_type: "text/plain; charset=utf-8",
             extra_headers: Vec::new(),
-            body: text::render(&devices, filter, &as_of),
+            body: text::render(&page.devices, filter, &as_of),
             summary,
         },
         Shape::Other(Format::Json) => {
-            let answer = Answer::new(&devices, filter, counts, as_of);
+            let answer = Answer::new(&page, filter, counts, as_of, wanted.size);
             Reply {
                 status: StatusCode::OK,
                 content_type: "application/json",
@@ -138,7 +168,28 @@ async fn list(
                 summary,
             }
         }
+    };
+    // Every format names the next page the same way (RFC 8288).
+    Ok(match next_link {
+        Some(link) => reply.with_header("Link", format!("<{link}>; rel=\"next\"")),
+        None => reply,
     })
+}
+
+/// A relative link to the next page: the same filter and page size, the
+/// continuation token, and the caller's key only where it is given (the
+/// HTML page's own links, which a browser follows as they are).
+fn next_page(filter: StateFilter, size: usize, token: &str, code: Option<&str>) -> String {
+    let mut query = url::form_urlencoded::Serializer::new(String::new());
+    query.append_pair("state", filter.as_str());
+    if size != PageRequest::DEFAULT_SIZE {
+        query.append_pair("pageSize", &size.to_string());
+    }
+    query.append_pair("continuation", token);
+    if let Some(code) = code {
+        query.append_pair("code", code);
+    }
+    format!("?{}", query.finish())
 }
 
 /// The JSON text in a buffer of exactly its size: a tenant-wide answer runs to

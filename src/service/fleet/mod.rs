@@ -13,19 +13,23 @@
 //! actions, never one call per machine.
 
 pub mod page;
+pub mod read;
 pub mod text;
 
+use std::{cmp::Ordering, collections::HashMap};
+
+use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::Serialize;
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     defender::{
         ids::MachineId,
-        models::{ActionType, MachineAction},
+        models::{ActionStatus, ActionType, MachineAction},
         timestamp::Timestamp,
     },
     service::{
-        decision::{created, deciding_action},
+        decision::{created, finished},
         runbook::RunbookError,
     },
 };
@@ -103,11 +107,11 @@ impl StateFilter {
             })
     }
 
-    fn keeps(self, device: &Device) -> bool {
+    fn keeps_entry(self, entry: &Entry) -> bool {
         match self {
-            Self::Restricted => device.state == DeviceState::Restricted,
-            Self::Released => device.state == DeviceState::Released,
-            Self::Pending => device.pending_action.is_some(),
+            Self::Restricted => entry.state() == DeviceState::Restricted,
+            Self::Released => entry.state() == DeviceState::Released,
+            Self::Pending => entry.pending.is_some(),
             Self::All => true,
         }
     }
@@ -145,138 +149,423 @@ pub struct Counts {
     pub pending: usize,
 }
 
-/// Every machine that has restrict or unrestrict actions, newest `since` first.
-#[derive(Debug, Clone)]
+/// Every machine that has restrict or unrestrict actions, newest `since`
+/// first, each kept as only what decides its state and what the view shows
+/// of it: memory grows with the machines, not with their actions.
+#[derive(Debug, Clone, Default)]
 pub struct Fleet {
-    pub devices: Vec<Device>,
+    entries: Vec<Entry>,
     pub counts: Counts,
 }
 
-impl Fleet {
-    /// Derive each machine's state from the tenant's actions, in any order.
-    /// Actions of other types, or without a machine id, are ignored. Takes the
-    /// actions by value: all but the deciding and pending ones are dropped
-    /// as each machine is done (a tenant can have tens of thousands).
-    pub fn from_actions(mut actions: Vec<MachineAction>) -> Self {
-        actions.retain(|a| {
-            a.machine_id.is_some() && a.action_type.known().is_some() && a.status.known().is_some()
-        });
-        // Each machine's actions together, newest created first: the order
-        // the restrict decision sorts by, so that both break ties alike.
-        // Grouped in place: no second copy of the tenant's history.
-        actions.sort_by_cached_key(|a| (a.machine_id.clone(), std::cmp::Reverse(created(a))));
-        let mut devices = Vec::new();
-        let mut group: Vec<MachineAction> = Vec::new();
+/// One machine, folded from its actions.
+#[derive(Debug, Clone)]
+struct Entry {
+    machine_id: MachineId,
+    /// From the newest created action that names the machine, and that
+    /// action's creation time.
+    name: Option<(Option<OffsetDateTime>, Box<str>)>,
+    /// The `Succeeded` action that finished last.
+    deciding: Option<Kept>,
+    /// The newest created `Pending`/`InProgress` action.
+    pending: Option<Kept>,
+}
+
+/// An action kept for the answer: the times and type that order it, and the
+/// action itself as compact JSON (a third of its parsed size), parsed back
+/// only for the machines of the page answered.
+#[derive(Debug, Clone)]
+struct Kept {
+    kind: ActionType,
+    created: Option<OffsetDateTime>,
+    finished: Option<OffsetDateTime>,
+    /// `lastUpdateDateTimeUtc`, else `creationDateTimeUtc`, as written.
+    since: Option<Timestamp>,
+    json: Box<str>,
+}
+
+impl Kept {
+    fn of(action: &MachineAction, kind: ActionType) -> Option<Self> {
+        Some(Self {
+            kind,
+            created: created(action),
+            finished: finished(action),
+            since: action
+                .last_update_date_time_utc
+                .or(action.creation_date_time_utc),
+            // Our own typed value always serializes; `None` drops only it.
+            json: serde_json::to_string(action).ok()?.into_boxed_str(),
+        })
+    }
+
+    fn action(&self) -> Option<MachineAction> {
+        serde_json::from_str(&self.json)
+            .inspect_err(|e| tracing::warn!(error = %e, "a kept fleet action did not parse back"))
+            .ok()
+    }
+}
+
+/// Folds the tenant's actions, in any order and page by page, into a
+/// [`Fleet`]. The same rule as the restrict decision
+/// ([`crate::service::decision::deciding_action`]): of the `Succeeded` actions the one that finished
+/// last decides (at equal finishing times the one created first, as the
+/// decision's newest-created-first scan keeps it); the pending action shown
+/// is the newest created. An action folded twice (a page boundary moved)
+/// changes nothing.
+#[derive(Debug, Default)]
+pub struct FleetFold {
+    machines: HashMap<MachineId, Entry>,
+    actions: usize,
+}
+
+impl FleetFold {
+    /// Actions folded so far (restrict and unrestrict, with a machine id).
+    pub fn actions(&self) -> usize {
+        self.actions
+    }
+
+    pub fn add_all(&mut self, actions: impl IntoIterator<Item = MachineAction>) {
         for action in actions {
-            if group
-                .last()
-                .is_some_and(|last| !same_machine(last, &action))
-            {
-                devices.extend(device(&mut group));
+            self.add(&action);
+        }
+    }
+
+    /// Actions of other types or statuses, or without a machine id, are
+    /// ignored.
+    pub fn add(&mut self, action: &MachineAction) {
+        let (Some(machine_id), Some(kind), Some(status)) = (
+            &action.machine_id,
+            action.action_type.known(),
+            action.status.known(),
+        ) else {
+            return;
+        };
+        self.actions += 1;
+        let entry = self
+            .machines
+            .entry(machine_id.clone())
+            .or_insert_with(|| Entry {
+                machine_id: machine_id.clone(),
+                name: None,
+                deciding: None,
+                pending: None,
+            });
+        let made = created(action);
+        if let Some(name) = &action.computer_dns_name
+            && entry.name.as_ref().is_none_or(|(at, _)| made > *at)
+        {
+            entry.name = Some((made, name.as_str().into()));
+        }
+        if status == ActionStatus::Succeeded {
+            let done = finished(action);
+            let wins = entry.deciding.as_ref().is_none_or(|kept| {
+                (done, std::cmp::Reverse(made)) > (kept.finished, std::cmp::Reverse(kept.created))
+            });
+            if wins {
+                entry.deciding = Kept::of(action, kind).or(entry.deciding.take());
             }
-            group.push(action);
+        } else if !status.is_terminal() {
+            let wins = entry.pending.as_ref().is_none_or(|kept| made > kept.created);
+            if wins {
+                entry.pending = Kept::of(action, kind).or(entry.pending.take());
+            }
         }
-        if !group.is_empty() {
-            devices.extend(device(&mut group));
-        }
-        // Newest `since` first; machines with none last; ties by machine id,
-        // so the same tenant always gives the same order.
-        devices.sort_by(|a, b| {
-            let since = |d: &Device| d.since.map(Timestamp::at);
-            since(b)
-                .cmp(&since(a))
-                .then_with(|| a.machine_id.as_str().cmp(b.machine_id.as_str()))
-        });
+    }
+
+    /// The fleet, newest `since` first; machines with none last; ties by
+    /// machine id, so the same tenant always gives the same order.
+    pub fn finish(self) -> Fleet {
+        let mut entries: Vec<Entry> = self.machines.into_values().collect();
+        entries.sort_by(|a, b| order(a.key(), b.key()));
         let mut counts = Counts::default();
-        for d in &devices {
-            match d.state {
+        for e in &entries {
+            match e.state() {
                 DeviceState::Restricted => counts.restricted += 1,
                 DeviceState::Released => counts.released += 1,
                 DeviceState::Unknown => counts.unknown += 1,
             }
-            counts.pending += usize::from(d.pending_action.is_some());
+            counts.pending += usize::from(e.pending.is_some());
         }
-        Self { devices, counts }
+        Fleet { entries, counts }
+    }
+}
+
+impl Entry {
+    fn state(&self) -> DeviceState {
+        match self.deciding.as_ref().map(|k| k.kind) {
+            Some(ActionType::RestrictCodeExecution) => DeviceState::Restricted,
+            Some(ActionType::UnrestrictCodeExecution) => DeviceState::Released,
+            None => DeviceState::Unknown,
+        }
     }
 
-    /// The machines `filter` asks for, in the same order.
+    fn since(&self) -> Option<Timestamp> {
+        self.deciding.as_ref().and_then(|k| k.since)
+    }
+
+    fn key(&self) -> (Option<OffsetDateTime>, &str) {
+        (self.since().map(Timestamp::at), self.machine_id.as_str())
+    }
+
+    fn device(&self) -> Device {
+        Device {
+            machine_id: self.machine_id.clone(),
+            computer_dns_name: self.name.as_ref().map(|(_, n)| n.to_string()),
+            state: self.state(),
+            since: self.since(),
+            last_action: self.deciding.as_ref().and_then(Kept::action),
+            pending_action: self.pending.as_ref().and_then(Kept::action),
+            release_at: None,
+        }
+    }
+}
+
+/// The view's order: newest `since` first, none last, then by machine id.
+fn order(
+    (a_since, a_id): (Option<OffsetDateTime>, &str),
+    (b_since, b_id): (Option<OffsetDateTime>, &str),
+) -> Ordering {
+    b_since.cmp(&a_since).then_with(|| a_id.cmp(b_id))
+}
+
+/// Where a page ends: the last machine answered, in the view's order. The
+/// next page starts after it, so a page boundary holds even when the fleet
+/// was read again in between (a machine whose `since` changed meanwhile may
+/// show on two pages or on none: each page is as of its own read).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    since: Option<OffsetDateTime>,
+    machine_id: String,
+}
+
+impl Cursor {
+    /// The continuation token: URL-safe base64 of `<since as Unix
+    /// nanoseconds or ->/<machine id>`.
+    pub fn token(&self) -> String {
+        let since = self
+            .since
+            .map_or_else(|| "-".to_owned(), |t| t.unix_timestamp_nanos().to_string());
+        URL_SAFE_NO_PAD.encode(format!("{since}/{}", self.machine_id))
+    }
+
+    /// A token [`Self::token`] wrote; anything else is refused before
+    /// Defender is called.
+    pub fn from_token(token: &str) -> Result<Self, RunbookError> {
+        let invalid = || RunbookError::Invalid {
+            field: "continuation",
+            reason: "(query parameter) is not a continuation token this service wrote; \
+                     give the one from the previous page's answer"
+                .to_owned(),
+        };
+        let text = URL_SAFE_NO_PAD
+            .decode(token.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok())
+            .ok_or_else(invalid)?;
+        let (since, machine_id) = text.split_once('/').ok_or_else(invalid)?;
+        let since = match since {
+            "-" => None,
+            nanos => Some(
+                nanos
+                    .parse::<i128>()
+                    .ok()
+                    .and_then(|n| OffsetDateTime::from_unix_timestamp_nanos(n).ok())
+                    .ok_or_else(invalid)?,
+            ),
+        };
+        if machine_id.is_empty() || machine_id.len() > 256 {
+            return Err(invalid());
+        }
+        Ok(Self {
+            since,
+            machine_id: machine_id.to_owned(),
+        })
+    }
+}
+
+/// Which page of the view the caller asked for (`pageSize`, `continuation`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageRequest {
+    pub size: usize,
+    pub after: Option<Cursor>,
+}
+
+impl PageRequest {
+    /// Devices per page unless `pageSize` says otherwise.
+    pub const DEFAULT_SIZE: usize = 1_000;
+    /// The most `pageSize` allows.
+    pub const MAX_SIZE: usize = 10_000;
+
+    /// `pageSize` (1 to 10,000; default 1,000) and `continuation` (a token
+    /// from the previous page), each at most once.
+    pub fn from_query(query: &[(String, String)]) -> Result<Self, RunbookError> {
+        let once = |name: &'static str| -> Result<Option<&str>, RunbookError> {
+            let mut values = query.iter().filter(|(k, _)| k == name).map(|(_, v)| v);
+            let value = values.next();
+            if values.next().is_some() {
+                return Err(RunbookError::Invalid {
+                    field: name,
+                    reason: "(query parameter) is given more than once; give it once".to_owned(),
+                });
+            }
+            Ok(value.map(String::as_str))
+        };
+        let size = match once("pageSize")? {
+            None => Self::DEFAULT_SIZE,
+            Some(v) => v
+                .parse::<usize>()
+                .ok()
+                .filter(|n| (1..=Self::MAX_SIZE).contains(n) && v.bytes().all(|b| b.is_ascii_digit()))
+                .ok_or_else(|| RunbookError::Invalid {
+                    field: "pageSize",
+                    reason: format!(
+                        "(query parameter) must be a whole number from 1 to {}; got {:?}",
+                        Self::MAX_SIZE,
+                        v.chars().take(64).collect::<String>()
+                    ),
+                })?,
+        };
+        let after = once("continuation")?.map(Cursor::from_token).transpose()?;
+        Ok(Self { size, after })
+    }
+}
+
+impl Default for PageRequest {
+    fn default() -> Self {
+        Self {
+            size: Self::DEFAULT_SIZE,
+            after: None,
+        }
+    }
+}
+
+/// One page of the view.
+#[derive(Debug, Clone)]
+pub struct Page {
+    pub devices: Vec<Device>,
+    /// Machines the filter keeps, on every page.
+    pub matching: usize,
+    /// Where the next page starts; `None` on the last page.
+    pub next: Option<Cursor>,
+}
+
+impl Fleet {
+    /// Derive each machine's state from the tenant's actions, in any order.
+    pub fn from_actions(actions: impl IntoIterator<Item = MachineAction>) -> Self {
+        let mut fold = FleetFold::default();
+        fold.add_all(actions);
+        fold.finish()
+    }
+
+    /// Machines with restrict or unrestrict actions.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// The ids of the machines in `state`, in the view's order.
+    pub fn machines_in(&self, state: DeviceState) -> impl Iterator<Item = &MachineId> {
+        self.entries
+            .iter()
+            .filter(move |e| e.state() == state)
+            .map(|e| &e.machine_id)
+    }
+
+    /// The page `page` asks for of the machines `filter` keeps, in the
+    /// view's order.
+    pub fn page(&self, filter: StateFilter, page: &PageRequest) -> Page {
+        let start = page.after.as_ref().map_or(0, |after| {
+            let after = (after.since, after.machine_id.as_str());
+            self.entries
+                .partition_point(|e| order(e.key(), after) != Ordering::Greater)
+        });
+        let mut kept = self.entries[start..]
+            .iter()
+            .filter(|e| filter.keeps_entry(e));
+        let devices: Vec<Device> = kept.by_ref().take(page.size).map(Entry::device).collect();
+        let next = match (kept.next(), devices.last()) {
+            (Some(_), Some(last)) => Some(Cursor {
+                since: last.since.map(Timestamp::at),
+                machine_id: last.machine_id.to_string(),
+            }),
+            _ => None,
+        };
+        let matching = match filter {
+            StateFilter::Restricted => self.counts.restricted,
+            StateFilter::Released => self.counts.released,
+            StateFilter::Pending => self.counts.pending,
+            StateFilter::All => self.entries.len(),
+        };
+        Page {
+            devices,
+            matching,
+            next,
+        }
+    }
+
+    /// Every machine, in the view's order (tests).
+    #[cfg(test)]
+    pub fn devices(&self) -> Vec<Device> {
+        self.entries.iter().map(Entry::device).collect()
+    }
+
+    /// Every machine `filter` keeps, in the view's order (tests).
+    #[cfg(test)]
     pub fn select(self, filter: StateFilter) -> (Vec<Device>, Counts) {
-        let devices = self
-            .devices
-            .into_iter()
-            .filter(|d| filter.keeps(d))
-            .collect();
-        (devices, self.counts)
+        let page = self.page(
+            filter,
+            &PageRequest {
+                size: usize::MAX,
+                after: None,
+            },
+        );
+        (page.devices, self.counts)
     }
 }
 
-/// Machine ids compare case-insensitively (every action here has one).
-fn same_machine(a: &MachineAction, b: &MachineAction) -> bool {
-    a.machine_id.is_some() && a.machine_id == b.machine_id
-}
-
-/// One machine's entry from its actions (all of one machine, typed, newest
-/// created first), which it takes, leaving `actions` empty for the next one.
-fn device(actions: &mut Vec<MachineAction>) -> Option<Device> {
-    let deciding = deciding_action(actions.iter()).map(|(a, t)| (a.id.clone(), t));
-    let pending = actions
-        .iter()
-        .position(|a| a.status.known().is_some_and(|s| !s.is_terminal()));
-    let computer_dns_name = actions.iter().find_map(|a| a.computer_dns_name.clone());
-    // Every action here has the machine's id (`from_actions` keeps no other).
-    let Some(machine_id) = actions.first().and_then(|a| a.machine_id.clone()) else {
-        actions.clear();
-        return None;
-    };
-
-    let pending_action = pending.map(|at| actions.swap_remove(at));
-    let last_action = deciding
-        .as_ref()
-        .and_then(|(id, _)| actions.iter().position(|a| &a.id == id))
-        .map(|at| actions.swap_remove(at));
-    actions.clear();
-    let state = match deciding {
-        Some((_, ActionType::RestrictCodeExecution)) => DeviceState::Restricted,
-        Some((_, ActionType::UnrestrictCodeExecution)) => DeviceState::Released,
-        None => DeviceState::Unknown,
-    };
-    // The time `finished` decides by, as Defender wrote it.
-    let since = last_action
-        .as_ref()
-        .and_then(|a| a.last_update_date_time_utc.or(a.creation_date_time_utc));
-    Some(Device {
-        machine_id,
-        computer_dns_name,
-        state,
-        since,
-        release_at: None,
-        last_action,
-        pending_action,
-    })
-}
-
-/// The JSON answer.
+/// The JSON answer: one page.
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Answer<'a> {
     pub devices: &'a [Device],
+    /// Devices on this page.
     pub count: usize,
+    /// Devices the filter keeps, on every page.
+    pub matching: usize,
     /// The filter applied (`state`).
     pub state: &'static str,
     pub counts: Counts,
-    /// When the read of Defender's actions was sent (RFC 3339, UTC).
+    /// When the read of Defender's actions this page comes from was sent
+    /// (RFC 3339, UTC): a view may be answered from a read a few seconds
+    /// old, shared with the views asked at the same time.
     pub as_of: String,
+    /// `pageSize` as applied.
+    pub page_size: usize,
+    /// Give it as `continuation` for the next page; `null` on the last.
+    pub continuation: Option<String>,
 }
 
 impl<'a> Answer<'a> {
     /// `as_of` as [`rfc3339`] wrote it.
-    pub fn new(devices: &'a [Device], filter: StateFilter, counts: Counts, as_of: String) -> Self {
+    pub fn new(
+        page: &'a Page,
+        filter: StateFilter,
+        counts: Counts,
+        as_of: String,
+        page_size: usize,
+    ) -> Self {
         Self {
-            devices,
-            count: devices.len(),
+            devices: &page.devices,
+            count: page.devices.len(),
+            matching: page.matching,
             state: filter.as_str(),
             counts,
             as_of,
+            page_size,
+            continuation: page.next.as_ref().map(Cursor::token),
         }
     }
 }
@@ -362,8 +651,8 @@ mod tests {
             action("r3", B, R, "Failed", 10, Some(11)),
         ];
         let fleet = Fleet::from_actions(actions.clone());
-        assert_eq!(ids(&fleet.devices), [A, B], "newest since first");
-        let a = &fleet.devices[0];
+        assert_eq!(ids(&fleet.devices()), [A, B], "newest since first");
+        let a = &fleet.devices()[0];
         assert_eq!(a.state, DeviceState::Restricted);
         assert_eq!(
             a.since.map(|t| t.to_string()).as_deref(),
@@ -371,7 +660,7 @@ mod tests {
         );
         assert_eq!(a.last_action.as_ref().map(|x| x.id.as_str()), Some("r1"));
         assert_eq!(a.pending_action.as_ref().map(|x| x.id.as_str()), Some("u2"));
-        let b = &fleet.devices[1];
+        let b = &fleet.devices()[1];
         assert_eq!(b.state, DeviceState::Released);
         assert_eq!(b.last_action.as_ref().map(|x| x.id.as_str()), Some("u3"));
         assert!(b.pending_action.is_none());
@@ -407,10 +696,10 @@ mod tests {
             action("u1", A, U, "Cancelled", 0, Some(1)),
             action("r2", B, R, "Succeeded", 1, Some(2)),
         ]);
-        assert_eq!(ids(&fleet.devices), [B, A]);
-        assert_eq!(fleet.devices[1].state, DeviceState::Unknown);
-        assert_eq!(fleet.devices[1].since, None);
-        assert!(fleet.devices[1].last_action.is_none());
+        assert_eq!(ids(&fleet.devices()), [B, A]);
+        assert_eq!(fleet.devices()[1].state, DeviceState::Unknown);
+        assert_eq!(fleet.devices()[1].since, None);
+        assert!(fleet.devices()[1].last_action.is_none());
         let (pending, counts) = fleet.clone().select(StateFilter::Pending);
         assert_eq!(ids(&pending), [A]);
         assert_eq!(counts.unknown, 1);
@@ -430,10 +719,10 @@ mod tests {
             upper,
             orphan,
         ]);
-        assert_eq!(fleet.devices.len(), 1);
-        assert_eq!(fleet.devices[0].state, DeviceState::Released);
+        assert_eq!(fleet.devices().len(), 1);
+        assert_eq!(fleet.devices()[0].state, DeviceState::Released);
         assert_eq!(
-            fleet.devices[0].computer_dns_name.as_deref(),
+            fleet.devices()[0].computer_dns_name.as_deref(),
             Some("DESKTOP-ALPHA")
         );
     }
@@ -441,7 +730,7 @@ mod tests {
     #[test]
     fn the_deciding_action_is_returned_as_defender_sent_it() {
         let fleet = Fleet::from_actions(vec![action("r1", A, R, "Succeeded", 0, Some(1))]);
-        let json = serde_json::to_value(&fleet.devices[0]).unwrap();
+        let json = serde_json::to_value(&fleet.devices()[0]).unwrap();
         assert_eq!(json["lastAction"]["scope"], serde_json::Value::Null);
         assert_eq!(json["lastAction"]["commands"], serde_json::json!([]));
         assert_eq!(json["lastAction"]["requestorComment"], "comment r1");

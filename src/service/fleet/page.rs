@@ -51,16 +51,30 @@ time { white-space: nowrap; }
 }
 "#;
 
+/// What one page of the view shows.
+#[derive(Debug, Clone)]
+pub struct Shown<'a> {
+    pub devices: &'a [Device],
+    pub filter: StateFilter,
+    pub counts: Counts,
+    /// Devices the filter keeps, on every page.
+    pub matching: usize,
+    pub as_of: &'a str,
+    /// The link to the next page (with the key), if there is one.
+    pub next: Option<String>,
+}
+
 /// The whole page. `code` is the caller's function key, kept on the filter
 /// links so they work as the page itself did.
-pub fn render(
-    devices: &[Device],
-    filter: StateFilter,
-    counts: Counts,
-    as_of: &str,
-    code: Option<&str>,
-    portal: &str,
-) -> String {
+pub fn render(shown: &Shown<'_>, code: Option<&str>, portal: &str) -> String {
+    let Shown {
+        devices,
+        filter,
+        counts,
+        matching,
+        as_of,
+        ..
+    } = *shown;
     let heading = match filter {
         StateFilter::Restricted => "Restricted devices",
         StateFilter::Released => "Released devices",
@@ -86,7 +100,8 @@ pub fn render(
             body {
                 h1 { (heading) }
                 p.meta {
-                    span #count { (devices.len()) } " shown, as of "
+                    span #count { (devices.len()) } " shown of "
+                    span #matching { (matching) } ", as of "
                     time #as-of datetime=(as_of) { (readable_text(as_of)) }
                     " (when Defender's actions were read). "
                     (counts.unknown) " with no successful action (state unknown)."
@@ -116,6 +131,9 @@ pub fn render(
                             tr { td.none colspan="5" { "No devices match." } }
                         }
                     }
+                }
+                @if let Some(next) = &shown.next {
+                    p { a #next rel="next" href=(next) { "Next page" } }
                 }
             }
         }
@@ -249,10 +267,14 @@ mod tests {
         let counts = fleet.counts;
         let (devices, _) = fleet.select(StateFilter::Restricted);
         let page = render(
-            &devices,
-            StateFilter::Restricted,
-            counts,
-            "2026-11-28T11:00:00Z",
+            &Shown {
+                devices: &devices,
+                filter: StateFilter::Restricted,
+                counts,
+                matching: devices.len(),
+                as_of: "2026-11-28T11:00:00Z",
+                next: None,
+            },
             Some("k&y=\"1"),
             "https://security.microsoft.us",
         );

@@ -23,7 +23,7 @@ use crate::{
     coordination::records::{WriteIf, Written},
     service::{
         expiry::rfc3339,
-        fleet::{DeviceState, Fleet},
+        fleet::{self, DeviceState},
         jobs::request::odata_string,
     },
 };
@@ -98,16 +98,15 @@ async fn apply(
     report: &mut RunReport,
 ) -> Result<(), String> {
     let client = reconciler.client();
-    let history = client
-        .restrict_history(deadline, None)
+    // Folded page by page: per machine only what decides its state.
+    let history = fleet::read::read(client, deadline)
         .await
         .map_err(|e| e.to_string())?;
     report.calls.list_actions += history.calls;
-    let restricted: BTreeSet<String> = Fleet::from_actions(history.actions)
-        .devices
-        .into_iter()
-        .filter(|d| d.state == DeviceState::Restricted)
-        .map(|d| d.machine_id.to_string().to_ascii_lowercase())
+    let restricted: BTreeSet<String> = history
+        .fleet
+        .machines_in(DeviceState::Restricted)
+        .map(|id| id.as_str().to_ascii_lowercase())
         .collect();
     let filter = format!("machineTags/any(tag: tag eq {})", odata_string(tag));
     let tagged_machines = client

@@ -60,13 +60,14 @@ use crate::{
     defender::{
         DefenderClient, Endpoint,
         budget::Share,
-        client::{ActionListing, ActionRecord},
+        client::ActionRecord,
         ids::{ActionId, MachineId},
         models::{ActionStatus, ActionType, Machine, MachineAction},
         timestamp::Timestamp,
     },
     service::{
         decision::{self, Decision, Wanted},
+        fleet::read::{FleetReads, View},
         machine_directory::{FindError, MachineDirectory},
         machine_queue::MachineQueues,
         platform,
@@ -101,6 +102,8 @@ struct Shared {
     created: Created,
     /// Leases across instances (`COORDINATION=storage`).
     coordinator: Option<Arc<Coordinator>>,
+    /// The fleet view's shared reads.
+    fleet: FleetReads,
 }
 
 /// What a caller wants done to a device, whichever edge it came through.
@@ -195,6 +198,7 @@ impl Restrictor {
                 coordinator,
                 directory: MachineDirectory::new(client.clone(), machine_cache),
                 reads: StateReads::new(client.clone()),
+                fleet: FleetReads::new(client.clone(), FleetReads::DEFAULT_MAX_AGE),
                 client,
                 include_caller,
                 queues: MachineQueues::default(),
@@ -486,9 +490,21 @@ impl Restrictor {
         Ok(self.inner.reads.read(machine_id, deadline).await?)
     }
 
-    /// The tenant's restrict and unrestrict actions, for the fleet view.
-    pub async fn history(&self, deadline: Instant) -> Result<ActionListing, ServiceError> {
-        Ok(self.inner.client.restrict_history(deadline, None).await?)
+    /// The fleet, for one view: a read shared with the other views, which
+    /// yields the budget to every other caller ([`FleetReads`]).
+    pub async fn fleet_view(&self, deadline: Instant) -> Result<View, ServiceError> {
+        Ok(self.inner.fleet.view(deadline).await?)
+    }
+
+    /// How old a read may be and still answer a fleet view
+    /// (`FLEET_VIEW_MAX_AGE_SECONDS`); set at startup, before the
+    /// restrictor is shared.
+    #[must_use]
+    pub fn with_fleet_view_max_age(mut self, max_age: Duration) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.fleet = FleetReads::new(inner.client.clone(), max_age);
+        }
+        self
     }
 
     /// The comment as sent to Defender: with the caller, unless turned off
