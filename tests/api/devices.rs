@@ -194,7 +194,10 @@ async fn each_state_lists_its_devices_from_one_paged_tenant_wide_read() {
         "{}",
         all["asOf"]
     );
-    assert_eq!(app.defender_requests().len(), 3 * 3);
+    // Asked within seconds of the first, the other views are answered from
+    // its read, and say so: the same `asOf`, no call of their own.
+    assert_eq!(all["asOf"], answer["asOf"]);
+    assert!(app.defender_requests().is_empty());
 }
 
 #[tokio::test]
@@ -396,4 +399,179 @@ async fn the_view_does_not_depend_on_the_list_order_or_on_next_links() {
         all["devices"][2]["pendingAction"]["type"],
         "UnrestrictCodeExecution"
     );
+}
+
+/// The list-actions calls Defender received.
+fn action_lists(app: &TestApp) -> usize {
+    app.defender_requests()
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/machineactions")
+        .count()
+}
+
+#[tokio::test]
+async fn concurrent_views_share_one_read() {
+    // No read is reused after it finished: only the views asked while it is
+    // in flight (Defender answers each list 400 ms late) may share it.
+    let app = spawn_in_process_with(AppOptions {
+        env: vec![("FLEET_VIEW_MAX_AGE_SECONDS", "0".to_owned())],
+        ..tenant_options(SimConfig::default())
+    })
+    .await;
+    outbreak(&app).await;
+    app.sim.inject(
+        restrict_code_execution::simulator::Fault::new(
+            "machineactions",
+            restrict_code_execution::simulator::FaultKind::Delay { millis: 400 },
+        )
+        .method("GET"),
+    );
+    let views = (0..20).map(|i| {
+        let state = ["all", "restricted", "pending", "released"][i % 4];
+        let app = &app;
+        async move { devices(app, Some(state), None).await }
+    });
+    let answers = futures_util::future::join_all(views).await;
+    let as_of = answers[0].json()["asOf"].clone();
+    for answer in &answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        let answer = answer.json();
+        assert_eq!(answer["asOf"], as_of, "one read answered every view");
+        assert_eq!(answer["counts"], outbreak_counts());
+    }
+    assert_eq!(
+        action_lists(&app),
+        2,
+        "one read pair (restricts, releases) for 20 views: {:#?}",
+        app.defender_requests()
+    );
+
+    // With the read over and no reuse allowed, the next view reads again.
+    app.sim.clear_requests();
+    let again = devices(&app, Some("all"), None).await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    assert_eq!(action_lists(&app), 2);
+}
+
+#[tokio::test]
+async fn views_never_take_the_budget_a_restrict_needs() {
+    // Four list-actions calls an hour; views may fill half of that. Every
+    // view wants a fresh read (no reuse by age).
+    let app = spawn_in_process_with(AppOptions {
+        env: vec![
+            ("DEFENDER_RATE_LIMIT_PER_HOUR", "4".to_owned()),
+            ("FLEET_VIEW_MAX_AGE_SECONDS", "0".to_owned()),
+        ],
+        ..tenant_options(SimConfig::default())
+    })
+    .await;
+    let mut views = Vec::new();
+    for _ in 0..10 {
+        views.push(devices(&app, Some("all"), None).await);
+    }
+    let view_lists = action_lists(&app);
+
+    // The restrict still finds room to read the machine and act.
+    let restrict = app
+        .host
+        .forwarded(&CallerRequest::json(
+            json!({"deviceId": ALPHA_AAD_DEVICE_ID, "comment": "INC-9"}).to_string(),
+        ))
+        .await;
+    assert_eq!(restrict.status, 201, "{}", restrict.body);
+    let received = app.defender_requests();
+    assert!(
+        received.iter().any(|r| r.method == "POST"
+            && r.path == format!("/api/machines/{ALPHA_MACHINE_ID}/restrictCodeExecution")),
+        "{received:#?}"
+    );
+
+    assert_eq!(
+        view_lists, 2,
+        "views stop at their share of the hour: {received:#?}"
+    );
+    let as_of = views[0].json()["asOf"].clone();
+    for view in &views {
+        assert_eq!(view.status, 200, "{}", view.body);
+        // Answered from the first read, and saying how old it is.
+        assert_eq!(view.json()["asOf"], as_of);
+    }
+}
+
+#[tokio::test]
+async fn the_view_pages_with_a_continuation_token() {
+    let app = small_pages().await;
+    outbreak(&app).await;
+    let page = |continuation: Option<String>, accept: Option<&'static str>| {
+        let app = &app;
+        async move {
+            let mut request = CallerRequest::empty()
+                .query("state", "all")
+                .query("pageSize", "1");
+            if let Some(token) = &continuation {
+                request = request.query("continuation", token);
+            }
+            if let Some(accept) = accept {
+                request = request.header("Accept", accept);
+            }
+            app.host.forwarded_to(&Route::devices(), &request).await
+        }
+    };
+    let mut seen = Vec::new();
+    let mut token = None;
+    loop {
+        let response = page(token.clone(), None).await;
+        assert_eq!(response.status, 200, "{}", response.body);
+        let answer = response.json();
+        assert_eq!(answer["count"], 1);
+        assert_eq!(answer["matching"], 4);
+        assert_eq!(answer["pageSize"], 1);
+        assert_eq!(answer["counts"], outbreak_counts());
+        seen.push(answer["devices"][0]["machineId"].as_str().unwrap().to_owned());
+        match answer["continuation"].as_str() {
+            Some(next) => {
+                let link = response.header("link").unwrap();
+                assert!(link.starts_with("<?state=all&pageSize=1&continuation="), "{link}");
+                assert!(link.ends_with(">; rel=\"next\""), "{link}");
+                assert!(!link.contains("code="), "the key stays out: {link}");
+                token = Some(next.to_owned());
+            }
+            None => {
+                assert_eq!(response.header("link"), None);
+                break;
+            }
+        }
+        assert!(seen.len() <= 4, "{seen:?}");
+    }
+    assert_eq!(seen, ALL, "every device once, in the view's order");
+
+    // Text and HTML page alike.
+    let text = page(None, Some("text/plain")).await;
+    assert_eq!(text.body.lines().count(), 1, "{}", text.body);
+    assert!(text.header("link").is_some());
+    let html = page(None, Some("text/html")).await;
+    assert_eq!(html.body.matches("<tr data-machine-id=").count(), 1);
+    assert!(html.body.contains(r#"rel="next" href="?state=all&amp;pageSize=1&amp;continuation="#), "{}", html.body);
+
+    // A token this service did not write, or a page size out of range, is
+    // refused before anything is read.
+    app.sim.clear_requests();
+    for (name, value) in [
+        ("continuation", "not a token"),
+        ("continuation", "eA"),
+        ("pageSize", "0"),
+        ("pageSize", "10001"),
+        ("pageSize", "+5"),
+    ] {
+        let response = app
+            .host
+            .forwarded_to(
+                &Route::devices(),
+                &CallerRequest::empty().query(name, value),
+            )
+            .await;
+        assert_eq!(response.status, 400, "{name}={value}: {}", response.body);
+        assert_eq!(response.json()["field"], name);
+    }
+    assert!(app.defender_requests().is_empty());
 }
