@@ -198,6 +198,33 @@ impl Kept {
         })
     }
 
+    /// Keep `action` in `slot` when it ranks above the action there; of
+    /// two that rank alike (a repeat, or equal times) the greater JSON text,
+    /// so that the order the actions come in never matters.
+    fn keep<R: Ord>(
+        slot: &mut Option<Self>,
+        action: &MachineAction,
+        kind: ActionType,
+        rank: R,
+        rank_of: impl Fn(&Self) -> R,
+    ) {
+        let Some(kept) = slot else {
+            *slot = Self::of(action, kind);
+            return;
+        };
+        match rank.cmp(&rank_of(kept)) {
+            Ordering::Less => {}
+            Ordering::Greater => *slot = Self::of(action, kind).or(slot.take()),
+            Ordering::Equal => {
+                if let Some(new) = Self::of(action, kind)
+                    && new.json > kept.json
+                {
+                    *slot = Some(new);
+                }
+            }
+        }
+    }
+
     fn action(&self) -> Option<MachineAction> {
         serde_json::from_str(&self.json)
             .inspect_err(|e| tracing::warn!(error = %e, "a kept fleet action did not parse back"))
@@ -210,8 +237,9 @@ impl Kept {
 /// ([`crate::service::decision::deciding_action`]): of the `Succeeded` actions the one that finished
 /// last decides (at equal finishing times the one created first, as the
 /// decision's newest-created-first scan keeps it); the pending action shown
-/// is the newest created. An action folded twice (a page boundary moved)
-/// changes nothing.
+/// is the newest created. Where times tie completely, a fixed order of the
+/// actions' text decides, so the order the pages come in never matters,
+/// and an action folded twice (a page boundary moved) changes nothing.
 #[derive(Debug, Default)]
 pub struct FleetFold {
     machines: HashMap<MachineId, Entry>,
@@ -252,23 +280,20 @@ impl FleetFold {
             });
         let made = created(action);
         if let Some(name) = &action.computer_dns_name
-            && entry.name.as_ref().is_none_or(|(at, _)| made > *at)
+            && entry
+                .name
+                .as_ref()
+                .is_none_or(|(at, kept)| (made, name.as_str()) > (*at, &**kept))
         {
             entry.name = Some((made, name.as_str().into()));
         }
         if status == ActionStatus::Succeeded {
-            let done = finished(action);
-            let wins = entry.deciding.as_ref().is_none_or(|kept| {
-                (done, std::cmp::Reverse(made)) > (kept.finished, std::cmp::Reverse(kept.created))
+            let rank = (finished(action), std::cmp::Reverse(made));
+            Kept::keep(&mut entry.deciding, action, kind, rank, |k| {
+                (k.finished, std::cmp::Reverse(k.created))
             });
-            if wins {
-                entry.deciding = Kept::of(action, kind).or(entry.deciding.take());
-            }
         } else if !status.is_terminal() {
-            let wins = entry.pending.as_ref().is_none_or(|kept| made > kept.created);
-            if wins {
-                entry.pending = Kept::of(action, kind).or(entry.pending.take());
-            }
+            Kept::keep(&mut entry.pending, action, kind, made, |k| k.created);
         }
     }
 
@@ -737,6 +762,103 @@ mod tests {
         assert_eq!(json["state"], "restricted");
         assert_eq!(json["pendingAction"], serde_json::Value::Null);
         assert!(json.get("sinceAt").is_none());
+    }
+
+    #[test]
+    fn folding_in_any_order_with_repeats_agrees_with_the_restrict_decision() {
+        let statuses = ["Succeeded", "Succeeded", "Pending", "InProgress", "Failed", "Cancelled"];
+        let mut rng = fastrand::Rng::with_seed(7);
+        let machines: Vec<String> = (0..12).map(|m| format!("{m:040x}")).collect();
+        let actions: Vec<MachineAction> = (0..300)
+            .map(|i| {
+                let created = rng.u32(0..40);
+                // Equal finishing times happen: minutes, not seconds.
+                let updated = rng.bool().then(|| created + rng.u32(0..15));
+                action(
+                    &format!("a{i}"),
+                    &machines[rng.usize(..machines.len())],
+                    if rng.bool() { R } else { U },
+                    statuses[rng.usize(..statuses.len())],
+                    created,
+                    updated,
+                )
+            })
+            .collect();
+        let reference = Fleet::from_actions(actions.clone()).devices();
+        let mut shuffled: Vec<MachineAction> =
+            actions.iter().chain(actions.iter().take(100)).cloned().collect();
+        rng.shuffle(&mut shuffled);
+        let folded = Fleet::from_actions(shuffled);
+        let json = |d: &[Device]| serde_json::to_value(d).unwrap();
+        assert_eq!(json(&folded.devices()), json(&reference), "order and repeats change nothing");
+        assert_eq!(folded.counts.restricted + folded.counts.released + folded.counts.unknown, folded.len());
+
+        for device in &reference {
+            let mine: Vec<MachineAction> = actions
+                .iter()
+                .filter(|a| a.machine_id.as_ref() == Some(&device.machine_id))
+                .cloned()
+                .collect();
+            // The restrict decision's own scan: newest created first.
+            let mut newest_first = mine.clone();
+            newest_first.sort_by_key(|a| std::cmp::Reverse(created(a)));
+            let deciding = crate::service::decision::deciding_action(newest_first.iter());
+            assert_eq!(
+                device.last_action.as_ref().map(|a| finished(a)),
+                deciding.map(|(a, _)| finished(a)),
+                "{}",
+                device.machine_id
+            );
+            let state = match deciding.map(|(_, t)| t) {
+                Some(ActionType::RestrictCodeExecution) => DeviceState::Restricted,
+                Some(ActionType::UnrestrictCodeExecution) => DeviceState::Released,
+                None => DeviceState::Unknown,
+            };
+            assert_eq!(device.state, state, "{}", device.machine_id);
+            let newest_pending = newest_first
+                .iter()
+                .find(|a| a.status == "Pending" || a.status == "InProgress")
+                .map(|a| created(a));
+            assert_eq!(
+                device.pending_action.as_ref().map(|a| created(a)),
+                newest_pending
+            );
+        }
+    }
+
+    #[test]
+    fn pages_follow_the_view_order_and_tokens_round_trip() {
+        let fleet = Fleet::from_actions(vec![
+            action("r1", A, R, "Succeeded", 0, Some(1)),
+            action("r2", B, R, "Succeeded", 0, Some(2)),
+            action("r3", "c3", R, "Succeeded", 0, Some(2)),
+            action("u4", "d4", U, "Pending", 5, None),
+        ]);
+        let all = fleet.devices();
+        let order = ids(&all);
+        assert_eq!(order, ["39a7550d43b78a7757871f5c146184282381ec3d", "c3", A, "d4"]);
+        let mut walked = Vec::new();
+        let mut after = None;
+        loop {
+            let page = fleet.page(StateFilter::All, &PageRequest { size: 1, after });
+            assert_eq!(page.matching, 4);
+            walked.extend(page.devices.iter().map(|d| d.machine_id.to_string()));
+            let Some(next) = page.next else { break };
+            let token = next.token();
+            assert_eq!(Cursor::from_token(&token), Ok(next.clone()));
+            after = Some(next);
+        }
+        assert_eq!(walked, order);
+        // A filter pages over the machines it keeps only.
+        let restricted = fleet.page(StateFilter::Restricted, &PageRequest { size: 2, after: None });
+        assert_eq!(restricted.matching, 3);
+        assert_eq!(ids(&restricted.devices), &order[..2]);
+        let rest = fleet.page(StateFilter::Restricted, &PageRequest { size: 2, after: restricted.next });
+        assert_eq!(ids(&rest.devices), [A]);
+        assert!(rest.next.is_none());
+        for bad in ["", "!!", "eA", "LS8", "MTIzYWJjL20"] {
+            assert!(Cursor::from_token(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]
