@@ -39,6 +39,7 @@ const ENDPOINTS: &str = "  GET    /_sim                          this banner
   POST   /_sim/machines/{id}/offline    {\"offline\": true|false}
   POST   /_sim/machines/{id}/outcome    {\"outcome\": \"Failed\"|\"Succeeded\"} for its new actions
   GET    /_sim/actions                  machine actions, newest first
+  POST   /_sim/actions                  create actions in bulk, as the API's POSTs would {\"type\":\"RestrictCodeExecution\",\"machineIds\":[...],\"comment\":\"INC-1\"}
   GET    /_sim/clock                    simulated time
   POST   /_sim/clock                    {\"advanceSeconds\": 3600}
 ";
@@ -55,7 +56,7 @@ pub(crate) fn router() -> Router<Arc<Sim>> {
         .route("/_sim/fleets", post(add_fleet))
         .route("/_sim/machines/{id}/offline", post(set_offline))
         .route("/_sim/machines/{id}/outcome", post(set_outcome))
-        .route("/_sim/actions", get(actions))
+        .route("/_sim/actions", get(actions).post(add_actions))
         .route("/_sim/clock", get(clock).post(advance_clock))
         .route("/_sim/{*rest}", any(unknown))
         .method_not_allowed_fallback(method_not_allowed)
@@ -205,6 +206,54 @@ async fn add_fleet(State(sim): SimState, body: Bytes) -> Response {
 
 async fn actions(State(sim): SimState) -> Response {
     json(StatusCode::OK, &sim.actions())
+}
+
+/// Restricts or releases in bulk (large tenants for benchmarks): each
+/// created as `POST /api/machines/{id}/<type>` would create it, the
+/// duplicate rule and the clock included, without one HTTP call each.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct BulkActions {
+    #[serde(rename = "type")]
+    kind: crate::defender::models::ActionType,
+    machine_ids: Vec<String>,
+    comment: String,
+}
+
+/// Answers `201` with how many were created, and the machines not found or
+/// with an action of that type already in progress.
+async fn add_actions(State(sim): SimState, body: Bytes) -> Response {
+    let bulk = match parse::<BulkActions>(&body) {
+        Ok(bulk) => bulk,
+        Err(response) => return *response,
+    };
+    let now = sim.clock.now();
+    let mut tenant = sim.tenant();
+    let (mut created, mut not_found, mut in_progress) = (0, Vec::new(), Vec::new());
+    for id in bulk.machine_ids {
+        let machine = match tenant.find_machine(&id) {
+            crate::simulator::state::Lookup::Found(machine) => machine.clone(),
+            _ => {
+                not_found.push(id);
+                continue;
+            }
+        };
+        match tenant.create_action(
+            &machine,
+            bulk.kind,
+            bulk.comment.clone(),
+            now,
+            sim.life,
+            crate::simulator::DuplicateBehaviour::Error,
+        ) {
+            crate::simulator::state::Created::AlreadyInProgress => in_progress.push(id),
+            _ => created += 1,
+        }
+    }
+    json(
+        StatusCode::CREATED,
+        &json!({"created": created, "notFound": not_found, "alreadyInProgress": in_progress}),
+    )
 }
 
 #[derive(Deserialize)]

@@ -332,8 +332,16 @@ impl Tenant {
             Some(c) => self.machine_actions_newest_first(&c.value),
             None => self.actions_newest_first(),
         };
+        // A type condition needs no clock: filtered before the rest is
+        // worked out (a large tenant's list is read page by page).
+        let kinds: Vec<&str> = conditions
+            .iter()
+            .filter(|c| c.field == "type")
+            .map(|c| c.value.as_str())
+            .collect();
         candidates
             .into_iter()
+            .filter(|a| kinds.iter().all(|k| a.kind.as_str() == *k))
             .map(|a| a.to_wire(now, life))
             .filter(|a| conditions.iter().all(|c| action_matches(a, c)))
             .collect()
