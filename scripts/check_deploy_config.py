@@ -40,6 +40,7 @@ NOT_PARAMETERS = {
     "HTTP_READ_TIMEOUT_SECONDS": "the handler's connections from the local Functions host; tests and local runs only",
     "MACHINE_CACHE_SECONDS": "the default (60 s, the most the cache rule allows) serves; lower it by hand only to turn the cache off",
     "DEFENDER_PAGE_SIZE": "tests only: lowers $top to exercise paging",
+    "FLEET_VIEW_MAX_AGE_SECONDS": "the default (5 s) serves; raise it by hand as an app setting for a view many people keep open",
     "RECONCILE_INTERVAL_SECONDS": "local mode only (--simulate, COORDINATION=local); the deployed app runs the host's timer",
     "CALLBACK_ALLOW_LOOPBACK": "local runs and tests only: http to a loopback callback receiver",
     "CALLBACK_SIGNING_KEY": "a secret: set it as an app setting (or a Key Vault reference) after deployment, never a template parameter",
