@@ -556,3 +556,39 @@ async fn a_fleet_is_added_through_the_test_controls() {
         .expect("response");
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
 }
+
+#[tokio::test]
+async fn actions_are_created_in_bulk_by_the_api_s_own_rules() {
+    let api = Api::new(SimConfig {
+        seed: false,
+        ..SimConfig::default()
+    })
+    .await;
+    let fleet = seed::Fleet::new("bulk", "t1", 3);
+    api.sim.add_fleet(&fleet);
+    let ids: Vec<String> = fleet.devices().into_iter().map(|d| d.machine_id).collect();
+    let bulk = |ids: Vec<String>| {
+        let api = &api;
+        async move {
+            let response = api
+                .http
+                .post(format!("{}/_sim/actions", api.sim.url()))
+                .json(&json!({"type": "RestrictCodeExecution", "machineIds": ids, "comment": "INC-1"}))
+                .send()
+                .await
+                .expect("response");
+            assert_eq!(response.status(), StatusCode::CREATED);
+            response.json::<Value>().await.expect("json")
+        }
+    };
+    let first = bulk(vec![ids[0].clone(), ids[1].clone(), "no-such-machine".to_owned()]).await;
+    assert_eq!(first["created"], 2);
+    assert_eq!(first["notFound"], json!(["no-such-machine"]));
+    // The duplicate rule of the API: a restrict still pending is not repeated.
+    let again = bulk(ids.clone()).await;
+    assert_eq!(again["created"], 1);
+    assert_eq!(again["alreadyInProgress"].as_array().map(Vec::len), Some(2));
+    let actions = api.sim.actions();
+    assert_eq!(actions.len(), 3);
+    assert!(actions.iter().all(|a| a.requestor_comment.as_deref() == Some("INC-1")));
+}
