@@ -142,10 +142,26 @@ async fn run(tenant: &Tenant, smoke: bool) -> Result<String> {
     }
     let rounds: [(&[String], &str, &str); 5] = [
         (&ids, "RestrictCodeExecution", "INC-2026-0042: outbreak"),
-        (&ids[..tenant.released], "UnrestrictCodeExecution", "INC-2026-0042: cleared"),
-        (&ids[..tenant.released], "RestrictCodeExecution", "INC-2026-0043: reinfected"),
-        (&ids[..tenant.cleared], "UnrestrictCodeExecution", "INC-2026-0043: cleared"),
-        (&ids[..tenant.cleared], "RestrictCodeExecution", "INC-2026-0044: reinfected again"),
+        (
+            &ids[..tenant.released],
+            "UnrestrictCodeExecution",
+            "INC-2026-0042: cleared",
+        ),
+        (
+            &ids[..tenant.released],
+            "RestrictCodeExecution",
+            "INC-2026-0043: reinfected",
+        ),
+        (
+            &ids[..tenant.cleared],
+            "UnrestrictCodeExecution",
+            "INC-2026-0043: cleared",
+        ),
+        (
+            &ids[..tenant.cleared],
+            "RestrictCodeExecution",
+            "INC-2026-0044: reinfected again",
+        ),
     ];
     for (round, (machines, kind, comment)) in rounds.into_iter().enumerate() {
         for chunk in machines.chunks(20_000) {
@@ -337,11 +353,7 @@ async fn read(
     let mut url = url::Url::parse(&format!("http://127.0.0.1:{}{DEVICES_PATH}", handler.port))?;
     url.query_pairs_mut().extend_pairs(&query);
     let sent = Instant::now();
-    let response = http
-        .get(url)
-        .header("Accept", accept)
-        .send()
-        .await?;
+    let response = http.get(url).header("Accept", accept).send().await?;
     let status = response.status().as_u16();
     let body = response.text().await?;
     let elapsed = sent.elapsed();

@@ -581,7 +581,12 @@ async fn actions_are_created_in_bulk_by_the_api_s_own_rules() {
             response.json::<Value>().await.expect("json")
         }
     };
-    let first = bulk(vec![ids[0].clone(), ids[1].clone(), "no-such-machine".to_owned()]).await;
+    let first = bulk(vec![
+        ids[0].clone(),
+        ids[1].clone(),
+        "no-such-machine".to_owned(),
+    ])
+    .await;
     assert_eq!(first["created"], 2);
     assert_eq!(first["notFound"], json!(["no-such-machine"]));
     // The duplicate rule of the API: a restrict still pending is not repeated.
@@ -590,5 +595,9 @@ async fn actions_are_created_in_bulk_by_the_api_s_own_rules() {
     assert_eq!(again["alreadyInProgress"].as_array().map(Vec::len), Some(2));
     let actions = api.sim.actions();
     assert_eq!(actions.len(), 3);
-    assert!(actions.iter().all(|a| a.requestor_comment.as_deref() == Some("INC-1")));
+    assert!(
+        actions
+            .iter()
+            .all(|a| a.requestor_comment.as_deref() == Some("INC-1"))
+    );
 }

@@ -527,11 +527,19 @@ async fn the_view_pages_with_a_continuation_token() {
         assert_eq!(answer["matching"], 4);
         assert_eq!(answer["pageSize"], 1);
         assert_eq!(answer["counts"], outbreak_counts());
-        seen.push(answer["devices"][0]["machineId"].as_str().unwrap().to_owned());
+        seen.push(
+            answer["devices"][0]["machineId"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
         match answer["continuation"].as_str() {
             Some(next) => {
                 let link = response.header("link").unwrap();
-                assert!(link.starts_with("<?state=all&pageSize=1&continuation="), "{link}");
+                assert!(
+                    link.starts_with("<?state=all&pageSize=1&continuation="),
+                    "{link}"
+                );
                 assert!(link.ends_with(">; rel=\"next\""), "{link}");
                 assert!(!link.contains("code="), "the key stays out: {link}");
                 token = Some(next.to_owned());
@@ -551,7 +559,12 @@ async fn the_view_pages_with_a_continuation_token() {
     assert!(text.header("link").is_some());
     let html = page(None, Some("text/html")).await;
     assert_eq!(html.body.matches("<tr data-machine-id=").count(), 1);
-    assert!(html.body.contains(r#"rel="next" href="?state=all&amp;pageSize=1&amp;continuation="#), "{}", html.body);
+    assert!(
+        html.body
+            .contains(r#"rel="next" href="?state=all&amp;pageSize=1&amp;continuation="#),
+        "{}",
+        html.body
+    );
 
     // A token this service did not write, or a page size out of range, is
     // refused before anything is read.

@@ -440,7 +440,9 @@ impl PageRequest {
             Some(v) => v
                 .parse::<usize>()
                 .ok()
-                .filter(|n| (1..=Self::MAX_SIZE).contains(n) && v.bytes().all(|b| b.is_ascii_digit()))
+                .filter(|n| {
+                    (1..=Self::MAX_SIZE).contains(n) && v.bytes().all(|b| b.is_ascii_digit())
+                })
                 .ok_or_else(|| RunbookError::Invalid {
                     field: "pageSize",
                     reason: format!(
@@ -766,7 +768,14 @@ mod tests {
 
     #[test]
     fn folding_in_any_order_with_repeats_agrees_with_the_restrict_decision() {
-        let statuses = ["Succeeded", "Succeeded", "Pending", "InProgress", "Failed", "Cancelled"];
+        let statuses = [
+            "Succeeded",
+            "Succeeded",
+            "Pending",
+            "InProgress",
+            "Failed",
+            "Cancelled",
+        ];
         let mut rng = fastrand::Rng::with_seed(7);
         let machines: Vec<String> = (0..12).map(|m| format!("{m:040x}")).collect();
         let actions: Vec<MachineAction> = (0..300)
@@ -785,13 +794,23 @@ mod tests {
             })
             .collect();
         let reference = Fleet::from_actions(actions.clone()).devices();
-        let mut shuffled: Vec<MachineAction> =
-            actions.iter().chain(actions.iter().take(100)).cloned().collect();
+        let mut shuffled: Vec<MachineAction> = actions
+            .iter()
+            .chain(actions.iter().take(100))
+            .cloned()
+            .collect();
         rng.shuffle(&mut shuffled);
         let folded = Fleet::from_actions(shuffled);
         let json = |d: &[Device]| serde_json::to_value(d).unwrap();
-        assert_eq!(json(&folded.devices()), json(&reference), "order and repeats change nothing");
-        assert_eq!(folded.counts.restricted + folded.counts.released + folded.counts.unknown, folded.len());
+        assert_eq!(
+            json(&folded.devices()),
+            json(&reference),
+            "order and repeats change nothing"
+        );
+        assert_eq!(
+            folded.counts.restricted + folded.counts.released + folded.counts.unknown,
+            folded.len()
+        );
 
         for device in &reference {
             let mine: Vec<MachineAction> = actions
@@ -804,7 +823,7 @@ mod tests {
             newest_first.sort_by_key(|a| std::cmp::Reverse(created(a)));
             let deciding = crate::service::decision::deciding_action(newest_first.iter());
             assert_eq!(
-                device.last_action.as_ref().map(|a| finished(a)),
+                device.last_action.as_ref().map(finished),
                 deciding.map(|(a, _)| finished(a)),
                 "{}",
                 device.machine_id
@@ -818,9 +837,9 @@ mod tests {
             let newest_pending = newest_first
                 .iter()
                 .find(|a| a.status == "Pending" || a.status == "InProgress")
-                .map(|a| created(a));
+                .map(created);
             assert_eq!(
-                device.pending_action.as_ref().map(|a| created(a)),
+                device.pending_action.as_ref().map(created),
                 newest_pending
             );
         }
@@ -836,7 +855,10 @@ mod tests {
         ]);
         let all = fleet.devices();
         let order = ids(&all);
-        assert_eq!(order, ["39a7550d43b78a7757871f5c146184282381ec3d", "c3", A, "d4"]);
+        assert_eq!(
+            order,
+            ["39a7550d43b78a7757871f5c146184282381ec3d", "c3", A, "d4"]
+        );
         let mut walked = Vec::new();
         let mut after = None;
         loop {
@@ -850,10 +872,22 @@ mod tests {
         }
         assert_eq!(walked, order);
         // A filter pages over the machines it keeps only.
-        let restricted = fleet.page(StateFilter::Restricted, &PageRequest { size: 2, after: None });
+        let restricted = fleet.page(
+            StateFilter::Restricted,
+            &PageRequest {
+                size: 2,
+                after: None,
+            },
+        );
         assert_eq!(restricted.matching, 3);
         assert_eq!(ids(&restricted.devices), &order[..2]);
-        let rest = fleet.page(StateFilter::Restricted, &PageRequest { size: 2, after: restricted.next });
+        let rest = fleet.page(
+            StateFilter::Restricted,
+            &PageRequest {
+                size: 2,
+                after: restricted.next,
+            },
+        );
         assert_eq!(ids(&rest.devices), [A]);
         assert!(rest.next.is_none());
         for bad in ["", "!!", "eA", "LS8", "MTIzYWJjL20"] {
