@@ -214,10 +214,34 @@ fn list_actions(call: &Call<'_>) -> Result<Response, ApiError> {
         ));
     }
     let conditions = conditions(&call.query, "machine actions", ACTION_FIELDS)?;
-    let mut rows = call
-        .sim
-        .tenant()
-        .list_actions(&conditions, call.now, call.sim.life);
+    let tenant = call.sim.tenant();
+    if let Some(mut records) = tenant.action_records(&conditions) {
+        if config.list_order == ListOrder::OldestFirst && !call.query.newest_first {
+            records.reverse();
+        }
+        let sim = call.sim;
+        let (window, next_link) = odata::page(
+            records,
+            &call.query,
+            sim.config.page_size,
+            sim.config.next_link_with_top,
+            &sim.base_url,
+            "/api/machineactions",
+        );
+        let value: Vec<_> = window
+            .into_iter()
+            .map(|a| a.to_wire(call.now, sim.life))
+            .collect();
+        drop(tenant);
+        let page = ODataPage {
+            context: Some(format!("{}/api/$metadata#MachineActions", sim.base_url)),
+            value,
+            next_link,
+        };
+        return Ok(odata_json(StatusCode::OK, &page));
+    }
+    let mut rows = tenant.list_actions(&conditions, call.now, call.sim.life);
+    drop(tenant);
     if config.list_order == ListOrder::OldestFirst && !call.query.newest_first {
         rows.reverse();
     }

@@ -347,6 +347,35 @@ impl Tenant {
             .collect()
     }
 
+    /// The actions the conditions keep, newest first, as records: `None`
+    /// when a condition needs the clock (`status`). Only the page answered
+    /// then has to be worked out, which keeps a large tenant's list cheap.
+    pub(crate) fn action_records(&self, conditions: &[Condition]) -> Option<Vec<&ActionRecord>> {
+        let fixed = |a: &ActionRecord, c: &Condition| match c.field {
+            "machineId" => Some(a.machine_id.eq_ignore_ascii_case(&c.value)),
+            "type" => Some(a.kind.as_str() == c.value),
+            "id" => Some(a.id.eq_ignore_ascii_case(&c.value)),
+            "requestor" => Some(a.requestor == c.value),
+            _ => None,
+        };
+        if conditions
+            .iter()
+            .any(|c| !matches!(c.field, "machineId" | "type" | "id" | "requestor"))
+        {
+            return None;
+        }
+        let candidates = match conditions.iter().find(|c| c.field == "machineId") {
+            Some(c) => self.machine_actions_newest_first(&c.value),
+            None => self.actions_newest_first(),
+        };
+        Some(
+            candidates
+                .into_iter()
+                .filter(|a| conditions.iter().all(|c| fixed(a, c) == Some(true)))
+                .collect(),
+        )
+    }
+
     pub(crate) fn action(
         &self,
         id: &str,
