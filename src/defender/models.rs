@@ -236,7 +236,7 @@ pub struct MachineAction {
 ///
 /// The text is always written by serde_json from a map, so it always parses
 /// back, and equal fields make equal text.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct OtherFields(Box<str>);
 
 impl OtherFields {

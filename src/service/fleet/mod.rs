@@ -16,7 +16,11 @@ pub mod page;
 pub mod read;
 pub mod text;
 
-use std::{cmp::Ordering, collections::HashMap};
+use std::{
+    cmp::Ordering,
+    collections::{HashMap, HashSet},
+    sync::Arc,
+};
 
 use base64::{Engine as _, engine::general_purpose::URL_SAFE_NO_PAD};
 use serde::Serialize;
@@ -24,8 +28,8 @@ use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 
 use crate::{
     defender::{
-        ids::MachineId,
-        models::{ActionStatus, ActionType, MachineAction},
+        ids::{ActionId, MachineId},
+        models::{ActionStatus, ActionType, MachineAction, OrOther, OtherFields},
         timestamp::Timestamp,
     },
     service::{
@@ -171,64 +175,135 @@ struct Entry {
     pending: Option<Kept>,
 }
 
-/// An action kept for the answer: the times and type that order it, and the
-/// action itself as compact JSON (a third of its parsed size), parsed back
-/// only for the machines of the page answered.
+/// An action kept for the answer: the times and type that order it, and
+/// the action itself with its repeated texts shared (an outbreak's actions
+/// carry the same requestor, comment and untyped fields by the thousand)
+/// and its machine id only where it differs from the machine's.
 #[derive(Debug, Clone)]
 struct Kept {
     kind: ActionType,
     created: Option<OffsetDateTime>,
     finished: Option<OffsetDateTime>,
-    /// `lastUpdateDateTimeUtc`, else `creationDateTimeUtc`, as written.
-    since: Option<Timestamp>,
-    json: Box<str>,
+    id: Box<str>,
+    status: OrOther<ActionStatus>,
+    /// `None`: exactly the machine's id as the entry has it.
+    machine_id: Option<MachineId>,
+    computer_dns_name: Option<Arc<str>>,
+    requestor: Option<Arc<str>>,
+    requestor_comment: Option<Arc<str>>,
+    creation: Option<Timestamp>,
+    last_update: Option<Timestamp>,
+    extra: Arc<OtherFields>,
+}
+
+/// One copy of each text the fold keeps.
+#[derive(Debug, Default)]
+struct Texts {
+    strings: HashSet<Arc<str>>,
+    fields: HashSet<Arc<OtherFields>>,
+}
+
+impl Texts {
+    fn text(&mut self, text: &str) -> Arc<str> {
+        if let Some(kept) = self.strings.get(text) {
+            return kept.clone();
+        }
+        let kept: Arc<str> = Arc::from(text);
+        self.strings.insert(kept.clone());
+        kept
+    }
+
+    fn fields(&mut self, fields: &OtherFields) -> Arc<OtherFields> {
+        if let Some(kept) = self.fields.get(fields) {
+            return kept.clone();
+        }
+        let kept = Arc::new(fields.clone());
+        self.fields.insert(kept.clone());
+        kept
+    }
 }
 
 impl Kept {
-    fn of(action: &MachineAction, kind: ActionType) -> Option<Self> {
-        Some(Self {
+    fn of(
+        action: &MachineAction,
+        kind: ActionType,
+        machine: &MachineId,
+        texts: &mut Texts,
+    ) -> Self {
+        Self {
             kind,
             created: created(action),
             finished: finished(action),
-            since: action
-                .last_update_date_time_utc
-                .or(action.creation_date_time_utc),
-            // Our own typed value always serializes; `None` drops only it.
-            json: serde_json::to_string(action).ok()?.into_boxed_str(),
-        })
-    }
-
-    /// Keep `action` in `slot` when it ranks above the action there; of
-    /// two that rank alike (a repeat, or equal times) the greater JSON text,
-    /// so that the order the actions come in never matters.
-    fn keep<R: Ord>(
-        slot: &mut Option<Self>,
-        action: &MachineAction,
-        kind: ActionType,
-        rank: R,
-        rank_of: impl Fn(&Self) -> R,
-    ) {
-        let Some(kept) = slot else {
-            *slot = Self::of(action, kind);
-            return;
-        };
-        match rank.cmp(&rank_of(kept)) {
-            Ordering::Less => {}
-            Ordering::Greater => *slot = Self::of(action, kind).or(slot.take()),
-            Ordering::Equal => {
-                if let Some(new) = Self::of(action, kind)
-                    && new.json > kept.json
-                {
-                    *slot = Some(new);
-                }
-            }
+            id: action.id.as_str().into(),
+            status: action.status.clone(),
+            machine_id: action
+                .machine_id
+                .as_ref()
+                .filter(|id| id.as_str() != machine.as_str())
+                .cloned(),
+            computer_dns_name: action.computer_dns_name.as_deref().map(|t| texts.text(t)),
+            requestor: action.requestor.as_deref().map(|t| texts.text(t)),
+            requestor_comment: action.requestor_comment.as_deref().map(|t| texts.text(t)),
+            creation: action.creation_date_time_utc,
+            last_update: action.last_update_date_time_utc,
+            extra: texts.fields(&action.extra),
         }
     }
 
-    fn action(&self) -> Option<MachineAction> {
-        serde_json::from_str(&self.json)
-            .inspect_err(|e| tracing::warn!(error = %e, "a kept fleet action did not parse back"))
-            .ok()
+    /// `lastUpdateDateTimeUtc`, else `creationDateTimeUtc`, as written.
+    fn since(&self) -> Option<Timestamp> {
+        self.last_update.or(self.creation)
+    }
+
+    /// The action as Defender listed it.
+    fn action(&self, machine: &MachineId) -> MachineAction {
+        MachineAction {
+            id: ActionId::from(&*self.id),
+            action_type: OrOther::Known(self.kind),
+            status: self.status.clone(),
+            machine_id: Some(self.machine_id.clone().unwrap_or_else(|| machine.clone())),
+            computer_dns_name: self.computer_dns_name.as_deref().map(str::to_owned),
+            requestor: self.requestor.as_deref().map(str::to_owned),
+            requestor_comment: self.requestor_comment.as_deref().map(str::to_owned),
+            creation_date_time_utc: self.creation,
+            last_update_date_time_utc: self.last_update,
+            extra: (*self.extra).clone(),
+        }
+    }
+
+    /// Which of two that rank alike is kept: a fixed order of their texts.
+    fn tie_key(&self) -> (&str, &str, Option<&str>, Option<&str>) {
+        (
+            &self.id,
+            self.status.as_str(),
+            self.requestor_comment.as_deref(),
+            self.computer_dns_name.as_deref(),
+        )
+    }
+}
+
+/// Keep `action` in `slot` when it ranks above the action there; of two
+/// that rank alike (a repeat, or equal times) the one [`Kept::tie_key`]
+/// puts last, so that the order the actions come in never matters.
+fn keep<R: Ord>(
+    slot: &mut Option<Kept>,
+    new: impl FnOnce() -> Kept,
+    rank: R,
+    rank_of: impl Fn(&Kept) -> R,
+) {
+    let Some(kept) = slot else {
+        *slot = Some(new());
+        return;
+    };
+    match rank.cmp(&rank_of(kept)) {
+        Ordering::Less => {}
+        Ordering::Greater => *slot = Some(new()),
+        Ordering::Equal => {
+            let new = new();
+            if new.tie_key() > kept.tie_key() {
+                *slot = Some(new);
+            }
+        }
     }
 }
 
@@ -243,6 +318,7 @@ impl Kept {
 #[derive(Debug, Default)]
 pub struct FleetFold {
     machines: HashMap<MachineId, Entry>,
+    texts: Texts,
     actions: usize,
 }
 
@@ -287,13 +363,16 @@ impl FleetFold {
         {
             entry.name = Some((made, name.as_str().into()));
         }
+        let texts = &mut self.texts;
+        let machine = &entry.machine_id;
+        let new = || Kept::of(action, kind, machine, texts);
         if status == ActionStatus::Succeeded {
             let rank = (finished(action), std::cmp::Reverse(made));
-            Kept::keep(&mut entry.deciding, action, kind, rank, |k| {
+            keep(&mut entry.deciding, new, rank, |k| {
                 (k.finished, std::cmp::Reverse(k.created))
             });
         } else if !status.is_terminal() {
-            Kept::keep(&mut entry.pending, action, kind, made, |k| k.created);
+            keep(&mut entry.pending, new, made, |k| k.created);
         }
     }
 
@@ -325,7 +404,7 @@ impl Entry {
     }
 
     fn since(&self) -> Option<Timestamp> {
-        self.deciding.as_ref().and_then(|k| k.since)
+        self.deciding.as_ref().and_then(Kept::since)
     }
 
     fn key(&self) -> (Option<OffsetDateTime>, &str) {
@@ -338,8 +417,8 @@ impl Entry {
             computer_dns_name: self.name.as_ref().map(|(_, n)| n.to_string()),
             state: self.state(),
             since: self.since(),
-            last_action: self.deciding.as_ref().and_then(Kept::action),
-            pending_action: self.pending.as_ref().and_then(Kept::action),
+            last_action: self.deciding.as_ref().map(|k| k.action(&self.machine_id)),
+            pending_action: self.pending.as_ref().map(|k| k.action(&self.machine_id)),
             release_at: None,
         }
     }
@@ -838,10 +917,7 @@ mod tests {
                 .iter()
                 .find(|a| a.status == "Pending" || a.status == "InProgress")
                 .map(created);
-            assert_eq!(
-                device.pending_action.as_ref().map(created),
-                newest_pending
-            );
+            assert_eq!(device.pending_action.as_ref().map(created), newest_pending);
         }
     }
 

@@ -151,7 +151,7 @@ impl FleetReads {
             match &state.in_flight {
                 Some(read) => (read.clone(), false),
                 None => {
-                    let read = self.start(state.last.clone(), deadline);
+                    let read = self.start(deadline);
                     state.in_flight = Some(read.clone());
                     (read, true)
                 }
@@ -172,14 +172,10 @@ impl FleetReads {
 
     /// Start a read on a task of its own; it clears itself from the state
     /// when done.
-    fn start(
-        &self,
-        last: Option<Arc<FleetRead>>,
-        deadline: Instant,
-    ) -> Shared<BoxFuture<'static, Outcome>> {
+    fn start(&self, deadline: Instant) -> Shared<BoxFuture<'static, Outcome>> {
         let (client, state) = (self.client.clone(), self.state.clone());
         let task = tokio::spawn(async move {
-            let outcome = refresh(&client, last, deadline).await;
+            let outcome = refresh(&client, &state, deadline).await;
             let mut state = state.lock();
             state.in_flight = None;
             if let Ok((read, true)) = &outcome {
@@ -200,17 +196,14 @@ impl FleetReads {
     }
 }
 
-/// A new read once the views' share of the budget has room; `last` (not
-/// fresh) when it has none now.
-async fn refresh(
-    client: &DefenderClient,
-    last: Option<Arc<FleetRead>>,
-    deadline: Instant,
-) -> Outcome {
+/// A new read once the views' share of the budget has room; the last read
+/// (not fresh) when it has none now.
+async fn refresh(client: &DefenderClient, state: &Mutex<State>, deadline: Instant) -> Outcome {
     let wait = client
         .wait_for_share(Endpoint::ListActions, Share::VIEWS)
         .await?;
     if !wait.is_zero() {
+        let last = state.lock().last.clone();
         if let Some(last) = last {
             tracing::info!(
                 wait_ms = wait.as_millis(),
@@ -226,5 +219,8 @@ async fn refresh(
         }
         tokio::time::sleep(wait).await;
     }
+    // The views that come meanwhile wait for this read: the last one is no
+    // longer needed, and a large tenant's fleet is not held twice.
+    state.lock().last = None;
     Ok((Arc::new(read(client, deadline).await?), true))
 }
