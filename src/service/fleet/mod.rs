@@ -169,10 +169,11 @@ struct Entry {
     /// From the newest created action that names the machine, and that
     /// action's creation time.
     name: Option<(Option<OffsetDateTime>, Box<str>)>,
-    /// The `Succeeded` action that finished last.
-    deciding: Option<Kept>,
+    /// The `Succeeded` action that finished last (boxed: most machines
+    /// have no pending action, and an empty box takes one word).
+    deciding: Option<Box<Kept>>,
     /// The newest created `Pending`/`InProgress` action.
-    pending: Option<Kept>,
+    pending: Option<Box<Kept>>,
 }
 
 /// An action kept for the answer: the times and type that order it, and
@@ -286,22 +287,22 @@ impl Kept {
 /// that rank alike (a repeat, or equal times) the one [`Kept::tie_key`]
 /// puts last, so that the order the actions come in never matters.
 fn keep<R: Ord>(
-    slot: &mut Option<Kept>,
+    slot: &mut Option<Box<Kept>>,
     new: impl FnOnce() -> Kept,
     rank: R,
     rank_of: impl Fn(&Kept) -> R,
 ) {
     let Some(kept) = slot else {
-        *slot = Some(new());
+        *slot = Some(Box::new(new()));
         return;
     };
     match rank.cmp(&rank_of(kept)) {
         Ordering::Less => {}
-        Ordering::Greater => *slot = Some(new()),
+        Ordering::Greater => *slot = Some(Box::new(new())),
         Ordering::Equal => {
             let new = new();
             if new.tie_key() > kept.tie_key() {
-                *slot = Some(new);
+                *slot = Some(Box::new(new));
             }
         }
     }
@@ -317,7 +318,9 @@ fn keep<R: Ord>(
 /// and an action folded twice (a page boundary moved) changes nothing.
 #[derive(Debug, Default)]
 pub struct FleetFold {
-    machines: HashMap<MachineId, Entry>,
+    /// Where each machine's entry is in `entries`.
+    machines: HashMap<MachineId, usize>,
+    entries: Vec<Entry>,
     texts: Texts,
     actions: usize,
 }
@@ -345,15 +348,18 @@ impl FleetFold {
             return;
         };
         self.actions += 1;
-        let entry = self
-            .machines
-            .entry(machine_id.clone())
-            .or_insert_with(|| Entry {
+        let at = *self.machines.entry(machine_id.clone()).or_insert_with(|| {
+            self.entries.push(Entry {
                 machine_id: machine_id.clone(),
                 name: None,
                 deciding: None,
                 pending: None,
             });
+            self.entries.len() - 1
+        });
+        let Some(entry) = self.entries.get_mut(at) else {
+            return;
+        };
         let made = created(action);
         if let Some(name) = &action.computer_dns_name
             && entry
@@ -379,7 +385,9 @@ impl FleetFold {
     /// The fleet, newest `since` first; machines with none last; ties by
     /// machine id, so the same tenant always gives the same order.
     pub fn finish(self) -> Fleet {
-        let mut entries: Vec<Entry> = self.machines.into_values().collect();
+        drop(self.machines);
+        let mut entries = self.entries;
+        entries.shrink_to_fit();
         entries.sort_by(|a, b| order(a.key(), b.key()));
         let mut counts = Counts::default();
         for e in &entries {
@@ -404,7 +412,7 @@ impl Entry {
     }
 
     fn since(&self) -> Option<Timestamp> {
-        self.deciding.as_ref().and_then(Kept::since)
+        self.deciding.as_ref().and_then(|k| k.since())
     }
 
     fn key(&self) -> (Option<OffsetDateTime>, &str) {
