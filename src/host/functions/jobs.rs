@@ -138,9 +138,7 @@ pub async fn start(
     // A replayed start answers the first request's job, whose callback (if
     // it asked for one) is already recorded.
     if let (Some(url), false) = (&callback, started.replayed) {
-        let subject = crate::service::callbacks::Subject::Job {
-            job_id: job.job_id.clone(),
-        };
+        let subject = crate::service::callbacks::Subject::job(job.job_id.clone());
         if let Some(warning) = super::callback::record(state, invocation, url, subject).await {
             tracing::warn!(%warning, "no callback for this job");
         }
