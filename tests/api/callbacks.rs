@@ -451,13 +451,11 @@ async fn a_job_calls_back_once_its_actions_are_final_not_when_its_devices_are_se
         .sim
         .actions()
         .into_iter()
-        .filter(|a| a.action_type.to_string() == "RestrictCodeExecution")
+        .filter(|a| a.action_type == "RestrictCodeExecution")
         .collect();
     assert_eq!(restricts.len(), 2, "{restricts:?}");
     assert!(
-        restricts
-            .iter()
-            .all(|a| a.status.to_string() == "Succeeded"),
+        restricts.iter().all(|a| a.status == "Succeeded"),
         "the callback went before the actions were final: {restricts:?}"
     );
     assert!(waited > 0, "the callback waited for the actions");

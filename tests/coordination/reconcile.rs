@@ -431,3 +431,144 @@ async fn the_host_emulators_timer_runs_the_reconcile_function_in_payload_mode() 
         "one log line per run: {logs:?}"
     );
 }
+
+/// The whole path as deployed, on the host's own triggers: a job with
+/// `releaseAfter` run by the queue trigger, then the timer firing
+/// `reconcile` every few seconds until the expiry passes. Each device is
+/// released exactly once, not before its time, with an automatic-release
+/// comment naming its restriction. (`PT1M` is the shortest expiry, so this
+/// test waits a minute; it runs beside the others.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_expiry_is_released_once_by_the_host_timer_after_its_time() {
+    use crate::queue_host::{QueueHost, QueueOptions, QueueTrigger, TimerHost};
+
+    let azurite = Azurite::shared();
+    let fleet = Fleet::new("expire-job", "wave-xj", 3);
+    let sim = tenant(&fleet).await;
+    let connection = azurite.connection_string();
+    let handler = Instance::start(&sim, &connection, "reconcile-job-expiry", &[]);
+    let url = format!("http://127.0.0.1:{}", handler.port);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let settings = {
+        let connection = connection.clone();
+        move |name: &str| (name == "AzureWebJobsStorage").then(|| connection.clone())
+    };
+    let host_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("host.json")).unwrap()).unwrap();
+    let mut options = QueueOptions::from_host_json(&host_json, 1).unwrap();
+    options.max_polling_interval = Duration::from_millis(200);
+    let worker = QueueHost::start(
+        &url,
+        QueueTrigger::from_app(root, "job-worker", &settings).unwrap(),
+        options,
+        &settings,
+    )
+    .unwrap();
+
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{url}/api/restrict-code-execution/jobs"))
+        .json(&json!({"machineTag": "wave-xj", "releaseAfter": "PT1M"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = started["jobId"].as_str().expect("a job id").to_owned();
+    let release_at = OffsetDateTime::parse(
+        started["releaseAt"]
+            .as_str()
+            .expect("releaseAt in the answer"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(50);
+    loop {
+        let response = http
+            .get(format!("{url}/api/restrict-code-execution/jobs/{job}"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["counts"]["requested"], 3, "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the job did not finish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    worker.stop().await;
+    let restricts = posts(&sim, "/restrictCodeExecution");
+    assert_eq!(restricts.len(), 3);
+    for sent in &restricts {
+        assert!(
+            comment(sent).ends_with(&format!(
+                "[auto-release {}]",
+                restrict_code_execution::service::expiry::rfc3339(release_at)
+            )),
+            "{}",
+            comment(sent)
+        );
+    }
+
+    // The timer fires as the host does, every 2 s, until the three releases
+    // are sent; none goes before releaseAt.
+    let every = |n: &str| (n == "RECONCILE_SCHEDULE").then(|| "*/2 * * * * *".to_owned());
+    let trigger = TimerTrigger::from_app(root, "reconcile", &every).unwrap();
+    let timer = TimerHost::start(
+        &url,
+        trigger,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let released = posts(&sim, "/unrestrictCodeExecution");
+        if !released.is_empty() {
+            assert!(
+                OffsetDateTime::now_utc() >= release_at,
+                "released before {release_at}"
+            );
+        }
+        if released.len() >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "not released: {released:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A few more runs change nothing.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let runs = timer.stop().await;
+    assert!(runs.len() >= 3, "{runs:?}");
+    assert!(
+        runs.iter()
+            .all(|(_, outcome)| *outcome == HostOutcome::Succeeded { status: 200 }),
+        "{runs:?}"
+    );
+    let released = posts(&sim, "/unrestrictCodeExecution");
+    assert_eq!(released.len(), 3, "one release per device: {released:?}");
+    for device in fleet.devices() {
+        let mine: Vec<_> = released
+            .iter()
+            .filter(|r| r.path.contains(device.machine_id.as_str()))
+            .collect();
+        assert_eq!(mine.len(), 1, "{}", device.machine_id);
+        let restriction = sim
+            .actions()
+            .into_iter()
+            .find(|a| {
+                a.machine_id.as_deref() == Some(device.machine_id.as_str())
+                    && a.action_type == "RestrictCodeExecution"
+            })
+            .expect("the job's restriction");
+        let said = comment(mine[0]);
+        assert!(
+            said.contains("Automatic release") && said.contains(&restriction.id.to_string()),
+            "{said}"
+        );
+    }
+}

@@ -110,6 +110,10 @@ struct StartedBody<'a> {
     devices: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     status_url: Option<String>,
+    /// `releaseAfter` counted from the start: when the job's restrictions
+    /// are released.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    release_at: Option<&'a str>,
     /// The job an earlier request with the same `Idempotency-Key` started.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     replayed: bool,
@@ -155,6 +159,7 @@ pub async fn start(
         status: "running",
         devices: job.devices,
         status_url: url.clone(),
+        release_at: job.release_at.as_deref(),
         replayed: started.replayed,
         warning: jobs.in_memory().then_some(IN_MEMORY_WARNING),
         invocation_id: &invocation.id,
@@ -215,6 +220,8 @@ struct StatusBody<'a> {
     caller_name: Option<&'a str>,
     created_at: &'a str,
     finished_at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    release_at: Option<&'a str>,
     counts: BTreeMap<&'a str, usize>,
     devices: Vec<DeviceBody<'a>>,
     /// Devices matching `outcome=` (all, without it), before paging.
@@ -377,6 +384,7 @@ fn render_status(
         caller_name: job.job.caller_name.as_deref(),
         created_at: &job.job.created_at,
         finished_at: job.finished_at.as_deref(),
+        release_at: job.job.release_at.as_deref(),
         counts: job
             .counts
             .iter()
