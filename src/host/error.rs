@@ -92,6 +92,8 @@ problem_codes! {
     JobNotFound => "job_not_found", NOT_FOUND, "Job not found";
     TooManyDevices => "too_many_devices", UNPROCESSABLE_ENTITY, "Too many devices for one job";
     NoDevicesMatched => "no_devices_matched", UNPROCESSABLE_ENTITY, "No devices matched";
+    IdempotencyKeyReused => "idempotency_key_reused", UNPROCESSABLE_ENTITY,
+        "Idempotency-Key used for another request";
 }
 
 /// Every `code` an answer can carry, as text.
@@ -183,6 +185,12 @@ pub enum ApiError {
          the machines are onboarded. Nothing was sent to Defender."
     )]
     NoDevicesMatched(String),
+    #[error(
+        "the Idempotency-Key {0:?} started a job with a different request within the last 24 \
+         hours; a retry must send the same body. Use a new key for a new job. Nothing was sent \
+         to Defender."
+    )]
+    IdempotencyKeyReused(String),
 }
 
 /// The code of a service error's answer.
@@ -345,6 +353,7 @@ impl ApiError {
             Self::JobNotFound(_) => P::JobNotFound,
             Self::TooManyDevices { .. } => P::TooManyDevices,
             Self::NoDevicesMatched(_) => P::NoDevicesMatched,
+            Self::IdempotencyKeyReused(_) => P::IdempotencyKeyReused,
         }
     }
 

@@ -227,6 +227,15 @@ async fn a_device_group_job_and_a_repeated_idempotency_key_start_one_job() {
     assert_eq!(again.status, 202, "{}", again.body);
     assert_eq!(again.json()["jobId"], job.as_str());
     assert_eq!(again.json()["replayed"], true);
+    // The same request with its fields in another order and other spacing
+    // is the same request.
+    let reordered = CallerRequest::json(format!(
+        "{{ \"release\" : true, \"deviceGroupId\": {} }}",
+        seed::WORKSTATIONS_GROUP_ID
+    ))
+    .header("Idempotency-Key", "run-08585");
+    let third = app.host.forwarded_to(&start_route(), &reordered).await;
+    assert_eq!(third.json()["jobId"], job.as_str(), "{}", third.body);
 
     let done = finished(&app, &job, Duration::from_secs(30)).await;
     assert_eq!(done["release"], true);
@@ -241,6 +250,28 @@ async fn a_device_group_job_and_a_repeated_idempotency_key_start_one_job() {
         .count();
     assert_eq!(group_lists, 1);
     assert!(posts(&app).is_empty(), "a release sends no restrict");
+    // The key with another request (a restrict, not a release) is refused
+    // by name (after the job is done, so Defender is quiet), and nothing of it reaches Defender.
+    let requests_before = app.sim.requests().len();
+    let other = CallerRequest::json(
+        json!({"deviceGroupId": seed::WORKSTATIONS_GROUP_ID, "release": false}).to_string(),
+    )
+    .header("Idempotency-Key", "run-08585");
+    let reused = app.host.forwarded_to(&start_route(), &other).await;
+    assert_eq!(reused.status, 422, "{}", reused.body);
+    assert_eq!(reused.json()["code"], "idempotency_key_reused");
+    assert!(
+        reused.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("run-08585")
+    );
+    assert_eq!(
+        app.sim.requests().len(),
+        requests_before,
+        "{:?}",
+        app.sim.requests()
+    );
 
     let listed = app
         .host

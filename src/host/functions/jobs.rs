@@ -50,6 +50,7 @@ impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
             JobError::NotFound(id) => Self::JobNotFound(id),
+            JobError::KeyReused(key) => Self::IdempotencyKeyReused(key),
             JobError::Resolve(ResolveError::NoDevicesMatched { selector }) => {
                 Self::NoDevicesMatched(selector)
             }

@@ -78,6 +78,9 @@ pub enum JobError {
     Storage(#[from] CoordinationError),
     #[error("a job with this Idempotency-Key is still being started; retry in a few seconds")]
     StillStarting,
+    /// The key started a job with a different request within the window.
+    #[error("the Idempotency-Key {0:?} started a job with a different request")]
+    KeyReused(String),
 }
 
 impl From<DefenderError> for JobError {
@@ -203,9 +206,10 @@ impl Jobs {
         idempotency_key: Option<&str>,
         deadline: Instant,
     ) -> Result<Started, JobError> {
+        let fingerprint = request.fingerprint();
         // A retry of a start that succeeded costs no Defender call.
         if let Some(key) = idempotency_key
-            && let Some(earlier) = self.replay(key).await?
+            && let Some(earlier) = self.replay(key, &fingerprint).await?
         {
             return Ok(Started {
                 job: earlier,
@@ -216,7 +220,7 @@ impl Jobs {
         let now = OffsetDateTime::now_utc();
         let job_id = uuid::Uuid::new_v4().to_string();
         if let Some(key) = idempotency_key
-            && let Some(earlier) = self.claim_key(key, &job_id, now).await?
+            && let Some(earlier) = self.claim_key(key, &fingerprint, &job_id, now).await?
         {
             return Ok(Started {
                 job: earlier,
@@ -294,8 +298,9 @@ impl Jobs {
         })
     }
 
-    /// The job `key` started within the window, if its record is there.
-    async fn replay(&self, key: &str) -> Result<Option<JobRecord>, JobError> {
+    /// The job `key` started within the window, if its record is there; an
+    /// error if that job was started by a different request.
+    async fn replay(&self, key: &str, fingerprint: &str) -> Result<Option<JobRecord>, JobError> {
         let Some(claim) = self
             .inner
             .records
@@ -311,6 +316,7 @@ impl Jobs {
         if age >= IDEMPOTENCY_WINDOW.whole_milliseconds() as i64 {
             return Ok(None);
         }
+        same_request(&claim.metadata, key, fingerprint)?;
         let job = meta(&claim.metadata, "job").unwrap_or_default();
         Ok(self.read_job(&job).await?)
     }
@@ -319,6 +325,7 @@ impl Jobs {
     async fn claim_key(
         &self,
         key: &str,
+        fingerprint: &str,
         job_id: &str,
         now: OffsetDateTime,
     ) -> Result<Option<JobRecord>, JobError> {
@@ -327,6 +334,7 @@ impl Jobs {
             let metadata = [
                 ("job".to_owned(), job_id.to_owned()),
                 ("at".to_owned(), unix_ms(now).to_string()),
+                ("request".to_owned(), fingerprint.to_owned()),
             ]
             .into_iter()
             .collect();
@@ -347,6 +355,7 @@ impl Jobs {
             let age = time::Duration::milliseconds(unix_ms(now).saturating_sub(at));
             let earlier = meta(&existing.metadata, "job").unwrap_or_default();
             if age < IDEMPOTENCY_WINDOW {
+                same_request(&existing.metadata, key, fingerprint)?;
                 if let Some(job) = self.read_job(&earlier).await? {
                     return Ok(Some(job));
                 }
@@ -657,6 +666,21 @@ fn unix_ms(t: OffsetDateTime) -> i64 {
 fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.replace_nanosecond(0).unwrap_or(t);
     t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// An Idempotency-Key answers only a retry of the request that claimed it:
+/// the same key with another body (another tag, `release` flipped) would
+/// otherwise be told "replayed" about a job that does something else. A
+/// claim written before fingerprints were kept has none and is trusted.
+fn same_request(
+    metadata: &std::collections::HashMap<String, String>,
+    key: &str,
+    fingerprint: &str,
+) -> Result<(), JobError> {
+    match meta(metadata, "request") {
+        Some(earlier) if earlier != fingerprint => Err(JobError::KeyReused(key.to_owned())),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
