@@ -56,10 +56,27 @@ struct Side {
     restrictor: Restrictor,
     reconciler: Reconciler,
     client: DefenderClient,
+    coordinator: Arc<Coordinator>,
 }
 
 fn side(sim: &SimHandle, storage: &StorageSettings, tag: Option<&str>) -> Side {
-    let coordinator = Arc::new(Coordinator::new(storage, CoordinatorOptions::default()).unwrap());
+    side_with(
+        sim,
+        storage,
+        tag,
+        CoordinatorOptions::default(),
+        Duration::from_secs(60),
+    )
+}
+
+fn side_with(
+    sim: &SimHandle,
+    storage: &StorageSettings,
+    tag: Option<&str>,
+    options: CoordinatorOptions,
+    run_time: Duration,
+) -> Side {
+    let coordinator = Arc::new(Coordinator::new(storage, options).unwrap());
     let client = DefenderClient::new(
         url::Url::parse(&sim.url()).unwrap(),
         TokenSource::fixed(TOKEN, Duration::from_secs(5)),
@@ -85,13 +102,14 @@ fn side(sim: &SimHandle, storage: &StorageSettings, tag: Option<&str>) -> Side {
             tag_every: time::Duration::minutes(15),
             budget_percent: 20,
             per_hour: 1500,
-            run_time: Duration::from_secs(60),
+            run_time,
         },
     );
     Side {
         restrictor,
         reconciler,
         client,
+        coordinator,
     }
 }
 
@@ -571,4 +589,65 @@ async fn a_jobs_expiry_is_released_once_by_the_host_timer_after_its_time() {
             "{said}"
         );
     }
+}
+
+/// Priority: interactive requests, then the reconciler, then jobs. With
+/// nine of the minute's ten release slots taken by interactive callers, a
+/// due expiry does not take the tenth (the reconciler's share is nine
+/// tenths of each minute): it is left for a later run, nothing is sent, and
+/// the slot is still there for an interactive release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_expiry_leaves_the_rest_of_the_window_to_interactive_callers() {
+    use restrict_code_execution::defender::{api::Endpoint, budget::CallBudget};
+
+    let azurite = Azurite::shared();
+    let storage = azurite.settings("reconcile-share");
+    let fleet = Fleet::new("share", "wave-s", 1);
+    let sim = tenant(&fleet).await;
+    let a = side_with(
+        &sim,
+        &storage,
+        None,
+        CoordinatorOptions {
+            per_minute: 10,
+            ..CoordinatorOptions::default()
+        },
+        Duration::from_secs(5),
+    );
+    let machine = fleet.devices()[0].machine_id.clone();
+    let (_, note) = a
+        .restrict(
+            &machine,
+            Some(ReleaseAfter::After(time::Duration::hours(4))),
+            false,
+        )
+        .await;
+    let release_at = note.release_at().expect("the expiry is set");
+    settle(&sim).await;
+
+    for _ in 0..9 {
+        a.coordinator
+            .acquire(Endpoint::Unrestrict, soon())
+            .await
+            .expect("an interactive slot");
+    }
+    sim.clear_requests();
+    let run = a
+        .reconciler
+        .run(release_at + time::Duration::seconds(1))
+        .await;
+    assert_eq!((run.due, run.deferred, run.released), (1, 1, 0), "{run:?}");
+    assert!(
+        posts(&sim, "/unrestrictCodeExecution").is_empty(),
+        "{:?}",
+        sim.requests()
+    );
+    // The tenth slot is the interactive callers' at once.
+    tokio::time::timeout(
+        Duration::from_millis(500),
+        a.coordinator.acquire(Endpoint::Unrestrict, soon()),
+    )
+    .await
+    .expect("no wait for the last slot")
+    .expect("the last slot");
 }
