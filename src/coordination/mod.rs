@@ -23,6 +23,7 @@
 //! messages through [`queue`] (`azure_storage_queue`), in storage or, in
 //! local mode, in this process's memory.
 
+mod backoff;
 pub mod error;
 pub mod lock;
 pub mod queue;
