@@ -18,6 +18,7 @@ mod managed_identity;
 #[path = "../common/queue_host.rs"]
 mod queue_host;
 mod reconcile;
+mod storage_costs;
 mod storage_faults;
 mod storage_proxy;
 
