@@ -29,6 +29,10 @@
 //!   (see [`crate::service::restrict`]). In the benchmark's burst spread
 //!   over three instances, polling alone made 14 storage requests per
 //!   invocation; announcements and handoffs bring it to about 6.
+//! - The last step before each POST or cancel attempt is a metadata write
+//!   under the lease id ([`MachineLease::confirm`]): storage refuses it once
+//!   the lease is not ours, whatever our clock says. A refused metadata
+//!   write (404, 409, 412) marks the lease lost; nothing more is sent.
 //! - While held, a background task renews the lease every third of its
 //!   duration. If renewing keeps failing, [`MachineLease::check`] fails
 //!   before the lease could have run out, so the caller stops before acting.
@@ -36,7 +40,10 @@
 //!   background (best effort). A holder that dies without releasing stops
 //!   renewing, and storage expires its lease after at most the lease
 //!   duration: waiters go on then (a third of it later at most, if they were
-//!   sleeping on an announcement).
+//!   sleeping on an announcement). Azure may refuse a new lease for up to
+//!   about a minute after the old one expired while the blob already looks
+//!   free: the waiter's backoff is kept across its looks and tries, so it
+//!   does not poll every 0.1 s meanwhile.
 
 use std::{
     collections::HashMap,

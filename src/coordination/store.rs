@@ -1,9 +1,12 @@
 //! The blob operations coordination needs, through `azure_storage_blob`.
 //!
 //! Every call is bounded by a timeout and counted (one count per HTTP request
-//! sent to storage, by a pipeline policy). The SDK's own retries are off: the
-//! lock and the budget retry what is safe to retry, within their caller's
-//! deadline, and everything else fails closed at once. Answers that are part
+//! sent to storage, by a pipeline policy). The SDK's own retries are off:
+//! [`Store`] sends a request again itself only after an answer that says
+//! storage was busy or failing, and only where a repeat is harmless
+//! ([`Retry`]), with jittered exponential backoff within the caller's
+//! deadline; the lock and the budget retry their own conflicts; everything
+//! else fails closed at once. Answers that are part
 //! of the protocol (404, 409, 412) come back as [`Refusal`]; every other
 //! failure becomes [`CoordinationError::Unavailable`], with a reason built
 //! from the status and storage error code only, never from the SDK's error
