@@ -82,11 +82,10 @@ enum Retry {
 
 impl Retry {
     fn after(self, error: &azure_core::Error) -> bool {
-        match (status(error), self) {
-            (Some(429 | 503), _) => true,
-            (Some(500 | 502 | 504), Retry::Idempotent) => true,
-            _ => false,
-        }
+        matches!(
+            (status(error), self),
+            (Some(429 | 503), _) | (Some(500 | 502 | 504), Retry::Idempotent)
+        )
     }
 }
 
