@@ -106,6 +106,70 @@ async fn a_retried_post_is_not_sent_once_storage_refuses_the_lease() {
     );
 }
 
+/// The same for a cancel: a release with `cancelPending` cancels the pending
+/// restrict first; the cancel is answered 429, and storage refuses the
+/// lease-conditioned write before its retry: the retry is not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_cancel_is_not_sent_once_storage_refuses_the_lease() {
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
+    let proxy = StorageProxy::start(azurite).await;
+    let (sim, devices) = tenant(1, SimConfig::default()).await;
+    let handler = Instance::start(
+        &sim,
+        &proxy.connection_string(azurite),
+        "faults-cancel",
+        &[],
+    );
+    let (status, body, _) = handler.post(json!({"deviceId": devices[0]})).await;
+    assert_eq!(status, 201, "{body}");
+    // Past the clock-skew allowance: the restrict is older than the release.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    sim.inject(
+        Fault::new(
+            "/cancel",
+            FaultKind::Status {
+                status: 429,
+                retry_after: Some(1),
+                body: None,
+            },
+        )
+        .method("POST"),
+    );
+    proxy.clear_seen();
+    proxy.inject(
+        Rule::new(
+            "set_metadata",
+            "locks/",
+            412,
+            "LeaseIdMismatchWithBlobOperation",
+        )
+        .after(1),
+    );
+
+    let (status, body, _) = handler
+        .post(json!({"deviceId": devices[0], "release": true, "cancelPending": true}))
+        .await;
+
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "coordination_unavailable", "{body}");
+    let cancels: Vec<_> = posts(&sim)
+        .into_iter()
+        .filter(|r| r.path.ends_with("/cancel"))
+        .collect();
+    assert_eq!(
+        cancels.len(),
+        1,
+        "only the cancel answered 429: {cancels:?}"
+    );
+    assert!(
+        !posts(&sim)
+            .iter()
+            .any(|r| r.path.contains("unrestrictCodeExecution")),
+        "no release was sent"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_throttled_look_at_the_lease_does_not_fail_the_waiting_round() {
     let azurite = Azurite::shared();
