@@ -92,6 +92,9 @@ problem_codes! {
     JobNotFound => "job_not_found", NOT_FOUND, "Job not found";
     TooManyDevices => "too_many_devices", UNPROCESSABLE_ENTITY, "Too many devices for one job";
     NoDevicesMatched => "no_devices_matched", UNPROCESSABLE_ENTITY, "No devices matched";
+    UriTooLong => "uri_too_long", URI_TOO_LONG, "Request URI too long";
+    HeadersTooLarge => "headers_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "Request headers too large";
 }
 
 /// Every `code` an answer can carry, as text.
@@ -119,7 +122,7 @@ pub enum ApiError {
     Service(ServiceError),
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
-    #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs())]
+    #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs().max(1))]
     RateLimited {
         retry_after: Duration,
         detail: String,
@@ -183,6 +186,16 @@ pub enum ApiError {
          the machines are onboarded. Nothing was sent to Defender."
     )]
     NoDevicesMatched(String),
+    #[error(
+        "the request URI is longer than {limit} bytes; no function takes more than a few short \
+         query parameters. Nothing was sent to Defender."
+    )]
+    UriTooLong { limit: usize },
+    #[error(
+        "the request headers are larger than {limit} bytes or more than {count} fields. Nothing \
+         was sent to Defender."
+    )]
+    HeadersTooLarge { limit: usize, count: usize },
 }
 
 /// The code of a service error's answer.
@@ -345,6 +358,8 @@ impl ApiError {
             Self::JobNotFound(_) => P::JobNotFound,
             Self::TooManyDevices { .. } => P::TooManyDevices,
             Self::NoDevicesMatched(_) => P::NoDevicesMatched,
+            Self::UriTooLong { .. } => P::UriTooLong,
+            Self::HeadersTooLarge { .. } => P::HeadersTooLarge,
         }
     }
 
@@ -581,7 +596,11 @@ impl From<DefenderError> for ApiError {
                 retry_after,
                 ..
             } => {
-                let retry_after = retry_after.unwrap_or(Duration::from_secs(60));
+                // `Retry-After: 0` is advice to retry at once; the answer's
+                // header says at least 1 s, and its detail says the same.
+                let retry_after = retry_after
+                    .unwrap_or(Duration::from_secs(60))
+                    .max(Duration::from_secs(1));
                 Self::RateLimited {
                     retry_after,
                     detail: format!(
@@ -684,5 +703,23 @@ mod tests {
                 problem.detail
             );
         }
+    }
+
+    /// Defender's `Retry-After: 0` means "retry at once"; the answer's header
+    /// says 1 s (a header of 0 makes some clients spin), and so does its detail.
+    #[test]
+    fn retry_after_zero_from_defender_is_one_second_in_header_and_detail() {
+        let error = ApiError::from(DefenderError::Status {
+            endpoint: Endpoint::create(ActionType::RestrictCodeExecution),
+            status: 429,
+            code: "TooManyRequests".to_owned(),
+            message: "slow down".to_owned(),
+            target: None,
+            retry_after: Some(Duration::ZERO),
+        });
+        let problem = error.problem("inv");
+        assert_eq!(problem.retry_after, Some(1));
+        assert!(problem.detail.contains("Retry after 1 s."), "{}", problem.detail);
+        assert!(!problem.detail.contains("0 s"), "{}", problem.detail);
     }
 }

@@ -141,7 +141,12 @@ fn forwarded_route(route: &'static str) -> MethodRouter<AppState> {
         .map(Method::as_str)
         .collect::<Vec<_>>()
         .join(", ");
-    router.fallback(not_allowed(allowed))
+    // axum answers HEAD with the GET handler minus its body: the function
+    // would run, Defender reads and all, for an answer nobody reads. The
+    // triggers take GET only, so HEAD is a 405 like any other method.
+    router
+        .on(MethodFilter::HEAD, not_allowed(allowed.clone()))
+        .fallback(not_allowed(allowed))
 }
 
 /// Answers at once: the host only needs a response to count us as ready.
