@@ -719,7 +719,11 @@ mod tests {
         });
         let problem = error.problem("inv");
         assert_eq!(problem.retry_after, Some(1));
-        assert!(problem.detail.contains("Retry after 1 s."), "{}", problem.detail);
+        assert!(
+            problem.detail.contains("Retry after 1 s."),
+            "{}",
+            problem.detail
+        );
         assert!(!problem.detail.contains("0 s"), "{}", problem.detail);
     }
 }

@@ -254,7 +254,10 @@ const HYPER_MAX_HEADERS: usize = 2 * MAX_HEADER_FIELDS;
 /// limits (a URI over 64 KiB, a head over about 400 KiB) with a bare
 /// 414/431 before we see them; [`log_connection_error`] logs those.
 fn oversized_head(request: &Request<Incoming>) -> Option<ApiError> {
-    let uri = request.uri().path_and_query().map_or(0, |pq| pq.as_str().len());
+    let uri = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
     if uri > MAX_URI_BYTES {
         return Some(ApiError::UriTooLong {
             limit: MAX_URI_BYTES,

@@ -106,7 +106,10 @@ mod tests {
     #[test]
     fn defender_text_stays_on_its_line_and_in_its_order() {
         assert_eq!(one_line("PC-1"), "PC-1");
-        assert_eq!(one_line("line one\nline two\r\tend"), "line one line two  end");
+        assert_eq!(
+            one_line("line one\nline two\r\tend"),
+            "line one line two  end"
+        );
         assert_eq!(
             one_line("evil\u{202E}exe.txt\u{2028}next\u{1b}[31m\u{200F}"),
             "evil\\u{202E}exe.txt\\u{2028}next\\u{001B}[31m\\u{200F}"

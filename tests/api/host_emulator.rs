@@ -14,6 +14,46 @@ use tower::ServiceExt;
 
 pub const HOST_VERSION: &str = "4.1037.0.0";
 pub const FUNCTION_NAME: &str = "restrict-code-execution";
+/// The host and port the caller reached the Functions host on.
+pub const PUBLIC_HOST: &str = "localhost:7071";
+
+/// How the host passes an http-in/http-out function's request on
+/// (`customHandler` in host.json): the handler must answer the same in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// `enableForwardingHttpRequest`: the request rebuilt with the caller's
+    /// `Host` and every caller header.
+    Forwarding,
+    /// `enableProxyingHttpRequest`: YARP's reverse proxy, `Host: 127.0.0.1:<port>`,
+    /// `X-Forwarded-*` set by the host, the query as sent, streamed.
+    Proxying,
+}
+
+impl HttpMode {
+    pub const BOTH: [Self; 2] = [Self::Forwarding, Self::Proxying];
+
+    /// The `host.json` that selects this mode.
+    pub fn host_json(self) -> Value {
+        let flag = match self {
+            Self::Forwarding => "enableForwardingHttpRequest",
+            Self::Proxying => "enableProxyingHttpRequest",
+        };
+        json!({"version": "2.0", "customHandler": {
+            "description": {"defaultExecutablePath": "handler"}, flag: true}})
+    }
+}
+
+/// Headers a proxy never passes on (RFC 9110 hop-by-hop, as YARP drops them).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
 
 /// Which function the caller calls, and how the host addresses it.
 #[derive(Debug, Clone)]
@@ -150,6 +190,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct HostEmulator {
     /// The handler's port; 0 for an in-process app, which has none.
     pub port: u16,
+    /// How http-in/http-out requests reach the handler.
+    pub mode: HttpMode,
     client: reqwest::Client,
     /// The service itself, called in this process instead of over a socket.
     in_process: Option<App>,
@@ -178,9 +220,16 @@ impl HostEmulator {
             .unwrap();
         Self {
             port,
+            mode: HttpMode::Forwarding,
             client,
             in_process: None,
         }
+    }
+
+    /// The same host, passing HTTP requests on in `mode`.
+    pub fn with_mode(mut self, mode: HttpMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// A host whose calls go straight into `app` (the library's own service,
@@ -295,15 +344,104 @@ impl HostEmulator {
         self.forwarded_to(&Route::restrict(), request).await
     }
 
-    /// Forwarded mode for any function.
+    /// The caller's request as the host passes it on in [`Self::mode`]:
+    /// forwarded, or proxied.
     pub async fn forwarded_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
+        match self.mode {
+            HttpMode::Forwarding => self.rebuilt_to(route, request).await,
+            HttpMode::Proxying => self.proxied_to(route, request).await,
+        }
+    }
+
+    /// Proxying mode, as the host's YARP forwarder sends it: the original
+    /// method, path and query; every caller header but the hop-by-hop ones
+    /// and `Host` (the proxy's own `Host: 127.0.0.1:<port>` instead);
+    /// `X-Forwarded-For`, `-Host` and `-Proto` set from the request the host
+    /// received, replacing any the caller sent; `User-Agent` untouched; the
+    /// invocation id in `X-Azure-Functions-InvocationId` and
+    /// `x-ms-invocation-id`; the body streamed as it came. The answer goes to
+    /// the caller as is (status, headers but hop-by-hop ones, body).
+    pub async fn proxied_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
+        let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
+        let mut url = reqwest::Url::parse(&format!("http://127.0.0.1{}", route.path)).unwrap();
+        if !request.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(request.query.iter());
+        }
+        let replaced = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            HOP_BY_HOP.contains(&name.as_str())
+                || name == "host"
+                || name == "forwarded"
+                || name.starts_with("x-forwarded-")
+                || name == "x-azure-functions-hostversion"
+                || name == "x-azure-functions-invocationid"
+                || name == "x-ms-invocation-id"
+        };
+        let mut headers: Vec<(String, String)> = Vec::new();
+        if !request
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+        {
+            headers.push(("User-Agent".to_owned(), "curl/8.5.0".to_owned()));
+        }
+        headers.extend(
+            request
+                .headers
+                .iter()
+                .filter(|(k, _)| !replaced(k))
+                .cloned(),
+        );
+        headers.extend([
+            ("X-Forwarded-For".to_owned(), "127.0.0.1".to_owned()),
+            ("X-Forwarded-Host".to_owned(), PUBLIC_HOST.to_owned()),
+            ("X-Forwarded-Proto".to_owned(), "http".to_owned()),
+            (
+                "X-Azure-Functions-HostVersion".to_owned(),
+                HOST_VERSION.to_owned(),
+            ),
+            (
+                "X-Azure-Functions-InvocationId".to_owned(),
+                request.invocation_id.clone(),
+            ),
+            (
+                "x-ms-invocation-id".to_owned(),
+                request.invocation_id.clone(),
+            ),
+        ]);
+        let body = match &request.body {
+            Some(body) => Outbody::Full(body.clone()),
+            None => Outbody::None,
+        };
+        let (status, headers, body) = self
+            .send(Outgoing {
+                method,
+                url,
+                headers,
+                body,
+            })
+            .await;
+        let headers = headers
+            .into_iter()
+            .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+            .collect();
+        ClientResponse {
+            status,
+            headers,
+            body,
+            logs: Vec::new(),
+        }
+    }
+
+    /// Forwarding mode: the request rebuilt, with the caller's `Host`.
+    pub async fn rebuilt_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
         let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
         let mut url = reqwest::Url::parse(&format!("http://127.0.0.1{}", route.path)).unwrap();
         if !request.query.is_empty() {
             url.query_pairs_mut().extend_pairs(request.query.iter());
         }
         let mut headers = vec![
-            ("Host".to_owned(), "localhost:7071".to_owned()),
+            ("Host".to_owned(), PUBLIC_HOST.to_owned()),
             (
                 "X-Azure-Functions-HostVersion".to_owned(),
                 HOST_VERSION.to_owned(),

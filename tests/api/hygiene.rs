@@ -131,8 +131,9 @@ async fn defender_text_cannot_break_or_reorder_the_fleet_views() {
         assert!(!text.body.contains(raw), "{:?}", text.body);
     }
     assert!(
-        text.body
-            .starts_with(&format!("PC\\u{{202E}}cod.exe\\u{{2028}}FAKE-ROW ({machine_id})")),
+        text.body.starts_with(&format!(
+            "PC\\u{{202E}}cod.exe\\u{{2028}}FAKE-ROW ({machine_id})"
+        )),
         "{}",
         text.body
     );
@@ -146,13 +147,15 @@ async fn defender_text_cannot_break_or_reorder_the_fleet_views() {
     let page = devices("text/html").await;
     assert_eq!(page.status, 200);
     assert!(
-        page.body.contains(&format!("<strong><bdi>{name}</bdi></strong>")),
+        page.body
+            .contains(&format!("<strong><bdi>{name}</bdi></strong>")),
         "{}",
         page.body
     );
     assert!(
-        page.body
-            .contains("<div class=\"comment\" dir=\"auto\">ok\u{1b}[2J\u{202E}txt.exe\nsecond line</div>"),
+        page.body.contains(
+            "<div class=\"comment\" dir=\"auto\">ok\u{1b}[2J\u{202E}txt.exe\nsecond line</div>"
+        ),
         "{}",
         page.body
     );
@@ -179,7 +182,11 @@ async fn unknown_and_wrong_case_query_parameters_are_refused_in_both_modes() {
         (Route::devices(), "State", "released"),
         (Route::devices(), "pageSize", "10"),
         (Route::restrict(), "dryRun", "true"),
-        (Route::status("6c8e2d6b-94d6-4f1b-9b1d-2e0bb5f3c1a7"), "wait", "30"),
+        (
+            Route::status("6c8e2d6b-94d6-4f1b-9b1d-2e0bb5f3c1a7"),
+            "wait",
+            "30",
+        ),
     ];
     for (route, name, value) in cases {
         let mut request = CallerRequest::json(json!({"deviceId": AAD}).to_string())
