@@ -249,6 +249,8 @@ async fn location_names_the_host_the_functions_host_vouched_for() {
 #[tokio::test]
 async fn the_binary_answers_the_proxying_host_with_the_public_location() {
     let app = app().http_mode(HttpMode::Proxying).binary().await;
+    let listening = app.log_events("listening").await;
+    assert_eq!(listening[0]["http_mode"], "proxying", "{listening:?}");
     let request = CallerRequest::json(json!({"deviceId": ALPHA_AAD_DEVICE_ID}).to_string())
         .query("code", KEY)
         .header("Prefer", "respond-async");
