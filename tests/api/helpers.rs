@@ -71,7 +71,7 @@ impl Default for AppOptions {
             },
             env: Vec::new(),
             max_open_files: None,
-            http_mode: HttpMode::Forwarding,
+            http_mode: HttpMode::for_tests(),
         }
     }
 }
@@ -97,7 +97,8 @@ impl Fixture {
         self
     }
 
-    /// The host passes HTTP requests on in `mode` (forwarding by default).
+    /// The host passes HTTP requests on in `mode` (by default the shipped
+    /// host.json's, see [`HttpMode::for_tests`]).
     pub fn http_mode(mut self, mode: HttpMode) -> Self {
         self.0.http_mode = mode;
         self

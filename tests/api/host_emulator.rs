@@ -32,6 +32,17 @@ pub enum HttpMode {
 impl HttpMode {
     pub const BOTH: [Self; 2] = [Self::Forwarding, Self::Proxying];
 
+    /// The mode tests run in unless they choose: the shipped `host.json`'s
+    /// (proxying), or `TEST_HTTP_MODE=forwarding` to run the whole suite
+    /// in the other mode.
+    pub fn for_tests() -> Self {
+        match std::env::var("TEST_HTTP_MODE").as_deref() {
+            Ok("forwarding") => Self::Forwarding,
+            Ok("proxying") | Err(_) => Self::Proxying,
+            Ok(other) => panic!("TEST_HTTP_MODE={other}: use forwarding or proxying"),
+        }
+    }
+
     /// The `host.json` that selects this mode.
     pub fn host_json(self) -> Value {
         let flag = match self {
@@ -220,7 +231,7 @@ impl HostEmulator {
             .unwrap();
         Self {
             port,
-            mode: HttpMode::Forwarding,
+            mode: HttpMode::for_tests(),
             client,
             in_process: None,
         }
