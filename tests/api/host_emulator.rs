@@ -133,6 +133,8 @@ pub struct CallerRequest {
     pub headers: Vec<(String, String)>,
     pub query: Vec<(String, String)>,
     pub invocation_id: String,
+    /// The caller sends its body chunked, without a `Content-Length`.
+    pub chunked: bool,
 }
 
 impl CallerRequest {
@@ -142,6 +144,7 @@ impl CallerRequest {
             headers: vec![("Content-Type".into(), "application/json".into())],
             query: Vec::new(),
             invocation_id: uuid::Uuid::new_v4().to_string(),
+            chunked: false,
         }
     }
 
@@ -151,6 +154,7 @@ impl CallerRequest {
             headers: Vec::new(),
             query: Vec::new(),
             invocation_id: uuid::Uuid::new_v4().to_string(),
+            chunked: false,
         }
     }
 
@@ -161,6 +165,12 @@ impl CallerRequest {
 
     pub fn query(mut self, name: &str, value: &str) -> Self {
         self.query.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Send the body chunked, with no `Content-Length` (an upload of unknown length).
+    pub fn chunked(mut self) -> Self {
+        self.chunked = true;
         self
     }
 
@@ -221,6 +231,14 @@ enum Outbody {
     Full(String),
     /// Sent chunked (no length), as the host sends the envelope.
     Chunked(Vec<Vec<u8>>),
+    /// Streamed in pieces under the caller's `Content-Length`, as the
+    /// proxying host passes a body on.
+    Streamed(Vec<Vec<u8>>),
+}
+
+/// A body in the pieces a stream delivers it in.
+fn pieces(body: &str) -> Vec<Vec<u8>> {
+    body.as_bytes().chunks(512).map(<[u8]>::to_vec).collect()
 }
 
 impl HostEmulator {
@@ -278,6 +296,14 @@ impl HostEmulator {
                 Outbody::Chunked(chunks) => builder.body(reqwest::Body::wrap_stream(stream::iter(
                     chunks.into_iter().map(Ok::<_, std::io::Error>),
                 ))),
+                Outbody::Streamed(chunks) => {
+                    let length: usize = chunks.iter().map(Vec::len).sum();
+                    builder
+                        .header("content-length", length)
+                        .body(reqwest::Body::wrap_stream(stream::iter(
+                            chunks.into_iter().map(Ok::<_, std::io::Error>),
+                        )))
+                }
             };
             let response = builder.send().await.expect("the handler answered");
             let status = response.status().as_u16();
@@ -311,6 +337,13 @@ impl HostEmulator {
             }
             Outbody::Chunked(chunks) => {
                 builder = builder.header("transfer-encoding", "chunked");
+                axum::body::Body::from_stream(stream::iter(
+                    chunks.into_iter().map(Ok::<_, std::io::Error>),
+                ))
+            }
+            Outbody::Streamed(chunks) => {
+                let length: usize = chunks.iter().map(Vec::len).sum();
+                builder = builder.header("content-length", length);
                 axum::body::Body::from_stream(stream::iter(
                     chunks.into_iter().map(Ok::<_, std::io::Error>),
                 ))
@@ -420,8 +453,10 @@ impl HostEmulator {
                 request.invocation_id.clone(),
             ),
         ]);
+        // Streamed as it arrives: under its length, or chunked as the caller sent it.
         let body = match &request.body {
-            Some(body) => Outbody::Full(body.clone()),
+            Some(body) if request.chunked => Outbody::Chunked(pieces(body)),
+            Some(body) => Outbody::Streamed(pieces(body)),
             None => Outbody::None,
         };
         let (status, headers, body) = self
@@ -467,9 +502,10 @@ impl HostEmulator {
             ),
         ];
         headers.extend(request.headers.iter().cloned());
+        // The host forwards a body only when the request had a Content-Length.
         let body = match &request.body {
-            Some(body) => Outbody::Full(body.clone()),
-            None => Outbody::None,
+            Some(body) if !request.chunked => Outbody::Full(body.clone()),
+            _ => Outbody::None,
         };
         let (status, headers, body) = self
             .send(Outgoing {
@@ -601,7 +637,11 @@ pub fn envelope_for_route(route: &Route, request: &CallerRequest) -> Value {
 
     let mut metadata = Map::new();
     // Body only when the request had a Content-Length > 0.
-    if let Some(body) = request.body.as_ref().filter(|b| !b.is_empty()) {
+    if let Some(body) = request
+        .body
+        .as_ref()
+        .filter(|b| !b.is_empty() && !request.chunked)
+    {
         headers.insert("Content-Length".into(), json!([body.len().to_string()]));
         meta_headers.insert("Content-Length".into(), json!(body.len().to_string()));
         req.insert("Body".into(), json!(body));

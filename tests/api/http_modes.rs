@@ -268,3 +268,36 @@ async fn the_binary_answers_the_proxying_host_with_the_public_location() {
         .collect();
     assert_eq!(posts.len(), 1);
 }
+
+/// The one answer that differs, in proxying mode's favour: the forwarding
+/// host sends a body only when the request had a `Content-Length`, so a
+/// chunked upload arrives empty; the proxying host streams it through.
+#[tokio::test]
+async fn a_chunked_upload_reaches_the_handler_only_through_the_proxying_host() {
+    for mode in HttpMode::BOTH {
+        let app = app().http_mode(mode).in_process().await;
+        let request =
+            CallerRequest::json(json!({"deviceId": ALPHA_AAD_DEVICE_ID}).to_string()).chunked();
+        let answer = app.host.forwarded_to(&Route::restrict(), &request).await;
+        let posts = app
+            .defender_requests()
+            .into_iter()
+            .filter(|r| r.method == "POST")
+            .count();
+        match mode {
+            HttpMode::Forwarding => {
+                assert_eq!(answer.status, 400, "{}", answer.body);
+                assert!(
+                    answer.body.contains("the request body is empty"),
+                    "{}",
+                    answer.body
+                );
+                assert_eq!(posts, 0);
+            }
+            HttpMode::Proxying => {
+                assert_eq!(answer.status, 201, "{}", answer.body);
+                assert_eq!(posts, 1);
+            }
+        }
+    }
+}
