@@ -1,8 +1,9 @@
 //! A Functions host emulator: it calls the handler exactly as the host does
-//! (launch, request payload and HTTP forwarding in
-//! <https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers>)
-//! and applies the host's rules to the handler's answers (its response
-//! payload), failing the test where a real host would fail the invocation.
+//! (launch, request payload, and HTTP proxying or forwarding in
+//! <https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers>;
+//! what each HTTP mode sends is in docs/http-modes.md) and applies the host's
+//! rules to the handler's answers (its response payload), failing the test
+//! where a real host would fail the invocation.
 
 use std::time::Duration;
 
