@@ -114,7 +114,9 @@ async fn defender_text_cannot_break_or_reorder_the_fleet_views() {
         .send()
         .await
         .unwrap();
-    assert_eq!(created.status(), 201, "{}", created.text().await.unwrap());
+    assert_eq!(created.status(), 201);
+    let created: Value = created.json().await.unwrap();
+    let created_id = created["id"].as_str().unwrap().to_owned();
     app.sim.advance(Duration::from_secs(120));
 
     let devices = |accept: &'static str| {
@@ -143,6 +145,38 @@ async fn defender_text_cannot_break_or_reorder_the_fleet_views() {
         "{}",
         text.body
     );
+
+    // The action status and a restrict of the machine name it on one line too.
+    let action_id = created_id;
+    let status = app
+        .host
+        .forwarded_to(
+            &Route::status(&action_id),
+            &CallerRequest::empty().header("Accept", "text/plain"),
+        )
+        .await;
+    assert_eq!(status.status, 200, "{}", status.body);
+    assert_eq!(
+        status.body.split_terminator('\n').count(),
+        1,
+        "{}",
+        status.body
+    );
+    assert!(
+        status.body.contains(r"PC\u{202E}cod.exe\u{2028}FAKE-ROW"),
+        "{}",
+        status.body
+    );
+    let restrict = app
+        .host
+        .forwarded(
+            &CallerRequest::json(json!({"deviceId": machine_id}).to_string())
+                .header("Accept", "text/plain"),
+        )
+        .await;
+    assert_eq!(restrict.status, 200, "{}", restrict.body);
+    assert!(!restrict.body.contains('\u{202E}'), "{}", restrict.body);
+    assert!(!restrict.body.contains('\u{2028}'), "{}", restrict.body);
 
     let page = devices("text/html").await;
     assert_eq!(page.status, 200);
