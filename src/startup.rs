@@ -190,6 +190,7 @@ pub async fn prepare(
     .with_jobs(jobs)
     .with_reconciler(reconciler)
     .with_portal(settings.cloud.portal())
+    .with_http_mode(settings.http_mode)
     .with_callbacks(callbacks);
     Ok((state, sim))
 }

@@ -94,6 +94,9 @@ problem_codes! {
     NoDevicesMatched => "no_devices_matched", UNPROCESSABLE_ENTITY, "No devices matched";
     IdempotencyKeyReused => "idempotency_key_reused", UNPROCESSABLE_ENTITY,
         "Idempotency-Key used for another request";
+    UriTooLong => "uri_too_long", URI_TOO_LONG, "Request URI too long";
+    HeadersTooLarge => "headers_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "Request headers too large";
 }
 
 /// Every `code` an answer can carry, as text.
@@ -121,7 +124,7 @@ pub enum ApiError {
     Service(ServiceError),
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
-    #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs())]
+    #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs().max(1))]
     RateLimited {
         retry_after: Duration,
         detail: String,
@@ -191,6 +194,16 @@ pub enum ApiError {
          to Defender."
     )]
     IdempotencyKeyReused(String),
+    #[error(
+        "the request URI is longer than {limit} bytes; no function takes more than a few short \
+         query parameters. Nothing was sent to Defender."
+    )]
+    UriTooLong { limit: usize },
+    #[error(
+        "the request headers are larger than {limit} bytes or more than {count} fields. Nothing \
+         was sent to Defender."
+    )]
+    HeadersTooLarge { limit: usize, count: usize },
 }
 
 /// The code of a service error's answer.
@@ -354,6 +367,8 @@ impl ApiError {
             Self::TooManyDevices { .. } => P::TooManyDevices,
             Self::NoDevicesMatched(_) => P::NoDevicesMatched,
             Self::IdempotencyKeyReused(_) => P::IdempotencyKeyReused,
+            Self::UriTooLong { .. } => P::UriTooLong,
+            Self::HeadersTooLarge { .. } => P::HeadersTooLarge,
         }
     }
 
@@ -590,7 +605,11 @@ impl From<DefenderError> for ApiError {
                 retry_after,
                 ..
             } => {
-                let retry_after = retry_after.unwrap_or(Duration::from_secs(60));
+                // `Retry-After: 0` is advice to retry at once; the answer's
+                // header says at least 1 s, and its detail says the same.
+                let retry_after = retry_after
+                    .unwrap_or(Duration::from_secs(60))
+                    .max(Duration::from_secs(1));
                 Self::RateLimited {
                     retry_after,
                     detail: format!(
@@ -693,5 +712,27 @@ mod tests {
                 problem.detail
             );
         }
+    }
+
+    /// Defender's `Retry-After: 0` means "retry at once"; the answer's header
+    /// says 1 s (a header of 0 makes some clients spin), and so does its detail.
+    #[test]
+    fn retry_after_zero_from_defender_is_one_second_in_header_and_detail() {
+        let error = ApiError::from(DefenderError::Status {
+            endpoint: Endpoint::create(ActionType::RestrictCodeExecution),
+            status: 429,
+            code: "TooManyRequests".to_owned(),
+            message: "slow down".to_owned(),
+            target: None,
+            retry_after: Some(Duration::ZERO),
+        });
+        let problem = error.problem("inv");
+        assert_eq!(problem.retry_after, Some(1));
+        assert!(
+            problem.detail.contains("Retry after 1 s."),
+            "{}",
+            problem.detail
+        );
+        assert!(!problem.detail.contains("0 s"), "{}", problem.detail);
     }
 }

@@ -1,9 +1,10 @@
 //! The HTTP surface the Functions host talks to.
 //!
 //! - `GET /`: the host's readiness probe (polled every 25 ms at start) and ping.
-//! - Forwarded mode (`enableForwardingHttpRequest`), the caller's request as is:
-//!   each [`Function`]'s method and [`Function::route`], such as
-//!   `POST /api/restrict-code-execution`.
+//! - Forwarded mode (`enableForwardingHttpRequest`, or the proxying
+//!   `enableProxyingHttpRequest`: the same routes, see [`HttpMode`]), the
+//!   caller's request as is: each [`Function`]'s method and
+//!   [`Function::route`], such as `POST /api/restrict-code-execution`.
 //! - Payload mode, the host's envelope: `POST /{FunctionName}` for each
 //!   function folder ([`Function::payload_route`]).
 //!
@@ -33,6 +34,7 @@ use crate::{
         envelope,
         error::ApiError,
         functions::{self, Function, Record, answer, job_queue, job_queue::QueueFunction},
+        http_mode::HttpMode,
         invocation::{self, Invocation},
         reply::{Format, Reply},
     },
@@ -141,7 +143,12 @@ fn forwarded_route(route: &'static str) -> MethodRouter<AppState> {
         .map(Method::as_str)
         .collect::<Vec<_>>()
         .join(", ");
-    router.fallback(not_allowed(allowed))
+    // axum answers HEAD with the GET handler minus its body: the function
+    // would run, Defender reads and all, for an answer nobody reads. The
+    // triggers take GET only, so HEAD is a 405 like any other method.
+    router
+        .on(MethodFilter::HEAD, not_allowed(allowed.clone()))
+        .fallback(not_allowed(allowed))
 }
 
 /// Answers at once: the host only needs a response to count us as ready.
@@ -187,7 +194,7 @@ async fn forwarded(
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
         body: body.to_vec(),
-        url: caller_url(&parts),
+        url: caller_url(&parts, state.http_mode()),
     };
     let reply = functions::invoke(&state, function, invocation).await;
     reply_response(reply, &id)
@@ -340,10 +347,25 @@ fn query(parts: &Parts) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// The URL the caller used. The host forwards the original `Host`; TLS ends
-/// at the platform's front end, which sets `X-Forwarded-Proto`.
-fn caller_url(parts: &Parts) -> Option<Url> {
-    let host = header_str(&parts.headers, header::HOST)?;
+/// The URL the caller used (for `Location` and `statusUrl`, which carry the
+/// caller's function key). Forwarding mode keeps the caller's `Host`, and an
+/// `X-Forwarded-Host` there is whatever the caller sent: ignored. Proxying
+/// mode sends `Host: 127.0.0.1:<port>` and sets `X-Forwarded-Host` itself,
+/// replacing the caller's ([`HttpMode`]). TLS ends at the platform's front
+/// end, which sets `X-Forwarded-Proto` (and the proxying host sets it again).
+fn caller_url(parts: &Parts, mode: HttpMode) -> Option<Url> {
+    let forwarded_host = match mode {
+        HttpMode::Proxying => header_str(
+            &parts.headers,
+            header::HeaderName::from_static("x-forwarded-host"),
+        )
+        // One value: the host sets it, but take the first should a list come.
+        .and_then(|v| v.split(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty()),
+        HttpMode::Forwarding => None,
+    };
+    let host = forwarded_host.or_else(|| header_str(&parts.headers, header::HOST))?;
     let scheme = match header_str(
         &parts.headers,
         header::HeaderName::from_static("x-forwarded-proto"),

@@ -23,6 +23,8 @@ mod defender_answers;
 mod devices;
 mod expiry;
 mod host_protocol;
+mod http_modes;
+mod hygiene;
 mod jobs;
 mod layers;
 mod outbreak;

@@ -30,6 +30,7 @@ use crate::{
             request::{JobRequest, MAX_JOB_DEVICES},
         },
         runbook::RunbookError,
+        shown_text,
     },
 };
 
@@ -301,7 +302,7 @@ impl StatusQuery {
                 "code" => {}
                 other => {
                     return Err(ApiError::InvalidRequest(RunbookError::UnknownField {
-                        field: other.to_owned(),
+                        field: shown_text::echoed_name(other),
                         accepted: "outcome, offset, limit".into(),
                     }));
                 }
@@ -424,10 +425,10 @@ fn render_status(
                         tr {
                             td { (d.device_id) }
                             td { (d.machine_id.unwrap_or("")) }
-                            td { (d.computer_dns_name.unwrap_or("")) }
+                            td { bdi { (d.computer_dns_name.unwrap_or("")) } }
                             td { (d.outcome) }
                             td { (d.action_id.unwrap_or("")) }
-                            td { (d.problem.map(|p| format!("{}: {}", p.code, p.detail)).unwrap_or_default()) }
+                            td dir="auto" { (d.problem.map(|p| format!("{}: {}", p.code, p.detail)).unwrap_or_default()) }
                         }
                     }
                 }
@@ -454,11 +455,11 @@ fn render_status(
             for d in &body.devices {
                 text.push_str(&format!(
                     "{} {} {}{}\n",
-                    d.device_id,
-                    d.computer_dns_name.unwrap_or("-"),
+                    shown_text::one_line(d.device_id),
+                    shown_text::one_line(d.computer_dns_name.unwrap_or("-")),
                     d.outcome,
                     d.problem
-                        .map(|p| format!(" ({}: {})", p.code, p.detail))
+                        .map(|p| format!(" ({}: {})", p.code, shown_text::one_line(&p.detail)))
                         .or_else(|| d.action_id.map(|a| format!(" (action {a})")))
                         .unwrap_or_default()
                 ));
@@ -522,7 +523,7 @@ pub async fn list(
             "code" => {}
             other => {
                 return Err(ApiError::InvalidRequest(RunbookError::UnknownField {
-                    field: other.to_owned(),
+                    field: shown_text::echoed_name(other),
                     accepted: "limit".into(),
                 }));
             }
