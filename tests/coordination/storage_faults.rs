@@ -355,3 +355,40 @@ async fn azurite_checks_the_api_version_the_sdk_sends() {
     // Known: the request gets as far as authentication (it carries none).
     assert_eq!(with("2026-04-06").await, 403);
 }
+
+/// The lease-conditioned write before a POST is answered slowly, past the
+/// invocation's deadline: the POST is not sent afterwards (the caller's
+/// answer says nothing was sent, and it must stay true).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_post_is_not_sent_after_the_deadline_a_slow_lease_write_used_up() {
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
+    let proxy = StorageProxy::start(azurite).await;
+    let (sim, devices) = tenant(1, SimConfig::default()).await;
+    let handler = Instance::start(
+        &sim,
+        &proxy.connection_string(azurite),
+        "faults-slow-confirm",
+        &[("REQUEST_TIMEOUT_SECONDS", "3")],
+    );
+    // Every metadata write on a lock blob takes 3.5 s: less than the
+    // storage call's own 5 s timeout, more than the invocation has left.
+    proxy.inject(Rule::slow("set_metadata", "locks/", Duration::from_millis(3500)).times(100));
+
+    let (status, body, _) = handler.post(json!({"deviceId": devices[0]})).await;
+
+    // Give a late POST the time to arrive before looking.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(
+        posts(&sim).is_empty(),
+        "a POST reached Defender after the deadline ({status} {body}): {:?}",
+        posts(&sim)
+    );
+    assert!(sim.actions().is_empty());
+    assert_ne!(status, 201, "{body}");
+    assert!(
+        proxy.count("set_metadata", "locks/") >= 1,
+        "the lease-conditioned write was tried: {:?}",
+        proxy.seen()
+    );
+}

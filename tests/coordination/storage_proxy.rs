@@ -86,6 +86,8 @@ pub struct Rule {
     code: &'static str,
     after: u32,
     times: u32,
+    /// Forward the request after this pause instead of answering it.
+    delay: Option<std::time::Duration>,
 }
 
 impl Rule {
@@ -97,6 +99,16 @@ impl Rule {
             code,
             after: 0,
             times: 1,
+            delay: None,
+        }
+    }
+
+    /// Forward matching requests of `kind` to Azurite after `pause`: a slow
+    /// storage account rather than a failing one.
+    pub fn slow(kind: &'static str, path_contains: &str, pause: std::time::Duration) -> Self {
+        Self {
+            delay: Some(pause),
+            ..Self::new(kind, path_contains, 0, "")
         }
     }
 
@@ -117,6 +129,11 @@ impl Rule {
     }
 }
 
+enum Fault {
+    Answer(u16, &'static str),
+    Slow(std::time::Duration),
+}
+
 #[derive(Debug)]
 struct Shared {
     upstream: SocketAddr,
@@ -126,8 +143,8 @@ struct Shared {
 }
 
 impl Shared {
-    /// The status and code to answer `seen` with, if a rule takes it.
-    fn fault(&self, seen: &Seen) -> Option<(u16, &'static str)> {
+    /// What a rule does with `seen`, if one takes it.
+    fn fault(&self, seen: &Seen) -> Option<Fault> {
         let mut rules = self.rules.lock().unwrap();
         let index = rules.iter().position(|r| r.matches(seen))?;
         let rule = &mut rules[index];
@@ -135,7 +152,10 @@ impl Shared {
             rule.after -= 1;
             return None;
         }
-        let answer = (rule.status, rule.code);
+        let answer = match rule.delay {
+            Some(pause) => Fault::Slow(pause),
+            None => Fault::Answer(rule.status, rule.code),
+        };
         rule.times -= 1;
         if rule.times == 0 {
             rules.remove(index);
@@ -223,7 +243,11 @@ async fn relay(
         .await
         .unwrap_or_default();
     let response = match shared.fault(&seen) {
-        Some((status, code)) => {
+        Some(Fault::Slow(pause)) => {
+            tokio::time::sleep(pause).await;
+            forward(&shared, &parts, body).await
+        }
+        Some(Fault::Answer(status, code)) => {
             let xml = format!(
                 "<?xml version=\"1.0\" encoding=\"utf-8\"?><Error><Code>{code}</Code>\
                  <Message>Injected by the test proxy.</Message></Error>"
