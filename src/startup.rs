@@ -355,7 +355,14 @@ pub async fn serve(
     state: AppState,
     read_timeout: Duration,
 ) -> Result<(), StartupError> {
-    server::serve(listener, app(state), read_timeout, shutdown_signal())
+    let restrictor = state.restrictor().clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        // Invocations that have sent nothing stop waiting (for a lookup,
+        // their machine's round or a rate-budget slot) and answer 503.
+        restrictor.shut_down();
+    };
+    server::serve(listener, app(state), read_timeout, shutdown)
         .await
         .map_err(StartupError::Serve)
 }

@@ -82,8 +82,9 @@ pub(super) struct Acted {
     pub cancelled: Vec<ActionId>,
 }
 
-/// Why an order did not succeed.
-#[derive(Debug)]
+/// Why an order did not succeed. `Clone`: a definite refusal answers the
+/// orders of the round that ask the same thing ([`Refusals`]).
+#[derive(Debug, Clone)]
 pub(super) enum ServeError {
     /// A POST for the machine answered 404: the record may be stale.
     MachineGone(DefenderError),
@@ -141,11 +142,65 @@ impl Created {
     }
 }
 
+/// Definite refusals of a POST in one round, per action type: Defender
+/// answered 403, 404 or 422, so nothing was created and the machine's
+/// actions are as they were. A later order of the round that would send the
+/// same POST on the same state gets the same answer, without sending it.
+#[derive(Debug, Default)]
+pub(super) struct Refusals(Mutex<Vec<(ActionType, ServeError)>>);
+
+impl Refusals {
+    fn get(&self, action: ActionType) -> Option<ServeError> {
+        self.0
+            .lock()
+            .iter()
+            .find(|(refused, _)| *refused == action)
+            .map(|(_, error)| error.clone())
+    }
+
+    fn note(&self, action: ActionType, error: &ServeError) {
+        let mut refusals = self.0.lock();
+        if !refusals.iter().any(|(refused, _)| *refused == action) {
+            refusals.push((action, error.clone()));
+        }
+    }
+}
+
+/// Whether Defender refused a POST for good: the request was understood and
+/// turned down (a missing role, no such machine, an unsupported device), so
+/// no action exists because of it. Unlike a timeout or a 5xx, its outcome is
+/// known: nobody need wait for it to show.
+pub(super) fn definite_refusal(error: &DefenderError) -> bool {
+    matches!(
+        error,
+        DefenderError::Status {
+            status: 403 | 404 | 422,
+            ..
+        }
+    )
+}
+
+/// Whether an order's answer leaves the machine's actions as the order found
+/// them (or as it last read them): it succeeded, or it was refused on the
+/// state (a conflicting action pending) or by Defender for good. The next
+/// order of the round can then decide on the same state without reading it
+/// again, and no write of unknown outcome needs time to show.
+pub(super) fn state_known_after(served: &Served) -> bool {
+    match served {
+        Ok(_) => true,
+        Err(ServeError::MachineGone(_)) => true,
+        Err(ServeError::Failed(ServiceError::ConflictingActionPending { .. })) => true,
+        Err(ServeError::Failed(ServiceError::Defender(e))) => definite_refusal(e),
+        Err(ServeError::Failed(_)) => false,
+    }
+}
+
 /// One machine, and what the protocol acts on it with.
 pub(super) struct Device<'a, W> {
     pub client: &'a DefenderClient,
     pub reads: &'a StateReads,
     pub created: &'a Created,
+    pub refusals: &'a Refusals,
     pub machine_id: &'a MachineId,
     pub writer: &'a W,
 }
@@ -189,6 +244,10 @@ impl<W: Writer> Device<'_, W> {
                     return listed(Outcome::AlreadyInState, action, cancelled);
                 }
                 Decision::Act => {
+                    // Refused for good earlier in this round, on this state.
+                    if let Some(refused) = self.refusals.get(wanted.action) {
+                        return Err(refused);
+                    }
                     return self
                         .act(wanted.action, &order.comment, actions, deadline)
                         .await
@@ -265,6 +324,17 @@ impl<W: Writer> Device<'_, W> {
                 )
                 .await
             {
+                // An answer about another machine, or of another type, is not
+                // this POST's action: neither ours nor pending for the device.
+                Ok(created) if !answers_post(&created.action, machine_id, action_type) => {
+                    tracing::error!(action_id = %created.action.id, answered_machine_id = ?created.action.machine_id, answered_type = %created.action.action_type, "Defender answered the POST with an action for another machine or of another type");
+                    return Err(ServiceError::OtherActionCreated {
+                        machine_id: machine_id.to_string(),
+                        action: action_type,
+                        answered: Box::new(created.action),
+                    }
+                    .into());
+                }
                 Ok(created) if existed_before(&created.action, &known, sent) => {
                     self.writer.hand_off(&created).await;
                     // A duplicate answered with the action already under
@@ -284,8 +354,13 @@ impl<W: Writer> Device<'_, W> {
                 Err(e) => e,
             };
 
-            if let DefenderError::Status { status: 404, .. } = error {
-                return Err(ServeError::MachineGone(error));
+            if definite_refusal(&error) {
+                let refused = match error {
+                    DefenderError::Status { status: 404, .. } => ServeError::MachineGone(error),
+                    error => error.into(),
+                };
+                self.refusals.note(action_type, &refused);
+                return Err(refused);
             }
             if error.is_already_in_progress() {
                 return self.already_pending(action_type, actions, deadline).await;
@@ -462,6 +537,14 @@ impl Acted {
             cancelled,
         }
     }
+}
+
+/// Whether a POST's answer is an action of the type asked for, on the
+/// machine asked about. An answer that names no machine is taken as the
+/// machine's (state reads are filtered the same way).
+fn answers_post(action: &MachineAction, machine_id: &MachineId, asked: ActionType) -> bool {
+    action.action_type.known() == Some(asked)
+        && action.machine_id.as_ref().is_none_or(|id| id == machine_id)
 }
 
 /// Whether Defender says the action was created after `arrived`, by more than
