@@ -143,7 +143,8 @@ impl Created {
 }
 
 /// Definite refusals of a POST in one round, per action type: Defender
-/// answered 403, 404 or 422, so nothing was created and the machine's
+/// answered 403, 404 or 422 (or 400 for the device's platform or client
+/// version), so nothing was created and the machine's
 /// actions are as they were. A later order of the round that would send the
 /// same POST on the same state gets the same answer, without sending it.
 #[derive(Debug, Default)]
@@ -167,17 +168,31 @@ impl Refusals {
 }
 
 /// Whether Defender refused a POST for good: the request was understood and
-/// turned down (a missing role, no such machine, an unsupported device), so
-/// no action exists because of it. Unlike a timeout or a 5xx, its outcome is
-/// known: nobody need wait for it to show.
+/// turned down (a missing role, no such machine, an unsupported device, a
+/// bad request), so no action exists because of it. Unlike a timeout or a
+/// 5xx, its outcome is known: nobody need wait for it to show.
 pub(super) fn definite_refusal(error: &DefenderError) -> bool {
-    matches!(
-        error,
+    match error {
+        DefenderError::Status { status: 400, .. } => !error.is_already_in_progress(),
+        DefenderError::Status { status, .. } => matches!(status, 403 | 404 | 422),
+        _ => false,
+    }
+}
+
+/// Whether a definite refusal is about the machine or the app rather than
+/// the one request (its comment): any POST of the same type for the machine
+/// would be refused the same way.
+fn refusal_for_any_post(error: &DefenderError) -> bool {
+    match error {
         DefenderError::Status {
-            status: 403 | 404 | 422,
-            ..
-        }
-    )
+            status: 400, code, ..
+        } => matches!(
+            code.as_str(),
+            "OsPlatformNotSupported" | "ClientVersionNotSupported"
+        ),
+        DefenderError::Status { status, .. } => matches!(status, 403 | 404 | 422),
+        _ => false,
+    }
 }
 
 /// Whether an order's answer leaves the machine's actions as the order found
@@ -355,11 +370,14 @@ impl<W: Writer> Device<'_, W> {
             };
 
             if definite_refusal(&error) {
+                let shared = refusal_for_any_post(&error);
                 let refused = match error {
                     DefenderError::Status { status: 404, .. } => ServeError::MachineGone(error),
                     error => error.into(),
                 };
-                self.refusals.note(action_type, &refused);
+                if shared {
+                    self.refusals.note(action_type, &refused);
+                }
                 return Err(refused);
             }
             if error.is_already_in_progress() {
