@@ -604,6 +604,90 @@ mod tests {
         .unwrap()
     }
 
+    fn status(status: u16, code: &str, message: &str) -> DefenderError {
+        DefenderError::Status {
+            endpoint: crate::defender::Endpoint::create(ActionType::RestrictCodeExecution),
+            status,
+            code: code.to_owned(),
+            message: message.to_owned(),
+            target: None,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_for_good_frees_the_machine_and_answers_the_round() {
+        let forbidden = status(403, "Forbidden", "Missing application roles");
+        assert!(definite_refusal(&forbidden) && refusal_for_any_post(&forbidden));
+        let platform = status(400, "OsPlatformNotSupported", "not supported");
+        assert!(definite_refusal(&platform) && refusal_for_any_post(&platform));
+        // A bad request is refused for good, but only that request.
+        let bad = status(400, "InvalidRequestBody", "comment too long");
+        assert!(definite_refusal(&bad) && !refusal_for_any_post(&bad));
+        // Unknown outcomes, or Defender saying one is under way.
+        let busy = status(
+            400,
+            "ActiveRequestAlreadyExists",
+            "Action is already in progress",
+        );
+        assert!(!definite_refusal(&busy));
+        for unknown in [
+            status(500, "", "boom"),
+            status(503, "", "busy"),
+            status(429, "", ""),
+        ] {
+            assert!(!definite_refusal(&unknown), "{unknown}");
+        }
+        let gone: Served = Err(ServeError::MachineGone(status(404, "NotFound", "")));
+        assert!(state_known_after(&gone));
+        let stopped: Served = Err(ServeError::Failed(ServiceError::RoundStopped));
+        assert!(!state_known_after(&stopped));
+        let timed_out: Served = Err(ServeError::Failed(ServiceError::Defender(status(
+            504, "", "",
+        ))));
+        assert!(!state_known_after(&timed_out));
+    }
+
+    #[test]
+    fn a_post_answer_must_be_the_type_asked_for_on_the_machine_asked_about() {
+        let machine = MachineId::from("c5cb89852ce0d21636c0491709a4571b5f190e75");
+        let answer = |machine_id: Option<&str>, kind: &str| -> MachineAction {
+            serde_json::from_value(json!({
+                "id": "a", "type": kind, "status": "Pending", "machineId": machine_id,
+            }))
+            .unwrap()
+        };
+        let asked = ActionType::RestrictCodeExecution;
+        assert!(answers_post(
+            &answer(
+                Some("C5CB89852CE0D21636C0491709A4571B5F190E75"),
+                "RestrictCodeExecution"
+            ),
+            &machine,
+            asked
+        ));
+        assert!(answers_post(
+            &answer(None, "RestrictCodeExecution"),
+            &machine,
+            asked
+        ));
+        assert!(!answers_post(
+            &answer(Some("0123"), "RestrictCodeExecution"),
+            &machine,
+            asked
+        ));
+        assert!(!answers_post(
+            &answer(Some(machine.as_str()), "UnrestrictCodeExecution"),
+            &machine,
+            asked
+        ));
+        assert!(!answers_post(
+            &answer(Some(machine.as_str()), "Isolate"),
+            &machine,
+            asked
+        ));
+    }
+
     #[test]
     fn an_answer_with_an_action_defender_already_had_is_recognised() {
         let sent = OffsetDateTime::parse("2026-12-01T10:00:00Z", &Rfc3339).unwrap();
