@@ -264,3 +264,37 @@ async fn a_caller_who_hangs_up_still_gets_an_invocation_line_with_what_was_sent(
             && app.log_events("invocation failed").await.is_empty()
     );
 }
+
+#[tokio::test]
+async fn sigterm_sees_through_a_post_whose_caller_hung_up_before_exiting() {
+    let mut app = app().binary().await;
+    // Defender takes 2 s before it handles the POST; the caller gives up
+    // after 0.7 s, and the instance is stopped right after.
+    app.sim.inject(
+        Fault::new("restrictCodeExecution", FaultKind::Delay { millis: 2000 }).method("POST"),
+    );
+    let hung_up = reqwest::Client::builder()
+        .timeout(Duration::from_millis(700))
+        .build()
+        .unwrap()
+        .post(format!("{}/api/restrict-code-execution", app.host.base()))
+        .header("Content-Type", "application/json")
+        .body(json!({"deviceId": ALPHA_AAD}).to_string())
+        .send()
+        .await;
+    assert!(hung_up.is_err(), "the caller hung up: {hung_up:?}");
+    app.terminate();
+
+    let status = app.exit_status().await;
+    assert!(status.success(), "{status:?}");
+    // The POST was waited for, and its line written, before the exit.
+    let posts = requests(&app, "POST", "/restrictCodeExecution");
+    assert_eq!(posts.len(), 1);
+    assert_eq!(posts[0].status, 201, "the POST was answered, not cut off");
+    let actions = app.sim.actions();
+    assert_eq!(actions.len(), 1);
+    let lines = app.log_events("invocation abandoned").await;
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert_eq!(lines[0]["action_id"], actions[0].id.as_str());
+    assert_eq!(lines[0]["result"], "requested");
+}

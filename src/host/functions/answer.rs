@@ -8,6 +8,8 @@
 //! method, an unreadable body or envelope, shutdown) get the same line
 //! through [`refuse`]. Never a token: nothing here can hold one.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use http::StatusCode;
 use tokio::time::Instant;
 use tracing::{Instrument, Level, Span};
@@ -94,6 +96,17 @@ impl Unanswered {
     }
 }
 
+/// Abandoned invocations' lines not written yet: the process waits for them
+/// before it exits ([`abandoned_lines_written`]).
+static UNWRITTEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves once every abandoned invocation's line is written (or at `until`).
+pub async fn abandoned_lines_written(until: Instant) {
+    while UNWRITTEN.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
 /// How long an abandoned invocation's line waits for the rounds seeing its
 /// writes through: longer than any invocation lasts.
 const ABANDONED_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(240);
@@ -112,11 +125,13 @@ impl Drop for Unanswered {
         let span = self.span.clone();
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => {
+                UNWRITTEN.fetch_add(1, Ordering::AcqRel);
                 runtime.spawn(
                     async move {
                         let _ =
                             tokio::time::timeout(ABANDONED_LINE_WAIT, line.sent.settled()).await;
                         line.write();
+                        UNWRITTEN.fetch_sub(1, Ordering::AcqRel);
                     }
                     .instrument(span),
                 );

@@ -240,6 +240,14 @@ impl Restrictor {
         self.inner.shutdown.send_replace(true);
     }
 
+    /// Resolves once no machine round runs (or at `until`): at shutdown, the
+    /// writes already sent are seen through before the process exits.
+    pub async fn rounds_finished(&self, until: Instant) {
+        while !self.inner.queues.is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Restrict or release `device` as `intent` asks.
     pub async fn run(
         &self,
