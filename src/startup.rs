@@ -350,15 +350,32 @@ pub type App =
     tower::util::MapRequest<axum::Router, fn(axum::extract::Request) -> axum::extract::Request>;
 
 /// Serve until SIGTERM or Ctrl-C, then let in-flight invocations finish
-/// (see [`server`] for what happens to the other connections).
+/// (see [`server`] for what happens to the other connections), and the
+/// writes that invocations whose callers hung up had already sent, with
+/// their log lines.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     read_timeout: Duration,
 ) -> Result<(), StartupError> {
-    server::serve(listener, app(state), read_timeout, shutdown_signal())
+    let restrictor = state.restrictor().clone();
+    let until_seen_through = state.request_timeout();
+    let stopping = restrictor.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        // Invocations that have sent nothing stop waiting (for a lookup,
+        // their machine's round or a rate-budget slot) and answer 503.
+        stopping.shut_down();
+    };
+    server::serve(listener, app(state), read_timeout, shutdown)
         .await
-        .map_err(StartupError::Serve)
+        .map_err(StartupError::Serve)?;
+    // No connection is left, but a round may still be seeing a POST through
+    // for a caller who hung up: its outcome, and its line, are waited for.
+    let until = tokio::time::Instant::now() + until_seen_through;
+    restrictor.rounds_finished(until).await;
+    crate::host::functions::answer::abandoned_lines_written(until).await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

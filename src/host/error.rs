@@ -227,8 +227,10 @@ fn service_code(e: &ServiceError) -> ProblemCode {
         | ServiceError::QueuedPastDeadline { .. }
         | ServiceError::ActingPastDeadline { .. } => P::DefenderTimeout,
         ServiceError::Coordination(_) => P::CoordinationUnavailable,
+        ServiceError::ShuttingDown => P::ShuttingDown,
         ServiceError::Defender(_)
         | ServiceError::OtherActionAnswered { .. }
+        | ServiceError::OtherActionCreated { .. }
         | ServiceError::InProgressNoneListed { .. }
         | ServiceError::NotCreated(_)
         | ServiceError::RoundStopped => P::DefenderError,
@@ -289,6 +291,28 @@ fn service_detail(e: &ServiceError) -> String {
              used. Retry later.",
             answered.chars().take(64).collect::<String>()
         ),
+        ServiceError::OtherActionCreated {
+            machine_id,
+            action,
+            answered,
+        } => format!(
+            "Defender answered the {} for machine {machine_id} with action {}, a {} on machine \
+             {}; that is not the action asked for, and it was not taken as this request's. \
+             Check the device's action history in the Microsoft Defender portal before retrying.",
+            action.as_str(),
+            answered.id.as_str().chars().take(64).collect::<String>(),
+            answered
+                .action_type
+                .to_string()
+                .chars()
+                .take(64)
+                .collect::<String>(),
+            answered.machine_id.as_ref().map_or_else(
+                || "(none named)".to_owned(),
+                |m| m.as_str().chars().take(64).collect()
+            ),
+        ),
+        ServiceError::ShuttingDown => ApiError::ShuttingDown.to_string(),
         ServiceError::InProgressNoneListed { machine_id, action } => format!(
             "Defender answered \"Action is already in progress\" for {} on machine \
              {machine_id}, but lists no pending {} action for it. No action was created; \
@@ -510,6 +534,7 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::Defender(e) => e.into(),
             ServiceError::Coordination(e) => e.into(),
+            ServiceError::ShuttingDown => Self::ShuttingDown,
             e => Self::Service(e),
         }
     }

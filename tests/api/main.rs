@@ -30,5 +30,6 @@ mod layers;
 mod outbreak;
 mod parsers;
 mod restrict;
+mod rounds;
 mod safety;
 mod validation;

@@ -155,24 +155,33 @@ impl Function {
 }
 
 /// Run one invocation of `function`: the answer, and its one log line.
+///
+/// The caller may hang up before the answer (the invocation's future is then
+/// dropped): its line is still written, with outcome `abandoned` and what
+/// its orders came to, once the rounds seeing its writes through are done.
 pub async fn invoke(state: &AppState, function: Function, invocation: Invocation) -> Reply {
     let started = Instant::now();
     let span = answer::span(&invocation.id, Some(function));
+    let mut unanswered = answer::Unanswered::new(function, span.clone(), started);
     async {
-        let mut record = Record::default();
-        let result = run(state, function, &invocation, &mut record).await;
+        let sent = unanswered.sent.clone();
+        let result = sent
+            .scope(run(state, function, &invocation, &mut unanswered.record))
+            .await;
         let format = match function {
             Function::ListDevices | Function::JobStatus => devices::error_format(&invocation),
             _ => invocation.format(),
         };
-        answer::finish(
+        let reply = answer::finish(
             Some(function),
             &invocation.id,
             format,
             result,
-            &record,
+            &unanswered.record,
             started,
-        )
+        );
+        unanswered.answered();
+        reply
     }
     .instrument(span)
     .await

@@ -91,6 +91,7 @@ fn disposition(error: &ServiceError) -> Disposition {
         ServiceError::Coordination(CoordinationError::LockTimeout { .. })
         | ServiceError::QueuedPastDeadline { .. } => Later(Duration::ZERO),
         ServiceError::Coordination(CoordinationError::Unavailable { .. })
+        | ServiceError::ShuttingDown
         | ServiceError::RoundStopped
         | ServiceError::ActingPastDeadline { .. } => Retry,
         _ => Failed,

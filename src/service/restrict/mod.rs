@@ -43,17 +43,25 @@
 //!   ([`crate::coordination::Handoff`]);
 //! - a POST or cancel already sent is seen through even if its caller hangs
 //!   up, and one whose outcome is unknown is given 2 s before anyone reads
-//!   the machine again, so that the next read sees what it did.
+//!   the machine again, so that the next read sees what it did; one Defender
+//!   refused for good (403, 404, 422) frees the machine at once;
+//! - a POST's answer is taken as the request's action only if it is of the
+//!   type asked for, on the machine asked about;
+//! - at shutdown nothing new is sent: a request that has sent no write is
+//!   refused (`ShuttingDown`), one that has is seen through.
 
 mod leased;
 mod protocol;
 mod round;
+mod sent;
+
+pub use sent::{OrderResult, Sent};
 
 use std::{sync::Arc, time::Duration};
 
 use serde::Serialize;
 use time::OffsetDateTime;
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     coordination::Coordinator,
@@ -101,6 +109,25 @@ struct Shared {
     created: Created,
     /// Leases across instances (`COORDINATION=storage`).
     coordinator: Option<Arc<Coordinator>>,
+    /// `true` once the handler is shutting down: nothing new is sent.
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Whether the handler is shutting down.
+    fn stopped(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves once the handler is shutting down.
+    fn stopping(&self) -> impl Future<Output = ()> + use<> {
+        let mut shutdown = self.shutdown.subscribe();
+        async move {
+            if shutdown.wait_for(|&stopping| stopping).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// What a caller wants done to a device, whichever edge it came through.
@@ -199,7 +226,25 @@ impl Restrictor {
                 include_caller,
                 queues: MachineQueues::default(),
                 created: Created::default(),
+                shutdown: watch::Sender::new(false),
             }),
+        }
+    }
+
+    /// The handler is shutting down: from now on nothing new is sent to
+    /// Defender. Invocations that have sent no write (waiting for a lookup,
+    /// their machine's round, a read or a rate-budget slot) are refused at
+    /// once with [`ServiceError::ShuttingDown`]; a write already sent is
+    /// seen through; waits for an action to finish answer with what they have.
+    pub fn shut_down(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Resolves once no machine round runs (or at `until`): at shutdown, the
+    /// writes already sent are seen through before the process exits.
+    pub async fn rounds_finished(&self, until: Instant) {
+        while !self.inner.queues.is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -220,7 +265,10 @@ impl Restrictor {
         // Defender answers 404 for it, the device is looked up afresh.
         let mut looked_up_again = false;
         loop {
-            let (machine, candidates, cached) = self.find(device, deadline).await?;
+            let (machine, candidates, cached) = tokio::select! {
+                found = self.find(device, deadline) => found?,
+                () = self.inner.stopping() => return Err(ServiceError::ShuttingDown),
+            };
             match round::submit(
                 &self.inner,
                 &machine.id,
@@ -398,7 +446,11 @@ impl Restrictor {
         // still reads the action once more before answering.
         while !success.terminal() && Instant::now() < until {
             let next = (Instant::now() + POLL_EVERY).min(until);
-            tokio::time::sleep_until(next).await;
+            // At shutdown the caller gets the state known so far.
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = self.inner.stopping() => break,
+            }
             // Give the read a second past `until` to come back.
             let read_by = until + Duration::from_secs(1);
             match self
