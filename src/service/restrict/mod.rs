@@ -294,7 +294,7 @@ impl Restrictor {
                     looked_up_again = true;
                 }
                 Err(ServeError::MachineGone(e)) => return Err(e.into()),
-                Err(ServeError::Failed(e)) => return Err(e),
+                Err(ServeError::Failed(e) | ServeError::Refused(e)) => return Err(e),
             }
         }
     }

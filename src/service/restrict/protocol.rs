@@ -88,6 +88,10 @@ pub(super) struct Acted {
 pub(super) enum ServeError {
     /// A POST for the machine answered 404: the record may be stale.
     MachineGone(DefenderError),
+    /// Defender refused this order's POST for good (403, 422, a 400 that
+    /// is not "already in progress"): nothing was created, the state the
+    /// order decided on stands.
+    Refused(ServiceError),
     Failed(ServiceError),
 }
 
@@ -205,7 +209,9 @@ pub(super) fn state_known_after(served: &Served) -> bool {
         Ok(_) => true,
         Err(ServeError::MachineGone(_)) => true,
         Err(ServeError::Failed(ServiceError::ConflictingActionPending { .. })) => true,
-        Err(ServeError::Failed(ServiceError::Defender(e))) => definite_refusal(e),
+        Err(ServeError::Refused(_)) => true,
+        // Any other failure, a 4xx on a cancel or on a read after one
+        // included: what the order did to the state is not known.
         Err(ServeError::Failed(_)) => false,
     }
 }
@@ -373,7 +379,7 @@ impl<W: Writer> Device<'_, W> {
                 let shared = refusal_for_any_post(&error);
                 let refused = match error {
                     DefenderError::Status { status: 404, .. } => ServeError::MachineGone(error),
-                    error => error.into(),
+                    error => ServeError::Refused(error.into()),
                 };
                 if shared {
                     self.refusals.note(action_type, &refused);
@@ -646,6 +652,15 @@ mod tests {
             504, "", "",
         ))));
         assert!(!state_known_after(&timed_out));
+        // The same 403 on a cancel, or on the read after one, leaves the
+        // state unknown (the cancel may have been taken); only the POST's
+        // own refusal leaves it as decided.
+        let on_cancel: Served = Err(ServeError::Failed(ServiceError::Defender(
+            forbidden.clone(),
+        )));
+        assert!(!state_known_after(&on_cancel));
+        let on_post: Served = Err(ServeError::Refused(ServiceError::Defender(forbidden)));
+        assert!(state_known_after(&on_post));
     }
 
     #[test]

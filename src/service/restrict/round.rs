@@ -378,7 +378,7 @@ impl Ticket {
                 action_id: acted.action.action.id.clone(),
             },
             Err(ServeError::MachineGone(e)) => OrderResult::Failed(e.clone().into()),
-            Err(ServeError::Failed(e)) => OrderResult::Failed(e.clone()),
+            Err(ServeError::Failed(e) | ServeError::Refused(e)) => OrderResult::Failed(e.clone()),
         });
         let _ = self.reply.send(result);
     }
