@@ -351,37 +351,51 @@ fn query(parts: &Parts) -> Vec<(String, String)> {
 /// caller's function key). Forwarding mode keeps the caller's `Host`, and an
 /// `X-Forwarded-Host` there is whatever the caller sent: ignored. Proxying
 /// mode sends `Host: 127.0.0.1:<port>` and sets `X-Forwarded-Host` itself,
-/// replacing the caller's ([`HttpMode`]). TLS ends at the platform's front
-/// end, which sets `X-Forwarded-Proto` (and the proxying host sets it again).
+/// replacing the caller's ([`HttpMode`]). The forwarded host is taken only
+/// when `Host` is that address too: should the host's real mode differ
+/// from what `host.json` says (an app setting can override it), a
+/// forwarded request carries the caller's public `Host` (the platform's
+/// front end routes on it), never `127.0.0.1`, and a caller's
+/// `X-Forwarded-Host` is then ignored as in forwarding mode. TLS ends at the platform's front end: `http` is used only for a
+/// loopback host (a local run), so a key never goes into an `http` URL for
+/// a public name, whatever `X-Forwarded-Proto` says.
 fn caller_url(parts: &Parts, mode: HttpMode) -> Option<Url> {
+    let host_header = header_str(&parts.headers, header::HOST)?;
     let forwarded_host = match mode {
-        HttpMode::Proxying => header_str(
+        HttpMode::Proxying if host_header.split(':').next() == Some("127.0.0.1") => header_str(
             &parts.headers,
             header::HeaderName::from_static("x-forwarded-host"),
         )
-        // One value: the host sets it, but take the first should a list come.
-        .and_then(|v| v.split(',').next())
+        // One value: the host sets it; should a list come, the last was
+        // added nearest to us.
+        .and_then(|v| v.rsplit(',').next())
         .map(str::trim)
         .filter(|v| !v.is_empty()),
-        HttpMode::Forwarding => None,
+        HttpMode::Proxying | HttpMode::Forwarding => None,
     };
-    let host = forwarded_host.or_else(|| header_str(&parts.headers, header::HOST))?;
-    let scheme = match header_str(
+    let host = forwarded_host.unwrap_or(host_header);
+    let https = match header_str(
         &parts.headers,
         header::HeaderName::from_static("x-forwarded-proto"),
     ) {
-        Some(proto) if proto.eq_ignore_ascii_case("http") => "http",
-        Some(_) => "https",
-        None if host.starts_with("localhost")
-            || host.starts_with("127.0.0.1")
-            || host.starts_with("[::1]") =>
-        {
-            "http"
-        }
-        None => "https",
+        Some(proto) => !proto.eq_ignore_ascii_case("http") || !is_loopback(host),
+        None => !is_loopback(host),
     };
+    let scheme = if https { "https" } else { "http" };
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    Url::parse(&format!("{scheme}://{host}{path_and_query}")).ok()
+    let url = Url::parse(&format!("{scheme}://{host}{path_and_query}")).ok()?;
+    // A host with user info or a path in it is not a host name.
+    (url.username().is_empty() && url.password().is_none() && !host.contains(['/', '@']))
+        .then_some(url)
+}
+
+/// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
+fn is_loopback(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "::1"
 }
 
 /// Read a body, refusing more than `limit` bytes without buffering them.

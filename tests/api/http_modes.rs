@@ -301,3 +301,27 @@ async fn a_chunked_upload_reaches_the_handler_only_through_the_proxying_host() {
         }
     }
 }
+
+/// host.json says proxying, but the host forwards (an app setting such as
+/// `AzureFunctionsJobHost__customHandler__enableProxyingHttpRequest=false`
+/// overrides the file): the request then carries the caller's own `Host`,
+/// not the proxy's loopback address, and a caller's `X-Forwarded-Host`
+/// must still not name the host in a URL that carries the key.
+#[tokio::test]
+async fn a_callers_forwarded_host_is_ignored_when_the_host_forwards_despite_host_json() {
+    let mut app = app().http_mode(HttpMode::Proxying).in_process().await;
+    app.host = std::mem::replace(&mut app.host, crate::host_emulator::HostEmulator::new(0))
+        .with_mode(HttpMode::Forwarding);
+    let request = CallerRequest::json(json!({"deviceId": ALPHA_AAD_DEVICE_ID}).to_string())
+        .query("code", KEY)
+        .header("Prefer", "respond-async")
+        .header("X-Forwarded-Host", "attacker.example");
+    let answer = app.host.forwarded_to(&Route::restrict(), &request).await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let location = answer.header("location").unwrap();
+    assert!(!location.contains("attacker"), "{location}");
+    assert!(
+        location.starts_with(&format!("http://{PUBLIC_HOST}/api/")),
+        "{location}"
+    );
+}
