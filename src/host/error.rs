@@ -124,7 +124,10 @@ pub enum ApiError {
     Service(ServiceError),
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
-    #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs().max(1))]
+    #[error(
+        "Defender is rate limiting this app; retry after {} s",
+        seconds_up(retry_after)
+    )]
     RateLimited {
         retry_after: Duration,
         detail: String,
@@ -135,7 +138,7 @@ pub enum ApiError {
         "the storage account that coordinates this app's instances cannot be used ({reason}), so \
          nothing was sent to Defender: a late restrict is better than a duplicate or out-of-order \
          one. Retry after {} s.",
-        retry_after.as_secs().max(1)
+        seconds_up(retry_after)
     )]
     CoordinationUnavailable {
         retry_after: Duration,
@@ -449,9 +452,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after, .. }
-            | Self::CoordinationUnavailable { retry_after, .. } => {
-                Some(retry_after.as_secs().max(1))
-            }
+            | Self::CoordinationUnavailable { retry_after, .. } => Some(seconds_up(retry_after)),
             Self::ShuttingDown => Some(5),
             _ => None,
         }
@@ -559,7 +560,7 @@ impl From<CoordinationError> for ApiError {
                 detail: format!(
                     "the Defender budget this app's instances share has no free slot for {bucket} \
                      before this invocation's time runs out; nothing was sent. Retry after {} s.",
-                    wait.as_secs().max(1)
+                    seconds_up(&wait)
                 ),
             },
         }
@@ -586,7 +587,7 @@ impl From<DefenderError> for ApiError {
                     endpoint.describe(),
                     endpoint.describe(),
                     consequence_not_sent(endpoint),
-                    wait.as_secs().max(1)
+                    seconds_up(&wait)
                 ),
             },
             DefenderError::OutOfTime { endpoint } => Self::Timeout(format!(
@@ -702,6 +703,12 @@ fn consequence(endpoint: Endpoint) -> &'static str {
     }
 }
 
+/// A wait in whole seconds for `Retry-After` and the detail that names it:
+/// rounded up (1.9 s is 2, not 1), and at least 1.
+fn seconds_up(wait: &std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -759,5 +766,14 @@ mod tests {
             problem.detail
         );
         assert!(!problem.detail.contains("0 s"), "{}", problem.detail);
+    }
+
+    /// A wait of 1.9 s is a `Retry-After` of 2: a client that retries after
+    /// 1 s would be refused again.
+    #[test]
+    fn a_fractional_wait_is_rounded_up() {
+        assert_eq!(seconds_up(&Duration::from_millis(1900)), 2);
+        assert_eq!(seconds_up(&Duration::from_secs(3)), 3);
+        assert_eq!(seconds_up(&Duration::ZERO), 1);
     }
 }
