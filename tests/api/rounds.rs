@@ -94,11 +94,9 @@ async fn a_definite_refusal_answers_the_whole_round_at_once_with_one_post() {
     assert_eq!(state_reads(&app), 1, "one read for the round");
     assert!(app.sim.actions().is_empty());
     // The refusal is not an unknown outcome: nobody waits the 2 s a write
-    // of unknown outcome is given to show.
-    assert!(
-        took < Duration::from_millis(1500),
-        "answered after {took:?}"
-    );
+    // of unknown outcome is given to show. (Not a speed check: the bound
+    // is the hold itself, which every answer would otherwise include.)
+    assert!(took < Duration::from_secs(2), "answered after {took:?}");
 
     // The machine is free at once: the next request (after the role is
     // granted) reads and POSTs.
