@@ -443,10 +443,22 @@ async fn the_host_emulators_timer_runs_the_reconcile_function_in_payload_mode() 
         assert!(envelope["Data"]["timer"].is_object());
     }
     assert!(sim.requests().is_empty(), "{:?}", sim.requests());
-    let logs = handler.logs();
+    // The run's line is written as its answer goes; read until both are in.
+    let runs_logged = || {
+        handler
+            .logs()
+            .iter()
+            .filter(|l| l.contains("reconcile run"))
+            .count()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while runs_logged() < 2 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
-        logs.iter().filter(|l| l.contains("reconcile run")).count() >= 2,
-        "one log line per run: {logs:?}"
+        runs_logged() >= 2,
+        "one log line per run: {:?}",
+        handler.logs()
     );
 }
 

@@ -369,11 +369,12 @@ async fn a_post_is_not_sent_after_the_deadline_a_slow_lease_write_used_up() {
         &sim,
         &proxy.connection_string(azurite),
         "faults-slow-confirm",
-        &[("REQUEST_TIMEOUT_SECONDS", "3")],
+        &[("REQUEST_TIMEOUT_SECONDS", "4")],
     );
-    // Every metadata write on a lock blob takes 3.5 s: less than the
-    // storage call's own 5 s timeout, more than the invocation has left.
-    proxy.inject(Rule::slow("set_metadata", "locks/", Duration::from_millis(3500)).times(100));
+    // Every metadata write on a lock blob takes 4.5 s: less than the
+    // storage call's own 5 s timeout, more than the invocation has left
+    // however quickly it got there.
+    proxy.inject(Rule::slow("set_metadata", "locks/", Duration::from_millis(4500)).times(100));
 
     let (status, body, _) = handler.post(json!({"deviceId": devices[0]})).await;
 
