@@ -95,6 +95,10 @@ struct Shared {
     include_caller: bool,
     directory: Arc<MachineDirectory>,
     reads: StateReads,
+    /// Background work's reads (jobs): fewest calls, gathered per group of
+    /// devices ([`StateReads::economical`]). A round reads through them only
+    /// when every order in it is background work.
+    background_reads: StateReads,
     /// One round at a time per machine.
     queues: MachineQueues<Ticket>,
     /// Actions created by this instance and when.
@@ -118,6 +122,25 @@ pub struct Intent {
     /// When a restriction this creates is released automatically
     /// (`releaseAfter`): the comment ends with a readable marker saying so.
     pub release_at: Option<OffsetDateTime>,
+    /// The containment job this runs for: the comment ends with
+    /// [`job_marker`], so that a delivery of the job's message can tell an
+    /// action an earlier delivery created (see [`made_by_job`]).
+    pub job_id: Option<String>,
+}
+
+/// The marker a job's actions carry at the end of their comment.
+pub fn job_marker(job_id: &str) -> String {
+    format!("[job {job_id}]")
+}
+
+/// Whether `action` was requested for the job `job_id`: its comment, as
+/// Defender keeps it, carries the job's marker. The job id is a random
+/// UUID, so no other caller's comment carries it by chance.
+pub fn made_by_job(action: &MachineAction, job_id: &str) -> bool {
+    action
+        .requestor_comment
+        .as_deref()
+        .is_some_and(|comment| comment.contains(&job_marker(job_id)))
 }
 
 /// What happened, as the caller sees it.
@@ -195,6 +218,7 @@ impl Restrictor {
                 coordinator,
                 directory: MachineDirectory::new(client.clone(), machine_cache),
                 reads: StateReads::new(client.clone()),
+                background_reads: StateReads::economical(client.clone()),
                 client,
                 include_caller,
                 queues: MachineQueues::default(),
@@ -210,11 +234,50 @@ impl Restrictor {
         intent: &Intent,
         deadline: Instant,
     ) -> Result<Success, ServiceError> {
+        self.run_as(device, intent, deadline, false).await
+    }
+
+    /// [`Self::run`] for background work (a job's device): the same
+    /// protocol, with the machine's state read through the background reads,
+    /// which spend as few calls as possible and serve the devices announced
+    /// with [`Self::expect_read`] together.
+    pub async fn run_in_background(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+    ) -> Result<Success, ServiceError> {
+        self.run_as(device, intent, deadline, true).await
+    }
+
+    /// Announce that a background run for `machine_id` is about to read its
+    /// actions (see [`StateReads::expect`]).
+    pub fn expect_read(&self, machine_id: &MachineId) -> crate::service::state_reads::Expected {
+        self.inner.background_reads.expect(machine_id)
+    }
+
+    /// Remember a machine record read moments ago (a job's listing of its
+    /// selector) for `device`, under the directory's usual rule: only an
+    /// Active, unmerged record, for at most the machine cache's time.
+    pub fn remember_machine(&self, device: &DeviceRef, machine: Machine, read_at: Instant) {
+        self.inner.directory.remember(device, machine, read_at);
+    }
+
+    async fn run_as(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+        background: bool,
+    ) -> Result<Success, ServiceError> {
         let arrived = Instant::now();
         let wanted = intent.wanted();
         let mut comment = self.comment(&intent.comment, intent.caller.as_ref());
         if let Some(at) = intent.release_at {
             comment = format!("{comment} {}", super::runbook::release_after::marker(at));
+        }
+        if let Some(job) = &intent.job_id {
+            comment = format!("{comment} {}", job_marker(job));
         }
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
@@ -228,6 +291,7 @@ impl Restrictor {
                 &comment,
                 arrived,
                 deadline,
+                background,
             )
             .await
             {

@@ -92,6 +92,7 @@ pub(super) async fn submit(
     comment: &str,
     arrived: Instant,
     deadline: Instant,
+    background: bool,
 ) -> Served {
     let (reply, answer) = oneshot::channel();
     // Dropped with this future: tells the round the caller is gone.
@@ -105,6 +106,7 @@ pub(super) async fn submit(
             arrived,
             arrived_utc: OffsetDateTime::now_utc() - arrived.elapsed(),
             deadline,
+            background,
         },
         stage: Arc::clone(&stage),
         reply,
@@ -192,8 +194,14 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
                 }
             }
         };
+        // Background work's own reads only when the round serves nothing else.
+        let reads = if tickets.iter().all(|ticket| ticket.order.background) {
+            &shared.background_reads
+        } else {
+            &shared.reads
+        };
         let read = tokio::select! {
-            read = shared.reads.read(&machine_id, read_by) => Some(read),
+            read = reads.read(&machine_id, read_by) => Some(read),
             () = all_departed(&tickets) => None,
         };
         let Some(read) = read else {
@@ -204,7 +212,7 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
         let writer = LeasedWriter::new(lease.as_ref(), &writes);
         let device = Device {
             client: &shared.client,
-            reads: &shared.reads,
+            reads,
             created: &shared.created,
             machine_id: &machine_id,
             writer: &writer,
@@ -218,7 +226,7 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
             let actions = match state.take() {
                 Some(Ok(actions)) => Ok(actions),
                 Some(Err(e)) => Err(e),
-                None => shared.reads.read(&machine_id, ticket.order.deadline).await,
+                None => reads.read(&machine_id, ticket.order.deadline).await,
             };
             let started = Instant::now();
             let departure = ticket.departure.clone();
