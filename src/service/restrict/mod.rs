@@ -637,3 +637,40 @@ mod tests {
         assert_eq!(comment_for_defender(&comment, None, true), "Ticket 42");
     }
 }
+
+#[cfg(test)]
+mod job_marker_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn action(comment: Option<&str>) -> MachineAction {
+        serde_json::from_value(json!({
+            "id": "5ba7e1e0-9b7a-4a46-8b17-86a87a74c81e",
+            "type": "RestrictCodeExecution",
+            "status": "Succeeded",
+            "requestorComment": comment,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_jobs_action_is_known_by_the_marker_its_comment_ends_with() {
+        let job = "cfb167b1-6e2d-4003-ada2-5ef599e95db6";
+        let comment = format!("INC-1 (requested by Jane) {}", job_marker(job));
+        assert!(made_by_job(&action(Some(&comment)), job));
+        // Another job's, a single request's, or no comment at all.
+        assert!(!made_by_job(
+            &action(Some(&comment)),
+            "0d560e2b-25e4-4741-9e84-5ebb7c1e38a4"
+        ));
+        assert!(!made_by_job(
+            &action(Some("INC-1 (requested by Jane)")),
+            job
+        ));
+        assert!(
+            !made_by_job(&action(Some(job)), job),
+            "the id alone is not the marker"
+        );
+        assert!(!made_by_job(&action(None), job));
+    }
+}
