@@ -324,11 +324,6 @@ impl Jobs {
             }
         };
         let restrictor = &self.inner.restrictor;
-        // The group's state read waits (briefly) for this machine to join.
-        let _expected = device
-            .m
-            .as_deref()
-            .map(|m| restrictor.expect_read(&MachineId::from(m)));
         if job.dry_run {
             return match restrictor.plan(&target, &intent, deadline).await {
                 Ok(plan) => Ran::Done(done(
@@ -339,6 +334,11 @@ impl Jobs {
                 Err(e) => Ran::Failed(e),
             };
         }
+        // The group's state read waits (briefly) for this machine to join.
+        let _expected = device
+            .m
+            .as_deref()
+            .map(|m| restrictor.expect_read(&MachineId::from(m)));
         let success = match restrictor
             .run_in_background(&target, &intent, deadline)
             .await
