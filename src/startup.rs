@@ -236,6 +236,11 @@ fn jobs(
                 queue,
                 work_time,
                 explain,
+            )
+            .with_budget(
+                settings.rate_limit_per_minute,
+                settings.rate_limit_per_hour,
+                settings.rate_clock_speed,
             ))
         }
         _ => {
@@ -247,6 +252,11 @@ fn jobs(
                 Arc::new(queue.clone()),
                 work_time,
                 explain,
+            )
+            .with_budget(
+                settings.rate_limit_per_minute,
+                settings.rate_limit_per_hour,
+                settings.rate_clock_speed,
             );
             let (worker, poison) = (jobs.clone(), jobs.clone());
             queue.start(

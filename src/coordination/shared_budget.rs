@@ -196,11 +196,11 @@ impl SharedBudget {
             now,
             [
                 (
-                    Share::of(self.limits.per_minute, share.minute),
+                    share.limit(self.limits.per_minute, share.minute),
                     self.limits.minute_ms,
                 ),
                 (
-                    Share::of(self.limits.per_hour, share.hour),
+                    share.limit(self.limits.per_hour, share.hour),
                     self.limits.hour_ms,
                 ),
             ],

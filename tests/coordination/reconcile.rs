@@ -134,6 +134,7 @@ impl Side {
             comment: Comment::parse(Some(&json!("Incident 4711"))).unwrap(),
             caller: None,
             release_at,
+            job_id: None,
         };
         let device = DeviceRef::parse(machine_id).unwrap();
         let success = self.restrictor.run(&device, &intent, soon()).await.unwrap();

@@ -160,6 +160,7 @@ pub(super) fn intent(request: &RunbookRequest) -> Intent {
         comment: request.comment.clone(),
         caller: request.caller.clone(),
         release_at: request.release_at,
+        job_id: None,
     }
 }
 

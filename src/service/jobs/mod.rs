@@ -30,6 +30,8 @@ use futures_util::{StreamExt, stream};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
+use crate::defender::budget::Share;
+
 use self::model::{
     DEVICES_PER_MESSAGE, INDEX_PREFIX, JobMessage, MessageDevice, from_metadata, index_of,
     to_metadata,
@@ -152,6 +154,20 @@ struct Inner {
     explain: Arc<Explain>,
     /// The restriction records an expiry attaches to (set at startup).
     restrictions: std::sync::OnceLock<crate::service::expiry::Restrictions>,
+    /// Job devices admitted on this instance and not finished: each
+    /// admission counts them, since their calls may not be reserved yet.
+    admitted: std::sync::atomic::AtomicUsize,
+    /// One admission at a time on this instance.
+    admission: tokio::sync::Mutex<()>,
+    /// The budget's clock speed (`DEFENDER_RATE_CLOCK_SPEED`, 1 but in
+    /// benchmarks): the spread of deferred messages shrinks with the windows.
+    clock_speed: f64,
+    /// The most devices run as one group: never more than the jobs' share
+    /// of a window holds.
+    group: usize,
+    /// The last listing of each job's selector, shared by its messages on
+    /// this instance while it is fresh (see `worker::Listing`).
+    listings: tokio::sync::Mutex<std::collections::HashMap<String, worker::Listing>>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -184,8 +200,32 @@ impl Jobs {
                 work_time,
                 explain,
                 restrictions: std::sync::OnceLock::new(),
+                admitted: std::sync::atomic::AtomicUsize::new(0),
+                admission: tokio::sync::Mutex::new(()),
+                clock_speed: 1.0,
+                group: worker::GROUP,
+                listings: tokio::sync::Mutex::default(),
             }),
         }
+    }
+
+    /// The Defender budget the jobs share: `per_minute` and `per_hour`
+    /// calls per API, its clock `speed` times faster than real time
+    /// (`DEFENDER_RATE_CLOCK_SPEED`). Call right after [`Self::new`].
+    #[must_use]
+    pub fn with_budget(mut self, per_minute: u32, per_hour: u32, speed: f64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            if speed.is_finite() && speed >= 1.0 {
+                inner.clock_speed = speed;
+            }
+            let share = |limit: u32, fraction: f64| {
+                Share::of(usize::try_from(limit).unwrap_or(usize::MAX), fraction)
+            };
+            inner.group = worker::GROUP
+                .min(share(per_minute, Share::JOBS.minute))
+                .min(share(per_hour, Share::JOBS.hour));
+        }
+        self
     }
 
     /// Keep the restriction records (and a job's `releaseAfter`) in

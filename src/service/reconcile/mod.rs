@@ -417,6 +417,7 @@ impl Reconciler {
                 .ok()
                 .flatten(),
             release_at: None,
+            job_id: None,
         };
         let device = DeviceRef::parse(&due.machine_id).map_err(|e| e.to_string())?;
         let result = self.inner.restrictor.run(&device, &intent, deadline).await;

@@ -103,6 +103,10 @@ struct Shared {
     include_caller: bool,
     directory: Arc<MachineDirectory>,
     reads: StateReads,
+    /// Background work's reads (jobs): fewest calls, gathered per group of
+    /// devices ([`StateReads::economical`]). A round reads through them only
+    /// when every order in it is background work.
+    background_reads: StateReads,
     /// One round at a time per machine.
     queues: MachineQueues<Ticket>,
     /// Actions created by this instance and when.
@@ -145,6 +149,25 @@ pub struct Intent {
     /// When a restriction this creates is released automatically
     /// (`releaseAfter`): the comment ends with a readable marker saying so.
     pub release_at: Option<OffsetDateTime>,
+    /// The containment job this runs for: the comment ends with
+    /// [`job_marker`], so that a delivery of the job's message can tell an
+    /// action an earlier delivery created (see [`made_by_job`]).
+    pub job_id: Option<String>,
+}
+
+/// The marker a job's actions carry at the end of their comment.
+pub fn job_marker(job_id: &str) -> String {
+    format!("[job {job_id}]")
+}
+
+/// Whether `action` was requested for the job `job_id`: its comment, as
+/// Defender keeps it, carries the job's marker. The job id is a random
+/// UUID, so no other caller's comment carries it by chance.
+pub fn made_by_job(action: &MachineAction, job_id: &str) -> bool {
+    action
+        .requestor_comment
+        .as_deref()
+        .is_some_and(|comment| comment.contains(&job_marker(job_id)))
 }
 
 /// What happened, as the caller sees it.
@@ -222,6 +245,7 @@ impl Restrictor {
                 coordinator,
                 directory: MachineDirectory::new(client.clone(), machine_cache),
                 reads: StateReads::new(client.clone()),
+                background_reads: StateReads::economical(client.clone()),
                 client,
                 include_caller,
                 queues: MachineQueues::default(),
@@ -255,11 +279,50 @@ impl Restrictor {
         intent: &Intent,
         deadline: Instant,
     ) -> Result<Success, ServiceError> {
+        self.run_as(device, intent, deadline, false).await
+    }
+
+    /// [`Self::run`] for background work (a job's device): the same
+    /// protocol, with the machine's state read through the background reads,
+    /// which spend as few calls as possible and serve the devices announced
+    /// with [`Self::expect_read`] together.
+    pub async fn run_in_background(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+    ) -> Result<Success, ServiceError> {
+        self.run_as(device, intent, deadline, true).await
+    }
+
+    /// Announce that a background run for `machine_id` is about to read its
+    /// actions (see [`StateReads::expect`]).
+    pub fn expect_read(&self, machine_id: &MachineId) -> crate::service::state_reads::Expected {
+        self.inner.background_reads.expect(machine_id)
+    }
+
+    /// Remember a machine record read moments ago (a job's listing of its
+    /// selector) for `device`, under the directory's usual rule: only an
+    /// Active, unmerged record, for at most the machine cache's time.
+    pub fn remember_machine(&self, device: &DeviceRef, machine: Machine, read_at: Instant) {
+        self.inner.directory.remember(device, machine, read_at);
+    }
+
+    async fn run_as(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+        background: bool,
+    ) -> Result<Success, ServiceError> {
         let arrived = Instant::now();
         let wanted = intent.wanted();
         let mut comment = self.comment(&intent.comment, intent.caller.as_ref());
         if let Some(at) = intent.release_at {
             comment = format!("{comment} {}", super::runbook::release_after::marker(at));
+        }
+        if let Some(job) = &intent.job_id {
+            comment = format!("{comment} {}", job_marker(job));
         }
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
@@ -276,6 +339,7 @@ impl Restrictor {
                 &comment,
                 arrived,
                 deadline,
+                background,
             )
             .await
             {
@@ -623,5 +687,42 @@ mod tests {
             "Ticket 42"
         );
         assert_eq!(comment_for_defender(&comment, None, true), "Ticket 42");
+    }
+}
+
+#[cfg(test)]
+mod job_marker_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn action(comment: Option<&str>) -> MachineAction {
+        serde_json::from_value(json!({
+            "id": "5ba7e1e0-9b7a-4a46-8b17-86a87a74c81e",
+            "type": "RestrictCodeExecution",
+            "status": "Succeeded",
+            "requestorComment": comment,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_jobs_action_is_known_by_the_marker_its_comment_ends_with() {
+        let job = "cfb167b1-6e2d-4003-ada2-5ef599e95db6";
+        let comment = format!("INC-1 (requested by Jane) {}", job_marker(job));
+        assert!(made_by_job(&action(Some(&comment)), job));
+        // Another job's, a single request's, or no comment at all.
+        assert!(!made_by_job(
+            &action(Some(&comment)),
+            "0d560e2b-25e4-4741-9e84-5ebb7c1e38a4"
+        ));
+        assert!(!made_by_job(
+            &action(Some("INC-1 (requested by Jane)")),
+            job
+        ));
+        assert!(
+            !made_by_job(&action(Some(job)), job),
+            "the id alone is not the marker"
+        );
+        assert!(!made_by_job(&action(None), job));
     }
 }

@@ -72,6 +72,8 @@ pub(super) struct Order {
     /// of actions other instances created.
     pub arrived_utc: OffsetDateTime,
     pub deadline: Instant,
+    /// Background work (a job's device): read through the background reads.
+    pub background: bool,
 }
 
 /// What serving one order did, before the machine record is added.

@@ -96,6 +96,7 @@ pub(super) async fn submit(
     comment: &str,
     arrived: Instant,
     deadline: Instant,
+    background: bool,
 ) -> Served {
     let (reply, answer) = oneshot::channel();
     // Dropped with this future: tells the round the caller is gone.
@@ -109,6 +110,7 @@ pub(super) async fn submit(
             arrived,
             arrived_utc: OffsetDateTime::now_utc() - arrived.elapsed(),
             deadline,
+            background,
         },
         stage: Arc::clone(&stage),
         reply,
@@ -248,8 +250,14 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
                 }
             }
         };
+        // Background work's own reads only when the round serves nothing else.
+        let reads = if tickets.iter().all(|ticket| ticket.order.background) {
+            &shared.background_reads
+        } else {
+            &shared.reads
+        };
         let read = tokio::select! {
-            read = shared.reads.read(&machine_id, read_by) => Some(read),
+            read = reads.read(&machine_id, read_by) => Some(read),
             () = all_departed(&tickets) => None,
             () = shared.stopping() => None,
         };
@@ -265,7 +273,7 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
         let refusals = Refusals::default();
         let device = Device {
             client: &shared.client,
-            reads: &shared.reads,
+            reads,
             created: &shared.created,
             refusals: &refusals,
             machine_id: &machine_id,
@@ -287,7 +295,7 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
                 Some(Err(e)) => Err(e),
                 None => {
                     tokio::select! {
-                        read = shared.reads.read(&machine_id, ticket.order.deadline) => read,
+                        read = reads.read(&machine_id, ticket.order.deadline) => read,
                         () = shared.stopping() => {
                             ticket.answer(Err(ServiceError::ShuttingDown.into()));
                             continue;
