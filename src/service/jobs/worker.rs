@@ -157,10 +157,13 @@ fn disposition(error: &ServiceError) -> Disposition {
             _ => Failed,
         },
         ServiceError::Coordination(CoordinationError::OverBudget { wait, .. }) => Later(*wait),
+        // Nothing was sent, and nothing is wrong with the device: a new
+        // message (visible at once, to a running instance) takes it on
+        // without spending a delivery, so instance recycles never poison it.
         ServiceError::Coordination(CoordinationError::LockTimeout { .. })
-        | ServiceError::QueuedPastDeadline { .. } => Later(Duration::ZERO),
+        | ServiceError::QueuedPastDeadline { .. }
+        | ServiceError::ShuttingDown => Later(Duration::ZERO),
         ServiceError::Coordination(CoordinationError::Unavailable { .. })
-        | ServiceError::ShuttingDown
         | ServiceError::RoundStopped
         | ServiceError::ActingPastDeadline { .. } => Retry,
         _ => Failed,
@@ -650,4 +653,20 @@ fn intent(job: &model::JobRecord) -> Result<Intent, RunbookError> {
         }),
         job_id: Some(job.job_id.clone()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An instance stopping refuses the device before anything is sent: it
+    /// goes on in a new message, not as a failed delivery that counts
+    /// towards the poison queue.
+    #[test]
+    fn a_device_refused_at_shutdown_waits_in_a_new_message_without_spending_a_delivery() {
+        assert!(matches!(
+            disposition(&ServiceError::ShuttingDown),
+            Disposition::Later(wait) if wait.is_zero()
+        ));
+    }
 }
