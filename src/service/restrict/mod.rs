@@ -318,11 +318,13 @@ impl Restrictor {
         let arrived = Instant::now();
         let wanted = intent.wanted();
         let mut comment = self.comment(&intent.comment, intent.caller.as_ref());
-        if let Some(at) = intent.release_at {
-            comment = format!("{comment} {}", super::runbook::release_after::marker(at));
-        }
         if let Some(job) = &intent.job_id {
             comment = format!("{comment} {}", job_marker(job));
+        }
+        // Last, so that the portal's comment column ends with when the
+        // restriction is lifted.
+        if let Some(at) = intent.release_at {
+            comment = format!("{comment} {}", super::runbook::release_after::marker(at));
         }
         // A remembered machine record is trusted for one attempt only: when
         // Defender answers 404 for it, the device is looked up afresh.
