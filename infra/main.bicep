@@ -71,10 +71,24 @@ param functionAppName string = ''
 ])
 param instanceMemoryMB int = 512
 
-@description('Upper bound on instances. Defender allows this app 100 calls per minute per endpoint, so many instances buy nothing.')
+// Instances and concurrency. Defender's budget (100 calls a minute, 1,500 an hour per API) is the
+// app's, shared by every instance through storage: more instances send nothing more to Defender,
+// they only add lease and budget-blob conflicts between instances (each instance serves the
+// reservations that arrive together with one read and one write). An invocation spends its time
+// waiting (for its budget slot, the machine's lease, Defender), with no CPU and little memory, so
+// one small instance carries many: 4 x 100 = 400 in flight is more than Defender can answer within
+// the 220 s request timeout (about 370 POSTs at 100 a minute); callers beyond that get 429 with
+// Retry-After from the budget, not from a lack of instances. More than one instance keeps the app
+// answering while one is recycled, and leaves the job worker's queue trigger room (docs/jobs.md).
+@description('Upper bound on instances. The Defender budget is shared by all instances, so more of them send nothing more; 4 carry 400 concurrent requests (see above).')
 @minValue(1)
 @maxValue(1000)
-param maximumInstanceCount int = 40
+param maximumInstanceCount int = 4
+
+@description('Concurrent HTTP invocations per instance before Flex Consumption adds one. Invocations mostly wait for Defender\'s budget; 100 keeps a burst on few instances.')
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int = 100
 
 // ---- The handler's settings: the README "Configuration" table, same names, same defaults. ----
 // An empty string means "unset" (the README: an empty value counts as unset), so the handler
@@ -124,7 +138,7 @@ param requestTimeoutSeconds int = 220
 @description('COMMENT_INCLUDE_CALLER: append "(requested by <callerName>)" to the comment sent to Defender.')
 param commentIncludeCaller bool = true
 
-@description('DEFENDER_RATE_LIMIT_PER_MINUTE: client-side budget of calls per minute to each Defender endpoint, per instance. Lower it when the app runs on several instances.')
+@description('DEFENDER_RATE_LIMIT_PER_MINUTE: calls per minute to each Defender API for the whole app, shared by all its instances through storage (Defender counts per app and tenant). Lower it only to leave room for other apps using the same app registration.')
 @minValue(1)
 @maxValue(1000000)
 param defenderRateLimitPerMinute int = 100
@@ -276,6 +290,7 @@ module api 'app/api.bicep' = {
     applicationInsightsName: monitoring.outputs.applicationInsightsName
     instanceMemoryMB: instanceMemoryMB
     maximumInstanceCount: maximumInstanceCount
+    httpPerInstanceConcurrency: httpPerInstanceConcurrency
     handlerSettings: handlerSettings
     authClientId: authClientId
     authTokenAudience: authTokenAudience

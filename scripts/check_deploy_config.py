@@ -29,6 +29,7 @@ ROLES = ["Machine.Read.All", "Machine.RestrictExecution"]
 # README settings that are not main.bicep parameters, and why (main.bicep says the same).
 NOT_PARAMETERS = {
     "FUNCTIONS_CUSTOMHANDLER_PORT": "set by the Functions host",
+    "FUNCTIONS_APP_ROOT_PATH": "set by the Functions host",
     "IDENTITY_ENDPOINT": "set by the platform",
     "IDENTITY_HEADER": "set by the platform",
     "AZURE_CLIENT_ID": "always the user-assigned identity's client id (app/api.bicep)",

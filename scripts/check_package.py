@@ -506,7 +506,7 @@ def run_packaged(c: Checks, zf: zipfile.ZipFile, exe: str, args: list[str], work
         for fn, spec in sorted(functions.items()):
             if fn not in EXPECTED_FUNCTIONS:
                 continue
-            # Forwarded mode (host.json enableForwardingHttpRequest): /api/<route>.
+            # Forwarded or proxied (host.json enableProxyingHttpRequest): /api/<route>.
             invocation = str(uuid.uuid4())
             body = json.dumps({"deviceId": DEVICE_FORWARDED, "callerName": "package-check"}).encode()
             status, _, raw = request(port, "POST", f"/api/{spec['route']}", body, {

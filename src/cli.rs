@@ -123,6 +123,7 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
     let settings = Settings::from_env()?;
     let port = args.port.unwrap_or(settings.port);
     let read_timeout = settings.http_read_timeout;
+    let http_mode = settings.http_mode;
     let backend = if args.simulate {
         Backend::Simulated(Box::new(sim_config(
             args.sim_speed,
@@ -137,7 +138,13 @@ async fn serve(args: ServeArgs) -> Result<(), StartupError> {
         addr: SocketAddr::from(([127, 0, 0, 1], port)),
         source,
     })?;
-    tracing::info!(address = %addr, simulate = args.simulate, "listening");
+    tracing::info!(
+        address = %addr,
+        simulate = args.simulate,
+        // Which host.json mode the public URLs are built for (docs/http-modes.md).
+        http_mode = http_mode.as_str(),
+        "listening"
+    );
     if let Some(sim) = &sim {
         println!("{}", simulate_banner(sim, addr));
     }

@@ -131,6 +131,10 @@ pub struct Settings {
     /// How long a connection may take to send a request (head, then body),
     /// and how long an idle keep-alive connection stays open.
     pub http_read_timeout: Duration,
+    /// How the host passes HTTP requests on: read from `host.json` in
+    /// `FUNCTIONS_APP_ROOT_PATH` (set by the host; else the working
+    /// directory, the app root), as the host itself reads it.
+    pub http_mode: crate::host::http_mode::HttpMode,
     /// Client-side budget per Defender endpoint (Defender's own limits).
     pub rate_limit_per_minute: u32,
     pub rate_limit_per_hour: u32,
@@ -258,6 +262,9 @@ impl Settings {
                 "HTTP_READ_TIMEOUT_SECONDS",
                 crate::host::server::DEFAULT_READ_TIMEOUT.as_secs(),
             )?,
+            http_mode: crate::host::http_mode::HttpMode::from_app_root(std::path::Path::new(
+                &get("FUNCTIONS_APP_ROOT_PATH").unwrap_or_else(|| ".".to_owned()),
+            )),
             rate_limit_per_minute: count(&get, "DEFENDER_RATE_LIMIT_PER_MINUTE", 100)?,
             rate_limit_per_hour: count(&get, "DEFENDER_RATE_LIMIT_PER_HOUR", 1500)?,
             rate_clock_speed: clock_speed(&get, "DEFENDER_RATE_CLOCK_SPEED")?,

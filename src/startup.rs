@@ -191,6 +191,7 @@ pub async fn prepare(
     .with_jobs(jobs)
     .with_reconciler(reconciler)
     .with_portal(settings.cloud.portal())
+    .with_http_mode(settings.http_mode)
     .with_callbacks(callbacks);
     Ok((state, sim))
 }
@@ -236,6 +237,11 @@ fn jobs(
                 queue,
                 work_time,
                 explain,
+            )
+            .with_budget(
+                settings.rate_limit_per_minute,
+                settings.rate_limit_per_hour,
+                settings.rate_clock_speed,
             ))
         }
         _ => {
@@ -247,6 +253,11 @@ fn jobs(
                 Arc::new(queue.clone()),
                 work_time,
                 explain,
+            )
+            .with_budget(
+                settings.rate_limit_per_minute,
+                settings.rate_limit_per_hour,
+                settings.rate_clock_speed,
             );
             let (worker, poison) = (jobs.clone(), jobs.clone());
             queue.start(
@@ -350,15 +361,32 @@ pub type App =
     tower::util::MapRequest<axum::Router, fn(axum::extract::Request) -> axum::extract::Request>;
 
 /// Serve until SIGTERM or Ctrl-C, then let in-flight invocations finish
-/// (see [`server`] for what happens to the other connections).
+/// (see [`server`] for what happens to the other connections), and the
+/// writes that invocations whose callers hung up had already sent, with
+/// their log lines.
 pub async fn serve(
     listener: TcpListener,
     state: AppState,
     read_timeout: Duration,
 ) -> Result<(), StartupError> {
-    server::serve(listener, app(state), read_timeout, shutdown_signal())
+    let restrictor = state.restrictor().clone();
+    let until_seen_through = state.request_timeout();
+    let stopping = restrictor.clone();
+    let shutdown = async move {
+        shutdown_signal().await;
+        // Invocations that have sent nothing stop waiting (for a lookup,
+        // their machine's round or a rate-budget slot) and answer 503.
+        stopping.shut_down();
+    };
+    server::serve(listener, app(state), read_timeout, shutdown)
         .await
-        .map_err(StartupError::Serve)
+        .map_err(StartupError::Serve)?;
+    // No connection is left, but a round may still be seeing a POST through
+    // for a caller who hung up: its outcome, and its line, are waited for.
+    let until = tokio::time::Instant::now() + until_seen_through;
+    restrictor.rounds_finished(until).await;
+    crate::host::functions::answer::abandoned_lines_written(until).await;
+    Ok(())
 }
 
 async fn shutdown_signal() {

@@ -24,6 +24,9 @@ param instanceMemoryMB int
 @minValue(1)
 @maxValue(1000)
 param maximumInstanceCount int
+@minValue(1)
+@maxValue(1000)
+param httpPerInstanceConcurrency int
 @description('The handler\'s own settings (README "Configuration"), already filtered of empty values.')
 param handlerSettings object
 @description('App Service Authentication (Microsoft Entra): the app registration\'s client id; empty: off.')
@@ -90,6 +93,11 @@ resource functionApp 'Microsoft.Web/sites@2024-04-01' = {
       scaleAndConcurrency: {
         instanceMemoryMB: instanceMemoryMB
         maximumInstanceCount: maximumInstanceCount
+        triggers: {
+          http: {
+            perInstanceConcurrency: httpPerInstanceConcurrency
+          }
+        }
       }
       // Exactly '1.0': other values pass ARM validation and fail only at host start.
       runtime: {

@@ -46,9 +46,17 @@ resource storage 'Microsoft.Storage/storageAccounts@2023-05-01' = {
   resource blobServices 'blobServices' = {
     name: 'default'
     properties: {
+      // Blob soft delete is off. With it on, every overwrite of a blob keeps the old content as
+      // a billed soft-deleted snapshot for the retention period, and the app overwrites its
+      // budget blobs on every Defender call (three per restrict) and its lock blobs' metadata
+      // around every POST: up to about 250,000 snapshots per API a week in an outbreak. Nothing
+      // here needs it: the deployment package is rebuilt by any deploy, the host's keys and the
+      // app's locks, budget and job records are working state (the record of what was done is
+      // the invocation log and Defender's own action history). Container soft delete, which
+      // costs nothing per write, stays on against deleting a whole container by mistake.
+      // docs/cost.md has the numbers.
       deleteRetentionPolicy: {
-        enabled: true
-        days: 7
+        enabled: false
       }
       containerDeleteRetentionPolicy: {
         enabled: true

@@ -29,6 +29,10 @@
 //!   (see [`crate::service::restrict`]). In the benchmark's burst spread
 //!   over three instances, polling alone made 14 storage requests per
 //!   invocation; announcements and handoffs bring it to about 6.
+//! - The last step before each POST or cancel attempt is a metadata write
+//!   under the lease id ([`MachineLease::confirm`]): storage refuses it once
+//!   the lease is not ours, whatever our clock says. A refused metadata
+//!   write (404, 409, 412) marks the lease lost; nothing more is sent.
 //! - While held, a background task renews the lease every third of its
 //!   duration. If renewing keeps failing, [`MachineLease::check`] fails
 //!   before the lease could have run out, so the caller stops before acting.
@@ -36,7 +40,10 @@
 //!   background (best effort). A holder that dies without releasing stops
 //!   renewing, and storage expires its lease after at most the lease
 //!   duration: waiters go on then (a third of it later at most, if they were
-//!   sleeping on an announcement).
+//!   sleeping on an announcement). Azure may refuse a new lease for up to
+//!   about a minute after the old one expired while the blob already looks
+//!   free: the waiter's backoff is kept across its looks and tries, so it
+//!   does not poll every 0.1 s meanwhile.
 
 use std::{
     collections::HashMap,
@@ -55,6 +62,7 @@ use crate::defender::models::MachineAction;
 
 use super::{
     CoordinationError,
+    backoff::Backoff,
     shared_budget::unix_ms,
     store::{Refusal, Store},
 };
@@ -191,6 +199,19 @@ impl MachineLease {
         .await
     }
 
+    /// The last step before a POST or cancel goes out under this lease (every
+    /// attempt, retries included): a write to the lock blob conditioned on
+    /// our lease id, which storage refuses once the lease is no longer ours,
+    /// whatever our clock says. It also removes any [`Handoff`] (this
+    /// holder's or an earlier one's), so that no waiter takes it for the
+    /// machine's state once this write may have changed that. `Ok(until)` as
+    /// [`Self::check`]; when it fails, nothing may be sent.
+    pub async fn confirm(&self) -> Result<Instant, CoordinationError> {
+        self.check()?;
+        self.withdraw_handoff().await?;
+        self.check()
+    }
+
     /// After a POST answered with a pending action: leave it in the blob for
     /// the instances waiting for this lease ([`Handoff`]). Best effort:
     /// without it, they take the lease in turn and read the machine's
@@ -314,6 +335,11 @@ pub(crate) async fn lock_machine(
     // Creating the container or the blob is done at most a few times; a
     // storage that keeps answering "not found" is not waited for.
     let mut creations = 0;
+    // Kept across the whole wait: when a look says the lease is free but
+    // storage still refuses to grant it (after a lease expired, Azure can take
+    // up to a minute to let go of it), the next look must not start again
+    // from the shortest pause.
+    let mut backoff = Backoff::new(FIRST_BACKOFF, MAX_BACKOFF);
     loop {
         let sent = Instant::now();
         let answer = match acquire_detached(store, &blob, seconds, &lease_id, deadline).await {
@@ -365,7 +391,7 @@ pub(crate) async fn lock_machine(
                 });
             }
         }
-        match wait_while_held(store, &blob, max_sleep, deadline, answered).await? {
+        match wait_while_held(store, &blob, max_sleep, deadline, &mut backoff, answered).await? {
             Waited::Free => {}
             Waited::Answered => return Ok(Locked::Answered),
             Waited::TimedOut => return Err(timed_out()),
@@ -393,15 +419,11 @@ async fn wait_while_held(
     blob: &str,
     max_sleep: Duration,
     deadline: Instant,
+    backoff: &mut Backoff,
     answered: &mut (dyn FnMut(&Handoff) -> bool + Send),
 ) -> Result<Waited, CoordinationError> {
-    let mut backoff = FIRST_BACKOFF;
     // The holder was found a moment ago: it has not announced anything yet.
-    tokio::time::sleep_until(
-        (Instant::now() + backoff.mul_f64(0.5 + fastrand::f64())).min(deadline),
-    )
-    .await;
-    backoff = (backoff * 2).min(MAX_BACKOFF);
+    tokio::time::sleep_until((Instant::now() + backoff.pause()).min(deadline)).await;
     loop {
         let Some(look) = store.lease_and_metadata(blob, deadline).await? else {
             return Ok(Waited::TimedOut);
@@ -433,14 +455,10 @@ async fn wait_while_held(
             .filter(|ahead| !ahead.is_zero());
         let pause = match announced {
             Some(ahead) => {
-                backoff = FIRST_BACKOFF;
+                backoff.reset();
                 ahead.min(max_sleep) + FIRST_BACKOFF.mul_f64(fastrand::f64())
             }
-            None => {
-                let pause = backoff.mul_f64(0.5 + fastrand::f64());
-                backoff = (backoff * 2).min(MAX_BACKOFF);
-                pause
-            }
+            None => backoff.pause(),
         };
         if now >= deadline {
             return Ok(Waited::TimedOut);
@@ -499,13 +517,27 @@ async fn write_metadata(
     store
         .set_metadata(&state.blob, &state.lease_id, &metadata)
         .await?
-        .map_err(|refusal| CoordinationError::Unavailable {
-            retry_after: state.duration,
-            reason: format!(
-                "storage answered {} {} to writing the lease's metadata",
-                refusal.status,
-                refusal.code.unwrap_or_default()
-            ),
+        .map_err(|refusal| {
+            // Every such write carries our lease id: storage refuses it (412
+            // `LeaseIdMismatchWithBlobOperation` or `LeaseNotPresent…`, 409
+            // `LeaseLost`, or 404 once the blob is gone) only when the lease
+            // is no longer ours. Another instance may be deciding for the
+            // machine now: this holder sends nothing more.
+            if matches!(refusal.status, 404 | 409 | 412) {
+                tracing::warn!(machine_id = %state.machine_id, status = refusal.status,
+                    code = ?refusal.code, "the machine lease was lost");
+                state.lost.store(true, Ordering::Relaxed);
+            }
+            CoordinationError::Unavailable {
+                retry_after: state.duration,
+                reason: format!(
+                    "storage answered {} {} to writing the lease's metadata; the lease on \
+                     machine {} is no longer ours",
+                    refusal.status,
+                    refusal.code.unwrap_or_default(),
+                    state.machine_id
+                ),
+            }
         })
 }
 

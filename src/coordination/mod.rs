@@ -23,6 +23,7 @@
 //! messages through [`queue`] (`azure_storage_queue`), in storage or, in
 //! local mode, in this process's memory.
 
+mod backoff;
 pub mod error;
 pub mod lock;
 pub mod queue;
@@ -61,8 +62,10 @@ pub struct CoordinatorOptions {
     /// `DEFENDER_RATE_CLOCK_SPEED`: both windows shrink by this factor.
     pub clock_speed: f64,
     /// The machine lease's duration: 15 to 60 s (storage's range). A dead
-    /// holder delays the others by at most this much, plus a third of it
-    /// (the longest a waiter sleeps between looks): 40 s by default.
+    /// holder delays the others by this much, plus a third of it (the
+    /// longest a waiter sleeps between looks): 40 s by default. Azure can
+    /// take up to about a minute more before it grants an expired lease
+    /// again; waiters keep backing off meanwhile (docs/coordination.md).
     pub lease_duration: Duration,
     /// The bound on one storage call.
     pub storage_timeout: Duration,

@@ -9,8 +9,8 @@
 //! now and after the last slot that keeps both windows within their limits,
 //! each window one [`LATENCY_ALLOWANCE`] longer than Defender's), then a
 //! write conditioned on the ETag that was read. A 412 means another instance
-//! reserved in between: read again (with a short jittered pause) until the
-//! caller's deadline. So an uncontended reservation costs two storage
+//! reserved in between: read again (after a jittered pause, 20 ms doubling
+//! to 1 s) until the caller's deadline. So an uncontended reservation costs two storage
 //! operations. Within one instance, the reservations that arrive while one
 //! is in flight are served together by the next read and write, so a burst
 //! costs two operations per batch, and one instance never conflicts with
@@ -32,7 +32,7 @@ use azure_core::http::Etag;
 use serde::{Deserialize, Serialize};
 use tokio::{sync::oneshot, time::Instant};
 
-use super::{CoordinationError, store::Store};
+use super::{CoordinationError, backoff::Backoff, store::Store};
 use crate::defender::budget::{LATENCY_ALLOWANCE, Share, next_within};
 
 const MINUTE: Duration = Duration::from_secs(60);
@@ -108,6 +108,14 @@ impl Limits {
         }
     }
 }
+
+/// The first pause after another instance's write beat ours, and the
+/// longest. The first is short: in a burst over several instances, conflicts
+/// are the rule and each costs a read and a write; doubling keeps instances
+/// that keep colliding from spending their callers' time and the account's
+/// requests on it.
+const FIRST_CONFLICT_PAUSE: Duration = Duration::from_millis(20);
+const MAX_CONFLICT_PAUSE: Duration = Duration::from_secs(1);
 
 /// The shared budget over the coordination container.
 #[derive(Debug)]
@@ -188,11 +196,11 @@ impl SharedBudget {
             now,
             [
                 (
-                    Share::of(self.limits.per_minute, share.minute),
+                    share.limit(self.limits.per_minute, share.minute),
                     self.limits.minute_ms,
                 ),
                 (
-                    Share::of(self.limits.per_hour, share.hour),
+                    share.limit(self.limits.per_hour, share.hour),
                     self.limits.hour_ms,
                 ),
             ],
@@ -238,6 +246,7 @@ async fn reserve_batch(
     };
     let all = |error: CoordinationError| batch.iter().map(|_| Err(error.clone())).collect();
     let latest = batch.iter().map(|r| r.deadline).max();
+    let mut backoff = Backoff::new(FIRST_CONFLICT_PAUSE, MAX_CONFLICT_PAUSE);
     loop {
         let (mut reservations, etag) = match read(store, &blob).await {
             Ok(read) => read,
@@ -275,7 +284,7 @@ async fn reserve_batch(
             Ok(Err(refusal)) => return all(refused(&refusal, &blob)),
             Err(error) => return all(error),
         }
-        let pause = Duration::from_millis(5 + fastrand::u64(0..20));
+        let pause = backoff.pause();
         if latest.is_none_or(|latest| Instant::now() + pause >= latest) {
             return all(over(Duration::ZERO));
         }
@@ -311,6 +320,7 @@ pub(crate) fn give_back_later(store: &Arc<Store>, bucket: &str, slot: Slot) {
 async fn give_back(store: &Store, bucket: &str, at: SystemTime) -> Result<(), CoordinationError> {
     let blob = format!("budget/{bucket}");
     let at = unix_ms(at);
+    let mut backoff = Backoff::new(FIRST_CONFLICT_PAUSE, MAX_CONFLICT_PAUSE);
     for _ in 0..5 {
         let (mut reservations, etag) = read(store, &blob).await?;
         let Some(index) = reservations.slots.iter().position(|&t| t == at) else {
@@ -323,7 +333,7 @@ async fn give_back(store: &Store, bucket: &str, at: SystemTime) -> Result<(), Co
             Err(refusal) if matches!(refusal.status, 409 | 412) => {}
             Err(refusal) => return Err(refused(&refusal, &blob)),
         }
-        tokio::time::sleep(Duration::from_millis(5 + fastrand::u64(0..20))).await;
+        tokio::time::sleep(backoff.pause()).await;
     }
     Ok(())
 }

@@ -1,9 +1,12 @@
 //! The blob operations coordination needs, through `azure_storage_blob`.
 //!
 //! Every call is bounded by a timeout and counted (one count per HTTP request
-//! sent to storage, by a pipeline policy). The SDK's own retries are off: the
-//! lock and the budget retry what is safe to retry, within their caller's
-//! deadline, and everything else fails closed at once. Answers that are part
+//! sent to storage, by a pipeline policy). The SDK's own retries are off:
+//! [`Store`] sends a request again itself only after an answer that says
+//! storage was busy or failing, and only where a repeat is harmless
+//! ([`Retry`]), with jittered exponential backoff within the caller's
+//! deadline; the lock and the budget retry their own conflicts; everything
+//! else fails closed at once. Answers that are part
 //! of the protocol (404, 409, 412) come back as [`Refusal`]; every other
 //! failure becomes [`CoordinationError::Unavailable`], with a reason built
 //! from the status and storage error code only, never from the SDK's error
@@ -44,6 +47,7 @@ use tokio::time::Instant;
 
 use super::{
     CoordinationError,
+    backoff::Backoff,
     sas::account_sas,
     settings::{StorageAuth, StorageSettings},
 };
@@ -56,6 +60,57 @@ const SAS_BACKDATE: time::Duration = time::Duration::minutes(15);
 
 /// Retry-After when storage does not say: long enough for a blip to pass.
 const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// The first pause before trying a busy or failing storage request again,
+/// and the longest.
+const FIRST_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(2);
+
+/// Which failures a request may be sent again after.
+#[derive(Debug, Clone, Copy)]
+enum Retry {
+    /// Sending it again changes nothing the first try did not: reads, lease
+    /// requests with our own ids, metadata under our lease, and conditional
+    /// writes whose repeat is refused. Retried after 429, 500, 502, 503 and
+    /// 504.
+    Idempotent,
+    /// Retried only after 429 and 503: storage throttling (`ServerBusy`)
+    /// turns the request away before doing anything. A 500 may have been
+    /// applied.
+    Unprocessed,
+}
+
+impl Retry {
+    fn after(self, error: &azure_core::Error) -> bool {
+        matches!(
+            (status(error), self),
+            (Some(429 | 503), _) | (Some(500 | 502 | 504), Retry::Idempotent)
+        )
+    }
+}
+
+/// The HTTP status of a failed request, if storage answered.
+fn status(error: &azure_core::Error) -> Option<u16> {
+    match error.kind() {
+        ErrorKind::HttpResponse { status, .. } => Some(u16::from(*status)),
+        _ => None,
+    }
+}
+
+/// The `Retry-After` storage sent with a failure, if any (capped).
+fn retry_after(error: &azure_core::Error) -> Option<Duration> {
+    match error.kind() {
+        ErrorKind::HttpResponse { raw_response, .. } => raw_response
+            .as_ref()?
+            .headers()
+            .get_optional_str(&azure_core::http::headers::RETRY_AFTER)?
+            .trim()
+            .parse::<u64>()
+            .ok()
+            .map(|s| Duration::from_secs(s.min(300))),
+        _ => None,
+    }
+}
 
 /// A protocol answer the caller handles itself.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -353,24 +408,47 @@ impl Store {
         Ok(self.container()?.blob_client(name))
     }
 
-    /// Run one storage call within the timeout (and never past `deadline`,
-    /// when one is given: then the caller's own error applies).
-    async fn call<T>(
+    /// Run one storage call, each try within the timeout, trying again after
+    /// an answer that says storage was too busy or failed (see [`Retry`])
+    /// with jittered exponential backoff, as long as the next try can start
+    /// before the call's end: `deadline` when one is given (then the
+    /// caller's own error applies once it passes), else one timeout after
+    /// the first try. A try that timed out is not repeated.
+    async fn call<T, F, Fut>(
         &self,
         what: &str,
         deadline: Option<Instant>,
-        call: impl Future<Output = azure_core::Result<T>>,
-    ) -> Result<Option<Result<T, Refusal>>, CoordinationError> {
-        let limit = Instant::now() + self.timeout;
-        let until = deadline.map_or(limit, |d| d.min(limit));
-        match tokio::time::timeout_at(until, call).await {
-            Ok(Ok(value)) => Ok(Some(Ok(value))),
-            Ok(Err(error)) => classify(what, &self.description, &error).map(|r| Some(Err(r))),
-            Err(_) if until < limit => Ok(None),
-            Err(_) => Err(unavailable(format!(
-                "{what} timed out after {} s",
-                self.timeout.as_secs_f32()
-            ))),
+        retry: Retry,
+        mut call: F,
+    ) -> Result<Option<Result<T, Refusal>>, CoordinationError>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = azure_core::Result<T>>,
+    {
+        let end = deadline.unwrap_or_else(|| Instant::now() + self.timeout);
+        let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+        loop {
+            let limit = Instant::now() + self.timeout;
+            let until = deadline.map_or(limit, |d| d.min(limit));
+            let error = match tokio::time::timeout_at(until, call()).await {
+                Ok(Ok(value)) => return Ok(Some(Ok(value))),
+                Ok(Err(error)) => error,
+                Err(_) if until < limit => return Ok(None),
+                Err(_) => {
+                    return Err(unavailable(format!(
+                        "{what} timed out after {} s",
+                        self.timeout.as_secs_f32()
+                    )));
+                }
+            };
+            let pause = backoff.pause().max(retry_after(&error).unwrap_or_default());
+            if !retry.after(&error) || Instant::now() + pause >= end {
+                return classify(what, &self.description, &error).map(|r| Some(Err(r)));
+            }
+            tracing::debug!(what, status = ?status(&error),
+                pause_ms = u64::try_from(pause.as_millis()).unwrap_or(u64::MAX),
+                "storage was busy or failing; trying again");
+            tokio::time::sleep(pause).await;
         }
     }
 
@@ -392,7 +470,8 @@ impl Store {
             .call(
                 "acquiring a lease",
                 Some(deadline),
-                client.acquire_lease(seconds, Some(options)),
+                Retry::Idempotent,
+                || client.acquire_lease(seconds, Some(options.clone())),
             )
             .await?;
         Ok(answer.map(|r| r.map(drop)))
@@ -401,11 +480,9 @@ impl Store {
     pub async fn renew_lease(&self, blob: &str, lease_id: &str) -> Outcome<()> {
         let client = self.blob(blob)?;
         let answer = self
-            .call(
-                "renewing a lease",
-                None,
-                client.renew_lease(lease_id.to_owned(), None),
-            )
+            .call("renewing a lease", None, Retry::Idempotent, || {
+                client.renew_lease(lease_id.to_owned(), None)
+            })
             .await?;
         Ok(answer.map_or(Ok(()), |r| r.map(drop)))
     }
@@ -413,11 +490,9 @@ impl Store {
     pub async fn release_lease(&self, blob: &str, lease_id: &str) -> Outcome<()> {
         let client = self.blob(blob)?;
         let answer = self
-            .call(
-                "releasing a lease",
-                None,
-                client.release_lease(lease_id.to_owned(), None),
-            )
+            .call("releasing a lease", None, Retry::Idempotent, || {
+                client.release_lease(lease_id.to_owned(), None)
+            })
             .await?;
         Ok(answer.map_or(Ok(()), |r| r.map(drop)))
     }
@@ -433,7 +508,8 @@ impl Store {
             .call(
                 "reading a blob's properties",
                 Some(deadline),
-                client.get_properties(None),
+                Retry::Idempotent,
+                || client.get_properties(None),
             )
             .await?;
         Ok(answer.map(|r| {
@@ -458,11 +534,9 @@ impl Store {
             ..Default::default()
         };
         let answer = self
-            .call(
-                "writing a blob's metadata",
-                None,
-                client.set_metadata(metadata, Some(options)),
-            )
+            .call("writing a blob's metadata", None, Retry::Idempotent, || {
+                client.set_metadata(metadata, Some(options.clone()))
+            })
             .await?;
         Ok(answer.map_or(Ok(()), |r| r.map(drop)))
     }
@@ -470,7 +544,9 @@ impl Store {
     pub async fn create_container(&self) -> Outcome<()> {
         let client = self.container()?;
         let answer = self
-            .call("creating the container", None, client.create(None))
+            .call("creating the container", None, Retry::Unprocessed, || {
+                client.create(None)
+            })
             .await?;
         Ok(answer.map_or(Ok(()), |r| r.map(drop)))
     }
@@ -478,7 +554,8 @@ impl Store {
     /// The blob's content and ETag; `Ok(Err(refusal))` with 404 when absent.
     pub async fn read(&self, blob: &str) -> Outcome<(Vec<u8>, Etag)> {
         let client = self.blob(blob)?;
-        let read = async {
+        let client = &client;
+        let read = || async move {
             let download = client
                 .download(Some(BlobClientDownloadOptions::default()))
                 .await?;
@@ -486,7 +563,10 @@ impl Store {
             let body = download.body.collect().await?;
             Ok((body.to_vec(), etag))
         };
-        match self.call("reading a blob", None, read).await? {
+        match self
+            .call("reading a blob", None, Retry::Idempotent, read)
+            .await?
+        {
             Some(Ok((body, Some(etag)))) => Ok(Ok((body, etag))),
             Some(Ok((_, None))) => Err(unavailable("storage answered a read without an ETag")),
             Some(Err(refusal)) => Ok(Err(refusal)),
@@ -511,12 +591,14 @@ impl Store {
         };
         let content: RequestContent<azure_core::Bytes, azure_core::http::NoFormat> =
             azure_core::Bytes::from(body).into();
+        // Conditional, so a try that landed before its answer was lost is
+        // refused when sent again (412, or 409 for a creation), which the
+        // callers already take for "someone else wrote": the budget reads
+        // again, the lock finds its blob there.
         let answer = self
-            .call(
-                "writing a blob",
-                None,
-                client.upload(content, Some(options)),
-            )
+            .call("writing a blob", None, Retry::Idempotent, || {
+                client.upload(content.clone(), Some(options.clone()))
+            })
             .await?;
         match answer {
             Some(Ok(result)) => result
@@ -573,12 +655,13 @@ impl Store {
         };
         let content: RequestContent<azure_core::Bytes, azure_core::http::NoFormat> =
             azure_core::Bytes::from(body).into();
+        // A record written `Always` or `Absent` is sent again only when
+        // storage says it did nothing: a lost answer must not turn into a
+        // "someone else wrote first".
         let answer = self
-            .call(
-                "writing a blob",
-                None,
-                client.upload(content, Some(options)),
-            )
+            .call("writing a blob", None, Retry::Unprocessed, || {
+                client.upload(content.clone(), Some(options.clone()))
+            })
             .await?;
         match answer {
             Some(Ok(result)) => result
@@ -596,7 +679,8 @@ impl Store {
         blob: &str,
     ) -> Outcome<(Vec<u8>, std::collections::HashMap<String, String>, Etag)> {
         let client = self.blob(blob)?;
-        let read = async {
+        let client = &client;
+        let read = || async move {
             let download = client
                 .download(Some(BlobClientDownloadOptions::default()))
                 .await?;
@@ -605,7 +689,10 @@ impl Store {
             let body = download.body.collect().await?;
             Ok((body.to_vec(), metadata, etag))
         };
-        match self.call("reading a blob", None, read).await? {
+        match self
+            .call("reading a blob", None, Retry::Idempotent, read)
+            .await?
+        {
             Some(Ok((body, metadata, Some(etag)))) => Ok(Ok((body, metadata, etag))),
             Some(Ok((_, _, None))) => Err(unavailable("storage answered a read without an ETag")),
             Some(Err(refusal)) => Ok(Err(refusal)),
@@ -630,14 +717,18 @@ impl Store {
             prefix: Some(prefix.to_owned()),
             ..Default::default()
         };
-        let list = async {
-            let mut pages = client.list_blobs(Some(options))?.into_pages();
+        let (client, options) = (&client, &options);
+        let list = || async move {
+            let mut pages = client.list_blobs(Some(options.clone()))?.into_pages();
             match pages.next().await {
                 Some(page) => page?.into_model().map(Some),
                 None => Ok(None),
             }
         };
-        match self.call("listing blobs", None, list).await? {
+        match self
+            .call("listing blobs", None, Retry::Idempotent, list)
+            .await?
+        {
             Some(Ok(None)) => Ok(Ok((Vec::new(), None))),
             Some(Ok(Some(page))) => {
                 let blobs = page

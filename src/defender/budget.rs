@@ -82,6 +82,9 @@ pub struct Share {
     pub minute: f64,
     /// Of the per-hour limit, 0 to 1.
     pub hour: f64,
+    /// Calls the caller is about to make together (at least one): the
+    /// window must have room for all of them within the share.
+    pub calls: usize,
 }
 
 impl Share {
@@ -89,26 +92,48 @@ impl Share {
     pub const ALL: Self = Self {
         minute: 1.0,
         hour: 1.0,
+        calls: 1,
     };
     /// Containment jobs: four fifths of each minute and nine tenths of each
     /// hour, leaving the rest to interactive requests (and the reconciler).
     pub const JOBS: Self = Self {
         minute: 0.8,
         hour: 0.9,
+        calls: 1,
     };
     /// The reconciler's reads (callbacks): below interactive requests,
     /// above jobs.
     pub const RECONCILER: Self = Self {
         minute: 0.9,
         hour: 0.95,
+        calls: 1,
     };
     /// The fleet view's reads: below every caller that contains or
     /// releases a device, jobs included. Anyone with the view's key can
     /// repeat it; it must never take the slots a restrict needs next.
+    /// A read is two calls at least (restricts and releases).
     pub const VIEWS: Self = Self {
         minute: 0.5,
         hour: 0.5,
+        calls: 2,
     };
+
+    /// The same share, for `calls` calls made together.
+    #[must_use]
+    pub const fn for_calls(self, calls: usize) -> Self {
+        Self {
+            calls: if calls == 0 { 1 } else { calls },
+            ..self
+        }
+    }
+
+    /// The limit this share leaves a caller that needs `self.calls` slots:
+    /// the one more call [`next_within`] looks for stands for all of them.
+    pub fn limit(self, limit: usize, fraction: f64) -> usize {
+        Self::of(limit, fraction)
+            .saturating_sub(self.calls.saturating_sub(1))
+            .max(1)
+    }
 
     /// `limit` scaled by `fraction`, at least one call.
     pub fn of(limit: usize, fraction: f64) -> usize {
@@ -181,8 +206,8 @@ impl CallBudget for RateBudget {
             &queue,
             now,
             [
-                (Share::of(self.per_minute, share.minute), self.minute),
-                (Share::of(self.per_hour, share.hour), self.hour),
+                (share.limit(self.per_minute, share.minute), self.minute),
+                (share.limit(self.per_hour, share.hour), self.hour),
             ],
         );
         Ok(at.saturating_duration_since(now))
@@ -361,6 +386,10 @@ mod tests {
         assert_eq!(Share::of(100, Share::JOBS.minute), 80);
         assert_eq!(Share::of(1500, Share::JOBS.hour), 1350);
         assert_eq!(Share::of(1, 0.5), 1, "never nothing at all");
+        // Ten calls together need ten free places within the share.
+        assert_eq!(Share::JOBS.for_calls(10).limit(100, Share::JOBS.minute), 71);
+        assert_eq!(Share::JOBS.for_calls(0).limit(100, Share::JOBS.minute), 80);
+        assert_eq!(Share::JOBS.for_calls(500).limit(100, Share::JOBS.minute), 1);
         // Ten calls in the last minute (ms): the jobs' share of a limit of 10
         // (8) is full until the third call leaves the window; the whole
         // window (10) is full until the first leaves it.

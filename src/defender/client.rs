@@ -819,14 +819,22 @@ impl DefenderClient {
                 },
                 BudgetError::Refused(refusal) => refused(refusal),
             })?;
+            if deadline <= Instant::now() {
+                return Err(DefenderError::OutOfTime { endpoint: op });
+            }
+            let until = match call.hook {
+                Some(hook) => hook.before_send(op).await.map_err(refused)?,
+                None => None,
+            };
+            // Measured after the hook: its storage write can be slow, and a
+            // write sent after the deadline would reach Defender after the
+            // caller was told that nothing was sent.
             let remaining = deadline.saturating_duration_since(Instant::now());
             if remaining.is_zero() {
                 return Err(DefenderError::OutOfTime { endpoint: op });
             }
             let mut timeout = self.timeout.min(remaining);
-            if let Some(hook) = call.hook
-                && let Some(until) = hook.before_send(op).await.map_err(refused)?
-            {
+            if let Some(until) = until {
                 timeout = timeout.min(until.saturating_duration_since(Instant::now()));
             }
             let error = match self.attempt(&call, token.secret(), timeout).await {

@@ -6,6 +6,7 @@ use std::{sync::Arc, time::Duration};
 
 use crate::{
     coordination::records::MemoryRecords,
+    host::http_mode::HttpMode,
     service::{callbacks::Outbox, jobs::Jobs, reconcile::Reconciler, restrict::Restrictor},
 };
 
@@ -35,6 +36,8 @@ struct Inner {
     portal: &'static str,
     /// Pending completion callbacks.
     callbacks: Outbox,
+    /// How the host passes HTTP requests on (which forwarded headers it set).
+    http_mode: HttpMode,
 }
 
 impl AppState {
@@ -61,6 +64,7 @@ impl AppState {
                 jobs: None,
                 reconciler: None,
                 portal: "https://security.microsoft.com",
+                http_mode: HttpMode::default(),
             }),
         }
     }
@@ -103,6 +107,19 @@ impl AppState {
             inner.portal = portal;
         }
         self
+    }
+
+    /// Sets how the host passes HTTP requests on; called at startup.
+    pub fn with_http_mode(mut self, mode: HttpMode) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            inner.http_mode = mode;
+        }
+        self
+    }
+
+    /// How the host passes HTTP requests on.
+    pub fn http_mode(&self) -> HttpMode {
+        self.inner.http_mode
     }
 
     /// The Defender portal of the configured cloud.

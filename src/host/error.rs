@@ -92,6 +92,11 @@ problem_codes! {
     JobNotFound => "job_not_found", NOT_FOUND, "Job not found";
     TooManyDevices => "too_many_devices", UNPROCESSABLE_ENTITY, "Too many devices for one job";
     NoDevicesMatched => "no_devices_matched", UNPROCESSABLE_ENTITY, "No devices matched";
+    IdempotencyKeyReused => "idempotency_key_reused", UNPROCESSABLE_ENTITY,
+        "Idempotency-Key used for another request";
+    UriTooLong => "uri_too_long", URI_TOO_LONG, "Request URI too long";
+    HeadersTooLarge => "headers_too_large", REQUEST_HEADER_FIELDS_TOO_LARGE,
+        "Request headers too large";
 }
 
 /// Every `code` an answer can carry, as text.
@@ -119,7 +124,10 @@ pub enum ApiError {
     Service(ServiceError),
     #[error("Defender does not support this action on the device: {message}")]
     UnsupportedDevice { code: String, message: String },
-    #[error("Defender is rate limiting this app; retry after {} s", retry_after.as_secs())]
+    #[error(
+        "Defender is rate limiting this app; retry after {} s",
+        seconds_up(retry_after)
+    )]
     RateLimited {
         retry_after: Duration,
         detail: String,
@@ -130,7 +138,7 @@ pub enum ApiError {
         "the storage account that coordinates this app's instances cannot be used ({reason}), so \
          nothing was sent to Defender: a late restrict is better than a duplicate or out-of-order \
          one. Retry after {} s.",
-        retry_after.as_secs().max(1)
+        seconds_up(retry_after)
     )]
     CoordinationUnavailable {
         retry_after: Duration,
@@ -183,6 +191,22 @@ pub enum ApiError {
          the machines are onboarded. Nothing was sent to Defender."
     )]
     NoDevicesMatched(String),
+    #[error(
+        "the Idempotency-Key {0:?} started a job with a different request within the last 24 \
+         hours; a retry must send the same body. Use a new key for a new job. Nothing was sent \
+         to Defender."
+    )]
+    IdempotencyKeyReused(String),
+    #[error(
+        "the request URI is longer than {limit} bytes; no function takes more than a few short \
+         query parameters. Nothing was sent to Defender."
+    )]
+    UriTooLong { limit: usize },
+    #[error(
+        "the request headers are larger than {limit} bytes or more than {count} fields. Nothing \
+         was sent to Defender."
+    )]
+    HeadersTooLarge { limit: usize, count: usize },
 }
 
 /// The code of a service error's answer.
@@ -206,8 +230,10 @@ fn service_code(e: &ServiceError) -> ProblemCode {
         | ServiceError::QueuedPastDeadline { .. }
         | ServiceError::ActingPastDeadline { .. } => P::DefenderTimeout,
         ServiceError::Coordination(_) => P::CoordinationUnavailable,
+        ServiceError::ShuttingDown => P::ShuttingDown,
         ServiceError::Defender(_)
         | ServiceError::OtherActionAnswered { .. }
+        | ServiceError::OtherActionCreated { .. }
         | ServiceError::InProgressNoneListed { .. }
         | ServiceError::NotCreated(_)
         | ServiceError::RoundStopped => P::DefenderError,
@@ -268,6 +294,28 @@ fn service_detail(e: &ServiceError) -> String {
              used. Retry later.",
             answered.chars().take(64).collect::<String>()
         ),
+        ServiceError::OtherActionCreated {
+            machine_id,
+            action,
+            answered,
+        } => format!(
+            "Defender answered the {} for machine {machine_id} with action {}, a {} on machine \
+             {}; that is not the action asked for, and it was not taken as this request's. \
+             Check the device's action history in the Microsoft Defender portal before retrying.",
+            action.as_str(),
+            answered.id.as_str().chars().take(64).collect::<String>(),
+            answered
+                .action_type
+                .to_string()
+                .chars()
+                .take(64)
+                .collect::<String>(),
+            answered.machine_id.as_ref().map_or_else(
+                || "(none named)".to_owned(),
+                |m| m.as_str().chars().take(64).collect()
+            ),
+        ),
+        ServiceError::ShuttingDown => ApiError::ShuttingDown.to_string(),
         ServiceError::InProgressNoneListed { machine_id, action } => format!(
             "Defender answered \"Action is already in progress\" for {} on machine \
              {machine_id}, but lists no pending {} action for it. No action was created; \
@@ -345,6 +393,9 @@ impl ApiError {
             Self::JobNotFound(_) => P::JobNotFound,
             Self::TooManyDevices { .. } => P::TooManyDevices,
             Self::NoDevicesMatched(_) => P::NoDevicesMatched,
+            Self::IdempotencyKeyReused(_) => P::IdempotencyKeyReused,
+            Self::UriTooLong { .. } => P::UriTooLong,
+            Self::HeadersTooLarge { .. } => P::HeadersTooLarge,
         }
     }
 
@@ -401,9 +452,7 @@ impl ApiError {
     pub fn retry_after(&self) -> Option<u64> {
         match self {
             Self::RateLimited { retry_after, .. }
-            | Self::CoordinationUnavailable { retry_after, .. } => {
-                Some(retry_after.as_secs().max(1))
-            }
+            | Self::CoordinationUnavailable { retry_after, .. } => Some(seconds_up(retry_after)),
             Self::ShuttingDown => Some(5),
             _ => None,
         }
@@ -486,6 +535,7 @@ impl From<ServiceError> for ApiError {
         match e {
             ServiceError::Defender(e) => e.into(),
             ServiceError::Coordination(e) => e.into(),
+            ServiceError::ShuttingDown => Self::ShuttingDown,
             e => Self::Service(e),
         }
     }
@@ -510,7 +560,7 @@ impl From<CoordinationError> for ApiError {
                 detail: format!(
                     "the Defender budget this app's instances share has no free slot for {bucket} \
                      before this invocation's time runs out; nothing was sent. Retry after {} s.",
-                    wait.as_secs().max(1)
+                    seconds_up(&wait)
                 ),
             },
         }
@@ -537,7 +587,7 @@ impl From<DefenderError> for ApiError {
                     endpoint.describe(),
                     endpoint.describe(),
                     consequence_not_sent(endpoint),
-                    wait.as_secs().max(1)
+                    seconds_up(&wait)
                 ),
             },
             DefenderError::OutOfTime { endpoint } => Self::Timeout(format!(
@@ -581,7 +631,11 @@ impl From<DefenderError> for ApiError {
                 retry_after,
                 ..
             } => {
-                let retry_after = retry_after.unwrap_or(Duration::from_secs(60));
+                // `Retry-After: 0` is advice to retry at once; the answer's
+                // header says at least 1 s, and its detail says the same.
+                let retry_after = retry_after
+                    .unwrap_or(Duration::from_secs(60))
+                    .max(Duration::from_secs(1));
                 Self::RateLimited {
                     retry_after,
                     detail: format!(
@@ -649,6 +703,12 @@ fn consequence(endpoint: Endpoint) -> &'static str {
     }
 }
 
+/// A wait in whole seconds for `Retry-After` and the detail that names it:
+/// rounded up (1.9 s is 2, not 1), and at least 1.
+fn seconds_up(wait: &std::time::Duration) -> u64 {
+    (wait.as_secs() + u64::from(wait.subsec_nanos() > 0)).max(1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -684,5 +744,36 @@ mod tests {
                 problem.detail
             );
         }
+    }
+
+    /// Defender's `Retry-After: 0` means "retry at once"; the answer's header
+    /// says 1 s (a header of 0 makes some clients spin), and so does its detail.
+    #[test]
+    fn retry_after_zero_from_defender_is_one_second_in_header_and_detail() {
+        let error = ApiError::from(DefenderError::Status {
+            endpoint: Endpoint::create(ActionType::RestrictCodeExecution),
+            status: 429,
+            code: "TooManyRequests".to_owned(),
+            message: "slow down".to_owned(),
+            target: None,
+            retry_after: Some(Duration::ZERO),
+        });
+        let problem = error.problem("inv");
+        assert_eq!(problem.retry_after, Some(1));
+        assert!(
+            problem.detail.contains("Retry after 1 s."),
+            "{}",
+            problem.detail
+        );
+        assert!(!problem.detail.contains("0 s"), "{}", problem.detail);
+    }
+
+    /// A wait of 1.9 s is a `Retry-After` of 2: a client that retries after
+    /// 1 s would be refused again.
+    #[test]
+    fn a_fractional_wait_is_rounded_up() {
+        assert_eq!(seconds_up(&Duration::from_millis(1900)), 2);
+        assert_eq!(seconds_up(&Duration::from_secs(3)), 3);
+        assert_eq!(seconds_up(&Duration::ZERO), 1);
     }
 }

@@ -1,9 +1,10 @@
 //! The HTTP surface the Functions host talks to.
 //!
 //! - `GET /`: the host's readiness probe (polled every 25 ms at start) and ping.
-//! - Forwarded mode (`enableForwardingHttpRequest`), the caller's request as is:
-//!   each [`Function`]'s method and [`Function::route`], such as
-//!   `POST /api/restrict-code-execution`.
+//! - Forwarded mode (`enableForwardingHttpRequest`, or the proxying
+//!   `enableProxyingHttpRequest`: the same routes, see [`HttpMode`]), the
+//!   caller's request as is: each [`Function`]'s method and
+//!   [`Function::route`], such as `POST /api/restrict-code-execution`.
 //! - Payload mode, the host's envelope: `POST /{FunctionName}` for each
 //!   function folder ([`Function::payload_route`]).
 //!
@@ -33,6 +34,7 @@ use crate::{
         envelope,
         error::ApiError,
         functions::{self, Function, Record, answer, job_queue, job_queue::QueueFunction},
+        http_mode::HttpMode,
         invocation::{self, Invocation},
         reply::{Format, Reply},
     },
@@ -141,7 +143,12 @@ fn forwarded_route(route: &'static str) -> MethodRouter<AppState> {
         .map(Method::as_str)
         .collect::<Vec<_>>()
         .join(", ");
-    router.fallback(not_allowed(allowed))
+    // axum answers HEAD with the GET handler minus its body: the function
+    // would run, Defender reads and all, for an answer nobody reads. The
+    // triggers take GET only, so HEAD is a 405 like any other method.
+    router
+        .on(MethodFilter::HEAD, not_allowed(allowed.clone()))
+        .fallback(not_allowed(allowed))
 }
 
 /// Answers at once: the host only needs a response to count us as ready.
@@ -187,7 +194,7 @@ async fn forwarded(
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
             .collect(),
         body: body.to_vec(),
-        url: caller_url(&parts),
+        url: caller_url(&parts, state.http_mode()),
     };
     let reply = functions::invoke(&state, function, invocation).await;
     reply_response(reply, &id)
@@ -340,26 +347,55 @@ fn query(parts: &Parts) -> Vec<(String, String)> {
         .unwrap_or_default()
 }
 
-/// The URL the caller used. The host forwards the original `Host`; TLS ends
-/// at the platform's front end, which sets `X-Forwarded-Proto`.
-fn caller_url(parts: &Parts) -> Option<Url> {
-    let host = header_str(&parts.headers, header::HOST)?;
-    let scheme = match header_str(
+/// The URL the caller used (for `Location` and `statusUrl`, which carry the
+/// caller's function key). Forwarding mode keeps the caller's `Host`, and an
+/// `X-Forwarded-Host` there is whatever the caller sent: ignored. Proxying
+/// mode sends `Host: 127.0.0.1:<port>` and sets `X-Forwarded-Host` itself,
+/// replacing the caller's ([`HttpMode`]). The forwarded host is taken only
+/// when `Host` is that address too: should the host's real mode differ
+/// from what `host.json` says (an app setting can override it), a
+/// forwarded request carries the caller's public `Host` (the platform's
+/// front end routes on it), never `127.0.0.1`, and a caller's
+/// `X-Forwarded-Host` is then ignored as in forwarding mode. TLS ends at the platform's front end: `http` is used only for a
+/// loopback host (a local run), so a key never goes into an `http` URL for
+/// a public name, whatever `X-Forwarded-Proto` says.
+fn caller_url(parts: &Parts, mode: HttpMode) -> Option<Url> {
+    let host_header = header_str(&parts.headers, header::HOST)?;
+    let forwarded_host = match mode {
+        HttpMode::Proxying if host_header.split(':').next() == Some("127.0.0.1") => header_str(
+            &parts.headers,
+            header::HeaderName::from_static("x-forwarded-host"),
+        )
+        // One value: the host sets it; should a list come, the last was
+        // added nearest to us.
+        .and_then(|v| v.rsplit(',').next())
+        .map(str::trim)
+        .filter(|v| !v.is_empty()),
+        HttpMode::Proxying | HttpMode::Forwarding => None,
+    };
+    let host = forwarded_host.unwrap_or(host_header);
+    let https = match header_str(
         &parts.headers,
         header::HeaderName::from_static("x-forwarded-proto"),
     ) {
-        Some(proto) if proto.eq_ignore_ascii_case("http") => "http",
-        Some(_) => "https",
-        None if host.starts_with("localhost")
-            || host.starts_with("127.0.0.1")
-            || host.starts_with("[::1]") =>
-        {
-            "http"
-        }
-        None => "https",
+        Some(proto) => !proto.eq_ignore_ascii_case("http") || !is_loopback(host),
+        None => !is_loopback(host),
     };
+    let scheme = if https { "https" } else { "http" };
     let path_and_query = parts.uri.path_and_query().map_or("/", |pq| pq.as_str());
-    Url::parse(&format!("{scheme}://{host}{path_and_query}")).ok()
+    let url = Url::parse(&format!("{scheme}://{host}{path_and_query}")).ok()?;
+    // A host with user info or a path in it is not a host name.
+    (url.username().is_empty() && url.password().is_none() && !host.contains(['/', '@']))
+        .then_some(url)
+}
+
+/// `localhost`, `127.0.0.1` or `[::1]`, with or without a port.
+fn is_loopback(host: &str) -> bool {
+    let name = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    name.eq_ignore_ascii_case("localhost") || name == "127.0.0.1" || name == "::1"
 }
 
 /// Read a body, refusing more than `limit` bytes without buffering them.

@@ -150,6 +150,9 @@ async fn connection<S>(
                 if shutting_down {
                     return Ok::<_, Infallible>(unavailable(&request));
                 }
+                if let Some(error) = oversized_head(&request) {
+                    return Ok(refused_head(&request, error));
+                }
                 let _in_service = InService::enter(activity.clone());
                 let (parts, body) = request.into_parts();
                 let body = TrackedBody::new(body, activity, read_timeout);
@@ -161,14 +164,17 @@ async fn connection<S>(
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
-        .header_read_timeout(read_timeout);
+        .header_read_timeout(read_timeout)
+        // Above our own limit, so that a request with more fields than we
+        // take gets our problem answer (`oversized_head`), not hyper's bare 431.
+        .max_headers(HYPER_MAX_HEADERS);
     let conn = builder.serve_connection(TokioIo::new(stream), service);
     let mut conn = std::pin::pin!(conn);
 
     tokio::select! {
         result = conn.as_mut() => {
             if let Err(e) = result {
-                tracing::debug!(error = %e, "connection ended with an error");
+                log_connection_error(&e);
             }
             return;
         }
@@ -230,6 +236,81 @@ fn unavailable(request: &Request<Incoming>) -> Response {
         response.headers_mut().insert("x-invocation-id", value);
     }
     routes::closing(response)
+}
+
+/// Longest request target (path and query) taken, and largest request head
+/// and most header fields: twice the limits of the Functions host's own
+/// server (Kestrel's `MaxRequestLineSize` 8 KiB, `MaxRequestHeadersTotalSize`
+/// 32 KiB), and room for the fields the host adds to Kestrel's 100, so no
+/// call the host forwards (with a query it re-encoded) is refused here.
+pub const MAX_URI_BYTES: usize = 16 * 1024;
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+pub const MAX_HEADER_FIELDS: usize = 128;
+/// hyper's own field limit (its default is 100), set above ours.
+const HYPER_MAX_HEADERS: usize = 2 * MAX_HEADER_FIELDS;
+
+/// A request head over our limits: answered with a problem and its log line
+/// before it reaches any function. hyper answers heads beyond its own
+/// limits (a URI over 64 KiB, a head over about 400 KiB) with a bare
+/// 414/431 before we see them; [`log_connection_error`] logs those.
+fn oversized_head(request: &Request<Incoming>) -> Option<ApiError> {
+    let uri = request
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len());
+    if uri > MAX_URI_BYTES {
+        return Some(ApiError::UriTooLong {
+            limit: MAX_URI_BYTES,
+        });
+    }
+    let headers = request.headers();
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    (headers.len() > MAX_HEADER_FIELDS || size > MAX_HEADER_BYTES).then_some(
+        ApiError::HeadersTooLarge {
+            limit: MAX_HEADER_BYTES,
+            count: MAX_HEADER_FIELDS,
+        },
+    )
+}
+
+/// The problem answer to an oversized head, with its per-invocation log
+/// line (the path cut, as it may be the oversized part).
+fn refused_head(request: &Request<Incoming>, error: ApiError) -> Response {
+    let id = invocation::invocation_id(request.headers());
+    let format = Format::from_accept(
+        request
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok()),
+    );
+    let path = crate::service::shown_text::echoed_name(request.uri().path());
+    let record = Record::unserved(request.method(), &path);
+    let reply = answer::refuse(None, &id, format, error, &record, Instant::now());
+    routes::reply_response(reply, &id)
+}
+
+/// A connection hyper ended with an error. A request head beyond hyper's
+/// limits was answered 414 or 431 by hyper itself, without a body and
+/// without reaching us: log it as the refused request it is.
+fn log_connection_error(error: &hyper::Error) {
+    if error.is_parse_too_large() {
+        // hyper tells the two apart only in its message.
+        let status = if error.to_string().contains("URI") {
+            414
+        } else {
+            431
+        };
+        tracing::warn!(
+            status,
+            error = %error,
+            "request head refused by the HTTP server before routing"
+        );
+    } else {
+        tracing::debug!(error = %error, "connection ended with an error");
+    }
 }
 
 /// Counts a request as in service until its answer is produced.

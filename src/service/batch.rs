@@ -62,6 +62,13 @@ pub trait Source: Send + Sync + 'static {
         close: Close<'_>,
     ) -> impl Future<Output = Result<Answered<Self::Key, Self::Value>, Self::Error>> + Send;
 
+    /// `key` joined the open batch (called under the batcher's lock, after
+    /// the key is a member): a source that waits for expected keys before
+    /// it sends learns here that one has come.
+    fn joined(&self, key: &Self::Key) {
+        let _ = key;
+    }
+
     /// A waiter's deadline passed before its batch was read.
     fn out_of_time() -> Self::Error;
 
@@ -177,6 +184,7 @@ impl<S: Source> Batcher<S> {
             members.keys.insert(key.clone());
             members.deadline = Some(members.deadline.map_or(deadline, |d| d.max(deadline)));
         }
+        self.source.joined(key);
         let receiver = batch.done.subscribe();
         if !inner.reader_running {
             inner.reader_running = true;

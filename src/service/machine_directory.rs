@@ -180,6 +180,39 @@ impl MachineDirectory {
         }
     }
 
+    /// Remember `machine`, read from Defender at `read_at` by someone else
+    /// (a job's listing of its selector), as `device`'s record, under the
+    /// same rule as a lookup's answer: only an Active record that is not
+    /// merged, whose id is the device's, aged from when it was read. A
+    /// lookup under way is left alone.
+    pub fn remember(&self, device: &DeviceRef, machine: Machine, read_at: Instant) {
+        let DeviceRef::Machine(id) = device else {
+            return;
+        };
+        if self.ttl.is_zero()
+            || read_at.elapsed() >= self.ttl
+            || machine.id != *id
+            || !rememberable(&machine)
+        {
+            return;
+        }
+        let mut slots = self.slots.lock();
+        if matches!(slots.get(device), Some(Slot::Loading { .. })) || slots.len() >= MAX_REMEMBERED
+        {
+            return;
+        }
+        slots.insert(
+            device.clone(),
+            Slot::Found {
+                found: Box::new(Found {
+                    machine,
+                    candidates: 1,
+                }),
+                at: read_at,
+            },
+        );
+    }
+
     /// Forget what is remembered for `device` (a POST for it answered 404).
     pub fn forget(&self, device: &DeviceRef) {
         let mut slots = self.slots.lock();

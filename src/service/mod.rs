@@ -31,4 +31,5 @@ pub mod restrict;
 pub mod runbook;
 pub mod selection;
 pub mod service_error;
+pub mod shown_text;
 pub mod state_reads;

@@ -38,6 +38,9 @@ pub(crate) struct ReadPolicy {
     /// The fewest calls a tenant-wide read takes.
     least: usize,
     tie: Tie,
+    /// Fewest calls only: never key by key merely because the budget has
+    /// room (background work, which has time but must not spend the calls).
+    cheapest: bool,
 }
 
 impl ReadPolicy {
@@ -48,6 +51,15 @@ impl ReadPolicy {
             tenant_calls: AtomicUsize::new(least),
             least,
             tie,
+            cheapest: false,
+        }
+    }
+
+    /// The read that takes the fewest calls, whatever the budget has left.
+    pub(crate) fn cheapest(least: usize, tie: Tie) -> Self {
+        Self {
+            cheapest: true,
+            ..Self::new(least, tie)
         }
     }
 
@@ -58,7 +70,7 @@ impl ReadPolicy {
         let tenant_calls = self.tenant_calls.load(Ordering::Relaxed);
         keys < tenant_calls
             || (keys == tenant_calls && self.tie == Tie::KeyByKey)
-            || needs.iter().all(|&(calls, free)| calls * 2 <= free)
+            || (!self.cheapest && needs.iter().all(|&(calls, free)| calls * 2 <= free))
     }
 
     /// Remember what a tenant-wide read took (pages, over every filter).
@@ -87,6 +99,14 @@ mod tests {
         assert!(policy.key_by_key(5, &[(5, 0)]));
         policy.tenant_read_took(1);
         assert!(!policy.key_by_key(3, &[(3, 0)]));
+    }
+
+    #[test]
+    fn the_cheapest_policy_ignores_the_budget_room() {
+        let policy = ReadPolicy::cheapest(2, Tie::TenantWide);
+        assert!(policy.key_by_key(1, &[(1, 100)]));
+        assert!(!policy.key_by_key(2, &[(2, 100)]));
+        assert!(!policy.key_by_key(10, &[(10, 100)]));
     }
 
     #[test]

@@ -89,6 +89,19 @@ pub enum ServiceError {
     /// Defender answered the read of one action with another.
     #[error("Defender answered the read of action {asked} with action {answered}")]
     OtherActionAnswered { asked: String, answered: String },
+    /// Defender answered a POST for `action` on `machine_id` with an action
+    /// for another machine or of another type. It is not taken as this
+    /// request's action.
+    #[error("Defender answered the {} for machine {machine_id} with {} action {}", action.as_str(), answered.action_type, answered.id)]
+    OtherActionCreated {
+        machine_id: String,
+        action: ActionType,
+        answered: Box<MachineAction>,
+    },
+    /// The handler is shutting down and this invocation had sent nothing yet:
+    /// it is refused rather than started.
+    #[error("the handler is shutting down; nothing was sent")]
+    ShuttingDown,
     /// Defender refused a duplicate as "already in progress", but lists no
     /// pending action of that type for the machine. Nothing was created.
     #[error("Defender lists no pending {} on machine {machine_id}", action.as_str())]

@@ -24,10 +24,24 @@
 //! A failed read fails every waiter of its batch with the same error; a
 //! waiter whose deadline passes stops waiting (504) and the read goes on for
 //! the others.
+//!
+//! Background work (containment jobs) reads through [`StateReads::economical`]:
+//! the read that takes the fewest calls whatever the budget has left, and a
+//! worker that is about to run several machines at once says so first
+//! ([`StateReads::expect`]). The tenant-wide read then keeps its batch open
+//! (up to [`GATHER_AT_MOST`]) until each expected machine has joined, so one
+//! read (two calls) serves a whole group of devices instead of one call per
+//! device. Waiting longer before sending never makes a read stale: each
+//! waiter still joined before the read was sent, holding its machine's lock.
 
-use std::{collections::HashMap, sync::Arc};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    time::Duration,
+};
 
-use tokio::time::Instant;
+use parking_lot::Mutex;
+use tokio::{sync::Notify, time::Instant};
 
 use crate::{
     defender::{
@@ -40,10 +54,15 @@ use crate::{
     },
 };
 
+/// The longest a tenant-wide read waits for the machines a worker said it
+/// is about to read ([`StateReads::expect`]) before it is sent without them.
+pub const GATHER_AT_MOST: Duration = Duration::from_secs(1);
+
 /// Reads machine state for many invocations at once.
 #[derive(Debug, Clone)]
 pub struct StateReads {
     batcher: Arc<Batcher<ActionSource>>,
+    gather: Option<Arc<Gather>>,
 }
 
 impl StateReads {
@@ -52,7 +71,37 @@ impl StateReads {
             batcher: Batcher::new(ActionSource {
                 client,
                 policy: ReadPolicy::new(2, Tie::TenantWide),
+                gather: None,
             }),
+            gather: None,
+        }
+    }
+
+    /// Reads for background work: the fewest calls, and the machines
+    /// announced with [`Self::expect`] gathered into one read.
+    pub fn economical(client: DefenderClient) -> Self {
+        let gather = Arc::new(Gather::default());
+        Self {
+            batcher: Batcher::new(ActionSource {
+                client,
+                policy: ReadPolicy::cheapest(2, Tie::TenantWide),
+                gather: Some(Arc::clone(&gather)),
+            }),
+            gather: Some(gather),
+        }
+    }
+
+    /// Say that `machine_id`'s actions are about to be read: a tenant-wide
+    /// read waits for it (briefly) before it is sent. The expectation ends
+    /// when the machine joins a read or the guard is dropped (its run ended
+    /// without reading). Nothing for reads made with [`Self::new`].
+    pub fn expect(&self, machine_id: &MachineId) -> Expected {
+        if let Some(gather) = &self.gather {
+            gather.expected.lock().insert(machine_id.clone());
+        }
+        Expected {
+            gather: self.gather.clone(),
+            machine_id: machine_id.clone(),
         }
     }
 
@@ -68,11 +117,59 @@ impl StateReads {
     }
 }
 
+/// An expected read ([`StateReads::expect`]); dropping it ends the wait for it.
+#[derive(Debug)]
+pub struct Expected {
+    gather: Option<Arc<Gather>>,
+    machine_id: MachineId,
+}
+
+impl Drop for Expected {
+    fn drop(&mut self) {
+        if let Some(gather) = &self.gather
+            && gather.expected.lock().remove(&self.machine_id)
+        {
+            gather.changed.notify_waiters();
+        }
+    }
+}
+
+/// The machines announced and not yet joined.
+#[derive(Debug, Default)]
+struct Gather {
+    expected: Mutex<HashSet<MachineId>>,
+    /// Machines that joined while expected, ever (to count who joined a batch).
+    arrived: Mutex<usize>,
+    changed: Notify,
+}
+
+impl Gather {
+    fn arrived(&self) -> usize {
+        *self.arrived.lock()
+    }
+
+    /// Until no announced machine is still on its way, or `until`.
+    async fn wait(&self, until: Instant) {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if self.expected.lock().is_empty() {
+                return;
+            }
+            if tokio::time::timeout_at(until, changed).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
 /// Machine actions, by machine.
 struct ActionSource {
     client: DefenderClient,
     /// Each machine or the tenant's actions (two calls at least: one per type).
     policy: ReadPolicy,
+    gather: Option<Arc<Gather>>,
 }
 
 impl Source for ActionSource {
@@ -86,11 +183,18 @@ impl Source for ActionSource {
         deadline: Instant,
         close: Close<'_>,
     ) -> Result<Answered<MachineId, Vec<MachineAction>>, DefenderError> {
-        let needs = [(
-            machines.len(),
-            self.client.free_slots(Endpoint::ListActions),
-        )];
-        if self.policy.key_by_key(machines.len(), &needs) {
+        // Machines announced as on their way join this batch while it waits
+        // (it is still open); they count towards the choice of read.
+        let mut joining = machines.len();
+        if let Some(gather) = &self.gather {
+            let before = gather.arrived();
+            gather
+                .wait((Instant::now() + GATHER_AT_MOST).min(deadline))
+                .await;
+            joining += gather.arrived().saturating_sub(before);
+        }
+        let needs = [(joining, self.client.free_slots(Endpoint::ListActions))];
+        if self.policy.key_by_key(joining, &needs) {
             close();
             let reads = machines.iter().map(|machine| {
                 self.client
@@ -117,6 +221,15 @@ impl Source for ActionSource {
             values: group_by_machine(listing),
             complete: true,
         })
+    }
+
+    fn joined(&self, machine_id: &MachineId) {
+        if let Some(gather) = &self.gather
+            && gather.expected.lock().remove(machine_id)
+        {
+            *gather.arrived.lock() += 1;
+            gather.changed.notify_waiters();
+        }
     }
 
     fn out_of_time() -> DefenderError {

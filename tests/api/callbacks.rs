@@ -405,3 +405,75 @@ async fn a_dry_run_job_counts_what_it_would_do_sends_nothing_and_calls_back_when
     assert_eq!(app.defender_posts(), 0, "{:?}", app.sim.requests());
     assert_eq!(receiver.received().len(), 1);
 }
+
+#[tokio::test]
+async fn a_job_calls_back_once_its_actions_are_final_not_when_its_devices_are_sent() {
+    let app = app().await;
+    let receiver = Receiver::start().await;
+    let start = crate::host_emulator::Route {
+        function: "start-job",
+        method: "POST",
+        path: "/api/restrict-code-execution/jobs".to_owned(),
+        params: Vec::new(),
+    };
+    let answer = app
+        .host
+        .forwarded_to(
+            &start,
+            &CallerRequest::json(
+                json!({
+                    "deviceIds": [ALPHA_AAD_DEVICE_ID, CHARLIE_AAD_DEVICE_ID],
+                    "callbackUrl": receiver.url("/job"),
+                })
+                .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let job_id = answer.json()["jobId"].as_str().unwrap().to_owned();
+
+    // The simulator's actions stay Pending, then InProgress, for 5 s: the
+    // job's devices are sent long before. Deliver as the reconciler would
+    // until the callback arrives; by then Defender must call every action
+    // of the job final.
+    let until = std::time::Instant::now() + Duration::from_secs(40);
+    let mut waited = 0;
+    let body = loop {
+        let report = app.deliver(OffsetDateTime::now_utc()).await;
+        if let Some(got) = receiver.received().first() {
+            break serde_json::from_slice::<Value>(&got.body).unwrap();
+        }
+        waited += report.waiting;
+        assert!(std::time::Instant::now() < until, "no job callback");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let restricts: Vec<_> = app
+        .sim
+        .actions()
+        .into_iter()
+        .filter(|a| a.action_type == "RestrictCodeExecution")
+        .collect();
+    assert_eq!(restricts.len(), 2, "{restricts:?}");
+    assert!(
+        restricts.iter().all(|a| a.status == "Succeeded"),
+        "the callback went before the actions were final: {restricts:?}"
+    );
+    assert!(waited > 0, "the callback waited for the actions");
+    assert_eq!(body["event"], "job.finished", "{body}");
+    assert_eq!(body["jobId"], job_id.as_str());
+    assert_eq!(body["status"], "done");
+    assert_eq!(body["counts"]["requested"], 2, "{body}");
+    assert_eq!(body["actions"]["Succeeded"], 2, "{body}");
+    // The status reads came from the callback (after the job's own).
+    assert!(
+        app.sim
+            .requests()
+            .iter()
+            .filter(|r| r.method == "GET" && r.path.contains("machineactions"))
+            .count()
+            >= 1
+    );
+    // Once delivered, nothing more is sent.
+    app.deliver(OffsetDateTime::now_utc()).await;
+    assert_eq!(receiver.received().len(), 1);
+}

@@ -20,7 +20,7 @@ use restrict_code_execution::{
 };
 use serde_json::Value;
 
-pub use crate::host_emulator::HostEmulator;
+pub use crate::host_emulator::{HostEmulator, HttpMode};
 
 pub const IDENTITY_HEADER: &str = "test-identity-header";
 pub const TOKEN: &str = "test-access-token-3b1f";
@@ -40,6 +40,25 @@ pub struct AppOptions {
     pub env: Vec<(&'static str, String)>,
     /// A file descriptor limit for the handler (`ulimit -n`), to run it short of them.
     pub max_open_files: Option<u32>,
+    /// How the host passes HTTP requests on: the emulator's mode, and the
+    /// `host.json` the handler reads (in `FUNCTIONS_APP_ROOT_PATH`, as the
+    /// host sets it).
+    pub http_mode: HttpMode,
+}
+
+/// An app root holding the `host.json` of `mode`, for `FUNCTIONS_APP_ROOT_PATH`.
+fn app_root(mode: HttpMode) -> String {
+    let dir = std::env::temp_dir().join(format!("rce-app-root-{mode:?}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("host.json");
+    if !file.exists() {
+        // Written once per mode, under a unique name then renamed, so tests
+        // running at once never read half a file.
+        let temp = dir.join(format!("host.json.{}", uuid::Uuid::new_v4()));
+        std::fs::write(&temp, mode.host_json().to_string()).unwrap();
+        std::fs::rename(&temp, &file).unwrap();
+    }
+    dir.to_string_lossy().into_owned()
 }
 
 impl Default for AppOptions {
@@ -52,6 +71,7 @@ impl Default for AppOptions {
             },
             env: Vec::new(),
             max_open_files: None,
+            http_mode: HttpMode::for_tests(),
         }
     }
 }
@@ -74,6 +94,13 @@ impl Fixture {
     /// An app setting, as the handler reads it from its environment.
     pub fn env(mut self, name: &'static str, value: impl ToString) -> Self {
         self.0.env.push((name, value.to_string()));
+        self
+    }
+
+    /// The host passes HTTP requests on in `mode` (by default the shipped
+    /// host.json's, see [`HttpMode::for_tests`]).
+    pub fn http_mode(mut self, mode: HttpMode) -> Self {
+        self.0.http_mode = mode;
         self
     }
 
@@ -100,11 +127,12 @@ pub async fn spawn_app_with(options: AppOptions) -> TestApp {
         ("IDENTITY_HEADER", IDENTITY_HEADER.to_owned()),
         ("TOKEN_TIMEOUT_SECONDS", "10".to_owned()),
         ("RUST_LOG", "info".to_owned()),
+        ("FUNCTIONS_APP_ROOT_PATH", app_root(options.http_mode)),
     ];
     env.extend(options.env);
     let crate::handler_process::Listening { child, logs, port } =
         crate::handler_process::start_listening(&env, options.max_open_files);
-    let host = HostEmulator::new(port);
+    let host = HostEmulator::new(port).with_mode(options.http_mode);
     host.wait_until_ready().await;
     TestApp {
         sim,
@@ -126,8 +154,13 @@ pub async fn spawn_in_process_with(options: AppOptions) -> TestApp {
         options.max_open_files.is_none(),
         "a file descriptor limit needs the binary (spawn_app_with)"
     );
-    let mut env: HashMap<String, String> =
-        HashMap::from([("TOKEN_TIMEOUT_SECONDS".to_owned(), "10".to_owned())]);
+    let mut env: HashMap<String, String> = HashMap::from([
+        ("TOKEN_TIMEOUT_SECONDS".to_owned(), "10".to_owned()),
+        (
+            "FUNCTIONS_APP_ROOT_PATH".to_owned(),
+            app_root(options.http_mode),
+        ),
+    ]);
     env.extend(options.env.into_iter().map(|(k, v)| (k.to_owned(), v)));
     let settings = Settings::from_map(&env).expect("valid settings");
     let (state, sim) = startup::prepare(settings, Backend::Simulated(Box::new(options.sim)))
@@ -135,7 +168,7 @@ pub async fn spawn_in_process_with(options: AppOptions) -> TestApp {
         .expect("the service starts");
     TestApp {
         sim: sim.expect("a simulated tenant"),
-        host: HostEmulator::in_process(startup::app(state)),
+        host: HostEmulator::in_process(startup::app(state)).with_mode(options.http_mode),
         process: None,
     }
 }

@@ -1,8 +1,9 @@
 //! A Functions host emulator: it calls the handler exactly as the host does
-//! (launch, request payload and HTTP forwarding in
-//! <https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers>)
-//! and applies the host's rules to the handler's answers (its response
-//! payload), failing the test where a real host would fail the invocation.
+//! (launch, request payload, and HTTP proxying or forwarding in
+//! <https://learn.microsoft.com/azure/azure-functions/functions-custom-handlers>;
+//! what each HTTP mode sends is in docs/http-modes.md) and applies the host's
+//! rules to the handler's answers (its response payload), failing the test
+//! where a real host would fail the invocation.
 
 use std::time::Duration;
 
@@ -14,6 +15,57 @@ use tower::ServiceExt;
 
 pub const HOST_VERSION: &str = "4.1037.0.0";
 pub const FUNCTION_NAME: &str = "restrict-code-execution";
+/// The host and port the caller reached the Functions host on.
+pub const PUBLIC_HOST: &str = "localhost:7071";
+
+/// How the host passes an http-in/http-out function's request on
+/// (`customHandler` in host.json): the handler must answer the same in both.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HttpMode {
+    /// `enableForwardingHttpRequest`: the request rebuilt with the caller's
+    /// `Host` and every caller header.
+    Forwarding,
+    /// `enableProxyingHttpRequest`: YARP's reverse proxy, `Host: 127.0.0.1:<port>`,
+    /// `X-Forwarded-*` set by the host, the query as sent, streamed.
+    Proxying,
+}
+
+impl HttpMode {
+    pub const BOTH: [Self; 2] = [Self::Forwarding, Self::Proxying];
+
+    /// The mode tests run in unless they choose: the shipped `host.json`'s
+    /// (proxying), or `TEST_HTTP_MODE=forwarding` to run the whole suite
+    /// in the other mode.
+    pub fn for_tests() -> Self {
+        match std::env::var("TEST_HTTP_MODE").as_deref() {
+            Ok("forwarding") => Self::Forwarding,
+            Ok("proxying") | Err(_) => Self::Proxying,
+            Ok(other) => panic!("TEST_HTTP_MODE={other}: use forwarding or proxying"),
+        }
+    }
+
+    /// The `host.json` that selects this mode.
+    pub fn host_json(self) -> Value {
+        let flag = match self {
+            Self::Forwarding => "enableForwardingHttpRequest",
+            Self::Proxying => "enableProxyingHttpRequest",
+        };
+        json!({"version": "2.0", "customHandler": {
+            "description": {"defaultExecutablePath": "handler"}, flag: true}})
+    }
+}
+
+/// Headers a proxy never passes on (RFC 9110 hop-by-hop, as YARP drops them).
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-authenticate",
+    "proxy-authorization",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+];
 
 /// Which function the caller calls, and how the host addresses it.
 #[derive(Debug, Clone)]
@@ -82,6 +134,8 @@ pub struct CallerRequest {
     pub headers: Vec<(String, String)>,
     pub query: Vec<(String, String)>,
     pub invocation_id: String,
+    /// The caller sends its body chunked, without a `Content-Length`.
+    pub chunked: bool,
 }
 
 impl CallerRequest {
@@ -91,6 +145,7 @@ impl CallerRequest {
             headers: vec![("Content-Type".into(), "application/json".into())],
             query: Vec::new(),
             invocation_id: uuid::Uuid::new_v4().to_string(),
+            chunked: false,
         }
     }
 
@@ -100,6 +155,7 @@ impl CallerRequest {
             headers: Vec::new(),
             query: Vec::new(),
             invocation_id: uuid::Uuid::new_v4().to_string(),
+            chunked: false,
         }
     }
 
@@ -110,6 +166,12 @@ impl CallerRequest {
 
     pub fn query(mut self, name: &str, value: &str) -> Self {
         self.query.push((name.to_owned(), value.to_owned()));
+        self
+    }
+
+    /// Send the body chunked, with no `Content-Length` (an upload of unknown length).
+    pub fn chunked(mut self) -> Self {
+        self.chunked = true;
         self
     }
 
@@ -150,6 +212,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(60);
 pub struct HostEmulator {
     /// The handler's port; 0 for an in-process app, which has none.
     pub port: u16,
+    /// How http-in/http-out requests reach the handler.
+    pub mode: HttpMode,
     client: reqwest::Client,
     /// The service itself, called in this process instead of over a socket.
     in_process: Option<App>,
@@ -168,6 +232,14 @@ enum Outbody {
     Full(String),
     /// Sent chunked (no length), as the host sends the envelope.
     Chunked(Vec<Vec<u8>>),
+    /// Streamed in pieces under the caller's `Content-Length`, as the
+    /// proxying host passes a body on.
+    Streamed(Vec<Vec<u8>>),
+}
+
+/// A body in the pieces a stream delivers it in.
+fn pieces(body: &str) -> Vec<Vec<u8>> {
+    body.as_bytes().chunks(512).map(<[u8]>::to_vec).collect()
 }
 
 impl HostEmulator {
@@ -178,9 +250,16 @@ impl HostEmulator {
             .unwrap();
         Self {
             port,
+            mode: HttpMode::for_tests(),
             client,
             in_process: None,
         }
+    }
+
+    /// The same host, passing HTTP requests on in `mode`.
+    pub fn with_mode(mut self, mode: HttpMode) -> Self {
+        self.mode = mode;
+        self
     }
 
     /// A host whose calls go straight into `app` (the library's own service,
@@ -218,6 +297,14 @@ impl HostEmulator {
                 Outbody::Chunked(chunks) => builder.body(reqwest::Body::wrap_stream(stream::iter(
                     chunks.into_iter().map(Ok::<_, std::io::Error>),
                 ))),
+                Outbody::Streamed(chunks) => {
+                    let length: usize = chunks.iter().map(Vec::len).sum();
+                    builder
+                        .header("content-length", length)
+                        .body(reqwest::Body::wrap_stream(stream::iter(
+                            chunks.into_iter().map(Ok::<_, std::io::Error>),
+                        )))
+                }
             };
             let response = builder.send().await.expect("the handler answered");
             let status = response.status().as_u16();
@@ -251,6 +338,13 @@ impl HostEmulator {
             }
             Outbody::Chunked(chunks) => {
                 builder = builder.header("transfer-encoding", "chunked");
+                axum::body::Body::from_stream(stream::iter(
+                    chunks.into_iter().map(Ok::<_, std::io::Error>),
+                ))
+            }
+            Outbody::Streamed(chunks) => {
+                let length: usize = chunks.iter().map(Vec::len).sum();
+                builder = builder.header("content-length", length);
                 axum::body::Body::from_stream(stream::iter(
                     chunks.into_iter().map(Ok::<_, std::io::Error>),
                 ))
@@ -295,15 +389,106 @@ impl HostEmulator {
         self.forwarded_to(&Route::restrict(), request).await
     }
 
-    /// Forwarded mode for any function.
+    /// The caller's request as the host passes it on in [`Self::mode`]:
+    /// forwarded, or proxied.
     pub async fn forwarded_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
+        match self.mode {
+            HttpMode::Forwarding => self.rebuilt_to(route, request).await,
+            HttpMode::Proxying => self.proxied_to(route, request).await,
+        }
+    }
+
+    /// Proxying mode, as the host's YARP forwarder sends it: the original
+    /// method, path and query; every caller header but the hop-by-hop ones
+    /// and `Host` (the proxy's own `Host: 127.0.0.1:<port>` instead);
+    /// `X-Forwarded-For`, `-Host` and `-Proto` set from the request the host
+    /// received, replacing any the caller sent; `User-Agent` untouched; the
+    /// invocation id in `X-Azure-Functions-InvocationId` and
+    /// `x-ms-invocation-id`; the body streamed as it came. The answer goes to
+    /// the caller as is (status, headers but hop-by-hop ones, body).
+    pub async fn proxied_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
+        let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
+        let mut url = reqwest::Url::parse(&format!("http://127.0.0.1{}", route.path)).unwrap();
+        if !request.query.is_empty() {
+            url.query_pairs_mut().extend_pairs(request.query.iter());
+        }
+        let replaced = |name: &str| {
+            let name = name.to_ascii_lowercase();
+            HOP_BY_HOP.contains(&name.as_str())
+                || name == "host"
+                || name == "forwarded"
+                || name.starts_with("x-forwarded-")
+                || name == "x-azure-functions-hostversion"
+                || name == "x-azure-functions-invocationid"
+                || name == "x-ms-invocation-id"
+        };
+        let mut headers: Vec<(String, String)> = Vec::new();
+        if !request
+            .headers
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("user-agent"))
+        {
+            headers.push(("User-Agent".to_owned(), "curl/8.5.0".to_owned()));
+        }
+        headers.extend(
+            request
+                .headers
+                .iter()
+                .filter(|(k, _)| !replaced(k))
+                .cloned(),
+        );
+        headers.extend([
+            ("X-Forwarded-For".to_owned(), "127.0.0.1".to_owned()),
+            ("X-Forwarded-Host".to_owned(), PUBLIC_HOST.to_owned()),
+            ("X-Forwarded-Proto".to_owned(), "http".to_owned()),
+            (
+                "X-Azure-Functions-HostVersion".to_owned(),
+                HOST_VERSION.to_owned(),
+            ),
+            (
+                "X-Azure-Functions-InvocationId".to_owned(),
+                request.invocation_id.clone(),
+            ),
+            (
+                "x-ms-invocation-id".to_owned(),
+                request.invocation_id.clone(),
+            ),
+        ]);
+        // Streamed as it arrives: under its length, or chunked as the caller sent it.
+        let body = match &request.body {
+            Some(body) if request.chunked => Outbody::Chunked(pieces(body)),
+            Some(body) => Outbody::Streamed(pieces(body)),
+            None => Outbody::None,
+        };
+        let (status, headers, body) = self
+            .send(Outgoing {
+                method,
+                url,
+                headers,
+                body,
+            })
+            .await;
+        let headers = headers
+            .into_iter()
+            .filter(|(k, _)| !HOP_BY_HOP.contains(&k.as_str()))
+            .collect();
+        ClientResponse {
+            status,
+            headers,
+            body,
+            logs: Vec::new(),
+        }
+    }
+
+    /// Forwarding mode: the request rebuilt, with the caller's `Host`.
+    pub async fn rebuilt_to(&self, route: &Route, request: &CallerRequest) -> ClientResponse {
         let method = reqwest::Method::from_bytes(route.method.as_bytes()).unwrap();
         let mut url = reqwest::Url::parse(&format!("http://127.0.0.1{}", route.path)).unwrap();
         if !request.query.is_empty() {
             url.query_pairs_mut().extend_pairs(request.query.iter());
         }
         let mut headers = vec![
-            ("Host".to_owned(), "localhost:7071".to_owned()),
+            ("Host".to_owned(), PUBLIC_HOST.to_owned()),
             (
                 "X-Azure-Functions-HostVersion".to_owned(),
                 HOST_VERSION.to_owned(),
@@ -318,9 +503,10 @@ impl HostEmulator {
             ),
         ];
         headers.extend(request.headers.iter().cloned());
+        // The host forwards a body only when the request had a Content-Length.
         let body = match &request.body {
-            Some(body) => Outbody::Full(body.clone()),
-            None => Outbody::None,
+            Some(body) if !request.chunked => Outbody::Full(body.clone()),
+            _ => Outbody::None,
         };
         let (status, headers, body) = self
             .send(Outgoing {
@@ -452,7 +638,11 @@ pub fn envelope_for_route(route: &Route, request: &CallerRequest) -> Value {
 
     let mut metadata = Map::new();
     // Body only when the request had a Content-Length > 0.
-    if let Some(body) = request.body.as_ref().filter(|b| !b.is_empty()) {
+    if let Some(body) = request
+        .body
+        .as_ref()
+        .filter(|b| !b.is_empty() && !request.chunked)
+    {
         headers.insert("Content-Length".into(), json!([body.len().to_string()]));
         meta_headers.insert("Content-Length".into(), json!(body.len().to_string()));
         req.insert("Body".into(), json!(body));

@@ -115,16 +115,44 @@ async fn a_job_over_a_tag_restricts_each_chosen_record_once() {
     assert_eq!(linux["outcome"], "failed");
     assert_eq!(linux["problem"]["code"], "unsupported_device");
 
-    // What Defender received: the tag's list, once, with the documented
-    // filter; one restrict for each chosen Windows record (the Linux server
-    // is refused by its osPlatform, without a POST), none for BRAVO's stale
-    // or merged records, and the job's comment.
+    // What Defender received: the tag's list with the documented filter,
+    // twice: when the job started, and once more by the worker, which
+    // re-checks the message's records with it (merged? still Active?)
+    // instead of a GET per machine; one state read for the message's
+    // devices together (the type-filtered tenant reads, two calls); one
+    // restrict for each chosen Windows record (the Linux server is refused
+    // by its osPlatform, without a POST), none for BRAVO's stale or merged
+    // records, and the job's comment.
     let lists = machine_lists(&app);
     let tag_lists: Vec<&String> = lists.iter().filter(|q| q.contains("machineTags")).collect();
     assert_eq!(
         tag_lists,
-        ["machineTags/any(tag: tag eq 'outbreak-42')"],
+        [
+            "machineTags/any(tag: tag eq 'outbreak-42')",
+            "machineTags/any(tag: tag eq 'outbreak-42')"
+        ],
         "{lists:?}"
+    );
+    let requests = app.defender_requests();
+    let gets: Vec<&str> = requests
+        .iter()
+        .filter(|r| r.method == "GET" && r.path.starts_with("/api/machines/"))
+        .map(|r| r.path.as_str())
+        .collect();
+    assert!(gets.is_empty(), "no machine is looked up again: {gets:?}");
+    let mut action_reads: Vec<String> = requests
+        .iter()
+        .filter(|r| r.method == "GET" && r.path == "/api/machineactions")
+        .map(|r| r.filter.clone().unwrap_or_default())
+        .collect();
+    action_reads.sort();
+    assert_eq!(
+        action_reads,
+        [
+            "type eq 'RestrictCodeExecution'",
+            "type eq 'UnrestrictCodeExecution'"
+        ],
+        "one read of the tenant's two action types serves the message's devices"
     );
     let posts = posts(&app);
     let mut machines: Vec<String> = posts.iter().map(machine_of_post).collect();
@@ -227,6 +255,15 @@ async fn a_device_group_job_and_a_repeated_idempotency_key_start_one_job() {
     assert_eq!(again.status, 202, "{}", again.body);
     assert_eq!(again.json()["jobId"], job.as_str());
     assert_eq!(again.json()["replayed"], true);
+    // The same request with its fields in another order and other spacing
+    // is the same request.
+    let reordered = CallerRequest::json(format!(
+        "{{ \"release\" : true, \"deviceGroupId\": {} }}",
+        seed::WORKSTATIONS_GROUP_ID
+    ))
+    .header("Idempotency-Key", "run-08585");
+    let third = app.host.forwarded_to(&start_route(), &reordered).await;
+    assert_eq!(third.json()["jobId"], job.as_str(), "{}", third.body);
 
     let done = finished(&app, &job, Duration::from_secs(30)).await;
     assert_eq!(done["release"], true);
@@ -234,13 +271,36 @@ async fn a_device_group_job_and_a_repeated_idempotency_key_start_one_job() {
         done["selector"]["deviceGroupId"],
         seed::WORKSTATIONS_GROUP_ID
     );
-    // The group's list was read once: the repeated start resolved nothing.
+    // The group's list was read twice: by the start, and by the worker
+    // re-checking the records; the repeated start resolved nothing.
     let group_lists = machine_lists(&app)
         .into_iter()
         .filter(|q| q.contains("rbacGroupId"))
         .count();
-    assert_eq!(group_lists, 1);
+    assert_eq!(group_lists, 2);
     assert!(posts(&app).is_empty(), "a release sends no restrict");
+    // The key with another request (a restrict, not a release) is refused
+    // by name (after the job is done, so Defender is quiet), and nothing of it reaches Defender.
+    let requests_before = app.sim.requests().len();
+    let other = CallerRequest::json(
+        json!({"deviceGroupId": seed::WORKSTATIONS_GROUP_ID, "release": false}).to_string(),
+    )
+    .header("Idempotency-Key", "run-08585");
+    let reused = app.host.forwarded_to(&start_route(), &other).await;
+    assert_eq!(reused.status, 422, "{}", reused.body);
+    assert_eq!(reused.json()["code"], "idempotency_key_reused");
+    assert!(
+        reused.json()["detail"]
+            .as_str()
+            .unwrap()
+            .contains("run-08585")
+    );
+    assert_eq!(
+        app.sim.requests().len(),
+        requests_before,
+        "{:?}",
+        app.sim.requests()
+    );
 
     let listed = app
         .host
@@ -464,8 +524,11 @@ async fn ten_thousand_ids_start_a_job_in_both_modes() {
         );
         assert_eq!(answer.json()["devices"], 10_000);
     }
+    // The worker looks the ids up as single requests would (one by one,
+    // or the tenant's list when the budget is tight); nothing filters by a
+    // selector, since listed ids are not resolved when the job starts.
     assert!(
-        machine_lists(&app).is_empty(),
+        machine_lists(&app).iter().all(String::is_empty),
         "listed ids are not resolved when the job starts"
     );
 }

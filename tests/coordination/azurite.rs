@@ -110,8 +110,9 @@ impl Azurite {
             .args(["--tableHost", "127.0.0.1", "--tablePort", "0"])
             .args([
                 "--inMemoryPersistence",
-                // The SDK speaks a newer API version than Azurite knows.
-                "--skipApiVersionCheck",
+                // No --skipApiVersionCheck: the pinned Azurite knows the API
+                // version the SDK sends, and refuses one it does not, as
+                // Azure does.
                 "--disableTelemetry",
                 "--silent",
             ])

@@ -546,7 +546,9 @@ async fn failures_are_redelivered_then_poisoned_and_undecodable_messages_go_stra
         }
     }
 
-    // A `null` body holds the message until functionTimeout (2 s here).
+    // A `null` body holds the message until functionTimeout (2 s here);
+    // an immediate redelivery would come within milliseconds. The margin
+    // allows for the first delivery being recorded late on a loaded machine.
     let nulls: Vec<Instant> = recorder
         .received
         .lock()
@@ -558,7 +560,7 @@ async fn failures_are_redelivered_then_poisoned_and_undecodable_messages_go_stra
     assert!(
         nulls
             .windows(2)
-            .all(|w| w[1] - w[0] >= Duration::from_millis(1900)),
+            .all(|w| w[1] - w[0] >= Duration::from_millis(1500)),
         "{nulls:?}"
     );
 

@@ -93,7 +93,7 @@ impl Drop for Instance {
 }
 
 /// A simulator with `n` healthy Windows 11 machines; their Entra device ids.
-async fn tenant(n: usize, config: SimConfig) -> (SimHandle, Vec<String>) {
+pub(crate) async fn tenant(n: usize, config: SimConfig) -> (SimHandle, Vec<String>) {
     let sim = Simulator::start(
         SocketAddr::from(([127, 0, 0, 1], 0)),
         SimConfig {
@@ -124,7 +124,7 @@ async fn tenant(n: usize, config: SimConfig) -> (SimHandle, Vec<String>) {
     (sim, devices)
 }
 
-fn posts(sim: &SimHandle) -> Vec<RecordedRequest> {
+pub(crate) fn posts(sim: &SimHandle) -> Vec<RecordedRequest> {
     sim.requests()
         .into_iter()
         .filter(|r| r.method == "POST" && r.path.starts_with("/api/"))
@@ -135,7 +135,7 @@ fn posts(sim: &SimHandle) -> Vec<RecordedRequest> {
 /// at once (the harness's default on two cores), so that the pauses they
 /// rely on ("its lookup and lease take well under 3 s") hold when the other
 /// coordination tests run alongside.
-async fn turn() -> tokio::sync::SemaphorePermit<'static> {
+pub(crate) async fn turn() -> tokio::sync::SemaphorePermit<'static> {
     static TURNS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
     TURNS.acquire().await.unwrap()
 }

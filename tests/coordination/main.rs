@@ -18,6 +18,9 @@ mod managed_identity;
 #[path = "../common/queue_host.rs"]
 mod queue_host;
 mod reconcile;
+mod storage_costs;
+mod storage_faults;
+mod storage_proxy;
 
 use std::{
     sync::Arc,

@@ -56,10 +56,27 @@ struct Side {
     restrictor: Restrictor,
     reconciler: Reconciler,
     client: DefenderClient,
+    coordinator: Arc<Coordinator>,
 }
 
 fn side(sim: &SimHandle, storage: &StorageSettings, tag: Option<&str>) -> Side {
-    let coordinator = Arc::new(Coordinator::new(storage, CoordinatorOptions::default()).unwrap());
+    side_with(
+        sim,
+        storage,
+        tag,
+        CoordinatorOptions::default(),
+        Duration::from_secs(60),
+    )
+}
+
+fn side_with(
+    sim: &SimHandle,
+    storage: &StorageSettings,
+    tag: Option<&str>,
+    options: CoordinatorOptions,
+    run_time: Duration,
+) -> Side {
+    let coordinator = Arc::new(Coordinator::new(storage, options).unwrap());
     let client = DefenderClient::new(
         url::Url::parse(&sim.url()).unwrap(),
         TokenSource::fixed(TOKEN, Duration::from_secs(5)),
@@ -85,13 +102,14 @@ fn side(sim: &SimHandle, storage: &StorageSettings, tag: Option<&str>) -> Side {
             tag_every: time::Duration::minutes(15),
             budget_percent: 20,
             per_hour: 1500,
-            run_time: Duration::from_secs(60),
+            run_time,
         },
     );
     Side {
         restrictor,
         reconciler,
         client,
+        coordinator,
     }
 }
 
@@ -116,6 +134,7 @@ impl Side {
             comment: Comment::parse(Some(&json!("Incident 4711"))).unwrap(),
             caller: None,
             release_at,
+            job_id: None,
         };
         let device = DeviceRef::parse(machine_id).unwrap();
         let success = self.restrictor.run(&device, &intent, soon()).await.unwrap();
@@ -425,9 +444,223 @@ async fn the_host_emulators_timer_runs_the_reconcile_function_in_payload_mode() 
         assert!(envelope["Data"]["timer"].is_object());
     }
     assert!(sim.requests().is_empty(), "{:?}", sim.requests());
-    let logs = handler.logs();
+    // The run's line is written as its answer goes; read until both are in.
+    let runs_logged = || {
+        handler
+            .logs()
+            .iter()
+            .filter(|l| l.contains("reconcile run"))
+            .count()
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(5);
+    while runs_logged() < 2 && std::time::Instant::now() < until {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(
-        logs.iter().filter(|l| l.contains("reconcile run")).count() >= 2,
-        "one log line per run: {logs:?}"
+        runs_logged() >= 2,
+        "one log line per run: {:?}",
+        handler.logs()
     );
+}
+
+/// The whole path as deployed, on the host's own triggers: a job with
+/// `releaseAfter` run by the queue trigger, then the timer firing
+/// `reconcile` every few seconds until the expiry passes. Each device is
+/// released exactly once, not before its time, with an automatic-release
+/// comment naming its restriction. (`PT1M` is the shortest expiry, so this
+/// test waits a minute; it runs beside the others.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jobs_expiry_is_released_once_by_the_host_timer_after_its_time() {
+    use crate::queue_host::{QueueHost, QueueOptions, QueueTrigger, TimerHost};
+
+    let azurite = Azurite::shared();
+    let fleet = Fleet::new("expire-job", "wave-xj", 3);
+    let sim = tenant(&fleet).await;
+    let connection = azurite.connection_string();
+    let handler = Instance::start(&sim, &connection, "reconcile-job-expiry", &[]);
+    let url = format!("http://127.0.0.1:{}", handler.port);
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let settings = {
+        let connection = connection.clone();
+        move |name: &str| (name == "AzureWebJobsStorage").then(|| connection.clone())
+    };
+    let host_json: Value =
+        serde_json::from_str(&std::fs::read_to_string(root.join("host.json")).unwrap()).unwrap();
+    let mut options = QueueOptions::from_host_json(&host_json, 1).unwrap();
+    options.max_polling_interval = Duration::from_millis(200);
+    let worker = QueueHost::start(
+        &url,
+        QueueTrigger::from_app(root, "job-worker", &settings).unwrap(),
+        options,
+        &settings,
+    )
+    .unwrap();
+
+    let http = reqwest::Client::new();
+    let started: Value = http
+        .post(format!("{url}/api/restrict-code-execution/jobs"))
+        .json(&json!({"machineTag": "wave-xj", "releaseAfter": "PT1M"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let job = started["jobId"].as_str().expect("a job id").to_owned();
+    let release_at = OffsetDateTime::parse(
+        started["releaseAt"]
+            .as_str()
+            .expect("releaseAt in the answer"),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap();
+    let until = std::time::Instant::now() + Duration::from_secs(50);
+    loop {
+        let response = http
+            .get(format!("{url}/api/restrict-code-execution/jobs/{job}"))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            let body: Value = response.json().await.unwrap();
+            assert_eq!(body["counts"]["requested"], 3, "{body}");
+            break;
+        }
+        assert!(std::time::Instant::now() < until, "the job did not finish");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    worker.stop().await;
+    let restricts = posts(&sim, "/restrictCodeExecution");
+    assert_eq!(restricts.len(), 3);
+    for sent in &restricts {
+        assert!(
+            comment(sent).ends_with(&format!(
+                "[auto-release {}]",
+                restrict_code_execution::service::expiry::rfc3339(release_at)
+            )),
+            "{}",
+            comment(sent)
+        );
+    }
+
+    // The timer fires as the host does, every 2 s, until the three releases
+    // are sent; none goes before releaseAt.
+    let every = |n: &str| (n == "RECONCILE_SCHEDULE").then(|| "*/2 * * * * *".to_owned());
+    let trigger = TimerTrigger::from_app(root, "reconcile", &every).unwrap();
+    let timer = TimerHost::start(
+        &url,
+        trigger,
+        Duration::from_secs(2),
+        Duration::from_secs(60),
+    );
+    let until = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let released = posts(&sim, "/unrestrictCodeExecution");
+        if !released.is_empty() {
+            assert!(
+                OffsetDateTime::now_utc() >= release_at,
+                "released before {release_at}"
+            );
+        }
+        if released.len() >= 3 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < until,
+            "not released: {released:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    // A few more runs change nothing.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let runs = timer.stop().await;
+    assert!(runs.len() >= 3, "{runs:?}");
+    assert!(
+        runs.iter()
+            .all(|(_, outcome)| *outcome == HostOutcome::Succeeded { status: 200 }),
+        "{runs:?}"
+    );
+    let released = posts(&sim, "/unrestrictCodeExecution");
+    assert_eq!(released.len(), 3, "one release per device: {released:?}");
+    for device in fleet.devices() {
+        let mine: Vec<_> = released
+            .iter()
+            .filter(|r| r.path.contains(device.machine_id.as_str()))
+            .collect();
+        assert_eq!(mine.len(), 1, "{}", device.machine_id);
+        let restriction = sim
+            .actions()
+            .into_iter()
+            .find(|a| {
+                a.machine_id.as_deref() == Some(device.machine_id.as_str())
+                    && a.action_type == "RestrictCodeExecution"
+            })
+            .expect("the job's restriction");
+        let said = comment(mine[0]);
+        assert!(
+            said.contains("Automatic release") && said.contains(&restriction.id.to_string()),
+            "{said}"
+        );
+    }
+}
+
+/// Priority: interactive requests, then the reconciler, then jobs. With
+/// nine of the minute's ten release slots taken by interactive callers, a
+/// due expiry does not take the tenth (the reconciler's share is nine
+/// tenths of each minute): it is left for a later run, nothing is sent, and
+/// the slot is still there for an interactive release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_due_expiry_leaves_the_rest_of_the_window_to_interactive_callers() {
+    use restrict_code_execution::defender::{api::Endpoint, budget::CallBudget};
+
+    let azurite = Azurite::shared();
+    let storage = azurite.settings("reconcile-share");
+    let fleet = Fleet::new("share", "wave-s", 1);
+    let sim = tenant(&fleet).await;
+    let a = side_with(
+        &sim,
+        &storage,
+        None,
+        CoordinatorOptions {
+            per_minute: 10,
+            ..CoordinatorOptions::default()
+        },
+        Duration::from_secs(5),
+    );
+    let machine = fleet.devices()[0].machine_id.clone();
+    let (_, note) = a
+        .restrict(
+            &machine,
+            Some(ReleaseAfter::After(time::Duration::hours(4))),
+            false,
+        )
+        .await;
+    let release_at = note.release_at().expect("the expiry is set");
+    settle(&sim).await;
+
+    for _ in 0..9 {
+        a.coordinator
+            .acquire(Endpoint::Unrestrict, soon())
+            .await
+            .expect("an interactive slot");
+    }
+    sim.clear_requests();
+    let run = a
+        .reconciler
+        .run(release_at + time::Duration::seconds(1))
+        .await;
+    assert_eq!((run.due, run.deferred, run.released), (1, 1, 0), "{run:?}");
+    assert!(
+        posts(&sim, "/unrestrictCodeExecution").is_empty(),
+        "{:?}",
+        sim.requests()
+    );
+    // The tenth slot is the interactive callers' at once.
+    tokio::time::timeout(
+        Duration::from_millis(500),
+        a.coordinator.acquire(Endpoint::Unrestrict, soon()),
+    )
+    .await
+    .expect("no wait for the last slot")
+    .expect("the last slot");
 }

@@ -8,14 +8,19 @@
 //! method, an unreadable body or envelope, shutdown) get the same line
 //! through [`refuse`]. Never a token: nothing here can hold one.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+
 use http::StatusCode;
 use tokio::time::Instant;
-use tracing::{Level, Span};
+use tracing::{Instrument, Level, Span};
 
 use super::Function;
-use crate::host::{
-    error::ApiError,
-    reply::{Format, Reply},
+use crate::{
+    host::{
+        error::ApiError,
+        reply::{Format, Reply},
+    },
+    service::restrict::{OrderResult, Sent},
 };
 
 /// What the invocation's log line says besides its function and status,
@@ -55,6 +60,133 @@ impl Record {
             path: Some(path.to_owned()),
             ..Self::default()
         }
+    }
+}
+
+/// An invocation that has not answered yet. Dropped before
+/// [`Unanswered::answered`], its caller went away (hung up, or the host gave
+/// up on it): its line is written then, with outcome `abandoned`, as soon as
+/// the machine rounds serving its orders are done, so that it says what was
+/// sent.
+pub struct Unanswered {
+    pub record: Record,
+    /// What its orders for machine rounds came to.
+    pub sent: Sent,
+    function: Function,
+    span: Span,
+    started: Instant,
+    answered: bool,
+}
+
+impl Unanswered {
+    pub fn new(function: Function, span: Span, started: Instant) -> Self {
+        Self {
+            record: Record::default(),
+            sent: Sent::default(),
+            function,
+            span,
+            started,
+            answered: false,
+        }
+    }
+
+    /// Its line was written with its answer.
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+}
+
+/// Abandoned invocations' lines not written yet: the process waits for them
+/// before it exits ([`abandoned_lines_written`]).
+static UNWRITTEN: AtomicUsize = AtomicUsize::new(0);
+
+/// Resolves once every abandoned invocation's line is written (or at `until`).
+pub async fn abandoned_lines_written(until: Instant) {
+    while UNWRITTEN.load(Ordering::Acquire) > 0 && Instant::now() < until {
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+}
+
+/// How long an abandoned invocation's line waits for the rounds seeing its
+/// writes through: longer than any invocation lasts.
+const ABANDONED_LINE_WAIT: std::time::Duration = std::time::Duration::from_secs(240);
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if self.answered {
+            return;
+        }
+        let line = Abandoned {
+            function: self.function,
+            record: std::mem::take(&mut self.record),
+            sent: self.sent.clone(),
+            started: self.started,
+        };
+        let span = self.span.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                UNWRITTEN.fetch_add(1, Ordering::AcqRel);
+                runtime.spawn(
+                    async move {
+                        let _ =
+                            tokio::time::timeout(ABANDONED_LINE_WAIT, line.sent.settled()).await;
+                        line.write();
+                        UNWRITTEN.fetch_sub(1, Ordering::AcqRel);
+                    }
+                    .instrument(span),
+                );
+            }
+            Err(_) => span.in_scope(|| line.write()),
+        }
+    }
+}
+
+/// The line of an invocation whose caller went away.
+struct Abandoned {
+    function: Function,
+    record: Record,
+    sent: Sent,
+    started: Instant,
+}
+
+impl Abandoned {
+    /// Written as a warning: nobody got the answer. `status` is 499, the
+    /// code web servers log for a client that closed the request; `result`
+    /// is what its last order came to (an outcome, or a problem code), with
+    /// the action it acted with in `action_id`.
+    fn write(&self) {
+        let record = &self.record;
+        let results = self.sent.results();
+        let last = results.last();
+        let (result, error) = match last {
+            Some(OrderResult::Acted { outcome, .. }) => (Some(outcome.as_str()), None),
+            Some(OrderResult::Failed(e)) => {
+                let e = ApiError::from(e.clone());
+                (Some(e.code()), Some(e.to_string()))
+            }
+            None => (None, None),
+        };
+        let action_id = self
+            .sent
+            .last_action()
+            .map(|(_, id)| id.to_string())
+            .or_else(|| record.action_id.clone());
+        let duration_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::warn!(
+            function = self.function.name(),
+            status = 499_u16,
+            outcome = "abandoned",
+            result,
+            duration_ms,
+            device_id = record.device_id,
+            machine_id = record.machine_id,
+            release = record.release,
+            action_id,
+            caller_name = record.caller_name,
+            orders = results.len(),
+            error,
+            "invocation abandoned"
+        );
     }
 }
 

@@ -30,6 +30,7 @@ use crate::{
             request::{JobRequest, MAX_JOB_DEVICES},
         },
         runbook::RunbookError,
+        shown_text,
     },
 };
 
@@ -50,6 +51,7 @@ impl From<JobError> for ApiError {
     fn from(e: JobError) -> Self {
         match e {
             JobError::NotFound(id) => Self::JobNotFound(id),
+            JobError::KeyReused(key) => Self::IdempotencyKeyReused(key),
             JobError::Resolve(ResolveError::NoDevicesMatched { selector }) => {
                 Self::NoDevicesMatched(selector)
             }
@@ -110,6 +112,10 @@ struct StartedBody<'a> {
     devices: usize,
     #[serde(skip_serializing_if = "Option::is_none")]
     status_url: Option<String>,
+    /// `releaseAfter` counted from the start: when the job's restrictions
+    /// are released.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    release_at: Option<&'a str>,
     /// The job an earlier request with the same `Idempotency-Key` started.
     #[serde(skip_serializing_if = "std::ops::Not::not")]
     replayed: bool,
@@ -138,9 +144,7 @@ pub async fn start(
     // A replayed start answers the first request's job, whose callback (if
     // it asked for one) is already recorded.
     if let (Some(url), false) = (&callback, started.replayed) {
-        let subject = crate::service::callbacks::Subject::Job {
-            job_id: job.job_id.clone(),
-        };
+        let subject = crate::service::callbacks::Subject::job(job.job_id.clone());
         if let Some(warning) = super::callback::record(state, invocation, url, subject).await {
             tracing::warn!(%warning, "no callback for this job");
         }
@@ -157,6 +161,7 @@ pub async fn start(
         status: "running",
         devices: job.devices,
         status_url: url.clone(),
+        release_at: job.release_at.as_deref(),
         replayed: started.replayed,
         warning: jobs.in_memory().then_some(IN_MEMORY_WARNING),
         invocation_id: &invocation.id,
@@ -217,6 +222,8 @@ struct StatusBody<'a> {
     caller_name: Option<&'a str>,
     created_at: &'a str,
     finished_at: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    release_at: Option<&'a str>,
     counts: BTreeMap<&'a str, usize>,
     devices: Vec<DeviceBody<'a>>,
     /// Devices matching `outcome=` (all, without it), before paging.
@@ -295,7 +302,7 @@ impl StatusQuery {
                 "code" => {}
                 other => {
                     return Err(ApiError::InvalidRequest(RunbookError::UnknownField {
-                        field: other.to_owned(),
+                        field: shown_text::echoed_name(other),
                         accepted: "outcome, offset, limit".into(),
                     }));
                 }
@@ -379,6 +386,7 @@ fn render_status(
         caller_name: job.job.caller_name.as_deref(),
         created_at: &job.job.created_at,
         finished_at: job.finished_at.as_deref(),
+        release_at: job.job.release_at.as_deref(),
         counts: job
             .counts
             .iter()
@@ -417,10 +425,10 @@ fn render_status(
                         tr {
                             td { (d.device_id) }
                             td { (d.machine_id.unwrap_or("")) }
-                            td { (d.computer_dns_name.unwrap_or("")) }
+                            td { bdi { (d.computer_dns_name.unwrap_or("")) } }
                             td { (d.outcome) }
                             td { (d.action_id.unwrap_or("")) }
-                            td { (d.problem.map(|p| format!("{}: {}", p.code, p.detail)).unwrap_or_default()) }
+                            td dir="auto" { (d.problem.map(|p| format!("{}: {}", p.code, p.detail)).unwrap_or_default()) }
                         }
                     }
                 }
@@ -447,11 +455,11 @@ fn render_status(
             for d in &body.devices {
                 text.push_str(&format!(
                     "{} {} {}{}\n",
-                    d.device_id,
-                    d.computer_dns_name.unwrap_or("-"),
+                    shown_text::one_line(d.device_id),
+                    shown_text::one_line(d.computer_dns_name.unwrap_or("-")),
                     d.outcome,
                     d.problem
-                        .map(|p| format!(" ({}: {})", p.code, p.detail))
+                        .map(|p| format!(" ({}: {})", p.code, shown_text::one_line(&p.detail)))
                         .or_else(|| d.action_id.map(|a| format!(" (action {a})")))
                         .unwrap_or_default()
                 ));
@@ -515,7 +523,7 @@ pub async fn list(
             "code" => {}
             other => {
                 return Err(ApiError::InvalidRequest(RunbookError::UnknownField {
-                    field: other.to_owned(),
+                    field: shown_text::echoed_name(other),
                     accepted: "limit".into(),
                 }));
             }

@@ -24,7 +24,7 @@ use tracing::Instrument;
 
 use crate::{
     host::{app_state::AppState, error::ApiError, invocation::Invocation, principal, reply::Reply},
-    service::runbook::RunbookError,
+    service::{runbook::RunbookError, shown_text},
 };
 
 pub use answer::Record;
@@ -106,6 +106,24 @@ impl Function {
         }
     }
 
+    /// The query parameters it reads, spelled exactly so. Any other (a typo,
+    /// `State` for `state`) is refused rather than ignored: a filter that is
+    /// silently dropped shows the wrong devices. `code`, the function key the
+    /// host checks, is always allowed, in any case as the host reads it.
+    pub fn query_params(self) -> &'static [&'static str] {
+        match self {
+            Self::ListDevices => &["state", "pageSize", "continuation"],
+            Self::JobStatus => &["outcome", "offset", "limit"],
+            Self::ListJobs => &["limit"],
+            Self::Restrict
+            | Self::ActionStatus
+            | Self::CancelAction
+            | Self::OpenApi
+            | Self::StartJob
+            | Self::CancelJob => &[],
+        }
+    }
+
     /// The largest request body it reads: a job's list of up to 10,000 ids
     /// needs more than a runbook payload.
     pub fn max_body(self) -> usize {
@@ -137,24 +155,33 @@ impl Function {
 }
 
 /// Run one invocation of `function`: the answer, and its one log line.
+///
+/// The caller may hang up before the answer (the invocation's future is then
+/// dropped): its line is still written, with outcome `abandoned` and what
+/// its orders came to, once the rounds seeing its writes through are done.
 pub async fn invoke(state: &AppState, function: Function, invocation: Invocation) -> Reply {
     let started = Instant::now();
     let span = answer::span(&invocation.id, Some(function));
+    let mut unanswered = answer::Unanswered::new(function, span.clone(), started);
     async {
-        let mut record = Record::default();
-        let result = run(state, function, &invocation, &mut record).await;
+        let sent = unanswered.sent.clone();
+        let result = sent
+            .scope(run(state, function, &invocation, &mut unanswered.record))
+            .await;
         let format = match function {
             Function::ListDevices | Function::JobStatus => devices::error_format(&invocation),
             _ => invocation.format(),
         };
-        answer::finish(
+        let reply = answer::finish(
             Some(function),
             &invocation.id,
             format,
             result,
-            &record,
+            &unanswered.record,
             started,
-        )
+        );
+        unanswered.answered();
+        reply
     }
     .instrument(span)
     .await
@@ -167,6 +194,7 @@ async fn run(
     record: &mut Record,
 ) -> Result<Reply, ApiError> {
     if function == Function::OpenApi {
+        check_query(function, invocation)?;
         return Ok(openapi::run(invocation, record));
     }
     // Restrict and cancel read the principal again, for the caller's name.
@@ -175,6 +203,7 @@ async fn run(
         record.caller_name = principal.and_then(|p| p.name);
         return Err(error);
     }
+    check_query(function, invocation)?;
     match function {
         Function::Restrict => restrict::run(state, invocation, record).await,
         Function::ActionStatus => status::run(state, invocation, record).await,
@@ -185,6 +214,31 @@ async fn run(
         Function::JobStatus => jobs::status(state, invocation, record).await,
         Function::ListJobs => jobs::list(state, invocation, record).await,
         Function::CancelJob => jobs::cancel(state, invocation, record).await,
+    }
+}
+
+/// Refuse a query parameter `function` does not read, naming it (escaped
+/// and cut, as any name the caller sent).
+fn check_query(function: Function, invocation: &Invocation) -> Result<(), ApiError> {
+    let accepted = function.query_params();
+    let unknown = invocation
+        .query
+        .iter()
+        .map(|(name, _)| name)
+        .find(|name| !name.eq_ignore_ascii_case("code") && !accepted.contains(&name.as_str()));
+    match unknown {
+        None => Ok(()),
+        Some(name) => {
+            let accepted = if accepted.is_empty() {
+                "none (only the function key, code)".to_owned()
+            } else {
+                accepted.join(", ")
+            };
+            Err(ApiError::InvalidRequest(RunbookError::UnknownQuery {
+                name: shown_text::echoed_name(name),
+                accepted,
+            }))
+        }
     }
 }
 

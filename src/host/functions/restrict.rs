@@ -160,6 +160,7 @@ pub(super) fn intent(request: &RunbookRequest) -> Intent {
         comment: request.comment.clone(),
         caller: request.caller.clone(),
         release_at: request.release_at,
+        job_id: None,
     }
 }
 
@@ -559,7 +560,10 @@ fn what(request: &RunbookRequest) -> &'static str {
 
 fn message(request: &RunbookRequest, success: &Success) -> String {
     let machine = &success.machine;
-    let name = machine.computer_dns_name.as_deref().unwrap_or("(unnamed)");
+    // Defender's free text, on the message's one line and in its order.
+    let name = crate::service::shown_text::one_line(
+        machine.computer_dns_name.as_deref().unwrap_or("(unnamed)"),
+    );
     let what = what(request);
     let mut message = match success.outcome {
         Outcome::Requested => format!(
@@ -620,7 +624,10 @@ fn render_text(
     warning: Option<&str>,
 ) -> String {
     let machine = &success.machine;
-    let name = machine.computer_dns_name.as_deref().unwrap_or("(unnamed)");
+    // Defender's free text, on the message's one line and in its order.
+    let name = crate::service::shown_text::one_line(
+        machine.computer_dns_name.as_deref().unwrap_or("(unnamed)"),
+    );
     let verb = if request.release {
         "Releasing"
     } else {

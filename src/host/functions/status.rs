@@ -116,10 +116,13 @@ impl StatusBody {
             "Action {} ({}) on machine {} is {}{}.",
             a.id,
             a.action_type,
-            a.computer_dns_name
-                .as_deref()
-                .or(a.machine_id.as_ref().map(MachineId::as_str))
-                .unwrap_or("(unknown)"),
+            // Defender's free text, on the message's one line.
+            crate::service::shown_text::one_line(
+                a.computer_dns_name
+                    .as_deref()
+                    .or(a.machine_id.as_ref().map(MachineId::as_str))
+                    .unwrap_or("(unknown)")
+            ),
             a.status,
             if terminal {
                 ", which is final"

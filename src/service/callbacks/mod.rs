@@ -74,8 +74,25 @@ pub enum Subject {
         release: bool,
         devices: Vec<Watched>,
     },
-    /// A job: `job.finished` once every device has its outcome.
-    Job { job_id: String },
+    /// A job: `job.finished` once every device has its outcome and every
+    /// action the job created or found pending is final.
+    Job {
+        job_id: String,
+        /// The devices whose action the job waits on, taken from the job's
+        /// records once every device has its outcome (`None` before).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        devices: Option<Vec<Watched>>,
+    },
+}
+
+impl Subject {
+    /// A job's callback, recorded when the job starts.
+    pub fn job(job_id: String) -> Self {
+        Self::Job {
+            job_id,
+            devices: None,
+        }
+    }
 }
 
 /// One device of a request and its action, as far as it is known.
@@ -277,6 +294,7 @@ impl Outbox {
                 }
             }
         }
+        self.list_job_actions(&mut loaded).await;
         self.fill_statuses(&mut loaded, deadline, &mut report).await;
         for (name, etag, mut pending) in loaded {
             if Instant::now() >= deadline {
@@ -322,6 +340,49 @@ impl Outbox {
             }
         }
         Ok(due)
+    }
+
+    /// A job's callback waits for the job's actions, not only its outcomes:
+    /// once every device has its outcome, the devices whose action the job
+    /// created or found pending (`requested`, `already_pending`) become the
+    /// callback's watched actions, read like those of `deviceIds`. Other
+    /// outcomes have nothing left to finish.
+    async fn list_job_actions(&self, loaded: &mut [(String, String, Pending)]) {
+        let Some(jobs) = self.inner.jobs.as_ref() else {
+            return;
+        };
+        for (_, _, pending) in loaded.iter_mut() {
+            let Subject::Job { job_id, devices } = &mut pending.subject else {
+                continue;
+            };
+            if devices.is_some() {
+                continue;
+            }
+            let state = match jobs.status(job_id).await {
+                Ok(state) if state.finished() => state,
+                Ok(_) => continue,
+                Err(e) => {
+                    tracing::warn!(job_id = %job_id, error = %e, "reading the job for its callback failed");
+                    continue;
+                }
+            };
+            *devices = Some(
+                state
+                    .devices
+                    .into_iter()
+                    .filter(|d| {
+                        matches!(d.outcome.outcome.as_str(), "requested" | "already_pending")
+                    })
+                    .map(|d| Watched {
+                        device_id: d.entry.device_id,
+                        machine_id: d.outcome.machine_id.map(MachineId::from),
+                        computer_dns_name: d.outcome.computer_dns_name,
+                        action_id: d.outcome.action_id.map(ActionId::from),
+                        ..Watched::default()
+                    })
+                    .collect(),
+            );
+        }
     }
 
     /// Read the actions of every machine with an unfinished action among
@@ -458,7 +519,13 @@ impl Outbox {
                     "sentAt": sent_at,
                 })
             }
-            Subject::Job { job_id } => {
+            Subject::Job { job_id, devices } => {
+                // Every device has its outcome (`list_job_actions` filled
+                // the list) and every action it waits on is final.
+                let devices = devices.as_ref()?;
+                if !devices.iter().all(Watched::is_final) {
+                    return None;
+                }
                 let jobs = self.inner.jobs.as_ref()?;
                 let state = match jobs.status(job_id).await {
                     Ok(state) => state,
@@ -467,15 +534,17 @@ impl Outbox {
                         return None;
                     }
                 };
-                if !state.finished() {
-                    return None;
-                }
                 let counts: BTreeMap<String, usize> = state.counts;
+                let mut actions: BTreeMap<String, usize> = BTreeMap::new();
+                for status in devices.iter().filter_map(|w| w.status.clone()) {
+                    *actions.entry(status).or_default() += 1;
+                }
                 json!({
                     "event": "job.finished",
                     "jobId": job_id,
                     "status": state.status,
                     "counts": counts,
+                    "actions": actions,
                     "statusUrl": pending.origin.as_ref().map(|o| format!("{o}/api/restrict-code-execution/jobs/{job_id}")),
                     "sentAt": sent_at,
                 })
@@ -605,7 +674,7 @@ fn watched(subject: &Subject) -> Vec<&Watched> {
     match subject {
         Subject::Action { device, .. } => vec![device],
         Subject::Devices { devices, .. } => devices.iter().collect(),
-        Subject::Job { .. } => Vec::new(),
+        Subject::Job { devices, .. } => devices.iter().flatten().collect(),
     }
 }
 
@@ -613,7 +682,7 @@ fn watched_mut(subject: &mut Subject) -> Vec<&mut Watched> {
     match subject {
         Subject::Action { device, .. } => vec![device],
         Subject::Devices { devices, .. } => devices.iter_mut().collect(),
-        Subject::Job { .. } => Vec::new(),
+        Subject::Job { devices, .. } => devices.iter_mut().flatten().collect(),
     }
 }
 

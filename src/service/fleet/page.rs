@@ -7,6 +7,11 @@
 //! (the page must work without internet, and the answer's
 //! `Content-Security-Policy` allows nothing but the inline style). The table
 //! turns into one card per device on a narrow screen.
+//!
+//! Escaping keeps markup out, but not the characters the payload refuses and
+//! Defender keeps (a right-to-left override, a line separator): each of
+//! Defender's strings sits in its own `<bdi>` (or a block with `dir="auto"`),
+//! so its direction stays inside it and cannot reorder the rest of the row.
 
 use maud::{DOCTYPE, Markup, PreEscaped, html};
 
@@ -155,7 +160,7 @@ fn row(d: &Device, portal: &str) -> Markup {
     html! {
         tr data-machine-id=(d.machine_id) data-state=(d.state.as_str()) {
             td data-label="Device" {
-                strong { (d.computer_dns_name.as_deref().unwrap_or("(no name)")) }
+                strong { bdi { (d.computer_dns_name.as_deref().unwrap_or("(no name)")) } }
                 br;
                 code { (d.machine_id) }
                 br;
@@ -203,9 +208,9 @@ fn row(d: &Device, portal: &str) -> Markup {
 
 fn who_and_why(a: &MachineAction) -> Markup {
     html! {
-        span.requestor { (a.requestor.as_deref().unwrap_or("(unknown)")) }
+        span.requestor { bdi { (a.requestor.as_deref().unwrap_or("(unknown)")) } }
         @if let Some(comment) = a.requestor_comment.as_deref().filter(|c| !c.is_empty()) {
-            div.comment { (comment) }
+            div.comment dir="auto" { (comment) }
         }
     }
 }
@@ -295,6 +300,42 @@ mod tests {
         );
         assert!(
             page.contains(r#"aria-current="page">restricted (1)"#),
+            "{page}"
+        );
+    }
+
+    #[test]
+    fn defender_strings_are_isolated_so_they_cannot_reorder_the_row() {
+        let fleet = one_restricted(
+            "m1",
+            "PC\u{202E}exe.doc",
+            "eve\u{2028}@contoso",
+            "ok\u{202E}txt.exe",
+        );
+        let counts = fleet.counts;
+        let (devices, _) = fleet.select(StateFilter::Restricted);
+        let page = render(
+            &Shown {
+                devices: &devices,
+                filter: StateFilter::Restricted,
+                counts,
+                matching: devices.len(),
+                as_of: "2026-11-28T11:00:00Z",
+                next: None,
+            },
+            None,
+            "https://security.microsoft.com",
+        );
+        assert!(
+            page.contains("<strong><bdi>PC\u{202E}exe.doc</bdi></strong>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<span class=\"requestor\"><bdi>eve\u{2028}@contoso</bdi></span>"),
+            "{page}"
+        );
+        assert!(
+            page.contains("<div class=\"comment\" dir=\"auto\">ok\u{202E}txt.exe</div>"),
             "{page}"
         );
     }

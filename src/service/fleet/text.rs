@@ -1,13 +1,15 @@
 //! `Accept: text/plain`: one line per device, for runbook consoles and chat.
 //!
 //! Defender's strings (names, comments) are the caller's or a colleague's
-//! free text: control characters, line breaks included, become spaces so each
-//! device stays on one line.
+//! free text, written through any tool, not only ours: line breaks become
+//! spaces and other control and layout characters (an ESC, a right-to-left
+//! override, a line separator) are escaped ([`shown_text::one_line`]), so
+//! each device stays on one line and reads in its order.
 
 use std::fmt::Write as _;
 
 use super::{Device, StateFilter};
-use crate::defender::models::MachineAction;
+use crate::{defender::models::MachineAction, service::shown_text};
 
 /// The lines, or one line saying nothing matched.
 pub fn render(devices: &[Device], filter: StateFilter, as_of: &str) -> String {
@@ -53,16 +55,14 @@ pub fn render(devices: &[Device], filter: StateFilter, as_of: &str) -> String {
 /// `requestor: "comment"`.
 fn who_and_why(a: &MachineAction) -> String {
     format!(
-        "{}: {:?}",
+        "{}: \"{}\"",
         clean(a.requestor.as_deref().unwrap_or("(unknown)")),
         clean(a.requestor_comment.as_deref().unwrap_or(""))
     )
 }
 
 fn clean(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
-        .collect()
+    shown_text::one_line(s)
 }
 
 #[cfg(test)]
@@ -83,6 +83,24 @@ mod tests {
         assert_eq!(
             render(&[], StateFilter::Restricted, "2026-11-28T10:00:00Z"),
             "No restricted devices as of 2026-11-28T10:00:00Z.\n"
+        );
+    }
+
+    #[test]
+    fn layout_characters_from_defender_are_escaped() {
+        let (devices, _) = one_restricted(
+            "m1",
+            "PC\u{202E}cod.exe",
+            "eve\u{2028}@contoso",
+            "ok\u{1b}[2J\u{85}next",
+        )
+        .select(StateFilter::All);
+        let text = render(&devices, StateFilter::All, "now");
+        assert_eq!(text.lines().count(), 1, "{text}");
+        assert_eq!(
+            text,
+            "PC\\u{202E}cod.exe (m1) restricted since 2026-11-28T10:05:00Z by \
+             eve\\u{2028}@contoso: \"ok\\u{001B}[2J\\u{0085}next\"\n"
         );
     }
 }

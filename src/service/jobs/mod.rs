@@ -30,6 +30,8 @@ use futures_util::{StreamExt, stream};
 use time::{OffsetDateTime, format_description::well_known::Rfc3339};
 use tokio::time::Instant;
 
+use crate::defender::budget::Share;
+
 use self::model::{
     DEVICES_PER_MESSAGE, INDEX_PREFIX, JobMessage, MessageDevice, from_metadata, index_of,
     to_metadata,
@@ -78,6 +80,9 @@ pub enum JobError {
     Storage(#[from] CoordinationError),
     #[error("a job with this Idempotency-Key is still being started; retry in a few seconds")]
     StillStarting,
+    /// The key started a job with a different request within the window.
+    #[error("the Idempotency-Key {0:?} started a job with a different request")]
+    KeyReused(String),
 }
 
 impl From<DefenderError> for JobError {
@@ -149,6 +154,20 @@ struct Inner {
     explain: Arc<Explain>,
     /// The restriction records an expiry attaches to (set at startup).
     restrictions: std::sync::OnceLock<crate::service::expiry::Restrictions>,
+    /// Job devices admitted on this instance and not finished: each
+    /// admission counts them, since their calls may not be reserved yet.
+    admitted: std::sync::atomic::AtomicUsize,
+    /// One admission at a time on this instance.
+    admission: tokio::sync::Mutex<()>,
+    /// The budget's clock speed (`DEFENDER_RATE_CLOCK_SPEED`, 1 but in
+    /// benchmarks): the spread of deferred messages shrinks with the windows.
+    clock_speed: f64,
+    /// The most devices run as one group: never more than the jobs' share
+    /// of a window holds.
+    group: usize,
+    /// The last listing of each job's selector, shared by its messages on
+    /// this instance while it is fresh (see `worker::Listing`).
+    listings: tokio::sync::Mutex<std::collections::HashMap<String, worker::Listing>>,
 }
 
 impl std::fmt::Debug for Jobs {
@@ -181,8 +200,32 @@ impl Jobs {
                 work_time,
                 explain,
                 restrictions: std::sync::OnceLock::new(),
+                admitted: std::sync::atomic::AtomicUsize::new(0),
+                admission: tokio::sync::Mutex::new(()),
+                clock_speed: 1.0,
+                group: worker::GROUP,
+                listings: tokio::sync::Mutex::default(),
             }),
         }
+    }
+
+    /// The Defender budget the jobs share: `per_minute` and `per_hour`
+    /// calls per API, its clock `speed` times faster than real time
+    /// (`DEFENDER_RATE_CLOCK_SPEED`). Call right after [`Self::new`].
+    #[must_use]
+    pub fn with_budget(mut self, per_minute: u32, per_hour: u32, speed: f64) -> Self {
+        if let Some(inner) = Arc::get_mut(&mut self.inner) {
+            if speed.is_finite() && speed >= 1.0 {
+                inner.clock_speed = speed;
+            }
+            let share = |limit: u32, fraction: f64| {
+                Share::of(usize::try_from(limit).unwrap_or(usize::MAX), fraction)
+            };
+            inner.group = worker::GROUP
+                .min(share(per_minute, Share::JOBS.minute))
+                .min(share(per_hour, Share::JOBS.hour));
+        }
+        self
     }
 
     /// Keep the restriction records (and a job's `releaseAfter`) in
@@ -203,9 +246,10 @@ impl Jobs {
         idempotency_key: Option<&str>,
         deadline: Instant,
     ) -> Result<Started, JobError> {
+        let fingerprint = request.fingerprint();
         // A retry of a start that succeeded costs no Defender call.
         if let Some(key) = idempotency_key
-            && let Some(earlier) = self.replay(key).await?
+            && let Some(earlier) = self.replay(key, &fingerprint).await?
         {
             return Ok(Started {
                 job: earlier,
@@ -216,7 +260,7 @@ impl Jobs {
         let now = OffsetDateTime::now_utc();
         let job_id = uuid::Uuid::new_v4().to_string();
         if let Some(key) = idempotency_key
-            && let Some(earlier) = self.claim_key(key, &job_id, now).await?
+            && let Some(earlier) = self.claim_key(key, &fingerprint, &job_id, now).await?
         {
             return Ok(Started {
                 job: earlier,
@@ -294,8 +338,9 @@ impl Jobs {
         })
     }
 
-    /// The job `key` started within the window, if its record is there.
-    async fn replay(&self, key: &str) -> Result<Option<JobRecord>, JobError> {
+    /// The job `key` started within the window, if its record is there; an
+    /// error if that job was started by a different request.
+    async fn replay(&self, key: &str, fingerprint: &str) -> Result<Option<JobRecord>, JobError> {
         let Some(claim) = self
             .inner
             .records
@@ -311,6 +356,7 @@ impl Jobs {
         if age >= IDEMPOTENCY_WINDOW.whole_milliseconds() as i64 {
             return Ok(None);
         }
+        same_request(&claim.metadata, key, fingerprint)?;
         let job = meta(&claim.metadata, "job").unwrap_or_default();
         Ok(self.read_job(&job).await?)
     }
@@ -319,6 +365,7 @@ impl Jobs {
     async fn claim_key(
         &self,
         key: &str,
+        fingerprint: &str,
         job_id: &str,
         now: OffsetDateTime,
     ) -> Result<Option<JobRecord>, JobError> {
@@ -327,6 +374,7 @@ impl Jobs {
             let metadata = [
                 ("job".to_owned(), job_id.to_owned()),
                 ("at".to_owned(), unix_ms(now).to_string()),
+                ("request".to_owned(), fingerprint.to_owned()),
             ]
             .into_iter()
             .collect();
@@ -347,6 +395,7 @@ impl Jobs {
             let age = time::Duration::milliseconds(unix_ms(now).saturating_sub(at));
             let earlier = meta(&existing.metadata, "job").unwrap_or_default();
             if age < IDEMPOTENCY_WINDOW {
+                same_request(&existing.metadata, key, fingerprint)?;
                 if let Some(job) = self.read_job(&earlier).await? {
                     return Ok(Some(job));
                 }
@@ -657,6 +706,21 @@ fn unix_ms(t: OffsetDateTime) -> i64 {
 fn rfc3339(t: OffsetDateTime) -> String {
     let t = t.replace_nanosecond(0).unwrap_or(t);
     t.format(&Rfc3339).unwrap_or_default()
+}
+
+/// An Idempotency-Key answers only a retry of the request that claimed it:
+/// the same key with another body (another tag, `release` flipped) would
+/// otherwise be told "replayed" about a job that does something else. A
+/// claim written before fingerprints were kept has none and is trusted.
+fn same_request(
+    metadata: &std::collections::HashMap<String, String>,
+    key: &str,
+    fingerprint: &str,
+) -> Result<(), JobError> {
+    match meta(metadata, "request") {
+        Some(earlier) if earlier != fingerprint => Err(JobError::KeyReused(key.to_owned())),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]

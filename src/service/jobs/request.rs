@@ -63,6 +63,16 @@ pub struct JobRequest {
 }
 
 impl JobRequest {
+    /// What makes two start requests the same job, as a short digest: the
+    /// parsed request, so that key order and spacing in the body do not
+    /// matter. Kept with an `Idempotency-Key` to tell a retry from a new
+    /// request reusing the key.
+    pub fn fingerprint(&self) -> String {
+        use sha2::{Digest, Sha256};
+        let digest = Sha256::digest(format!("{self:?}").as_bytes());
+        digest[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
     pub fn parse(body: &[u8]) -> Result<Self, RunbookError> {
         if body.len() > MAX_JOB_BODY_BYTES {
             return Err(RunbookError::TooLarge {

@@ -16,21 +16,31 @@
 //!   again; the problem is recorded first, so that the poison function can
 //!   name it if the retries run out.
 
-use std::time::Duration;
+use std::{
+    collections::HashMap,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
+};
 
 use time::OffsetDateTime;
 use tokio::time::Instant;
 
 use super::{
     Jobs, model,
-    model::{DeviceProblem, JobMessage, MessageDevice, OutcomeRecord, to_metadata},
-    unix_ms,
+    model::{DeviceProblem, JobMessage, MessageDevice, OutcomeRecord, SelectorRecord, to_metadata},
+    request, resolve, unix_ms,
 };
 use crate::{
     coordination::{CoordinationError, records::WriteIf},
-    defender::{DefenderError, Endpoint, budget::Share, models::ActionType},
+    defender::{
+        DefenderError, Endpoint,
+        budget::Share,
+        ids::MachineId,
+        models::{ActionType, Machine},
+    },
     service::{
-        restrict::Intent,
+        machine_directory::MAX_CACHE,
+        restrict::{Intent, Outcome, made_by_job},
         runbook::{CallerName, Comment, DeviceRef, RunbookError},
         service_error::ServiceError,
     },
@@ -52,11 +62,70 @@ const DEVICE_RESERVE: Duration = Duration::from_secs(20);
 /// waiting for the same window do not all arrive at once.
 const DEFER_SPREAD: Duration = Duration::from_secs(30);
 
-/// Whether a job's device may start.
-enum Admission {
-    Now,
-    /// Not within this invocation: its slot is this far away.
+/// Devices of a message run together, at most this many: the group's
+/// state is one tenant-wide read (two calls) and its admission asks the
+/// budget once. Ten keep the jobs' admissions, racing on three instances,
+/// within the part of each minute left to interactive requests.
+pub(super) const GROUP: usize = 10;
+
+/// Whether a group of a job's devices may start.
+enum Admission<'a> {
+    Now(Admitted<'a>),
+    /// Not within this invocation: its slots are this far away.
     Later(Duration),
+}
+
+/// A group admitted on this instance: counted by later admissions until it
+/// is finished.
+struct Admitted<'a> {
+    jobs: &'a Jobs,
+    devices: usize,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        self.jobs
+            .inner
+            .admitted
+            .fetch_sub(self.devices, Ordering::AcqRel);
+    }
+}
+
+/// What running one device came to.
+enum Ran {
+    /// Its outcome.
+    Done(OutcomeRecord),
+    Failed(ServiceError),
+}
+
+/// A listing of a job's selector, and when it was read.
+#[derive(Debug, Clone)]
+pub(super) struct Listing {
+    at: Instant,
+    /// By lower-case machine id.
+    machines: Arc<HashMap<String, Machine>>,
+}
+
+/// The filter that lists a tag job's or a device-group job's machines.
+fn selector_filter(job: &model::JobRecord) -> Option<String> {
+    match &job.selector {
+        SelectorRecord::DeviceIds(_) => None,
+        SelectorRecord::MachineTag(tag) => {
+            resolve::filter(&request::Selector::MachineTag(tag.clone()))
+        }
+        SelectorRecord::DeviceGroupId(id) => resolve::filter(&request::Selector::DeviceGroup(*id)),
+    }
+}
+
+fn done(outcome: &str, machine: &Machine, action_id: Option<String>) -> OutcomeRecord {
+    OutcomeRecord {
+        outcome: outcome.to_owned(),
+        machine_id: Some(machine.id.to_string()),
+        computer_dns_name: machine.computer_dns_name.clone(),
+        action_id,
+        problem: None,
+        at: unix_ms(OffsetDateTime::now_utc()),
+    }
 }
 
 /// What to do about a device's error.
@@ -88,8 +157,12 @@ fn disposition(error: &ServiceError) -> Disposition {
             _ => Failed,
         },
         ServiceError::Coordination(CoordinationError::OverBudget { wait, .. }) => Later(*wait),
+        // Nothing was sent, and nothing is wrong with the device: a new
+        // message (visible at once, to a running instance) takes it on
+        // without spending a delivery, so instance recycles never poison it.
         ServiceError::Coordination(CoordinationError::LockTimeout { .. })
-        | ServiceError::QueuedPastDeadline { .. } => Later(Duration::ZERO),
+        | ServiceError::QueuedPastDeadline { .. }
+        | ServiceError::ShuttingDown => Later(Duration::ZERO),
         ServiceError::Coordination(CoordinationError::Unavailable { .. })
         | ServiceError::RoundStopped
         | ServiceError::ActingPastDeadline { .. } => Retry,
@@ -100,6 +173,12 @@ fn disposition(error: &ServiceError) -> Disposition {
 impl Jobs {
     /// Run one delivery of a message (its JSON text); `dequeue_count` is the
     /// host's (1 on the first delivery).
+    ///
+    /// A message's devices run as a group: admitted together when the jobs'
+    /// share of each window has room for all of them, their machines
+    /// re-checked with one listing of the job's selector, their state read
+    /// with one tenant-wide read once each holds its machine's lock, and
+    /// then each through the per-device protocol at once.
     pub async fn work(&self, text: &str, dequeue_count: u32) -> Result<(), WorkFailed> {
         let started = Instant::now();
         let deadline = started + self.inner.work_time;
@@ -113,8 +192,10 @@ impl Jobs {
         };
         let storage = |e: CoordinationError| WorkFailed(e.to_string());
         let job_id = message.job.clone();
-        for (k, device) in message.devices.iter().enumerate() {
-            // Read before each device: a cancel stops the next one.
+        let reserve = DEVICE_RESERVE.min(self.inner.work_time / 6);
+        let mut next = 0;
+        while next < message.devices.len() {
+            // Read before each group: a cancel stops the next one.
             let Some(job) = self.read_job(&job_id).await.map_err(storage)? else {
                 tracing::warn!(job_id = %job_id, "a message names a job that has no record; dropped");
                 return Ok(());
@@ -122,50 +203,40 @@ impl Jobs {
             if job.cancelled_at.is_some() {
                 return Ok(());
             }
-            // A message delivered again may have run some devices already.
-            if dequeue_count > 1
-                && self
-                    .inner
-                    .records
-                    .read(&model::outcome_name(&job_id, device.i))
-                    .await
-                    .map_err(storage)?
-                    .is_some()
-            {
-                continue;
-            }
-            let reserve = DEVICE_RESERVE.min(self.inner.work_time / 6);
-            if k > 0 && Instant::now() + reserve > deadline {
-                self.hand_on(&job_id, &message.devices[k..], Duration::ZERO)
+            if next > 0 && Instant::now() + reserve > deadline {
+                self.hand_on(&job_id, &message.devices[next..], Duration::ZERO)
                     .await
                     .map_err(storage)?;
                 return Ok(());
             }
-            // Both were checked when the job started.
-            let target = match &device.m {
-                Some(machine) => DeviceRef::parse(machine),
-                None => DeviceRef::parse(&device.d),
-            };
-            let (target, intent) = match target.and_then(|t| Ok((t, intent(&job)?))) {
-                Ok(checked) => checked,
-                Err(e) => {
-                    let problem = DeviceProblem {
-                        code: "invalid_request".into(),
-                        detail: e.to_string(),
-                    };
-                    self.record(&job_id, device, failed(device, problem))
+            let end = (next + self.inner.group.max(1)).min(message.devices.len());
+            // A message delivered again may have run some devices already.
+            let mut group = Vec::new();
+            for device in &message.devices[next..end] {
+                if dequeue_count > 1
+                    && self
+                        .inner
+                        .records
+                        .read(&model::outcome_name(&job_id, device.i))
                         .await
-                        .map_err(storage)?;
+                        .map_err(storage)?
+                        .is_some()
+                {
                     continue;
                 }
-            };
-            // Jobs come last: a device starts only once every API it uses
-            // has room within the jobs' share of its windows, waited for here,
-            // before the protocol takes the machine's lease or reads anything.
-            match self.admission(&job, deadline, reserve).await {
-                Ok(Admission::Now) => {}
+                group.push(device);
+            }
+            if group.is_empty() {
+                next = end;
+                continue;
+            }
+            // Jobs come last: the group starts only once every API it uses
+            // has room for it within the jobs' share of its windows, waited
+            // for here, before any lease is taken or anything is read.
+            let admitted = match self.admission(&job, &group, deadline, reserve).await {
+                Ok(Admission::Now(admitted)) => admitted,
                 Ok(Admission::Later(wait)) => {
-                    self.defer(&job_id, &message.devices[k..], wait)
+                    self.defer(&job_id, &message.devices[next..], wait)
                         .await
                         .map_err(storage)?;
                     return Ok(());
@@ -175,114 +246,258 @@ impl Jobs {
                         "the budget could not be consulted for job {job_id}: {e}"
                     )));
                 }
-            }
-            let restrictor = &self.inner.restrictor;
-            let result = if job.dry_run {
-                restrictor
-                    .plan(&target, &intent, deadline)
-                    .await
-                    .map(|plan| {
-                        (
-                            plan.outcome.as_str(),
-                            plan.machine,
-                            plan.action.map(|a| a.action.id),
-                        )
-                    })
-            } else {
-                match restrictor.run(&target, &intent, deadline).await {
-                    Ok(success) => {
-                        // The restriction record, and the job's expiry; a
-                        // storage failure fails the delivery (retried).
-                        if let Some(restrictions) = self.inner.restrictions.get() {
-                            let asked = intent.release_at.map(|at| {
-                                crate::service::runbook::ReleaseAfter::After(
-                                    at - OffsetDateTime::now_utc(),
-                                )
-                            });
-                            restrictions
-                                .after(&success, asked, intent.release_at)
+            };
+            self.check_machines(&job, &group, deadline).await;
+            let results = futures_util::future::join_all(
+                group
+                    .iter()
+                    .map(|device| self.run_device(&job, device, deadline)),
+            )
+            .await;
+            drop(admitted);
+
+            let mut later: Option<Duration> = None;
+            let mut deferred = Vec::new();
+            let mut retry: Option<WorkFailed> = None;
+            for (device, result) in group.iter().copied().zip(results) {
+                match result {
+                    Ran::Done(record) => {
+                        self.record(&job_id, device, record)
+                            .await
+                            .map_err(storage)?;
+                    }
+                    Ran::Failed(error) => match disposition(&error) {
+                        Disposition::Failed => {
+                            let problem = (self.inner.explain)(&error);
+                            self.record(&job_id, device, failed(device, problem))
                                 .await
                                 .map_err(storage)?;
                         }
-                        Ok((
-                            success.outcome.as_str(),
-                            success.machine,
-                            Some(success.action.action.id),
-                        ))
-                    }
-                    Err(e) => Err(e),
+                        Disposition::Later(wait) => {
+                            later = Some(later.map_or(wait, |l| l.max(wait)));
+                            deferred.push(device.clone());
+                        }
+                        Disposition::Retry => {
+                            let problem = (self.inner.explain)(&error);
+                            self.note_attempt(&job_id, device.i, &problem).await;
+                            retry.get_or_insert(WorkFailed(format!(
+                                "device {} of job {job_id}: {}",
+                                device.d, problem.detail
+                            )));
+                        }
+                    },
                 }
-            };
-            match result {
-                Ok((outcome, machine, action_id)) => {
-                    let record = OutcomeRecord {
-                        outcome: outcome.to_owned(),
-                        machine_id: Some(machine.id.to_string()),
-                        computer_dns_name: machine.computer_dns_name.clone(),
-                        action_id: action_id.map(|id| id.to_string()),
-                        problem: None,
-                        at: unix_ms(OffsetDateTime::now_utc()),
-                    };
-                    self.record(&job_id, device, record)
-                        .await
-                        .map_err(storage)?;
-                }
-                Err(error) => match disposition(&error) {
-                    Disposition::Failed => {
-                        let problem = (self.inner.explain)(&error);
-                        self.record(&job_id, device, failed(device, problem))
-                            .await
-                            .map_err(storage)?;
-                    }
-                    Disposition::Later(wait) => {
-                        self.defer(&job_id, &message.devices[k..], wait)
-                            .await
-                            .map_err(storage)?;
-                        return Ok(());
-                    }
-                    Disposition::Retry => {
-                        let problem = (self.inner.explain)(&error);
-                        self.note_attempt(&job_id, device.i, &problem).await;
-                        return Err(WorkFailed(format!(
-                            "device {} of job {job_id}: {}",
-                            device.d, problem.detail
-                        )));
-                    }
-                },
             }
+            // Delivered again, the message brings every device without an
+            // outcome back, the deferred ones included.
+            if let Some(failed) = retry {
+                return Err(failed);
+            }
+            if let Some(wait) = later {
+                deferred.extend_from_slice(&message.devices[end..]);
+                self.defer(&job_id, &deferred, wait)
+                    .await
+                    .map_err(storage)?;
+                return Ok(());
+            }
+            next = end;
         }
         Ok(())
     }
 
-    /// Whether a device of `job` may start now, waiting here (outside any
+    /// One device of a group through the protocol (or its dry run).
+    async fn run_device(
+        &self,
+        job: &model::JobRecord,
+        device: &MessageDevice,
+        deadline: Instant,
+    ) -> Ran {
+        // Both were checked when the job started.
+        let target = match &device.m {
+            Some(machine) => DeviceRef::parse(machine),
+            None => DeviceRef::parse(&device.d),
+        };
+        let (target, intent) = match target.and_then(|t| Ok((t, intent(job)?))) {
+            Ok(checked) => checked,
+            Err(e) => {
+                let problem = DeviceProblem {
+                    code: "invalid_request".into(),
+                    detail: e.to_string(),
+                };
+                return Ran::Done(failed(device, problem));
+            }
+        };
+        let restrictor = &self.inner.restrictor;
+        if job.dry_run {
+            return match restrictor.plan(&target, &intent, deadline).await {
+                Ok(plan) => Ran::Done(done(
+                    plan.outcome.as_str(),
+                    &plan.machine,
+                    plan.action.map(|a| a.action.id.to_string()),
+                )),
+                Err(e) => Ran::Failed(e),
+            };
+        }
+        // The group's state read waits (briefly) for this machine to join.
+        let _expected = device
+            .m
+            .as_deref()
+            .map(|m| restrictor.expect_read(&MachineId::from(m)));
+        let success = match restrictor
+            .run_in_background(&target, &intent, deadline)
+            .await
+        {
+            Ok(success) => success,
+            Err(e) => return Ran::Failed(e),
+        };
+        // The restriction record, and the job's expiry; a storage failure
+        // fails the delivery (retried).
+        if let Some(restrictions) = self.inner.restrictions.get() {
+            let asked = intent.release_at.map(|at| {
+                crate::service::runbook::ReleaseAfter::After(at - OffsetDateTime::now_utc())
+            });
+            if let Err(e) = restrictions.after(&success, asked, intent.release_at).await {
+                return Ran::Failed(ServiceError::Coordination(e));
+            }
+        }
+        // An action this job requested on an earlier delivery (one that
+        // died after its POST, before its outcome was written) is found
+        // pending or done now: its comment names the job, so the outcome
+        // is still the request this job made.
+        let outcome = if success.outcome != Outcome::Requested
+            && made_by_job(&success.action.action, &job.job_id)
+        {
+            Outcome::Requested
+        } else {
+            success.outcome
+        };
+        Ran::Done(done(
+            outcome.as_str(),
+            &success.machine,
+            Some(success.action.action.id.to_string()),
+        ))
+    }
+
+    /// Whether a group of `job` may start now, waiting here (outside any
     /// lease) for the jobs' share of the budget when it comes within this
     /// invocation; or how long it would have to wait.
     async fn admission(
         &self,
         job: &model::JobRecord,
+        group: &[&MessageDevice],
         deadline: Instant,
         reserve: Duration,
-    ) -> Result<Admission, DefenderError> {
+    ) -> Result<Admission<'_>, DefenderError> {
         let write = if job.release {
             Endpoint::Unrestrict
         } else {
             Endpoint::Restrict
         };
+        let n = group.len();
         let client = &self.inner.client;
-        let (write, lookup, read) = tokio::try_join!(
-            client.wait_for_share(write, Share::JOBS),
-            client.wait_for_share(Endpoint::GetMachine, Share::JOBS),
-            client.wait_for_share(Endpoint::ListActions, Share::JOBS),
-        )?;
-        let wait = write.max(lookup).max(read);
-        if wait.is_zero() {
-            return Ok(Admission::Now);
+        loop {
+            let gate = self.inner.admission.lock().await;
+            // Admitted here and not finished: their calls may not be
+            // reserved yet, so they count as if they were about to be.
+            let pending = self.inner.admitted.load(Ordering::Acquire);
+            let share = |calls: usize| Share::JOBS.for_calls(calls + pending);
+            // The write for each device; one state read for the group (two
+            // calls: one per action type); the machines re-checked with one
+            // listing of a tag or group, or looked up one by one.
+            let reads = n.min(2);
+            let (write, read, list, get) = if selector_filter(job).is_some() {
+                tokio::try_join!(
+                    client.wait_for_share(write, share(n)),
+                    client.wait_for_share(Endpoint::ListActions, share(reads)),
+                    client.wait_for_share(Endpoint::ListMachines, share(1)),
+                    async { Ok(Duration::ZERO) },
+                )?
+            } else {
+                tokio::try_join!(
+                    client.wait_for_share(write, share(n)),
+                    client.wait_for_share(Endpoint::ListActions, share(reads)),
+                    client.wait_for_share(Endpoint::ListMachines, share(n)),
+                    client.wait_for_share(Endpoint::GetMachine, share(n)),
+                )?
+            };
+            let wait = write.max(read).max(list).max(get);
+            if wait.is_zero() {
+                self.inner.admitted.fetch_add(n, Ordering::AcqRel);
+                drop(gate);
+                return Ok(Admission::Now(Admitted {
+                    jobs: self,
+                    devices: n,
+                }));
+            }
+            drop(gate);
+            if Instant::now() + wait + reserve > deadline {
+                return Ok(Admission::Later(wait));
+            }
+            tokio::time::sleep(wait).await;
         }
-        if Instant::now() + wait + reserve > deadline {
-            return Ok(Admission::Later(wait));
+    }
+
+    /// Re-check the group's machines before anything is sent to them: one
+    /// listing of the job's tag or device group (shared by the job's
+    /// messages on this instance while it is younger than the machine
+    /// cache), whose records the protocol then uses instead of a lookup per
+    /// device, under the machine directory's rule (only an Active record
+    /// not merged into another; a POST answering 404 looks it up again). A
+    /// machine missing from the listing (it left the tag since the job
+    /// started), or not Active, or any device of an id-list job, is looked
+    /// up by the protocol as a single request's would be. A failed listing
+    /// only costs those lookups.
+    async fn check_machines(
+        &self,
+        job: &model::JobRecord,
+        group: &[&MessageDevice],
+        deadline: Instant,
+    ) {
+        let Some(filter) = selector_filter(job) else {
+            return;
+        };
+        let listing = {
+            let mut listings = self.inner.listings.lock().await;
+            listings.retain(|_, l| l.at.elapsed() < MAX_CACHE);
+            match listings.get(&job.job_id) {
+                Some(listing) => listing.clone(),
+                None => {
+                    let at = Instant::now();
+                    match self.inner.client.machines_matching(&filter, deadline).await {
+                        Ok(machines) => {
+                            let listing = Listing {
+                                at,
+                                machines: Arc::new(
+                                    machines
+                                        .into_iter()
+                                        .map(|m| (m.id.as_str().to_ascii_lowercase(), m))
+                                        .collect(),
+                                ),
+                            };
+                            listings.insert(job.job_id.clone(), listing.clone());
+                            listing
+                        }
+                        Err(e) => {
+                            tracing::warn!(job_id = %job.job_id, error = %e, "the job's selector could not be listed; its machines are looked up one by one");
+                            return;
+                        }
+                    }
+                }
+            }
+        };
+        for device in group {
+            let Some(m) = device.m.as_deref() else {
+                continue;
+            };
+            let Ok(target) = DeviceRef::parse(m) else {
+                continue;
+            };
+            if let Some(machine) = listing.machines.get(&m.to_ascii_lowercase()) {
+                self.inner
+                    .restrictor
+                    .remember_machine(&target, machine.clone(), listing.at);
+            }
         }
-        tokio::time::sleep(wait).await;
-        Ok(Admission::Now)
     }
 
     /// Hand `devices` on to a message that becomes visible when the budget
@@ -294,8 +509,11 @@ impl Jobs {
         devices: &[MessageDevice],
         wait: Duration,
     ) -> Result<(), CoordinationError> {
+        // The spread is real time on Defender's clock: with the budget's
+        // clock sped up (benchmarks), it shrinks with the windows.
+        let most = DEFER_SPREAD.div_f64(self.inner.clock_speed).min(wait / 10);
         let spread = Duration::from_millis(fastrand::u64(
-            0..=u64::try_from(DEFER_SPREAD.min(wait / 10).as_millis()).unwrap_or(0),
+            0..=u64::try_from(most.as_millis()).unwrap_or(0),
         ));
         let delay = wait + spread;
         tracing::info!(job_id = %job_id, devices = devices.len(), wait_s = delay.as_secs(), "no budget slot within this invocation; the devices wait in a delayed message");
@@ -433,5 +651,22 @@ fn intent(job: &model::JobRecord) -> Result<Intent, RunbookError> {
         release_at: job.release_at.as_deref().and_then(|at| {
             OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339).ok()
         }),
+        job_id: Some(job.job_id.clone()),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An instance stopping refuses the device before anything is sent: it
+    /// goes on in a new message, not as a failed delivery that counts
+    /// towards the poison queue.
+    #[test]
+    fn a_device_refused_at_shutdown_waits_in_a_new_message_without_spending_a_delivery() {
+        assert!(matches!(
+            disposition(&ServiceError::ShuttingDown),
+            Disposition::Later(wait) if wait.is_zero()
+        ));
+    }
 }

@@ -16,9 +16,12 @@
 //! It spends at most a set share of each API's hourly budget
 //! (`RECONCILE_BUDGET_PERCENT`): the share divided over the runs of an hour
 //! (one a minute) caps each run's calls per API, and what is left waits for
-//! the next run. Its calls draw from the same budget as everyone else's, so
-//! an interactive request is never refused for it; they wait at most a few
-//! seconds for a slot and give up otherwise.
+//! the next run. Its calls draw from the same budget as everyone else's, and
+//! an expiry starts only when its lookup, reads and release fit within the
+//! reconciler's share of each window ([`Share::RECONCILER`]: below
+//! interactive requests, above jobs), so the rest of each window stays free
+//! for interactive requests; one that does not fit within the run waits for
+//! the next.
 
 pub mod tags;
 
@@ -31,7 +34,9 @@ use tokio::time::Instant;
 use crate::{
     coordination::records::{Records, WriteIf, Written},
     defender::{
-        DefenderClient,
+        DefenderClient, DefenderError,
+        api::Endpoint,
+        budget::Share,
         models::{ActionStatus, ActionType, MachineAction},
     },
     service::{
@@ -285,10 +290,43 @@ impl Reconciler {
                 report.deferred += 1;
                 continue;
             }
+            match self.room(deadline).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    report.deferred += 1;
+                    continue;
+                }
+                Err(e) => {
+                    report.deferred += 1;
+                    report.error(format!("the budget cannot be consulted: {e}"));
+                    continue;
+                }
+            }
             if let Err(e) = self.expire(&restriction, now, deadline, report).await {
                 report.error(format!("machine {}: {e}", restriction.machine_id));
             }
         }
+    }
+
+    /// Wait until an expiry's calls (the protocol's lookup, the reads and the
+    /// release) fit within the reconciler's share of each API's windows;
+    /// `false` when that is after `deadline` (the next run takes it).
+    async fn room(&self, deadline: Instant) -> Result<bool, DefenderError> {
+        let client = &self.inner.client;
+        let (write, lookup, read) = tokio::try_join!(
+            client.wait_for_share(Endpoint::Unrestrict, Share::RECONCILER),
+            client.wait_for_share(Endpoint::GetMachine, Share::RECONCILER),
+            client.wait_for_share(Endpoint::ListActions, Share::RECONCILER),
+        )?;
+        let wait = write.max(lookup).max(read);
+        if wait.is_zero() {
+            return Ok(true);
+        }
+        if Instant::now() + wait >= deadline {
+            return Ok(false);
+        }
+        tokio::time::sleep(wait).await;
+        Ok(true)
     }
 
     /// One due expiry: read the machine's actions, claim the record, release.
@@ -379,6 +417,7 @@ impl Reconciler {
                 .ok()
                 .flatten(),
             release_at: None,
+            job_id: None,
         };
         let device = DeviceRef::parse(&due.machine_id).map_err(|e| e.to_string())?;
         let result = self.inner.restrictor.run(&device, &intent, deadline).await;

@@ -24,10 +24,12 @@ use super::{
 };
 
 /// What a POST or cancel is sent under. Across instances it holds the
-/// machine's lease, checked right before the request goes out, after any wait
-/// for the rate budget (which can be minutes): a lease lost meanwhile means
-/// another instance may be deciding for the machine now, so nothing is sent,
-/// and the request must be over before the lease could run out. Its budget
+/// machine's lease. The last step before each attempt goes out (retries
+/// included), after any wait for the rate budget (which can be minutes), is a
+/// write to the lock blob conditioned on the lease ([`MachineLease::confirm`]):
+/// storage refuses it once the lease is no longer ours, whatever our clock
+/// says, and then another instance may be deciding for the machine, so
+/// nothing is sent. The request must be over before the lease could run out. Its budget
 /// slot is announced to the instances waiting for the lease, so that they
 /// sleep instead of polling. Each request sent is noted in the round's
 /// [`Writes`].
@@ -51,7 +53,11 @@ impl BeforeSend for LeasedWriter<'_> {
     }
 
     async fn before_send(&self, _endpoint: Endpoint) -> Result<Option<Instant>, Refusal> {
-        let until = match self.lease.map(MachineLease::check) {
+        let confirmed = match self.lease {
+            Some(lease) => Some(lease.confirm().await),
+            None => None,
+        };
+        let until = match confirmed {
             None => None,
             Some(Ok(until)) => Some(until),
             Some(Err(unavailable @ CoordinationError::Unavailable { .. })) => {
@@ -73,11 +79,11 @@ impl Writer for LeasedWriter<'_> {
         Ok(())
     }
 
+    /// The handoff is withdrawn by the lease-conditioned write that
+    /// [`BeforeSend::before_send`] makes before every attempt; one more
+    /// request here would only cost a storage operation.
     async fn withdraw_handoff(&self) -> Result<(), ServiceError> {
-        if let Some(lease) = self.lease {
-            lease.withdraw_handoff().await?;
-        }
-        Ok(())
+        self.still_held()
     }
 
     /// Leave a POST's pending action for the instances waiting for the lease.

@@ -43,17 +43,25 @@
 //!   ([`crate::coordination::Handoff`]);
 //! - a POST or cancel already sent is seen through even if its caller hangs
 //!   up, and one whose outcome is unknown is given 2 s before anyone reads
-//!   the machine again, so that the next read sees what it did.
+//!   the machine again, so that the next read sees what it did; one Defender
+//!   refused for good (403, 404, 422) frees the machine at once;
+//! - a POST's answer is taken as the request's action only if it is of the
+//!   type asked for, on the machine asked about;
+//! - at shutdown nothing new is sent: a request that has sent no write is
+//!   refused (`ShuttingDown`), one that has is seen through.
 
 mod leased;
 mod protocol;
 mod round;
+mod sent;
+
+pub use sent::{OrderResult, Sent};
 
 use std::{sync::Arc, time::Duration};
 
 use serde::Serialize;
 use time::OffsetDateTime;
-use tokio::time::Instant;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
     coordination::Coordinator,
@@ -96,6 +104,10 @@ struct Shared {
     include_caller: bool,
     directory: Arc<MachineDirectory>,
     reads: StateReads,
+    /// Background work's reads (jobs): fewest calls, gathered per group of
+    /// devices ([`StateReads::economical`]). A round reads through them only
+    /// when every order in it is background work.
+    background_reads: StateReads,
     /// One round at a time per machine.
     queues: MachineQueues<Ticket>,
     /// Actions created by this instance and when.
@@ -104,6 +116,25 @@ struct Shared {
     coordinator: Option<Arc<Coordinator>>,
     /// The fleet view's shared reads.
     fleet: FleetReads,
+    /// `true` once the handler is shutting down: nothing new is sent.
+    shutdown: watch::Sender<bool>,
+}
+
+impl Shared {
+    /// Whether the handler is shutting down.
+    fn stopped(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Resolves once the handler is shutting down.
+    fn stopping(&self) -> impl Future<Output = ()> + use<> {
+        let mut shutdown = self.shutdown.subscribe();
+        async move {
+            if shutdown.wait_for(|&stopping| stopping).await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+    }
 }
 
 /// What a caller wants done to a device, whichever edge it came through.
@@ -121,6 +152,25 @@ pub struct Intent {
     /// When a restriction this creates is released automatically
     /// (`releaseAfter`): the comment ends with a readable marker saying so.
     pub release_at: Option<OffsetDateTime>,
+    /// The containment job this runs for: the comment ends with
+    /// [`job_marker`], so that a delivery of the job's message can tell an
+    /// action an earlier delivery created (see [`made_by_job`]).
+    pub job_id: Option<String>,
+}
+
+/// The marker a job's actions carry at the end of their comment.
+pub fn job_marker(job_id: &str) -> String {
+    format!("[job {job_id}]")
+}
+
+/// Whether `action` was requested for the job `job_id`: its comment, as
+/// Defender keeps it, carries the job's marker. The job id is a random
+/// UUID, so no other caller's comment carries it by chance.
+pub fn made_by_job(action: &MachineAction, job_id: &str) -> bool {
+    action
+        .requestor_comment
+        .as_deref()
+        .is_some_and(|comment| comment.contains(&job_marker(job_id)))
 }
 
 /// What happened, as the caller sees it.
@@ -199,11 +249,30 @@ impl Restrictor {
                 directory: MachineDirectory::new(client.clone(), machine_cache),
                 reads: StateReads::new(client.clone()),
                 fleet: FleetReads::new(client.clone(), FleetReads::DEFAULT_MAX_AGE),
+                background_reads: StateReads::economical(client.clone()),
                 client,
                 include_caller,
                 queues: MachineQueues::default(),
                 created: Created::default(),
+                shutdown: watch::Sender::new(false),
             }),
+        }
+    }
+
+    /// The handler is shutting down: from now on nothing new is sent to
+    /// Defender. Invocations that have sent no write (waiting for a lookup,
+    /// their machine's round, a read or a rate-budget slot) are refused at
+    /// once with [`ServiceError::ShuttingDown`]; a write already sent is
+    /// seen through; waits for an action to finish answer with what they have.
+    pub fn shut_down(&self) {
+        self.inner.shutdown.send_replace(true);
+    }
+
+    /// Resolves once no machine round runs (or at `until`): at shutdown, the
+    /// writes already sent are seen through before the process exits.
+    pub async fn rounds_finished(&self, until: Instant) {
+        while !self.inner.queues.is_empty() && Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -214,9 +283,50 @@ impl Restrictor {
         intent: &Intent,
         deadline: Instant,
     ) -> Result<Success, ServiceError> {
+        self.run_as(device, intent, deadline, false).await
+    }
+
+    /// [`Self::run`] for background work (a job's device): the same
+    /// protocol, with the machine's state read through the background reads,
+    /// which spend as few calls as possible and serve the devices announced
+    /// with [`Self::expect_read`] together.
+    pub async fn run_in_background(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+    ) -> Result<Success, ServiceError> {
+        self.run_as(device, intent, deadline, true).await
+    }
+
+    /// Announce that a background run for `machine_id` is about to read its
+    /// actions (see [`StateReads::expect`]).
+    pub fn expect_read(&self, machine_id: &MachineId) -> crate::service::state_reads::Expected {
+        self.inner.background_reads.expect(machine_id)
+    }
+
+    /// Remember a machine record read moments ago (a job's listing of its
+    /// selector) for `device`, under the directory's usual rule: only an
+    /// Active, unmerged record, for at most the machine cache's time.
+    pub fn remember_machine(&self, device: &DeviceRef, machine: Machine, read_at: Instant) {
+        self.inner.directory.remember(device, machine, read_at);
+    }
+
+    async fn run_as(
+        &self,
+        device: &DeviceRef,
+        intent: &Intent,
+        deadline: Instant,
+        background: bool,
+    ) -> Result<Success, ServiceError> {
         let arrived = Instant::now();
         let wanted = intent.wanted();
         let mut comment = self.comment(&intent.comment, intent.caller.as_ref());
+        if let Some(job) = &intent.job_id {
+            comment = format!("{comment} {}", job_marker(job));
+        }
+        // Last, so that the portal's comment column ends with when the
+        // restriction is lifted.
         if let Some(at) = intent.release_at {
             comment = format!("{comment} {}", super::runbook::release_after::marker(at));
         }
@@ -224,7 +334,10 @@ impl Restrictor {
         // Defender answers 404 for it, the device is looked up afresh.
         let mut looked_up_again = false;
         loop {
-            let (machine, candidates, cached) = self.find(device, deadline).await?;
+            let (machine, candidates, cached) = tokio::select! {
+                found = self.find(device, deadline) => found?,
+                () = self.inner.stopping() => return Err(ServiceError::ShuttingDown),
+            };
             match round::submit(
                 &self.inner,
                 &machine.id,
@@ -232,6 +345,7 @@ impl Restrictor {
                 &comment,
                 arrived,
                 deadline,
+                background,
             )
             .await
             {
@@ -250,7 +364,7 @@ impl Restrictor {
                     looked_up_again = true;
                 }
                 Err(ServeError::MachineGone(e)) => return Err(e.into()),
-                Err(ServeError::Failed(e)) => return Err(e),
+                Err(ServeError::Failed(e) | ServeError::Refused(e)) => return Err(e),
             }
         }
     }
@@ -402,7 +516,11 @@ impl Restrictor {
         // still reads the action once more before answering.
         while !success.terminal() && Instant::now() < until {
             let next = (Instant::now() + POLL_EVERY).min(until);
-            tokio::time::sleep_until(next).await;
+            // At shutdown the caller gets the state known so far.
+            tokio::select! {
+                () = tokio::time::sleep_until(next) => {}
+                () = self.inner.stopping() => break,
+            }
             // Give the read a second past `until` to come back.
             let read_by = until + Duration::from_secs(1);
             match self
@@ -587,5 +705,42 @@ mod tests {
             "Ticket 42"
         );
         assert_eq!(comment_for_defender(&comment, None, true), "Ticket 42");
+    }
+}
+
+#[cfg(test)]
+mod job_marker_tests {
+    use super::*;
+    use serde_json::json;
+
+    fn action(comment: Option<&str>) -> MachineAction {
+        serde_json::from_value(json!({
+            "id": "5ba7e1e0-9b7a-4a46-8b17-86a87a74c81e",
+            "type": "RestrictCodeExecution",
+            "status": "Succeeded",
+            "requestorComment": comment,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn a_jobs_action_is_known_by_the_marker_its_comment_ends_with() {
+        let job = "cfb167b1-6e2d-4003-ada2-5ef599e95db6";
+        let comment = format!("INC-1 (requested by Jane) {}", job_marker(job));
+        assert!(made_by_job(&action(Some(&comment)), job));
+        // Another job's, a single request's, or no comment at all.
+        assert!(!made_by_job(
+            &action(Some(&comment)),
+            "0d560e2b-25e4-4741-9e84-5ebb7c1e38a4"
+        ));
+        assert!(!made_by_job(
+            &action(Some("INC-1 (requested by Jane)")),
+            job
+        ));
+        assert!(
+            !made_by_job(&action(Some(job)), job),
+            "the id alone is not the marker"
+        );
+        assert!(!made_by_job(&action(None), job));
     }
 }

@@ -72,6 +72,8 @@ pub(super) struct Order {
     /// of actions other instances created.
     pub arrived_utc: OffsetDateTime,
     pub deadline: Instant,
+    /// Background work (a job's device): read through the background reads.
+    pub background: bool,
 }
 
 /// What serving one order did, before the machine record is added.
@@ -82,11 +84,16 @@ pub(super) struct Acted {
     pub cancelled: Vec<ActionId>,
 }
 
-/// Why an order did not succeed.
-#[derive(Debug)]
+/// Why an order did not succeed. `Clone`: a definite refusal answers the
+/// orders of the round that ask the same thing ([`Refusals`]).
+#[derive(Debug, Clone)]
 pub(super) enum ServeError {
     /// A POST for the machine answered 404: the record may be stale.
     MachineGone(DefenderError),
+    /// Defender refused this order's POST for good (403, 422, a 400 that
+    /// is not "already in progress"): nothing was created, the state the
+    /// order decided on stands.
+    Refused(ServiceError),
     Failed(ServiceError),
 }
 
@@ -141,11 +148,82 @@ impl Created {
     }
 }
 
+/// Definite refusals of a POST in one round, per action type: Defender
+/// answered 403, 404 or 422 (or 400 for the device's platform or client
+/// version), so nothing was created and the machine's
+/// actions are as they were. A later order of the round that would send the
+/// same POST on the same state gets the same answer, without sending it.
+#[derive(Debug, Default)]
+pub(super) struct Refusals(Mutex<Vec<(ActionType, ServeError)>>);
+
+impl Refusals {
+    fn get(&self, action: ActionType) -> Option<ServeError> {
+        self.0
+            .lock()
+            .iter()
+            .find(|(refused, _)| *refused == action)
+            .map(|(_, error)| error.clone())
+    }
+
+    fn note(&self, action: ActionType, error: &ServeError) {
+        let mut refusals = self.0.lock();
+        if !refusals.iter().any(|(refused, _)| *refused == action) {
+            refusals.push((action, error.clone()));
+        }
+    }
+}
+
+/// Whether Defender refused a POST for good: the request was understood and
+/// turned down (a missing role, no such machine, an unsupported device, a
+/// bad request), so no action exists because of it. Unlike a timeout or a
+/// 5xx, its outcome is known: nobody need wait for it to show.
+pub(super) fn definite_refusal(error: &DefenderError) -> bool {
+    match error {
+        DefenderError::Status { status: 400, .. } => !error.is_already_in_progress(),
+        DefenderError::Status { status, .. } => matches!(status, 403 | 404 | 422),
+        _ => false,
+    }
+}
+
+/// Whether a definite refusal is about the machine or the app rather than
+/// the one request (its comment): any POST of the same type for the machine
+/// would be refused the same way.
+fn refusal_for_any_post(error: &DefenderError) -> bool {
+    match error {
+        DefenderError::Status {
+            status: 400, code, ..
+        } => matches!(
+            code.as_str(),
+            "OsPlatformNotSupported" | "ClientVersionNotSupported"
+        ),
+        DefenderError::Status { status, .. } => matches!(status, 403 | 404 | 422),
+        _ => false,
+    }
+}
+
+/// Whether an order's answer leaves the machine's actions as the order found
+/// them (or as it last read them): it succeeded, or it was refused on the
+/// state (a conflicting action pending) or by Defender for good. The next
+/// order of the round can then decide on the same state without reading it
+/// again, and no write of unknown outcome needs time to show.
+pub(super) fn state_known_after(served: &Served) -> bool {
+    match served {
+        Ok(_) => true,
+        Err(ServeError::MachineGone(_)) => true,
+        Err(ServeError::Failed(ServiceError::ConflictingActionPending { .. })) => true,
+        Err(ServeError::Refused(_)) => true,
+        // Any other failure, a 4xx on a cancel or on a read after one
+        // included: what the order did to the state is not known.
+        Err(ServeError::Failed(_)) => false,
+    }
+}
+
 /// One machine, and what the protocol acts on it with.
 pub(super) struct Device<'a, W> {
     pub client: &'a DefenderClient,
     pub reads: &'a StateReads,
     pub created: &'a Created,
+    pub refusals: &'a Refusals,
     pub machine_id: &'a MachineId,
     pub writer: &'a W,
 }
@@ -189,6 +267,10 @@ impl<W: Writer> Device<'_, W> {
                     return listed(Outcome::AlreadyInState, action, cancelled);
                 }
                 Decision::Act => {
+                    // Refused for good earlier in this round, on this state.
+                    if let Some(refused) = self.refusals.get(wanted.action) {
+                        return Err(refused);
+                    }
                     return self
                         .act(wanted.action, &order.comment, actions, deadline)
                         .await
@@ -265,6 +347,17 @@ impl<W: Writer> Device<'_, W> {
                 )
                 .await
             {
+                // An answer about another machine, or of another type, is not
+                // this POST's action: neither ours nor pending for the device.
+                Ok(created) if !answers_post(&created.action, machine_id, action_type) => {
+                    tracing::error!(action_id = %created.action.id, answered_machine_id = ?created.action.machine_id, answered_type = %created.action.action_type, "Defender answered the POST with an action for another machine or of another type");
+                    return Err(ServiceError::OtherActionCreated {
+                        machine_id: machine_id.to_string(),
+                        action: action_type,
+                        answered: Box::new(created.action),
+                    }
+                    .into());
+                }
                 Ok(created) if existed_before(&created.action, &known, sent) => {
                     self.writer.hand_off(&created).await;
                     // A duplicate answered with the action already under
@@ -284,8 +377,16 @@ impl<W: Writer> Device<'_, W> {
                 Err(e) => e,
             };
 
-            if let DefenderError::Status { status: 404, .. } = error {
-                return Err(ServeError::MachineGone(error));
+            if definite_refusal(&error) {
+                let shared = refusal_for_any_post(&error);
+                let refused = match error {
+                    DefenderError::Status { status: 404, .. } => ServeError::MachineGone(error),
+                    error => ServeError::Refused(error.into()),
+                };
+                if shared {
+                    self.refusals.note(action_type, &refused);
+                }
+                return Err(refused);
             }
             if error.is_already_in_progress() {
                 return self.already_pending(action_type, actions, deadline).await;
@@ -464,6 +565,14 @@ impl Acted {
     }
 }
 
+/// Whether a POST's answer is an action of the type asked for, on the
+/// machine asked about. An answer that names no machine is taken as the
+/// machine's (state reads are filtered the same way).
+fn answers_post(action: &MachineAction, machine_id: &MachineId, asked: ActionType) -> bool {
+    action.action_type.known() == Some(asked)
+        && action.machine_id.as_ref().is_none_or(|id| id == machine_id)
+}
+
 /// Whether Defender says the action was created after `arrived`, by more than
 /// the clock skew allowance.
 fn created_after_utc(action: &MachineAction, arrived: OffsetDateTime) -> bool {
@@ -501,6 +610,99 @@ mod tests {
             "creationDateTimeUtc": created,
         }))
         .unwrap()
+    }
+
+    fn status(status: u16, code: &str, message: &str) -> DefenderError {
+        DefenderError::Status {
+            endpoint: crate::defender::Endpoint::create(ActionType::RestrictCodeExecution),
+            status,
+            code: code.to_owned(),
+            message: message.to_owned(),
+            target: None,
+            retry_after: None,
+        }
+    }
+
+    #[test]
+    fn only_a_refusal_for_good_frees_the_machine_and_answers_the_round() {
+        let forbidden = status(403, "Forbidden", "Missing application roles");
+        assert!(definite_refusal(&forbidden) && refusal_for_any_post(&forbidden));
+        let platform = status(400, "OsPlatformNotSupported", "not supported");
+        assert!(definite_refusal(&platform) && refusal_for_any_post(&platform));
+        // A bad request is refused for good, but only that request.
+        let bad = status(400, "InvalidRequestBody", "comment too long");
+        assert!(definite_refusal(&bad) && !refusal_for_any_post(&bad));
+        // Unknown outcomes, or Defender saying one is under way.
+        let busy = status(
+            400,
+            "ActiveRequestAlreadyExists",
+            "Action is already in progress",
+        );
+        assert!(!definite_refusal(&busy));
+        for unknown in [
+            status(500, "", "boom"),
+            status(503, "", "busy"),
+            status(429, "", ""),
+        ] {
+            assert!(!definite_refusal(&unknown), "{unknown}");
+        }
+        let gone: Served = Err(ServeError::MachineGone(status(404, "NotFound", "")));
+        assert!(state_known_after(&gone));
+        let stopped: Served = Err(ServeError::Failed(ServiceError::RoundStopped));
+        assert!(!state_known_after(&stopped));
+        let timed_out: Served = Err(ServeError::Failed(ServiceError::Defender(status(
+            504, "", "",
+        ))));
+        assert!(!state_known_after(&timed_out));
+        // The same 403 on a cancel, or on the read after one, leaves the
+        // state unknown (the cancel may have been taken); only the POST's
+        // own refusal leaves it as decided.
+        let on_cancel: Served = Err(ServeError::Failed(ServiceError::Defender(
+            forbidden.clone(),
+        )));
+        assert!(!state_known_after(&on_cancel));
+        let on_post: Served = Err(ServeError::Refused(ServiceError::Defender(forbidden)));
+        assert!(state_known_after(&on_post));
+    }
+
+    #[test]
+    fn a_post_answer_must_be_the_type_asked_for_on_the_machine_asked_about() {
+        let machine = MachineId::from("c5cb89852ce0d21636c0491709a4571b5f190e75");
+        let answer = |machine_id: Option<&str>, kind: &str| -> MachineAction {
+            serde_json::from_value(json!({
+                "id": "a", "type": kind, "status": "Pending", "machineId": machine_id,
+            }))
+            .unwrap()
+        };
+        let asked = ActionType::RestrictCodeExecution;
+        assert!(answers_post(
+            &answer(
+                Some("C5CB89852CE0D21636C0491709A4571B5F190E75"),
+                "RestrictCodeExecution"
+            ),
+            &machine,
+            asked
+        ));
+        assert!(answers_post(
+            &answer(None, "RestrictCodeExecution"),
+            &machine,
+            asked
+        ));
+        assert!(!answers_post(
+            &answer(Some("0123"), "RestrictCodeExecution"),
+            &machine,
+            asked
+        ));
+        assert!(!answers_post(
+            &answer(Some(machine.as_str()), "UnrestrictCodeExecution"),
+            &machine,
+            asked
+        ));
+        assert!(!answers_post(
+            &answer(Some(machine.as_str()), "Isolate"),
+            &machine,
+            asked
+        ));
     }
 
     #[test]

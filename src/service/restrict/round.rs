@@ -30,7 +30,8 @@ use crate::{
 use super::{
     Shared,
     leased::{LeasedWriter, answer_from_handoff},
-    protocol::{Device, Order, SETTLE, ServeError, Served},
+    protocol::{Device, Order, Refusals, SETTLE, ServeError, Served, state_known_after},
+    sent::{OrderReport, OrderResult},
 };
 
 /// One caller's order for one machine, queued for the machine's round.
@@ -42,6 +43,9 @@ pub(super) struct Ticket {
     /// Resolves when the caller went away (it hung up): the ticket is then
     /// dropped, and a rate-budget slot it waited for is given back.
     departure: Departure,
+    /// What the ticket came to, for its invocation's log line should the
+    /// caller hang up; done with when the ticket is dropped.
+    report: OrderReport,
 }
 
 impl Ticket {
@@ -92,6 +96,7 @@ pub(super) async fn submit(
     comment: &str,
     arrived: Instant,
     deadline: Instant,
+    background: bool,
 ) -> Served {
     let (reply, answer) = oneshot::channel();
     // Dropped with this future: tells the round the caller is gone.
@@ -105,10 +110,12 @@ pub(super) async fn submit(
             arrived,
             arrived_utc: OffsetDateTime::now_utc() - arrived.elapsed(),
             deadline,
+            background,
         },
         stage: Arc::clone(&stage),
         reply,
         departure: gone.shared(),
+        report: OrderReport::open(),
     };
     if shared.queues.push(machine_id, ticket) {
         // No round runs for this machine: start one. It is a task of its
@@ -121,9 +128,45 @@ pub(super) async fn submit(
 
     let mut answer = answer;
     let gone = || ServeError::Failed(ServiceError::RoundStopped);
-    if let Ok(result) = tokio::time::timeout_at(deadline, &mut answer).await {
-        return result.unwrap_or_else(|_| Err(gone()));
+    let abandon = || {
+        stage
+            .compare_exchange(
+                QUEUED,
+                ABANDONED,
+                AtomicOrdering::AcqRel,
+                AtomicOrdering::Acquire,
+            )
+            .is_ok()
+    };
+    // At shutdown a ticket still queued is refused at once; one its round
+    // started is answered by the round (which sees a write already sent
+    // through, and refuses the rest).
+    let waited = tokio::select! {
+        result = tokio::time::timeout_at(deadline, &mut answer) => Some(result),
+        () = shared.stopping() => None,
+    };
+    match waited {
+        Some(Ok(result)) => return result.unwrap_or_else(|_| Err(gone())),
+        Some(Err(_)) => {}
+        None => {
+            if abandon() {
+                return Err(ServiceError::ShuttingDown.into());
+            }
+            if let Ok(result) = tokio::time::timeout_at(deadline, &mut answer).await {
+                return result.unwrap_or_else(|_| Err(gone()));
+            }
+        }
     }
+    past_deadline(&stage, machine_id, answer).await
+}
+
+/// The answer of a ticket whose deadline passed while it waited.
+async fn past_deadline(
+    stage: &AtomicU8,
+    machine_id: &MachineId,
+    answer: oneshot::Receiver<Served>,
+) -> Served {
+    let gone = || ServeError::Failed(ServiceError::RoundStopped);
     if stage
         .compare_exchange(
             QUEUED,
@@ -154,7 +197,14 @@ pub(super) async fn submit(
 /// once (a read sent after all of them were queued), and serves the tickets
 /// in order, each deciding on the state the ones before it left behind.
 /// Duplicates arriving together thus cost one read and at most one POST,
-/// and a restrict and a release are still put in order.
+/// and a restrict and a release are still put in order. A ticket refused on
+/// the state (a conflicting action pending) or by Defender for good leaves
+/// the state as it was, and the next ticket decides on it too; a POST
+/// Defender refused for good is not sent again in the round for the same
+/// action ([`Refusals`]).
+///
+/// At shutdown the round sends nothing new: a ticket that has not sent a
+/// write is answered `ShuttingDown`, one that has is seen through.
 async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
     let mut guard = RoundGuard {
         queues: &shared.queues,
@@ -167,6 +217,10 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
         let Some(read_by) = tickets.iter().map(|ticket| ticket.order.deadline).max() else {
             continue;
         };
+        if shared.stopped() {
+            refuse_at_shutdown(tickets);
+            continue;
+        }
         // Across instances, the round holds the machine's lease from
         // before the read until its last POST is settled. If every caller
         // hangs up meanwhile, the round stops waiting and reads nothing.
@@ -178,6 +232,7 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
                 let locked = tokio::select! {
                     locked = coordinator.lock_machine_unless(machine_id.as_str(), read_by, &mut answer) => Some(locked),
                     () = departed => None,
+                    () = shared.stopping() => None,
                 };
                 match locked {
                     Some(Ok(Locked::Held(lease))) => Some(lease),
@@ -188,24 +243,39 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
                         }
                         continue;
                     }
-                    None => continue,
+                    None => {
+                        refuse_at_shutdown(tickets);
+                        continue;
+                    }
                 }
             }
         };
+        // Background work's own reads only when the round serves nothing else.
+        let reads = if tickets.iter().all(|ticket| ticket.order.background) {
+            &shared.background_reads
+        } else {
+            &shared.reads
+        };
         let read = tokio::select! {
-            read = shared.reads.read(&machine_id, read_by) => Some(read),
+            read = reads.read(&machine_id, read_by) => Some(read),
             () = all_departed(&tickets) => None,
+            () = shared.stopping() => None,
         };
         let Some(read) = read else {
-            continue; // Nobody left to answer; the lease is released on drop.
+            // Nobody left to answer, or shutting down; the lease is
+            // released on drop.
+            refuse_at_shutdown(tickets);
+            continue;
         };
         let mut state = Some(read);
         let writes = Writes::default();
         let writer = LeasedWriter::new(lease.as_ref(), &writes);
+        let refusals = Refusals::default();
         let device = Device {
             client: &shared.client,
-            reads: &shared.reads,
+            reads,
             created: &shared.created,
+            refusals: &refusals,
             machine_id: &machine_id,
             writer: &writer,
         };
@@ -213,14 +283,26 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
             if !ticket.start() {
                 continue;
             }
-            // A ticket that failed leaves the state unknown: the next one
-            // reads again.
+            let started = Instant::now();
+            if shared.stopped() {
+                ticket.answer(Err(ServiceError::ShuttingDown.into()));
+                continue;
+            }
+            // A ticket whose answer left the state unknown makes the next
+            // one read again.
             let actions = match state.take() {
                 Some(Ok(actions)) => Ok(actions),
                 Some(Err(e)) => Err(e),
-                None => shared.reads.read(&machine_id, ticket.order.deadline).await,
+                None => {
+                    tokio::select! {
+                        read = reads.read(&machine_id, ticket.order.deadline) => read,
+                        () = shared.stopping() => {
+                            ticket.answer(Err(ServiceError::ShuttingDown.into()));
+                            continue;
+                        }
+                    }
+                }
             };
-            let started = Instant::now();
             let departure = ticket.departure.clone();
             let result = match actions {
                 Ok(mut actions) => {
@@ -239,9 +321,21 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
                                     None
                                 }
                             }
+                            () = shared.stopping() => {
+                                // Nothing new goes out once shutting down; a
+                                // write already sent is seen through.
+                                if writes.sent_since(started).is_some() {
+                                    Some(serve.await)
+                                } else {
+                                    Some(Err(ServiceError::ShuttingDown.into()))
+                                }
+                            }
                         }
                     };
-                    if matches!(served, Some(Ok(_))) {
+                    // A refusal leaves the state as it was, and a ticket
+                    // stopped before it sent anything left it untouched.
+                    let untouched = served.is_none() && writes.sent_since(started).is_none();
+                    if untouched || served.as_ref().is_some_and(state_known_after) {
                         state = Some(Ok(actions));
                     }
                     served
@@ -251,13 +345,14 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
             // A write whose outcome is unknown (it failed, or timed out)
             // may still be recorded by Defender: give it time to show
             // before anyone reads this machine again, here or elsewhere.
-            if !matches!(result, Some(Ok(_)))
+            // A definite answer (success, or a refusal for good) needs none.
+            if !result.as_ref().is_some_and(state_known_after)
                 && let Some(sent) = writes.sent_since(started)
             {
                 tokio::time::sleep_until(sent + SETTLE).await;
             }
             if let Some(result) = result {
-                let _ = ticket.reply.send(result);
+                ticket.answer(result);
             }
         }
         // Released before the next round (here or elsewhere) asks for it.
@@ -268,6 +363,33 @@ async fn serve_machine(shared: Arc<Shared>, machine_id: MachineId) {
         }
     }
     guard.armed = false;
+}
+
+/// Answer the tickets still queued `ShuttingDown` when the handler is
+/// shutting down (nothing was sent for them); otherwise their callers have
+/// gone, and they are dropped.
+fn refuse_at_shutdown(tickets: Vec<Ticket>) {
+    for ticket in tickets {
+        if ticket.start() {
+            ticket.answer(Err(ServiceError::ShuttingDown.into()));
+        }
+    }
+}
+
+impl Ticket {
+    /// Send the ticket its answer, and note what it came to for its
+    /// invocation's log line.
+    fn answer(self, result: Served) {
+        self.report.record(match &result {
+            Ok(acted) => OrderResult::Acted {
+                outcome: acted.outcome,
+                action_id: acted.action.action.id.clone(),
+            },
+            Err(ServeError::MachineGone(e)) => OrderResult::Failed(e.clone().into()),
+            Err(ServeError::Failed(e) | ServeError::Refused(e)) => OrderResult::Failed(e.clone()),
+        });
+        let _ = self.reply.send(result);
+    }
 }
 
 /// When a round last sent a POST or cancel to Defender.

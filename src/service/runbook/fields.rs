@@ -10,6 +10,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::Value;
 
 use super::RunbookError;
+use crate::service::shown_text::echoed_name;
 
 pub const DEVICE_ID: &str = "deviceId";
 pub const RELEASE: &str = "release";
@@ -63,12 +64,14 @@ impl Fields {
         for (key, value) in raw.0 {
             let Some(canonical) = accepted.iter().find(|c| c.eq_ignore_ascii_case(&key)) else {
                 return Err(RunbookError::UnknownField {
-                    field: key,
+                    field: echoed_name(&key),
                     accepted: accepted.join(", "),
                 });
             };
             if known.iter().any(|(k, _)| k == canonical) {
-                return Err(RunbookError::DuplicateField { field: key });
+                return Err(RunbookError::DuplicateField {
+                    field: echoed_name(&key),
+                });
             }
             known.push((canonical, value));
         }

@@ -81,6 +81,9 @@ pub enum RunbookError {
     UnknownField { field: String, accepted: String },
     #[error("field `{field}` appears more than once (names match case-insensitively)")]
     DuplicateField { field: String },
+    /// A query parameter the function does not read (names are case-sensitive).
+    #[error("unknown query parameter `{name}`; accepted query parameters are {accepted}")]
+    UnknownQuery { name: String, accepted: String },
     #[error("field `{field}` is required")]
     Missing { field: &'static str },
     #[error("field `{field}` {reason}")]
@@ -91,9 +94,9 @@ impl RunbookError {
     /// The payload field the error is about, when there is one.
     pub fn field(&self) -> Option<String> {
         match self {
-            Self::UnknownField { field, .. } | Self::DuplicateField { field } => {
-                Some(field.clone())
-            }
+            Self::UnknownField { field, .. }
+            | Self::DuplicateField { field }
+            | Self::UnknownQuery { name: field, .. } => Some(field.clone()),
             Self::Missing { field } | Self::Invalid { field, .. } => Some((*field).to_owned()),
             _ => None,
         }
@@ -285,7 +288,10 @@ fn parse_wait(value: Option<&Value>) -> Result<Option<Duration>, RunbookError> {
     let seconds = match value {
         None | Some(Value::Null) => return Ok(None),
         Some(Value::Number(n)) => n.as_u64(),
-        Some(Value::String(s)) => s.trim().parse::<u64>().ok(),
+        // Digits only, as documented: `u64::from_str` would also take "+5".
+        Some(Value::String(s)) => Some(s.trim())
+            .filter(|s| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()))
+            .and_then(|s| s.parse::<u64>().ok()),
         Some(_) => None,
     };
     match seconds {
@@ -449,7 +455,9 @@ mod tests {
     fn wait_is_bounded_whole_seconds() {
         let r = parse(&format!(r#"{{"deviceId":"{AAD}","wait":"30"}}"#)).unwrap();
         assert_eq!(r.wait, Some(Duration::from_secs(30)));
-        for bad in ["-1", "181", "1.5", "\"soon\"", "true"] {
+        for bad in [
+            "-1", "181", "1.5", "\"soon\"", "true", "\"+5\"", "\"-0\"", "\"1e1\"", "\"\"",
+        ] {
             let err = parse(&format!(r#"{{"deviceId":"{AAD}","wait":{bad}}}"#)).unwrap_err();
             assert_eq!(err.field().as_deref(), Some("wait"), "{bad}");
         }

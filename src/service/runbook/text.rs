@@ -2,6 +2,8 @@
 
 use serde_json::Value;
 
+use crate::service::shown_text::is_layout_control;
+
 use super::{
     RunbookError,
     fields::{CALLER_NAME, COMMENT},
@@ -43,14 +45,6 @@ impl CallerName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
-}
-
-/// Characters that change how the text around them is displayed: line and
-/// paragraph separators, and the bidirectional embeddings, overrides and
-/// isolates. In Defender's audit trail they could make a comment or a
-/// caller's name read as something else ("Trojan Source" spoofing).
-fn is_layout_control(c: char) -> bool {
-    matches!(c, '\u{2028}' | '\u{2029}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}')
 }
 
 fn optional_text(
