@@ -214,7 +214,7 @@ async fn unknown_and_wrong_case_query_parameters_are_refused_in_both_modes() {
     let app = app().in_process().await;
     let cases = [
         (Route::devices(), "State", "released"),
-        (Route::devices(), "pageSize", "10"),
+        (Route::devices(), "PageSize", "10"),
         (Route::restrict(), "dryRun", "true"),
         (
             Route::status("6c8e2d6b-94d6-4f1b-9b1d-2e0bb5f3c1a7"),
