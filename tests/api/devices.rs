@@ -588,3 +588,42 @@ async fn the_view_pages_with_a_continuation_token() {
     }
     assert!(app.defender_requests().is_empty());
 }
+
+/// A read of many pages needs room for all of them: checked once before
+/// it starts, with room for two calls only, a read of a large tenant would
+/// run on past the views' share of the window and into the slots left for
+/// jobs, the reconciler and interactive requests.
+#[tokio::test]
+async fn a_view_starts_a_read_only_when_all_its_pages_fit_in_the_views_share() {
+    // 32 list-actions calls a minute: views may bring the window to 16.
+    let app = spawn_in_process_with(AppOptions {
+        env: vec![
+            ("DEFENDER_RATE_LIMIT_PER_MINUTE", "32".to_owned()),
+            ("FLEET_VIEW_MAX_AGE_SECONDS", "0".to_owned()),
+        ],
+        ..tenant_options(SimConfig {
+            page_size: 1,
+            ..SimConfig::default()
+        })
+    })
+    .await;
+    outbreak(&app).await;
+    let mut views = Vec::new();
+    for _ in 0..4 {
+        views.push(devices(&app, Some("all"), None).await);
+    }
+    for view in &views {
+        assert_eq!(view.status, 200, "{}", view.body);
+    }
+    // Every list-actions call of this minute: the outbreak's state reads
+    // (cleared from the record, so counted by the budget only) and the
+    // views'. The views' reads keep the window within their half.
+    // The outbreak's state reads and one view's read (six pages of
+    // one action) leave less than six calls of the views' sixteen: the
+    // next views answer from that read. Checked for two calls only, a
+    // second read would start and take the window to eighteen.
+    let view_calls = action_lists(&app);
+    assert_eq!(view_calls, 6, "one read, every page of it");
+    let as_of = views[0].json()["asOf"].clone();
+    assert!(views.iter().all(|v| v.json()["asOf"] == as_of));
+}

@@ -113,6 +113,9 @@ struct State {
     /// The read under way: `(read, fresh)`, fresh `false` when it handed
     /// back `last` for want of budget.
     in_flight: Option<Shared<BoxFuture<'static, Outcome>>>,
+    /// Defender calls the last read took: a large tenant's read is many
+    /// pages, and the next one needs room for all of them.
+    last_calls: usize,
 }
 
 impl std::fmt::Debug for State {
@@ -180,6 +183,7 @@ impl FleetReads {
             state.in_flight = None;
             if let Ok((read, true)) = &outcome {
                 state.last = Some(read.clone());
+                state.last_calls = read.calls;
             }
             outcome
         });
@@ -199,8 +203,15 @@ impl FleetReads {
 /// A new read once the views' share of the budget has room; the last read
 /// (not fresh) when it has none now.
 async fn refresh(client: &DefenderClient, state: &Mutex<State>, deadline: Instant) -> Outcome {
+    // Room for the whole read within the views' share, pages included (as
+    // many as the last read took): checked once before a read of many
+    // pages, it must not start where its last page would pass the share.
+    let expected = state.lock().last_calls;
     let wait = client
-        .wait_for_share(Endpoint::ListActions, Share::VIEWS)
+        .wait_for_share(
+            Endpoint::ListActions,
+            Share::VIEWS.for_calls(expected.max(Share::VIEWS.calls)),
+        )
         .await?;
     if !wait.is_zero() {
         let last = state.lock().last.clone();
