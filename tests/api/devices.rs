@@ -218,7 +218,17 @@ async fn both_host_modes_give_the_same_answer() {
     }
     assert_eq!(forwarded.body, payload.body);
     let lines: Vec<&str> = forwarded.body.lines().collect();
-    assert_eq!(lines.len(), 4, "one line per device: {}", forwarded.body);
+    assert_eq!(
+        lines.len(),
+        5,
+        "one line per device and a count: {}",
+        forwarded.body
+    );
+    assert!(
+        lines[4].starts_with("4 of 4 device(s), as of "),
+        "{}",
+        lines[4]
+    );
     assert!(
         lines[2].starts_with(&format!(
             "DESKTOP-ALPHA.contoso.local ({ALPHA_MACHINE_ID}) restricted since "
@@ -555,7 +565,19 @@ async fn the_view_pages_with_a_continuation_token() {
 
     // Text and HTML page alike.
     let text = page(None, Some("text/plain")).await;
-    assert_eq!(text.body.lines().count(), 1, "{}", text.body);
+    let lines: Vec<&str> = text.body.lines().collect();
+    assert_eq!(lines.len(), 2, "{}", text.body);
+    // The last line says how many, as of when, and how to go on.
+    assert!(
+        lines[1].starts_with("1 of 4 device(s), as of "),
+        "{}",
+        lines[1]
+    );
+    assert!(
+        lines[1].contains("Next page: add continuation="),
+        "{}",
+        lines[1]
+    );
     assert!(text.header("link").is_some());
     let html = page(None, Some("text/html")).await;
     assert_eq!(html.body.matches("<tr data-machine-id=").count(), 1);

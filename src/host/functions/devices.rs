@@ -155,7 +155,13 @@ async fn list(
             status: StatusCode::OK,
             content_type: "text/plain; charset=utf-8",
             extra_headers: Vec::new(),
-            body: text::render(&page.devices, filter, &as_of),
+            body: text::render(&page.devices, filter, &as_of)
+                + &text::footer(
+                    page.devices.len(),
+                    page.matching,
+                    &as_of,
+                    continuation.as_deref(),
+                ),
             summary,
         },
         Shape::Other(Format::Json) => {

@@ -52,6 +52,24 @@ pub fn render(devices: &[Device], filter: StateFilter, as_of: &str) -> String {
     out
 }
 
+/// The last line under the devices: how many of how many, as of when (an
+/// answer can come from a read some seconds old), and how to ask for the
+/// next page when there is one. Nothing under an answer saying none matched.
+pub fn footer(shown: usize, matching: usize, as_of: &str, next: Option<&str>) -> String {
+    if shown == 0 {
+        return String::new();
+    }
+    let mut line = format!("{shown} of {matching} device(s), as of {as_of}.");
+    if let Some(token) = next {
+        let _ = write!(
+            line,
+            " Next page: add continuation={token} (the Link header has its URL)."
+        );
+    }
+    line.push('\n');
+    line
+}
+
 /// `requestor: "comment"`.
 fn who_and_why(a: &MachineAction) -> String {
     format!(
