@@ -137,7 +137,12 @@ impl Reply {
                 extra_headers: Vec::new(),
                 body: format!(
                     "Error: {} ({}, HTTP {})\n{}\nInvocation {}\n",
-                    problem.title, problem.code, problem.status, problem.detail, invocation_id
+                    problem.title,
+                    problem.code,
+                    problem.status,
+                    // Defender's own words are in some details: one line.
+                    crate::service::shown_text::one_line(&problem.detail),
+                    invocation_id
                 ),
                 summary: summary.clone(),
             },

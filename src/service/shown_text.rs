@@ -23,9 +23,23 @@ fn is_bidi_mark(c: char) -> bool {
     matches!(c, '\u{200E}' | '\u{200F}' | '\u{061C}')
 }
 
+/// Invisible characters that make two different names look the same
+/// (`PC-1` and `PC\u{200B}-1`): zero-width spaces and joiners, word
+/// joiner and invisible operators, the old format controls, the byte-order
+/// mark, the soft hyphen, and the tag characters.
+fn is_invisible(c: char) -> bool {
+    matches!(c,
+        '\u{00AD}'
+        | '\u{200B}'..='\u{200D}'
+        | '\u{2060}'..='\u{2064}'
+        | '\u{206A}'..='\u{206F}'
+        | '\u{FEFF}'
+        | '\u{E0000}'..='\u{E007F}')
+}
+
 /// Whether `c` cannot be shown as itself in a line of text.
 fn needs_escape(c: char) -> bool {
-    c.is_control() || is_layout_control(c) || is_bidi_mark(c)
+    c.is_control() || is_layout_control(c) || is_bidi_mark(c) || is_invisible(c)
 }
 
 /// Most characters of a caller's name echoed in an error: enough to
@@ -114,5 +128,14 @@ mod tests {
             one_line("evil\u{202E}exe.txt\u{2028}next\u{1b}[31m\u{200F}"),
             "evil\\u{202E}exe.txt\\u{2028}next\\u{001B}[31m\\u{200F}"
         );
+    }
+
+    #[test]
+    fn invisible_characters_are_shown_escaped() {
+        for c in ['\u{200B}', '\u{FEFF}', '\u{00AD}', '\u{2060}', '\u{E0041}'] {
+            let shown = one_line(&format!("PC{c}-1"));
+            assert!(!shown.contains(c), "{shown:?}");
+            assert!(shown.starts_with("PC\\u{"), "{shown:?}");
+        }
     }
 }

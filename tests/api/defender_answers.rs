@@ -138,3 +138,33 @@ async fn defender_refusing_to_cancel_an_action_it_still_lists_as_pending_is_acti
     assert_eq!(cancels.len(), 1, "the cancel was not re-sent");
     assert_eq!(cancels[0].path, format!("/api/machineactions/{id}/cancel"));
 }
+
+/// Defender's own message reaches the problem's `detail`; in a text answer
+/// it stays on its line and shows its control and layout characters
+/// escaped, so it cannot forge a line of the answer or reorder it.
+#[tokio::test]
+async fn defenders_message_is_one_escaped_line_in_a_text_answer() {
+    let app = spawn_in_process().await;
+    app.sim.inject(
+        Fault::new(
+            "restrictCodeExecution",
+            defender_403(
+                "DisabledFeature",
+                "first line\nInvocation forged\u{1b}[2J \u{202E}txt.exe",
+            ),
+        )
+        .method("POST"),
+    );
+    let request = CallerRequest::json(json!({"deviceId": ALPHA_AAD}).to_string())
+        .header("Accept", "text/plain");
+    let response = app.host.forwarded(&request).await;
+    assert_eq!(response.status, 502, "{}", response.body);
+    let lines: Vec<&str> = response.body.lines().collect();
+    assert_eq!(lines.len(), 3, "{:?}", response.body);
+    assert!(lines[2].starts_with("Invocation "), "{lines:?}");
+    assert!(
+        !lines[1].contains('\u{1b}') && !lines[1].contains('\u{202E}'),
+        "{lines:?}"
+    );
+    assert_eq!(posts(&app).len(), 1);
+}
