@@ -481,8 +481,8 @@ fn busy_until(metadata: &HashMap<String, String>) -> Option<SystemTime> {
 /// Defender sent, written out and read back), and when the POST was sent
 /// (the holder's wall clock). A holder removes it before it sends anything
 /// else ([`MachineLease::withdraw_handoff`]), so while it is there, no write
-/// was sent under the lease for the machine after it. (The cancel function
-/// cancels by action id, without the lease.) Metadata writes are not
+/// was sent under the lease for the machine after it (the cancel function,
+/// which cancels by action id, takes the lease too). Metadata writes are not
 /// conditioned on an ETag: a write held up in transit for longer than the
 /// storage timeout could land after a later one; we accept that.
 #[derive(Debug, Clone, PartialEq)]

@@ -393,3 +393,89 @@ async fn a_post_is_not_sent_after_the_deadline_a_slow_lease_write_used_up() {
         proxy.seen()
     );
 }
+
+/// The cancel route writes to Defender too: it takes the machine's lease
+/// and its last step is the lease-conditioned storage write, so when
+/// storage refuses that write the cancel is not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_by_action_id_is_sent_under_the_machines_lease() {
+    let _turn = turn().await;
+    let azurite = Azurite::shared();
+    let proxy = StorageProxy::start(azurite).await;
+    let (sim, devices) = tenant(1, SimConfig::default()).await;
+    let handler = Instance::start(
+        &sim,
+        &proxy.connection_string(azurite),
+        "faults-cancel",
+        &[],
+    );
+    let restrict = || async {
+        let (status, body, _) = handler.post(json!({"deviceId": devices[0]})).await;
+        assert_eq!(status, 201, "{body}");
+        (
+            body["action"]["id"]
+                .as_str()
+                .expect("the action")
+                .to_owned(),
+            body["action"]["machineId"]
+                .as_str()
+                .expect("the machine")
+                .to_owned(),
+        )
+    };
+    let cancel = |action_id: String| {
+        let url = format!(
+            "http://127.0.0.1:{}/api/restrict-code-execution/actions/{action_id}/cancel",
+            handler.port
+        );
+        async move {
+            let response = reqwest::Client::new()
+                .post(url)
+                .json(&json!({"comment": "INC-1 false alarm"}))
+                .send()
+                .await
+                .unwrap();
+            let status = response.status().as_u16();
+            (status, response.json::<serde_json::Value>().await.unwrap())
+        }
+    };
+    let cancels = || {
+        sim.requests()
+            .into_iter()
+            .filter(|r| r.method == "POST" && r.path.ends_with("/cancel"))
+            .count()
+    };
+
+    // Under the lease: acquired, confirmed, then the cancel.
+    let (action_id, machine_id) = restrict().await;
+    sim.set_offline(&machine_id, true);
+    proxy.clear_seen();
+    let (status, body) = cancel(action_id).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(cancels(), 1);
+    let kinds: Vec<&str> = proxy
+        .seen()
+        .iter()
+        .filter(|s| s.path.contains("locks/"))
+        .map(|s| s.kind)
+        .collect::<Vec<_>>()
+        .into_iter()
+        .collect();
+    assert!(
+        kinds.contains(&"acquire_lease") && kinds.contains(&"set_metadata"),
+        "{kinds:?}"
+    );
+
+    // Storage refuses the lease-conditioned write: the cancel is not sent.
+    let (action_id, _) = restrict().await;
+    proxy.inject(Rule::new(
+        "set_metadata",
+        "locks/",
+        412,
+        "LeaseIdMismatchWithBlobOperation",
+    ));
+    let (status, body) = cancel(action_id).await;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(body["code"], "coordination_unavailable", "{body}");
+    assert_eq!(cancels(), 1, "the second cancel was sent without the lease");
+}

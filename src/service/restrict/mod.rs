@@ -561,10 +561,28 @@ impl Restrictor {
         }
         check_pending(&current)?;
 
+        // Across instances the cancel is a write like a POST: sent under the
+        // machine's lease, with the lease-conditioned storage write as its
+        // last step, so it never crosses a round deciding for the machine
+        // on another instance (or on this one: that round holds the lease).
+        let lease = match (&self.inner.coordinator, &current.action.machine_id) {
+            (Some(coordinator), Some(machine_id)) => Some(
+                coordinator
+                    .lock_machine(machine_id.as_str(), deadline)
+                    .await?,
+            ),
+            _ => None,
+        };
+        let writes = round::Writes::default();
+        let writer = leased::LeasedWriter::new(lease.as_ref(), &writes);
+        let hook: Option<&dyn crate::defender::client::BeforeSend> = lease
+            .as_ref()
+            .map(|_| &writer as &dyn crate::defender::client::BeforeSend);
+
         // Refused (finished meanwhile), or the answer was lost: read the
         // action again.
         let failed =
-            match send_cancel(&self.inner.client, action_id, &comment, None, deadline).await {
+            match send_cancel(&self.inner.client, action_id, &comment, hook, deadline).await {
                 Ok(CancelSent::Accepted(cancelled)) => return Ok(*cancelled),
                 Ok(CancelSent::NoLongerPending { message }) => Ok(message),
                 Err(e) if e.is_ambiguous() => Err(e),
