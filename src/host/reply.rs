@@ -121,7 +121,14 @@ impl Reply {
     /// The problem answer for an error.
     pub fn error(error: &ApiError, invocation_id: &str, format: Format) -> Self {
         let problem = error.problem(invocation_id);
-        let summary = format!("{} ({}): {}", problem.title, problem.code, problem.detail);
+        // The host shows the summary as an invocation log line: one line,
+        // whatever Defender's message in the detail holds.
+        let summary = format!(
+            "{} ({}): {}",
+            problem.title,
+            problem.code,
+            crate::service::shown_text::one_line(&problem.detail)
+        );
         let mut reply = match format {
             Format::Json => Self {
                 status: error.status(),

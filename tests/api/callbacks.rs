@@ -477,3 +477,64 @@ async fn a_job_calls_back_once_its_actions_are_final_not_when_its_devices_are_se
     app.deliver(OffsetDateTime::now_utc()).await;
     assert_eq!(receiver.received().len(), 1);
 }
+
+/// A job's action that never finishes (the device stays offline) does not
+/// keep `job.finished` from ever going: after the wait for final actions,
+/// the callback goes with the open action counted as `notFinal`.
+#[tokio::test]
+async fn a_jobs_callback_goes_after_the_wait_even_with_an_action_still_open() {
+    let app = app().await;
+    let receiver = Receiver::start().await;
+    app.sim.set_offline(ALPHA_MACHINE_ID, true);
+    let start = crate::host_emulator::Route {
+        function: "start-job",
+        method: "POST",
+        path: "/api/restrict-code-execution/jobs".to_owned(),
+        params: Vec::new(),
+    };
+    let answer = app
+        .host
+        .forwarded_to(
+            &start,
+            &CallerRequest::json(
+                json!({
+                    "deviceIds": [ALPHA_AAD_DEVICE_ID],
+                    "callbackUrl": receiver.url("/job"),
+                })
+                .to_string(),
+            ),
+        )
+        .await;
+    assert_eq!(answer.status, 202, "{}", answer.body);
+    let job_id = answer.json()["jobId"].as_str().unwrap().to_owned();
+    let status = crate::host_emulator::Route {
+        function: "job-status",
+        method: "GET",
+        path: format!("/api/restrict-code-execution/jobs/{job_id}"),
+        params: vec![("jobId", job_id.clone())],
+    };
+    let until = std::time::Instant::now() + Duration::from_secs(30);
+    while app
+        .host
+        .forwarded_to(&status, &CallerRequest::empty())
+        .await
+        .status
+        != 200
+    {
+        assert!(std::time::Instant::now() < until, "the job did not finish");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Done, its action still pending: nothing yet.
+    let report = app.deliver(OffsetDateTime::now_utc()).await;
+    assert_eq!(report.waiting, 1, "{report:?}");
+    assert!(receiver.received().is_empty());
+    // Eight days on: it goes, saying one action is not final.
+    let later = OffsetDateTime::now_utc() + time::Duration::days(8);
+    let report = app.deliver(later).await;
+    assert_eq!(report.delivered, 1, "{report:?}");
+    let body: Value = serde_json::from_slice(&receiver.received()[0].body).unwrap();
+    assert_eq!(body["event"], "job.finished", "{body}");
+    assert_eq!(body["actions"]["notFinal"], 1, "{body}");
+    assert_eq!(body["counts"]["requested"], 1, "{body}");
+}

@@ -301,9 +301,10 @@ impl Outbox {
                 report.left_for_next_run += 1;
                 continue;
             }
-            let Some(body) = self.body(&pending, now).await else {
-                let age = now.unix_timestamp() - pending.created;
-                if age > WAIT_FOR_FINAL.whole_seconds() {
+            let age = now.unix_timestamp() - pending.created;
+            let overdue = age > WAIT_FOR_FINAL.whole_seconds();
+            let Some(body) = self.body(&pending, now, overdue).await else {
+                if overdue {
                     pending.last_error = Some("the action never became final".into());
                     report.abandoned += 1;
                     report.storage_operations += 1;
@@ -471,7 +472,11 @@ impl Outbox {
     }
 
     /// The JSON body to send, or `None` while not everything is final.
-    async fn body(&self, pending: &Pending, now: OffsetDateTime) -> Option<Vec<u8>> {
+    /// `overdue`: the wait for final actions is over. A job's callback then
+    /// goes anyway (the job itself ended; its actions still open are counted
+    /// as `notFinal`), since a caller waiting on `job.finished` must hear
+    /// of it; a single action's or `deviceIds`' callback is abandoned.
+    async fn body(&self, pending: &Pending, now: OffsetDateTime, overdue: bool) -> Option<Vec<u8>> {
         let sent_at = rfc3339(now);
         let status_url = |action: &str| {
             pending
@@ -523,7 +528,7 @@ impl Outbox {
                 // Every device has its outcome (`list_job_actions` filled
                 // the list) and every action it waits on is final.
                 let devices = devices.as_ref()?;
-                if !devices.iter().all(Watched::is_final) {
+                if !overdue && !devices.iter().all(Watched::is_final) {
                     return None;
                 }
                 let jobs = self.inner.jobs.as_ref()?;
@@ -536,7 +541,11 @@ impl Outbox {
                 };
                 let counts: BTreeMap<String, usize> = state.counts;
                 let mut actions: BTreeMap<String, usize> = BTreeMap::new();
-                for status in devices.iter().filter_map(|w| w.status.clone()) {
+                for w in devices
+                    .iter()
+                    .filter(|w| w.action_id.is_some() && w.problem.is_none())
+                {
+                    let status = w.status.clone().unwrap_or_else(|| "notFinal".to_owned());
                     *actions.entry(status).or_default() += 1;
                 }
                 json!({

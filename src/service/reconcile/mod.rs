@@ -283,23 +283,27 @@ impl Reconciler {
         let due: Vec<Restriction> = listed.into_iter().filter(|r| is_due(r, now)).collect();
         report.due = due.len();
         let cap = self.inner.settings.calls_per_run();
-        for restriction in due {
+        let total = due.len();
+        for (k, restriction) in due.into_iter().enumerate() {
             // Each due expiry costs two action lists (ours, then the
             // protocol's read after the lock) and at most one release.
             if report.calls.list_actions + 2 > cap || Instant::now() >= deadline {
                 report.deferred += 1;
                 continue;
             }
+            // No room now means no room for the ones after it either: they
+            // wait for the next run without asking the budget again (each
+            // ask is a storage read per API).
             match self.room(deadline).await {
                 Ok(true) => {}
                 Ok(false) => {
-                    report.deferred += 1;
-                    continue;
+                    report.deferred += total - k;
+                    break;
                 }
                 Err(e) => {
-                    report.deferred += 1;
+                    report.deferred += total - k;
                     report.error(format!("the budget cannot be consulted: {e}"));
-                    continue;
+                    break;
                 }
             }
             if let Err(e) = self.expire(&restriction, now, deadline, report).await {
@@ -316,7 +320,8 @@ impl Reconciler {
         let (write, lookup, read) = tokio::try_join!(
             client.wait_for_share(Endpoint::Unrestrict, Share::RECONCILER),
             client.wait_for_share(Endpoint::GetMachine, Share::RECONCILER),
-            client.wait_for_share(Endpoint::ListActions, Share::RECONCILER),
+            // Two reads: ours, then the protocol's after the lock.
+            client.wait_for_share(Endpoint::ListActions, Share::RECONCILER.for_calls(2)),
         )?;
         let wait = write.max(lookup).max(read);
         if wait.is_zero() {

@@ -152,13 +152,14 @@ pub struct Intent {
     /// When a restriction this creates is released automatically
     /// (`releaseAfter`): the comment ends with a readable marker saying so.
     pub release_at: Option<OffsetDateTime>,
-    /// The containment job this runs for: the comment ends with
-    /// [`job_marker`], so that a delivery of the job's message can tell an
+    /// The containment job this runs for: the comment carries
+    /// [`job_marker`] (last but for an auto-release marker), so that a delivery of the job's message can tell an
     /// action an earlier delivery created (see [`made_by_job`]).
     pub job_id: Option<String>,
 }
 
-/// The marker a job's actions carry at the end of their comment.
+/// The marker a job's actions carry near the end of their comment (only an
+/// auto-release marker comes after it).
 pub fn job_marker(job_id: &str) -> String {
     format!("[job {job_id}]")
 }
@@ -561,10 +562,12 @@ impl Restrictor {
         }
         check_pending(&current)?;
 
-        // Across instances the cancel is a write like a POST: sent under the
-        // machine's lease, with the lease-conditioned storage write as its
-        // last step, so it never crosses a round deciding for the machine
-        // on another instance (or on this one: that round holds the lease).
+        // Across instances (`COORDINATION=storage`) the cancel is a write
+        // like a POST: sent under the machine's lease, with the
+        // lease-conditioned storage write as its last step, so it never
+        // crosses a round deciding for the machine on another instance, or
+        // on this one (that round holds the lease). Local mode has no lease:
+        // there a cancel is not ordered against this process's rounds.
         let lease = match (&self.inner.coordinator, &current.action.machine_id) {
             (Some(coordinator), Some(machine_id)) => Some(
                 coordinator
