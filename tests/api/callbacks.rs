@@ -71,6 +71,19 @@ impl App {
             .await
     }
 
+    /// `POST /api/restrict-code-execution/jobs` with `body`.
+    async fn start_job(&self, body: Value) -> ClientResponse {
+        let start = crate::host_emulator::Route {
+            function: "start-job",
+            method: "POST",
+            path: "/api/restrict-code-execution/jobs".to_owned(),
+            params: Vec::new(),
+        };
+        self.host
+            .forwarded_to(&start, &CallerRequest::json(body.to_string()))
+            .await
+    }
+
     fn defender_posts(&self) -> usize {
         self.sim
             .requests()
@@ -358,25 +371,12 @@ async fn a_dry_run_job_counts_what_it_would_do_sends_nothing_and_calls_back_when
     let app = app().await;
     let receiver = Receiver::start().await;
     let mac = add_mac(&app.sim);
-    let start = crate::host_emulator::Route {
-        function: "start-job",
-        method: "POST",
-        path: "/api/restrict-code-execution/jobs".to_owned(),
-        params: Vec::new(),
-    };
     let answer = app
-        .host
-        .forwarded_to(
-            &start,
-            &CallerRequest::json(
-                json!({
-                    "deviceIds": [ALPHA_AAD_DEVICE_ID, mac],
-                    "dryRun": true,
-                    "callbackUrl": receiver.url("/job"),
-                })
-                .to_string(),
-            ),
-        )
+        .start_job(json!({
+            "deviceIds": [ALPHA_AAD_DEVICE_ID, mac],
+            "dryRun": true,
+            "callbackUrl": receiver.url("/job"),
+        }))
         .await;
     assert_eq!(answer.status, 202, "{}", answer.body);
     let job_id = answer.json()["jobId"].as_str().unwrap().to_owned();
@@ -410,24 +410,11 @@ async fn a_dry_run_job_counts_what_it_would_do_sends_nothing_and_calls_back_when
 async fn a_job_calls_back_once_its_actions_are_final_not_when_its_devices_are_sent() {
     let app = app().await;
     let receiver = Receiver::start().await;
-    let start = crate::host_emulator::Route {
-        function: "start-job",
-        method: "POST",
-        path: "/api/restrict-code-execution/jobs".to_owned(),
-        params: Vec::new(),
-    };
     let answer = app
-        .host
-        .forwarded_to(
-            &start,
-            &CallerRequest::json(
-                json!({
-                    "deviceIds": [ALPHA_AAD_DEVICE_ID, CHARLIE_AAD_DEVICE_ID],
-                    "callbackUrl": receiver.url("/job"),
-                })
-                .to_string(),
-            ),
-        )
+        .start_job(json!({
+            "deviceIds": [ALPHA_AAD_DEVICE_ID, CHARLIE_AAD_DEVICE_ID],
+            "callbackUrl": receiver.url("/job"),
+        }))
         .await;
     assert_eq!(answer.status, 202, "{}", answer.body);
     let job_id = answer.json()["jobId"].as_str().unwrap().to_owned();
@@ -486,24 +473,11 @@ async fn a_jobs_callback_goes_after_the_wait_even_with_an_action_still_open() {
     let app = app().await;
     let receiver = Receiver::start().await;
     app.sim.set_offline(ALPHA_MACHINE_ID, true);
-    let start = crate::host_emulator::Route {
-        function: "start-job",
-        method: "POST",
-        path: "/api/restrict-code-execution/jobs".to_owned(),
-        params: Vec::new(),
-    };
     let answer = app
-        .host
-        .forwarded_to(
-            &start,
-            &CallerRequest::json(
-                json!({
-                    "deviceIds": [ALPHA_AAD_DEVICE_ID],
-                    "callbackUrl": receiver.url("/job"),
-                })
-                .to_string(),
-            ),
-        )
+        .start_job(json!({
+            "deviceIds": [ALPHA_AAD_DEVICE_ID],
+            "callbackUrl": receiver.url("/job"),
+        }))
         .await;
     assert_eq!(answer.status, 202, "{}", answer.body);
     let job_id = answer.json()["jobId"].as_str().unwrap().to_owned();
