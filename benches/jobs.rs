@@ -260,6 +260,7 @@ async fn run(plan: &Plan) -> Result<String> {
     drop(azurite);
 
     let checks = devices.check(&actions, &last_status)?;
+    let timeline = devices.timeline(&actions);
     let calls = Calls::of(&log, &devices);
     let posts_total = checks.job_posts + sent;
     let minimum = minimum_makespan_secs(plan.devices as u64) as f64;
@@ -390,6 +391,18 @@ async fn run(plan: &Plan) -> Result<String> {
     for [a, b, c, d] in rows {
         out.push_str(&format!("| {a} | {b} | {c} | {d} |\n"));
     }
+    out.push_str(&format!(
+        "\nThe job's restrict actions by when Defender created them (simulated minutes after the first; \
+         the jobs' share allows {} a minute and {} an hour):\n\n{timeline}\n",
+        restrict_code_execution::defender::budget::Share::of(
+            PER_MINUTE as usize,
+            restrict_code_execution::defender::budget::Share::JOBS.minute
+        ),
+        restrict_code_execution::defender::budget::Share::of(
+            PER_HOUR as usize,
+            restrict_code_execution::defender::budget::Share::JOBS.hour
+        ),
+    ));
     if !checks.ok() {
         return Err(format!("the job went wrong:\n{out}").into());
     }
@@ -522,6 +535,50 @@ impl Devices {
             job_posts,
             counts_add_up,
         })
+    }
+}
+
+impl Devices {
+    /// The job's restrict actions counted per five simulated minutes after
+    /// the first one's creation: where the schedule fell behind the share.
+    fn timeline(&self, actions: &[Value]) -> String {
+        let job: HashSet<&str> = self.job.iter().map(|d| d.machine.as_str()).collect();
+        let mut created: Vec<f64> = actions
+            .iter()
+            .filter(|a| a["type"] == "RestrictCodeExecution")
+            .filter(|a| {
+                job.contains(
+                    a["machineId"]
+                        .as_str()
+                        .unwrap_or_default()
+                        .to_lowercase()
+                        .as_str(),
+                )
+            })
+            .filter_map(|a| {
+                let at = a["creationDateTimeUtc"].as_str()?;
+                let at =
+                    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
+                        .ok()?;
+                Some(at.unix_timestamp_nanos() as f64 / 1e9)
+            })
+            .collect();
+        created.sort_by(f64::total_cmp);
+        let Some(&first) = created.first() else {
+            return "(none)".to_owned();
+        };
+        let mut buckets: BTreeMap<u64, usize> = BTreeMap::new();
+        for at in &created {
+            *buckets.entry(((at - first) / 300.0) as u64).or_default() += 1;
+        }
+        let last = created.last().copied().unwrap_or(first);
+        let mut text = buckets
+            .iter()
+            .map(|(b, n)| format!("{}–{}: {n}", b * 5, b * 5 + 5))
+            .collect::<Vec<_>>()
+            .join(", ");
+        text.push_str(&format!("; the last at {:.1} min", (last - first) / 60.0));
+        text
     }
 }
 

@@ -49,7 +49,7 @@ use self::{
 };
 use crate::defender::{
     Endpoint,
-    budget::{BudgetError, CallBudget, OverBudget, Share},
+    budget::{BudgetError, CallBudget, OverBudget, Reserved, Share},
     error::Refusal,
 };
 
@@ -287,6 +287,41 @@ impl CallBudget for Coordinator {
             .wait_for_share(&self.store, endpoint.bucket(), share)
             .await
             .map_err(|e| BudgetError::Refused(Refusal::new(e.into_unavailable())))
+    }
+
+    async fn reserve_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Vec<Reserved>, BudgetError> {
+        match self
+            .budget
+            .reserve_share(&self.store, endpoint.bucket(), share)
+            .await
+        {
+            Ok(slots) => Ok(slots
+                .into_iter()
+                .map(|s| Reserved {
+                    instant: s.instant,
+                    at: s.at,
+                })
+                .collect()),
+            Err(CoordinationError::OverBudget { wait, .. }) => {
+                Err(BudgetError::OverBudget(OverBudget { wait }))
+            }
+            Err(e) => Err(BudgetError::Refused(Refusal::new(e.into_unavailable()))),
+        }
+    }
+
+    fn give_back(&self, endpoint: Endpoint, slots: Vec<Reserved>) {
+        let slots = slots
+            .into_iter()
+            .map(|s| Slot {
+                at: s.at,
+                instant: s.instant,
+            })
+            .collect();
+        shared_budget::give_back_all_later(&self.store, endpoint.bucket(), slots);
     }
 
     /// The shared budget lives in storage; without asking it, this instance

@@ -207,7 +207,81 @@ impl SharedBudget {
         );
         Ok(Duration::from_millis(at.saturating_sub(now)))
     }
+
+    /// Reserve `share.calls` slots now, each within `share` of every
+    /// window, counting every instance's reservations; or none, with how
+    /// long until they would fit. A read and a conditional write; after
+    /// another instance's write, read again (a few times: the caller asks
+    /// again after the wait it is given).
+    pub async fn reserve_share(
+        &self,
+        store: &Store,
+        bucket: &str,
+        share: Share,
+    ) -> Result<Vec<Slot>, CoordinationError> {
+        let blob = format!("budget/{bucket}");
+        let mut backoff = Backoff::new(FIRST_CONFLICT_PAUSE, MAX_CONFLICT_PAUSE);
+        let mut tries = 0;
+        loop {
+            let (mut reservations, etag) = read(store, &blob).await?;
+            let (now_wall, now) = (unix_ms(SystemTime::now()), Instant::now());
+            reservations
+                .slots
+                .retain(|&t| t + self.limits.hour_ms > now_wall);
+            let fits = next_within(
+                &reservations.slots,
+                now_wall,
+                [
+                    (
+                        share.limit(self.limits.per_minute, share.minute),
+                        self.limits.minute_ms,
+                    ),
+                    (
+                        share.limit(self.limits.per_hour, share.hour),
+                        self.limits.hour_ms,
+                    ),
+                ],
+            );
+            // Slots are handed out in order: behind a caller already
+            // waiting for a later slot, there is no room now.
+            let at = fits.max(reservations.slots.last().copied().unwrap_or(now_wall));
+            if at > now_wall {
+                return Err(CoordinationError::OverBudget {
+                    bucket: bucket.to_owned(),
+                    wait: Duration::from_millis(at - now_wall),
+                });
+            }
+            let n = share.calls.max(1);
+            reservations.slots.extend(std::iter::repeat_n(now_wall, n));
+            let body = serde_json::to_vec(&reservations).unwrap_or_default();
+            match store.write(&blob, body, etag).await? {
+                Ok(_) => {
+                    let slot = Slot {
+                        at: UNIX_EPOCH + Duration::from_millis(now_wall),
+                        instant: now,
+                    };
+                    return Ok(vec![slot; n]);
+                }
+                Err(refusal) if matches!(refusal.status, 409 | 412) => {}
+                Err(refusal) => return Err(refused(&refusal, &blob)),
+            }
+            tries += 1;
+            let pause = backoff.pause();
+            if tries >= CONFLICT_TRIES {
+                // Busy: the caller waits and asks again.
+                return Err(CoordinationError::OverBudget {
+                    bucket: bucket.to_owned(),
+                    wait: pause,
+                });
+            }
+            tokio::time::sleep(pause).await;
+        }
+    }
 }
+
+/// Conditional writes [`SharedBudget::reserve_share`] tries before it
+/// answers that the bucket is busy.
+const CONFLICT_TRIES: u32 = 5;
 
 /// Serve the bucket's queue, batch after batch, until it is empty.
 async fn serve(store: Arc<Store>, queue: Arc<Mutex<Queue>>, bucket: String, limits: Limits) {
@@ -309,24 +383,53 @@ pub(crate) fn give_back_later(store: &Arc<Store>, bucket: &str, slot: Slot) {
     };
     let (store, bucket) = (store.clone(), bucket.to_owned());
     runtime.spawn(async move {
-        if let Err(error) = give_back(&store, &bucket, slot.at).await {
+        if let Err(error) = give_back_many(&store, &bucket, &[slot.at]).await {
             tracing::debug!(bucket, %error, "could not give back an unused budget slot");
         }
     });
 }
 
-/// Remove one reservation at `at` from the bucket (read, conditional write;
-/// again after a conflict, a few times).
-async fn give_back(store: &Store, bucket: &str, at: SystemTime) -> Result<(), CoordinationError> {
+/// Give back, in the background, slots reserved ahead
+/// ([`SharedBudget::reserve_share`]) whose calls were not made: one read and
+/// one conditional write for all of them, however close they are (the room
+/// they leave counts for every later reservation).
+pub(crate) fn give_back_all_later(store: &Arc<Store>, bucket: &str, slots: Vec<Slot>) {
+    if slots.is_empty() {
+        return;
+    }
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let (store, bucket) = (store.clone(), bucket.to_owned());
+    runtime.spawn(async move {
+        let at: Vec<SystemTime> = slots.iter().map(|s| s.at).collect();
+        if let Err(error) = give_back_many(&store, &bucket, &at).await {
+            tracing::debug!(bucket, %error, "could not give back unused budget slots");
+        }
+    });
+}
+
+/// Remove one reservation at each of `at` from the bucket (read,
+/// conditional write; again after a conflict, a few times).
+async fn give_back_many(
+    store: &Store,
+    bucket: &str,
+    at: &[SystemTime],
+) -> Result<(), CoordinationError> {
     let blob = format!("budget/{bucket}");
-    let at = unix_ms(at);
+    let at: Vec<u64> = at.iter().map(|&t| unix_ms(t)).collect();
     let mut backoff = Backoff::new(FIRST_CONFLICT_PAUSE, MAX_CONFLICT_PAUSE);
     for _ in 0..5 {
         let (mut reservations, etag) = read(store, &blob).await?;
-        let Some(index) = reservations.slots.iter().position(|&t| t == at) else {
+        let before = reservations.slots.len();
+        for t in &at {
+            if let Some(index) = reservations.slots.iter().position(|s| s == t) {
+                reservations.slots.remove(index);
+            }
+        }
+        if reservations.slots.len() == before {
             return Ok(());
-        };
-        reservations.slots.remove(index);
+        }
         let body = serde_json::to_vec(&reservations).unwrap_or_default();
         match store.write(&blob, body, etag).await? {
             Ok(_) => return Ok(()),

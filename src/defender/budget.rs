@@ -71,6 +71,33 @@ pub trait CallBudget: std::fmt::Debug + Send + Sync {
         endpoint: Endpoint,
         share: Share,
     ) -> Result<Duration, BudgetError>;
+
+    /// Reserve `share.calls` slots on `endpoint` together, all at once and
+    /// now, each keeping every window within `share`; or none, with how
+    /// long until they would fit ([`BudgetError::OverBudget`]). A
+    /// lower-priority caller (a job's group) takes its slots so, before it
+    /// starts, and its calls then use them ([`crate::defender::DefenderClient::prepay`]):
+    /// instances racing for the same room cannot each take it, because
+    /// the reservation itself is what is checked against the share.
+    async fn reserve_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Vec<Reserved>, BudgetError>;
+
+    /// Give back slots from [`Self::reserve_share`] whose calls were not
+    /// made (best effort: a slot not given back only delays later calls).
+    fn give_back(&self, endpoint: Endpoint, slots: Vec<Reserved>);
+}
+
+/// A slot reserved ahead of its call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Reserved {
+    /// When the call may go, on this process's clock.
+    pub instant: Instant,
+    /// The same moment as the budget stored it (wall-clock time for the
+    /// budget every instance shares).
+    pub at: std::time::SystemTime,
 }
 
 /// The part of each rate window a class of callers may fill: interactive
@@ -211,6 +238,50 @@ impl CallBudget for RateBudget {
             ],
         );
         Ok(at.saturating_duration_since(now))
+    }
+
+    async fn reserve_share(
+        &self,
+        endpoint: Endpoint,
+        share: Share,
+    ) -> Result<Vec<Reserved>, BudgetError> {
+        let now = Instant::now();
+        let wall = std::time::SystemTime::now();
+        let mut calls = self.calls.lock();
+        let queue = calls.entry(endpoint).or_default();
+        while queue.front().is_some_and(|&t| t + self.hour <= now) {
+            queue.pop_front();
+        }
+        let times: Vec<Instant> = queue.iter().copied().collect();
+        let fits = next_within(
+            &times,
+            now,
+            [
+                (share.limit(self.per_minute, share.minute), self.minute),
+                (share.limit(self.per_hour, share.hour), self.hour),
+            ],
+        );
+        // Slots are handed out in order: behind a caller already waiting
+        // for a later slot, there is no room now.
+        let at = fits.max(queue.back().copied().unwrap_or(now));
+        if at > now {
+            return Err(BudgetError::OverBudget(OverBudget { wait: at - now }));
+        }
+        let slots = share.calls.max(1);
+        queue.extend(std::iter::repeat_n(now, slots));
+        Ok(vec![
+            Reserved {
+                instant: now,
+                at: wall
+            };
+            slots
+        ])
+    }
+
+    fn give_back(&self, endpoint: Endpoint, slots: Vec<Reserved>) {
+        for slot in slots {
+            self.release(endpoint, slot.instant);
+        }
     }
 }
 
@@ -411,6 +482,55 @@ mod tests {
     /// The windows the budget keeps, allowance included.
     const M: Duration = MINUTE.saturating_add(LATENCY_ALLOWANCE);
     const H: Duration = HOUR.saturating_add(LATENCY_ALLOWANCE);
+
+    /// A group's slots are reserved all at once within the share, or not
+    /// at all; behind a caller already waiting there is no room now; and
+    /// the slots given back count again.
+    #[tokio::test(start_paused = true)]
+    async fn a_share_is_reserved_all_at_once_or_not_at_all() {
+        let budget = RateBudget::new(10, 1500);
+        let jobs = |calls| Share::JOBS.for_calls(calls);
+        let group = budget
+            .reserve_share(Endpoint::Restrict, jobs(5))
+            .await
+            .unwrap();
+        assert_eq!(group.len(), 5);
+        // Five more would make ten, over the jobs' eight: none is taken.
+        let Err(BudgetError::OverBudget(over)) =
+            budget.reserve_share(Endpoint::Restrict, jobs(5)).await
+        else {
+            panic!("over the share")
+        };
+        assert_eq!(over.wait, M);
+        assert_eq!(budget.free_now(Endpoint::Restrict), 5);
+        // Three more fit, and an interactive call still gets one of the two
+        // slots the jobs leave.
+        let three = budget
+            .reserve_share(Endpoint::Restrict, jobs(3))
+            .await
+            .unwrap();
+        budget
+            .acquire(Endpoint::Restrict, Instant::now())
+            .await
+            .unwrap();
+        CallBudget::give_back(&budget, Endpoint::Restrict, three);
+        assert_eq!(budget.free_now(Endpoint::Restrict), 4);
+        // A call waiting for a later slot is ahead of any group.
+        budget
+            .reserve(Endpoint::Restrict, Instant::now(), Instant::now() + HOUR)
+            .unwrap();
+        for _ in 0..4 {
+            budget
+                .reserve(Endpoint::Restrict, Instant::now(), Instant::now() + HOUR)
+                .unwrap();
+        }
+        let Err(BudgetError::OverBudget(over)) =
+            budget.reserve_share(Endpoint::Restrict, jobs(1)).await
+        else {
+            panic!("behind the waiting call")
+        };
+        assert!(over.wait >= M, "{over:?}");
+    }
 
     #[test]
     fn the_hundred_and_first_call_in_a_minute_waits_for_the_first_to_leave() {

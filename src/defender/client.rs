@@ -6,7 +6,8 @@
 //! code at the simulator.
 //!
 //! Every call draws from the shared [`RateBudget`] and runs inside the
-//! invocation's deadline. Retries follow what is safe:
+//! invocation's deadline; a job's write uses the slot its group reserved
+//! ahead within the jobs' share ([`DefenderClient::prepay`]). Retries follow what is safe:
 //! - a 401 refreshes the token once and resends (the request was not executed);
 //! - a 429 waits for `Retry-After` and resends (not executed either);
 //! - GETs are also resent after 5xx, timeouts, dropped connections and
@@ -14,7 +15,7 @@
 //! - a POST is never resent after such an ambiguous failure: it may have been
 //!   executed. The caller decides, after re-reading the machine's actions.
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 use reqwest::{Method, StatusCode, header};
@@ -27,7 +28,7 @@ use uuid::Uuid;
 use super::{
     api::Endpoint,
     auth::TokenSource,
-    budget::{BudgetError, CallBudget, RateBudget, Share},
+    budget::{BudgetError, CallBudget, RateBudget, Reserved, Share},
     error::{DefenderError, Refusal},
     models::{ActionType, CommentBody, ErrorEnvelope, Machine, MachineAction, ODataPage},
 };
@@ -134,6 +135,37 @@ pub struct DefenderClient {
     retry: RetryPolicy,
     /// `$top` for lists of machine actions ([`PAGE_TOP`] unless a test lowers it).
     page_top: usize,
+    /// Slots reserved ahead for one write to a machine ([`Self::prepay`]),
+    /// by endpoint and lower-case machine id.
+    prepaid: Arc<parking_lot::Mutex<HashMap<(Endpoint, String), Reserved>>>,
+}
+
+/// Slots reserved ahead for one write each to some machines
+/// ([`DefenderClient::prepay`]). The first attempt of that write to one of
+/// them uses its slot instead of asking the budget; the slots not used by
+/// the time this is dropped are given back.
+#[must_use = "the slots are given back when this is dropped"]
+#[derive(Debug)]
+pub struct Prepaid {
+    endpoint: Endpoint,
+    ids: Vec<String>,
+    prepaid: Arc<parking_lot::Mutex<HashMap<(Endpoint, String), Reserved>>>,
+    budget: Arc<dyn CallBudget>,
+}
+
+impl Drop for Prepaid {
+    fn drop(&mut self) {
+        let unused: Vec<Reserved> = {
+            let mut prepaid = self.prepaid.lock();
+            self.ids
+                .iter()
+                .filter_map(|id| prepaid.remove(&(self.endpoint, id.clone())))
+                .collect()
+        };
+        if !unused.is_empty() {
+            self.budget.give_back(self.endpoint, unused);
+        }
+    }
 }
 
 /// A machine action: typed for our decisions and, when Defender sent it on
@@ -288,6 +320,17 @@ impl BeforeSend for FirstSent<'_> {
     }
 }
 
+/// Why the budget gave `endpoint` no slot, as the client's error.
+fn budget_error(endpoint: Endpoint, error: BudgetError) -> DefenderError {
+    match error {
+        BudgetError::OverBudget(over) => DefenderError::OverBudget {
+            endpoint,
+            wait: over.wait,
+        },
+        BudgetError::Refused(refusal) => DefenderError::Refused { endpoint, refusal },
+    }
+}
+
 /// One request to make; its method comes from the endpoint.
 struct Call<'a> {
     endpoint: Endpoint,
@@ -296,6 +339,8 @@ struct Call<'a> {
     /// tags API its tag and action).
     body: Option<&'a Value>,
     hook: Option<&'a dyn BeforeSend>,
+    /// The machine (or action) a write is for: its slot may be prepaid.
+    target: Option<&'a str>,
 }
 
 impl<'a> Call<'a> {
@@ -305,6 +350,7 @@ impl<'a> Call<'a> {
             url,
             body: None,
             hook: None,
+            target: None,
         }
     }
 }
@@ -334,7 +380,65 @@ impl DefenderClient {
             budget,
             retry,
             page_top: page_top.clamp(1, PAGE_TOP),
+            prepaid: Arc::default(),
         }
+    }
+
+    /// Reserve now, within `share` of `endpoint`'s windows, one slot for a
+    /// write to each of `machine_ids`, all or none: a job's group takes its
+    /// slots so before it takes any lease, and the writes then use them.
+    /// The reservation is what the share is checked against, so instances
+    /// admitting groups at once cannot together fill more than the share.
+    /// `OverBudget` says how long until the share has room for all of them.
+    pub async fn prepay(
+        &self,
+        endpoint: Endpoint,
+        machine_ids: &[String],
+        share: Share,
+    ) -> Result<Prepaid, DefenderError> {
+        let mut ids: Vec<String> = machine_ids
+            .iter()
+            .map(|id| id.to_ascii_lowercase())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Ok(Prepaid {
+                endpoint,
+                ids,
+                prepaid: self.prepaid.clone(),
+                budget: self.budget.clone(),
+            });
+        }
+        let slots = self
+            .budget
+            .reserve_share(endpoint, share.for_calls(ids.len()))
+            .await
+            .map_err(|e| budget_error(endpoint, e))?;
+        let mut prepaid = self.prepaid.lock();
+        let mut kept = Vec::with_capacity(ids.len());
+        let mut spare = Vec::new();
+        for (id, slot) in ids.into_iter().zip(slots) {
+            // Another group holding a slot for the same write keeps it.
+            if let std::collections::hash_map::Entry::Vacant(entry) =
+                prepaid.entry((endpoint, id.clone()))
+            {
+                entry.insert(slot);
+                kept.push(id);
+            } else {
+                spare.push(slot);
+            }
+        }
+        drop(prepaid);
+        if !spare.is_empty() {
+            self.budget.give_back(endpoint, spare);
+        }
+        Ok(Prepaid {
+            endpoint,
+            ids: kept,
+            prepaid: self.prepaid.clone(),
+            budget: self.budget.clone(),
+        })
     }
 
     /// How long until `endpoint`'s budget has a slot within `share` of each
@@ -348,13 +452,7 @@ impl DefenderClient {
         self.budget
             .wait_for_share(endpoint, share)
             .await
-            .map_err(|e| match e {
-                BudgetError::OverBudget(over) => DefenderError::OverBudget {
-                    endpoint,
-                    wait: over.wait,
-                },
-                BudgetError::Refused(refusal) => DefenderError::Refused { endpoint, refusal },
-            })
+            .map_err(|e| budget_error(endpoint, e))
     }
 
     /// Calls to `endpoint` the rate budget allows at once, now.
@@ -749,7 +847,15 @@ impl DefenderClient {
             hook,
             ..Call::new(endpoint, self.url(endpoint, id)?)
         };
-        let json: Value = self.send(call, deadline).await?;
+        let json: Value = self
+            .send(
+                Call {
+                    target: Some(id),
+                    ..call
+                },
+                deadline,
+            )
+            .await?;
         ActionRecord::received(endpoint, json)
     }
 
@@ -804,21 +910,28 @@ impl DefenderClient {
                 endpoint: op,
                 refusal,
             };
-            let budget = match call.hook {
-                Some(hook) => {
+            // A slot reserved ahead serves the first attempt only: a resend
+            // after a 429 asks the budget like any other call.
+            let prepaid = match call.target {
+                Some(target) if attempt == 0 => self
+                    .prepaid
+                    .lock()
+                    .remove(&(op, target.to_ascii_lowercase())),
+                _ => None,
+            };
+            let budget = match (prepaid, call.hook) {
+                (Some(slot), _) => {
+                    tokio::time::sleep_until(slot.instant.min(deadline)).await;
+                    Ok(())
+                }
+                (None, Some(hook)) => {
                     self.budget
                         .acquire_announcing(op, deadline, &|at| hook.slot(at))
                         .await
                 }
-                None => self.budget.acquire(op, deadline).await,
+                (None, None) => self.budget.acquire(op, deadline).await,
             };
-            budget.map_err(|e| match e {
-                BudgetError::OverBudget(over) => DefenderError::OverBudget {
-                    endpoint: op,
-                    wait: over.wait,
-                },
-                BudgetError::Refused(refusal) => refused(refusal),
-            })?;
+            budget.map_err(|e| budget_error(op, e))?;
             if deadline <= Instant::now() {
                 return Err(DefenderError::OutOfTime { endpoint: op });
             }

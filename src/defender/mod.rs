@@ -12,5 +12,5 @@ pub mod models;
 pub mod timestamp;
 
 pub use api::Endpoint;
-pub use client::{ActionRecord, DefenderClient, DefenderClientOptions};
+pub use client::{ActionRecord, DefenderClient, DefenderClientOptions, Prepaid};
 pub use error::DefenderError;

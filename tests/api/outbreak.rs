@@ -7,7 +7,7 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use futures_util::future::join_all;
 use restrict_code_execution::{
     defender::{
-        DefenderClient, DefenderClientOptions,
+        DefenderClient, DefenderClientOptions, DefenderError, Endpoint,
         auth::TokenSource,
         budget::RateBudget,
         ids::MachineId,
@@ -681,4 +681,80 @@ async fn cancel_pending_does_not_cancel_what_another_instance_created_after_the_
     );
     assert!(requests_to(&app, "POST", "unrestrictCodeExecution").is_empty());
     assert_eq!(app.sim.actions().len(), 1);
+}
+
+// --- Slots reserved ahead (a job's group) -----------------------------------
+
+/// A job's group reserves its writes' slots before it starts: the write to
+/// each of its machines uses its own slot without asking the budget again,
+/// no other call can have it meanwhile, and the slots the group did not use
+/// are given back when it is done.
+#[tokio::test]
+async fn a_group_writes_on_the_slots_it_reserved_and_gives_back_the_rest() {
+    use restrict_code_execution::defender::budget::Share;
+
+    let sim = simulator(AppOptions::default().sim).await;
+    let client = client_with_budget(&sim, 2);
+    let windows: Vec<String> = sim
+        .machines()
+        .into_iter()
+        .filter(|m| {
+            m.os_platform
+                .as_deref()
+                .is_some_and(|p| p.starts_with("Windows"))
+        })
+        .map(|m| m.id.to_string())
+        .collect();
+    let [a, b, c] = [&windows[0], &windows[1], &windows[2]];
+    let restrict = ActionType::RestrictCodeExecution;
+    let soon = || Instant::now() + Duration::from_millis(300);
+
+    let group = client
+        .prepay(Endpoint::Restrict, &[a.clone(), b.clone()], Share::ALL)
+        .await
+        .expect("both slots now");
+    // The minute's two slots are the group's: another write gets none.
+    let other = client.create_action(c, restrict, "other", soon()).await;
+    assert!(
+        matches!(other, Err(DefenderError::OverBudget { .. })),
+        "{other:?}"
+    );
+    // The group's write goes at once, on its own slot.
+    client
+        .create_action(a, restrict, "group", soon())
+        .await
+        .expect("sent on the reserved slot");
+    // B never wrote: its slot comes back with the group.
+    drop(group);
+    client
+        .create_action(c, restrict, "other", soon())
+        .await
+        .expect("the slot given back");
+    let posts: Vec<String> = requests_to_sim(&sim, "POST")
+        .iter()
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        posts,
+        [
+            format!("/api/machines/{a}/restrictCodeExecution"),
+            format!("/api/machines/{c}/restrictCodeExecution"),
+        ]
+    );
+    // With the minute full, a group is told how long until it fits.
+    let full = client
+        .prepay(Endpoint::Restrict, &[b.clone()], Share::JOBS)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(full, DefenderError::OverBudget { wait, .. } if wait > Duration::from_secs(50)),
+        "{full:?}"
+    );
+}
+
+fn requests_to_sim(sim: &SimHandle, method: &str) -> Vec<RecordedRequest> {
+    sim.requests()
+        .into_iter()
+        .filter(|r| r.method == method)
+        .collect()
 }

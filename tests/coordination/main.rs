@@ -244,6 +244,75 @@ async fn instances_never_hand_out_more_than_the_limit_per_window() {
     assert!(wait > Duration::from_millis(100), "{wait:?}");
 }
 
+/// A job's group reserves its writes' slots within the jobs' share, and the
+/// reservation itself is what is checked: three instances that each see room
+/// for one more group at the same moment cannot all take it. With 30 calls a
+/// minute the jobs' share is 24: of three groups of ten reserved at once on
+/// three instances, two fit and the third is told how long to wait; an
+/// interactive call still gets its slot at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instances_admitting_job_groups_at_once_stay_within_the_jobs_share() {
+    use restrict_code_execution::defender::budget::{BudgetError, CallBudget, Share};
+
+    let azurite = Azurite::shared();
+    let settings = azurite.settings("budget-share-race");
+    let options = || CoordinatorOptions {
+        per_minute: 30,
+        ..Default::default()
+    };
+    let instances = [
+        instance(&settings, options()),
+        instance(&settings, options()),
+        instance(&settings, options()),
+    ];
+    // Each sees room for its group before any of them reserves.
+    for c in &instances {
+        let wait = c
+            .wait_for_share(Endpoint::Restrict, Share::JOBS.for_calls(10))
+            .await
+            .unwrap();
+        assert_eq!(wait, Duration::ZERO);
+    }
+    let tasks: Vec<_> = instances
+        .iter()
+        .map(|c| {
+            let c = c.clone();
+            tokio::spawn(async move {
+                c.reserve_share(Endpoint::Restrict, Share::JOBS.for_calls(10))
+                    .await
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    let mut refused = Vec::new();
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(slots) => {
+                assert_eq!(slots.len(), 10);
+                admitted += 1;
+            }
+            Err(BudgetError::OverBudget(over)) => refused.push(over.wait),
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(admitted, 2, "two groups fit in 24, refused: {refused:?}");
+    assert!(
+        refused[0] > Duration::from_secs(50),
+        "room for ten comes when the first group leaves the minute: {refused:?}"
+    );
+    // The rest of the minute is the interactive callers'.
+    tokio::time::timeout(
+        Duration::from_secs(2),
+        instances[2].acquire(
+            Endpoint::Restrict,
+            Instant::now() + Duration::from_millis(500),
+        ),
+    )
+    .await
+    .expect("at once")
+    .expect("an interactive slot");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reserve_waits_for_its_slot() {
     let azurite = Azurite::shared();

@@ -154,9 +154,11 @@ struct Inner {
     explain: Arc<Explain>,
     /// The restriction records an expiry attaches to (set at startup).
     restrictions: std::sync::OnceLock<crate::service::expiry::Restrictions>,
-    /// Job devices admitted on this instance and not finished: each
-    /// admission counts them, since their calls may not be reserved yet.
+    /// Job groups admitted on this instance and not finished, and their
+    /// devices: each admission counts their reads and lookups, which may
+    /// not be reserved yet (their writes are: [`DefenderClient::prepay`]).
     admitted: std::sync::atomic::AtomicUsize,
+    admitted_groups: std::sync::atomic::AtomicUsize,
     /// One admission at a time on this instance.
     admission: tokio::sync::Mutex<()>,
     /// The budget's clock speed (`DEFENDER_RATE_CLOCK_SPEED`, 1 but in
@@ -201,6 +203,7 @@ impl Jobs {
                 explain,
                 restrictions: std::sync::OnceLock::new(),
                 admitted: std::sync::atomic::AtomicUsize::new(0),
+                admitted_groups: std::sync::atomic::AtomicUsize::new(0),
                 admission: tokio::sync::Mutex::new(()),
                 clock_speed: 1.0,
                 group: worker::GROUP,

@@ -33,7 +33,7 @@ use super::{
 use crate::{
     coordination::{CoordinationError, records::WriteIf},
     defender::{
-        DefenderError, Endpoint,
+        DefenderError, Endpoint, Prepaid,
         budget::Share,
         ids::MachineId,
         models::{ActionType, Machine},
@@ -76,18 +76,18 @@ enum Admission<'a> {
 }
 
 /// A group admitted on this instance: counted by later admissions until it
-/// is finished.
+/// is finished; its writes' slots, reserved ahead.
 struct Admitted<'a> {
     jobs: &'a Jobs,
     devices: usize,
+    _writes: Prepaid,
 }
 
 impl Drop for Admitted<'_> {
     fn drop(&mut self) {
-        self.jobs
-            .inner
-            .admitted
-            .fetch_sub(self.devices, Ordering::AcqRel);
+        let inner = &self.jobs.inner;
+        inner.admitted.fetch_sub(self.devices, Ordering::AcqRel);
+        inner.admitted_groups.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -395,39 +395,67 @@ impl Jobs {
         };
         let n = group.len();
         let client = &self.inner.client;
+        // The writes reserved ahead: one per machine chosen when the job
+        // started. A device still to be looked up (an Entra id with no
+        // record then) asks the budget at its write like any call.
+        // A dry run writes nothing.
+        let machines: Vec<String> = if job.dry_run {
+            Vec::new()
+        } else {
+            group.iter().filter_map(|d| d.m.clone()).collect()
+        };
+        let unknown = if job.dry_run { 0 } else { n - machines.len() };
         loop {
             let gate = self.inner.admission.lock().await;
-            // Admitted here and not finished: their calls may not be
-            // reserved yet, so they count as if they were about to be.
-            let pending = self.inner.admitted.load(Ordering::Acquire);
-            let share = |calls: usize| Share::JOBS.for_calls(calls + pending);
-            // The write for each device; one state read for the group (two
-            // calls: one per action type); the machines re-checked with one
-            // listing of a tag or group, or looked up one by one.
-            let reads = n.min(2);
-            let (write, read, list, get) = if selector_filter(job).is_some() {
+            // Admitted here and not finished: their reads and lookups may
+            // not be reserved yet, so they count as if they were about to be.
+            let groups = self.inner.admitted_groups.load(Ordering::Acquire);
+            let devices = self.inner.admitted.load(Ordering::Acquire);
+            let share = |calls: usize| Share::JOBS.for_calls(calls);
+            // One state read for the group (two calls: one per action
+            // type); the machines re-checked with one listing of a tag or
+            // group, or looked up one by one.
+            let reads = share(n.min(2) + 2 * groups);
+            let (read, list, get, writes) = if selector_filter(job).is_some() {
                 tokio::try_join!(
-                    client.wait_for_share(write, share(n)),
-                    client.wait_for_share(Endpoint::ListActions, share(reads)),
-                    client.wait_for_share(Endpoint::ListMachines, share(1)),
+                    client.wait_for_share(Endpoint::ListActions, reads),
+                    client.wait_for_share(Endpoint::ListMachines, share(1 + groups)),
+                    async { Ok(Duration::ZERO) },
                     async { Ok(Duration::ZERO) },
                 )?
             } else {
                 tokio::try_join!(
-                    client.wait_for_share(write, share(n)),
-                    client.wait_for_share(Endpoint::ListActions, share(reads)),
-                    client.wait_for_share(Endpoint::ListMachines, share(n)),
-                    client.wait_for_share(Endpoint::GetMachine, share(n)),
+                    client.wait_for_share(Endpoint::ListActions, reads),
+                    client.wait_for_share(Endpoint::ListMachines, share(n + devices)),
+                    client.wait_for_share(Endpoint::GetMachine, share(n + devices)),
+                    async {
+                        if unknown == 0 {
+                            Ok(Duration::ZERO)
+                        } else {
+                            client.wait_for_share(write, share(n)).await
+                        }
+                    },
                 )?
             };
-            let wait = write.max(read).max(list).max(get);
+            let mut wait = read.max(list).max(get).max(writes);
             if wait.is_zero() {
-                self.inner.admitted.fetch_add(n, Ordering::AcqRel);
-                drop(gate);
-                return Ok(Admission::Now(Admitted {
-                    jobs: self,
-                    devices: n,
-                }));
+                match client.prepay(write, &machines, Share::JOBS).await {
+                    Ok(prepaid) => {
+                        self.inner.admitted.fetch_add(n, Ordering::AcqRel);
+                        self.inner.admitted_groups.fetch_add(1, Ordering::AcqRel);
+                        drop(gate);
+                        return Ok(Admission::Now(Admitted {
+                            jobs: self,
+                            devices: n,
+                            _writes: prepaid,
+                        }));
+                    }
+                    // Another instance took the room first.
+                    Err(DefenderError::OverBudget { wait: w, .. }) => {
+                        wait = w.max(Duration::from_millis(1));
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             drop(gate);
             if Instant::now() + wait + reserve > deadline {
