@@ -240,6 +240,7 @@ async fn run(plan: &Plan) -> Result<String> {
     // Let the last deletes land, then stop everything and collect.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let mut host_events = Vec::new();
+    let mut warnings: BTreeMap<String, usize> = BTreeMap::new();
     let mut host_storage = 0;
     let mut storage_operations = 0;
     let mut by_kind: BTreeMap<String, u64> = BTreeMap::new();
@@ -249,6 +250,14 @@ async fn run(plan: &Plan) -> Result<String> {
             host_events.extend(host.stop().await);
         }
         let (total, kinds) = handler.stop_and_count_storage_operations()?;
+        for message in handler
+            .warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            *warnings.entry(message).or_default() += 1;
+        }
         storage_operations += total;
         for (kind, n) in kinds {
             *by_kind.entry(kind).or_default() += n;
@@ -260,8 +269,8 @@ async fn run(plan: &Plan) -> Result<String> {
     drop(azurite);
 
     let checks = devices.check(&actions, &last_status)?;
-    let timeline = devices.timeline(&actions);
     let calls = Calls::of(&log, &devices);
+    let timeline = calls.timeline();
     let posts_total = checks.job_posts + sent;
     let minimum = minimum_makespan_secs(plan.devices as u64) as f64;
     let minimum_all = minimum_makespan_secs(posts_total as u64) as f64;
@@ -277,6 +286,22 @@ async fn run(plan: &Plan) -> Result<String> {
     let invocations = host_events
         .iter()
         .filter(|e| matches!(e, HostEvent::Invoked { .. }))
+        .count();
+    for e in &host_events {
+        if let HostEvent::Invoked {
+            outcome: queue_host::Outcome::Failed { reason, .. },
+            ..
+        } = e
+        {
+            let reason: String = reason.chars().take(300).collect();
+            *warnings
+                .entry(format!("an invocation failed: {reason}"))
+                .or_default() += 1;
+        }
+    }
+    let failed_invocations = host_events
+        .iter()
+        .filter(|e| matches!(e, HostEvent::Released { .. }))
         .count();
     let poisoned = host_events
         .iter()
@@ -363,7 +388,7 @@ async fn run(plan: &Plan) -> Result<String> {
     row(
         "  storage operations per device (the host's queue trigger)".to_owned(),
         format!(
-            "{:.1} ({host_storage}: receives including empty polls, deletes, visibility updates, poison sends); {invocations} invocations, {poisoned} poisoned",
+            "{:.1} ({host_storage}: receives including empty polls, deletes, visibility updates, poison sends); {invocations} invocations, {failed_invocations} failed (delivered again), {poisoned} poisoned",
             host_storage as f64 / plan.devices as f64
         ),
         "reported",
@@ -392,8 +417,8 @@ async fn run(plan: &Plan) -> Result<String> {
         out.push_str(&format!("| {a} | {b} | {c} | {d} |\n"));
     }
     out.push_str(&format!(
-        "\nThe job's restrict actions by when Defender created them (simulated minutes after the first; \
-         the jobs' share allows {} a minute and {} an hour):\n\n{timeline}\n",
+        "\nThe job's restricts Defender accepted, per simulated minute after the first one \
+         (the jobs' share allows {} a minute and {} an hour), and the answers 429:\n\n{timeline}\n",
         restrict_code_execution::defender::budget::Share::of(
             PER_MINUTE as usize,
             restrict_code_execution::defender::budget::Share::JOBS.minute
@@ -403,6 +428,12 @@ async fn run(plan: &Plan) -> Result<String> {
             restrict_code_execution::defender::budget::Share::JOBS.hour
         ),
     ));
+    if !warnings.is_empty() {
+        out.push_str("\nThe handlers' warnings and errors:\n\n");
+        for (message, n) in &warnings {
+            out.push_str(&format!("- {n} × {message}\n"));
+        }
+    }
     if !checks.ok() {
         return Err(format!("the job went wrong:\n{out}").into());
     }
@@ -538,50 +569,6 @@ impl Devices {
     }
 }
 
-impl Devices {
-    /// The job's restrict actions counted per five simulated minutes after
-    /// the first one's creation: where the schedule fell behind the share.
-    fn timeline(&self, actions: &[Value]) -> String {
-        let job: HashSet<&str> = self.job.iter().map(|d| d.machine.as_str()).collect();
-        let mut created: Vec<f64> = actions
-            .iter()
-            .filter(|a| a["type"] == "RestrictCodeExecution")
-            .filter(|a| {
-                job.contains(
-                    a["machineId"]
-                        .as_str()
-                        .unwrap_or_default()
-                        .to_lowercase()
-                        .as_str(),
-                )
-            })
-            .filter_map(|a| {
-                let at = a["creationDateTimeUtc"].as_str()?;
-                let at =
-                    time::OffsetDateTime::parse(at, &time::format_description::well_known::Rfc3339)
-                        .ok()?;
-                Some(at.unix_timestamp_nanos() as f64 / 1e9)
-            })
-            .collect();
-        created.sort_by(f64::total_cmp);
-        let Some(&first) = created.first() else {
-            return "(none)".to_owned();
-        };
-        let mut buckets: BTreeMap<u64, usize> = BTreeMap::new();
-        for at in &created {
-            *buckets.entry(((at - first) / 300.0) as u64).or_default() += 1;
-        }
-        let last = created.last().copied().unwrap_or(first);
-        let mut text = buckets
-            .iter()
-            .map(|(b, n)| format!("{}–{}: {n}", b * 5, b * 5 + 5))
-            .collect::<Vec<_>>()
-            .join(", ");
-        text.push_str(&format!("; the last at {:.1} min", (last - first) / 60.0));
-        text
-    }
-}
-
 struct Checks {
     duplicates: usize,
     wrong_record: usize,
@@ -601,6 +588,10 @@ struct Calls {
     job: usize,
     by_kind: BTreeMap<String, usize>,
     throttled: usize,
+    /// Each 429: the API and when it arrived (simulated Unix ms).
+    throttled_at: Vec<(String, i64)>,
+    /// When each of the job's accepted restricts arrived (simulated Unix ms).
+    restricts_at: Vec<i64>,
 }
 
 impl Calls {
@@ -614,14 +605,24 @@ impl Calls {
             job: 0,
             by_kind: BTreeMap::new(),
             throttled: 0,
+            throttled_at: Vec::new(),
+            restricts_at: Vec::new(),
         };
         for r in log {
             let path = r["path"].as_str().unwrap_or_default();
             if !path.starts_with("/api/") {
                 continue;
             }
+            let method = r["method"].as_str().unwrap_or_default();
+            let kind = restrict_code_execution::defender::Endpoint::parse(method, path)
+                .map_or_else(
+                    || format!("{method} {path}"),
+                    |(e, _)| e.bucket().to_owned(),
+                );
+            let arrived = r["arrivedMs"].as_i64().unwrap_or(0);
             if r["status"] == 429 {
                 calls.throttled += 1;
+                calls.throttled_at.push((kind.clone(), arrived));
             }
             let text =
                 format!("{path} {}", r["filter"].as_str().unwrap_or_default()).to_lowercase();
@@ -629,15 +630,46 @@ impl Calls {
                 continue;
             }
             calls.job += 1;
-            let method = r["method"].as_str().unwrap_or_default();
-            let kind = restrict_code_execution::defender::Endpoint::parse(method, path)
-                .map_or_else(
-                    || format!("{method} {path}"),
-                    |(e, _)| e.bucket().to_owned(),
-                );
+            if kind == "restrict" && r["status"].as_u64().is_some_and(|s| s < 300) {
+                calls.restricts_at.push(arrived);
+            }
             *calls.by_kind.entry(kind).or_default() += 1;
         }
         calls
+    }
+
+    /// The job's accepted restricts per simulated minute after the first
+    /// (minutes without any left out), then each 429 by API and minute:
+    /// where the schedule fell behind its share, and what was throttled.
+    fn timeline(&self) -> String {
+        let Some(&first) = self.restricts_at.iter().min() else {
+            return "(no restrict)".to_owned();
+        };
+        let minute = |ms: i64| (ms - first).div_euclid(60_000);
+        let mut per_minute: BTreeMap<i64, usize> = BTreeMap::new();
+        for &at in &self.restricts_at {
+            *per_minute.entry(minute(at)).or_default() += 1;
+        }
+        let mut text = per_minute
+            .iter()
+            .map(|(m, n)| format!("{m}: {n}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let last = self.restricts_at.iter().max().copied().unwrap_or(first);
+        text.push_str(&format!(
+            "; the last at {:.1} min.",
+            (last - first) as f64 / 60_000.0
+        ));
+        if !self.throttled_at.is_empty() {
+            let throttled = self
+                .throttled_at
+                .iter()
+                .map(|(kind, at)| format!("{kind} at {:.2}", (at - first) as f64 / 60_000.0))
+                .collect::<Vec<_>>()
+                .join(", ");
+            text.push_str(&format!(" 429s (minute): {throttled}."));
+        }
+        text
     }
 
     fn describe_job(&self) -> String {
@@ -721,11 +753,13 @@ impl Azurite {
     }
 }
 
-/// A handler whose `coordination totals` log line is kept.
+/// A handler whose `coordination totals` log line is kept, and its warnings
+/// and errors.
 struct LoggedHandler {
     proc: Proc,
     port: u16,
     lines: Arc<Mutex<Vec<String>>>,
+    warnings: Arc<Mutex<Vec<String>>>,
 }
 
 impl LoggedHandler {
@@ -736,7 +770,8 @@ impl LoggedHandler {
             .spawn()?;
         let stdout = child.stdout.take().ok_or("no handler stdout")?;
         let lines = Arc::new(Mutex::new(Vec::new()));
-        let keep = lines.clone();
+        let warnings = Arc::new(Mutex::new(Vec::new()));
+        let (keep, warn) = (lines.clone(), warnings.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stdout)
                 .lines()
@@ -744,12 +779,33 @@ impl LoggedHandler {
             {
                 if line.contains("coordination totals") {
                     keep.lock().unwrap_or_else(|e| e.into_inner()).push(line);
+                } else if line.contains("\"level\":\"WARN\"")
+                    || line.contains("\"level\":\"ERROR\"")
+                {
+                    let message = serde_json::from_str::<Value>(&line)
+                        .ok()
+                        .and_then(|v| {
+                            let message = v["message"].as_str()?.to_owned();
+                            let why = ["reason", "error"]
+                                .iter()
+                                .find_map(|k| v[*k].as_str())
+                                .map(|w| format!(": {}", w.chars().take(200).collect::<String>()))
+                                .unwrap_or_default();
+                            Some(format!("{message}{why}"))
+                        })
+                        .unwrap_or(line);
+                    warn.lock().unwrap_or_else(|e| e.into_inner()).push(message);
                 }
             }
         });
         let mut proc = Proc { child };
         wait_ready(&mut proc, port)?;
-        Ok(Self { proc, port, lines })
+        Ok(Self {
+            proc,
+            port,
+            lines,
+            warnings,
+        })
     }
 
     /// SIGTERM, wait, and read the storage operations it logged at exit.

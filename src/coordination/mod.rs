@@ -49,7 +49,7 @@ use self::{
 };
 use crate::defender::{
     Endpoint,
-    budget::{BudgetError, CallBudget, OverBudget, Reserved, Share},
+    budget::{BudgetError, CallBudget, OverBudget, Reserved, Share, fresh_for},
     error::Refusal,
 };
 
@@ -186,8 +186,24 @@ impl Coordinator {
         deadline: Instant,
         on_slot: &(dyn Fn(Instant) + Sync),
     ) -> Result<(), CoordinationError> {
+        self.reserve_replacing(endpoint, deadline, on_slot, None)
+            .await
+    }
+
+    /// [`Self::reserve_announcing`], the new slot replacing `replaces` (a
+    /// slot reserved ahead) in the same write.
+    async fn reserve_replacing(
+        &self,
+        endpoint: Endpoint,
+        deadline: Instant,
+        on_slot: &(dyn Fn(Instant) + Sync),
+        replaces: Option<Slot>,
+    ) -> Result<(), CoordinationError> {
         let bucket = endpoint.bucket();
-        let slot = self.reserve_slot(bucket, deadline).await?;
+        let slot = self
+            .budget
+            .reserve_replacing(&self.store, bucket, deadline, replaces)
+            .await?;
         on_slot(slot.instant);
         // Dropped before the slot comes (the caller went away): given back.
         let unused = UnusedSlot {
@@ -255,6 +271,14 @@ impl CoordinationError {
     }
 }
 
+/// The shared budget's answer as the client's budget sees it.
+fn as_budget_error(error: CoordinationError) -> BudgetError {
+    match error {
+        CoordinationError::OverBudget { wait, .. } => BudgetError::OverBudget(OverBudget { wait }),
+        other => BudgetError::Refused(Refusal::new(other.into_unavailable())),
+    }
+}
+
 /// The client draws its slots here with `COORDINATION=storage`.
 #[async_trait::async_trait]
 impl CallBudget for Coordinator {
@@ -270,12 +294,7 @@ impl CallBudget for Coordinator {
     ) -> Result<(), BudgetError> {
         self.reserve_announcing(endpoint, deadline, on_slot)
             .await
-            .map_err(|e| match e {
-                CoordinationError::OverBudget { wait, .. } => {
-                    BudgetError::OverBudget(OverBudget { wait })
-                }
-                other => BudgetError::Refused(Refusal::new(other.into_unavailable())),
-            })
+            .map_err(as_budget_error)
     }
 
     async fn wait_for_share(
@@ -293,24 +312,40 @@ impl CallBudget for Coordinator {
         &self,
         endpoint: Endpoint,
         share: Share,
+        deadline: Instant,
     ) -> Result<Vec<Reserved>, BudgetError> {
-        match self
+        let slots = self
             .budget
-            .reserve_share(&self.store, endpoint.bucket(), share)
+            .reserve_share(&self.store, endpoint.bucket(), share, deadline)
             .await
-        {
-            Ok(slots) => Ok(slots
-                .into_iter()
-                .map(|s| Reserved {
-                    instant: s.instant,
-                    at: s.at,
-                })
-                .collect()),
-            Err(CoordinationError::OverBudget { wait, .. }) => {
-                Err(BudgetError::OverBudget(OverBudget { wait }))
-            }
-            Err(e) => Err(BudgetError::Refused(Refusal::new(e.into_unavailable()))),
+            .map_err(as_budget_error)?;
+        Ok(slots
+            .into_iter()
+            .map(|s| Reserved {
+                instant: s.instant,
+                at: s.at,
+            })
+            .collect())
+    }
+
+    async fn use_reserved(
+        &self,
+        endpoint: Endpoint,
+        slot: Reserved,
+        deadline: Instant,
+        on_slot: &(dyn Fn(Instant) + Sync),
+    ) -> Result<(), BudgetError> {
+        if Instant::now() <= slot.instant + fresh_for(self.budget.allowance()) {
+            tokio::time::sleep_until(slot.instant.min(deadline)).await;
+            return Ok(());
         }
+        let old = Slot {
+            at: slot.at,
+            instant: slot.instant,
+        };
+        self.reserve_replacing(endpoint, deadline, on_slot, Some(old))
+            .await
+            .map_err(as_budget_error)
     }
 
     fn give_back(&self, endpoint: Endpoint, slots: Vec<Reserved>) {

@@ -13,8 +13,12 @@
 //! to 1 s) until the caller's deadline. So an uncontended reservation costs two storage
 //! operations. Within one instance, the reservations that arrive while one
 //! is in flight are served together by the next read and write, so a burst
-//! costs two operations per batch, and one instance never conflicts with
-//! itself.
+//! costs two operations per batch, and one instance's calls never conflict
+//! with each other. A job's group reserves its writes' slots together
+//! ([`SharedBudget::reserve_share`]: within the jobs' share, now, all or
+//! none) with a read and write of its own; a slot whose call goes later than
+//! it says is moved to the call's time in the write that reserves the call
+//! ([`SharedBudget::reserve_replacing`]).
 //!
 //! Slots are wall-clock times because instances share no monotonic clock;
 //! Azure keeps instance clocks in sync, and the latency allowance absorbs
@@ -61,6 +65,8 @@ pub(crate) struct Limits {
     pub per_hour: usize,
     pub minute_ms: u64,
     pub hour_ms: u64,
+    /// [`LATENCY_ALLOWANCE`] on the same clock.
+    pub allowance: Duration,
 }
 
 impl Limits {
@@ -82,6 +88,7 @@ impl Limits {
             per_hour: usize::try_from(per_hour.max(1)).unwrap_or(usize::MAX),
             minute_ms: ms(MINUTE),
             hour_ms: ms(HOUR),
+            allowance: LATENCY_ALLOWANCE.div_f64(speed),
         }
     }
 
@@ -135,10 +142,18 @@ struct Queue {
 #[derive(Debug)]
 struct Request {
     deadline: Instant,
+    /// A slot reserved ahead that this one replaces (Unix ms): removed in
+    /// the same write ([`SharedBudget::reserve_replacing`]).
+    replaces: Option<u64>,
     reply: oneshot::Sender<Result<Slot, CoordinationError>>,
 }
 
 impl SharedBudget {
+    /// The latency allowance on the budget's clock.
+    pub fn allowance(&self) -> Duration {
+        self.limits.allowance
+    }
+
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
@@ -158,6 +173,18 @@ impl SharedBudget {
         bucket: &str,
         deadline: Instant,
     ) -> Result<Slot, CoordinationError> {
+        self.reserve_replacing(store, bucket, deadline, None).await
+    }
+
+    /// [`Self::reserve`], removing `replaces` (a slot reserved ahead whose
+    /// call is going later than its time) in the same write.
+    pub async fn reserve_replacing(
+        &self,
+        store: &Arc<Store>,
+        bucket: &str,
+        deadline: Instant,
+        replaces: Option<Slot>,
+    ) -> Result<Slot, CoordinationError> {
         let queue = {
             let mut buckets = self.buckets.lock();
             buckets.entry(bucket.to_owned()).or_default().clone()
@@ -165,7 +192,11 @@ impl SharedBudget {
         let (reply, answer) = oneshot::channel();
         let start = {
             let mut q = queue.lock();
-            q.waiting.push(Request { deadline, reply });
+            q.waiting.push(Request {
+                deadline,
+                replaces: replaces.map(|slot| unix_ms(slot.at)),
+                reply,
+            });
             !std::mem::replace(&mut q.serving, true)
         };
         if start {
@@ -211,13 +242,14 @@ impl SharedBudget {
     /// Reserve `share.calls` slots now, each within `share` of every
     /// window, counting every instance's reservations; or none, with how
     /// long until they would fit. A read and a conditional write; after
-    /// another instance's write, read again (a few times: the caller asks
-    /// again after the wait it is given).
+    /// another instance's write, read again (a few times, and not past
+    /// `deadline`: the caller asks again after the wait it is given).
     pub async fn reserve_share(
         &self,
         store: &Store,
         bucket: &str,
         share: Share,
+        deadline: Instant,
     ) -> Result<Vec<Slot>, CoordinationError> {
         let blob = format!("budget/{bucket}");
         let mut backoff = Backoff::new(FIRST_CONFLICT_PAUSE, MAX_CONFLICT_PAUSE);
@@ -267,7 +299,7 @@ impl SharedBudget {
             }
             tries += 1;
             let pause = backoff.pause();
-            if tries >= CONFLICT_TRIES {
+            if tries >= CONFLICT_TRIES || Instant::now() + pause >= deadline {
                 // Busy: the caller waits and asks again.
                 return Err(CoordinationError::OverBudget {
                     bucket: bucket.to_owned(),
@@ -330,6 +362,11 @@ async fn reserve_batch(
         reservations
             .slots
             .retain(|&t| t + limits.hour_ms > now_wall);
+        for old in batch.iter().filter_map(|r| r.replaces) {
+            if let Some(index) = reservations.slots.iter().position(|&t| t == old) {
+                reservations.slots.remove(index);
+            }
+        }
         let answers: Vec<_> = batch
             .iter()
             .map(|request| {
@@ -506,6 +543,7 @@ mod tests {
             per_hour: 3,
             minute_ms: 100,
             hour_ms: 1000,
+            allowance: Duration::ZERO,
         };
         let mut slots = Vec::new();
         for _ in 0..6 {

@@ -72,7 +72,10 @@ enum Retry {
     /// Sending it again changes nothing the first try did not: reads, lease
     /// requests with our own ids, metadata under our lease, and conditional
     /// writes whose repeat is refused. Retried after 429, 500, 502, 503 and
-    /// 504.
+    /// 504, and after a connection that failed or was closed under the
+    /// request: a pooled connection the server closed while idle (Azurite
+    /// after 5 s, load balancers after minutes) fails the next request
+    /// sent on it, which a second try on a new connection gets through.
     Idempotent,
     /// Retried only after 429 and 503: storage throttling (`ServerBusy`)
     /// turns the request away before doing anything. A 500 may have been
@@ -82,10 +85,11 @@ enum Retry {
 
 impl Retry {
     fn after(self, error: &azure_core::Error) -> bool {
+        let lost = matches!(error.kind(), ErrorKind::Connection | ErrorKind::Io);
         matches!(
             (status(error), self),
             (Some(429 | 503), _) | (Some(500 | 502 | 504), Retry::Idempotent)
-        )
+        ) || (lost && matches!(self, Retry::Idempotent))
     }
 }
 
@@ -804,5 +808,22 @@ pub(crate) fn classify(
             "no storage token could be had from the {auth}"
         ))),
         _ => Err(unavailable(format!("{what} failed"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A request whose connection was lost may have been applied: sent
+    /// again only where a repeat changes nothing.
+    #[test]
+    fn a_lost_connection_is_tried_again_only_where_a_repeat_is_harmless() {
+        for kind in [ErrorKind::Io, ErrorKind::Connection] {
+            let error =
+                azure_core::Error::with_message(kind, "connection closed before message completed");
+            assert!(Retry::Idempotent.after(&error));
+            assert!(!Retry::Unprocessed.after(&error));
+        }
     }
 }

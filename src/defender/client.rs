@@ -137,7 +137,14 @@ pub struct DefenderClient {
     page_top: usize,
     /// Slots reserved ahead for one write to a machine ([`Self::prepay`]),
     /// by endpoint and lower-case machine id.
-    prepaid: Arc<parking_lot::Mutex<HashMap<(Endpoint, String), Reserved>>>,
+    prepaid: Arc<PrepaidSlots>,
+}
+
+/// Slots reserved ahead, each with the [`Prepaid`] that reserved it.
+#[derive(Debug, Default)]
+struct PrepaidSlots {
+    slots: parking_lot::Mutex<HashMap<(Endpoint, String), (Reserved, u64)>>,
+    next_owner: std::sync::atomic::AtomicU64,
 }
 
 /// Slots reserved ahead for one write each to some machines
@@ -149,17 +156,28 @@ pub struct DefenderClient {
 pub struct Prepaid {
     endpoint: Endpoint,
     ids: Vec<String>,
-    prepaid: Arc<parking_lot::Mutex<HashMap<(Endpoint, String), Reserved>>>,
+    /// Which entries are this one's: once its slot for a machine is used,
+    /// another group may reserve one for the same machine.
+    owner: u64,
+    prepaid: Arc<PrepaidSlots>,
     budget: Arc<dyn CallBudget>,
 }
 
 impl Drop for Prepaid {
     fn drop(&mut self) {
         let unused: Vec<Reserved> = {
-            let mut prepaid = self.prepaid.lock();
+            let mut slots = self.prepaid.slots.lock();
             self.ids
                 .iter()
-                .filter_map(|id| prepaid.remove(&(self.endpoint, id.clone())))
+                .filter_map(|id| {
+                    let key = (self.endpoint, id.clone());
+                    match slots.get(&key) {
+                        Some(&(_, owner)) if owner == self.owner => {
+                            slots.remove(&key).map(|(slot, _)| slot)
+                        }
+                        _ => None,
+                    }
+                })
                 .collect()
         };
         if !unused.is_empty() {
@@ -395,6 +413,7 @@ impl DefenderClient {
         endpoint: Endpoint,
         machine_ids: &[String],
         share: Share,
+        deadline: Instant,
     ) -> Result<Prepaid, DefenderError> {
         let mut ids: Vec<String> = machine_ids
             .iter()
@@ -402,43 +421,44 @@ impl DefenderClient {
             .collect();
         ids.sort_unstable();
         ids.dedup();
+        let owner = self
+            .prepaid
+            .next_owner
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let prepaid = |ids| Prepaid {
+            endpoint,
+            ids,
+            owner,
+            prepaid: self.prepaid.clone(),
+            budget: self.budget.clone(),
+        };
         if ids.is_empty() {
-            return Ok(Prepaid {
-                endpoint,
-                ids,
-                prepaid: self.prepaid.clone(),
-                budget: self.budget.clone(),
-            });
+            return Ok(prepaid(ids));
         }
         let slots = self
             .budget
-            .reserve_share(endpoint, share.for_calls(ids.len()))
+            .reserve_share(endpoint, share.for_calls(ids.len()), deadline)
             .await
             .map_err(|e| budget_error(endpoint, e))?;
-        let mut prepaid = self.prepaid.lock();
+        let mut held = self.prepaid.slots.lock();
         let mut kept = Vec::with_capacity(ids.len());
         let mut spare = Vec::new();
         for (id, slot) in ids.into_iter().zip(slots) {
             // Another group holding a slot for the same write keeps it.
             if let std::collections::hash_map::Entry::Vacant(entry) =
-                prepaid.entry((endpoint, id.clone()))
+                held.entry((endpoint, id.clone()))
             {
-                entry.insert(slot);
+                entry.insert((slot, owner));
                 kept.push(id);
             } else {
                 spare.push(slot);
             }
         }
-        drop(prepaid);
+        drop(held);
         if !spare.is_empty() {
             self.budget.give_back(endpoint, spare);
         }
-        Ok(Prepaid {
-            endpoint,
-            ids: kept,
-            prepaid: self.prepaid.clone(),
-            budget: self.budget.clone(),
-        })
+        Ok(prepaid(kept))
     }
 
     /// How long until `endpoint`'s budget has a slot within `share` of each
@@ -915,14 +935,21 @@ impl DefenderClient {
             let prepaid = match call.target {
                 Some(target) if attempt == 0 => self
                     .prepaid
+                    .slots
                     .lock()
-                    .remove(&(op, target.to_ascii_lowercase())),
+                    .remove(&(op, target.to_ascii_lowercase()))
+                    .map(|(slot, _)| slot),
                 _ => None,
             };
             let budget = match (prepaid, call.hook) {
-                (Some(slot), _) => {
-                    tokio::time::sleep_until(slot.instant.min(deadline)).await;
-                    Ok(())
+                (Some(slot), hook) => {
+                    self.budget
+                        .use_reserved(op, slot, deadline, &|at| {
+                            if let Some(hook) = hook {
+                                hook.slot(at);
+                            }
+                        })
+                        .await
                 }
                 (None, Some(hook)) => {
                     self.budget

@@ -24,6 +24,10 @@ pub struct RecordedRequest {
     pub duration_micros: u64,
     /// Time spent handling, without injected delays.
     pub handling_micros: u64,
+    /// When it arrived, on the simulated clock (Unix milliseconds): the
+    /// moment Defender's rate limit counts it.
+    #[serde(default)]
+    pub arrived_ms: i64,
 }
 
 impl RecordedRequest {
@@ -61,6 +65,7 @@ impl RecordedRequest {
             status: 0,
             duration_micros: 0,
             handling_micros: 0,
+            arrived_ms: 0,
         }
     }
 }

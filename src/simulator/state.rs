@@ -132,7 +132,9 @@ impl Sim {
         self.log.lock().clear();
     }
 
-    pub(crate) fn log_begin(&self, request: RecordedRequest) -> u64 {
+    pub(crate) fn log_begin(&self, mut request: RecordedRequest) -> u64 {
+        request.arrived_ms =
+            i64::try_from(self.clock.now().unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
         self.log.lock().begin(request)
     }
 

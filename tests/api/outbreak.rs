@@ -710,7 +710,12 @@ async fn a_group_writes_on_the_slots_it_reserved_and_gives_back_the_rest() {
     let soon = || Instant::now() + Duration::from_millis(300);
 
     let group = client
-        .prepay(Endpoint::Restrict, &[a.clone(), b.clone()], Share::ALL)
+        .prepay(
+            Endpoint::Restrict,
+            &[a.clone(), b.clone()],
+            Share::ALL,
+            soon(),
+        )
         .await
         .expect("both slots now");
     // The minute's two slots are the group's: another write gets none.
@@ -743,7 +748,12 @@ async fn a_group_writes_on_the_slots_it_reserved_and_gives_back_the_rest() {
     );
     // With the minute full, a group is told how long until it fits.
     let full = client
-        .prepay(Endpoint::Restrict, &[b.clone()], Share::JOBS)
+        .prepay(
+            Endpoint::Restrict,
+            std::slice::from_ref(b),
+            Share::JOBS,
+            soon(),
+        )
         .await
         .unwrap_err();
     assert!(
@@ -757,4 +767,134 @@ fn requests_to_sim(sim: &SimHandle, method: &str) -> Vec<RecordedRequest> {
         .into_iter()
         .filter(|r| r.method == method)
         .collect()
+}
+
+/// A group's slot for a machine, once used, may be reserved again by a
+/// later group; the first group ending gives back only its own unused slots.
+#[tokio::test]
+async fn a_finished_group_gives_back_only_its_own_slots() {
+    use restrict_code_execution::defender::budget::Share;
+
+    let sim = simulator(AppOptions::default().sim).await;
+    let client = client_with_budget(&sim, 3);
+    let windows: Vec<String> = sim
+        .machines()
+        .into_iter()
+        .filter(|m| {
+            m.os_platform
+                .as_deref()
+                .is_some_and(|p| p.starts_with("Windows"))
+        })
+        .map(|m| m.id.to_string())
+        .collect();
+    let (a, b) = (&windows[0], &windows[1]);
+    let soon = || Instant::now() + Duration::from_millis(300);
+    let first = client
+        .prepay(
+            Endpoint::Restrict,
+            &[a.clone(), b.clone()],
+            Share::ALL,
+            soon(),
+        )
+        .await
+        .unwrap();
+    client
+        .create_action(a, ActionType::RestrictCodeExecution, "first", soon())
+        .await
+        .unwrap();
+    let second = client
+        .prepay(
+            Endpoint::Restrict,
+            std::slice::from_ref(a),
+            Share::ALL,
+            soon(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(client.free_slots(Endpoint::Restrict), 0);
+    drop(first);
+    assert_eq!(
+        client.free_slots(Endpoint::Restrict),
+        1,
+        "only b's unused slot comes back; the second group keeps its slot for a"
+    );
+    drop(second);
+    assert_eq!(client.free_slots(Endpoint::Restrict), 2);
+}
+
+/// Defender counts a write when it arrives. A group's writes that go out
+/// later than their slots (the group's leases and state read took half a
+/// simulated minute) have their slots moved to when they go, so the writes
+/// after them wait for the window Defender counts, instead of drawing 429s.
+/// Simulator and budget at 60x: a minute is one real second.
+#[tokio::test]
+async fn a_write_sent_late_on_a_reserved_slot_counts_from_when_it_goes() {
+    use restrict_code_execution::{
+        defender::budget::Share,
+        simulator::{RateLimits, seed::Fleet},
+    };
+
+    let mut config = AppOptions::default().sim;
+    config.speed = 60.0;
+    config.rate_limits = Some(RateLimits {
+        per_minute: 4,
+        per_hour: 1500,
+    });
+    let sim = simulator(config).await;
+    let fleet = Fleet::new("late", "late", 8);
+    sim.add_fleet(&fleet);
+    let ids: Vec<String> = fleet.devices().into_iter().map(|d| d.machine_id).collect();
+    let client = DefenderClient::new(
+        Url::parse(&sim.url()).unwrap(),
+        TokenSource::fixed(TOKEN, Duration::from_secs(5)),
+        Some(DefenderClientOptions {
+            timeout: Duration::from_secs(10),
+            budget: Arc::new(RateBudget::new(4, 1500).with_clock_speed(60.0)),
+            ..DefenderClientOptions::default()
+        }),
+    );
+    let start = Instant::now();
+    let group = client
+        .prepay(
+            Endpoint::Restrict,
+            &ids[..4],
+            Share::ALL,
+            start + Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for id in &ids[..4] {
+        client
+            .create_action(
+                id,
+                ActionType::RestrictCodeExecution,
+                "group",
+                Instant::now() + Duration::from_secs(2),
+            )
+            .await
+            .unwrap();
+    }
+    drop(group);
+    // The budget's minute (61 s / 60) is over since the reservation, not
+    // since the writes.
+    tokio::time::sleep_until(start + Duration::from_millis(1100)).await;
+    for id in &ids[4..] {
+        let _ = client
+            .create_action(
+                id,
+                ActionType::RestrictCodeExecution,
+                "later",
+                Instant::now() + Duration::from_millis(300),
+            )
+            .await;
+    }
+    let posts = requests_to_sim(&sim, "POST");
+    let throttled = posts.iter().filter(|r| r.status == 429).count();
+    assert_eq!(throttled, 0, "{posts:#?}");
+    assert_eq!(
+        posts.len(),
+        4,
+        "the later writes wait for the window the group's writes opened"
+    );
 }

@@ -278,8 +278,12 @@ async fn instances_admitting_job_groups_at_once_stay_within_the_jobs_share() {
         .map(|c| {
             let c = c.clone();
             tokio::spawn(async move {
-                c.reserve_share(Endpoint::Restrict, Share::JOBS.for_calls(10))
-                    .await
+                c.reserve_share(
+                    Endpoint::Restrict,
+                    Share::JOBS.for_calls(10),
+                    Instant::now() + Duration::from_secs(10),
+                )
+                .await
             })
         })
         .collect();
@@ -311,6 +315,48 @@ async fn instances_admitting_job_groups_at_once_stay_within_the_jobs_share() {
     .await
     .expect("at once")
     .expect("an interactive slot");
+}
+
+/// A slot reserved ahead whose call goes late is moved to the call's time in
+/// the same write that reserves it: with the minute full of the group's own
+/// three slots, the late call still goes at once (its old slot is the one
+/// removed), and the bucket still holds three.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_call_moves_its_reserved_slot_instead_of_taking_another() {
+    use restrict_code_execution::defender::budget::{CallBudget, Share};
+
+    let azurite = Azurite::shared();
+    let settings = azurite.settings("budget-move");
+    let c = instance(
+        &settings,
+        CoordinatorOptions {
+            per_minute: 3,
+            clock_speed: 60.0,
+            ..Default::default()
+        },
+    );
+    let soon = || Instant::now() + Duration::from_millis(300);
+    let slots = c
+        .reserve_share(Endpoint::Restrict, Share::ALL.for_calls(3), soon())
+        .await
+        .unwrap();
+    // Late: far beyond the allowance (a sixtieth of a second at 60x).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let before = c.storage_operations();
+    tokio::time::timeout(
+        Duration::from_millis(250),
+        c.use_reserved(Endpoint::Restrict, slots[0], soon(), &|_| {}),
+    )
+    .await
+    .expect("at once")
+    .expect("the moved slot");
+    assert_eq!(c.storage_operations() - before, 2, "one read and one write");
+    // Still three in the minute: no fourth call fits.
+    let err = c
+        .reserve_slot("restrict", Instant::now() + Duration::from_millis(200))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, CoordinationError::OverBudget { .. }), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

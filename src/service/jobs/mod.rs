@@ -159,6 +159,10 @@ struct Inner {
     /// not be reserved yet (their writes are: [`DefenderClient::prepay`]).
     admitted: std::sync::atomic::AtomicUsize,
     admitted_groups: std::sync::atomic::AtomicUsize,
+    /// Of those devices, the ones whose write has no slot reserved (a
+    /// `deviceIds` job's Entra ids, looked up first): their writes ask the
+    /// budget when they go, so they are counted against the share here.
+    admitted_unreserved: std::sync::atomic::AtomicUsize,
     /// One admission at a time on this instance.
     admission: tokio::sync::Mutex<()>,
     /// The budget's clock speed (`DEFENDER_RATE_CLOCK_SPEED`, 1 but in
@@ -204,6 +208,7 @@ impl Jobs {
                 restrictions: std::sync::OnceLock::new(),
                 admitted: std::sync::atomic::AtomicUsize::new(0),
                 admitted_groups: std::sync::atomic::AtomicUsize::new(0),
+                admitted_unreserved: std::sync::atomic::AtomicUsize::new(0),
                 admission: tokio::sync::Mutex::new(()),
                 clock_speed: 1.0,
                 group: worker::GROUP,

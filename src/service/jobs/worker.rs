@@ -80,7 +80,25 @@ enum Admission<'a> {
 struct Admitted<'a> {
     jobs: &'a Jobs,
     devices: usize,
+    unreserved: usize,
     _writes: Prepaid,
+}
+
+impl<'a> Admitted<'a> {
+    fn new(jobs: &'a Jobs, devices: usize, unreserved: usize, writes: Prepaid) -> Self {
+        let inner = &jobs.inner;
+        inner.admitted.fetch_add(devices, Ordering::AcqRel);
+        inner.admitted_groups.fetch_add(1, Ordering::AcqRel);
+        inner
+            .admitted_unreserved
+            .fetch_add(unreserved, Ordering::AcqRel);
+        Self {
+            jobs,
+            devices,
+            unreserved,
+            _writes: writes,
+        }
+    }
 }
 
 impl Drop for Admitted<'_> {
@@ -88,6 +106,9 @@ impl Drop for Admitted<'_> {
         let inner = &self.jobs.inner;
         inner.admitted.fetch_sub(self.devices, Ordering::AcqRel);
         inner.admitted_groups.fetch_sub(1, Ordering::AcqRel);
+        inner
+            .admitted_unreserved
+            .fetch_sub(self.unreserved, Ordering::AcqRel);
     }
 }
 
@@ -247,7 +268,6 @@ impl Jobs {
                     )));
                 }
             };
-            self.check_machines(&job, &group, deadline).await;
             let results = futures_util::future::join_all(
                 group
                     .iter()
@@ -411,6 +431,7 @@ impl Jobs {
             // not be reserved yet, so they count as if they were about to be.
             let groups = self.inner.admitted_groups.load(Ordering::Acquire);
             let devices = self.inner.admitted.load(Ordering::Acquire);
+            let unreserved = self.inner.admitted_unreserved.load(Ordering::Acquire);
             let share = |calls: usize| Share::JOBS.for_calls(calls);
             // One state read for the group (two calls: one per action
             // type); the machines re-checked with one listing of a tag or
@@ -432,23 +453,32 @@ impl Jobs {
                         if unknown == 0 {
                             Ok(Duration::ZERO)
                         } else {
-                            client.wait_for_share(write, share(n)).await
+                            client
+                                .wait_for_share(write, share(unknown + unreserved))
+                                .await
                         }
                     },
                 )?
             };
             let mut wait = read.max(list).max(get).max(writes);
             if wait.is_zero() {
-                match client.prepay(write, &machines, Share::JOBS).await {
+                // The machines first: their listing (a page per 10,000
+                // machines, shared by the job's groups on this instance)
+                // must not stand between the writes' slots and the writes,
+                // or the POSTs reach Defender later than their slots say,
+                // bunched with the next window's.
+                drop(gate);
+                self.check_machines(job, group, deadline).await;
+                let _gate = self.inner.admission.lock().await;
+                let latest = deadline.checked_sub(reserve).unwrap_or(deadline);
+                match client.prepay(write, &machines, Share::JOBS, latest).await {
+                    // Storage was slow: too little time is left for the
+                    // group (its slots are given back).
+                    Ok(_) if Instant::now() > latest => {
+                        return Ok(Admission::Later(Duration::ZERO));
+                    }
                     Ok(prepaid) => {
-                        self.inner.admitted.fetch_add(n, Ordering::AcqRel);
-                        self.inner.admitted_groups.fetch_add(1, Ordering::AcqRel);
-                        drop(gate);
-                        return Ok(Admission::Now(Admitted {
-                            jobs: self,
-                            devices: n,
-                            _writes: prepaid,
-                        }));
+                        return Ok(Admission::Now(Admitted::new(self, n, unknown, prepaid)));
                     }
                     // Another instance took the room first.
                     Err(DefenderError::OverBudget { wait: w, .. }) => {
@@ -456,8 +486,9 @@ impl Jobs {
                     }
                     Err(e) => return Err(e),
                 }
+            } else {
+                drop(gate);
             }
-            drop(gate);
             if Instant::now() + wait + reserve > deadline {
                 return Ok(Admission::Later(wait));
             }
