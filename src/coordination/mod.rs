@@ -49,7 +49,7 @@ use self::{
 };
 use crate::defender::{
     Endpoint,
-    budget::{BudgetError, CallBudget, OverBudget, Reserved, Share, fresh_for},
+    budget::{BudgetError, CallBudget, OverBudget, Reserved, Share, fresh_for, move_wait},
     error::Refusal,
 };
 
@@ -343,6 +343,7 @@ impl CallBudget for Coordinator {
             at: slot.at,
             instant: slot.instant,
         };
+        let deadline = deadline.min(Instant::now() + move_wait(self.budget.minute_window()));
         self.reserve_replacing(endpoint, deadline, on_slot, Some(old))
             .await
             .map_err(as_budget_error)

@@ -154,6 +154,11 @@ impl SharedBudget {
         self.limits.allowance
     }
 
+    /// The minute window on the budget's clock, allowance included.
+    pub fn minute_window(&self) -> Duration {
+        Duration::from_millis(self.limits.minute_ms)
+    }
+
     pub fn new(limits: Limits) -> Self {
         Self {
             limits,
@@ -384,7 +389,9 @@ async fn reserve_batch(
                 })
             })
             .collect();
-        if answers.iter().all(Result::is_err) {
+        // A slot being replaced is removed even when its new one is
+        // refused: its call is not sent, and nobody else holds the old one.
+        if answers.iter().all(Result::is_err) && batch.iter().all(|r| r.replaces.is_none()) {
             return answers;
         }
         let body = serde_json::to_vec(&reservations).unwrap_or_default();

@@ -72,11 +72,22 @@ enum Retry {
     /// Sending it again changes nothing the first try did not: reads, lease
     /// requests with our own ids, metadata under our lease, and conditional
     /// writes whose repeat is refused. Retried after 429, 500, 502, 503 and
-    /// 504, and after a connection that failed or was closed under the
-    /// request: a pooled connection the server closed while idle (Azurite
-    /// after 5 s, load balancers after minutes) fails the next request
-    /// sent on it, which a second try on a new connection gets through.
+    /// 504; and once, at once, after a connection that failed or was
+    /// closed under the request: a pooled connection the server closed
+    /// while idle (Azurite after 5 s, load balancers after minutes) fails
+    /// the next request sent on it, which a second try on a new connection
+    /// gets through. Only once: storage that cannot be reached at all
+    /// fails the caller at once (fail closed), not at its deadline.
     Idempotent,
+    /// A write conditioned on an ETag (or on the blob's absence): retried
+    /// after 429, 500, 502, 503 and 504 like [`Retry::Idempotent`], whose
+    /// repeat after a lost answer is refused 412 (or 409), and once after a
+    /// connection that could not be made (nothing was sent); not after one
+    /// lost under it. That write may have been applied, and a caller who
+    /// reads a refusal as "someone else wrote" would apply its change again
+    /// on a fresh read: the budget would count its slots twice, or give
+    /// back two where one was meant.
+    Conditional,
     /// Retried only after 429 and 503: storage throttling (`ServerBusy`)
     /// turns the request away before doing anything. A 500 may have been
     /// applied.
@@ -85,11 +96,24 @@ enum Retry {
 
 impl Retry {
     fn after(self, error: &azure_core::Error) -> bool {
-        let lost = matches!(error.kind(), ErrorKind::Connection | ErrorKind::Io);
         matches!(
             (status(error), self),
-            (Some(429 | 503), _) | (Some(500 | 502 | 504), Retry::Idempotent)
-        ) || (lost && matches!(self, Retry::Idempotent))
+            (Some(429 | 503), _)
+                | (
+                    Some(500 | 502 | 504),
+                    Retry::Idempotent | Retry::Conditional
+                )
+        )
+    }
+
+    /// Whether a request whose connection was lost is sent again at once
+    /// (only the first time: see [`Retry::Idempotent`]).
+    fn after_lost_connection(self, error: &azure_core::Error) -> bool {
+        match error.kind() {
+            ErrorKind::Connection => matches!(self, Retry::Idempotent | Retry::Conditional),
+            ErrorKind::Io => matches!(self, Retry::Idempotent),
+            _ => false,
+        }
     }
 }
 
@@ -431,6 +455,7 @@ impl Store {
     {
         let end = deadline.unwrap_or_else(|| Instant::now() + self.timeout);
         let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY);
+        let mut reconnected = false;
         loop {
             let limit = Instant::now() + self.timeout;
             let until = deadline.map_or(limit, |d| d.min(limit));
@@ -445,6 +470,11 @@ impl Store {
                     )));
                 }
             };
+            if !reconnected && retry.after_lost_connection(&error) && Instant::now() < end {
+                reconnected = true;
+                tracing::debug!(what, "the connection to storage was lost; trying once more");
+                continue;
+            }
             let pause = backoff.pause().max(retry_after(&error).unwrap_or_default());
             if !retry.after(&error) || Instant::now() + pause >= end {
                 return classify(what, &self.description, &error).map(|r| Some(Err(r)));
@@ -595,12 +625,14 @@ impl Store {
         };
         let content: RequestContent<azure_core::Bytes, azure_core::http::NoFormat> =
             azure_core::Bytes::from(body).into();
-        // Conditional, so a try that landed before its answer was lost is
-        // refused when sent again (412, or 409 for a creation), which the
-        // callers already take for "someone else wrote": the budget reads
-        // again, the lock finds its blob there.
+        // Conditional, so a try that landed before its answer was lost (a
+        // 5xx) is refused when sent again (412, or 409 for a creation), which
+        // the callers take for "someone else wrote": the lock finds its blob
+        // there; the budget reads again and applies its change once more (a
+        // reservation counted twice: slower, never a 429). Not sent again
+        // after a connection lost under it ([`Retry::Conditional`]).
         let answer = self
-            .call("writing a blob", None, Retry::Idempotent, || {
+            .call("writing a blob", None, Retry::Conditional, || {
                 client.upload(content.clone(), Some(options.clone()))
             })
             .await?;
@@ -816,14 +848,24 @@ mod tests {
     use super::*;
 
     /// A request whose connection was lost may have been applied: sent
-    /// again only where a repeat changes nothing.
+    /// again once, and only where a repeat changes nothing; one that never
+    /// reached storage, wherever a repeat is allowed.
     #[test]
-    fn a_lost_connection_is_tried_again_only_where_a_repeat_is_harmless() {
-        for kind in [ErrorKind::Io, ErrorKind::Connection] {
-            let error =
-                azure_core::Error::with_message(kind, "connection closed before message completed");
-            assert!(Retry::Idempotent.after(&error));
-            assert!(!Retry::Unprocessed.after(&error));
+    fn a_lost_connection_is_tried_again_once_where_a_repeat_is_harmless() {
+        let lost = azure_core::Error::with_message(
+            ErrorKind::Io,
+            "connection closed before message completed",
+        );
+        assert!(Retry::Idempotent.after_lost_connection(&lost));
+        assert!(!Retry::Conditional.after_lost_connection(&lost));
+        assert!(!Retry::Unprocessed.after_lost_connection(&lost));
+        let refused = azure_core::Error::with_message(ErrorKind::Connection, "connection refused");
+        assert!(Retry::Idempotent.after_lost_connection(&refused));
+        assert!(Retry::Conditional.after_lost_connection(&refused));
+        assert!(!Retry::Unprocessed.after_lost_connection(&refused));
+        // Not again and again: storage down fails the caller at once.
+        for error in [&lost, &refused] {
+            assert!(!Retry::Idempotent.after(error));
         }
     }
 }

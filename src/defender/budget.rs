@@ -114,6 +114,14 @@ pub fn fresh_for(allowance: Duration) -> Duration {
     allowance / 2
 }
 
+/// The longest a call whose slot moved waits for its new one: a twelfth of
+/// the minute window (five seconds on Defender's clock). It waits under its
+/// machine's lease, so beyond that it is refused (`OverBudget`) and a job
+/// defers the device outside the lease.
+pub fn move_wait(minute_window: Duration) -> Duration {
+    minute_window / 12
+}
+
 /// A slot reserved ahead of its call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Reserved {
@@ -322,6 +330,7 @@ impl CallBudget for RateBudget {
             return Ok(());
         }
         self.release(endpoint, slot.instant);
+        let deadline = deadline.min(Instant::now() + move_wait(self.minute));
         RateBudget::acquire(self, endpoint, deadline)
             .await
             .map_err(BudgetError::OverBudget)

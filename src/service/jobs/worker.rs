@@ -426,6 +426,12 @@ impl Jobs {
         };
         let unknown = if job.dry_run { 0 } else { n - machines.len() };
         loop {
+            // The machines first, outside the gate (a page per 10,000
+            // machines, shared by the job's groups on this instance while it
+            // is younger than the machine cache): the listing must not stand
+            // between the writes' slots and the writes, or the POSTs reach
+            // Defender later than their slots say.
+            self.check_machines(job, group, deadline).await;
             let gate = self.inner.admission.lock().await;
             // Admitted here and not finished: their reads and lookups may
             // not be reserved yet, so they count as if they were about to be.
@@ -437,10 +443,12 @@ impl Jobs {
             // type); the machines re-checked with one listing of a tag or
             // group, or looked up one by one.
             let reads = share(n.min(2) + 2 * groups);
+            // A tag or group job's machines were listed above (its one
+            // listing call a minute per instance is not held to the share).
             let (read, list, get, writes) = if selector_filter(job).is_some() {
                 tokio::try_join!(
                     client.wait_for_share(Endpoint::ListActions, reads),
-                    client.wait_for_share(Endpoint::ListMachines, share(1 + groups)),
+                    async { Ok(Duration::ZERO) },
                     async { Ok(Duration::ZERO) },
                     async { Ok(Duration::ZERO) },
                 )?
@@ -462,14 +470,6 @@ impl Jobs {
             };
             let mut wait = read.max(list).max(get).max(writes);
             if wait.is_zero() {
-                // The machines first: their listing (a page per 10,000
-                // machines, shared by the job's groups on this instance)
-                // must not stand between the writes' slots and the writes,
-                // or the POSTs reach Defender later than their slots say,
-                // bunched with the next window's.
-                drop(gate);
-                self.check_machines(job, group, deadline).await;
-                let _gate = self.inner.admission.lock().await;
                 let latest = deadline.checked_sub(reserve).unwrap_or(deadline);
                 match client.prepay(write, &machines, Share::JOBS, latest).await {
                     // Storage was slow: too little time is left for the
@@ -486,9 +486,8 @@ impl Jobs {
                     }
                     Err(e) => return Err(e),
                 }
-            } else {
-                drop(gate);
             }
+            drop(gate);
             if Instant::now() + wait + reserve > deadline {
                 return Ok(Admission::Later(wait));
             }
