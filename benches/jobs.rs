@@ -656,8 +656,17 @@ impl Calls {
             .collect::<Vec<_>>()
             .join(", ");
         let last = self.restricts_at.iter().max().copied().unwrap_or(first);
+        // Defender's windows slide: the most in any 60 simulated seconds.
+        let mut sorted = self.restricts_at.clone();
+        sorted.sort_unstable();
+        let busiest = sorted
+            .iter()
+            .enumerate()
+            .map(|(i, &at)| sorted[i..].partition_point(|&t| t < at + 60_000))
+            .max()
+            .unwrap_or(0);
         text.push_str(&format!(
-            "; the last at {:.1} min.",
+            "; the last at {:.1} min; the most in any 60 s: {busiest}.",
             (last - first) as f64 / 60_000.0
         ));
         if !self.throttled_at.is_empty() {
