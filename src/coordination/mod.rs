@@ -49,7 +49,7 @@ use self::{
 };
 use crate::defender::{
     Endpoint,
-    budget::{BudgetError, CallBudget, OverBudget, Reserved, Share, fresh_for, move_wait},
+    budget::{BudgetError, CallBudget, OverBudget, Reserved, Share, move_wait, wait_if_fresh},
     error::Refusal,
 };
 
@@ -335,8 +335,7 @@ impl CallBudget for Coordinator {
         deadline: Instant,
         on_slot: &(dyn Fn(Instant) + Sync),
     ) -> Result<(), BudgetError> {
-        if Instant::now() <= slot.instant + fresh_for(self.budget.allowance()) {
-            tokio::time::sleep_until(slot.instant.min(deadline)).await;
+        if wait_if_fresh(slot, self.budget.allowance(), deadline).await {
             return Ok(());
         }
         let old = Slot {

@@ -92,6 +92,14 @@ impl Limits {
         }
     }
 
+    /// Both windows' limits (ms) as `share` leaves them, for [`next_within`].
+    fn within(&self, share: Share) -> [(usize, u64); 2] {
+        [
+            (share.limit(self.per_minute, share.minute), self.minute_ms),
+            (share.limit(self.per_hour, share.hour), self.hour_ms),
+        ]
+    }
+
     /// The earliest slot at or after `now` and the last reservation that
     /// keeps both windows within their limits. `slots` is ascending.
     fn next_slot(&self, slots: &[u64], now: u64) -> u64 {
@@ -227,20 +235,7 @@ impl SharedBudget {
     ) -> Result<Duration, CoordinationError> {
         let (reservations, _) = read(store, &format!("budget/{bucket}")).await?;
         let now = unix_ms(SystemTime::now());
-        let at = next_within(
-            &reservations.slots,
-            now,
-            [
-                (
-                    share.limit(self.limits.per_minute, share.minute),
-                    self.limits.minute_ms,
-                ),
-                (
-                    share.limit(self.limits.per_hour, share.hour),
-                    self.limits.hour_ms,
-                ),
-            ],
-        );
+        let at = next_within(&reservations.slots, now, self.limits.within(share));
         Ok(Duration::from_millis(at.saturating_sub(now)))
     }
 
@@ -265,20 +260,7 @@ impl SharedBudget {
             reservations
                 .slots
                 .retain(|&t| t + self.limits.hour_ms > now_wall);
-            let fits = next_within(
-                &reservations.slots,
-                now_wall,
-                [
-                    (
-                        share.limit(self.limits.per_minute, share.minute),
-                        self.limits.minute_ms,
-                    ),
-                    (
-                        share.limit(self.limits.per_hour, share.hour),
-                        self.limits.hour_ms,
-                    ),
-                ],
-            );
+            let fits = next_within(&reservations.slots, now_wall, self.limits.within(share));
             // Slots are handed out in order: behind a caller already
             // waiting for a later slot, there is no room now.
             let at = fits.max(reservations.slots.last().copied().unwrap_or(now_wall));

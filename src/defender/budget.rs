@@ -114,6 +114,16 @@ pub fn fresh_for(allowance: Duration) -> Duration {
     allowance / 2
 }
 
+/// Wait for a reserved `slot` that is still fresh (see [`fresh_for`]) and
+/// answer `true`; `false`, at once, when its call must move it instead.
+pub async fn wait_if_fresh(slot: Reserved, allowance: Duration, deadline: Instant) -> bool {
+    if Instant::now() > slot.instant + fresh_for(allowance) {
+        return false;
+    }
+    tokio::time::sleep_until(slot.instant.min(deadline)).await;
+    true
+}
+
 /// The longest a call whose slot moved waits for its new one: a twelfth of
 /// the minute window (five seconds on Defender's clock). It waits under its
 /// machine's lease, so beyond that it is refused (`OverBudget`) and a job
@@ -261,14 +271,7 @@ impl CallBudget for RateBudget {
             return Ok(Duration::ZERO);
         };
         let queue: Vec<Instant> = queue.iter().copied().collect();
-        let at = next_within(
-            &queue,
-            now,
-            [
-                (share.limit(self.per_minute, share.minute), self.minute),
-                (share.limit(self.per_hour, share.hour), self.hour),
-            ],
-        );
+        let at = next_within(&queue, now, self.within(share));
         Ok(at.saturating_duration_since(now))
     }
 
@@ -286,14 +289,7 @@ impl CallBudget for RateBudget {
             queue.pop_front();
         }
         let times: Vec<Instant> = queue.iter().copied().collect();
-        let fits = next_within(
-            &times,
-            now,
-            [
-                (share.limit(self.per_minute, share.minute), self.minute),
-                (share.limit(self.per_hour, share.hour), self.hour),
-            ],
-        );
+        let fits = next_within(&times, now, self.within(share));
         // Slots are handed out in order: behind a caller already waiting
         // for a later slot, there is no room now.
         let at = fits.max(queue.back().copied().unwrap_or(now));
@@ -325,8 +321,7 @@ impl CallBudget for RateBudget {
         on_slot: &(dyn Fn(Instant) + Sync),
     ) -> Result<(), BudgetError> {
         let _ = on_slot;
-        if Instant::now() <= slot.instant + fresh_for(self.allowance) {
-            tokio::time::sleep_until(slot.instant.min(deadline)).await;
+        if wait_if_fresh(slot, self.allowance, deadline).await {
             return Ok(());
         }
         self.release(endpoint, slot.instant);
@@ -382,6 +377,14 @@ impl RateBudget {
             self.allowance = LATENCY_ALLOWANCE.div_f64(speed);
         }
         self
+    }
+
+    /// Both windows' limits as `share` leaves them, for [`next_within`].
+    fn within(&self, share: Share) -> [(usize, Duration); 2] {
+        [
+            (share.limit(self.per_minute, share.minute), self.minute),
+            (share.limit(self.per_hour, share.hour), self.hour),
+        ]
     }
 
     /// Wait for a slot on `endpoint`, or fail at once if the slot would come

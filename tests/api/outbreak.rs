@@ -46,12 +46,17 @@ fn client_for(sim: &SimHandle) -> DefenderClient {
 
 /// A client whose budget allows `per_minute` calls a minute per endpoint.
 fn client_with_budget(sim: &SimHandle, per_minute: u32) -> DefenderClient {
+    client_on(sim, RateBudget::new(per_minute, 1500))
+}
+
+/// A client drawing from `budget`.
+fn client_on(sim: &SimHandle, budget: RateBudget) -> DefenderClient {
     DefenderClient::new(
         Url::parse(&sim.url()).unwrap(),
         TokenSource::fixed(TOKEN, Duration::from_secs(5)),
         Some(DefenderClientOptions {
             timeout: Duration::from_secs(10),
-            budget: Arc::new(RateBudget::new(per_minute, 1500)),
+            budget: Arc::new(budget),
             ..DefenderClientOptions::default()
         }),
     )
@@ -695,16 +700,7 @@ async fn a_group_writes_on_the_slots_it_reserved_and_gives_back_the_rest() {
 
     let sim = simulator(AppOptions::default().sim).await;
     let client = client_with_budget(&sim, 2);
-    let windows: Vec<String> = sim
-        .machines()
-        .into_iter()
-        .filter(|m| {
-            m.os_platform
-                .as_deref()
-                .is_some_and(|p| p.starts_with("Windows"))
-        })
-        .map(|m| m.id.to_string())
-        .collect();
+    let windows = windows_machines(&sim);
     let [a, b, c] = [&windows[0], &windows[1], &windows[2]];
     let restrict = ActionType::RestrictCodeExecution;
     let soon = || Instant::now() + Duration::from_millis(300);
@@ -762,6 +758,19 @@ async fn a_group_writes_on_the_slots_it_reserved_and_gives_back_the_rest() {
     );
 }
 
+/// The ids of the seeded Windows machines (the ones a restrict can act on).
+fn windows_machines(sim: &SimHandle) -> Vec<String> {
+    sim.machines()
+        .into_iter()
+        .filter(|m| {
+            m.os_platform
+                .as_deref()
+                .is_some_and(|p| p.starts_with("Windows"))
+        })
+        .map(|m| m.id.to_string())
+        .collect()
+}
+
 fn requests_to_sim(sim: &SimHandle, method: &str) -> Vec<RecordedRequest> {
     sim.requests()
         .into_iter()
@@ -777,16 +786,7 @@ async fn a_finished_group_gives_back_only_its_own_slots() {
 
     let sim = simulator(AppOptions::default().sim).await;
     let client = client_with_budget(&sim, 3);
-    let windows: Vec<String> = sim
-        .machines()
-        .into_iter()
-        .filter(|m| {
-            m.os_platform
-                .as_deref()
-                .is_some_and(|p| p.starts_with("Windows"))
-        })
-        .map(|m| m.id.to_string())
-        .collect();
+    let windows = windows_machines(&sim);
     let (a, b) = (&windows[0], &windows[1]);
     let soon = || Instant::now() + Duration::from_millis(300);
     let first = client
@@ -844,15 +844,7 @@ async fn a_write_sent_late_on_a_reserved_slot_counts_from_when_it_goes() {
     let fleet = Fleet::new("late", "late", 8);
     sim.add_fleet(&fleet);
     let ids: Vec<String> = fleet.devices().into_iter().map(|d| d.machine_id).collect();
-    let client = DefenderClient::new(
-        Url::parse(&sim.url()).unwrap(),
-        TokenSource::fixed(TOKEN, Duration::from_secs(5)),
-        Some(DefenderClientOptions {
-            timeout: Duration::from_secs(10),
-            budget: Arc::new(RateBudget::new(4, 1500).with_clock_speed(60.0)),
-            ..DefenderClientOptions::default()
-        }),
-    );
+    let client = client_on(&sim, RateBudget::new(4, 1500).with_clock_speed(60.0));
     let start = Instant::now();
     let group = client
         .prepay(

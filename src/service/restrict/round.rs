@@ -128,16 +128,6 @@ pub(super) async fn submit(
 
     let mut answer = answer;
     let gone = || ServeError::Failed(ServiceError::RoundStopped);
-    let abandon = || {
-        stage
-            .compare_exchange(
-                QUEUED,
-                ABANDONED,
-                AtomicOrdering::AcqRel,
-                AtomicOrdering::Acquire,
-            )
-            .is_ok()
-    };
     // At shutdown a ticket still queued is refused at once; one its round
     // started is answered by the round (which sees a write already sent
     // through, and refuses the rest).
@@ -149,7 +139,7 @@ pub(super) async fn submit(
         Some(Ok(result)) => return result.unwrap_or_else(|_| Err(gone())),
         Some(Err(_)) => {}
         None => {
-            if abandon() {
+            if abandon(&stage) {
                 return Err(ServiceError::ShuttingDown.into());
             }
             if let Ok(result) = tokio::time::timeout_at(deadline, &mut answer).await {
@@ -160,14 +150,10 @@ pub(super) async fn submit(
     past_deadline(&stage, machine_id, answer).await
 }
 
-/// The answer of a ticket whose deadline passed while it waited.
-async fn past_deadline(
-    stage: &AtomicU8,
-    machine_id: &MachineId,
-    answer: oneshot::Receiver<Served>,
-) -> Served {
-    let gone = || ServeError::Failed(ServiceError::RoundStopped);
-    if stage
+/// Take a ticket its round has not started back out of the queue: `true`
+/// when it was still queued (the round will skip it).
+fn abandon(stage: &AtomicU8) -> bool {
+    stage
         .compare_exchange(
             QUEUED,
             ABANDONED,
@@ -175,7 +161,16 @@ async fn past_deadline(
             AtomicOrdering::Acquire,
         )
         .is_ok()
-    {
+}
+
+/// The answer of a ticket whose deadline passed while it waited.
+async fn past_deadline(
+    stage: &AtomicU8,
+    machine_id: &MachineId,
+    answer: oneshot::Receiver<Served>,
+) -> Served {
+    let gone = || ServeError::Failed(ServiceError::RoundStopped);
+    if abandon(stage) {
         return Err(ServiceError::QueuedPastDeadline {
             machine_id: machine_id.to_string(),
         }
